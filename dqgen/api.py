@@ -1,0 +1,165 @@
+"""Plain functions for everyday use: infer the descriptor from the arrays, reuse plans.
+
+They take numpy arrays or CPU torch tensors of rank >= 1 (leading dims are flattened,
+the quantization axis is the last), copy non-contiguous inputs to contiguous ones, and
+return the same kind of object they were given.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import plans
+from .arrays import from_numpy_like, to_numpy
+from .errors import InvalidProblemError
+from .ir import (DequantizePerGroupBackwardDescriptor, DequantizePerGroupDescriptor, DType,
+                 FLOAT_DTYPES, INT_DTYPES, QuantizePerGroupBackwardDescriptor,
+                 QuantizePerGroupDescriptor, check_int, parse_dtype, resolve_q_range)
+
+__all__ = ["dequantize_per_group", "quantize_per_group", "dequantize_per_group_backward",
+           "quantize_per_group_backward", "choose_qparams_per_group"]
+
+
+def _as_rows(obj, name: str) -> np.ndarray:
+    """A C-contiguous ``[outer, axis]`` view (a copy only when ``obj`` is strided)."""
+    arr = to_numpy(obj, name)
+    if arr.ndim == 0:
+        raise InvalidProblemError(f"{name} must have at least one dimension")
+    arr = np.ascontiguousarray(arr)
+    return arr.reshape(-1, arr.shape[-1]) if arr.ndim != 2 else arr
+
+
+def _zero_point(obj, shape) -> np.ndarray:
+    """zero_point as int32; other integer dtypes are accepted when every value fits."""
+    zp = _as_rows(obj, "zero_point")
+    if zp.dtype != np.int32:
+        if zp.dtype.kind not in "iu":
+            raise InvalidProblemError(f"zero_point has dtype {zp.dtype}, expected an integer dtype")
+        info = np.iinfo(np.int32)
+        if zp.size and (zp.min() < info.min or zp.max() > info.max):
+            raise InvalidProblemError("zero_point has values outside int32")
+        zp = zp.astype(np.int32)
+    return zp
+
+
+def _float_dtype(arr: np.ndarray, name: str) -> DType:
+    return parse_dtype(arr.dtype, f"{name}.dtype", FLOAT_DTYPES)
+
+
+def _problem(data: np.ndarray, group_size) -> tuple[int, int, int]:
+    group_size = check_int(group_size, "group_size", minimum=1, maximum=2**31 - 1)
+    return data.shape[0], data.shape[1], group_size
+
+
+def _output(out, shape, dtype: np.dtype, like_shape) -> tuple[np.ndarray, object]:
+    if out is None:
+        arr = np.empty(shape, dtype=dtype)
+        return arr, arr
+    arr = to_numpy(out, "out")
+    if arr.dtype != dtype:
+        raise InvalidProblemError(f"out has dtype {arr.dtype}, expected {dtype}")
+    if arr.size != shape[0] * shape[1] or arr.shape[-1:] != like_shape[-1:]:
+        raise InvalidProblemError(f"out has shape {arr.shape}, expected {tuple(like_shape)}")
+    if not arr.flags.c_contiguous:
+        raise InvalidProblemError("out must be C-contiguous")
+    return arr.reshape(shape), out
+
+
+def _finish(result, user_out, like, shape):
+    if user_out is not None:
+        return user_out
+    return from_numpy_like(result.reshape(shape), like)
+
+
+def dequantize_per_group(q, scale, zero_point, group_size: int, out=None, device=None):
+    """``y = scale * (q - zero_point)`` per group of ``group_size`` along the last axis.
+
+    The result has ``scale``'s dtype (f32, f64, f16 or bf16).
+    """
+    q2, s2 = _as_rows(q, "q"), _as_rows(scale, "scale")
+    outer, axis, group_size = _problem(q2, group_size)
+    desc = DequantizePerGroupDescriptor(outer, axis, group_size, _float_dtype(s2, "scale"),
+                                        parse_dtype(q2.dtype, "q.dtype", INT_DTYPES))
+    plan = plans.DequantizePerGroupPlan.select(desc, device=device or "cpu")
+    y, user_out = _output(out, (outer, axis), desc.float_dtype.np_dtype, np.shape(q))
+    plan.run(plans.DequantizePerGroupArgs(q2, s2, _zero_point(zero_point, None), y))
+    return _finish(y, out, q, np.shape(q))
+
+
+def quantize_per_group(x, scale, zero_point, group_size: int, dtype="s8", q_min=None,
+                       q_max=None, out=None, device=None):
+    """``q = clamp(rint(x / scale) + zero_point, q_min, q_max)`` stored as ``dtype``."""
+    x2, s2 = _as_rows(x, "x"), _as_rows(scale, "scale")
+    outer, axis, group_size = _problem(x2, group_size)
+    float_dtype = _float_dtype(x2, "x")
+    desc = QuantizePerGroupDescriptor(outer, axis, group_size, float_dtype, dtype, q_min, q_max)
+    plan = plans.QuantizePerGroupPlan.select(desc, device=device or "cpu")
+    q, _ = _output(out, (outer, axis), desc.int_dtype.np_dtype, np.shape(x))
+    plan.run(plans.QuantizePerGroupArgs(x2, s2, _zero_point(zero_point, None), q))
+    return _finish(q, out, x, np.shape(x))
+
+
+def dequantize_per_group_backward(dy, scale, group_size: int, out=None, device=None):
+    """Gradient of dequantize w.r.t. its input: ``dq = dy * scale`` per group."""
+    dy2, s2 = _as_rows(dy, "dy"), _as_rows(scale, "scale")
+    outer, axis, group_size = _problem(dy2, group_size)
+    desc = DequantizePerGroupBackwardDescriptor(outer, axis, group_size, _float_dtype(dy2, "dy"))
+    plan = plans.DequantizePerGroupBackwardPlan.select(desc, device=device or "cpu")
+    dq, _ = _output(out, (outer, axis), desc.float_dtype.np_dtype, np.shape(dy))
+    plan.run(plans.DequantizePerGroupBackwardArgs(dy2, s2, dq))
+    return _finish(dq, out, dy, np.shape(dy))
+
+
+def quantize_per_group_backward(dy, x, scale, zero_point, group_size: int, q_min: int,
+                                q_max: int, out=None, device=None):
+    """Straight-through gradient of quantize: ``dy / scale`` where the value was in range."""
+    dy2, x2, s2 = _as_rows(dy, "dy"), _as_rows(x, "x"), _as_rows(scale, "scale")
+    outer, axis, group_size = _problem(dy2, group_size)
+    desc = QuantizePerGroupBackwardDescriptor(outer, axis, group_size, _float_dtype(dy2, "dy"),
+                                              q_min, q_max)
+    plan = plans.QuantizePerGroupBackwardPlan.select(desc, device=device or "cpu")
+    dx, _ = _output(out, (outer, axis), desc.float_dtype.np_dtype, np.shape(dy))
+    plan.run(plans.QuantizePerGroupBackwardArgs(dy2, x2, s2, _zero_point(zero_point, None), dx))
+    return _finish(dx, out, dy, np.shape(dy))
+
+
+def choose_qparams_per_group(x, group_size: int, dtype="s8", symmetric: bool = False,
+                             q_min=None, q_max=None):
+    """Per-group ``(scale, zero_point)`` from min/max, as GPTQ and torchao compute them.
+
+    Asymmetric: the range ``[min(x, 0), max(x, 0)]`` maps onto ``[q_min, q_max]`` and the
+    zero point, ``q_min - rint(min / scale)``, is clamped into ``[q_min, q_max]``.
+    Symmetric: ``scale = max|x| / ((q_max - q_min) / 2)`` and the zero point is the
+    range's middle. ``scale`` is at least the compute type's epsilon, so a constant
+    group still quantizes. NaN values are ignored. Returns ``scale`` in ``x``'s dtype
+    and ``zero_point`` as int32, both shaped ``[..., axis // group_size]``.
+    """
+    arr = to_numpy(x, "x")
+    float_dtype = _float_dtype(arr, "x")
+    storage = parse_dtype(dtype, "dtype", INT_DTYPES)
+    lo, hi = resolve_q_range(q_min, q_max, *storage.int_range, storage.value)
+    group_size = check_int(group_size, "group_size", minimum=1)
+    if arr.ndim == 0 or arr.shape[-1] % group_size:
+        raise InvalidProblemError(f"the last axis ({arr.shape[-1] if arr.ndim else 0}) is not a "
+                                  f"multiple of group_size={group_size}")
+    compute = np.float64 if float_dtype is DType.F64 else np.float32
+    groups = arr.astype(compute).reshape(*arr.shape[:-1], arr.shape[-1] // group_size, group_size)
+    finite = np.where(np.isnan(groups), 0, groups)
+    min_val = np.minimum(finite.min(axis=-1, initial=0), 0).astype(compute)
+    max_val = np.maximum(finite.max(axis=-1, initial=0), 0).astype(compute)
+    eps = np.finfo(compute).eps
+    with np.errstate(all="ignore"):
+        if symmetric:
+            amax = np.maximum(-min_val, max_val)
+            scale = np.maximum(amax / compute((hi - lo) / 2), eps)
+            zero = np.full(scale.shape, (hi + lo + 1) // 2, dtype=np.int64)
+        else:
+            scale = np.maximum((max_val - min_val) / compute(hi - lo), eps)
+            zero = lo - np.rint(min_val / scale)
+            zero = np.clip(np.nan_to_num(zero, nan=lo), lo, hi).astype(np.int64)
+    scale = scale.astype(float_dtype.np_dtype)
+    # A scale that rounds to zero in a narrow dtype would make the group unquantizable.
+    tiny = np.asarray(eps, dtype=compute).astype(float_dtype.np_dtype)
+    scale = np.where(scale == 0, tiny if tiny != 0 else np.finfo(float_dtype.np_dtype).tiny, scale)
+    return (from_numpy_like(np.ascontiguousarray(scale.astype(float_dtype.np_dtype)), x),
+            from_numpy_like(zero.astype(np.int32), x))

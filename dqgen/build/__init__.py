@@ -1,0 +1,1 @@
+"""Compiler drivers: one module per toolchain, each turning source text into a binary."""

@@ -1,0 +1,222 @@
+"""The public Plan classes (SPEC.md §5): select once, check and run many times.
+
+Plans only glue stages together: the descriptor validates, ``jit`` lowers, renders,
+builds or loads, and the runtime launches. No code generation happens here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import numpy as np
+
+from . import __version__
+from .arrays import address, check_array, check_no_overlap, to_numpy
+from .errors import InvalidProblemError, UnsupportedError
+from .ir import (DequantizePerGroupBackwardDescriptor, DequantizePerGroupDescriptor, DType,
+                 QuantizePerGroupBackwardDescriptor, QuantizePerGroupDescriptor)
+from .isa import check_isa, host_isa, supported_isas
+from .jit import Kernel, get_kernel
+from .runtime.cpu import num_threads
+
+
+@dataclass(frozen=True)
+class PlanPreference:
+    """Optional choices a caller may make; ``None`` means dqgen decides."""
+
+    num_threads: int | None = None
+    isa: str | None = None
+
+
+@dataclass(frozen=True)
+class PrecisionGuarantee:
+    math_precision: str
+    accumulator: str
+    deterministic: bool
+    bit_stable: bool
+
+
+@dataclass(frozen=True)
+class KernelSku:
+    """A kernel's identity: stable across processes, printable."""
+
+    op: str
+    uri: str
+    int_dtype: str | None
+    float_dtype: str
+    group_size: int
+    target: str
+    arch: str
+    template_hash: str
+    cache_key: str
+    dqgen_version: str
+
+    def __str__(self) -> str:
+        dtypes = f"{self.int_dtype}->{self.float_dtype}" if self.int_dtype else self.float_dtype
+        return (f"{self.uri} [{self.op} {dtypes} g{self.group_size}] on {self.target}:{self.arch} "
+                f"key={self.cache_key[:16]} templates={self.template_hash[:12]} dqgen={self.__dict__['dqgen_version']}")
+
+
+@dataclass(frozen=True)
+class DequantizePerGroupArgs:
+    input: Any
+    scale: Any
+    zero_point: Any
+    output: Any
+
+
+@dataclass(frozen=True)
+class QuantizePerGroupArgs:
+    input: Any
+    scale: Any
+    zero_point: Any
+    output: Any
+
+
+@dataclass(frozen=True)
+class DequantizePerGroupBackwardArgs:
+    d_output: Any
+    scale: Any
+    d_input: Any
+
+
+@dataclass(frozen=True)
+class QuantizePerGroupBackwardArgs:
+    d_output: Any
+    input: Any
+    scale: Any
+    zero_point: Any
+    d_input: Any
+
+
+def _parse_device(device: str) -> str:
+    text = str(device).strip().lower()
+    if text == "cpu":
+        return "cpu"
+    if text == "cuda" or text.startswith("cuda:"):
+        raise UnsupportedError(f"device={device!r}: the CUDA runtime is not available in this build")
+    raise UnsupportedError(f"device={device!r} is not supported; expected 'cpu' or 'cuda[:N]'")
+
+
+class _PerGroupPlan:
+    """Shared machinery; subclasses name their descriptor and argument types."""
+
+    descriptor_type: ClassVar[type]
+    args_type: ClassVar[type]
+
+    def __init__(self, desc, device: str, preference: PlanPreference, kernel: Kernel) -> None:
+        self.descriptor = desc
+        self.device = device
+        self.preference = preference
+        self._kernel = kernel
+        self._threads = num_threads(preference.num_threads)
+        spec = kernel.spec
+        rows, cols = desc.outer, desc.axis
+        group_shape = (rows, desc.num_groups)
+        # (args field, numpy dtype, shape, is output) in the kernel's parameter order.
+        arg_names = [f.name for f in fields(self.args_type)]
+        self._layout = tuple(
+            (arg_names[i], p.dtype.np_dtype,
+             group_shape if p.name in ("scale", "zero_point") else (rows, cols), p.role == "out")
+            for i, p in enumerate(spec.params) if p.role != "scalar")
+        self._scalars = (rows, cols) + tuple(
+            getattr(desc, n) for n in ("q_min", "q_max") if hasattr(desc, n))
+
+    @classmethod
+    def select(cls, desc, device: str = "cpu", preference: PlanPreference | None = None):
+        """Validate ``desc`` and return a plan with its kernel built or loaded."""
+        if not isinstance(desc, cls.descriptor_type):
+            raise UnsupportedError(f"{cls.__name__}.select needs a {cls.descriptor_type.__name__}, "
+                                   f"got {type(desc).__name__}")
+        desc.verify()
+        preference = preference or PlanPreference()
+        target_device = _parse_device(device)
+        isa = check_isa(preference.isa) if preference.isa else host_isa()
+        if isa not in supported_isas():
+            raise UnsupportedError(f"ISA {isa} cannot run on this CPU")
+        kernel = get_kernel(desc, "c", isa)
+        return cls(desc, target_device, preference, kernel)
+
+    def _arrays(self, args) -> list[np.ndarray]:
+        if not isinstance(args, self.args_type):
+            raise UnsupportedError(f"{type(self).__name__} needs {self.args_type.__name__}, "
+                                   f"got {type(args).__name__}")
+        arrays = []
+        for name, dtype, shape, is_out in self._layout:
+            arr = to_numpy(getattr(args, name), name)
+            check_array(arr, name, dtype, shape, writable=is_out)
+            arrays.append(arr)
+        return arrays
+
+    def can_implement(self, args) -> None:
+        """Raise naming the first argument that does not fit the descriptor."""
+        arrays = self._arrays(args)
+        out_index = next(i for i, item in enumerate(self._layout) if item[3])
+        check_no_overlap(arrays[out_index], self._layout[out_index][0],
+                         {self._layout[i][0]: a for i, a in enumerate(arrays) if i != out_index})
+
+    def workspace_size(self) -> int:
+        """Bytes of scratch memory: none for this family."""
+        return 0
+
+    def precision_guarantee(self) -> PrecisionGuarantee:
+        compute = self._kernel.spec.compute_dtype.value
+        return PrecisionGuarantee(math_precision=compute, accumulator=compute,
+                                  deterministic=True, bit_stable=True)
+
+    def sku(self) -> KernelSku:
+        k = self._kernel
+        s = k.spec
+        return KernelSku(op=s.op.name.lower(), uri=s.uri,
+                         int_dtype=s.int_dtype.value if s.int_dtype else None,
+                         float_dtype=s.float_dtype.value, group_size=s.group_size,
+                         target=s.target, arch=s.arch, template_hash=k.template_hash,
+                         cache_key=k.key, dqgen_version=__version__)
+
+    def source(self) -> str:
+        """The exact source text of the kernel this plan runs."""
+        return self._kernel.source.text
+
+    def run(self, args, workspace=None, stream=None) -> None:
+        """Check ``args`` (as ``can_implement``) and run the kernel; the GIL is released."""
+        if stream is not None:
+            raise UnsupportedError("stream= applies to CUDA plans; this plan runs on the CPU")
+        arrays = self._arrays(args)
+        out_index = next(i for i, item in enumerate(self._layout) if item[3])
+        check_no_overlap(arrays[out_index], self._layout[out_index][0],
+                         {self._layout[i][0]: a for i, a in enumerate(arrays) if i != out_index})
+        if arrays[out_index].size == 0:
+            return
+        self._kernel.runner.function(*[address(a) for a in arrays], *self._scalars, self._threads)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.descriptor}, device={self.device!r})"
+
+
+class DequantizePerGroupPlan(_PerGroupPlan):
+    """``y = F(C(q - zp) * C(scale))``: int8/uint8 groups back to floating point."""
+
+    descriptor_type = DequantizePerGroupDescriptor
+    args_type = DequantizePerGroupArgs
+
+
+class QuantizePerGroupPlan(_PerGroupPlan):
+    """``q = clamp(rint(x / scale) + zp, q_min, q_max)``."""
+
+    descriptor_type = QuantizePerGroupDescriptor
+    args_type = QuantizePerGroupArgs
+
+
+class DequantizePerGroupBackwardPlan(_PerGroupPlan):
+    """Gradient of dequantize with respect to its input: ``dq = dy * scale``."""
+
+    descriptor_type = DequantizePerGroupBackwardDescriptor
+    args_type = DequantizePerGroupBackwardArgs
+
+
+class QuantizePerGroupBackwardPlan(_PerGroupPlan):
+    """Straight-through estimator of quantize (inclusive range mask)."""
+
+    descriptor_type = QuantizePerGroupBackwardDescriptor
+    args_type = QuantizePerGroupBackwardArgs

@@ -1,0 +1,63 @@
+"""Rendering: ``KernelSpec`` -> source text, deterministic byte for byte.
+
+Templates see only the spec (validated enums, integers and fixed strings from the
+schedule) and the package version; a missing variable is an error (StrictUndefined).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from . import __version__
+from .lower import KernelSpec
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
+if not TEMPLATE_DIR.is_dir():  # installed as a wheel: templates ship inside the package
+    TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+
+_TEMPLATE_FOR_TARGET = {"c": ("c/kernel.c.j2", "c"), "cuda": ("cuda/kernel.cu.j2", "cuda")}
+
+
+@dataclass(frozen=True)
+class Source:
+    """Rendered kernel text and what a build needs to know about it."""
+
+    text: str
+    language: str
+    entry: str
+    spec: KernelSpec
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
+        undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+        trim_blocks=True, lstrip_blocks=True, autoescape=False)
+
+
+@functools.lru_cache(maxsize=None)
+def template_hash(target: str) -> str:
+    """sha256 over every template file a target can use (part of cache keys and SKUs)."""
+    digest = hashlib.sha256()
+    for path in sorted(TEMPLATE_DIR.rglob("*.j2")):
+        rel = path.relative_to(TEMPLATE_DIR).as_posix()
+        if rel.startswith(f"{target}/") or "/" not in rel:
+            digest.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def render(spec: KernelSpec) -> Source:
+    """Render ``spec`` with its target's template."""
+    name, language = _TEMPLATE_FOR_TARGET[spec.target]
+    text = environment().get_template(name).render(spec=spec, version=__version__)
+    return Source(text=text, language=language, entry=spec.entry, spec=spec)

@@ -1,0 +1,1 @@
+"""Loading built kernels and launching them, one module per target."""

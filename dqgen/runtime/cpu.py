@@ -1,0 +1,73 @@
+"""CPU kernels: a built ``.so`` opened with cffi in ABI mode and called zero-copy.
+
+Pointer parameters are declared to cffi as ``intptr_t``: on every 64-bit ABI dqgen
+supports a pointer and an intptr_t travel the same way, and passing a plain integer
+address avoids building a cdata object per argument on every call. cffi releases the
+GIL for the duration of the call. Loaded libraries are kept for the life of the
+process (never unloaded), and their files are never rewritten in place.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import cffi
+
+from ..errors import InvalidProblemError
+from ..lower import KernelSpec
+
+_loaded: list[object] = []  # keeps every FFI and library alive: kernels are never unloaded
+_load_lock = threading.Lock()
+_forked_child = False
+
+
+def _after_fork_in_child() -> None:
+    # libgomp's thread pool does not survive fork; a child runs kernels on one thread.
+    global _forked_child
+    _forked_child = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def num_threads(requested: int | None = None) -> int:
+    """Threads for a call: the request, else ``DQGEN_NUM_THREADS``, else 0 (OpenMP's
+    default); always 1 in a process forked from one that may have used OpenMP."""
+    if _forked_child:
+        return 1
+    if requested is None:
+        env = os.environ.get("DQGEN_NUM_THREADS", "").strip()
+        if not env:
+            return 0
+        try:
+            requested = int(env)
+        except ValueError:
+            raise InvalidProblemError(f"DQGEN_NUM_THREADS={env!r} is not an integer") from None
+    if requested < 1:
+        raise InvalidProblemError(f"num_threads={requested} must be >= 1")
+    return requested
+
+
+def declaration(spec: KernelSpec) -> str:
+    """The cffi declaration of the entry point (pointers as intptr_t, see module doc)."""
+    params = ", ".join("intptr_t " + p.name if p.role != "scalar" else f"{p.c_type} {p.name}"
+                       for p in spec.params)
+    return f"void {spec.entry}({params}, int32_t num_threads);"
+
+
+class CpuKernel:
+    """A loaded CPU kernel; calling it runs the entry point with raw addresses."""
+
+    __slots__ = ("spec", "path", "function")
+
+    def __init__(self, spec: KernelSpec, path: Path) -> None:
+        self.spec = spec
+        self.path = path
+        ffi = cffi.FFI()
+        ffi.cdef(declaration(spec))
+        with _load_lock:
+            lib = ffi.dlopen(str(path))
+            _loaded.append((ffi, lib))
+        self.function = getattr(lib, spec.entry)
