@@ -6,18 +6,20 @@ builds or loads, and the runtime launches. No code generation happens here.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import numpy as np
 
 from . import __version__
-from .arrays import address, check_array, check_no_overlap, to_numpy
+from .arrays import check_array, check_no_overlap, to_numpy
 from .errors import InvalidProblemError, UnsupportedError
 from .ir import (DequantizePerGroupBackwardDescriptor, DequantizePerGroupDescriptor, DType,
                  QuantizePerGroupBackwardDescriptor, QuantizePerGroupDescriptor)
 from .isa import check_isa, host_isa, supported_isas
 from .jit import Kernel, get_kernel
+from .runtime import cpu as cpu_runtime
 from .runtime.cpu import num_threads
 
 
@@ -99,6 +101,10 @@ def _parse_device(device: str) -> str:
     raise UnsupportedError(f"device={device!r} is not supported; expected 'cpu' or 'cuda[:N]'")
 
 
+# Plans are immutable once built, so a repeated select returns the same object.
+_plan_memo: dict[tuple, "_PerGroupPlan"] = {}
+
+
 class _PerGroupPlan:
     """Shared machinery; subclasses name their descriptor and argument types."""
 
@@ -120,12 +126,18 @@ class _PerGroupPlan:
             (arg_names[i], p.dtype.np_dtype,
              group_shape if p.name in ("scale", "zero_point") else (rows, cols), p.role == "out")
             for i, p in enumerate(spec.params) if p.role != "scalar")
+        self._out_index = next(i for i, item in enumerate(self._layout) if item[3])
         self._scalars = (rows, cols) + tuple(
             getattr(desc, n) for n in ("q_min", "q_max") if hasattr(desc, n))
 
     @classmethod
     def select(cls, desc, device: str = "cpu", preference: PlanPreference | None = None):
         """Validate ``desc`` and return a plan with its kernel built or loaded."""
+        memo_key = (cls, desc, device, preference, os.environ.get("DQGEN_ISA"),
+                     os.environ.get("DQGEN_NUM_THREADS"))
+        plan = _plan_memo.get(memo_key)
+        if plan is not None:
+            return plan
         if not isinstance(desc, cls.descriptor_type):
             raise UnsupportedError(f"{cls.__name__}.select needs a {cls.descriptor_type.__name__}, "
                                    f"got {type(desc).__name__}")
@@ -136,7 +148,9 @@ class _PerGroupPlan:
         if isa not in supported_isas():
             raise UnsupportedError(f"ISA {isa} cannot run on this CPU")
         kernel = get_kernel(desc, "c", isa)
-        return cls(desc, target_device, preference, kernel)
+        plan = cls(desc, target_device, preference, kernel)
+        _plan_memo[memo_key] = plan
+        return plan
 
     def _arrays(self, args) -> list[np.ndarray]:
         if not isinstance(args, self.args_type):
@@ -152,7 +166,7 @@ class _PerGroupPlan:
     def can_implement(self, args) -> None:
         """Raise naming the first argument that does not fit the descriptor."""
         arrays = self._arrays(args)
-        out_index = next(i for i, item in enumerate(self._layout) if item[3])
+        out_index = self._out_index
         check_no_overlap(arrays[out_index], self._layout[out_index][0],
                          {self._layout[i][0]: a for i, a in enumerate(arrays) if i != out_index})
 
@@ -179,16 +193,36 @@ class _PerGroupPlan:
         return self._kernel.source.text
 
     def run(self, args, workspace=None, stream=None) -> None:
-        """Check ``args`` (as ``can_implement``) and run the kernel; the GIL is released."""
+        """Check ``args`` (as ``can_implement``) and run the kernel; the GIL is released.
+
+        The checks are the same as ``can_implement``'s, written for the common case (numpy
+        arrays that fit) so a reused plan costs a few microseconds; anything unusual takes
+        the full path, which raises naming the problem.
+        """
         if stream is not None:
             raise UnsupportedError("stream= applies to CUDA plans; this plan runs on the CPU")
-        arrays = self._arrays(args)
-        out_index = next(i for i, item in enumerate(self._layout) if item[3])
-        check_no_overlap(arrays[out_index], self._layout[out_index][0],
-                         {self._layout[i][0]: a for i, a in enumerate(arrays) if i != out_index})
-        if arrays[out_index].size == 0:
-            return
-        self._kernel.runner.function(*[address(a) for a in arrays], *self._scalars, self._threads)
+        if type(args) is not self.args_type:
+            self.can_implement(args)
+        runner = self._kernel.runner
+        pointer = runner.pointer
+        arrays = []
+        for name, dtype, shape, is_out in self._layout:
+            arr = getattr(args, name)
+            if not (type(arr) is np.ndarray and arr.dtype == dtype and arr.shape == shape
+                    and arr.flags.c_contiguous and arr.flags.aligned
+                    and (not is_out or arr.flags.writeable)):
+                self.can_implement(args)
+                arr = to_numpy(arr, name)
+            arrays.append(arr)
+        out = arrays[self._out_index]
+        for i, arr in enumerate(arrays):
+            # Two arrays that each own their memory and are distinct cannot overlap.
+            if i != self._out_index and not (out.flags.owndata and arr.flags.owndata and arr is not out):
+                self.can_implement(args)
+                break
+        if out.size:
+            threads = 1 if cpu_runtime.forked_child else self._threads
+            runner.function(*[pointer(a) for a in arrays], *self._scalars, threads)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.descriptor}, device={self.device!r})"

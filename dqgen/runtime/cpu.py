@@ -1,9 +1,8 @@
 """CPU kernels: a built ``.so`` opened with cffi in ABI mode and called zero-copy.
 
-Pointer parameters are declared to cffi as ``intptr_t``: on every 64-bit ABI dqgen
-supports a pointer and an intptr_t travel the same way, and passing a plain integer
-address avoids building a cdata object per argument on every call. cffi releases the
-GIL for the duration of the call. Loaded libraries are kept for the life of the
+Pointer parameters are declared to cffi as ``void *`` so that ``ffi.from_buffer(array)``
+(the cheapest zero-copy route from a numpy array to a pointer) can be passed directly.
+cffi releases the GIL for the duration of the call. Loaded libraries are kept for the life of the
 process (never unloaded), and their files are never rewritten in place.
 """
 
@@ -20,13 +19,13 @@ from ..lower import KernelSpec
 
 _loaded: list[object] = []  # keeps every FFI and library alive: kernels are never unloaded
 _load_lock = threading.Lock()
-_forked_child = False
+forked_child = False
 
 
 def _after_fork_in_child() -> None:
     # libgomp's thread pool does not survive fork; a child runs kernels on one thread.
-    global _forked_child
-    _forked_child = True
+    global forked_child
+    forked_child = True
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -35,7 +34,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 def num_threads(requested: int | None = None) -> int:
     """Threads for a call: the request, else ``DQGEN_NUM_THREADS``, else 0 (OpenMP's
     default); always 1 in a process forked from one that may have used OpenMP."""
-    if _forked_child:
+    if forked_child:
         return 1
     if requested is None:
         env = os.environ.get("DQGEN_NUM_THREADS", "").strip()
@@ -51,8 +50,8 @@ def num_threads(requested: int | None = None) -> int:
 
 
 def declaration(spec: KernelSpec) -> str:
-    """The cffi declaration of the entry point (pointers as intptr_t, see module doc)."""
-    params = ", ".join("intptr_t " + p.name if p.role != "scalar" else f"{p.c_type} {p.name}"
+    """The cffi declaration of the entry point (pointers as ``void *``, see module doc)."""
+    params = ", ".join("void *" + p.name if p.role != "scalar" else f"{p.c_type} {p.name}"
                        for p in spec.params)
     return f"void {spec.entry}({params}, int32_t num_threads);"
 
@@ -60,7 +59,7 @@ def declaration(spec: KernelSpec) -> str:
 class CpuKernel:
     """A loaded CPU kernel; calling it runs the entry point with raw addresses."""
 
-    __slots__ = ("spec", "path", "function")
+    __slots__ = ("spec", "path", "function", "pointer")
 
     def __init__(self, spec: KernelSpec, path: Path) -> None:
         self.spec = spec
@@ -71,3 +70,4 @@ class CpuKernel:
             lib = ffi.dlopen(str(path))
             _loaded.append((ffi, lib))
         self.function = getattr(lib, spec.entry)
+        self.pointer = ffi.from_buffer  # numpy array -> zero-copy pointer for ``function``
