@@ -34,9 +34,14 @@ FORMULAS = {
 # Problems smaller than this many elements run on the calling thread: a parallel
 # region costs more than it saves below it.
 PARALLEL_MIN_ELEMENTS = 1 << 15
-# CPU ISAs with hardware f16 <-> f32 conversion (F16C / AVX-512), 8 lanes a block.
+# CPU ISAs with F16C and AVX2 integer ops (8 lanes an instruction).
 F16C_ISAS = ("avx2", "avx512")
-SIMD_BLOCK = 8
+# 16-bit float data is staged through float blocks of the largest of these sizes dividing the
+# group: long enough for the loop vectorizer, short enough to stay in L1.
+SIMD_BLOCKS = (64, 32, 16, 8)
+# |zero_point| up to this keeps q - zero_point exact in f32 for any 8-bit q (< 2^24), so
+# the C kernels take a vectorizable float subtraction for such groups.
+FAST_ZERO_POINT_LIMIT = (1 << 24) - 256
 # Helpers (load, store) each target's prelude defines for the 16-bit float types.
 _CONVERT = {DType.F16: ("load_f16", "store_f16"), DType.BF16: ("load_bf16", "store_bf16")}
 
@@ -76,11 +81,17 @@ class KernelSpec:
     store_out: str
     rint: str
     # CPU schedule
-    simd_f16: bool
+    simd_convert: str          # "" or the 16-bit float type converted with SIMD blocks
     simd_block: int
     simd_blocks: int
     simd_inputs: tuple[str, ...]
     simd_output: bool
+    simd_stage_int: bool       # dequantize: widen q to float in SIMD blocks
+    int_c_type: str
+    scalar_tail: bool
+    bf16_lanes: int
+    fast_zero_point_limit: int
+    fast_needs_finite_scale: bool
     parallel_min_elements: int
     # CUDA schedule
     threads_per_block: int
@@ -153,7 +164,18 @@ def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
     out = params[len([p for p in params if p.role == "in"])]
     float_inputs = tuple(p.name for p in params
                          if p.role == "in" and p.dtype is desc.float_dtype and p.name != "scale")
-    simd_f16 = target == "c" and desc.float_dtype is DType.F16 and arch in F16C_ISAS
+    # f16 (F16C) and bf16 (integer rounding in AVX2 registers) convert in explicit SIMD
+    # blocks; the compiler vectorizes neither conversion well on its own.
+    simd_dtype = desc.float_dtype if desc.float_dtype in (DType.F16, DType.BF16) else None
+    simd = target == "c" and arch in F16C_ISAS and simd_dtype is not None
+    # bf16 widening is a shift the compiler vectorizes, so only f16 inputs are staged.
+    staged_inputs = float_inputs if simd and simd_dtype is DType.F16 else ()
+    # The SIMD bf16 store assumes finite values, which only dequantize's fast path (finite
+    # scale, exact difference) guarantees; other ops store bf16 element by element.
+    simd_output = simd and out.dtype is simd_dtype and (
+        simd_dtype is DType.F16 or desc.op is Op.DEQUANTIZE)
+    simd = simd and bool(staged_inputs or simd_output)
+    simd_block = next((b for b in SIMD_BLOCKS if desc.group_size % b == 0), SIMD_BLOCKS[-1])
     return KernelSpec(
         op=desc.op, uri=desc.uri, entry=f"dqgen_{desc.uri}", target=target, arch=arch,
         group_size=desc.group_size, float_dtype=desc.float_dtype, int_dtype=desc.int_type,
@@ -165,10 +187,16 @@ def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
         store_out=(_CONVERT.get(out.dtype, ("", ""))[1] if out.dtype.is_float
                    else f"({storage[out.dtype]})"),
         rint="rint" if compute is DType.F64 else "rintf",
-        simd_f16=simd_f16, simd_block=SIMD_BLOCK,
-        simd_blocks=desc.group_size // SIMD_BLOCK if simd_f16 else 0,
-        simd_inputs=float_inputs if simd_f16 else (),
-        simd_output=simd_f16 and out.dtype is DType.F16,
+        simd_convert=simd_dtype.value if simd else "", simd_block=simd_block,
+        simd_blocks=desc.group_size // simd_block if simd else 0,
+        simd_inputs=staged_inputs, simd_output=simd_output,
+        simd_stage_int=simd and simd_output and desc.op is Op.DEQUANTIZE,
+        int_c_type=storage[desc.int_type] if desc.int_type else "",
+        scalar_tail=not simd or desc.group_size % simd_block != 0,
+        bf16_lanes=16 if simd_block % 16 == 0 else 8,
+        fast_needs_finite_scale=simd_output and simd_dtype is DType.BF16,
+        fast_zero_point_limit=(FAST_ZERO_POINT_LIMIT if target == "c" and desc.op is Op.DEQUANTIZE
+                               and compute is DType.F32 else 0),
         parallel_min_elements=PARALLEL_MIN_ELEMENTS,
         threads_per_block=256, vector_bytes=16,
     )
