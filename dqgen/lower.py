@@ -12,13 +12,14 @@ import json
 from dataclasses import dataclass
 
 from .errors import UnsupportedError
-from .ir import DType, Op, _PerGroupDescriptor
+from .ir import DType, Layout, Op, _PerGroupDescriptor
 from .isa import check_isa
 
 # Storage types as C spells them; f16/bf16 travel as their 16-bit patterns.
 C_STORAGE = {
     DType.S8: "int8_t", DType.U8: "uint8_t", DType.I32: "int32_t", DType.F16: "uint16_t",
     DType.BF16: "uint16_t", DType.F32: "float", DType.F64: "double",
+    DType.S4: "uint8_t", DType.U4: "uint8_t",  # packed: bytes of two values
 }
 CUDA_STORAGE = {**C_STORAGE, DType.F16: "__half", DType.BF16: "__nv_bfloat16"}
 
@@ -39,11 +40,25 @@ F16C_ISAS = ("avx2", "avx512")
 # 16-bit float data is staged through float blocks of the largest of these sizes dividing the
 # group: long enough for the loop vectorizer, short enough to stay in L1.
 SIMD_BLOCKS = (64, 32, 16, 8)
+# Outputs at least this large bypass the caches with non-temporal stores: they would not
+# stay cached anyway, and skipping the read-for-ownership saves a third of the traffic.
+# Smaller outputs stay in cache for whoever reads them next.
+STREAMING_MIN_BYTES = 16 << 20
 # |zero_point| up to this keeps q - zero_point exact in f32 for any 8-bit q (< 2^24), so
 # the C kernels take a vectorizable float subtraction for such groups.
 FAST_ZERO_POINT_LIMIT = (1 << 24) - 256
 # Helpers (load, store) each target's prelude defines for the 16-bit float types.
 _CONVERT = {DType.F16: ("load_f16", "store_f16"), DType.BF16: ("load_bf16", "store_bf16")}
+# CUDA: each thread moves one vector of VEC elements a step, VEC chosen so the narrowest
+# per-element array moves in 128-bit accesses (wider ones in several); VEC divides the group
+# so one scale/zero point serves the whole vector. The grid fills every SM GRID_WAVES times
+# at the kernel's occupancy and strides over the rest.
+CUDA_THREADS_PER_BLOCK = 256
+CUDA_VECTOR_BYTES = 16
+CUDA_GRID_WAVES = 4
+# The unsigned type a 128-bit vector is moved in, by access width in bytes.
+CUDA_CHUNK_TYPES = {16: "uint4", 8: "uint2", 4: "unsigned int", 2: "unsigned short",
+                    1: "unsigned char"}
 
 
 @dataclass(frozen=True)
@@ -54,6 +69,19 @@ class Param:
     dtype: DType | None
     role: str
     c_type: str
+
+
+@dataclass(frozen=True)
+class VectorStream:
+    """How one per-element array moves through a CUDA vector: ``chunks`` accesses of
+    ``chunk_type`` (``chunk_bytes`` wide, needing that alignment) per vector."""
+
+    name: str
+    role: str
+    storage: str
+    chunk_type: str
+    chunk_bytes: int
+    chunks: int
 
 
 @dataclass(frozen=True)
@@ -92,14 +120,30 @@ class KernelSpec:
     bf16_lanes: int
     fast_zero_point_limit: int
     fast_needs_finite_scale: bool
+    streaming_min_bytes: int   # outputs this large use non-temporal stores (0: never)
+    streaming_align: int
     parallel_min_elements: int
     # CUDA schedule
     threads_per_block: int
     vector_bytes: int
+    vector_elems: int = 1                       # elements a thread moves per step
+    vector_streams: tuple[VectorStream, ...] = ()
+    vector_align_check: bool = False            # wide accesses need a run-time alignment test
+    grid_waves: int = 0                         # grid = SMs * resident blocks * waves, at most
+    # Storage layouts beyond the seed (FORMATS.md); the defaults are the seed's.
+    layout: Layout = Layout.PLAIN
+    zero_kind: str = "int"          # "int": int32 zero points; "float": (q - mid) * s + z
+    mid: int = 0                    # float zero point: the q value that maps to z
+    template: str = ""              # the layout's own loop template ("" = the family's)
+    bits: int = 8                   # bits of one stored value
+    zero_offset: int = 0            # added to a stored zero point (GPTQ v1: 1)
+    act_order: bool = False         # group of a row from g_idx, not row // group_size
+    block_bytes: int = 0            # GGML: bytes of one block
+    float_helpers: tuple[str, ...] = ()  # 16-bit types whose load/store the prelude defines
 
     def to_json(self) -> dict:
         def plain(v):
-            if isinstance(v, (DType, Op)):
+            if isinstance(v, (DType, Op, Layout)):
                 return v.value
             if isinstance(v, tuple):
                 return [plain(x) for x in v]
@@ -148,6 +192,68 @@ def describe(desc: _PerGroupDescriptor) -> str:
     return f"{type(desc).__name__}({', '.join(fields)})"
 
 
+def _schedule_cuda(spec: KernelSpec, desc: _PerGroupDescriptor) -> KernelSpec:
+    """The CUDA launch shape and vector width (see ``CUDA_*`` above)."""
+    streams = [p for p in spec.params
+               if p.role != "scalar" and p.name not in ("scale", "zero_point")]
+    vec = CUDA_VECTOR_BYTES // min(p.dtype.itemsize for p in streams)
+    while desc.group_size % vec:  # never split a group across a vector; 1 = scalar
+        vec //= 2
+    vector_streams = []
+    for p in streams:
+        nbytes = vec * p.dtype.itemsize
+        chunk = min(nbytes, CUDA_VECTOR_BYTES)
+        vector_streams.append(VectorStream(p.name, p.role, CUDA_STORAGE[p.dtype],
+                                           CUDA_CHUNK_TYPES[chunk], chunk, nbytes // chunk))
+    return dataclasses.replace(
+        spec, threads_per_block=CUDA_THREADS_PER_BLOCK, vector_bytes=CUDA_VECTOR_BYTES,
+        vector_elems=vec, vector_streams=tuple(vector_streams),
+        vector_align_check=any(v.chunk_bytes > p.dtype.itemsize
+                               for v, p in zip(vector_streams, streams)),
+        grid_waves=CUDA_GRID_WAVES)
+
+
+def _cpu_simd(desc: _PerGroupDescriptor, target: str, arch: str, out: Param,
+              float_inputs: tuple[str, ...]) -> dict:
+    """The explicit-SIMD knobs of the C kernels (all off for other targets and ISAs).
+
+    f16 (F16C) and bf16 (integer rounding in AVX2 registers) convert in SIMD blocks
+    staged through float arrays, since the compiler vectorizes neither conversion well;
+    dequantize also widens q in blocks and stages f32 output, so that large outputs can
+    use non-temporal stores.
+    """
+    off = dict(simd_convert="", simd_block=SIMD_BLOCKS[-1], simd_blocks=0, simd_inputs=(),
+               simd_output=False, simd_stage_int=False, scalar_tail=True, bf16_lanes=8,
+               fast_needs_finite_scale=False, streaming_min_bytes=0, streaming_align=0)
+    if target != "c" or arch not in F16C_ISAS:
+        return off
+    f = desc.float_dtype
+    dequant = desc.op is Op.DEQUANTIZE
+    convert = f if f in (DType.F16, DType.BF16) or (f is DType.F32 and dequant) else None
+    if convert is None:
+        return off
+    # bf16 widening is a shift the compiler vectorizes, so only f16 inputs are staged.
+    staged_inputs = float_inputs if convert is DType.F16 else ()
+    # The SIMD bf16 store assumes finite values, which only dequantize's fast path (finite
+    # scale, exact difference) guarantees; other ops store bf16 element by element.
+    simd_output = out.dtype is convert and (convert is DType.F16 or dequant)
+    if not (staged_inputs or simd_output):
+        return off
+    block = next((b for b in SIMD_BLOCKS if desc.group_size % b == 0), SIMD_BLOCKS[-1])
+    bf16_lanes = 16 if block % 16 == 0 else 8
+    # Bytes one vector store writes: non-temporal stores need that alignment, so they are
+    # used only when every group starts aligned (the output pointer is checked at run time).
+    store_bytes = {DType.F16: 16, DType.BF16: 2 * bf16_lanes, DType.F32: 32}[convert]
+    streaming = simd_output and (desc.group_size * out.dtype.itemsize) % store_bytes == 0
+    return dict(
+        simd_convert=convert.value, simd_block=block, simd_blocks=desc.group_size // block,
+        simd_inputs=staged_inputs, simd_output=simd_output,
+        simd_stage_int=simd_output and dequant, scalar_tail=desc.group_size % block != 0,
+        bf16_lanes=bf16_lanes, fast_needs_finite_scale=simd_output and convert is DType.BF16,
+        streaming_min_bytes=STREAMING_MIN_BYTES if streaming else 0,
+        streaming_align=store_bytes if streaming else 0)
+
+
 def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
     """Schedule ``desc`` for ``target`` (``c`` with an ISA, or ``cuda`` with ``sm_XX``)."""
     if target == "c":
@@ -159,24 +265,16 @@ def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
         storage = CUDA_STORAGE
     else:
         raise UnsupportedError(f"target {target!r} is not supported; expected 'c' or 'cuda'")
+    if not isinstance(desc, _PerGroupDescriptor):  # checkpoint layouts: GPTQ, AWQ, GGML
+        from .formats.schedule import lower_format
+        return lower_format(desc, target, arch, storage)
     compute = DType.F64 if desc.float_dtype is DType.F64 else DType.F32
     params = _params(desc, storage)
     out = params[len([p for p in params if p.role == "in"])]
     float_inputs = tuple(p.name for p in params
                          if p.role == "in" and p.dtype is desc.float_dtype and p.name != "scale")
-    # f16 (F16C) and bf16 (integer rounding in AVX2 registers) convert in explicit SIMD
-    # blocks; the compiler vectorizes neither conversion well on its own.
-    simd_dtype = desc.float_dtype if desc.float_dtype in (DType.F16, DType.BF16) else None
-    simd = target == "c" and arch in F16C_ISAS and simd_dtype is not None
-    # bf16 widening is a shift the compiler vectorizes, so only f16 inputs are staged.
-    staged_inputs = float_inputs if simd and simd_dtype is DType.F16 else ()
-    # The SIMD bf16 store assumes finite values, which only dequantize's fast path (finite
-    # scale, exact difference) guarantees; other ops store bf16 element by element.
-    simd_output = simd and out.dtype is simd_dtype and (
-        simd_dtype is DType.F16 or desc.op is Op.DEQUANTIZE)
-    simd = simd and bool(staged_inputs or simd_output)
-    simd_block = next((b for b in SIMD_BLOCKS if desc.group_size % b == 0), SIMD_BLOCKS[-1])
-    return KernelSpec(
+    simd = _cpu_simd(desc, target, arch, out, float_inputs)
+    spec = KernelSpec(
         op=desc.op, uri=desc.uri, entry=f"dqgen_{desc.uri}", target=target, arch=arch,
         group_size=desc.group_size, float_dtype=desc.float_dtype, int_dtype=desc.int_type,
         compute_type="double" if compute is DType.F64 else "float", compute_dtype=compute,
@@ -187,16 +285,11 @@ def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
         store_out=(_CONVERT.get(out.dtype, ("", ""))[1] if out.dtype.is_float
                    else f"({storage[out.dtype]})"),
         rint="rint" if compute is DType.F64 else "rintf",
-        simd_convert=simd_dtype.value if simd else "", simd_block=simd_block,
-        simd_blocks=desc.group_size // simd_block if simd else 0,
-        simd_inputs=staged_inputs, simd_output=simd_output,
-        simd_stage_int=simd and simd_output and desc.op is Op.DEQUANTIZE,
+        **simd,
         int_c_type=storage[desc.int_type] if desc.int_type else "",
-        scalar_tail=not simd or desc.group_size % simd_block != 0,
-        bf16_lanes=16 if simd_block % 16 == 0 else 8,
-        fast_needs_finite_scale=simd_output and simd_dtype is DType.BF16,
         fast_zero_point_limit=(FAST_ZERO_POINT_LIMIT if target == "c" and desc.op is Op.DEQUANTIZE
                                and compute is DType.F32 else 0),
         parallel_min_elements=PARALLEL_MIN_ELEMENTS,
         threads_per_block=256, vector_bytes=16,
     )
+    return _schedule_cuda(spec, desc) if target == "cuda" else spec
