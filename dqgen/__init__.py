@@ -7,8 +7,8 @@ plain functions.
 
 __version__ = "0.1.0"
 
-from .errors import (CacheError, CompileError, DqgenError, InvalidProblemError,  # noqa: E402
-                     MissingKernelError, UnsupportedError)
+from .errors import (CacheError, CompileError, CudaDriverError, DqgenError,  # noqa: E402
+                     InvalidProblemError, MissingKernelError, UnsupportedError)
 from .ir import (DequantizePerGroupBackwardDescriptor, DequantizePerGroupDescriptor,  # noqa: E402
                  DType, QuantizePerGroupBackwardDescriptor, QuantizePerGroupDescriptor)
 from .plans import (DequantizePerGroupArgs, DequantizePerGroupBackwardArgs,  # noqa: E402
@@ -16,6 +16,7 @@ from .plans import (DequantizePerGroupArgs, DequantizePerGroupBackwardArgs,  # n
                     PlanPreference, PrecisionGuarantee, QuantizePerGroupArgs,
                     QuantizePerGroupBackwardArgs, QuantizePerGroupBackwardPlan,
                     QuantizePerGroupPlan)
+from .bundle import BundleError, load_bundle  # noqa: E402
 from .api import (choose_qparams_per_group, dequantize_per_group,  # noqa: E402
                   dequantize_per_group_backward, quantize_per_group,
                   quantize_per_group_backward)
@@ -23,7 +24,7 @@ from .api import (choose_qparams_per_group, dequantize_per_group,  # noqa: E402
 __all__ = [
     "__version__", "DType",
     "DqgenError", "InvalidProblemError", "UnsupportedError", "CompileError", "CacheError",
-    "MissingKernelError",
+    "MissingKernelError", "CudaDriverError",
     "DequantizePerGroupDescriptor", "QuantizePerGroupDescriptor",
     "DequantizePerGroupBackwardDescriptor", "QuantizePerGroupBackwardDescriptor",
     "DequantizePerGroupArgs", "QuantizePerGroupArgs", "DequantizePerGroupBackwardArgs",
@@ -32,4 +33,5 @@ __all__ = [
     "QuantizePerGroupBackwardPlan", "PlanPreference", "PrecisionGuarantee", "KernelSku",
     "dequantize_per_group", "quantize_per_group", "dequantize_per_group_backward",
     "quantize_per_group_backward", "choose_qparams_per_group",
+    "load_bundle", "BundleError",
 ]

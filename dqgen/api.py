@@ -2,7 +2,9 @@
 
 They take numpy arrays or CPU torch tensors of rank >= 1 (leading dims are flattened,
 the quantization axis is the last), copy non-contiguous inputs to contiguous ones, and
-return the same kind of object they were given.
+return the same kind of object they were given. CUDA arrays (torch CUDA tensors, CuPy)
+run on the device they live on, on the caller's current stream, and come back as the same
+kind of CUDA array.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from . import plans
 from .arrays import from_numpy_like, to_numpy
 from .errors import InvalidProblemError
 from .ir import (DequantizePerGroupBackwardDescriptor, DequantizePerGroupDescriptor, DType,
-                 FLOAT_DTYPES, INT_DTYPES, QuantizePerGroupBackwardDescriptor,
+                 FLOAT_DTYPES, INT_DTYPES, STORAGE_DTYPES, QuantizePerGroupBackwardDescriptor,
                  QuantizePerGroupDescriptor, check_int, parse_dtype, resolve_q_range)
+from .runtime import cuda as cuda_runtime
 
 __all__ = ["dequantize_per_group", "quantize_per_group", "dequantize_per_group_backward",
            "quantize_per_group_backward", "choose_qparams_per_group"]
@@ -22,6 +25,8 @@ __all__ = ["dequantize_per_group", "quantize_per_group", "dequantize_per_group_b
 
 def _as_rows(obj, name: str) -> np.ndarray:
     """A C-contiguous ``[outer, axis]`` view (a copy only when ``obj`` is strided)."""
+    if cuda_runtime.is_cuda_array(obj):
+        return cuda_runtime.rows(obj, name)
     arr = to_numpy(obj, name)
     if arr.ndim == 0:
         raise InvalidProblemError(f"{name} must have at least one dimension")
@@ -32,6 +37,8 @@ def _as_rows(obj, name: str) -> np.ndarray:
 def _zero_point(obj, shape) -> np.ndarray:
     """zero_point as int32; other integer dtypes are accepted when every value fits."""
     zp = _as_rows(obj, "zero_point")
+    if not isinstance(zp, np.ndarray):
+        return cuda_runtime.int32_zero_point(zp)
     if zp.dtype != np.int32:
         if zp.dtype.kind not in "iu":
             raise InvalidProblemError(f"zero_point has dtype {zp.dtype}, expected an integer dtype")
@@ -51,7 +58,23 @@ def _problem(data: np.ndarray, group_size) -> tuple[int, int, int]:
     return data.shape[0], data.shape[1], group_size
 
 
-def _output(out, shape, dtype: np.dtype, like_shape) -> tuple[np.ndarray, object]:
+def _where(data, device) -> str:
+    """``device`` if given, else where ``data`` lives (``cpu`` or ``cuda:N``)."""
+    if device is not None:
+        return device
+    if cuda_runtime.is_cuda_array(data):
+        return f"cuda:{cuda_runtime.device_pointer(data).device}"
+    return "cpu"
+
+
+def _stream(plan, data):
+    """The caller's current stream for a CUDA plan (torch/CuPy), else None."""
+    return None if plan.device == "cpu" else cuda_runtime.current_stream(data)
+
+
+def _output(out, shape, dtype: np.dtype, like_shape, like=None) -> tuple[np.ndarray, object]:
+    if cuda_runtime.is_cuda_array(out if out is not None else like):
+        return cuda_runtime.output_like(out, shape, dtype, like_shape, like)
     if out is None:
         arr = np.empty(shape, dtype=dtype)
         return arr, arr
@@ -68,35 +91,54 @@ def _output(out, shape, dtype: np.dtype, like_shape) -> tuple[np.ndarray, object
 def _finish(result, user_out, like, shape):
     if user_out is not None:
         return user_out
+    if not isinstance(result, np.ndarray):  # a CUDA array, already of the caller's kind
+        return result.reshape(tuple(shape))
     return from_numpy_like(result.reshape(shape), like)
 
 
-def dequantize_per_group(q, scale, zero_point, group_size: int, out=None, device=None):
+def dequantize_per_group(q, scale, zero_point, group_size: int, out=None, device=None,
+                         int_dtype=None):
     """``y = scale * (q - zero_point)`` per group of ``group_size`` along the last axis.
 
-    The result has ``scale``'s dtype (f32, f64, f16 or bf16).
+    The result has ``scale``'s dtype (f32, f64, f16 or bf16). ``q`` is s8/u8, or packed
+    4-bit when ``int_dtype`` is ``"u4"``/``"s4"``: a uint8 array holding two values a
+    byte (element 2k in the low nibble of byte k), so its last axis is half the output's.
     """
     q2, s2 = _as_rows(q, "q"), _as_rows(scale, "scale")
-    outer, axis, group_size = _problem(q2, group_size)
+    outer, stored_axis, group_size = _problem(q2, group_size)
+    storage = parse_dtype(q2.dtype if int_dtype is None else int_dtype, "int_dtype",
+                          STORAGE_DTYPES)
+    if storage.is_packed and q2.dtype != np.uint8:
+        raise InvalidProblemError(f"packed {storage.value} q must be a uint8 array, got {q2.dtype}")
+    axis = 2 * stored_axis if storage.is_packed else stored_axis
     desc = DequantizePerGroupDescriptor(outer, axis, group_size, _float_dtype(s2, "scale"),
-                                        parse_dtype(q2.dtype, "q.dtype", INT_DTYPES))
-    plan = plans.DequantizePerGroupPlan.select(desc, device=device or "cpu")
-    y, user_out = _output(out, (outer, axis), desc.float_dtype.np_dtype, np.shape(q))
-    plan.run(plans.DequantizePerGroupArgs(q2, s2, _zero_point(zero_point, None), y))
-    return _finish(y, out, q, np.shape(q))
+                                        storage)
+    plan = plans.DequantizePerGroupPlan.select(desc, device=_where(q2, device))
+    shape = (*np.shape(q)[:-1], axis)
+    y, user_out = _output(out, (outer, axis), desc.float_dtype.np_dtype, shape, like=q2)
+    plan.run(plans.DequantizePerGroupArgs(q2, s2, _zero_point(zero_point, None), y),
+             stream=_stream(plan, q2))
+    return _finish(y, out, q, shape)
 
 
 def quantize_per_group(x, scale, zero_point, group_size: int, dtype="s8", q_min=None,
                        q_max=None, out=None, device=None):
-    """``q = clamp(rint(x / scale) + zero_point, q_min, q_max)`` stored as ``dtype``."""
+    """``q = clamp(rint(x / scale) + zero_point, q_min, q_max)`` stored as ``dtype``.
+
+    ``dtype`` is s8, u8, or packed ``u4``/``s4`` (a uint8 array of two values a byte,
+    its last axis half of ``x``'s).
+    """
     x2, s2 = _as_rows(x, "x"), _as_rows(scale, "scale")
     outer, axis, group_size = _problem(x2, group_size)
     float_dtype = _float_dtype(x2, "x")
     desc = QuantizePerGroupDescriptor(outer, axis, group_size, float_dtype, dtype, q_min, q_max)
-    plan = plans.QuantizePerGroupPlan.select(desc, device=device or "cpu")
-    q, _ = _output(out, (outer, axis), desc.int_dtype.np_dtype, np.shape(x))
-    plan.run(plans.QuantizePerGroupArgs(x2, s2, _zero_point(zero_point, None), q))
-    return _finish(q, out, x, np.shape(x))
+    plan = plans.QuantizePerGroupPlan.select(desc, device=_where(x2, device))
+    storage_shape = desc.int_dtype.storage_shape(outer, axis)
+    shape = (*np.shape(x)[:-1], storage_shape[1])
+    q, _ = _output(out, storage_shape, desc.int_dtype.np_dtype, shape, like=x2)
+    plan.run(plans.QuantizePerGroupArgs(x2, s2, _zero_point(zero_point, None), q),
+             stream=_stream(plan, x2))
+    return _finish(q, out, x, shape)
 
 
 def dequantize_per_group_backward(dy, scale, group_size: int, out=None, device=None):
@@ -104,9 +146,9 @@ def dequantize_per_group_backward(dy, scale, group_size: int, out=None, device=N
     dy2, s2 = _as_rows(dy, "dy"), _as_rows(scale, "scale")
     outer, axis, group_size = _problem(dy2, group_size)
     desc = DequantizePerGroupBackwardDescriptor(outer, axis, group_size, _float_dtype(dy2, "dy"))
-    plan = plans.DequantizePerGroupBackwardPlan.select(desc, device=device or "cpu")
-    dq, _ = _output(out, (outer, axis), desc.float_dtype.np_dtype, np.shape(dy))
-    plan.run(plans.DequantizePerGroupBackwardArgs(dy2, s2, dq))
+    plan = plans.DequantizePerGroupBackwardPlan.select(desc, device=_where(dy2, device))
+    dq, _ = _output(out, (outer, axis), desc.float_dtype.np_dtype, np.shape(dy), like=dy2)
+    plan.run(plans.DequantizePerGroupBackwardArgs(dy2, s2, dq), stream=_stream(plan, dy2))
     return _finish(dq, out, dy, np.shape(dy))
 
 
@@ -117,9 +159,10 @@ def quantize_per_group_backward(dy, x, scale, zero_point, group_size: int, q_min
     outer, axis, group_size = _problem(dy2, group_size)
     desc = QuantizePerGroupBackwardDescriptor(outer, axis, group_size, _float_dtype(dy2, "dy"),
                                               q_min, q_max)
-    plan = plans.QuantizePerGroupBackwardPlan.select(desc, device=device or "cpu")
-    dx, _ = _output(out, (outer, axis), desc.float_dtype.np_dtype, np.shape(dy))
-    plan.run(plans.QuantizePerGroupBackwardArgs(dy2, x2, s2, _zero_point(zero_point, None), dx))
+    plan = plans.QuantizePerGroupBackwardPlan.select(desc, device=_where(dy2, device))
+    dx, _ = _output(out, (outer, axis), desc.float_dtype.np_dtype, np.shape(dy), like=dy2)
+    plan.run(plans.QuantizePerGroupBackwardArgs(dy2, x2, s2, _zero_point(zero_point, None), dx),
+             stream=_stream(plan, dy2))
     return _finish(dx, out, dy, np.shape(dy))
 
 

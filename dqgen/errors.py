@@ -53,3 +53,7 @@ class CompileError(DqgenError, RuntimeError):
     def __str__(self) -> str:
         tail = self.log.strip().splitlines()[-20:]
         return self.args[0] + ("\n" + "\n".join(tail) if tail else "")
+
+
+class CudaDriverError(DqgenError, RuntimeError):
+    """A CUDA driver call failed (bad launch, out of memory, illegal address ...)."""

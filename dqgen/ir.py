@@ -28,6 +28,8 @@ class DType(enum.Enum):
 
     S8 = "s8"
     U8 = "u8"
+    S4 = "s4"  # packed: two values a byte, low nibble first (FORMATS.md)
+    U4 = "u4"
     I32 = "i32"
     F16 = "f16"
     BF16 = "bf16"
@@ -51,7 +53,22 @@ class DType(enum.Enum):
         return self in FLOAT_DTYPES
 
     @property
+    def bits(self) -> int:
+        """Bits of one value (4 for the packed types, whose storage unit is a byte)."""
+        return 4 if self in PACKED_DTYPES else 8 * self.itemsize
+
+    @property
+    def is_packed(self) -> bool:
+        return self in PACKED_DTYPES
+
+    def storage_shape(self, rows: int, cols: int) -> tuple[int, int]:
+        """Shape of the array holding an ``[rows, cols]`` problem in this type."""
+        return (rows, cols // 2) if self in PACKED_DTYPES else (rows, cols)
+
+    @property
     def int_range(self) -> tuple[int, int]:
+        if self in PACKED_DTYPES:
+            return (-8, 7) if self is DType.S4 else (0, 15)
         info = np.iinfo(self.np_dtype)
         return int(info.min), int(info.max)
 
@@ -60,8 +77,13 @@ _NP = {
     DType.S8: np.dtype(np.int8), DType.U8: np.dtype(np.uint8), DType.I32: np.dtype(np.int32),
     DType.F16: np.dtype(np.float16), DType.BF16: np.dtype(ml_dtypes.bfloat16),
     DType.F32: np.dtype(np.float32), DType.F64: np.dtype(np.float64),
+    # Packed 4-bit values live in bytes; listed last so uint8 arrays map to u8.
+    DType.S4: np.dtype(np.uint8), DType.U4: np.dtype(np.uint8),
 }
+PACKED_DTYPES = (DType.S4, DType.U4)
 INT_DTYPES = (DType.S8, DType.U8)
+# What a descriptor's int_dtype may be: the byte types and the packed 4-bit ones.
+STORAGE_DTYPES = INT_DTYPES + PACKED_DTYPES
 FLOAT_DTYPES = (DType.F32, DType.F64, DType.F16, DType.BF16)
 _ALIASES = {
     "int8": DType.S8, "uint8": DType.U8, "float16": DType.F16, "half": DType.F16,
@@ -70,10 +92,31 @@ _ALIASES = {
 }
 
 
+def _show(value: Any) -> str:
+    """``repr(value)`` for an error message: shortened, and never raising itself."""
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__name__} object>"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def dtype_from_any(value: Any) -> DType | None:
-    """Map a DType, short name, numpy dtype, ml_dtypes type or torch dtype to a DType."""
+    """Map a DType, short name, numpy dtype, ml_dtypes type or torch dtype to a DType.
+
+    Anything else, including objects whose conversion raises, gives None.
+    """
+    try:
+        return _dtype_from_any(value)
+    except Exception:
+        return None
+
+
+def _dtype_from_any(value: Any) -> DType | None:
     if isinstance(value, DType):
         return value
+    if value is None:  # np.dtype(None) is float64: a missing dtype must not become f64
+        return None
     if isinstance(value, str):
         text = value.strip().lower()
         for member in DType:
@@ -88,7 +131,7 @@ def dtype_from_any(value: Any) -> DType | None:
     except (TypeError, ValueError):
         return None
     for member, candidate in _NP.items():
-        if candidate == npd and member is not DType.I32:
+        if candidate == npd and member is not DType.I32 and member not in PACKED_DTYPES:
             return member
     return None
 
@@ -98,16 +141,22 @@ def parse_dtype(value: Any, field: str, allowed: tuple[DType, ...]) -> DType:
     member = dtype_from_any(value)
     if member is None or member not in allowed:
         names = ", ".join(d.value for d in allowed)
-        raise UnsupportedError(f"{field}={value!r} is not supported; expected one of: {names}")
+        raise UnsupportedError(
+            f"{field}={_show(value)} is not supported; expected one of: {names}")
     return member
 
 
 def check_int(value: Any, field: str, *, minimum: int = 0, maximum: int = INT64_MAX) -> int:
     """A plain integer in ``[minimum, maximum]`` (bools and floats are refused)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    kind = type(value)  # not isinstance: an object can claim any class via __class__
+    ok = kind is not bool and issubclass(kind, (int, np.integer))
+    try:
+        value = int(value) if ok else value
+    except Exception:
+        ok = False
+    if not ok or type(value) is not int:
         raise InvalidProblemError(
-            f"{field} must be an integer, got {type(value).__name__} {value!r}")
-    value = int(value)
+            f"{field} must be an integer, got {kind.__name__} {_show(value)}")
     if not minimum <= value <= maximum:
         raise InvalidProblemError(f"{field}={value} is out of range [{minimum}, {maximum}]")
     return value
@@ -132,14 +181,18 @@ class _PerGroupDescriptor:
     group_size: int
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            if f.name.endswith("dtype"):
-                allowed = INT_DTYPES if f.name == "int_dtype" else FLOAT_DTYPES
-                object.__setattr__(self, f.name, parse_dtype(getattr(self, f.name), f.name, allowed))
         self.verify()
 
     def verify(self) -> None:
-        """Raise ``InvalidProblemError`` naming the first field the spec forbids."""
+        """Raise ``InvalidProblemError`` naming the first field the spec forbids.
+
+        Every field is normalised again, so a descriptor whose fields were forced past
+        the frozen dataclass (``object.__setattr__``) is caught here too.
+        """
+        for f in dataclasses.fields(self):
+            if f.name.endswith("dtype"):
+                allowed = STORAGE_DTYPES if f.name == "int_dtype" else FLOAT_DTYPES
+                object.__setattr__(self, f.name, parse_dtype(getattr(self, f.name), f.name, allowed))
         outer = check_int(self.outer, "outer")
         axis = check_int(self.axis, "axis")
         group_size = check_int(self.group_size, "group_size", minimum=1, maximum=2**31 - 1)
@@ -151,6 +204,10 @@ class _PerGroupDescriptor:
                 f"axis={axis} is not a multiple of group_size={group_size}")
         if outer * axis > INT64_MAX:
             raise InvalidProblemError(f"outer*axis={outer * axis} does not fit in int64")
+        if self.int_type is not None and self.int_type.is_packed and axis % 2:
+            raise InvalidProblemError(
+                f"axis={axis} is odd; packed {self.int_type.value} stores two values a byte "
+                "along the axis, so it must be even")
 
     @property
     def num_groups(self) -> int:
@@ -259,3 +316,246 @@ class QuantizePerGroupBackwardDescriptor(_PerGroupDescriptor):
 
 DESCRIPTORS = (DequantizePerGroupDescriptor, QuantizePerGroupDescriptor,
                DequantizePerGroupBackwardDescriptor, QuantizePerGroupBackwardDescriptor)
+
+
+# --- Storage layouts beyond the seed (FORMATS.md) ---------------------------------------
+
+
+class Layout(enum.Enum):
+    """Where a kernel's integer values, scales and zero points live (FORMATS.md).
+
+    A layout is an unpack rule plus the places of the scales and zero points; the
+    group/scale/zero math is the same for all of them.
+    """
+
+    PLAIN = "plain"          # one s8/u8 value an element; scale/zero_point [outer, groups]
+    PACKED4 = "packed4"      # u4/s4: two values a byte along the axis, low nibble first
+    GPTQ = "gptq"            # int32 words packed along K; groups along K (the rows)
+    AWQ = "awq"              # int32 words packed along N in the interleaved nibble order
+    GGML_Q4_0 = "ggml_q4_0"  # 32-value blocks with their f16 scale (and min) inline
+    GGML_Q4_1 = "ggml_q4_1"
+    GGML_Q5_0 = "ggml_q5_0"
+    GGML_Q8_0 = "ggml_q8_0"
+
+
+#: Bytes of one 32-value GGML block, by layout.
+GGML_BLOCK_BYTES = {Layout.GGML_Q4_0: 18, Layout.GGML_Q4_1: 20, Layout.GGML_Q5_0: 22,
+                    Layout.GGML_Q8_0: 34}
+GGML_BLOCK_VALUES = 32
+GPTQ_BITS = (2, 4, 8)
+GPTQ_CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+# Float dtypes a GGML block dequantizes to (the blocks' own math is f32).
+GGML_FLOAT_DTYPES = (DType.F32, DType.F16, DType.BF16)
+
+
+def parse_ggml_type(value: Any) -> Layout:
+    """``"Q4_0"``, ``"q4_0"``, a ``Layout`` or a gguf ``GGMLQuantizationType`` -> Layout."""
+    if isinstance(value, Layout) and value in GGML_BLOCK_BYTES:
+        return value
+    name = getattr(value, "name", value)
+    if isinstance(name, str):
+        for layout in GGML_BLOCK_BYTES:
+            if layout.value == "ggml_" + name.strip().lower():
+                return layout
+    names = ", ".join(layout.value[5:].upper() for layout in GGML_BLOCK_BYTES)
+    raise UnsupportedError(f"qtype={value!r} is not supported; expected one of: {names}")
+
+
+@dataclass(frozen=True)
+class _FormatDescriptor:
+    """Shared by the checkpoint-format descriptors: dtype parsing, identities.
+
+    Fields named ``*dtype`` are parsed as float dtypes (the allowed set per class in
+    ``float_dtypes``); ``verify()`` raises on anything FORMATS.md forbids.
+    """
+
+    op: ClassVar[Op] = Op.DEQUANTIZE
+    layout: ClassVar[Layout]
+    float_dtypes: ClassVar[tuple[DType, ...]] = FLOAT_DTYPES
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if f.name.endswith("dtype"):
+                object.__setattr__(self, f.name, parse_dtype(getattr(self, f.name), f.name,
+                                                             self.float_dtypes))
+        self.verify()
+
+    def verify(self) -> None:
+        raise NotImplementedError
+
+    def _set_int(self, name: str, **bounds) -> int:
+        value = check_int(getattr(self, name), name, **bounds)
+        object.__setattr__(self, name, value)
+        return value
+
+    def to_json(self) -> dict:
+        out = {"op": self.op.name.lower(), "layout": self.layout.value}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.value if isinstance(value, enum.Enum) else value
+        return out
+
+    key = _PerGroupDescriptor.key
+
+    @property
+    def int_type(self) -> DType | None:
+        return None
+
+
+@dataclass(frozen=True)
+class _MatrixDescriptor(_FormatDescriptor):
+    """A ``[rows=K, cols=N]`` weight of int32-packed values, grouped along K."""
+
+    rows: int
+    cols: int
+    group_size: int
+
+    def _verify_matrix(self, pack_rows: int, pack_cols: int) -> None:
+        rows, cols = self._set_int("rows"), self._set_int("cols")
+        self._set_int("group_size", minimum=1, maximum=2**31 - 1)
+        if rows % pack_rows:
+            raise InvalidProblemError(
+                f"rows (K)={rows} is not a multiple of {pack_rows}, the values an int32 "
+                f"word packs along K")
+        if cols % pack_cols:
+            raise InvalidProblemError(
+                f"cols (N)={cols} is not a multiple of {pack_cols}, the values an int32 "
+                f"word packs along N")
+        if rows * cols > INT64_MAX:
+            raise InvalidProblemError(f"rows*cols={rows * cols} does not fit in int64")
+
+    @property
+    def num_groups(self) -> int:
+        return -(-self.rows // self.group_size)
+
+
+@dataclass(frozen=True)
+class GptqDequantizeDescriptor(_MatrixDescriptor):
+    """GPTQ ``W[k, n] = scales[g, n] * (q[k, n] - z[g, n])``, ``g = g_idx[k]`` (FORMATS.md).
+
+    ``checkpoint_format`` ``"gptq"`` (v1) stores ``z - 1``; ``"gptq_v2"`` stores ``z``.
+    With ``act_order`` the kernel reads ``g_idx``; otherwise ``g = k // group_size``.
+    """
+
+    layout: ClassVar[Layout] = Layout.GPTQ
+    bits: int = 4
+    float_dtype: DType = DType.F16
+    scale_dtype: DType = DType.F16
+    checkpoint_format: str = "gptq"
+    act_order: bool = False
+
+    def verify(self) -> None:
+        bits = self._set_int("bits", minimum=0)
+        if bits not in GPTQ_BITS:
+            raise UnsupportedError(f"bits={bits} is not supported for GPTQ; expected one of "
+                                   f"{', '.join(map(str, GPTQ_BITS))}")
+        if self.checkpoint_format not in GPTQ_CHECKPOINT_FORMATS:
+            raise UnsupportedError(f"checkpoint_format={self.checkpoint_format!r} is not "
+                                   f"supported; expected one of: {', '.join(GPTQ_CHECKPOINT_FORMATS)}")
+        if not isinstance(self.act_order, bool):
+            raise InvalidProblemError(f"act_order must be a bool, got {self.act_order!r}")
+        self._verify_matrix(32 // bits, 32 // bits)
+
+    @property
+    def zero_offset(self) -> int:
+        """What is added to a stored zero: 1 for the legacy v1 format, 0 for v2."""
+        return 1 if self.checkpoint_format == "gptq" else 0
+
+    @property
+    def uri(self) -> str:
+        version = "v1" if self.zero_offset else "v2"
+        groups = "gidx" if self.act_order else f"g{self.group_size}"
+        return (f"dequant_gptq{self.bits}_{version}_{self.scale_dtype.value}_"
+                f"{self.float_dtype.value}_{groups}")
+
+
+@dataclass(frozen=True)
+class AwqDequantizeDescriptor(_MatrixDescriptor):
+    """AWQ (GEMM) ``W[k, n] = (q[k, n] - z[k // G, n]) * scales[k // G, n]``, no "+1"."""
+
+    layout: ClassVar[Layout] = Layout.AWQ
+    float_dtype: DType = DType.F16
+    scale_dtype: DType = DType.F16
+
+    def verify(self) -> None:
+        self._verify_matrix(1, 8)
+        if self.rows % self.group_size:
+            raise InvalidProblemError(f"rows (K)={self.rows} is not a multiple of "
+                                      f"group_size={self.group_size}")
+
+    @property
+    def uri(self) -> str:
+        return (f"dequant_awq4_{self.scale_dtype.value}_{self.float_dtype.value}_"
+                f"g{self.group_size}")
+
+
+@dataclass(frozen=True)
+class GgmlDequantizeDescriptor(_FormatDescriptor):
+    """``blocks`` GGML blocks of one ``qtype`` (Q4_0, Q4_1, Q5_0, Q8_0) -> floats."""
+
+    blocks: int
+    qtype: Layout
+    float_dtype: DType = DType.F32
+    float_dtypes: ClassVar[tuple[DType, ...]] = GGML_FLOAT_DTYPES
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "qtype", parse_ggml_type(self.qtype))
+        super().__post_init__()
+
+    def verify(self) -> None:
+        blocks = self._set_int("blocks")
+        if blocks * GGML_BLOCK_VALUES > INT64_MAX:
+            raise InvalidProblemError(f"blocks={blocks} is too many for int64 indexing")
+
+    @property
+    def layout(self) -> Layout:  # type: ignore[override]
+        return self.qtype
+
+    @property
+    def group_size(self) -> int:
+        return GGML_BLOCK_VALUES
+
+    @property
+    def block_bytes(self) -> int:
+        return GGML_BLOCK_BYTES[self.qtype]
+
+    @property
+    def uri(self) -> str:
+        return f"dequant_{self.qtype.value}_{self.float_dtype.value}"
+
+
+@dataclass(frozen=True)
+class DequantizeFloatZeroDescriptor(_PerGroupDescriptor):
+    """Float zero point (torchao FLOAT domain, HQQ): ``x = (q - mid) * s + z``.
+
+    ``mid = (q_max + q_min + 1) // 2`` (range defaults to the storage type's);
+    ``zero_point`` has the float dtype; the multiply and the add each round (no FMA).
+    """
+
+    op: ClassVar[Op] = Op.DEQUANTIZE
+    zero_kind: ClassVar[str] = "float"
+    float_dtype: DType
+    int_dtype: DType
+    q_min: int | None = None
+    q_max: int | None = None
+
+    def verify(self) -> None:
+        super().verify()
+        lo, hi = self.int_dtype.int_range
+        q_range = resolve_q_range(self.q_min, self.q_max, lo, hi, self.int_dtype.value)
+        object.__setattr__(self, "q_min", q_range[0])
+        object.__setattr__(self, "q_max", q_range[1])
+
+    @property
+    def mid(self) -> int:
+        return (self.q_max + self.q_min + 1) // 2
+
+    @property
+    def uri(self) -> str:
+        mid = f"m{self.mid}" if self.mid >= 0 else f"mn{-self.mid}"
+        return (f"dequant_fz_{self.int_dtype.value}_{self.float_dtype.value}_"
+                f"g{self.group_size}_{mid}")
+
+
+FORMAT_DESCRIPTORS = (GptqDequantizeDescriptor, AwqDequantizeDescriptor,
+                      GgmlDequantizeDescriptor, DequantizeFloatZeroDescriptor)

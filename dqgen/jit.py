@@ -1,8 +1,10 @@
-"""From descriptor to a loaded kernel: lower, render, key, cache or build, load.
+"""From descriptor to a loaded kernel: lower, render, then a bundle, the cache or a build.
 
-This module only sequences the stages; each stage lives in its own module. Loaded
-kernels are memoised per (kernel identity, target, arch) in the process, so a repeated
-``select`` costs a dictionary lookup.
+This module only sequences the stages; each stage lives in its own module. Bundles
+(``dqgen.bundle``) are searched first, then the disk cache, and only then is the kernel
+compiled; ``DQGEN_DISABLE_JIT=1`` forbids that last step. Loaded kernels are memoised per
+(kernel identity, target, arch) in the process, so a repeated ``select`` costs a
+dictionary lookup.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__, cache
+import jinja2
+
+from . import __version__, bundle, cache
 from .build import cc
-from .errors import MissingKernelError, UnsupportedError
+from .errors import DqgenError, MissingKernelError, UnsupportedError
 from .lower import KernelSpec, lower
 from .render import Source, render, template_hash
 from .runtime.cpu import CpuKernel
@@ -26,9 +30,23 @@ _memo_lock = threading.Lock()
 _key_locks: dict[tuple, threading.Lock] = {}
 
 
+def _reset_locks_after_fork() -> None:
+    # A build in another thread holds its kernel's lock at fork time; in the child that
+    # lock would never be released and selecting the same kernel would wait forever.
+    global _memo_lock, _key_locks
+    _memo_lock = threading.Lock()
+    _key_locks = {}
+
+
+os.register_at_fork(after_in_child=_reset_locks_after_fork)
+
+
 @dataclass(frozen=True)
 class Kernel:
-    """A ready-to-call kernel and the identities that describe it."""
+    """A ready-to-call kernel and the identities that describe it.
+
+    ``origin`` says where the binary came from: ``bundle``, ``cache`` or ``built``.
+    """
 
     spec: KernelSpec
     source: Source
@@ -37,10 +55,38 @@ class Kernel:
     entry_dir: Path | None
     compiled: bool
     runner: object
+    origin: str = "cache"
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """A built binary in the disk cache (not loaded), as ``dqgen aot`` copies it."""
+
+    spec: KernelSpec
+    source: Source
+    key: str
+    entry_dir: Path
+    built: bool
+    files: dict[str, str]      # kind ("so", "ptx", "cubin") -> file name in entry_dir
+    toolchain: dict            # compiler identity and flags, for bundle manifests
 
 
 def jit_disabled() -> bool:
-    return os.environ.get("DQGEN_DISABLE_JIT", "").strip() not in ("", "0", "false", "no")
+    return os.environ.get("DQGEN_DISABLE_JIT", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def render_source(spec: KernelSpec) -> Source:
+    """``render(spec)``, with a target whose template is absent reported as unsupported
+    and a text holding NUL characters refused."""
+    try:
+        source = render(spec)
+    except jinja2.TemplateNotFound as exc:
+        raise UnsupportedError(f"target {spec.target!r} has no kernel template here "
+                               f"(templates/{exc.name} is missing)") from None
+    if "\0" in source.text:  # never compile (or key, or bundle) a damaged text
+        raise DqgenError(f"the rendered source of {spec.uri} contains NUL characters; "
+                         "something in this process overwrote interpreter memory")
+    return source
 
 
 def cpu_cache_key(source: Source, toolchain: cc.Toolchain, isa: str) -> str:
@@ -53,34 +99,176 @@ def cpu_cache_key(source: Source, toolchain: cc.Toolchain, isa: str) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
+def cuda_toolchain(arch: str) -> dict:
+    """NVRTC's identity and the code-generating flags for ``arch`` (no local paths)."""
+    from .build import nvrtc
+    return {"compiler": f"nvrtc {nvrtc.nvrtc_version()}", "headers": nvrtc.header_identity(),
+            "flags": list(nvrtc.default_options(arch))}
+
+
+def cuda_cache_key(source: Source, arch: str) -> str:
+    """The CUDA counterpart of ``cpu_cache_key``: source, NVRTC version, headers, flags."""
+    fields = {
+        "cache_format": cache.CACHE_FORMAT, "dqgen": __version__, "target": "cuda",
+        "arch": arch, "source_sha256": source.sha256, "templates": template_hash("cuda"),
+        **cuda_toolchain(arch),
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def aot_hint(spec: KernelSpec) -> str:
+    """The ``dqgen aot`` command that builds ``spec``'s kernel into a bundle, or "" for a
+    kernel that command cannot name."""
+    from .aot import OP_NAMES, make_descriptor
+    try:
+        int_dtype = spec.int_dtype.value if spec.int_dtype is not None else None
+        desc = make_descriptor(OP_NAMES[spec.op], int_dtype, spec.float_dtype.value,
+                               spec.group_size)
+    except (KeyError, AttributeError, DqgenError):
+        return ""
+    if desc.uri != spec.uri:
+        return ""
+    ints = f" --int {int_dtype}" if int_dtype is not None else ""
+    return (f"dqgen aot --op {OP_NAMES[spec.op]}{ints} --float {spec.float_dtype.value} "
+            f"--group-size {spec.group_size} --target {spec.target}:{spec.arch} -o BUNDLE")
+
+
+def missing_kernel(spec: KernelSpec, why: str = "") -> MissingKernelError:
+    """The error for a kernel that no bundle or cache entry holds while JIT is disabled."""
+    bundles = [str(b.path) for b in bundle.active_bundles()]
+    searched = (f"bundles searched: {', '.join(bundles)}" if bundles else
+                "no bundle is loaded (set DQGEN_BUNDLE or call dqgen.load_bundle)")
+    hint = aot_hint(spec)
+    return MissingKernelError(
+        f"kernel {spec.uri} ({spec.target}:{spec.arch}) is not in any bundle or the cache, "
+        f"and JIT is disabled (DQGEN_DISABLE_JIT); {searched}{why}"
+        + (f". Build it ahead of time with: {hint}" if hint else ""))
+
+
 def _persisted_toolchain() -> cc.Toolchain:
     return cc.toolchain(memo=lambda fingerprint, compute: cache.memo_json("cc", fingerprint, compute))
 
 
-def _build_cpu(spec: KernelSpec) -> Kernel:
-    source = render(spec)
+def _ensure(target_dir: str, key: str, spec: KernelSpec, produce,
+            required: tuple[str, ...]) -> tuple[Path, dict, bool]:
+    """``cache.ensure``, except that with JIT disabled only a valid entry is accepted."""
+    if jit_disabled():
+        entry = cache.entry_dir(target_dir, key)
+        meta = cache.verify_entry(entry, required)
+        if meta is None:
+            raise missing_kernel(spec)
+        return entry, meta, False
+    return cache.ensure(target_dir, key, produce, required)
+
+
+def ensure_cpu_binary(spec: KernelSpec, source: Source | None = None) -> CacheEntry:
+    """The C kernel's shared object in the cache, compiled only when it is not there."""
+    source = source or render_source(spec)
     try:
         toolchain = _persisted_toolchain()
-    except UnsupportedError:
+    except UnsupportedError as exc:
         if jit_disabled():
-            raise MissingKernelError(f"kernel {spec.uri} ({spec.arch}) is not in any bundle and "
-                                     "JIT is disabled (DQGEN_DISABLE_JIT)") from None
+            raise missing_kernel(spec, f" (and no C compiler: {exc})") from None
         raise
     key = cpu_cache_key(source, toolchain, spec.arch)
 
     def produce(tmp: Path) -> dict:
-        if jit_disabled():
-            raise MissingKernelError(f"kernel {spec.uri} ({spec.arch}) is not in any bundle or "
-                                     "the cache, and JIT is disabled (DQGEN_DISABLE_JIT)")
         src = tmp / "kernel.c"
         src.write_text(source.text)
         command = cc.compile_shared(toolchain, src, tmp / "kernel.so", spec.arch)
         return {"uri": spec.uri, "entry": spec.entry, "target": "c", "isa": spec.arch,
                 "compiler": toolchain.identity, "command": command}
 
-    entry, _, built = cache.ensure(f"c-{spec.arch}", key, produce)
-    return Kernel(spec, source, key, template_hash("c"), entry, built,
-                  CpuKernel(spec, entry / "kernel.so"))
+    entry, _, built = _ensure(f"c-{spec.arch}", key, spec, produce, ("kernel.so",))
+    return CacheEntry(spec, source, key, entry, built, {"so": "kernel.so"},
+                      {"compiler": toolchain.identity.rsplit("|", 1)[-1],
+                       "identity": toolchain.identity, "flags": list(toolchain.flags(spec.arch))})
+
+
+def ensure_cuda_binary(spec: KernelSpec, source: Source | None = None) -> CacheEntry:
+    """The CUDA kernel's PTX (and cubin for ``sm_XX``) in the cache, built by NVRTC only
+    when it is not there. Needs NVRTC, not a GPU."""
+    from .build import nvrtc
+    source = source or render_source(spec)
+    try:
+        key = cuda_cache_key(source, spec.arch)
+    except UnsupportedError as exc:
+        if jit_disabled():
+            raise missing_kernel(spec, f" (and no NVRTC: {exc})") from None
+        raise
+
+    def produce(tmp: Path) -> dict:
+        art = nvrtc.compile_cuda(source.text, name=spec.uri, arch=spec.arch)
+        (tmp / "kernel.cu").write_text(source.text)
+        (tmp / "kernel.ptx").write_bytes(art.ptx)
+        if art.cubin:
+            (tmp / "kernel.cubin").write_bytes(art.cubin)
+        return {"uri": spec.uri, "entry": spec.entry, "target": "cuda", "arch": spec.arch,
+                **cuda_toolchain(spec.arch)}
+
+    entry, meta, built = _ensure(f"cuda-{spec.arch}", key, spec, produce, ("kernel.ptx",))
+    files = {kind: f"kernel.{kind}" for kind in ("ptx", "cubin")
+             if f"kernel.{kind}" in meta.get("files", {})}
+    return CacheEntry(spec, source, key, entry, built, files, cuda_toolchain(spec.arch))
+
+
+def _build_cpu(spec: KernelSpec) -> Kernel:
+    hit = ensure_cpu_binary(spec)
+    return Kernel(spec, hit.source, hit.key, template_hash("c"), hit.entry_dir, hit.built,
+                  CpuKernel(spec, hit.entry_dir / "kernel.so"),
+                  origin="built" if hit.built else "cache")
+
+
+def _cuda_jit():
+    """``dqgen.cuda_jit``, imported late; its absence means no CUDA runtime in this build."""
+    try:
+        from . import cuda_jit
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}.cuda_jit":
+            raise
+        raise UnsupportedError("target 'cuda' has no runtime in this build "
+                               "(dqgen.cuda_jit is not available)") from None
+    return cuda_jit
+
+
+def _build_cuda(spec: KernelSpec) -> Kernel:
+    cuda_jit = _cuda_jit()
+    return cuda_jit.build_cuda_kernel(spec, render_source(spec))
+
+
+def _from_bundles(desc, spec: KernelSpec) -> Kernel | None:
+    """The kernel from the first bundle that holds it (a compatible ISA for C), or None.
+
+    A bundled source must equal what this dqgen renders, else the entry is stale and
+    skipped with a warning; a binary that fails its hash raises ``BundleError``.
+    """
+    bundles = bundle.active_bundles()
+    if not bundles:
+        return None
+    for arch in bundle.compatible_archs(spec.target, spec.arch):
+        for b in bundles:
+            record = b.get(spec.uri, spec.target, arch)
+            if record is None:
+                continue
+            cand = spec if arch == spec.arch else lower(desc, spec.target, arch)
+            source = render_source(cand)
+            if record.source["sha256"] != source.sha256:
+                bundle.warn_stale(b, record)
+                continue
+            if spec.target == "c":
+                if "so" not in record.binaries:
+                    continue
+                path, _ = b.read_verified(record.binaries["so"])
+                return Kernel(cand, source, record.cache_key, record.template_hash,
+                              path.parent, False, CpuKernel(cand, path), origin="bundle")
+            loader = getattr(_cuda_jit(), "kernel_from_image", None)
+            kind = "cubin" if "cubin" in record.binaries else "ptx"
+            if loader is None or kind not in record.binaries:
+                continue
+            path, image = b.read_verified(record.binaries[kind])
+            return loader(cand, source, image=image, key=record.cache_key,
+                          entry_dir=path.parent)
+    return None
 
 
 def get_kernel(desc, target: str, arch: str) -> Kernel:
@@ -95,8 +283,19 @@ def get_kernel(desc, target: str, arch: str) -> Kernel:
         kernel = _memo.get(ident)
         if kernel is None:
             spec = lower(desc, target, arch)
-            if target != "c":
-                raise UnsupportedError(f"target {target!r} has no runtime here")
-            kernel = _build_cpu(spec)
+            kernel = _from_bundles(desc, spec)
+            if kernel is None:
+                if target == "c":
+                    kernel = _build_cpu(spec)
+                elif target == "cuda":
+                    kernel = _build_cuda(spec)
+                else:
+                    raise UnsupportedError(f"target {target!r} has no runtime here")
             _memo[ident] = kernel
     return kernel
+
+
+def load_bundle(path) -> "bundle.Bundle":
+    """Search the bundle at ``path`` (written by ``dqgen aot``) before the cache for every
+    kernel selected from now on; binaries are checked against their recorded sha256."""
+    return bundle.load_bundle(path)

@@ -47,6 +47,11 @@ STREAMING_MIN_BYTES = 16 << 20
 # |zero_point| up to this keeps q - zero_point exact in f32 for any 8-bit q (< 2^24), so
 # the C kernels take a vectorizable float subtraction for such groups.
 FAST_ZERO_POINT_LIMIT = (1 << 24) - 256
+# A float zero point (DequantizeFloatZeroDescriptor): multiply, round, add, round.
+FLOAT_ZERO_FORMULA = "y = F((C(q - mid) * C(scale)) + C(zero_point))"
+# Packed quantize with an odd group size: neighbouring groups share a byte, so the
+# kernel stays on one thread (no two threads ever write the same byte).
+SERIAL = 1 << 62
 # Helpers (load, store) each target's prelude defines for the 16-bit float types.
 _CONVERT = {DType.F16: ("load_f16", "store_f16"), DType.BF16: ("load_bf16", "store_bf16")}
 # CUDA: each thread moves one vector of VEC elements a step, VEC chosen so the narrowest
@@ -56,9 +61,6 @@ _CONVERT = {DType.F16: ("load_f16", "store_f16"), DType.BF16: ("load_bf16", "sto
 CUDA_THREADS_PER_BLOCK = 256
 CUDA_VECTOR_BYTES = 16
 CUDA_GRID_WAVES = 4
-# The unsigned type a 128-bit vector is moved in, by access width in bytes.
-CUDA_CHUNK_TYPES = {16: "uint4", 8: "uint2", 4: "unsigned int", 2: "unsigned short",
-                    1: "unsigned char"}
 
 
 @dataclass(frozen=True)
@@ -73,15 +75,15 @@ class Param:
 
 @dataclass(frozen=True)
 class VectorStream:
-    """How one per-element array moves through a CUDA vector: ``chunks`` accesses of
-    ``chunk_type`` (``chunk_bytes`` wide, needing that alignment) per vector."""
+    """One per-element array of a CUDA kernel: a vector of it is ``vector_bytes`` long and
+    moves in accesses of ``align_bytes`` (at most 128 bits), which its address must be a
+    multiple of for the wide path."""
 
     name: str
     role: str
     storage: str
-    chunk_type: str
-    chunk_bytes: int
-    chunks: int
+    vector_bytes: int
+    align_bytes: int
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,7 @@ def _pointer(name: str, dtype: DType, role: str, storage: dict) -> Param:
 def _params(desc: _PerGroupDescriptor, storage: dict) -> tuple[Param, ...]:
     """The op's parameter list: inputs, output, then the runtime sizes and range."""
     f, q = desc.float_dtype, desc.int_type
-    zp = ("zero_point", DType.I32)
+    zp = ("zero_point", f if getattr(desc, "zero_kind", "int") == "float" else DType.I32)
     pointers = {
         Op.DEQUANTIZE: [("q", q), ("scale", f), zp],
         Op.QUANTIZE: [("x", f), ("scale", f), zp],
@@ -199,18 +201,13 @@ def _schedule_cuda(spec: KernelSpec, desc: _PerGroupDescriptor) -> KernelSpec:
     vec = CUDA_VECTOR_BYTES // min(p.dtype.itemsize for p in streams)
     while desc.group_size % vec:  # never split a group across a vector; 1 = scalar
         vec //= 2
-    vector_streams = []
-    for p in streams:
-        nbytes = vec * p.dtype.itemsize
-        chunk = min(nbytes, CUDA_VECTOR_BYTES)
-        vector_streams.append(VectorStream(p.name, p.role, CUDA_STORAGE[p.dtype],
-                                           CUDA_CHUNK_TYPES[chunk], chunk, nbytes // chunk))
+    vector_streams = tuple(
+        VectorStream(p.name, p.role, CUDA_STORAGE[p.dtype], vec * p.dtype.itemsize,
+                     min(vec * p.dtype.itemsize, CUDA_VECTOR_BYTES)) for p in streams)
     return dataclasses.replace(
         spec, threads_per_block=CUDA_THREADS_PER_BLOCK, vector_bytes=CUDA_VECTOR_BYTES,
-        vector_elems=vec, vector_streams=tuple(vector_streams),
-        vector_align_check=any(v.chunk_bytes > p.dtype.itemsize
-                               for v, p in zip(vector_streams, streams)),
-        grid_waves=CUDA_GRID_WAVES)
+        vector_elems=vec, vector_streams=vector_streams,
+        vector_align_check=vec > 1, grid_waves=CUDA_GRID_WAVES)
 
 
 def _cpu_simd(desc: _PerGroupDescriptor, target: str, arch: str, out: Param,
@@ -268,17 +265,29 @@ def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
     if not isinstance(desc, _PerGroupDescriptor):  # checkpoint layouts: GPTQ, AWQ, GGML
         from .formats.schedule import lower_format
         return lower_format(desc, target, arch, storage)
+    packed = desc.int_type is not None and desc.int_type.is_packed
+    float_zero = getattr(desc, "zero_kind", "int") == "float"
+    if packed and target == "cuda":
+        raise UnsupportedError(f"packed {desc.int_type.value} storage has no CUDA schedule yet; "
+                               "use the C target (device='cpu')")
     compute = DType.F64 if desc.float_dtype is DType.F64 else DType.F32
     params = _params(desc, storage)
     out = params[len([p for p in params if p.role == "in"])]
     float_inputs = tuple(p.name for p in params
-                         if p.role == "in" and p.dtype is desc.float_dtype and p.name != "scale")
+                         if p.role == "in" and p.dtype is desc.float_dtype
+                         and p.name not in ("scale", "zero_point"))
     simd = _cpu_simd(desc, target, arch, out, float_inputs)
+    if packed:  # q is read a nibble at a time, never widened in SIMD blocks
+        simd["simd_stage_int"] = False
+    if float_zero and simd["simd_convert"] == "bf16":
+        # the SIMD bf16 store needs finite values, and z may be Inf or NaN
+        simd = _cpu_simd(desc, "", arch, out, float_inputs)
     spec = KernelSpec(
         op=desc.op, uri=desc.uri, entry=f"dqgen_{desc.uri}", target=target, arch=arch,
         group_size=desc.group_size, float_dtype=desc.float_dtype, int_dtype=desc.int_type,
         compute_type="double" if compute is DType.F64 else "float", compute_dtype=compute,
-        params=params, formula=FORMULAS[desc.op], descriptor=describe(desc),
+        params=params, formula=FLOAT_ZERO_FORMULA if float_zero else FORMULAS[desc.op],
+        descriptor=describe(desc),
         out_name=out.name, out_c_type=storage[out.dtype],
         has_zero_point=any(p.name == "zero_point" for p in params),
         load_float=_CONVERT.get(desc.float_dtype, ("", ""))[0],
@@ -289,7 +298,10 @@ def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
         int_c_type=storage[desc.int_type] if desc.int_type else "",
         fast_zero_point_limit=(FAST_ZERO_POINT_LIMIT if target == "c" and desc.op is Op.DEQUANTIZE
                                and compute is DType.F32 else 0),
-        parallel_min_elements=PARALLEL_MIN_ELEMENTS,
+        parallel_min_elements=(SERIAL if packed and desc.op is Op.QUANTIZE and desc.group_size % 2
+                               else PARALLEL_MIN_ELEMENTS),
         threads_per_block=256, vector_bytes=16,
+        layout=Layout.PACKED4 if packed else Layout.PLAIN, bits=4 if packed else 8,
+        zero_kind="float" if float_zero else "int", mid=desc.mid if float_zero else 0,
     )
     return _schedule_cuda(spec, desc) if target == "cuda" else spec

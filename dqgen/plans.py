@@ -20,6 +20,7 @@ from .ir import (DequantizePerGroupBackwardDescriptor, DequantizePerGroupDescrip
 from .isa import check_isa, host_isa, supported_isas
 from .jit import Kernel, get_kernel
 from .runtime import cpu as cpu_runtime
+from .runtime import cuda as cuda_runtime
 from .runtime.cpu import num_threads
 
 
@@ -93,11 +94,16 @@ class QuantizePerGroupBackwardArgs:
 
 
 def _parse_device(device: str) -> str:
+    """``cpu`` or ``cuda:N`` (``cuda`` means ``cuda:0``; a torch.device works too)."""
     text = str(device).strip().lower()
     if text == "cpu":
         return "cpu"
     if text == "cuda" or text.startswith("cuda:"):
-        raise UnsupportedError(f"device={device!r}: the CUDA runtime is not available in this build")
+        index = text[5:] if text.startswith("cuda:") else "0"
+        if not index.isdigit():
+            raise UnsupportedError(f"device={device!r}: expected 'cuda' or 'cuda:N' with N a "
+                                   "device number")
+        return f"cuda:{int(index)}"
     raise UnsupportedError(f"device={device!r} is not supported; expected 'cpu' or 'cuda[:N]'")
 
 
@@ -117,6 +123,7 @@ class _PerGroupPlan:
         self.preference = preference
         self._kernel = kernel
         self._threads = num_threads(preference.num_threads)
+        self._ordinal = int(device[5:]) if device.startswith("cuda:") else None
         spec = kernel.spec
         rows, cols = desc.outer, desc.axis
         group_shape = (rows, desc.num_groups)
@@ -124,7 +131,8 @@ class _PerGroupPlan:
         arg_names = [f.name for f in fields(self.args_type)]
         self._layout = tuple(
             (arg_names[i], p.dtype.np_dtype,
-             group_shape if p.name in ("scale", "zero_point") else (rows, cols), p.role == "out")
+             group_shape if p.name in ("scale", "zero_point") else p.dtype.storage_shape(rows, cols),
+             p.role == "out")
             for i, p in enumerate(spec.params) if p.role != "scalar")
         self._out_index = next(i for i, item in enumerate(self._layout) if item[3])
         self._scalars = (rows, cols) + tuple(
@@ -144,10 +152,14 @@ class _PerGroupPlan:
         desc.verify()
         preference = preference or PlanPreference()
         target_device = _parse_device(device)
-        isa = check_isa(preference.isa) if preference.isa else host_isa()
-        if isa not in supported_isas():
-            raise UnsupportedError(f"ISA {isa} cannot run on this CPU")
-        kernel = get_kernel(desc, "c", isa)
+        if target_device.startswith("cuda:"):
+            # The cubin for the device's own arch; preference.isa/num_threads are CPU knobs.
+            kernel = get_kernel(desc, "cuda", cuda_runtime.device_arch(int(target_device[5:])))
+        else:
+            isa = check_isa(preference.isa) if preference.isa else host_isa()
+            if isa not in supported_isas():
+                raise UnsupportedError(f"ISA {isa} cannot run on this CPU")
+            kernel = get_kernel(desc, "c", isa)
         plan = cls(desc, target_device, preference, kernel)
         _plan_memo[memo_key] = plan
         return plan
@@ -163,8 +175,42 @@ class _PerGroupPlan:
             arrays.append(arr)
         return arrays
 
+    def _cuda_views(self, args) -> list:
+        """The device views of ``args`` for a CUDA plan, each checked (``can_implement``)."""
+        if not isinstance(args, self.args_type):
+            raise UnsupportedError(f"{type(self).__name__} needs {self.args_type.__name__}, "
+                                   f"got {type(args).__name__}")
+        views = []
+        for name, dtype, shape, is_out in self._layout:
+            view = cuda_runtime.device_view(getattr(args, name), name, self._ordinal)
+            cuda_runtime.check_device_array(view, name, dtype, shape, self._ordinal,
+                                            writable=is_out)
+            views.append(view)
+        out = self._out_index
+        cuda_runtime.check_device_no_overlap(
+            views[out], self._layout[out][0],
+            {self._layout[i][0]: v for i, v in enumerate(views) if i != out})
+        return views
+
+    def _run_cuda(self, args, stream) -> None:
+        """Check ``args`` and launch on ``stream`` (None: the legacy default stream);
+        asynchronous, like any CUDA launch."""
+        ptrs = None
+        if type(args) is self.args_type:  # torch tensors that fit: a few attribute reads
+            ptrs = cuda_runtime.torch_pointers([getattr(args, item[0]) for item in self._layout],
+                                               self._layout, self._ordinal)
+        if ptrs is None:
+            ptrs = [v.ptr for v in self._cuda_views(args)]
+        cuda_runtime.stream_handle(stream)  # reject a bad stream even for an empty problem
+        self._kernel.runner.launch(ptrs + list(self._scalars),
+                                   self.descriptor.outer * self.descriptor.axis,
+                                   self._ordinal, stream)
+
     def can_implement(self, args) -> None:
         """Raise naming the first argument that does not fit the descriptor."""
+        if self._ordinal is not None:
+            self._cuda_views(args)
+            return
         arrays = self._arrays(args)
         out_index = self._out_index
         check_no_overlap(arrays[out_index], self._layout[out_index][0],
@@ -197,8 +243,13 @@ class _PerGroupPlan:
 
         The checks are the same as ``can_implement``'s, written for the common case (numpy
         arrays that fit) so a reused plan costs a few microseconds; anything unusual takes
-        the full path, which raises naming the problem.
+        the full path, which raises naming the problem. A CUDA plan takes CUDA arrays
+        (torch, CuPy, ``__cuda_array_interface__``, DLPack) and launches asynchronously on
+        ``stream``: None is the legacy default stream; a ``torch.cuda.Stream``, a CuPy
+        stream or a raw ``CUstream`` handle (int) name another.
         """
+        if self._ordinal is not None:
+            return self._run_cuda(args, stream)
         if stream is not None:
             raise UnsupportedError("stream= applies to CUDA plans; this plan runs on the CPU")
         if type(args) is not self.args_type:

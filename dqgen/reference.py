@@ -35,7 +35,7 @@ def dequantize_per_group(q, scale, zero_point, group_size: int) -> np.ndarray:
     diff = q.astype(np.int64) - _per_element(zero_point.astype(np.int64), group_size)
     with np.errstate(all="ignore"):
         y = diff.astype(c) * _per_element(scale.astype(c), group_size)
-    return y.astype(f)
+        return y.astype(f)
 
 
 def dequantize_per_group_backward(dy, scale, group_size: int) -> np.ndarray:
@@ -76,4 +76,4 @@ def quantize_per_group_backward(dy, x, scale, zero_point, group_size: int,
         shifted = r.astype(np.float64) + zp
         inside = (shifted >= q_min) & (shifted <= q_max) & (s != 0)
         dx = np.where(inside, dy.astype(c) / np.where(s == 0, c.type(1), s), c.type(0))
-    return dx.astype(f)
+        return dx.astype(f)

@@ -21,6 +21,8 @@ if not TEMPLATE_DIR.is_dir():  # installed as a wheel: templates ship inside the
     TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 
 _TEMPLATE_FOR_TARGET = {"c": ("c/kernel.c.j2", "c"), "cuda": ("cuda/kernel.cu.j2", "cuda")}
+# Layouts with a loop structure of their own name their template stem (spec.template).
+_LAYOUT_TEMPLATE = {"c": "c/{}.c.j2", "cuda": "cuda/{}.cu.j2"}
 
 
 @dataclass(frozen=True)
@@ -59,5 +61,7 @@ def template_hash(target: str) -> str:
 def render(spec: KernelSpec) -> Source:
     """Render ``spec`` with its target's template."""
     name, language = _TEMPLATE_FOR_TARGET[spec.target]
+    if spec.template:
+        name = _LAYOUT_TEMPLATE[spec.target].format(spec.template)
     text = environment().get_template(name).render(spec=spec, version=__version__)
     return Source(text=text, language=language, entry=spec.entry, spec=spec)

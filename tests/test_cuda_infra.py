@@ -165,9 +165,24 @@ def test_nvrtc_rejects_unknown_arch():
             nvrtc.compile_cuda(KERNEL, name="infra", arch=arch)
 
 
+def test_nvrtc_outputs_never_write_into_shared_bytes_objects():
+    """An empty log is 1 byte (its NUL). Fetching it into ``b" " * 1`` (which is the
+    interpreter's shared b" ") once turned every later b" " into b"\\0", and with it
+    every " " literal Jinja parsed afterwards."""
+    nvrtc = _nvrtc()
+    src = 'extern "C" __global__ void quiet(float* y) { y[0] = 1.0f; }'
+    for _ in range(2):
+        art = nvrtc.compile_cuda(src, name="quiet", arch="sm_90")
+    assert art.log == "" and art.ptx and art.cubin
+    assert bytes([32]) == b" " and " ".encode("ascii") == b" "
+    assert " ".encode("ascii", "backslashreplace").decode("unicode-escape") == " "
+
+
 def test_nvrtc_default_options_are_stable():
     from dqgen.build import nvrtc
-    assert nvrtc.default_options("sm_90") == ("--std=c++17", "--fmad=false", "-arch=sm_90")
+    assert nvrtc.default_options("sm_90") == ("--std=c++17", "--fmad=false", "--ftz=false",
+                                              "--prec-div=true", "--prec-sqrt=true",
+                                              "-arch=sm_90")
     assert nvrtc.default_options("sm_90") == nvrtc.default_options("sm_90")
 
 

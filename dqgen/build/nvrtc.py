@@ -124,10 +124,13 @@ def _check_arch(arch: str) -> int:
 def default_options(arch: str) -> tuple[str, ...]:
     """The code-generating flags, fixed and ordered so they can go into cache keys.
 
-    ``--fmad=false`` forbids FMA contraction (SPEC §3: multiply once, round once).
-    Include flags are separate (``header_options``) since they hold a local path.
+    ``--fmad=false`` forbids FMA contraction (SPEC §3: multiply once, round once); IEEE
+    division and square root and kept subnormals are NVRTC's defaults, spelled out so the
+    bit-exactness promise does not rest on them. Include flags are separate
+    (``header_options``) since they hold a local path.
     """
-    return ("--std=c++17", "--fmad=false", f"-arch={arch}")
+    return ("--std=c++17", "--fmad=false", "--ftz=false", "--prec-div=true",
+            "--prec-sqrt=true", f"-arch={arch}")
 
 
 def _headers_root() -> Path:
@@ -206,17 +209,17 @@ def _log(prog) -> str:
     """The NVRTC program log as text (empty when NVRTC had nothing to say)."""
     nvrtc = _nvrtc()
     size = _call(nvrtc.nvrtcGetProgramLogSize, prog, what="nvrtcGetProgramLogSize")
-    buf = b" " * size
+    buf = bytearray(size)  # NVRTC writes into it: never an (immutable, shared) bytes object
     _call(nvrtc.nvrtcGetProgramLog, prog, buf, what="nvrtcGetProgramLog")
-    return buf.rstrip(b"\0").decode(errors="replace").strip()
+    return bytes(buf).rstrip(b"\0").decode(errors="replace").strip()
 
 
 def _output(prog, size_fn, get_fn) -> bytes:
     """Fetch one NVRTC output blob (PTX or cubin) with its size call."""
     size = _call(size_fn, prog, what=size_fn.__name__)
-    buf = b" " * size
+    buf = bytearray(size)  # see _log: b" " * 1 is the interpreter's shared b" "
     _call(get_fn, prog, buf, what=get_fn.__name__)
-    return buf
+    return bytes(buf)
 
 
 def compile_cuda(source: str, *, name: str, arch: str,

@@ -23,9 +23,12 @@ forked_child = False
 
 
 def _after_fork_in_child() -> None:
-    # libgomp's thread pool does not survive fork; a child runs kernels on one thread.
-    global forked_child
+    # libgomp's thread pool does not survive fork: entering a parallel region in the
+    # child waits forever for threads that do not exist, so a child runs kernels on
+    # one thread. A lock another thread held at fork time would never be released.
+    global forked_child, _load_lock
     forked_child = True
+    _load_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

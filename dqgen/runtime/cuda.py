@@ -4,6 +4,11 @@ Uses ``cuda.bindings.driver`` (pip ``cuda-bindings``), imported lazily so this m
 imports on machines with no CUDA at all. The probe functions never raise: a machine
 without a driver simply has 0 devices, and ``cuda_unavailable_reason()`` says why.
 Every binding call returns a tuple whose first item is a ``CUresult``; ``_call`` checks it.
+
+Sections: the driver probe; ``CudaModule`` (load, occupancy, launch); device views of
+caller arrays (torch, ``__cuda_array_interface__``, DLPack) and the checks CUDA plans run
+on them; ``CudaKernel``, a generated kernel loaded per device with its launch shape; and
+the array interop the plain functions use to keep CUDA arrays on their device.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import threading
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
-from ..errors import DqgenError, UnsupportedError
+from ..errors import CudaDriverError, InvalidProblemError, UnsupportedError
 
 INSTALL_HINT = "install dqgen[cuda] (pip install 'cuda-bindings>=13')"
 
@@ -29,10 +34,6 @@ ARG_KINDS: dict[str, Any] = {
 }
 
 _DLPACK_CUDA = (2, 13)  # kDLCUDA, kDLCUDAManaged
-
-
-class CudaDriverError(DqgenError, RuntimeError):
-    """A CUDA driver call failed (bad launch, out of memory, illegal address ...)."""
 
 
 def _driver():
@@ -126,6 +127,15 @@ def device_arch(ordinal: int = 0) -> str:
     return f"sm_{major}{minor}"
 
 
+@functools.cache
+def multiprocessor_count(ordinal: int = 0) -> int:
+    """Number of SMs of a device (sizes the grid of a grid-stride kernel)."""
+    drv = _driver()
+    return int(_call(drv.cuDeviceGetAttribute,
+                     drv.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+                     _device(ordinal)))
+
+
 _ctx_lock = threading.Lock()
 _primary: dict[int, Any] = {}
 
@@ -190,6 +200,14 @@ class CudaModule:
                                               self._module, name.encode())
         return self._functions[name]
 
+    def occupancy(self, func, block: int, shared_mem: int = 0) -> int:
+        """Blocks of ``block`` threads of ``func`` that fit on one SM at once."""
+        if isinstance(func, str):
+            func = self.get_function(func)
+        with _current(self._ctx):
+            return int(_call(_driver().cuOccupancyMaxActiveBlocksPerMultiprocessor,
+                             func, block, shared_mem))
+
     def launch(self, func, grid: int, block: int, args, stream: Any = 0,
                shared_mem: int = 0) -> None:
         """Launch ``func`` (a CUfunction or kernel name) on a 1-D grid, asynchronously.
@@ -231,6 +249,7 @@ class DevicePointer(NamedTuple):
     dtype: Any
     shape: tuple[int, ...]
     strides: tuple[int, ...]
+    readonly: bool = False
 
 
 def _extent(shape, strides, itemsize: int) -> int:
@@ -271,7 +290,7 @@ def _from_cai(obj, cai: dict) -> DevicePointer:
     strides = tuple(cai.get("strides") or _c_strides(shape, dtype.itemsize))
     ptr = int(cai["data"][0] or 0)
     return DevicePointer(ptr, _device_of(obj, ptr), _extent(shape, strides, dtype.itemsize),
-                         dtype, shape, strides)
+                         dtype, shape, strides, bool(cai["data"][1]))
 
 
 class _DLDevice(ctypes.Structure):
@@ -317,12 +336,66 @@ def _from_dlpack(obj) -> DevicePointer:
                          dtype, shape, strides)
 
 
+_TORCH_DTYPES = {
+    "torch.int8": "i1", "torch.uint8": "u1", "torch.int16": "i2", "torch.int32": "i4",
+    "torch.int64": "i8", "torch.float16": "f2", "torch.float32": "f4", "torch.float64": "f8",
+    "torch.bfloat16": "bfloat16",
+}
+
+
+def is_torch_cuda(obj) -> bool:
+    """A torch tensor that lives on a CUDA device (checked without importing torch)."""
+    return type(obj).__module__.startswith("torch") and getattr(obj, "is_cuda", False) is True
+
+
+def _from_torch(t) -> DevicePointer | None:
+    """A torch CUDA tensor's view from its own accessors: faster than the CAI property,
+    and it covers bfloat16, which torch's CAI refuses. None for other dtypes."""
+    import numpy as np
+    code = _TORCH_DTYPES.get(str(t.dtype))
+    if code is None:
+        return None
+    if code == "bfloat16":
+        import ml_dtypes
+        dtype = np.dtype(ml_dtypes.bfloat16)
+    else:
+        dtype = np.dtype(code)
+    shape = tuple(t.shape)
+    strides = tuple(st * dtype.itemsize for st in t.stride())
+    return DevicePointer(int(t.data_ptr()), int(t.device.index), _extent(shape, strides, dtype.itemsize),
+                         dtype, shape, strides)
+
+
+class DeviceArray:
+    """A CUDA array known only by its ``DevicePointer`` (one that is neither torch nor
+    CuPy), with the ``shape``/``dtype`` the plain functions read; it keeps its owner alive."""
+
+    def __init__(self, view: DevicePointer, owner) -> None:
+        self.view, self.owner = view, owner
+
+    shape = property(lambda self: self.view.shape)
+    dtype = property(lambda self: self.view.dtype)
+    ndim = property(lambda self: len(self.view.shape))
+
+    @property
+    def __cuda_array_interface__(self) -> dict:
+        v = self.view
+        return {"data": (v.ptr, v.readonly), "shape": v.shape, "typestr": v.dtype.str,
+                "strides": v.strides, "version": 3}
+
+
 def device_pointer(obj) -> DevicePointer:
     """The raw device view of a CUDA array (torch, CuPy, anything with CAI or DLPack).
 
-    ``__cuda_array_interface__`` first; DLPack when it is missing or refuses the dtype
-    (torch raises for bfloat16 there). Non-CUDA objects raise ``UnsupportedError``.
+    torch CUDA tensors through their accessors; else ``__cuda_array_interface__``; DLPack
+    when that is missing or refuses the dtype. Non-CUDA objects raise ``UnsupportedError``.
     """
+    if isinstance(obj, DeviceArray):
+        return obj.view
+    if is_torch_cuda(obj):
+        view = _from_torch(obj)
+        if view is not None:
+            return view
     try:
         cai = obj.__cuda_array_interface__
     except (AttributeError, TypeError, ValueError):
@@ -355,3 +428,290 @@ def stream_handle(stream: Any) -> int:
         return int(proto()[1])
     raise UnsupportedError(f"stream={stream!r}: expected None, an int handle, a "
                            "torch.cuda.Stream or a CuPy stream")
+
+
+# ---- argument checks for CUDA plans ------------------------------------------------
+
+def is_cuda_array(obj) -> bool:
+    """True for an object whose memory is on a CUDA device (torch, CuPy, CAI, DLPack)."""
+    if is_torch_cuda(obj) or isinstance(obj, DeviceArray):
+        return True
+    if type(obj).__module__.startswith("torch"):
+        return False  # a CPU tensor: its __dlpack_device__ says CPU, but skip the call
+    if hasattr(obj, "__cuda_array_interface__"):
+        return True
+    dl_device = getattr(obj, "__dlpack_device__", None)
+    if dl_device is None or type(obj).__module__ == "numpy":
+        return False
+    try:
+        return int(dl_device()[0]) in _DLPACK_CUDA
+    except Exception:  # noqa: BLE001 - a broken protocol means "not a CUDA array"
+        return False
+
+
+def device_view(obj, name: str, ordinal: int) -> DevicePointer:
+    """``device_pointer(obj)``, with a host array named as the argument that is wrong."""
+    try:
+        return device_pointer(obj)
+    except UnsupportedError:
+        raise UnsupportedError(
+            f"{name} is a {type(obj).__module__}.{type(obj).__name__} in host memory; this "
+            f"plan runs on cuda:{ordinal} and needs a CUDA array (torch CUDA tensor, CuPy "
+            "array, or anything with __cuda_array_interface__ or DLPack)") from None
+
+
+def check_device_array(view: DevicePointer, name: str, dtype, shape: tuple[int, ...],
+                       ordinal: int, *, writable: bool = False) -> None:
+    """Device, dtype, shape (or flat length), C-contiguity, element alignment and, for an
+    output, writability of one CUDA argument; raises ``InvalidProblemError`` naming it."""
+    if view.device != ordinal:
+        raise InvalidProblemError(f"{name} lives on cuda:{view.device}; this plan runs on "
+                                  f"cuda:{ordinal}")
+    if view.dtype != dtype:
+        raise InvalidProblemError(f"{name} has dtype {view.dtype}, expected {dtype}")
+    if view.shape != tuple(shape):
+        need = 1
+        for n in shape:
+            need *= n
+        if len(view.shape) == 1:
+            raise InvalidProblemError(f"{name} is a buffer of {view.shape[0]} elements, "
+                                      f"expected {need} (shape {tuple(shape)})")
+        raise InvalidProblemError(f"{name} has shape {view.shape}, expected {tuple(shape)}")
+    itemsize = view.dtype.itemsize
+    c_strides = _c_strides(view.shape, itemsize)
+    if any(n > 1 and st != c for n, st, c in zip(view.shape, view.strides, c_strides)):
+        raise InvalidProblemError(f"{name} is not C-contiguous (byte strides {view.strides}); "
+                                  "pass a contiguous copy (.contiguous()) or use the plain "
+                                  "functions, which copy")
+    if view.nbytes and view.ptr % itemsize:
+        raise InvalidProblemError(f"{name} (address 0x{view.ptr:x}) is not aligned to its "
+                                  f"{itemsize}-byte elements")
+    if writable and view.readonly:
+        raise InvalidProblemError(f"{name} is read-only; the output must be writable")
+
+
+@functools.cache
+def _torch_dtypes_for(dtypes: tuple) -> tuple:
+    """The torch dtype objects matching numpy dtypes (None where torch has none)."""
+    import torch
+    names = {"int8": torch.int8, "uint8": torch.uint8, "int32": torch.int32,
+             "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+             "float64": torch.float64}
+    return tuple(names.get(d.name) for d in dtypes)
+
+
+def torch_pointers(objs, layout, ordinal: int) -> list[int] | None:
+    """Device addresses of ``objs`` when every one is a torch CUDA tensor that plainly
+    fits ``layout`` (``(name, dtype, shape, is_output)`` each, one output) on device
+    ``ordinal`` and the output overlaps no input; None otherwise, and the caller then
+    runs the full checks (``check_device_array``), which name what is wrong. The cheap
+    path of a reused plan: a few attribute reads per tensor."""
+    if not all(type(t).__module__.startswith("torch") for t in objs):
+        return None
+    try:
+        torch_dtypes = _torch_dtypes_for(tuple(item[1] for item in layout))
+        ptrs, spans, out_span = [], [], None
+        for t, (_, dtype, shape, is_out), tdt in zip(objs, layout, torch_dtypes):
+            if not (t.is_cuda and t.dtype is tdt and t.shape == shape and t.is_contiguous()
+                    and t.get_device() == ordinal):
+                return None
+            ptr = t.data_ptr()
+            span = (ptr, ptr + t.numel() * dtype.itemsize)
+            ptrs.append(ptr)
+            if is_out:
+                out_span = span
+            else:
+                spans.append(span)
+    except (AttributeError, TypeError, ImportError):
+        return None
+    lo, hi = out_span
+    if lo != hi and any(a < hi and lo < b for a, b in spans if a != b):
+        return None
+    return ptrs
+
+
+def check_device_no_overlap(out: DevicePointer, out_name: str,
+                            inputs: dict[str, DevicePointer]) -> None:
+    """The output's bytes must not share memory with any input (kernels are not in-place)."""
+    lo, hi = out.ptr, out.ptr + out.nbytes
+    for name, view in inputs.items():
+        if out.nbytes and view.nbytes and view.ptr < hi and lo < view.ptr + view.nbytes:
+            raise InvalidProblemError(f"{out_name} overlaps {name} in device memory; the "
+                                      "output must not alias an input")
+
+
+# ---- a generated kernel, loaded per device -------------------------------------------
+
+_PARAM_KINDS = {"int64_t": "i64", "int32_t": "i32"}
+
+
+def launch_grid(spec, n: int, resident_blocks: int) -> int:
+    """Blocks for ``n`` elements: one thread a vector, at most ``spec.grid_waves`` waves
+    of the device's ``resident_blocks`` (SMs x blocks an SM holds at the kernel's
+    occupancy; the kernel strides over the rest), at least 1."""
+    vectors = -(-n // spec.vector_elems)
+    needed = -(-vectors // spec.threads_per_block)
+    cap = max(1, resident_blocks * spec.grid_waves)
+    return max(1, min(needed, cap, 2**31 - 1))
+
+
+class CudaKernel:
+    """A generated CUDA kernel: its image (cubin, or PTX the driver JIT-compiles), loaded
+    lazily on each device it is launched on, with the launch shape its spec decides.
+
+    ``asm`` holds the texts behind it (``cu``, ``ptx``, ``cubin`` where present) for audit.
+    """
+
+    def __init__(self, spec, image: bytes, *, asm: dict | None = None) -> None:
+        if not image:
+            raise UnsupportedError(f"kernel {spec.uri}: empty CUDA image")
+        self.spec = spec
+        self.image = image
+        self.asm = dict(asm or {})
+        self.kinds = tuple("ptr" if p.role != "scalar" else _PARAM_KINDS[p.c_type]
+                           for p in spec.params)
+        self._per_device: dict[int, tuple[CudaModule, Any, int]] = {}
+        self._lock = threading.Lock()
+
+    def _loaded(self, device: int) -> tuple[CudaModule, Any, int]:
+        """(module, function, grid cap) on ``device``, loading the image the first time."""
+        hit = self._per_device.get(device)
+        if hit is None:
+            with self._lock:
+                hit = self._per_device.get(device)
+                if hit is None:
+                    module = CudaModule(self.image, device=device)
+                    func = module.get_function(self.spec.entry)
+                    per_sm = module.occupancy(func, self.spec.threads_per_block)
+                    hit = (module, func, multiprocessor_count(device) * max(per_sm, 1))
+                    self._per_device[device] = hit
+        return hit
+
+    def grid(self, n: int, device: int = 0) -> int:
+        """The number of blocks a launch over ``n`` elements uses on ``device``."""
+        _, _, resident = self._loaded(device)
+        return launch_grid(self.spec, n, resident)
+
+    def launch(self, args, n: int, device: int = 0, stream: Any = None) -> None:
+        """Launch over ``n`` elements with ``args`` (the spec's parameters in order:
+        pointers as ints, then the scalars) on ``stream``; asynchronous. ``n == 0`` is a
+        no-op."""
+        if n <= 0:
+            return
+        module, func, resident = self._loaded(device)
+        grid = launch_grid(self.spec, n, resident)
+        module.launch(func, grid, self.spec.threads_per_block, list(zip(self.kinds, args)),
+                      stream=stream)
+
+
+# ---- array interop for the plain functions ---------------------------------------------
+
+def _is_cupy(obj) -> bool:
+    return type(obj).__module__.startswith("cupy")
+
+
+def rows(obj, name: str):
+    """A C-contiguous ``[outer, axis]`` view of a CUDA array: torch and CuPy arrays are
+    copied on the device when strided; other CUDA arrays must be contiguous already (their
+    view is reshaped, never copied)."""
+    if is_torch_cuda(obj):
+        arr = obj.detach().contiguous()
+    elif _is_cupy(obj):
+        import cupy
+        arr = cupy.ascontiguousarray(obj)
+    else:
+        view = device_pointer(obj)
+        if not view.shape:
+            raise InvalidProblemError(f"{name} must have at least one dimension")
+        if len(view.shape) != 2:
+            c_strides = _c_strides(view.shape, view.dtype.itemsize)
+            if any(n > 1 and st != c for n, st, c in zip(view.shape, view.strides, c_strides)):
+                raise InvalidProblemError(f"{name} is not C-contiguous (byte strides "
+                                          f"{view.strides}); pass a contiguous array")
+            outer = 1
+            for n in view.shape[:-1]:
+                outer *= n
+            shape = (outer, view.shape[-1])
+            view = view._replace(shape=shape, strides=_c_strides(shape, view.dtype.itemsize))
+        return DeviceArray(view, obj)
+    if arr.ndim == 0:
+        raise InvalidProblemError(f"{name} must have at least one dimension")
+    if arr.ndim == 2:
+        return arr
+    outer = 1
+    for n in arr.shape[:-1]:  # not -1: that is ambiguous for an empty last axis
+        outer *= n
+    return arr.reshape(outer, arr.shape[-1])
+
+
+def int32_zero_point(zp):
+    """``zp`` as int32 on its device; other integer dtypes are accepted when every value
+    fits (checked on the device: one synchronisation, only for a non-int32 input)."""
+    lo, hi = -2**31, 2**31 - 1
+    if is_torch_cuda(zp):
+        import torch
+        if zp.dtype == torch.int32:
+            return zp
+        if zp.dtype.is_floating_point or zp.dtype.is_complex or zp.dtype == torch.bool:
+            raise InvalidProblemError(f"zero_point has dtype {zp.dtype}, expected an integer dtype")
+        if zp.numel() and (int(zp.min()) < lo or int(zp.max()) > hi):
+            raise InvalidProblemError("zero_point has values outside int32")
+        return zp.to(torch.int32)
+    if _is_cupy(zp) and str(zp.dtype) != "int32":
+        if zp.dtype.kind not in "iu":
+            raise InvalidProblemError(f"zero_point has dtype {zp.dtype}, expected an integer dtype")
+        if zp.size and (int(zp.min()) < lo or int(zp.max()) > hi):
+            raise InvalidProblemError("zero_point has values outside int32")
+        return zp.astype("int32")
+    return zp
+
+
+def _torch_dtype(dtype):
+    import torch
+    name = dtype.name
+    return {"int8": torch.int8, "uint8": torch.uint8, "int32": torch.int32,
+            "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+            "float64": torch.float64}[name]
+
+
+def output_like(out, shape: tuple[int, int], dtype, like_shape, like):
+    """``(rows view, object to return)`` of the output of a CUDA call: ``out`` checked and
+    viewed as ``shape``, or a new array of ``like``'s kind on ``like``'s device."""
+    if out is None:
+        if is_torch_cuda(like):
+            import torch
+            arr = torch.empty(shape, dtype=_torch_dtype(dtype), device=like.device)
+        elif _is_cupy(like):
+            import cupy
+            with cupy.cuda.Device(device_pointer(like).device):
+                arr = cupy.empty(shape, dtype=dtype)
+        else:
+            raise UnsupportedError(f"cannot allocate an output like {type(like).__name__}; "
+                                   "pass out= (a CUDA array of the result's shape)")
+        return arr, None
+    view = device_pointer(out)
+    need = shape[0] * shape[1]
+    count = 1
+    for n in view.shape:
+        count *= n
+    if view.dtype != dtype:
+        raise InvalidProblemError(f"out has dtype {view.dtype}, expected {dtype}")
+    if count != need or tuple(view.shape[-1:]) != tuple(like_shape[-1:]):
+        raise InvalidProblemError(f"out has shape {view.shape}, expected {tuple(like_shape)}")
+    if is_torch_cuda(out) or _is_cupy(out):
+        if not (out.is_contiguous() if is_torch_cuda(out) else out.flags.c_contiguous):
+            raise InvalidProblemError("out must be C-contiguous")
+        return out.reshape(shape), out
+    return out, out
+
+
+def current_stream(obj):
+    """The stream a torch or CuPy caller is working on (torch's/CuPy's current stream for
+    the array's device); None (the legacy default stream) for other arrays."""
+    if is_torch_cuda(obj):
+        import torch
+        return torch.cuda.current_stream(obj.device).cuda_stream
+    if _is_cupy(obj):
+        import cupy
+        return cupy.cuda.get_current_stream().ptr
+    return None

@@ -63,11 +63,13 @@ def _ctype(type_text: str):
     return _SCALARS[key]
 
 
-def driver_source(kernels: Mapping[str, Sequence[str]]) -> str:
+def driver_source(kernels: Mapping[str, Sequence[str]], namespace: str | None = None) -> str:
     """The C++ entry points that run each kernel over its whole grid, one thread at a time.
 
-    The loop counters have odd names so they cannot shadow a kernel parameter.
+    The loop counters have odd names so they cannot shadow a kernel parameter. With
+    ``namespace``, the kernels are called as ``namespace::name`` (see ``compile_units``).
     """
+    prefix = f"{namespace}::" if namespace else ""
     out = []
     for name, decls in kernels.items():
         names = [_split_decl(d)[1] for d in decls]
@@ -80,7 +82,7 @@ def driver_source(kernels: Mapping[str, Sequence[str]]) -> str:
             f"    blockIdx = uint3{{emu_b_, 0, 0}};\n"
             f"    for (unsigned int emu_t_ = 0; emu_t_ < block; ++emu_t_) {{\n"
             f"      threadIdx = uint3{{emu_t_, 0, 0}};\n"
-            f"      {name}({', '.join(names)});\n"
+            f"      {prefix}{name}({', '.join(names)});\n"
             f"    }}\n"
             f"  }}\n"
             f"}}\n")
@@ -117,6 +119,37 @@ def compile_emulated(cu_source: str, kernels: Mapping[str, Sequence[str]], workd
     (work / "kernel.cu").write_text(cu_source)
     (work / "emu_driver.cpp").write_text(
         '#include "kernel.cu"\n\n' + driver_source(kernels))
+    lib = work / f"libemu{'_' + sanitize if sanitize else ''}.so"
+    cmd = ["g++", *BASE_FLAGS, *SANITIZE_FLAGS.get(sanitize or "", ()), *extra_flags,
+           "-include", str(HEADER), "-I", str(INCLUDE_DIR), "-o", str(lib),
+           str(work / "emu_driver.cpp")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"emulation build failed:\n{' '.join(cmd)}\n{proc.stderr}")
+    return lib
+
+
+def compile_units(units: Mapping[str, tuple[str, Mapping[str, Sequence[str]]]], workdir,
+                  *, sanitize: str | None = None, extra_flags: Sequence[str] = ()) -> Path:
+    """Compile several kernel texts into one library, each inside its own C++ namespace
+    (``units`` maps a namespace name to ``(cu_source, kernels)``), so helpers and constants
+    that each text defines under the same names do not collide. Kernel names must differ
+    across units; each gets its ``emu_<name>`` entry as with ``compile_emulated``.
+
+    The CUDA headers are included once, at file scope, before any unit: a unit's own
+    ``#include`` lines then expand to nothing inside its namespace.
+    """
+    if sanitize and sanitize not in SANITIZE_FLAGS:
+        raise ValueError(f"sanitize={sanitize!r}: expected one of {sorted(SANITIZE_FLAGS)}")
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    parts = ["#include <stdint.h>", "#include <cuda_fp16.h>", "#include <cuda_bf16.h>", ""]
+    drivers = []
+    for ns, (cu_source, kernels) in units.items():
+        (work / f"{ns}.cu").write_text(cu_source)
+        parts += [f"namespace {ns} {{", f'#include "{ns}.cu"', f"}}  // namespace {ns}", ""]
+        drivers.append(driver_source(kernels, namespace=ns))
+    (work / "emu_driver.cpp").write_text("\n".join(parts) + "\n" + "\n".join(drivers))
     lib = work / f"libemu{'_' + sanitize if sanitize else ''}.so"
     cmd = ["g++", *BASE_FLAGS, *SANITIZE_FLAGS.get(sanitize or "", ()), *extra_flags,
            "-include", str(HEADER), "-I", str(INCLUDE_DIR), "-o", str(lib),

@@ -1,0 +1,38 @@
+"""AWQ GEMM checkpoints (AutoAWQ): int32 words packed along N in the interleaved order.
+
+``W[k, n] = (q[k, n] - z[k // G, n]) * scales[k // G, n]`` (FORMATS.md); nibble ``i`` of
+a word holds column ``[0, 2, 4, 6, 1, 3, 5, 7][i]`` of its eight.
+"""
+
+from __future__ import annotations
+
+from ..errors import InvalidProblemError
+from ..ir import FLOAT_DTYPES, AwqDequantizeDescriptor, parse_dtype
+from . import _inputs
+from .gptq import infer_group_size
+from .plan import FormatPlan
+
+#: Nibble i of a word holds column ORDER[i]; column c sits in nibble INVERSE[c].
+ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+INVERSE = (0, 4, 1, 5, 2, 6, 3, 7)
+
+
+def dequantize(qweight, qzeros, scales, dtype="f16", group_size=None, device: str = "cpu"):
+    """Unpack and scale an AWQ layer to a ``[K, N]`` float weight (``dtype``, f16 default).
+
+    ``qweight`` int32 ``[K, N / 8]``, ``qzeros`` int32 ``[K / G, N / 8]``, ``scales``
+    ``[K / G, N]``; ``group_size`` is inferred from the shapes when not given.
+    """
+    out_dtype = parse_dtype(dtype, "dtype", FLOAT_DTYPES)
+    qw = _inputs.words(qweight, "qweight")
+    qz = _inputs.words(qzeros, "qzeros")
+    sc, scale_dtype = _inputs.float_array(scales, "scales")
+    rows, cols = qw.shape[0], qw.shape[1] * 8
+    size = infer_group_size(rows, sc.shape[0], group_size, act_order=False)
+    if rows % size:
+        raise InvalidProblemError(f"K={rows} is not a multiple of group_size={size}")
+    desc = AwqDequantizeDescriptor(rows, cols, size, out_dtype, scale_dtype)
+    y, result = _inputs.output((rows, cols), out_dtype, qweight)
+    FormatPlan.select(desc, device=device).run(
+        {"qweight": qw, "qzeros": qz, "scales": sc, "y": y})
+    return result()

@@ -1,0 +1,64 @@
+"""GPTQ checkpoints (AutoGPTQ / GPTQModel / transformers): int32-packed weights -> [K, N].
+
+``W[k, n] = scales[g, n] * (q[k, n] - z[g, n])`` with ``g = g_idx[k]`` (FORMATS.md). The
+legacy ``"gptq"`` (v1) format stores ``z - 1``; ``"gptq_v2"`` stores ``z``.
+"""
+
+from __future__ import annotations
+
+from ..errors import InvalidProblemError
+from ..ir import FLOAT_DTYPES, GPTQ_BITS, GptqDequantizeDescriptor, check_int, parse_dtype
+from . import _inputs
+from .plan import FormatPlan
+
+
+def infer_group_size(rows: int, groups: int, group_size, act_order: bool) -> int:
+    """The group size of a ``rows``-row weight whose scales have ``groups`` rows."""
+    if groups < 1:
+        raise InvalidProblemError("scales has no rows; expected one row per group")
+    if group_size is not None:
+        group_size = check_int(group_size, "group_size", minimum=1)
+        if -(-rows // group_size) != groups:
+            raise InvalidProblemError(
+                f"group_size={group_size} gives {-(-rows // group_size)} groups for {rows} "
+                f"rows, but scales has {groups} rows")
+        return group_size
+    if act_order:  # the kernel reads g_idx; any size giving `groups` groups will do
+        size = -(-rows // groups)
+        if -(-rows // size) == groups:
+            return size
+    elif rows % groups == 0:
+        return rows // groups
+    raise InvalidProblemError(f"cannot infer group_size from {rows} rows and {groups} groups; "
+                              "pass group_size=")
+
+
+def dequantize(qweight, qzeros, scales, g_idx=None, bits: int = 4,
+               checkpoint_format: str = "gptq", dtype="f16", group_size=None,
+               device: str = "cpu"):
+    """Unpack and scale a GPTQ layer to a ``[K, N]`` float weight (``dtype``, f16 default).
+
+    ``qweight`` int32 ``[K * bits / 32, N]``, ``qzeros`` int32 ``[groups, N * bits / 32]``,
+    ``scales`` ``[groups, N]`` (any float dtype), ``g_idx`` optional int ``[K]`` (act-order
+    permutations allowed). ``group_size`` is inferred from the shapes when not given.
+    """
+    bits = check_int(bits, "bits", minimum=0)
+    if bits not in GPTQ_BITS:
+        raise InvalidProblemError(f"bits={bits} is not supported for GPTQ; expected one of "
+                                  f"{', '.join(map(str, GPTQ_BITS))}")
+    out_dtype = parse_dtype(dtype, "dtype", FLOAT_DTYPES)
+    qw = _inputs.words(qweight, "qweight")
+    qz = _inputs.words(qzeros, "qzeros")
+    sc, scale_dtype = _inputs.float_array(scales, "scales")
+    rows, cols = qw.shape[0] * (32 // bits), qw.shape[1]
+    groups = sc.shape[0]
+    act_order = g_idx is not None
+    size = infer_group_size(rows, groups, group_size, act_order)
+    desc = GptqDequantizeDescriptor(rows, cols, size, bits, out_dtype, scale_dtype,
+                                    checkpoint_format, act_order)
+    arrays = {"qweight": qw, "qzeros": qz, "scales": sc}
+    if act_order:
+        arrays["g_idx"] = _inputs.group_index(g_idx, rows, groups)
+    arrays["y"], result = _inputs.output((rows, cols), out_dtype, qweight)
+    FormatPlan.select(desc, device=device).run(arrays)
+    return result()

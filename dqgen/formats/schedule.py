@@ -1,0 +1,103 @@
+"""Lowering of the checkpoint layouts (GPTQ, AWQ, GGML) to a ``KernelSpec``.
+
+These kernels have a loop structure of their own (rows of an int32-packed matrix, or
+byte blocks) rendered by their own template, but they share the family's element math
+(``templates/base.j2``), so they are specs of the same type. The family's SIMD knobs
+do not apply to these templates and are set neutral.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..ir import (AwqDequantizeDescriptor, DType, GgmlDequantizeDescriptor,
+                  GptqDequantizeDescriptor, Layout, Op)
+from ..lower import _CONVERT, F16C_ISAS, PARALLEL_MIN_ELEMENTS, KernelSpec, Param, _pointer
+
+FORMULAS = {
+    Layout.GPTQ: "W[k, n] = F(C(q[k, n] - z[g, n]) * C(scales[g, n])), g = g_idx[k] (default k / G)",
+    Layout.AWQ: "W[k, n] = F(C(q[k, n] - z[k / G, n]) * C(scales[k / G, n]))",
+    Layout.GGML_Q4_0: "y = F(C(nibble - 8) * C(d))",
+    Layout.GGML_Q4_1: "y = F((C(nibble) * C(d)) + C(m)), the product and the sum each rounded",
+    Layout.GGML_Q5_0: "y = F(C((nibble | high_bit << 4) - 16) * C(d))",
+    Layout.GGML_Q8_0: "y = F(C(q) * C(d))",
+}
+TEMPLATES = {Layout.GPTQ: "matrix", Layout.AWQ: "matrix"}  # GGML layouts: "ggml"
+CUDA_THREADS_PER_BLOCK = 256
+# C: columns of a GPTQ/AWQ row handled as one tile (scales, zeros, values and results
+# staged through float arrays of this length, so every loop vectorizes; fits in L1).
+MATRIX_TILE = 64
+
+
+def _neutral(field: dataclasses.Field):
+    """A do-nothing value for a family schedule knob these templates never read."""
+    kind = str(field.type)
+    if kind.startswith("bool"):
+        return False
+    if kind.startswith("int"):
+        return 0
+    if kind.startswith("tuple"):
+        return ()
+    return ""
+
+
+def _describe(desc) -> str:
+    fields = ", ".join(f"{k}={v}" for k, v in desc.to_json().items() if k not in ("op", "layout"))
+    return f"{type(desc).__name__}({fields})"
+
+
+def _matrix_params(desc, storage: dict) -> tuple[Param, ...]:
+    params = [_pointer("qweight", DType.I32, "in", storage),
+              _pointer("qzeros", DType.I32, "in", storage),
+              _pointer("scales", desc.scale_dtype, "in", storage)]
+    if getattr(desc, "act_order", False):
+        params.append(_pointer("g_idx", DType.I32, "in", storage))
+    params.append(_pointer("y", desc.float_dtype, "out", storage))
+    params += [Param("rows", None, "scalar", "int64_t"), Param("cols", None, "scalar", "int64_t")]
+    return tuple(params)
+
+
+def lower_format(desc, target: str, arch: str, storage: dict) -> KernelSpec:
+    """Schedule a GPTQ, AWQ or GGML descriptor (target and arch already checked)."""
+    f = desc.float_dtype
+    compute = DType.F64 if f is DType.F64 else DType.F32
+    # The conversion helpers the prelude must define: the scales' load, the output's
+    # store, and (GGML) a load of raw binary16 bits from the block bytes.
+    scale = getattr(desc, "scale_dtype", None)
+    helpers = {_CONVERT[d][i] for d, i in ((scale, 0), (f, 1)) if d in _CONVERT}
+    if isinstance(desc, GgmlDequantizeDescriptor):
+        helpers.add("load_f16_bits")
+    fields = {"layout": desc.layout, "float_helpers": tuple(sorted(helpers))}
+    if isinstance(desc, (GptqDequantizeDescriptor, AwqDequantizeDescriptor)):
+        params = _matrix_params(desc, storage)
+        gptq = isinstance(desc, GptqDequantizeDescriptor)
+        fields.update(template=TEMPLATES[desc.layout], bits=desc.bits if gptq else 4,
+                      zero_offset=desc.zero_offset if gptq else 0,
+                      act_order=gptq and desc.act_order,
+                      load_float=_CONVERT.get(desc.scale_dtype, ("", ""))[0])
+    elif isinstance(desc, GgmlDequantizeDescriptor):
+        params = (_pointer("data", DType.U8, "in", storage), _pointer("y", f, "out", storage),
+                  Param("blocks", None, "scalar", "int64_t"))
+        q4_1 = desc.layout is Layout.GGML_Q4_1
+        fields.update(template="ggml", block_bytes=desc.block_bytes, bits=8,
+                      zero_kind="float" if q4_1 else "int", mid=0,
+                      load_float="load_f16")
+    else:
+        raise TypeError(f"no lowering for {type(desc).__name__}")
+    out = next(p for p in params if p.role == "out")
+    # f16 converts eight lanes an instruction with F16C where the ISA has it.
+    fields["simd_convert"] = "f16c" if target == "c" and arch in F16C_ISAS else ""
+    fields["simd_block"] = MATRIX_TILE
+    fields.update(
+        op=Op.DEQUANTIZE, uri=desc.uri, entry=f"dqgen_{desc.uri}", target=target, arch=arch,
+        group_size=desc.group_size, float_dtype=f, int_dtype=None,
+        compute_type="double" if compute is DType.F64 else "float", compute_dtype=compute,
+        params=params, formula=FORMULAS[desc.layout], descriptor=_describe(desc),
+        out_name=out.name, out_c_type=storage[f], has_zero_point=True,
+        store_out=_CONVERT.get(f, ("", ""))[1], rint="rintf",
+        parallel_min_elements=PARALLEL_MIN_ELEMENTS,
+        threads_per_block=CUDA_THREADS_PER_BLOCK, vector_bytes=16)
+    for field in dataclasses.fields(KernelSpec):
+        if field.name not in fields and field.default is dataclasses.MISSING:
+            fields[field.name] = _neutral(field)
+    return KernelSpec(**fields)

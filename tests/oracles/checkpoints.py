@@ -1,0 +1,118 @@
+"""GPTQ, AWQ, packed 4-bit and float-zero-point dequantization, straight from FORMATS.md.
+
+Deliberately naive (Python loops over words and nibbles where that reads closest to
+the text) and sharing no code with dqgen. Math: f32 (f64 for f64 output), the product
+(and the float zero point's sum) rounded once each, then rounded to the output dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+AWQ_NIBBLE_TO_COLUMN = [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+def _compute(out_dtype):
+    return np.float64 if np.dtype(out_dtype) == np.float64 else np.float32
+
+
+def unpack_gptq_qweight(qweight: np.ndarray, bits: int) -> np.ndarray:
+    """[K*bits/32, N] int32 -> [K, N]: value j of a word at bit offset bits*j, along K."""
+    words = qweight.view(np.uint32)
+    per = 32 // bits
+    out = np.zeros((words.shape[0] * per, words.shape[1]), dtype=np.int64)
+    for r in range(words.shape[0]):
+        for j in range(per):
+            out[r * per + j] = (words[r].astype(np.int64) >> (bits * j)) & ((1 << bits) - 1)
+    return out
+
+
+def unpack_gptq_qzeros(qzeros: np.ndarray, bits: int) -> np.ndarray:
+    """[G, N*bits/32] int32 -> [G, N]: packed along N, same bit order."""
+    words = qzeros.view(np.uint32).astype(np.int64)
+    per = 32 // bits
+    out = np.zeros((words.shape[0], words.shape[1] * per), dtype=np.int64)
+    for c in range(words.shape[1]):
+        for j in range(per):
+            out[:, c * per + j] = (words[:, c] >> (bits * j)) & ((1 << bits) - 1)
+    return out
+
+
+def gptq_dequantize(qweight, qzeros, scales, g_idx, bits, checkpoint_format, out_dtype,
+                    group_size=None):
+    """W[k, n] = scales[g, n] * (q[k, n] - z[g, n]), g = g_idx[k]; v1: z = stored + 1."""
+    q = unpack_gptq_qweight(qweight, bits)
+    z = unpack_gptq_qzeros(qzeros, bits)
+    if checkpoint_format == "gptq":
+        z = z + 1
+    k = q.shape[0]
+    if g_idx is None:
+        g_idx = np.array([i // group_size for i in range(k)])
+    g = np.asarray(g_idx, dtype=np.int64)
+    c = _compute(out_dtype)
+    with np.errstate(all="ignore"):
+        w = (q - z[g]).astype(c) * scales[g].astype(c)
+        return w.astype(out_dtype)
+
+
+def gptq_dequantize_torch(qweight, qzeros, scales, g_idx, bits, checkpoint_format):
+    """GPTQModel/AutoGPTQ's torch formula (f16 scales -> f16 weight), for a second opinion."""
+    import torch
+
+    qw = torch.from_numpy(qweight.copy())
+    qz = torch.from_numpy(qzeros.copy())
+    per = 32 // bits
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+    zeros = torch.bitwise_right_shift(qz.unsqueeze(2).expand(-1, -1, per), shifts.view(1, 1, -1))
+    zeros = torch.bitwise_and(zeros, (1 << bits) - 1).reshape(qz.shape[0], -1)
+    if checkpoint_format == "gptq":
+        zeros = zeros + 1
+    weight = torch.bitwise_right_shift(qw.unsqueeze(1).expand(-1, per, -1), shifts.view(1, -1, 1))
+    weight = torch.bitwise_and(weight, (1 << bits) - 1).reshape(-1, qw.shape[1])
+    sc = torch.from_numpy(scales.copy())
+    gi = torch.from_numpy(np.asarray(g_idx).astype(np.int64))
+    return (sc[gi] * (weight - zeros[gi]).to(sc.dtype)).numpy()
+
+
+def awq_dequantize(qweight, qzeros, scales, group_size, out_dtype):
+    """W[k, n] = (q[k, n] - z[k // G, n]) * scales[k // G, n]; nibble i -> column order[i]."""
+    def unpack(words):
+        words = words.view(np.uint32).astype(np.int64)
+        out = np.zeros((words.shape[0], words.shape[1] * 8), dtype=np.int64)
+        for w in range(words.shape[1]):
+            for i in range(8):
+                out[:, w * 8 + AWQ_NIBBLE_TO_COLUMN[i]] = (words[:, w] >> (4 * i)) & 15
+        return out
+    q, z = unpack(qweight), unpack(qzeros)
+    g = np.arange(q.shape[0]) // group_size
+    c = _compute(out_dtype)
+    with np.errstate(all="ignore"):
+        w = (q - z[g]).astype(c) * scales[g].astype(c)
+        return w.astype(out_dtype)
+
+
+def unpack_int4(packed: np.ndarray, signed: bool) -> np.ndarray:
+    """[..., n/2] bytes -> [..., n]: element 2k in the low nibble of byte k, 2k+1 high."""
+    b = packed.astype(np.int64)
+    lo, hi = b & 15, (b >> 4) & 15
+    out = np.stack([lo, hi], axis=-1).reshape(*packed.shape[:-1], -1)
+    if signed:
+        out = np.where(out >= 8, out - 16, out)
+    return out
+
+
+def pack_int4(values: np.ndarray) -> np.ndarray:
+    """The inverse of ``unpack_int4`` (values taken modulo 16)."""
+    v = np.asarray(values).astype(np.int64) & 15
+    return (v[..., 0::2] | (v[..., 1::2] << 4)).astype(np.uint8)
+
+
+def float_zero_dequantize(q, scale, zero, group_size, q_min, q_max, out_dtype):
+    """x = (q - mid) * s + z, mid = (q_max + q_min + 1) // 2; multiply, round, add, round."""
+    mid = (q_max + q_min + 1) // 2
+    c = _compute(out_dtype)
+    s = np.repeat(scale.astype(c), group_size, axis=1)
+    z = np.repeat(zero.astype(c), group_size, axis=1)
+    with np.errstate(all="ignore"):
+        prod = (q.astype(np.int64) - mid).astype(c) * s
+        return (prod + z).astype(out_dtype)

@@ -1,0 +1,138 @@
+/* The bandwidth baseline of tools/bench.py: a copy-like stream that reads an int8 array
+ * once and writes an output of the float dtype's width once, with the least work that
+ * makes every output depend on its input (a widening conversion).
+ *
+ * Built with the same compiler and flags as dqgen's kernels (-O3, -march for the ISA,
+ * -fopenmp, never fast-math) and split over OpenMP threads the way dqgen's kernels are
+ * (one contiguous chunk a thread, static). The outputs go to caller-owned memory through
+ * an external entry point, so the compiler cannot drop the loads or the stores.
+ *
+ * Two store kinds: plain stores (the stream the targets compare against) and
+ * non-temporal stores (what streaming the output past the cache can reach).
+ */
+#include <stdint.h>
+#include <omp.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#define CHUNK_ALIGN 64 /* elements: chunk borders on cache lines for every width */
+
+/* Plain loops: gcc -O3 vectorizes each (widen, convert, store). */
+static void plain_w2(const int8_t *restrict q, int16_t *restrict y, int64_t b, int64_t e)
+{
+    for (int64_t i = b; i < e; ++i)
+        y[i] = (int16_t)q[i];
+}
+
+static void plain_w4(const int8_t *restrict q, float *restrict y, int64_t b, int64_t e)
+{
+    for (int64_t i = b; i < e; ++i)
+        y[i] = (float)q[i];
+}
+
+static void plain_w8(const int8_t *restrict q, double *restrict y, int64_t b, int64_t e)
+{
+    for (int64_t i = b; i < e; ++i)
+        y[i] = (double)q[i];
+}
+
+#if defined(__AVX2__)
+/* Non-temporal: scalar head up to a 32-byte aligned output, streamed body, scalar tail. */
+static void nt_w2(const int8_t *restrict q, int16_t *restrict y, int64_t b, int64_t e)
+{
+    int64_t i = b;
+    for (; i < e && ((uintptr_t)(y + i) & 31u); ++i)
+        y[i] = (int16_t)q[i];
+    for (; i + 16 <= e; i += 16) {
+        const __m128i v = _mm_loadu_si128((const __m128i *)(q + i));
+        _mm256_stream_si256((__m256i *)(y + i), _mm256_cvtepi8_epi16(v));
+    }
+    for (; i < e; ++i)
+        y[i] = (int16_t)q[i];
+}
+
+static void nt_w4(const int8_t *restrict q, float *restrict y, int64_t b, int64_t e)
+{
+    int64_t i = b;
+    for (; i < e && ((uintptr_t)(y + i) & 31u); ++i)
+        y[i] = (float)q[i];
+    for (; i + 8 <= e; i += 8) {
+        const __m128i v = _mm_loadl_epi64((const __m128i *)(q + i));
+        _mm256_stream_ps(y + i, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)));
+    }
+    for (; i < e; ++i)
+        y[i] = (float)q[i];
+}
+
+static void nt_w8(const int8_t *restrict q, double *restrict y, int64_t b, int64_t e)
+{
+    int64_t i = b;
+    for (; i < e && ((uintptr_t)(y + i) & 31u); ++i)
+        y[i] = (double)q[i];
+    for (; i + 4 <= e; i += 4) {
+        int32_t four;
+        __builtin_memcpy(&four, q + i, sizeof four);
+        const __m128i v = _mm_cvtepi8_epi32(_mm_cvtsi32_si128(four));
+        _mm256_stream_pd(y + i, _mm256_cvtepi32_pd(v));
+    }
+    for (; i < e; ++i)
+        y[i] = (double)q[i];
+}
+#define NT_AVAILABLE 1
+#else
+#define nt_w2 plain_w2
+#define nt_w4 plain_w4
+#define nt_w8 plain_w8
+#define NT_AVAILABLE 0
+#endif
+
+static void run_range(const int8_t *q, void *y, int64_t b, int64_t e, int32_t width, int32_t nt)
+{
+    switch (width * 2 + (nt != 0)) {
+    case 4: plain_w2(q, (int16_t *)y, b, e); break;
+    case 5: nt_w2(q, (int16_t *)y, b, e); break;
+    case 8: plain_w4(q, (float *)y, b, e); break;
+    case 9: nt_w4(q, (float *)y, b, e); break;
+    case 16: plain_w8(q, (double *)y, b, e); break;
+    case 17: nt_w8(q, (double *)y, b, e); break;
+    default: break;
+    }
+#if defined(__AVX2__)
+    if (nt)
+        _mm_sfence(); /* each thread orders its own streamed stores before the join */
+#endif
+}
+
+/* 1 when non-temporal stores are compiled in (AVX2), else 0 (nt falls back to plain). */
+int32_t stream_nt_available(void)
+{
+    return NT_AVAILABLE;
+}
+
+/* y[i] = widen(q[i]) for i < n; y has `width` (2, 4 or 8) bytes an element. Returns 0,
+ * or -1 for an unknown width. `nontemporal` picks the store kind; `num_threads` > 1 and
+ * n >= parallel_min split the range over that many OpenMP threads. */
+int32_t stream_i8(const int8_t *q, void *y, int64_t n, int32_t width, int32_t nontemporal,
+                  int32_t num_threads, int64_t parallel_min)
+{
+    if (width != 2 && width != 4 && width != 8)
+        return -1;
+    if (n <= 0)
+        return 0;
+    if (num_threads > 1 && n >= parallel_min) {
+#pragma omp parallel num_threads(num_threads)
+        {
+            const int64_t nth = omp_get_num_threads();
+            int64_t chunk = (n + nth - 1) / nth;
+            chunk = (chunk + CHUNK_ALIGN - 1) / CHUNK_ALIGN * CHUNK_ALIGN;
+            const int64_t b = chunk * omp_get_thread_num();
+            const int64_t e = b + chunk < n ? b + chunk : n;
+            if (b < e)
+                run_range(q, y, b, e, width, nontemporal);
+        }
+    } else {
+        run_range(q, y, 0, n, width, nontemporal);
+    }
+    return 0;
+}
