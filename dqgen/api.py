@@ -9,6 +9,8 @@ kind of CUDA array.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import plans
@@ -31,7 +33,9 @@ def _as_rows(obj, name: str) -> np.ndarray:
     if arr.ndim == 0:
         raise InvalidProblemError(f"{name} must have at least one dimension")
     arr = np.ascontiguousarray(arr)
-    return arr.reshape(-1, arr.shape[-1]) if arr.ndim != 2 else arr
+    if arr.ndim == 2:
+        return arr
+    return arr.reshape(math.prod(arr.shape[:-1]), arr.shape[-1])
 
 
 def _zero_point(obj, shape) -> np.ndarray:
@@ -106,8 +110,8 @@ def dequantize_per_group(q, scale, zero_point, group_size: int, out=None, device
     """
     q2, s2 = _as_rows(q, "q"), _as_rows(scale, "scale")
     outer, stored_axis, group_size = _problem(q2, group_size)
-    storage = parse_dtype(q2.dtype if int_dtype is None else int_dtype, "int_dtype",
-                          STORAGE_DTYPES)
+    storage = (parse_dtype(q2.dtype, "q.dtype", INT_DTYPES) if int_dtype is None
+               else parse_dtype(int_dtype, "int_dtype", STORAGE_DTYPES))
     if storage.is_packed and q2.dtype != np.uint8:
         raise InvalidProblemError(f"packed {storage.value} q must be a uint8 array, got {q2.dtype}")
     axis = 2 * stored_axis if storage.is_packed else stored_axis
@@ -166,6 +170,19 @@ def quantize_per_group_backward(dy, x, scale, zero_point, group_size: int, q_min
     return _finish(dx, out, dy, np.shape(dy))
 
 
+def _round_up(value: np.ndarray, float_dtype: DType) -> np.ndarray:
+    """The smallest ``float_dtype`` value >= each positive ``value``.
+
+    Rounding a scale down (to nearest, in a narrow dtype or among subnormals) would shrink
+    the range it covers and saturate the group's extremes; one step up never does.
+    """
+    rounded = np.ascontiguousarray(value.astype(float_dtype.np_dtype))
+    short = rounded.astype(value.dtype) < value
+    bits = rounded.view(np.dtype(f"u{rounded.itemsize}"))
+    bits[short] += 1  # positive floats: the next bit pattern is the next value up
+    return rounded
+
+
 def choose_qparams_per_group(x, group_size: int, dtype="s8", symmetric: bool = False,
                              q_min=None, q_max=None):
     """Per-group ``(scale, zero_point)`` from min/max, as GPTQ and torchao compute them.
@@ -194,15 +211,11 @@ def choose_qparams_per_group(x, group_size: int, dtype="s8", symmetric: bool = F
     with np.errstate(all="ignore"):
         if symmetric:
             amax = np.maximum(-min_val, max_val)
-            scale = np.maximum(amax / compute((hi - lo) / 2), eps)
+            scale = _round_up(np.maximum(amax / compute((hi - lo) / 2), eps), float_dtype)
             zero = np.full(scale.shape, (hi + lo + 1) // 2, dtype=np.int64)
         else:
-            scale = np.maximum((max_val - min_val) / compute(hi - lo), eps)
-            zero = lo - np.rint(min_val / scale)
+            scale = _round_up(np.maximum((max_val - min_val) / compute(hi - lo), eps), float_dtype)
+            zero = lo - np.rint(min_val / scale.astype(compute))
             zero = np.clip(np.nan_to_num(zero, nan=lo), lo, hi).astype(np.int64)
-    scale = scale.astype(float_dtype.np_dtype)
-    # A scale that rounds to zero in a narrow dtype would make the group unquantizable.
-    tiny = np.asarray(eps, dtype=compute).astype(float_dtype.np_dtype)
-    scale = np.where(scale == 0, tiny if tiny != 0 else np.finfo(float_dtype.np_dtype).tiny, scale)
-    return (from_numpy_like(np.ascontiguousarray(scale.astype(float_dtype.np_dtype)), x),
+    return (from_numpy_like(np.ascontiguousarray(scale), x),
             from_numpy_like(zero.astype(np.int32), x))

@@ -141,14 +141,17 @@ class _PerGroupPlan:
     @classmethod
     def select(cls, desc, device: str = "cpu", preference: PlanPreference | None = None):
         """Validate ``desc`` and return a plan with its kernel built or loaded."""
-        memo_key = (cls, desc, device, preference, os.environ.get("DQGEN_ISA"),
-                     os.environ.get("DQGEN_NUM_THREADS"))
-        plan = _plan_memo.get(memo_key)
-        if plan is not None:
-            return plan
-        if not isinstance(desc, cls.descriptor_type):
+        if type(desc) is not cls.descriptor_type:
             raise UnsupportedError(f"{cls.__name__}.select needs a {cls.descriptor_type.__name__}, "
                                    f"got {type(desc).__name__}")
+        try:
+            memo_key = (cls, desc, device, preference, os.environ.get("DQGEN_ISA"),
+                        os.environ.get("DQGEN_NUM_THREADS"))
+            plan = _plan_memo.get(memo_key)
+        except TypeError:  # a field forced to an unhashable value: verify() names it
+            memo_key, plan = None, None
+        if plan is not None:
+            return plan
         desc.verify()
         preference = preference or PlanPreference()
         target_device = _parse_device(device)
@@ -161,7 +164,8 @@ class _PerGroupPlan:
                 raise UnsupportedError(f"ISA {isa} cannot run on this CPU")
             kernel = get_kernel(desc, "c", isa)
         plan = cls(desc, target_device, preference, kernel)
-        _plan_memo[memo_key] = plan
+        if memo_key is not None:
+            _plan_memo[memo_key] = plan
         return plan
 
     def _arrays(self, args) -> list[np.ndarray]:

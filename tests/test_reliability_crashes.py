@@ -17,10 +17,12 @@ import pytest
 
 import dqgen
 from dqgen import cache
-from test_reliability_support import isolated  # noqa: F401  (a fixture)
+import test_reliability_support as support
 from test_reliability_support import (CHECK, REAL_CC, CompilerWrapper, check_here, child_env,
                                       entries, leftovers, needs_cc, reset_process_state, run_child,
                                       start_child)
+
+isolated = support.isolated  # the fixture, shared
 
 pytestmark = needs_cc
 

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 import dqgen
-from test_reliability_support import isolated  # noqa: F401  (a fixture)
+import test_reliability_support as support
 from test_reliability_support import CompilerWrapper, check_here, entries, leftovers, needs_cc
+
+isolated = support.isolated  # the fixture, shared
 
 pytestmark = needs_cc
 

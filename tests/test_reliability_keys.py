@@ -17,8 +17,10 @@ import dqgen
 from dqgen import cache, jit, render
 from dqgen.build import cc
 from dqgen.lower import lower
-from test_reliability_support import isolated  # noqa: F401  (a fixture)
+import test_reliability_support as support
 from test_reliability_support import reset_process_state
+
+isolated = support.isolated  # the fixture, shared
 
 DESC = dqgen.DequantizePerGroupDescriptor(4, 256, 64, "bf16", "s8")
 ISA = "avx2"

@@ -20,9 +20,11 @@ import pytest
 
 import dqgen
 from dqgen import cache
-from test_reliability_support import isolated  # noqa: F401  (a fixture)
+import test_reliability_support as support
 from test_reliability_support import (CHECK, CompilerWrapper, check_here, child_env, needs_cc,
                                       run_child)
+
+isolated = support.isolated  # the fixture, shared
 
 pytestmark = needs_cc
 NOBODY = 65534

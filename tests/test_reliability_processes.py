@@ -16,9 +16,11 @@ import json
 import os
 
 from dqgen import cache, jit, plans
-from test_reliability_support import isolated  # noqa: F401  (a fixture)
+import test_reliability_support as support
 from test_reliability_support import (CHECK, CompilerWrapper, check_here, child_env, needs_cc,
                                       run_child)
+
+isolated = support.isolated  # the fixture, shared
 
 pytestmark = needs_cc
 

@@ -14,9 +14,11 @@ import numpy as np
 
 import dqgen
 from dqgen import reference
-from test_reliability_support import isolated  # noqa: F401  (a fixture)
+import test_reliability_support as support
 from test_reliability_support import (CHECK, CompilerWrapper, child_env, entries, leftovers,
                                       needs_cc, start_child)
+
+isolated = support.isolated  # the fixture, shared
 
 CONTENDERS = 8
 
