@@ -87,6 +87,9 @@ def lower_format(desc, target: str, arch: str, storage: dict) -> KernelSpec:
     out = next(p for p in params if p.role == "out")
     # f16 converts eight lanes an instruction with F16C where the ISA has it.
     fields["simd_convert"] = "f16c" if target == "c" and arch in F16C_ISAS else ""
+    # Results are staged in a block only to convert them eight at a time; other dtypes
+    # store straight from the value loop, which is faster than a staged copy.
+    fields["simd_output"] = bool(fields["simd_convert"]) and f is DType.F16
     fields["simd_block"] = MATRIX_TILE
     fields.update(
         op=Op.DEQUANTIZE, uri=desc.uri, entry=f"dqgen_{desc.uri}", target=target, arch=arch,
