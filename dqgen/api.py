@@ -191,7 +191,8 @@ def choose_qparams_per_group(x, group_size: int, dtype="s8", symmetric: bool = F
     zero point, ``q_min - rint(min / scale)``, is clamped into ``[q_min, q_max]``.
     Symmetric: ``scale = max|x| / ((q_max - q_min) / 2)`` and the zero point is the
     range's middle. ``scale`` is at least the compute type's epsilon, so a constant
-    group still quantizes. NaN values are ignored. Returns ``scale`` in ``x``'s dtype
+    group still quantizes. NaN and infinite values are ignored (quantize saturates
+    infinities). Returns ``scale`` in ``x``'s dtype
     and ``zero_point`` as int32, both shaped ``[..., axis // group_size]``.
     """
     arr = to_numpy(x, "x")
@@ -204,7 +205,7 @@ def choose_qparams_per_group(x, group_size: int, dtype="s8", symmetric: bool = F
                                   f"multiple of group_size={group_size}")
     compute = np.float64 if float_dtype is DType.F64 else np.float32
     groups = arr.astype(compute).reshape(*arr.shape[:-1], arr.shape[-1] // group_size, group_size)
-    finite = np.where(np.isnan(groups), 0, groups)
+    finite = np.where(np.isfinite(groups), groups, 0)
     min_val = np.minimum(finite.min(axis=-1, initial=0), 0).astype(compute)
     max_val = np.maximum(finite.max(axis=-1, initial=0), 0).astype(compute)
     eps = np.finfo(compute).eps

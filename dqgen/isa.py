@@ -49,6 +49,8 @@ def supported_isas() -> tuple[str, ...]:
 def check_isa(name: str) -> str:
     """Validate an ISA name (for building: any known level on x86, generic elsewhere)."""
     known = ISA_LEVELS if _is_x86() else ("generic",)
+    if isinstance(name, str):
+        name = name.strip().lower()
     if name not in known:
         raise UnsupportedError(f"ISA {name!r} is not known here; expected one of: {', '.join(known)}")
     return name

@@ -121,6 +121,8 @@ class KernelSpec:
     scalar_tail: bool
     bf16_lanes: int
     fast_zero_point_limit: int
+    needs_int_diff: bool       # the C prelude defines only the helpers the kernel calls
+    needs_scalar_store: bool
     fast_needs_finite_scale: bool
     streaming_min_bytes: int   # outputs this large use non-temporal stores (0: never)
     streaming_align: int
@@ -237,6 +239,8 @@ def _cpu_simd(desc: _PerGroupDescriptor, target: str, arch: str, out: Param,
     if not (staged_inputs or simd_output):
         return off
     block = next((b for b in SIMD_BLOCKS if desc.group_size % b == 0), SIMD_BLOCKS[-1])
+    if desc.group_size < block:
+        return off  # no whole block in a group
     bf16_lanes = 16 if block % 16 == 0 else 8
     # Bytes one vector store writes: non-temporal stores need that alignment, so they are
     # used only when every group starts aligned (the output pointer is checked at run time).
@@ -277,6 +281,8 @@ def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
                          if p.role == "in" and p.dtype is desc.float_dtype
                          and p.name not in ("scale", "zero_point"))
     simd = _cpu_simd(desc, target, arch, out, float_inputs)
+    fast_limit = (FAST_ZERO_POINT_LIMIT if target == "c" and desc.op is Op.DEQUANTIZE
+                  and compute is DType.F32 else 0)
     if packed:  # q is read a nibble at a time, never widened in SIMD blocks
         simd["simd_stage_int"] = False
     if float_zero and simd["simd_convert"] == "bf16":
@@ -296,8 +302,12 @@ def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
         rint="rint" if compute is DType.F64 else "rintf",
         **simd,
         int_c_type=storage[desc.int_type] if desc.int_type else "",
-        fast_zero_point_limit=(FAST_ZERO_POINT_LIMIT if target == "c" and desc.op is Op.DEQUANTIZE
-                               and compute is DType.F32 else 0),
+        fast_zero_point_limit=fast_limit,
+        needs_int_diff=desc.op is Op.DEQUANTIZE,
+        # The element-wise 16-bit store is called unless every element of every group goes
+        # through a SIMD block store (no remainder, no exact-difference path).
+        needs_scalar_store=out.dtype in (DType.F16, DType.BF16) and not (
+            simd["simd_output"] and not simd["scalar_tail"] and not fast_limit),
         parallel_min_elements=(SERIAL if packed and desc.op is Op.QUANTIZE and desc.group_size % 2
                                else PARALLEL_MIN_ELEMENTS),
         threads_per_block=256, vector_bytes=16,

@@ -108,7 +108,9 @@ def _parse_device(device: str) -> str:
 
 
 # Plans are immutable once built, so a repeated select returns the same object.
+# Bounded: plain functions select a plan per shape, and shapes may be unbounded.
 _plan_memo: dict[tuple, "_PerGroupPlan"] = {}
+_PLAN_MEMO_LIMIT = 4096
 
 
 class _PerGroupPlan:
@@ -165,6 +167,8 @@ class _PerGroupPlan:
             kernel = get_kernel(desc, "c", isa)
         plan = cls(desc, target_device, preference, kernel)
         if memo_key is not None:
+            if len(_plan_memo) >= _PLAN_MEMO_LIMIT:  # many shapes: start over, stay bounded
+                _plan_memo.clear()
             _plan_memo[memo_key] = plan
         return plan
 

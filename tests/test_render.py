@@ -150,10 +150,6 @@ def test_no_code_for_other_dtypes_or_isas(isa, gs):
             assert "zero_point" not in src.split("*/", 1)[1], (desc.uri, isa)
 
 
-@pytest.mark.xfail(strict=True, reason="templates/c/kernel.c.j2 emits helpers a kernel never "
-                   "calls: int_diff_to_compute and store_f16/store_bf16 in quantize kernels, "
-                   "SIMD block helpers when the group has no full block (group_size 1), and "
-                   "the scalar store when every element goes through a block (f16, g128)")
 def test_every_helper_a_kernel_defines_is_called():
     unused = []
     for gs in GROUP_SIZES:

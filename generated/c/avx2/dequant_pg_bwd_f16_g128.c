@@ -38,30 +38,6 @@ static inline float load_f16(uint16_t h)
     return f;
 }
 
-static inline uint16_t store_f16(float value)
-{
-    const uint32_t denorm_magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
-    uint32_t f;
-    memcpy(&f, &value, sizeof f);
-    const uint32_t sign = f & 0x80000000u;
-    f ^= sign;
-    uint16_t h;
-    if (f >= (127u + 16u) << 23) {             /* >= 2^16: Inf, or NaN kept quiet */
-        h = (f > 0x7f800000u) ? 0x7e00u : 0x7c00u;
-    } else if (f < (113u << 23)) {             /* below 2^-14: subnormal or zero */
-        float shifted, magic;
-        memcpy(&shifted, &f, sizeof shifted);
-        memcpy(&magic, &denorm_magic, sizeof magic);
-        shifted += magic;                      /* the FPU rounds to nearest-even here */
-        memcpy(&f, &shifted, sizeof f);
-        h = (uint16_t)(f - denorm_magic);
-    } else {
-        const uint32_t mantissa_odd = (f >> 13) & 1u;
-        f += ((uint32_t)(15 - 127) << 23) + 0xfffu + mantissa_odd;
-        h = (uint16_t)(f >> 13);               /* carries into Inf when it overflows */
-    }
-    return h | (uint16_t)(sign >> 16);
-}
 
 /* F16C, eight lanes an instruction, rounding to nearest-even; a block of 64
  * elements is staged through a float array so the math loop vectorizes on its own. */

@@ -16,13 +16,6 @@
 #define GROUP_SIZE 128
 #define PARALLEL_MIN_ELEMENTS 32768
 
-/* C(q - zero_point): the difference is exact in double (|q - zp| < 2^33), so one
- * conversion to float rounds it to nearest-even, as int64 -> float would. */
-static inline float int_diff_to_compute(int32_t q, int32_t zp)
-{
-    return (float)((double)q - (double)zp);
-}
-
 /* bfloat16 <-> binary32: widening is a shift; narrowing rounds to nearest-even and keeps
  * NaN quiet. Done on the bits, so subnormals survive (the hardware instruction flushes). */
 static inline float load_bf16(uint16_t h)
@@ -33,15 +26,6 @@ static inline float load_bf16(uint16_t h)
     return f;
 }
 
-static inline uint16_t store_bf16(float value)
-{
-    uint32_t u;
-    memcpy(&u, &value, sizeof u);
-    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-    const uint32_t quiet_nan = (u >> 16) | 0x40u;
-    /* branch-free, so the compiler vectorizes it */
-    return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? quiet_nan : rounded);
-}
 
 /* Groups [g_begin, g_end) of the flat problem, on the calling thread. */
 static void run_groups(int64_t g_begin, int64_t g_end,

@@ -16,13 +16,6 @@
 #define GROUP_SIZE 128
 #define PARALLEL_MIN_ELEMENTS 32768
 
-/* C(q - zero_point): the difference is exact in double (|q - zp| < 2^33), so one
- * conversion to double rounds it to nearest-even, as int64 -> double would. */
-static inline double int_diff_to_compute(int32_t q, int32_t zp)
-{
-    return (double)((double)q - (double)zp);
-}
-
 /* Groups [g_begin, g_end) of the flat problem, on the calling thread. */
 static void run_groups(int64_t g_begin, int64_t g_end,
                        const double *restrict x,
