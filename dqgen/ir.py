@@ -252,6 +252,14 @@ def resolve_q_range(q_min: Any, q_max: Any, lo: int, hi: int, storage: str) -> t
     return q_min, q_max
 
 
+def _resolve_storage_range(desc) -> None:
+    """Default ``desc.q_min``/``q_max`` to its int dtype's range, checked against it."""
+    lo, hi = desc.int_dtype.int_range
+    q_range = resolve_q_range(desc.q_min, desc.q_max, lo, hi, desc.int_dtype.value)
+    object.__setattr__(desc, "q_min", q_range[0])
+    object.__setattr__(desc, "q_max", q_range[1])
+
+
 @dataclass(frozen=True)
 class DequantizePerGroupDescriptor(_PerGroupDescriptor):
     """``y = F(C(q - zp) * C(scale))`` (SPEC.md §3)."""
@@ -276,10 +284,7 @@ class QuantizePerGroupDescriptor(_PerGroupDescriptor):
 
     def verify(self) -> None:
         super().verify()
-        lo, hi = self.int_dtype.int_range
-        q_range = resolve_q_range(self.q_min, self.q_max, lo, hi, self.int_dtype.value)
-        object.__setattr__(self, "q_min", q_range[0])
-        object.__setattr__(self, "q_max", q_range[1])
+        _resolve_storage_range(self)
 
 
 @dataclass(frozen=True)
@@ -541,10 +546,7 @@ class DequantizeFloatZeroDescriptor(_PerGroupDescriptor):
 
     def verify(self) -> None:
         super().verify()
-        lo, hi = self.int_dtype.int_range
-        q_range = resolve_q_range(self.q_min, self.q_max, lo, hi, self.int_dtype.value)
-        object.__setattr__(self, "q_min", q_range[0])
-        object.__setattr__(self, "q_max", q_range[1])
+        _resolve_storage_range(self)
 
     @property
     def mid(self) -> int:
