@@ -39,12 +39,44 @@ class Source:
         return hashlib.sha256(self.text.encode()).hexdigest()
 
 
+class _TemplateBytecodeCache(jinja2.FileSystemBytecodeCache):
+    """Compiled templates kept in dqgen's private cache dir.
+
+    Compiling the templates costs a new process far more than rendering them; Jinja2
+    keys each entry by the template source's checksum and the Python version and writes
+    it atomically. A damaged entry is ignored and recompiled, never trusted.
+    """
+
+    def load_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+        try:
+            super().load_bytecode(bucket)
+        except (OSError, EOFError, ValueError, TypeError):
+            bucket.reset()
+
+    def dump_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+        try:
+            super().dump_bytecode(bucket)
+        except OSError:
+            pass  # an unwritable cache only costs the next process a compile
+
+
+def _bytecode_cache() -> jinja2.BytecodeCache | None:
+    from . import cache
+    try:
+        directory = cache.version_dir() / "templates"
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except Exception:  # any cache problem is reported where kernels are cached
+        return None
+    return _TemplateBytecodeCache(str(directory))
+
+
 @functools.lru_cache(maxsize=1)
 def environment() -> jinja2.Environment:
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-        trim_blocks=True, lstrip_blocks=True, autoescape=False)
+        trim_blocks=True, lstrip_blocks=True, autoescape=False,
+        bytecode_cache=_bytecode_cache())
 
 
 @functools.lru_cache(maxsize=None)
