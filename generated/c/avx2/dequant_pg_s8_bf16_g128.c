@@ -12,7 +12,18 @@
 #include <string.h>
 #include <math.h>
 #include <omp.h>
+#if defined(__GNUC__) && !defined(__clang__)
+/* Only the headers of the intrinsics used: gcc spends most of a kernel's compile time
+ * parsing all of <immintrin.h>, whose parts refuse to be included without its guard. */
+#include <smmintrin.h>
+#define _IMMINTRIN_H_INCLUDED
+#include <avxintrin.h>
+#include <avx2intrin.h>
+#include <f16cintrin.h>
+#undef _IMMINTRIN_H_INCLUDED
+#else
 #include <immintrin.h>
+#endif
 
 #define GROUP_SIZE 128
 #define PARALLEL_MIN_ELEMENTS 32768
