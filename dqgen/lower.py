@@ -116,10 +116,9 @@ class KernelSpec:
     simd_blocks: int
     simd_inputs: tuple[str, ...]
     simd_output: bool
-    simd_stage_int: bool       # dequantize: widen q to float in SIMD blocks
+    simd_stage_int: bool       # dequantize's fast path runs in AVX registers
     int_c_type: str
     scalar_tail: bool
-    bf16_lanes: int
     fast_zero_point_limit: int
     needs_int_diff: bool       # the C prelude defines only the helpers the kernel calls
     needs_scalar_store: bool
@@ -216,18 +215,20 @@ def _cpu_simd(desc: _PerGroupDescriptor, target: str, arch: str, out: Param,
               float_inputs: tuple[str, ...]) -> dict:
     """The explicit-SIMD knobs of the C kernels (all off for other targets and ISAs).
 
-    f16 (F16C) and bf16 (integer rounding in AVX2 registers) convert in SIMD blocks
-    staged through float arrays, since the compiler vectorizes neither conversion well;
-    dequantize also widens q in blocks and stages f32 output, so that large outputs can
-    use non-temporal stores.
+    The compiler vectorizes neither the f16 (F16C) nor the bf16 (integer rounding)
+    conversion well, nor the widening of q. Dequantize's fast path therefore runs eight
+    elements at a time in AVX registers, from q to the (possibly non-temporal) store;
+    the other ops stage f16 data through float blocks converted eight lanes at a time.
     """
     off = dict(simd_convert="", simd_block=SIMD_BLOCKS[-1], simd_blocks=0, simd_inputs=(),
-               simd_output=False, simd_stage_int=False, scalar_tail=True, bf16_lanes=8,
+               simd_output=False, simd_stage_int=False, scalar_tail=True,
                fast_needs_finite_scale=False, streaming_min_bytes=0, streaming_align=0)
     if target != "c" or arch not in F16C_ISAS:
         return off
     f = desc.float_dtype
     dequant = desc.op is Op.DEQUANTIZE
+    if dequant and desc.int_type is not None and desc.int_type.is_packed:
+        return off  # q is read a nibble at a time: element by element
     convert = f if f in (DType.F16, DType.BF16) or (f is DType.F32 and dequant) else None
     if convert is None:
         return off
@@ -241,16 +242,15 @@ def _cpu_simd(desc: _PerGroupDescriptor, target: str, arch: str, out: Param,
     block = next((b for b in SIMD_BLOCKS if desc.group_size % b == 0), SIMD_BLOCKS[-1])
     if desc.group_size < block:
         return off  # no whole block in a group
-    bf16_lanes = 16 if block % 16 == 0 else 8
-    # Bytes one vector store writes: non-temporal stores need that alignment, so they are
+    # Non-temporal stores go out as 128-bit halves, which need 16-byte alignment: they are
     # used only when every group starts aligned (the output pointer is checked at run time).
-    store_bytes = {DType.F16: 16, DType.BF16: 2 * bf16_lanes, DType.F32: 32}[convert]
+    store_bytes = 16
     streaming = simd_output and (desc.group_size * out.dtype.itemsize) % store_bytes == 0
     return dict(
         simd_convert=convert.value, simd_block=block, simd_blocks=desc.group_size // block,
         simd_inputs=staged_inputs, simd_output=simd_output,
         simd_stage_int=simd_output and dequant, scalar_tail=desc.group_size % block != 0,
-        bf16_lanes=bf16_lanes, fast_needs_finite_scale=simd_output and convert is DType.BF16,
+        fast_needs_finite_scale=simd_output and convert is DType.BF16,
         streaming_min_bytes=STREAMING_MIN_BYTES if streaming else 0,
         streaming_align=store_bytes if streaming else 0)
 
@@ -283,8 +283,6 @@ def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
     simd = _cpu_simd(desc, target, arch, out, float_inputs)
     fast_limit = (FAST_ZERO_POINT_LIMIT if target == "c" and desc.op is Op.DEQUANTIZE
                   and compute is DType.F32 else 0)
-    if packed:  # q is read a nibble at a time, never widened in SIMD blocks
-        simd["simd_stage_int"] = False
     if float_zero and simd["simd_convert"] == "bf16":
         # the SIMD bf16 store needs finite values, and z may be Inf or NaN
         simd = _cpu_simd(desc, "", arch, out, float_inputs)

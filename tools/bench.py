@@ -17,8 +17,9 @@ Contenders (CPU):
   torch_expr   the same broadcast expression in torch
 numpy and torch are timed only at the group sizes of --baseline-groups (default 128)
 and the int dtypes of --baseline-ints (default s8): they take most of the run's time and
-barely depend on either. Every case checks dqgen's output
-against dqgen.reference (sampled rows) and numpy's expression (all of it) bit for bit.
+barely depend on either. Every case checks dqgen's outputs bit for bit against
+dqgen.reference (first and last rows) and numpy's expression (all of it), so no timing
+belongs to a wrong answer.
 
 Also: run() overhead on a tiny problem; JIT cold build (fresh cache, new process), a
 new process loading the kernel from cache, and a repeated select.
@@ -26,6 +27,7 @@ new process loading the kernel from cache, and a repeated select.
   python tools/bench.py                 full run: docs/bench.json, docs/bench.md, docs/bench.png
   python tools/bench.py --update-doc    the same, and rewrite the generated block of docs/PERFORMANCE.md
   python tools/bench.py --quick         a subset in under a minute (docs/bench-quick.*)
+  python tools/bench.py --from-json docs/bench.json [--update-doc]   re-render a saved run
   python tools/bench.py --device cuda   GPU effective bandwidth (needs torch with CUDA)
 """
 
@@ -36,6 +38,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -57,7 +60,7 @@ from dqgen.isa import host_isa, supported_isas  # noqa: E402
 
 import bench_report as report  # noqa: E402
 from bench_stream import Stream  # noqa: E402
-from bench_timing import LoadMeter, Patience, interleaved, summarize  # noqa: E402
+from bench_timing import LoadMeter, Patience, interleaved, spread_out, summarize  # noqa: E402
 
 FULL_SHAPES = ((4096, 4096), (11008, 4096), (64, 4096))
 FULL_DTYPES = tuple((i, f) for i in ("s8", "u8") for f in ("f32", "f16", "bf16", "f64"))
@@ -65,8 +68,8 @@ FULL_GROUPS = (32, 64, 128)
 NP_FLOAT = {"f32": np.dtype(np.float32), "f16": np.dtype(np.float16),
             "bf16": np.dtype(ml_dtypes.bfloat16), "f64": np.dtype(np.float64)}
 NP_INT = {"s8": np.dtype(np.int8), "u8": np.dtype(np.uint8)}
-SLOW = ("numpy", "torch_op", "torch_expr")
-SMALL_REPEAT = 50  # timed runs at least, for problems under report.SMALL_ELEMENTS
+SMALL_REPEAT = 50  # timed runs at least, for problems under report.SMALL_ELEMENTS,
+SMALL_BURST = 4    # each the mean of this many back-to-back calls after an untimed one
 
 
 # --------------------------------------------------------------------------- options
@@ -135,13 +138,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help=f"timed runs a case (>= 10; default 10, at least {SMALL_REPEAT} for small problems)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
     p.add_argument("--retries", type=int, default=None, help="times a case is measured again when "
-                   "other processes kept more than --noisy CPUs busy during it, while --wait-quiet "
-                   "lasts (default 1; 0 with --quick)")
+                   "other processes kept more than --noisy CPUs busy during it or a contender's samples "
+                   "spread over more than 2x between quartiles, while --wait-quiet lasts "
+                   "(default 1; 0 with --quick)")
     p.add_argument("--noisy", type=float, default=0.15, help="CPUs busy in other processes above "
                    "which a measurement counts as noisy (default 0.15)")
     p.add_argument("--wait-quiet", type=float, default=None, help="seconds the run may spend in all "
                    "waiting for other processes to quiet down (at the start, 60 s at most) and "
-                   "re-measuring noisy cases (waiting 15 s at most before each) (default 300; 5 with "
+                   "re-measuring noisy cases (waiting 15 s at most before each) (default 150; 5 with "
                    "--quick)")
     p.add_argument("--no-torch", action="store_true", help="leave torch out even when installed")
     p.add_argument("--no-jit", action="store_true", help="skip the JIT build/load/select timings")
@@ -149,15 +153,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="output path prefix (default docs/bench; "
                    "docs/bench-quick with --quick; docs/bench-cuda with --device cuda)")
     p.add_argument("--no-write", action="store_true", help="print only, write no files")
+    p.add_argument("--label", default=None, help="what is measured, for the record (default: the git "
+                   "commit, and whether dqgen/ or templates/ differ from it)")
     p.add_argument("--update-doc", action="store_true",
                    help="rewrite the generated results block of docs/PERFORMANCE.md")
+    p.add_argument("--from-json", metavar="PATH", default=None,
+                   help="measure nothing: print and write the report of an earlier run's JSON")
     args = p.parse_args(argv)
     if args.repeat is not None and args.repeat < 10:
         p.error("--repeat must be >= 10 (the median of fewer runs is too noisy)")
     if args.warmup < 1:
         p.error("--warmup must be >= 1")
     if args.update_doc and (args.quick or args.device != "cpu" or args.no_write):
-        p.error("--update-doc takes a full CPU run (no --quick, --device cuda or --no-write)")
+        p.error("--update-doc takes a CPU run (no --quick, --device cuda or --no-write)")
     return args
 
 
@@ -183,7 +191,7 @@ def make_config(args: argparse.Namespace) -> Config:
         retries, wait, jit_trials = 0, 5.0, (1, 3)
     else:
         shapes, dtypes, groups = FULL_SHAPES, FULL_DTYPES, FULL_GROUPS
-        retries, wait, jit_trials = 1, 300.0, (3, 5)
+        retries, wait, jit_trials = 1, 150.0, (3, 5)
     shapes, dtypes, groups = args.shapes or shapes, args.dtypes or dtypes, args.groups or groups
     threads = args.threads or (1, 2)
     bg = args.baseline_groups.strip().lower()
@@ -298,19 +306,21 @@ def run_case(stream: Stream, torch, shape, dtypes, group: int, threads: int, cfg
         if torch is not None:
             calls["torch_op"], calls["torch_expr"] = torch_contenders(torch, q, scale, zp, group,
                                                                       int_name, float_name)
-    repeat = cfg.repeat if rows * cols >= report.SMALL_ELEMENTS else max(cfg.repeat, SMALL_REPEAT)
+    small = rows * cols < report.SMALL_ELEMENTS
+    repeat = max(cfg.repeat, SMALL_REPEAT) if small else cfg.repeat
     attempts = 0
     while True:
         t0 = time.monotonic()
         with LoadMeter() as meter:
-            times = interleaved(calls, repeat, cfg.warmup)
+            times = interleaved(calls, repeat, cfg.warmup, burst=SMALL_BURST if small else 1)
         if attempts:  # re-measuring spends the run's patience too
             patience.left = max(0.0, patience.left - (time.monotonic() - t0))
         attempts += 1
-        if (meter.foreign is None or meter.foreign <= cfg.noisy or attempts > cfg.retries
-                or patience.left <= 0):
+        noisy = meter.foreign is not None and meter.foreign > cfg.noisy
+        spread = [n for n, t in times.items() if spread_out(t)]
+        if not (noisy or spread) or attempts > cfg.retries or patience.left <= 0:
             break
-        patience.wait(15, cfg.noisy)  # a neighbour was busy: measure the case again
+        patience.wait(15, cfg.noisy)  # a busy neighbour or stalls: measure the case again
 
     # The timings count only if the outputs are right.
     plan.run(args)
@@ -331,20 +341,17 @@ def run_case(stream: Stream, torch, shape, dtypes, group: int, threads: int, cfg
     med = {n: statistics.median(t) for n, t in times.items()}
     bytes_stream = rows * cols * (1 + NP_FLOAT[float_name].itemsize)
     bytes_dqgen = bytes_stream + scale.nbytes + zp.nbytes
-    ratios = {"dqgen/stream": med["dqgen"] / med["stream"],
-              "dqgen/stream_nt": med["dqgen"] / med["stream_nt"],
-              "dqgen_fresh/dqgen": med["dqgen_fresh"] / med["dqgen"]}
-    ratios.update({f"{n}/dqgen_fresh": med[n] / med["dqgen_fresh"] for n in SLOW if n in med})
-    return {"shape": [rows, cols], "int": int_name, "float": float_name, "group": group,
+    return report.complete_ratios({
+            "shape": [rows, cols], "int": int_name, "float": float_name, "group": group,
             "threads": threads, "foreign_cpus": meter.foreign, "attempts": attempts,
-            "noisy": meter.foreign is not None and meter.foreign > cfg.noisy,
+            "noisy": noisy, "spread": spread,
             "bytes_stream": bytes_stream, "bytes_dqgen": bytes_dqgen, "kernel": str(plan.sku()),
             "torch_equals_dqgen": agree,
-            "ratios": ratios, "stats": {n: summarize(t) for n, t in times.items()},
+            "ratios": {}, "stats": {n: summarize(t) for n, t in times.items()},
             "gbps": {"dqgen": bytes_dqgen / med["dqgen"] / 1e9,
                      "stream": bytes_stream / med["stream"] / 1e9,
                      "stream_nt": bytes_stream / med["stream_nt"] / 1e9},
-            "samples_s": times}
+            "samples_s": times})
 
 
 def run_overhead(stream: Stream, cfg: Config) -> dict:
@@ -386,6 +393,18 @@ def machine_info(stream: Stream) -> dict:
     return info
 
 
+def source_label() -> str:
+    """The commit measured, and whether the kernel sources differ from it."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "dqgen", "templates"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    return f"commit {head}" + (" with uncommitted changes in dqgen/ or templates/" if dirty else "")
+
+
 def _import_torch(args):
     if args.no_torch:
         return None
@@ -406,6 +425,7 @@ def run_cpu(args: argparse.Namespace, argv: list[str]) -> dict:
     from bench_jit import run_jit
 
     cfg = make_config(args)
+    label = source_label()  # before the run: the tree may change while it runs
     patience = Patience(cfg.wait_quiet)
     start_foreign = patience.wait(60, cfg.noisy)
     loadavg_start = os.getloadavg()
@@ -434,7 +454,7 @@ def run_cpu(args: argparse.Namespace, argv: list[str]) -> dict:
                         cases.append(c)
                         print(f"  {report.case_label(c):38s} dqgen/stream {c['ratios']['dqgen/stream']:5.2f}  "
                               f"numpy/dqgen {report.ratio_text(c, 'numpy/dqgen_fresh', 1):>5s}  torch op/dqgen "
-                              f"{report.ratio_text(c, 'torch_op/dqgen_fresh', 1):>5s}  other CPUs {report.foreign_text(c)}  "
+                              f"{report.ratio_text(c, 'torch_op/dqgen_fresh', 1):>5s}  noise {report.noise_text(c)}  "
                               f"[{time.perf_counter() - started:.0f} s]", flush=True)
         set_threads(1, torch)
         overhead = run_overhead(stream, cfg)
@@ -445,13 +465,15 @@ def run_cpu(args: argparse.Namespace, argv: list[str]) -> dict:
             os.environ["DQGEN_NUM_THREADS"] = saved
     jit = None if args.no_jit else run_jit(*cfg.jit_trials)
     result = {
-        "date": _now(), "command": " ".join(["python tools/bench.py", *argv]), "machine": info,
+        "date": _now(), "command": shlex.join(["python", "tools/bench.py", *argv]), "machine": info,
+        "measured": args.label or label,
         "foreign_cpus_start": start_foreign, "loadavg_start": loadavg_start,
         "loadavg_end": os.getloadavg(), "elapsed_s": time.perf_counter() - started,
         "config": {"shapes": cfg.shapes, "dtypes": cfg.dtypes, "groups": cfg.groups,
                    "threads": cfg.threads, "baseline_groups": cfg.baseline_groups,
                    "baseline_ints": cfg.baseline_ints,
-                   "repeat": cfg.repeat, "warmup": cfg.warmup, "retries": cfg.retries,
+                   "repeat": cfg.repeat, "small_repeat": max(cfg.repeat, SMALL_REPEAT),
+                   "small_burst": SMALL_BURST, "warmup": cfg.warmup, "retries": cfg.retries,
                    "noisy_threshold_cpus": cfg.noisy, "wait_quiet_s": cfg.wait_quiet,
                    "wait_quiet_left_s": patience.left},
         "stream": {"source": "tools/stream_baseline.c", "command": stream.command,
@@ -482,7 +504,11 @@ def main(argv: list[str] | None = None) -> int:
                 prefix = Path(args.out) if args.out else ROOT / "docs" / "bench-cuda"
                 _write(prefix.with_name(prefix.name + ".json"), json.dumps(result, indent=1) + "\n")
         return 0
-    result = run_cpu(args, argv)
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+        result["targets"] = report.evaluate(result["cases"], result.get("jit"))
+    else:
+        result = run_cpu(args, argv)
     report.print_report(result)
     if not args.no_write:
         prefix = Path(args.out) if args.out else ROOT / "docs" / ("bench-quick" if args.quick else "bench")

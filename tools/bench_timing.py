@@ -13,10 +13,16 @@ import sys
 import time
 
 
-def interleaved(calls: dict, repeat: int, warmup: int, seed: int = 0) -> dict[str, list[float]]:
-    """Seconds a call for each contender: one call of each per repetition, in an order
+def interleaved(calls: dict, repeat: int, warmup: int, seed: int = 0,
+                burst: int = 1) -> dict[str, list[float]]:
+    """Seconds a call for each contender: one turn of each per repetition, in an order
     shuffled every repetition (seeded), so that no contender always runs first or always
-    follows the same one (whose cache footprint or idle threads it would inherit)."""
+    follows the same one.
+
+    With ``burst`` > 1 a turn is one untimed call and then ``burst`` timed back-to-back
+    calls (their mean is the sample): the steady state of a call repeated in a loop, for
+    problems small enough that the previous contender's cache footprint would otherwise
+    decide the time."""
     names = list(calls)
     times: dict[str, list[float]] = {n: [] for n in names}
     clock = time.perf_counter_ns
@@ -26,12 +32,21 @@ def interleaved(calls: dict, repeat: int, warmup: int, seed: int = 0) -> dict[st
         order.shuffle(sequence)
         for name in sequence:
             fn = calls[name]
-            t0 = clock()
-            result = fn()
-            t1 = clock()
-            del result  # a fresh output is freed outside the timed region
+            if burst > 1:
+                result = fn()
+                del result
+                t0 = clock()
+                for _ in range(burst):
+                    result = fn()
+                    del result
+                t1 = clock()
+            else:
+                t0 = clock()
+                result = fn()
+                t1 = clock()
+                del result  # a fresh output is freed outside the timed region
             if rep >= warmup:
-                times[name].append((t1 - t0) * 1e-9)
+                times[name].append((t1 - t0) * 1e-9 / burst)
     return times
 
 
@@ -39,6 +54,14 @@ def summarize(samples: list[float]) -> dict:
     s = sorted(samples)
     return {"median_s": statistics.median(s), "min_s": s[0], "max_s": s[-1],
             "q1_s": s[len(s) // 4], "q3_s": s[(3 * len(s)) // 4], "n": len(s)}
+
+
+def spread_out(samples: list[float], factor: float = 2.0) -> bool:
+    """True when the upper quartile exceeds ``factor`` times the lower one: a bimodal
+    sample (on this VM, fresh memory sometimes stalls for hundreds of ms) whose median
+    may sit in either mode."""
+    s = sorted(samples)
+    return len(s) >= 4 and s[(3 * len(s)) // 4] > factor * s[len(s) // 4]
 
 
 class LoadMeter:

@@ -62,10 +62,11 @@ static inline void store_block_f16(uint16_t *dst, const float *src, int streamin
 {
     for (int k = 0; k < 64; k += 8) {
         const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + k), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        if (streaming)
+        if (streaming) {
             _mm_stream_si128((__m128i *)(dst + k), h);
-        else
+        } else {
             _mm_storeu_si128((__m128i *)(dst + k), h);
+        }
     }
 }
 

@@ -55,34 +55,26 @@ static inline uint16_t store_bf16(float value)
     return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? quiet_nan : rounded);
 }
 
-/* s8 -> float eight lanes an instruction (exact): the compiler's own widening
- * takes several shuffles for the same. */
-static inline void load_block_s8(const int8_t *src, float *dst)
+/* The dequantize fast path keeps eight elements in one AVX register from load to store:
+ * q widens exactly to float, the element formula below runs on the vector (GCC/Clang
+ * vector arithmetic, a scalar operand applying to every lane), and the result is
+ * narrowed and stored here. */
+static inline __m256 load8_s8(const int8_t *src)
 {
-    for (int k = 0; k < 64; k += 8)
-        _mm256_storeu_ps(dst + k, _mm256_cvtepi32_ps(
-            _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(src + k)))));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)src)));
 }
 
-/* store_bf16 for finite values, sixteen lanes at a time in AVX2 registers (same rounding;
- * overflow still rounds to Inf); a block of 64 elements is staged through a
- * float array so the math loop vectorizes on its own. */
-static inline void store_block_bf16(uint16_t *dst, const float *src, int streaming)
+static inline void store8_bf16(uint16_t *dst, __m256 v, int streaming)
 {
-    const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff);
-    for (int k = 0; k < 64; k += 16) {
-        const __m256i u0 = _mm256_castps_si256(_mm256_loadu_ps(src + k));
-        const __m256i r0 = _mm256_srli_epi32(_mm256_add_epi32(
-            _mm256_add_epi32(u0, bias), _mm256_and_si256(_mm256_srli_epi32(u0, 16), one)), 16);
-        const __m256i u1 = _mm256_castps_si256(_mm256_loadu_ps(src + k + 8));
-        const __m256i r1 = _mm256_srli_epi32(_mm256_add_epi32(
-            _mm256_add_epi32(u1, bias), _mm256_and_si256(_mm256_srli_epi32(u1, 16), one)), 16);
-        /* packus interleaves 128-bit lanes; the permute puts them back in order */
-        const __m256i h = _mm256_permute4x64_epi64(_mm256_packus_epi32(r0, r1), 0xd8);
-        if (streaming)
-            _mm256_stream_si256((__m256i *)(dst + k), h);
-        else
-            _mm256_storeu_si256((__m256i *)(dst + k), h);
+    /* store_bf16 for finite values (same rounding; overflow still rounds to Inf) */
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
+                                                         _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))), 16);
+    const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    if (streaming) {
+        _mm_stream_si128((__m128i *)(dst), h);
+    } else {
+        _mm_storeu_si128((__m128i *)(dst), h);
     }
 }
 
@@ -101,16 +93,11 @@ static void run_groups(int64_t g_begin, int64_t g_end,
         if (zp >= -16776960 && zp <= 16776960 && isfinite(s)) {
             /* |q - zp| < 2^24: both operands and the difference are exact in float, so
              * the float subtraction equals the exact integer one and vectorizes.
-             * A finite scale gives no NaN, which store_block_bf16 relies on. */
+             * A finite scale gives no NaN, which store8_bf16 relies on. */
             const float zp_c = (float)zp;
-            for (int64_t j0 = 0; j0 < 128; j0 += 64) {
-                float q_block[64];
-                load_block_s8(q + base + j0, q_block);
-                float y_block[64];
-                for (int k = 0; k < 64; ++k) {
-                    y_block[k] = (q_block[k] - zp_c) * s;
-                }
-                store_block_bf16(y + base + j0, y_block, streaming);
+            for (int64_t k = 0; k < 128; k += 8) {
+                const __m256 q_v = load8_s8(q + base + k);
+                store8_bf16(y + base + k, (q_v - zp_c) * s, streaming);
             }
             continue;
         }
@@ -128,9 +115,9 @@ void dqgen_dequant_pg_s8_bf16_g128(const int8_t *q, const uint16_t *scale, const
     if (n_groups <= 0)
         return;
     /* Non-temporal stores for outputs too large to stay cached, when y is aligned
-     * to the 32-byte stores (every group then is: see the schedule). */
+     * to the 16-byte stores (every group then is: see the schedule). */
     const int streaming = n_groups * GROUP_SIZE * (int64_t)sizeof(*y) >= 16777216
-                          && ((uintptr_t)y % 32) == 0;
+                          && ((uintptr_t)y % 16) == 0;
     if (n_groups * GROUP_SIZE >= PARALLEL_MIN_ELEMENTS && num_threads <= 0)
         num_threads = omp_get_max_threads();   /* 0 asks for OpenMP's default */
     if (n_groups * GROUP_SIZE >= PARALLEL_MIN_ELEMENTS && num_threads > 1) {

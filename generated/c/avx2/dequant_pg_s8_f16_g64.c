@@ -81,26 +81,24 @@ static inline uint16_t store_f16(float value)
     return h | (uint16_t)(sign >> 16);
 }
 
-/* F16C, eight lanes an instruction, rounding to nearest-even; a block of 64
- * elements is staged through a float array so the math loop vectorizes on its own. */
-static inline void store_block_f16(uint16_t *dst, const float *src, int streaming)
+/* The dequantize fast path keeps eight elements in one AVX register from load to store:
+ * q widens exactly to float, the element formula below runs on the vector (GCC/Clang
+ * vector arithmetic, a scalar operand applying to every lane), and the result is
+ * narrowed and stored here. */
+static inline __m256 load8_s8(const int8_t *src)
 {
-    for (int k = 0; k < 64; k += 8) {
-        const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(src + k), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        if (streaming)
-            _mm_stream_si128((__m128i *)(dst + k), h);
-        else
-            _mm_storeu_si128((__m128i *)(dst + k), h);
-    }
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)src)));
 }
 
-/* s8 -> float eight lanes an instruction (exact): the compiler's own widening
- * takes several shuffles for the same. */
-static inline void load_block_s8(const int8_t *src, float *dst)
+static inline void store8_f16(uint16_t *dst, __m256 v, int streaming)
 {
-    for (int k = 0; k < 64; k += 8)
-        _mm256_storeu_ps(dst + k, _mm256_cvtepi32_ps(
-            _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(src + k)))));
+    /* F16C rounds to nearest-even */
+    const __m128i h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    if (streaming) {
+        _mm_stream_si128((__m128i *)(dst), h);
+    } else {
+        _mm_storeu_si128((__m128i *)(dst), h);
+    }
 }
 
 /* Groups [g_begin, g_end) of the flat problem, on the calling thread. */
@@ -119,14 +117,9 @@ static void run_groups(int64_t g_begin, int64_t g_end,
             /* |q - zp| < 2^24: both operands and the difference are exact in float, so
              * the float subtraction equals the exact integer one and vectorizes. */
             const float zp_c = (float)zp;
-            for (int64_t j0 = 0; j0 < 64; j0 += 64) {
-                float q_block[64];
-                load_block_s8(q + base + j0, q_block);
-                float y_block[64];
-                for (int k = 0; k < 64; ++k) {
-                    y_block[k] = (q_block[k] - zp_c) * s;
-                }
-                store_block_f16(y + base + j0, y_block, streaming);
+            for (int64_t k = 0; k < 64; k += 8) {
+                const __m256 q_v = load8_s8(q + base + k);
+                store8_f16(y + base + k, (q_v - zp_c) * s, streaming);
             }
             continue;
         }

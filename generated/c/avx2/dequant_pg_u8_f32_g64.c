@@ -35,25 +35,23 @@ static inline float int_diff_to_compute(int32_t q, int32_t zp)
     return (float)((double)q - (double)zp);
 }
 
-/* Copies a staged block out, bypassing the caches for large outputs (see the entry point). */
-static inline void store_block_f32(float *dst, const float *src, int streaming)
+/* The dequantize fast path keeps eight elements in one AVX register from load to store:
+ * q widens exactly to float, the element formula below runs on the vector (GCC/Clang
+ * vector arithmetic, a scalar operand applying to every lane), and the result is
+ * narrowed and stored here. */
+static inline __m256 load8_u8(const uint8_t *src)
 {
-    for (int k = 0; k < 64; k += 8) {
-        const __m256 v = _mm256_loadu_ps(src + k);
-        if (streaming)
-            _mm256_stream_ps(dst + k, v);
-        else
-            _mm256_storeu_ps(dst + k, v);
-    }
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)src)));
 }
 
-/* u8 -> float eight lanes an instruction (exact): the compiler's own widening
- * takes several shuffles for the same. */
-static inline void load_block_u8(const uint8_t *src, float *dst)
+static inline void store8_f32(float *dst, __m256 v, int streaming)
 {
-    for (int k = 0; k < 64; k += 8)
-        _mm256_storeu_ps(dst + k, _mm256_cvtepi32_ps(
-            _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(src + k)))));
+    if (streaming) {
+        _mm_stream_ps(dst, _mm256_castps256_ps128(v));
+        _mm_stream_ps(dst + 4, _mm256_extractf128_ps(v, 1));
+    } else {
+        _mm256_storeu_ps((dst), v);
+    }
 }
 
 /* Groups [g_begin, g_end) of the flat problem, on the calling thread. */
@@ -72,14 +70,9 @@ static void run_groups(int64_t g_begin, int64_t g_end,
             /* |q - zp| < 2^24: both operands and the difference are exact in float, so
              * the float subtraction equals the exact integer one and vectorizes. */
             const float zp_c = (float)zp;
-            for (int64_t j0 = 0; j0 < 64; j0 += 64) {
-                float q_block[64];
-                load_block_u8(q + base + j0, q_block);
-                float y_block[64];
-                for (int k = 0; k < 64; ++k) {
-                    y_block[k] = (q_block[k] - zp_c) * s;
-                }
-                store_block_f32(y + base + j0, y_block, streaming);
+            for (int64_t k = 0; k < 64; k += 8) {
+                const __m256 q_v = load8_u8(q + base + k);
+                store8_f32(y + base + k, (q_v - zp_c) * s, streaming);
             }
             continue;
         }
@@ -97,9 +90,9 @@ void dqgen_dequant_pg_u8_f32_g64(const uint8_t *q, const float *scale, const int
     if (n_groups <= 0)
         return;
     /* Non-temporal stores for outputs too large to stay cached, when y is aligned
-     * to the 32-byte stores (every group then is: see the schedule). */
+     * to the 16-byte stores (every group then is: see the schedule). */
     const int streaming = n_groups * GROUP_SIZE * (int64_t)sizeof(*y) >= 16777216
-                          && ((uintptr_t)y % 32) == 0;
+                          && ((uintptr_t)y % 16) == 0;
     if (n_groups * GROUP_SIZE >= PARALLEL_MIN_ELEMENTS && num_threads <= 0)
         num_threads = omp_get_max_threads();   /* 0 asks for OpenMP's default */
     if (n_groups * GROUP_SIZE >= PARALLEL_MIN_ELEMENTS && num_threads > 1) {

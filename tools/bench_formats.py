@@ -1,0 +1,125 @@
+"""Checkpoint-format rows of the benchmark: GGML blocks against the gguf package, GPTQ
+4-bit against a numpy unpack-and-scale path.
+
+Run by ``tools/bench.py --formats`` (or alone: ``python tools/bench_formats.py``). Times
+are medians of interleaved repetitions in one process; only the ratios are reported as
+results, since absolute times on a shared machine are noisy. Every dqgen result is first
+checked bit for bit against its contender's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_timing import interleaved, summarize  # noqa: E402
+
+import dqgen  # noqa: E402
+from dqgen.formats import ggml, gptq  # noqa: E402
+from dqgen.formats.pack import quantize_gptq  # noqa: E402
+
+# A 16 MiB f32 output is reused by the allocator call after call; a 64 MiB one is new
+# memory each call, whose page faults (the kernel zeroing it) cost about as much as the
+# dequantization itself, for dqgen and gguf alike.
+GGML_SHAPES = ((1024, 4096), (4096, 4096))
+GPTQ_SHAPE = (4096, 11008)   # [K, N]: in_features x out_features of an MLP projection
+GPTQ_GROUP = 128
+
+
+def numpy_gptq(qweight, qzeros, scales, g_idx, bits=4):
+    """The numpy way: unpack every word with shifts, gather per-row groups, scale (v1)."""
+    pack = 32 // bits
+    mask = (1 << bits) - 1
+    shifts = (np.arange(pack, dtype=np.uint32) * bits)[None, :, None]
+    words = qweight.view(np.uint32)
+    q = ((words[:, None, :] >> shifts) & mask).reshape(-1, words.shape[1])
+    zwords = qzeros.view(np.uint32)
+    z = ((zwords[:, :, None] >> shifts.reshape(1, 1, -1)) & mask).reshape(zwords.shape[0], -1) + 1
+    g = g_idx.astype(np.int64)
+    diff = q.astype(np.int32) - z[g].astype(np.int32)
+    return (diff.astype(np.float32) * scales[g].astype(np.float32)).astype(np.float16)
+
+
+def _row(name: str, times: dict, ours: str, theirs: str) -> dict:
+    a, b = summarize(times[ours]), summarize(times[theirs])
+    return {"case": name, "dqgen_ms": a["median_s"] * 1e3, "baseline": theirs,
+            "baseline_ms": b["median_s"] * 1e3, "speedup": b["median_s"] / a["median_s"]}
+
+
+def bench_ggml(repeat: int) -> list[dict]:
+    import gguf
+    rng = np.random.default_rng(0)
+    rows = []
+    for shape in GGML_SHAPES:
+        x = rng.standard_normal(shape, dtype=np.float32)
+        for name in ("Q4_0", "Q8_0"):
+            qtype = getattr(gguf.GGMLQuantizationType, name)
+            data = gguf.quants.quantize(x, qtype)
+            ours, theirs = ggml.dequantize(data, name), gguf.quants.dequantize(data, qtype)
+            if not np.array_equal(ours.view(np.uint32), theirs.view(np.uint32)):
+                raise SystemExit(f"GGML {name}: dqgen and gguf disagree")
+            times = interleaved({"dqgen": lambda: ggml.dequantize(data, name),
+                                 "gguf": lambda: gguf.quants.dequantize(data, qtype)},
+                                repeat=repeat, warmup=1)
+            rows.append(_row(f"GGML {name} {list(shape)} -> f32", times, "dqgen", "gguf"))
+    return rows
+
+
+def bench_gptq(repeat: int) -> list[dict]:
+    rng = np.random.default_rng(1)
+    k, n = GPTQ_SHAPE
+    w = rng.standard_normal((k, n), dtype=np.float32) * 0.02
+    rows = []
+    for label, perm in (("", None), (", act-order", rng.permutation(k))):
+        layer = quantize_gptq(w, GPTQ_GROUP, bits=4, perm=perm)
+        args = (layer["qweight"], layer["qzeros"], layer["scales"], layer["g_idx"])
+        ours = gptq.dequantize(*args, bits=4)
+        theirs = numpy_gptq(*args)
+        if not np.array_equal(ours.view(np.uint16), theirs.view(np.uint16)):
+            raise SystemExit(f"GPTQ{label}: dqgen and the numpy path disagree")
+        times = interleaved({"dqgen": lambda: gptq.dequantize(*args, bits=4),
+                             "numpy": lambda: numpy_gptq(*args)}, repeat=repeat, warmup=1)
+        rows.append(_row(f"GPTQ 4-bit {list(GPTQ_SHAPE)} g{GPTQ_GROUP}{label} -> f16", times,
+                         "dqgen", "numpy"))
+    return rows
+
+
+def run(repeat: int = 10) -> list[dict]:
+    """Every format row (GGML rows only where the gguf package is installed)."""
+    rows = bench_gptq(repeat)
+    try:
+        rows = bench_ggml(repeat) + rows
+    except ImportError:
+        print("gguf is not installed: GGML rows skipped", file=sys.stderr)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| case | dqgen ms | baseline | baseline ms | dqgen speed-up |", "|---|---|---|---|---|"]
+    lines += [f"| {r['case']} | {r['dqgen_ms']:.2f} | {r['baseline']} | {r['baseline_ms']:.1f} | "
+              f"{r['speedup']:.1f}x |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--json", default=None, help="also write the rows here")
+    args = p.parse_args(argv)
+    threads = os.environ.get("DQGEN_NUM_THREADS", "OpenMP default")
+    rows = run(args.repeat)
+    print(f"dqgen {dqgen.__version__}, threads: {threads}")
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
