@@ -149,6 +149,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    "--quick)")
     p.add_argument("--no-torch", action="store_true", help="leave torch out even when installed")
     p.add_argument("--no-jit", action="store_true", help="skip the JIT build/load/select timings")
+    p.add_argument("--no-formats", action="store_true", help="skip the checkpoint-format rows "
+                   "(GGML vs gguf, GPTQ vs numpy; never run with --quick)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--out", default=None, help="output path prefix (default docs/bench; "
                    "docs/bench-quick with --quick; docs/bench-cuda with --device cuda)")
@@ -509,11 +511,22 @@ def main(argv: list[str] | None = None) -> int:
         result["targets"] = report.evaluate(result["cases"], result.get("jit"))
     else:
         result = run_cpu(args, argv)
+        if not (args.quick or args.no_formats):
+            import bench_formats
+            result["formats"] = bench_formats.run()
     report.print_report(result)
+    if result.get("formats"):
+        import bench_formats
+        print(bench_formats.table(result["formats"]))
     if not args.no_write:
         prefix = Path(args.out) if args.out else ROOT / "docs" / ("bench-quick" if args.quick else "bench")
         _write(prefix.with_name(prefix.name + ".json"), json.dumps(result, indent=1) + "\n")
         md = report.markdown(result)
+        if result.get("formats"):
+            import bench_formats
+            md += ("\n### Checkpoint formats\n\nFresh outputs, the OpenMP default thread count; "
+                   "each dqgen result checked bit for bit against its baseline's first.\n\n"
+                   + bench_formats.table(result["formats"]) + "\n")
         _write(prefix.with_name(prefix.name + ".md"), md)
         png = prefix.with_name(prefix.name + ".png")
         note = report.chart(result, png)
