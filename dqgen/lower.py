@@ -117,6 +117,7 @@ class KernelSpec:
     simd_inputs: tuple[str, ...]
     simd_output: bool
     simd_stage_int: bool       # dequantize's fast path runs in AVX registers
+    register_lanes: int        # elements a step of that path (16 pairs bf16 vectors for one pack)
     int_c_type: str
     scalar_tail: bool
     fast_zero_point_limit: int
@@ -221,7 +222,7 @@ def _cpu_simd(desc: _PerGroupDescriptor, target: str, arch: str, out: Param,
     the other ops stage f16 data through float blocks converted eight lanes at a time.
     """
     off = dict(simd_convert="", simd_block=SIMD_BLOCKS[-1], simd_blocks=0, simd_inputs=(),
-               simd_output=False, simd_stage_int=False, scalar_tail=True,
+               simd_output=False, simd_stage_int=False, register_lanes=8, scalar_tail=True,
                fast_needs_finite_scale=False, streaming_min_bytes=0, streaming_align=0)
     if target != "c" or arch not in F16C_ISAS:
         return off
@@ -250,6 +251,7 @@ def _cpu_simd(desc: _PerGroupDescriptor, target: str, arch: str, out: Param,
         simd_convert=convert.value, simd_block=block, simd_blocks=desc.group_size // block,
         simd_inputs=staged_inputs, simd_output=simd_output,
         simd_stage_int=simd_output and dequant, scalar_tail=desc.group_size % block != 0,
+        register_lanes=16 if convert is DType.BF16 and block % 16 == 0 else 8,
         fast_needs_finite_scale=simd_output and convert is DType.BF16,
         streaming_min_bytes=STREAMING_MIN_BYTES if streaming else 0,
         streaming_align=store_bytes if streaming else 0)

@@ -64,17 +64,23 @@ static inline __m256 load8_u8(const uint8_t *src)
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)src)));
 }
 
-static inline void store8_bf16(uint16_t *dst, __m256 v, int streaming)
+/* store_bf16 for finite values, sixteen lanes (same rounding; overflow still rounds to Inf) */
+static inline __m256i round_bf16(__m256 v)
 {
-    /* store_bf16 for finite values (same rounding; overflow still rounds to Inf) */
     const __m256i u = _mm256_castps_si256(v);
-    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
-                                                         _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))), 16);
-    const __m128i h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
+                                              _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))), 16);
+}
+
+static inline void store16_bf16(uint16_t *dst, __m256 v0, __m256 v1, int streaming)
+{
+    /* packus interleaves 128-bit lanes; the permute puts them back in order */
+    const __m256i h = _mm256_permute4x64_epi64(_mm256_packus_epi32(round_bf16(v0), round_bf16(v1)), 0xd8);
     if (streaming) {
-        _mm_stream_si128((__m128i *)(dst), h);
+        _mm_stream_si128((__m128i *)(dst), _mm256_castsi256_si128(h));
+        _mm_stream_si128((__m128i *)(dst + 8), _mm256_extracti128_si256(h, 1));
     } else {
-        _mm_storeu_si128((__m128i *)(dst), h);
+        _mm256_storeu_si256((__m256i *)(dst), h);
     }
 }
 
@@ -93,11 +99,19 @@ static void run_groups(int64_t g_begin, int64_t g_end,
         if (zp >= -16776960 && zp <= 16776960 && isfinite(s)) {
             /* |q - zp| < 2^24: both operands and the difference are exact in float, so
              * the float subtraction equals the exact integer one and vectorizes.
-             * A finite scale gives no NaN, which store8_bf16 relies on. */
+             * A finite scale gives no NaN, which the SIMD bf16 store relies on. */
             const float zp_c = (float)zp;
-            for (int64_t k = 0; k < 64; k += 8) {
-                const __m256 q_v = load8_u8(q + base + k);
-                store8_bf16(y + base + k, (q_v - zp_c) * s, streaming);
+            for (int64_t k = 0; k < 64; k += 16) {
+                __m256 y_v0, y_v1;
+                {
+                    const __m256 q_v = load8_u8(q + base + k);
+                    y_v0 = (q_v - zp_c) * s;
+                }
+                {
+                    const __m256 q_v = load8_u8(q + base + k + 8);
+                    y_v1 = (q_v - zp_c) * s;
+                }
+                store16_bf16(y + base + k, y_v0, y_v1, streaming);
             }
             continue;
         }
