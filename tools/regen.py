@@ -18,11 +18,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's dqgen and templates, installed or not
+
+try:
+    import ml_dtypes  # noqa: F401  (a dependency of dqgen: is this interpreter set up?)
+except ImportError:
+    # Run by an interpreter without the project's dependencies (a bare python3): use the
+    # checkout's virtual environment, as the README sets it up, when there is one.
+    venv_python = ROOT / ".venv" / "bin" / "python"
+    if venv_python.is_file() and Path(sys.prefix).resolve() != (ROOT / ".venv").resolve():
+        os.execv(str(venv_python), [str(venv_python), __file__, *sys.argv[1:]])
+    raise
 
 from dqgen import aot, render  # noqa: E402
 from dqgen.lower import lower  # noqa: E402
