@@ -40,6 +40,14 @@ class PrecisionGuarantee:
     bit_stable: bool
 
 
+def precision_of(kernel: Kernel) -> PrecisionGuarantee:
+    """Every dqgen kernel computes in its compute type with one rounding per operation and
+    no reduction, so it is deterministic and bit-stable across runs and thread counts."""
+    compute = kernel.spec.compute_dtype.value
+    return PrecisionGuarantee(math_precision=compute, accumulator=compute,
+                              deterministic=True, bit_stable=True)
+
+
 @dataclass(frozen=True)
 class KernelSku:
     """A kernel's identity: stable across processes, printable."""
@@ -229,9 +237,7 @@ class _PerGroupPlan:
         return 0
 
     def precision_guarantee(self) -> PrecisionGuarantee:
-        compute = self._kernel.spec.compute_dtype.value
-        return PrecisionGuarantee(math_precision=compute, accumulator=compute,
-                                  deterministic=True, bit_stable=True)
+        return precision_of(self._kernel)
 
     def sku(self) -> KernelSku:
         k = self._kernel

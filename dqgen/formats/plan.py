@@ -18,7 +18,7 @@ from ..ir import (AwqDequantizeDescriptor, DType, GgmlDequantizeDescriptor,
                   GptqDequantizeDescriptor, Op, _PerGroupDescriptor)
 from ..isa import check_isa, host_isa, supported_isas
 from ..jit import Kernel, get_kernel
-from ..plans import KernelSku, PlanPreference, PrecisionGuarantee, _parse_device
+from ..plans import KernelSku, PlanPreference, PrecisionGuarantee, _parse_device, precision_of
 from ..runtime import cpu as cpu_runtime
 
 
@@ -135,9 +135,7 @@ class FormatPlan:
         return 0
 
     def precision_guarantee(self) -> PrecisionGuarantee:
-        compute = self._kernel.spec.compute_dtype.value
-        return PrecisionGuarantee(math_precision=compute, accumulator=compute,
-                                  deterministic=True, bit_stable=True)
+        return precision_of(self._kernel)
 
     def sku(self) -> KernelSku:
         k, s = self._kernel, self._kernel.spec
