@@ -1,10 +1,14 @@
 """Checkpoint-format rows of the benchmark: GGML blocks against the gguf package, GPTQ
 4-bit against a numpy unpack-and-scale path.
 
-Run by ``tools/bench.py --formats`` (or alone: ``python tools/bench_formats.py``). Times
-are medians of interleaved repetitions in one process; only the ratios are reported as
-results, since absolute times on a shared machine are noisy. Every dqgen result is first
-checked bit for bit against its contender's.
+Run by ``tools/bench.py`` (or alone: ``python tools/bench_formats.py``). Times are medians
+of interleaved repetitions in one process; only the ratios are reported as results, since
+absolute times on a shared machine are noisy. Every dqgen result is first checked bit for
+bit against its contender's. Four contenders a row: dqgen returning a fresh array, dqgen
+writing a caller's buffer (``out=``), the baseline (fresh, as it only can), and the stream
+of tools/stream_baseline.c over one byte in and one output element out per value (at
+least the bytes any dequantizer moves), whose time gives the largest speed-up over the
+baseline that memory bandwidth allows (``bound``).
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_stream import Stream  # noqa: E402
 from bench_timing import interleaved, summarize  # noqa: E402
 
 import dqgen  # noqa: E402
@@ -46,13 +52,28 @@ def numpy_gptq(qweight, qzeros, scales, g_idx, bits=4):
     return (diff.astype(np.float32) * scales[g].astype(np.float32)).astype(np.float16)
 
 
-def _row(name: str, times: dict, ours: str, theirs: str) -> dict:
-    a, b = summarize(times[ours]), summarize(times[theirs])
-    return {"case": name, "dqgen_ms": a["median_s"] * 1e3, "baseline": theirs,
-            "baseline_ms": b["median_s"] * 1e3, "speedup": b["median_s"] / a["median_s"]}
+def _threads() -> int:
+    """The thread count dqgen's kernels use here (OpenMP's default is every CPU we may run on)."""
+    return int(os.environ.get("DQGEN_NUM_THREADS") or len(os.sched_getaffinity(0)))
 
 
-def bench_ggml(repeat: int) -> list[dict]:
+def _row(name: str, times: dict, baseline: str) -> dict:
+    med = {k: summarize(v)["median_s"] for k, v in times.items()}
+    return {"case": name, "dqgen_ms": med["dqgen"] * 1e3, "dqgen_out_ms": med["dqgen_out"] * 1e3,
+            "baseline": baseline, "baseline_ms": med[baseline] * 1e3,
+            "stream_ms": med["stream"] * 1e3, "speedup": med[baseline] / med["dqgen"],
+            "speedup_out": med[baseline] / med["dqgen_out"], "bound": med[baseline] / med["stream"]}
+
+
+def _contenders(stream: Stream, fresh, into, baseline: str, theirs, values: int, out) -> dict:
+    """The four calls of a row; ``into(out)`` writes the caller's buffer ``out``."""
+    q = np.zeros(values, np.int8)
+    sink = np.empty(values, out.dtype if out.dtype.itemsize != 2 else np.int16)
+    return {"dqgen": fresh, "dqgen_out": lambda: into(out), baseline: theirs,
+            "stream": stream.bind(q, sink, False, _threads())}
+
+
+def bench_ggml(repeat: int, stream: Stream) -> list[dict]:
     import gguf
     rng = np.random.default_rng(0)
     rows = []
@@ -64,14 +85,15 @@ def bench_ggml(repeat: int) -> list[dict]:
             ours, theirs = ggml.dequantize(data, name), gguf.quants.dequantize(data, qtype)
             if not np.array_equal(ours.view(np.uint32), theirs.view(np.uint32)):
                 raise SystemExit(f"GGML {name}: dqgen and gguf disagree")
-            times = interleaved({"dqgen": lambda: ggml.dequantize(data, name),
-                                 "gguf": lambda: gguf.quants.dequantize(data, qtype)},
-                                repeat=repeat, warmup=1)
-            rows.append(_row(f"GGML {name} {list(shape)} -> f32", times, "dqgen", "gguf"))
+            calls = _contenders(stream, lambda: ggml.dequantize(data, name),
+                                lambda out: ggml.dequantize(data, name, out=out), "gguf",
+                                lambda: gguf.quants.dequantize(data, qtype), x.size, ours)
+            times = interleaved(calls, repeat=repeat, warmup=1)
+            rows.append(_row(f"GGML {name} {list(shape)} -> f32", times, "gguf"))
     return rows
 
 
-def bench_gptq(repeat: int) -> list[dict]:
+def bench_gptq(repeat: int, stream: Stream) -> list[dict]:
     rng = np.random.default_rng(1)
     k, n = GPTQ_SHAPE
     w = rng.standard_normal((k, n), dtype=np.float32) * 0.02
@@ -83,27 +105,34 @@ def bench_gptq(repeat: int) -> list[dict]:
         theirs = numpy_gptq(*args)
         if not np.array_equal(ours.view(np.uint16), theirs.view(np.uint16)):
             raise SystemExit(f"GPTQ{label}: dqgen and the numpy path disagree")
-        times = interleaved({"dqgen": lambda: gptq.dequantize(*args, bits=4),
-                             "numpy": lambda: numpy_gptq(*args)}, repeat=repeat, warmup=1)
+        calls = _contenders(stream, lambda: gptq.dequantize(*args, bits=4),
+                            lambda out: gptq.dequantize(*args, bits=4, out=out), "numpy",
+                            lambda: numpy_gptq(*args), k * n, ours)
+        times = interleaved(calls, repeat=repeat, warmup=1)
         rows.append(_row(f"GPTQ 4-bit {list(GPTQ_SHAPE)} g{GPTQ_GROUP}{label} -> f16", times,
-                         "dqgen", "numpy"))
+                         "numpy"))
     return rows
 
 
 def run(repeat: int = 10) -> list[dict]:
     """Every format row (GGML rows only where the gguf package is installed)."""
-    rows = bench_gptq(repeat)
-    try:
-        rows = bench_ggml(repeat) + rows
-    except ImportError:
-        print("gguf is not installed: GGML rows skipped", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="dqgen-bench-") as work:
+        stream = Stream(Path(work))
+        stream.check()
+        rows = bench_gptq(repeat, stream)
+        try:
+            rows = bench_ggml(repeat, stream) + rows
+        except ImportError:
+            print("gguf is not installed: GGML rows skipped", file=sys.stderr)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| case | dqgen ms | baseline | baseline ms | dqgen speed-up |", "|---|---|---|---|---|"]
-    lines += [f"| {r['case']} | {r['dqgen_ms']:.2f} | {r['baseline']} | {r['baseline_ms']:.1f} | "
-              f"{r['speedup']:.1f}x |" for r in rows]
+    lines = ["| case | dqgen ms (fresh / out=) | baseline | baseline ms | stream ms "
+             "| dqgen speed-up (fresh / out=) | bound |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['case']} | {r['dqgen_ms']:.2f} / {r['dqgen_out_ms']:.2f} | {r['baseline']} | "
+              f"{r['baseline_ms']:.1f} | {r['stream_ms']:.2f} | {r['speedup']:.1f}x / "
+              f"{r['speedup_out']:.1f}x | {r['bound']:.1f}x |" for r in rows]
     return "\n".join(lines)
 
 
@@ -112,9 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
-    threads = os.environ.get("DQGEN_NUM_THREADS", "OpenMP default")
     rows = run(args.repeat)
-    print(f"dqgen {dqgen.__version__}, threads: {threads}")
+    print(f"dqgen {dqgen.__version__}, threads: {_threads()}")
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")

@@ -51,7 +51,27 @@ def group_index(obj, rows: int, groups: int) -> np.ndarray:
     return arr.astype(np.int32, copy=False)
 
 
-def output(shape: tuple[int, ...], dtype: DType, like):
-    """An empty result array and how to return it (torch in, torch out)."""
-    arr = np.empty(shape, dtype=dtype.np_dtype)
-    return arr, (lambda: from_numpy_like(arr, like))
+def output(shape: tuple[int, ...], dtype: DType, like, out=None,
+           result_shape: tuple[int, ...] | None = None):
+    """The array the kernel writes (viewed as ``shape``) and how to return the result.
+
+    Without ``out``: a new array, returned as the same kind as ``like`` (torch in, torch
+    out). With ``out`` (a numpy array or CPU tensor of the result's dtype and shape,
+    ``result_shape`` where it differs from ``shape``): written in place and returned, so a
+    caller can reuse one buffer layer after layer (the plan checks it is writable and
+    overlaps no input).
+    """
+    if out is None:
+        arr = np.empty(shape, dtype=dtype.np_dtype)
+        return arr, (lambda: from_numpy_like(arr, like))
+    arr = to_numpy(out, "out")
+    expected = tuple(result_shape if result_shape is not None else shape)
+    if arr.dtype != dtype.np_dtype:
+        raise InvalidProblemError(f"out has dtype {arr.dtype}, expected {dtype.value}")
+    if arr.shape != expected:
+        raise InvalidProblemError(f"out has shape {arr.shape}, expected {expected}")
+    if not arr.flags.c_contiguous:
+        raise InvalidProblemError("out must be C-contiguous")
+    if not arr.flags.writeable:
+        raise InvalidProblemError("out is read-only")
+    return arr.reshape(shape), (lambda: out)

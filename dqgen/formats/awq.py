@@ -17,11 +17,13 @@ ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 INVERSE = (0, 4, 1, 5, 2, 6, 3, 7)
 
 
-def dequantize(qweight, qzeros, scales, dtype="f16", group_size=None, device: str = "cpu"):
+def dequantize(qweight, qzeros, scales, dtype="f16", group_size=None, device: str = "cpu",
+               out=None):
     """Unpack and scale an AWQ layer to a ``[K, N]`` float weight (``dtype``, f16 default).
 
     ``qweight`` int32 ``[K, N / 8]``, ``qzeros`` int32 ``[K / G, N / 8]``, ``scales``
-    ``[K / G, N]``; ``group_size`` is inferred from the shapes when not given.
+    ``[K / G, N]``; ``group_size`` is inferred from the shapes when not given. ``out``: a
+    ``[K, N]`` array of ``dtype`` to write instead of allocating one.
     """
     out_dtype = parse_dtype(dtype, "dtype", FLOAT_DTYPES)
     qw = _inputs.words(qweight, "qweight")
@@ -32,7 +34,7 @@ def dequantize(qweight, qzeros, scales, dtype="f16", group_size=None, device: st
     if rows % size:
         raise InvalidProblemError(f"K={rows} is not a multiple of group_size={size}")
     desc = AwqDequantizeDescriptor(rows, cols, size, out_dtype, scale_dtype)
-    y, result = _inputs.output((rows, cols), out_dtype, qweight)
+    y, result = _inputs.output((rows, cols), out_dtype, qweight, out)
     FormatPlan.select(desc, device=device).run(
         {"qweight": qw, "qzeros": qz, "scales": sc, "y": y})
     return result()

@@ -19,12 +19,13 @@ from .plan import FormatPlan
 
 
 def dequantize(q, scale, zero_point, group_size: int, int_dtype=None, q_min=None, q_max=None,
-               device: str = "cpu"):
+               device: str = "cpu", out=None):
     """``x = (q - mid) * scale + zero_point`` per group of ``group_size`` along the last axis.
 
     ``int_dtype`` defaults to ``q``'s (s8 or u8); pass ``"u4"``/``"s4"`` for packed bytes.
     ``q_min``/``q_max`` (for ``mid``) default to the storage type's range. The result has
-    ``scale``'s dtype; ``zero_point`` must have it too.
+    ``scale``'s dtype; ``zero_point`` must have it too. ``out``: an array of the result's
+    dtype and shape to write instead of allocating one.
     """
     if int_dtype is None:
         q2 = _rows(q, "q")
@@ -42,6 +43,7 @@ def dequantize(q, scale, zero_point, group_size: int, int_dtype=None, q_min=None
     group_size = check_int(group_size, "group_size", minimum=1, maximum=2**31 - 1)
     desc = DequantizeFloatZeroDescriptor(rows, axis, group_size, float_dtype, storage,
                                          q_min, q_max)
-    y, result = _inputs.output((rows, axis), float_dtype, q)
+    shape = (*np.shape(q)[:-1], axis)
+    y, result = _inputs.output((rows, axis), float_dtype, q, out, result_shape=shape)
     FormatPlan.select(desc, device=device).run({"q": q2, "scale": s2, "zero_point": z2, "y": y})
-    return result().reshape(*np.shape(q)[:-1], axis)
+    return result() if out is not None else result().reshape(shape)

@@ -22,9 +22,10 @@ def block_bytes(qtype) -> int:
     return GGML_BLOCK_BYTES[parse_ggml_type(qtype)]
 
 
-def dequantize(data, qtype, dtype="f32", device: str = "cpu"):
+def dequantize(data, qtype, dtype="f32", device: str = "cpu", out=None):
     """Dequantize GGML blocks of ``qtype`` ("Q4_0", "Q4_1", "Q5_0", "Q8_0" or a gguf
-    ``GGMLQuantizationType``) to ``dtype`` (f32 default, f16 or bf16)."""
+    ``GGMLQuantizationType``) to ``dtype`` (f32 default, f16 or bf16), into ``out`` when
+    given (an array of that dtype and the result's shape, reused instead of allocated)."""
     layout = parse_ggml_type(qtype)
     out_dtype = parse_dtype(dtype, "dtype", GGML_FLOAT_DTYPES)
     raw = to_numpy(data, "data")
@@ -44,7 +45,8 @@ def dequantize(data, qtype, dtype="f32", device: str = "cpu"):
     blocks = raw.size // bb
     desc = GgmlDequantizeDescriptor(blocks, layout, out_dtype)
     flat = np.ascontiguousarray(raw).reshape(blocks, bb)
-    y, result = _inputs.output((blocks, GGML_BLOCK_VALUES), out_dtype, data)
+    shape = (*raw.shape[:-1], row_bytes // bb * GGML_BLOCK_VALUES)
+    y, result = _inputs.output((blocks, GGML_BLOCK_VALUES), out_dtype, data, out,
+                               result_shape=shape)
     FormatPlan.select(desc, device=device).run({"data": flat, "y": y})
-    out = result()
-    return out.reshape(*raw.shape[:-1], row_bytes // bb * GGML_BLOCK_VALUES)
+    return result() if out is not None else result().reshape(shape)

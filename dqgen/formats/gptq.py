@@ -35,12 +35,13 @@ def infer_group_size(rows: int, groups: int, group_size, act_order: bool) -> int
 
 def dequantize(qweight, qzeros, scales, g_idx=None, bits: int = 4,
                checkpoint_format: str = "gptq", dtype="f16", group_size=None,
-               device: str = "cpu"):
+               device: str = "cpu", out=None):
     """Unpack and scale a GPTQ layer to a ``[K, N]`` float weight (``dtype``, f16 default).
 
     ``qweight`` int32 ``[K * bits / 32, N]``, ``qzeros`` int32 ``[groups, N * bits / 32]``,
     ``scales`` ``[groups, N]`` (any float dtype), ``g_idx`` optional int ``[K]`` (act-order
     permutations allowed). ``group_size`` is inferred from the shapes when not given.
+    ``out``: a ``[K, N]`` array of ``dtype`` to write instead of allocating one.
     """
     bits = check_int(bits, "bits", minimum=0)
     if bits not in GPTQ_BITS:
@@ -59,6 +60,6 @@ def dequantize(qweight, qzeros, scales, g_idx=None, bits: int = 4,
     arrays = {"qweight": qw, "qzeros": qz, "scales": sc}
     if act_order:
         arrays["g_idx"] = _inputs.group_index(g_idx, rows, groups)
-    arrays["y"], result = _inputs.output((rows, cols), out_dtype, qweight)
+    arrays["y"], result = _inputs.output((rows, cols), out_dtype, qweight, out)
     FormatPlan.select(desc, device=device).run(arrays)
     return result()

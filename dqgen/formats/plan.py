@@ -89,6 +89,14 @@ def check_argument(arr, arg: Argument) -> None:
         raise InvalidProblemError(f"{arg.name} is read-only; the output must be writable")
 
 
+def _check_group_range(g_idx: np.ndarray, groups: int) -> None:
+    """The kernel indexes scales and zero points by ``g_idx``: every value must name a
+    group, or it would read outside them."""
+    if g_idx.size and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+        i = int(np.flatnonzero((g_idx < 0) | (g_idx >= groups))[0])
+        raise InvalidProblemError(f"g_idx[{i}]={int(g_idx[i])} is out of range [0, {groups})")
+
+
 class FormatPlan:
     """A checkpoint-layout kernel, selected once (built or loaded) and run many times."""
 
@@ -118,6 +126,8 @@ class FormatPlan:
             raise InvalidProblemError(f"missing arguments: {', '.join(missing)}")
         for arg in self.arguments:
             check_argument(arrays[arg.name], arg)
+        if "g_idx" in arrays and any(a.name == "g_idx" for a in self.arguments):
+            _check_group_range(arrays["g_idx"], self.descriptor.num_groups)
         out = next(a.name for a in self.arguments if a.is_out)
         check_no_overlap(arrays[out], out, {a.name: arrays[a.name]
                                             for a in self.arguments if not a.is_out})

@@ -81,14 +81,15 @@ static inline uint16_t store_f16(float value)
     return h | (uint16_t)(sign >> 16);
 }
 
-/* The dequantize fast path keeps eight elements in one AVX register from load to store:
- * q widens exactly to float, the element formula below runs on the vector (GCC/Clang
- * vector arithmetic, a scalar operand applying to every lane), and the result is
- * narrowed and stored here. */
+/* The dequantize fast path keeps eight elements in one AVX register from load to store
+ * (bf16: sixteen in two): q widens exactly to float, the element formula below runs on
+ * the vector (GCC/Clang vector arithmetic, a scalar operand applying to every lane), and
+ * the result is narrowed and stored here. */
 static inline __m256 load8_s8(const int8_t *src)
 {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)src)));
 }
+
 
 static inline void store8_f16(uint16_t *dst, __m256 v, int streaming)
 {

@@ -55,27 +55,32 @@ static inline uint16_t store_bf16(float value)
     return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? quiet_nan : rounded);
 }
 
-/* The dequantize fast path keeps eight elements in one AVX register from load to store:
- * q widens exactly to float, the element formula below runs on the vector (GCC/Clang
- * vector arithmetic, a scalar operand applying to every lane), and the result is
- * narrowed and stored here. */
-static inline __m256 load8_u8(const uint8_t *src)
+/* The dequantize fast path keeps eight elements in one AVX register from load to store
+ * (bf16: sixteen in two): q widens exactly to float, the element formula below runs on
+ * the vector (GCC/Clang vector arithmetic, a scalar operand applying to every lane), and
+ * the result is narrowed and stored here. */
+/* Sixteen q as two float vectors, the even-indexed elements and the odd ones: each 32-bit
+ * lane of the widened 16-bit vector holds one of each, so a shift pair splits them and
+ * one blend puts the 16-bit results back in order (no pack, no cross-lane permute). */
+static inline void load16_u8(const uint8_t *src, __m256 *even, __m256 *odd)
 {
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)src)));
+    const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)src));
+    *even = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(w, 16), 16));
+    *odd = _mm256_cvtepi32_ps(_mm256_srai_epi32(w, 16));
 }
 
-/* store_bf16 for finite values, sixteen lanes (same rounding; overflow still rounds to Inf) */
-static inline __m256i round_bf16(__m256 v)
+/* store_bf16 for finite values, eight lanes, result in the high half of each lane
+ * (same rounding; overflow still rounds to Inf) */
+static inline __m256i round_bf16_high(__m256 v)
 {
     const __m256i u = _mm256_castps_si256(v);
-    return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
-                                              _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))), 16);
+    return _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
+                            _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)));
 }
 
-static inline void store16_bf16(uint16_t *dst, __m256 v0, __m256 v1, int streaming)
+static inline void store16_bf16(uint16_t *dst, __m256 even, __m256 odd, int streaming)
 {
-    /* packus interleaves 128-bit lanes; the permute puts them back in order */
-    const __m256i h = _mm256_permute4x64_epi64(_mm256_packus_epi32(round_bf16(v0), round_bf16(v1)), 0xd8);
+    const __m256i h = _mm256_blend_epi16(_mm256_srli_epi32(round_bf16_high(even), 16), round_bf16_high(odd), 0xaa);
     if (streaming) {
         _mm_stream_si128((__m128i *)(dst), _mm256_castsi256_si128(h));
         _mm_stream_si128((__m128i *)(dst + 8), _mm256_extracti128_si256(h, 1));
@@ -102,13 +107,14 @@ static void run_groups(int64_t g_begin, int64_t g_end,
              * A finite scale gives no NaN, which the SIMD bf16 store relies on. */
             const float zp_c = (float)zp;
             for (int64_t k = 0; k < 128; k += 16) {
-                __m256 y_v0, y_v1;
+                __m256 q_even, q_odd, y_v0, y_v1;
+                load16_u8(q + base + k, &q_even, &q_odd);
                 {
-                    const __m256 q_v = load8_u8(q + base + k);
+                    const __m256 q_v = q_even;
                     y_v0 = (q_v - zp_c) * s;
                 }
                 {
-                    const __m256 q_v = load8_u8(q + base + k + 8);
+                    const __m256 q_v = q_odd;
                     y_v1 = (q_v - zp_c) * s;
                 }
                 store16_bf16(y + base + k, y_v0, y_v1, streaming);
