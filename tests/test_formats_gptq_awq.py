@@ -121,6 +121,26 @@ def test_awq_matches_oracle(out, scale):
     assert_bits_equal(got, want)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_f64_scales_keep_every_bit(act_order):
+    """f64 scales into an f64 weight: the compute type is f64, so no scale may pass through
+    a float on the way (f16-valued scales would not notice; these use all 53 bits)."""
+    rng = np.random.default_rng(21)
+    rows, cols, group = 64, 32, 16
+    layer = gptq_layer(rng, rows, cols, 4, group, act_order)
+    layer["scales"] = rng.standard_normal(layer["scales"].shape) * 1e-3
+    got = gptq.dequantize(**layer, dtype="f64")
+    want = oracle.gptq_dequantize(layer["qweight"], layer["qzeros"], layer["scales"],
+                                  layer["g_idx"], 4, "gptq", np.float64, group)
+    assert_bits_equal(got, want)
+    awq_layer = dict(qweight=random_words(rng, (rows, cols // 8)),
+                     qzeros=random_words(rng, (rows // group, cols // 8)),
+                     scales=rng.standard_normal((rows // group, cols)) * 1e-3)
+    assert_bits_equal(awq.dequantize(**awq_layer, dtype="f64"),
+                      oracle.awq_dequantize(awq_layer["qweight"], awq_layer["qzeros"],
+                                            awq_layer["scales"], group, np.float64))
+
+
 def test_awq_interleaved_order():
     """A word holding nibbles 0..7 in order reads back as columns 0 4 1 5 2 6 3 7."""
     word = sum(i << (4 * i) for i in range(8))
