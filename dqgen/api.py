@@ -112,7 +112,7 @@ def dequantize_per_group(q, scale, zero_point, group_size: int, out=None, device
     outer, stored_axis, group_size = _problem(q2, group_size)
     storage = (parse_dtype(q2.dtype, "q.dtype", INT_DTYPES) if int_dtype is None
                else parse_dtype(int_dtype, "int_dtype", STORAGE_DTYPES))
-    if storage.is_packed and q2.dtype != np.uint8:
+    if storage.is_packed and str(q2.dtype).removeprefix("torch.") != "uint8":  # numpy/torch/CuPy
         raise InvalidProblemError(f"packed {storage.value} q must be a uint8 array, got {q2.dtype}")
     axis = 2 * stored_axis if storage.is_packed else stored_axis
     desc = DequantizePerGroupDescriptor(outer, axis, group_size, _float_dtype(s2, "scale"),

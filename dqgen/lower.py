@@ -117,7 +117,7 @@ class KernelSpec:
     simd_inputs: tuple[str, ...]
     simd_output: bool
     simd_stage_int: bool       # dequantize's fast path runs in AVX registers
-    register_lanes: int        # elements a step of that path (16 pairs bf16 vectors for one pack)
+    register_lanes: int        # elements a step of that path (16: bf16 even/odd vectors, one blend)
     int_c_type: str
     scalar_tail: bool
     fast_zero_point_limit: int
@@ -134,6 +134,8 @@ class KernelSpec:
     vector_streams: tuple[VectorStream, ...] = ()
     vector_align_check: bool = False            # wide accesses need a run-time alignment test
     grid_waves: int = 0                         # grid = SMs * resident blocks * waves, at most
+    group_per_element: bool = False             # packed q, VEC not dividing the group: each
+                                                # element looks up its own scale/zero point
     # Storage layouts beyond the seed (FORMATS.md); the defaults are the seed's.
     layout: Layout = Layout.PLAIN
     zero_kind: str = "int"          # "int": int32 zero points; "float": (q - mid) * s + z
@@ -197,19 +199,34 @@ def describe(desc: _PerGroupDescriptor) -> str:
 
 
 def _schedule_cuda(spec: KernelSpec, desc: _PerGroupDescriptor) -> KernelSpec:
-    """The CUDA launch shape and vector width (see ``CUDA_*`` above)."""
+    """The CUDA launch shape and vector width (see ``CUDA_*`` above).
+
+    Packed q moves VEC / 2 bytes a vector (at most 128 bits), so VEC stays even and a
+    byte is never split between threads (quantize writes whole bytes). When no even VEC
+    divides the group, VEC is 2 and each element looks up its own group.
+    """
     streams = [p for p in spec.params
                if p.role != "scalar" and p.name not in ("scale", "zero_point")]
-    vec = CUDA_VECTOR_BYTES // min(p.dtype.itemsize for p in streams)
-    while desc.group_size % vec:  # never split a group across a vector; 1 = scalar
+    packed = spec.layout is Layout.PACKED4
+    widths = [p.dtype.itemsize for p in streams if not (packed and p.name == "q")]
+    vec = CUDA_VECTOR_BYTES // min(widths)
+    smallest = 1
+    if packed:
+        vec, smallest = min(vec, 2 * CUDA_VECTOR_BYTES), 2
+    while desc.group_size % vec and vec > smallest:  # never split a group across a vector
         vec //= 2
-    vector_streams = tuple(
-        VectorStream(p.name, p.role, CUDA_STORAGE[p.dtype], vec * p.dtype.itemsize,
-                     min(vec * p.dtype.itemsize, CUDA_VECTOR_BYTES)) for p in streams)
+    group_per_element = desc.group_size % vec != 0
+
+    def stream(p: Param) -> VectorStream:
+        nbytes = vec // 2 if packed and p.name == "q" else vec * p.dtype.itemsize
+        return VectorStream(p.name, p.role, CUDA_STORAGE[p.dtype], nbytes,
+                            min(nbytes, CUDA_VECTOR_BYTES))
+
     return dataclasses.replace(
         spec, threads_per_block=CUDA_THREADS_PER_BLOCK, vector_bytes=CUDA_VECTOR_BYTES,
-        vector_elems=vec, vector_streams=vector_streams,
-        vector_align_check=vec > 1, grid_waves=CUDA_GRID_WAVES)
+        vector_elems=vec, vector_streams=tuple(stream(p) for p in streams),
+        vector_align_check=vec > 1, grid_waves=CUDA_GRID_WAVES,
+        group_per_element=group_per_element)
 
 
 def _cpu_simd(desc: _PerGroupDescriptor, target: str, arch: str, out: Param,
@@ -273,9 +290,6 @@ def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
         return lower_format(desc, target, arch, storage)
     packed = desc.int_type is not None and desc.int_type.is_packed
     float_zero = getattr(desc, "zero_kind", "int") == "float"
-    if packed and target == "cuda":
-        raise UnsupportedError(f"packed {desc.int_type.value} storage has no CUDA schedule yet; "
-                               "use the C target (device='cpu')")
     compute = DType.F64 if desc.float_dtype is DType.F64 else DType.F32
     params = _params(desc, storage)
     out = params[len([p for p in params if p.role == "in"])]

@@ -186,6 +186,17 @@ def test_plan_api_for_formats():
         plan.can_implement(args)
 
 
+def test_format_plans_refuse_cuda_instead_of_running_on_the_cpu():
+    from dqgen.ir import DequantizePerGroupDescriptor
+    with pytest.raises(UnsupportedError, match="runs on the CPU only"):
+        FormatPlan.select(GptqDequantizeDescriptor(64, 32, 16, bits=4), device="cuda")
+    with pytest.raises(UnsupportedError, match="int_dtype"):
+        FormatPlan.select(DequantizePerGroupDescriptor(2, 32, 16, "f16", "u4"), device="cuda:0")
+    with pytest.raises(UnsupportedError, match="runs on the CPU only"):
+        gptq.dequantize(**gptq_layer(np.random.default_rng(0), 64, 32, 4, 16, False),
+                        device="cuda")
+
+
 # --- bad inputs ---------------------------------------------------------------------------
 
 def _good(rng):

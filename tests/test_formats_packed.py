@@ -122,8 +122,9 @@ def test_packed_bad_inputs():
     with pytest.raises(InvalidProblemError, match="scale has shape"):
         packed.dequantize(np.zeros((2, 4), np.uint8), np.ones((2, 2), np.float32),
                           np.zeros((2, 1), np.int32), 8)
-    with pytest.raises(UnsupportedError, match="no CUDA schedule"):
-        lower(DequantizePerGroupDescriptor(2, 4, 2, "f32", "u4"), "cuda", "sm_90")
+    # The CUDA target schedules packed storage too (tests/test_packed_cuda.py runs it).
+    cuda = lower(DequantizePerGroupDescriptor(2, 4, 2, "f32", "u4"), "cuda", "sm_90")
+    assert cuda.bits == 4 and cuda.vector_elems == 2 and cuda.vector_streams[0].vector_bytes == 1
 
 
 # --- float zero point -----------------------------------------------------------------------

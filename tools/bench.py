@@ -10,6 +10,8 @@ Contenders (CPU):
                width (tools/stream_baseline.c, built with dqgen's compiler and flags,
                same OpenMP thread count): the bandwidth limit the targets compare to
   stream_nt    the same stream with non-temporal stores (for information)
+  floor        f16/bf16: the same bytes converted, q -> F((float)q) rounded exactly as
+               dqgen rounds, no scale (the least work of any exact kernel on this ISA)
   dqgen        a reused plan's run() into a preallocated output
   dqgen_fresh  dqgen.dequantize_per_group(), returning a fresh output
   numpy        ((q.astype(C) - zp) * scale).astype(F), broadcast per group (one thread)
@@ -302,6 +304,9 @@ def run_case(stream: Stream, torch, shape, dtypes, group: int, threads: int, cfg
         "dqgen": lambda: plan.run(args),
         "dqgen_fresh": lambda: dqgen.dequantize_per_group(q, scale, zp, group),
     }
+    floor = stream.bind_floor(q, out.view(np.uint16), float_name, threads) if out.itemsize == 2 else None
+    if floor is not None:
+        calls["floor"] = floor
     slow = group in cfg.baseline_groups and int_name in cfg.baseline_ints
     if slow:
         calls["numpy"] = numpy_expr(q, scale, zp, group, float_name)

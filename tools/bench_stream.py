@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import cffi
+import ml_dtypes
 import numpy as np
 
 from dqgen.build import cc
@@ -17,7 +18,10 @@ from dqgen.isa import host_isa
 
 SOURCE = Path(__file__).resolve().parent / "stream_baseline.c"
 CDEF = ("int32_t stream_i8(const void *q, void *y, int64_t n, int32_t width, int32_t nontemporal, "
-        "int32_t num_threads, int64_t parallel_min);\nint32_t stream_nt_available(void);")
+        "int32_t num_threads, int64_t parallel_min);\nint32_t stream_nt_available(void);\n"
+        "int32_t floor_i8(const void *q, void *y, int64_t n, int32_t kind, int32_t num_threads, "
+        "int64_t parallel_min);\nint32_t stream_floor_available(void);")
+FLOOR_KINDS = {"f16": 0, "bf16": 1}
 
 
 class Stream:
@@ -35,6 +39,7 @@ class Stream:
         self.ffi.cdef(CDEF)
         self.lib = self.ffi.dlopen(str(lib_path))
         self.nt_available = bool(self.lib.stream_nt_available())
+        self.floor_available = bool(self.lib.stream_floor_available())
         try:  # the same size below which dqgen's kernels stay on one thread
             from dqgen.lower import PARALLEL_MIN_ELEMENTS
             self.parallel_min = int(PARALLEL_MIN_ELEMENTS)
@@ -53,6 +58,22 @@ class Stream:
         call.keep = (q, out)  # the arrays must outlive the pointers
         return call
 
+    def bind_floor(self, q: np.ndarray, out: np.ndarray, float_name: str, threads: int):
+        """A zero-argument call that converts ``q`` to f16/bf16 into ``out`` (the
+        conversion floor), or None where it is not compiled in or the dtype has none."""
+        kind = FLOOR_KINDS.get(float_name)
+        if kind is None or not self.floor_available:
+            return None
+        if out.itemsize != 2 or q.itemsize != 1 or out.size != q.size:
+            raise ValueError("the floor reads 1-byte values and writes as many 2-byte ones")
+        fn, qp, yp = self.lib.floor_i8, self.ffi.from_buffer(q), self.ffi.from_buffer(out)
+        n, pmin = q.size, self.parallel_min
+
+        def call() -> None:
+            fn(qp, yp, n, kind, threads, pmin)
+        call.keep = (q, out)
+        return call
+
     def check(self) -> None:
         """Every width, store kind and thread count writes exactly widen(q), so the loop
         does the work it is timed for."""
@@ -65,3 +86,12 @@ class Stream:
                     if not np.array_equal(out, q.astype(dt)):
                         raise SystemExit(f"bench: the stream baseline is wrong ({np.dtype(dt)}, "
                                          f"nontemporal={nontemporal}, threads={threads})")
+        for name, dt in (("f16", np.float16), ("bf16", ml_dtypes.bfloat16)):
+            for threads in (1, 2):
+                out = np.zeros(q.size + 3, dtype=np.uint16)[1:-2]
+                call = self.bind_floor(q, out, name, threads)
+                if call is None:
+                    continue
+                call()
+                if not np.array_equal(out, q.astype(dt).view(np.uint16)):
+                    raise SystemExit(f"bench: the conversion floor is wrong ({name}, threads={threads})")

@@ -8,11 +8,12 @@
  * an external entry point, so the compiler cannot drop the loads or the stores.
  *
  * Two store kinds: plain stores (the stream the targets compare against) and
- * non-temporal stores (what streaming the output past the cache can reach).
+ * non-temporal stores (what streaming the output past the cache can reach). And, for
+ * f16/bf16 outputs, the conversion floor (floor_i8, below).
  */
 #include <stdint.h>
 #include <omp.h>
-#if defined(__AVX2__)
+#if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -102,6 +103,91 @@ static void run_range(const int8_t *q, void *y, int64_t b, int64_t e, int32_t wi
     if (nt)
         _mm_sfence(); /* each thread orders its own streamed stores before the join */
 #endif
+}
+
+/* The conversion floor: y[i] = F((float)q[i]) for a 16-bit float F, rounded to
+ * nearest-even exactly as dqgen's kernels round (F16C for f16; integer rounding on the
+ * bits for bf16, which AVX2 has no instruction for), with plain stores. No scale, no
+ * zero point: the least work any bit-exact int8 -> f16/bf16 kernel does per element on
+ * this ISA, so dqgen / floor is what the scale and zero point cost, and floor / stream
+ * what the conversion alone costs beyond moving the bytes. */
+#if defined(__AVX2__) && defined(__F16C__)
+static void floor_f16(const int8_t *restrict q, uint16_t *restrict y, int64_t b, int64_t e)
+{
+    int64_t i = b;
+    for (; i + 8 <= e; i += 8) {
+        const __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + i))));
+        _mm_storeu_si128((__m128i *)(y + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+    for (; i < e; ++i)
+        y[i] = (uint16_t)_cvtss_sh((float)q[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+static inline __m256i bf16_round_high(__m256 v)
+{
+    const __m256i u = _mm256_castps_si256(v);
+    return _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
+                            _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)));
+}
+
+static void floor_bf16(const int8_t *restrict q, uint16_t *restrict y, int64_t b, int64_t e)
+{
+    int64_t i = b;
+    for (; i + 16 <= e; i += 16) {
+        const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + i)));
+        const __m256 even = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(w, 16), 16));
+        const __m256 odd = _mm256_cvtepi32_ps(_mm256_srai_epi32(w, 16));
+        const __m256i h = _mm256_blend_epi16(_mm256_srli_epi32(bf16_round_high(even), 16),
+                                             bf16_round_high(odd), 0xaa);
+        _mm256_storeu_si256((__m256i *)(y + i), h);
+    }
+    for (; i < e; ++i) {
+        const float f = (float)q[i];
+        uint32_t u;
+        __builtin_memcpy(&u, &f, sizeof u);
+        y[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+}
+#define FLOOR_AVAILABLE 1
+#else
+static void floor_f16(const int8_t *restrict q, uint16_t *restrict y, int64_t b, int64_t e)
+{
+    (void)q; (void)y; (void)b; (void)e;
+}
+#define floor_bf16 floor_f16
+#define FLOOR_AVAILABLE 0
+#endif
+
+/* 1 when the conversion floor is compiled in (AVX2 with F16C), else 0. */
+int32_t stream_floor_available(void)
+{
+    return FLOOR_AVAILABLE;
+}
+
+/* y[i] = F((float)q[i]) for i < n, F = f16 (kind 0) or bf16 (kind 1); split over threads
+ * like stream_i8. Returns 0, or -1 for an unknown kind or no floor compiled in. */
+int32_t floor_i8(const int8_t *q, uint16_t *y, int64_t n, int32_t kind, int32_t num_threads,
+                 int64_t parallel_min)
+{
+    if ((kind != 0 && kind != 1) || !FLOOR_AVAILABLE)
+        return -1;
+    if (n <= 0)
+        return 0;
+    if (num_threads > 1 && n >= parallel_min) {
+#pragma omp parallel num_threads(num_threads)
+        {
+            const int64_t nth = omp_get_num_threads();
+            int64_t chunk = (n + nth - 1) / nth;
+            chunk = (chunk + CHUNK_ALIGN - 1) / CHUNK_ALIGN * CHUNK_ALIGN;
+            const int64_t b = chunk * omp_get_thread_num();
+            const int64_t e = b + chunk < n ? b + chunk : n;
+            if (b < e)
+                (kind ? floor_bf16 : floor_f16)(q, y, b, e);
+        }
+    } else {
+        (kind ? floor_bf16 : floor_f16)(q, y, 0, n);
+    }
+    return 0;
 }
 
 /* 1 when non-temporal stores are compiled in (AVX2), else 0 (nt falls back to plain). */

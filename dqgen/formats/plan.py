@@ -114,6 +114,15 @@ class FormatPlan:
         desc.verify()
         preference = preference or PlanPreference()
         target = _parse_device(device)
+        if target != "cpu":
+            hint = (" (the family's plans run packed 4-bit storage on CUDA: "
+                    "DequantizePerGroupPlan / dqgen.dequantize_per_group(..., int_dtype=...))"
+                    if isinstance(desc, _PerGroupDescriptor) and desc.int_type is not None
+                    and desc.int_type.is_packed
+                    and getattr(desc, "zero_kind", "int") == "int" else "")
+            raise UnsupportedError(
+                f"{desc.uri} runs on the CPU only; its CUDA source renders and compiles "
+                f"(dqgen emit, plan.source()) but has no launcher yet{hint}")
         isa = check_isa(preference.isa) if preference.isa else host_isa()
         if isa not in supported_isas():
             raise UnsupportedError(f"ISA {isa} cannot run on this CPU")

@@ -702,7 +702,7 @@ def output_like(out, shape: tuple[int, int], dtype, like_shape, like):
         if not (out.is_contiguous() if is_torch_cuda(out) else out.flags.c_contiguous):
             raise InvalidProblemError("out must be C-contiguous")
         return out.reshape(shape), out
-    return out, out
+    return rows(out, "out"), out
 
 
 def current_stream(obj):
