@@ -17,6 +17,7 @@ from .plans import (DequantizePerGroupArgs, DequantizePerGroupBackwardArgs,  # n
                     QuantizePerGroupBackwardArgs, QuantizePerGroupBackwardPlan,
                     QuantizePerGroupPlan)
 from .bundle import BundleError, load_bundle  # noqa: E402
+from .outputs import release_cached_outputs  # noqa: E402
 from .api import (choose_qparams_per_group, dequantize_per_group,  # noqa: E402
                   dequantize_per_group_backward, quantize_per_group,
                   quantize_per_group_backward)
@@ -33,5 +34,5 @@ __all__ = [
     "QuantizePerGroupBackwardPlan", "PlanPreference", "PrecisionGuarantee", "KernelSku",
     "dequantize_per_group", "quantize_per_group", "dequantize_per_group_backward",
     "quantize_per_group_backward", "choose_qparams_per_group",
-    "load_bundle", "BundleError",
+    "load_bundle", "BundleError", "release_cached_outputs",
 ]

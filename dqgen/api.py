@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from . import plans
+from . import outputs, plans
 from .arrays import from_numpy_like, to_numpy
 from .errors import InvalidProblemError
 from .ir import (DequantizePerGroupBackwardDescriptor, DequantizePerGroupDescriptor, DType,
@@ -80,7 +80,7 @@ def _output(out, shape, dtype: np.dtype, like_shape, like=None) -> tuple[np.ndar
     if cuda_runtime.is_cuda_array(out if out is not None else like):
         return cuda_runtime.output_like(out, shape, dtype, like_shape, like)
     if out is None:
-        arr = np.empty(shape, dtype=dtype)
+        arr = outputs.empty(shape, dtype)
         return arr, arr
     arr = to_numpy(out, "out")
     if arr.dtype != dtype:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import outputs
 from ..arrays import from_numpy_like, to_numpy
 from ..errors import InvalidProblemError
 from ..ir import FLOAT_DTYPES, DType, parse_dtype
@@ -62,7 +63,7 @@ def output(shape: tuple[int, ...], dtype: DType, like, out=None,
     overlaps no input).
     """
     if out is None:
-        arr = np.empty(shape, dtype=dtype.np_dtype)
+        arr = outputs.empty(shape, dtype.np_dtype)
         return arr, (lambda: from_numpy_like(arr, like))
     arr = to_numpy(out, "out")
     expected = tuple(result_shape if result_shape is not None else shape)
