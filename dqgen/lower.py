@@ -47,6 +47,10 @@ STREAMING_MIN_BYTES = 16 << 20
 # |zero_point| up to this keeps q - zero_point exact in f32 for any 8-bit q (< 2^24), so
 # the C kernels take a vectorizable float subtraction for such groups.
 FAST_ZERO_POINT_LIMIT = (1 << 24) - 256
+# bf16's sixteen-lane path subtracts the zero point in 16-bit lanes, one instruction for
+# sixteen elements: |q - zp| must fit an int16 for any 8-bit q. Larger zero points (far
+# outside any 8-bit range) take the exact element-by-element path.
+FAST_ZERO_POINT_LIMIT_I16 = 32767 - 255
 # A float zero point (DequantizeFloatZeroDescriptor): multiply, round, add, round.
 FLOAT_ZERO_FORMULA = "y = F((C(q - mid) * C(scale)) + C(zero_point))"
 # Packed quantize with an odd group size: neighbouring groups share a byte, so the
@@ -297,11 +301,13 @@ def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
                          if p.role == "in" and p.dtype is desc.float_dtype
                          and p.name not in ("scale", "zero_point"))
     simd = _cpu_simd(desc, target, arch, out, float_inputs)
-    fast_limit = (FAST_ZERO_POINT_LIMIT if target == "c" and desc.op is Op.DEQUANTIZE
-                  and compute is DType.F32 else 0)
     if float_zero and simd["simd_convert"] == "bf16":
         # the SIMD bf16 store needs finite values, and z may be Inf or NaN
         simd = _cpu_simd(desc, "", arch, out, float_inputs)
+    fast_limit = 0
+    if target == "c" and desc.op is Op.DEQUANTIZE and compute is DType.F32:
+        sixteen = simd["simd_stage_int"] and simd["register_lanes"] == 16
+        fast_limit = FAST_ZERO_POINT_LIMIT_I16 if sixteen else FAST_ZERO_POINT_LIMIT
     spec = KernelSpec(
         op=desc.op, uri=desc.uri, entry=f"dqgen_{desc.uri}", target=target, arch=arch,
         group_size=desc.group_size, float_dtype=desc.float_dtype, int_dtype=desc.int_type,

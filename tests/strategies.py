@@ -39,8 +39,10 @@ GROUP_SIZES = (1, 3, 7, 12, 32, 128)
 OUTERS = (0, 1, 5, 300)
 INT32_MIN, INT32_MAX = -2**31, 2**31 - 1
 # Zero points around the limits a C kernel may switch paths at (|zp| < 2^24 keeps
-# q - zp exact in f32 for 8-bit q), plus the ends of int32.
-ZP_EDGES = (0, 1, -1, 2**24 - 256, 2**24 - 255, 2**24 - 1, 2**24, 2**24 + 1,
+# q - zp exact in f32 for 8-bit q; |zp| <= 32512 keeps it in int16 for bf16's sixteen-lane
+# path), plus the ends of int32.
+ZP_EDGES = (0, 1, -1, 32512, 32513, -32512, -32513, 32767, -32768, 65535,
+            2**24 - 256, 2**24 - 255, 2**24 - 1, 2**24, 2**24 + 1,
             -(2**24 - 256), -(2**24 - 255), -2**24, -(2**24 + 1), INT32_MIN, INT32_MAX,
             INT32_MIN + 1, INT32_MAX - 1)
 

@@ -335,20 +335,21 @@ def test_reading_past_a_guarded_array_faults():
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("int_name,float_name", PAIRS)
 def test_dequantize_zero_points_at_path_boundaries(isa, int_name, float_name):
-    """Every storage value against zero points on both sides of 2^24 (where q - zp stops
-    being exact in f32) and at the ends of int32, groups of each kind side by side."""
+    """Storage values against zero points on both sides of the path limits (2^24, where
+    q - zp stops being exact in f32; 32512, where it stops fitting int16) and at the ends
+    of int32, groups of each kind side by side. With groups of 256 every group sees every
+    storage value, so the extreme differences are there for each zero point."""
     lo, hi = S.INT_RANGES[int_name]
     values = np.arange(lo, hi + 1)
     zps = np.array(S.ZP_EDGES + (lo, hi, 2**24 + 7, -(2**24 + 9)), dtype=np.int64)
-    gs = 32
-    row = np.tile(values, len(zps) * gs // len(values) + 1)[: len(zps) * gs]
-    q = np.stack([row, row[::-1]]).astype(S.np_dtype(int_name))
-    zp = np.stack([zps, zps[::-1]]).astype(np.int32)
     fdt = S.np_dtype(float_name)
-    for scale_value in (1.0, 3.0, 0.1):
+    for gs, scale_value in ((32, 1.0), (32, 3.0), (32, 0.1), (256, 1.0), (256, 0.1)):
+        row = np.tile(values, len(zps) * gs // len(values) + 1)[: len(zps) * gs]
+        q = np.stack([row, row[::-1]]).astype(S.np_dtype(int_name))
+        zp = np.stack([zps, zps[::-1]]).astype(np.int32)
         scale = np.full(zp.shape, scale_value).astype(fdt)
         out = S.guarded_empty(q.shape, fdt)
         desc = dqgen.DequantizePerGroupDescriptor(2, q.shape[1], gs, float_name, int_name)
         _select(dqgen.DequantizePerGroupPlan, desc, isa).run(
             dqgen.DequantizePerGroupArgs(S.guarded(q), S.guarded(scale), S.guarded(zp), out))
-        S.assert_same_bits(out, reference.dequantize_per_group(q, scale, zp, gs), f"scale {scale_value}")
+        S.assert_same_bits(out, reference.dequantize_per_group(q, scale, zp, gs), f"group {gs}, scale {scale_value}")

@@ -59,12 +59,13 @@ static inline uint16_t store_bf16(float value)
  * (bf16: sixteen in two): q widens exactly to float, the element formula below runs on
  * the vector (GCC/Clang vector arithmetic, a scalar operand applying to every lane), and
  * the result is narrowed and stored here. */
-/* Sixteen q as two float vectors, the even-indexed elements and the odd ones: each 32-bit
- * lane of the widened 16-bit vector holds one of each, so a shift pair splits them and
- * one blend puts the 16-bit results back in order (no pack, no cross-lane permute). */
-static inline void load16_u8(const uint8_t *src, __m256 *even, __m256 *odd)
+/* Sixteen q - zp as two float vectors, the even-indexed elements and the odd ones: the
+ * difference is taken in 16-bit lanes (exact: |zp| is small enough, see the fast path),
+ * each 32-bit lane of which holds one of each, so a shift pair splits them and one
+ * blend puts the 16-bit results back in order (no pack, no cross-lane permute). */
+static inline void load16_u8(const uint8_t *src, __m256i zp16, __m256 *even, __m256 *odd)
 {
-    const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)src));
+    const __m256i w = _mm256_sub_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)src)), zp16);
     *even = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(w, 16), 16));
     *odd = _mm256_cvtepi32_ps(_mm256_srai_epi32(w, 16));
 }
@@ -101,21 +102,20 @@ static void run_groups(int64_t g_begin, int64_t g_end,
         const int64_t base = g * GROUP_SIZE;
         const float s = load_bf16(scale[g]);
         const int32_t zp = zero_point[g];
-        if (zp >= -16776960 && zp <= 16776960 && isfinite(s)) {
-            /* |q - zp| < 2^24: both operands and the difference are exact in float, so
-             * the float subtraction equals the exact integer one and vectorizes.
+        if (zp >= -32512 && zp <= 32512 && isfinite(s)) {
+            /* |q - zp| <= 32767: the difference is exact in 16-bit lanes.
              * A finite scale gives no NaN, which the SIMD bf16 store relies on. */
-            const float zp_c = (float)zp;
+            const __m256i zp16 = _mm256_set1_epi16((short)zp);
             for (int64_t k = 0; k < 128; k += 16) {
                 __m256 q_even, q_odd, y_v0, y_v1;
-                load16_u8(q + base + k, &q_even, &q_odd);
+                load16_u8(q + base + k, zp16, &q_even, &q_odd);
                 {
                     const __m256 q_v = q_even;
-                    y_v0 = (q_v - zp_c) * s;
+                    y_v0 = q_v * s;
                 }
                 {
                     const __m256 q_v = q_odd;
-                    y_v1 = (q_v - zp_c) * s;
+                    y_v1 = q_v * s;
                 }
                 store16_bf16(y + base + k, y_v0, y_v1, streaming);
             }
