@@ -12,8 +12,8 @@ makes in ``frombuffer``), which every array derived from the result keeps alive 
 views hold their base); the buffer returns only when that memoryview is collected, so no
 live array ever shares a recycled buffer. Where numpy would not make such a memoryview,
 the buffer is simply never recycled.
-At most ``DQGEN_OUTPUT_CACHE_BYTES`` (default 256 MiB; 0 turns recycling off) are held;
-``release_cached_outputs()`` frees them.
+At most ``DQGEN_OUTPUT_CACHE_BYTES`` (default 256 MiB; 0 turns recycling off) are held,
+the most recently returned buffers first; ``release_cached_outputs()`` frees them.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ DEFAULT_LIMIT = 256 << 20
 # An RLock: a finalizer may run in a garbage collection triggered while the same thread
 # holds the lock.
 _lock = threading.RLock()
-_free: dict[int, list[np.ndarray]] = {}
+_free: list[np.ndarray] = []   # oldest first; a returned buffer goes to the end
 _held = 0
 
 
@@ -72,10 +72,11 @@ def empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     global _held
     raw = None
     with _lock:
-        bucket = _free.get(size)
-        if bucket:
-            raw = bucket.pop()
-            _held -= size
+        for i in range(len(_free) - 1, -1, -1):  # the most recently returned of this size
+            if _free[i].nbytes == size:
+                raw = _free.pop(i)
+                _held -= size
+                break
     if raw is None:
         raw = np.empty(size, np.uint8)
     flat = np.frombuffer(memoryview(raw), dtype, count=count)
@@ -86,16 +87,20 @@ def empty(shape: tuple[int, ...], dtype) -> np.ndarray:
 
 
 def _give_back(raw: np.ndarray) -> None:
-    """Keep a buffer no array uses any more, unless that would exceed the limit."""
+    """Keep a buffer no array uses any more; past the limit the least recently returned
+    ones go (a size the caller stopped using must not crowd out the one in use now)."""
     global _held
     try:
         limit = limit_bytes()
     except InvalidProblemError:
         return
+    if raw.nbytes > limit:
+        return
     with _lock:
-        if _held + raw.nbytes <= limit:
-            _free.setdefault(raw.nbytes, []).append(raw)
-            _held += raw.nbytes
+        _free.append(raw)
+        _held += raw.nbytes
+        while _held > limit:
+            _held -= _free.pop(0).nbytes
 
 
 def cached_bytes() -> int:

@@ -154,3 +154,21 @@ def test_threads_get_distinct_buffers():
     for t in threads:
         t.join()
     assert not errors
+
+
+def test_recent_sizes_displace_old_ones(monkeypatch):
+    """Past the limit the least recently returned buffers go, so sizes no longer used
+    cannot keep the current one from being recycled."""
+    two, four = outputs.SIZE_CLASS, 2 * outputs.SIZE_CLASS
+    monkeypatch.setenv("DQGEN_OUTPUT_CACHE_BYTES", str(four))
+    small = [outputs.empty((two // 4,), np.float32) for _ in range(2)]
+    del small
+    gc.collect()
+    assert outputs.cached_bytes() == four                   # two 2 MiB buffers
+    big = outputs.empty((four // 4,), np.float32)           # no 4 MiB one held: new
+    a = address(big)
+    del big
+    gc.collect()
+    assert outputs.cached_bytes() == four                   # the 4 MiB one displaced both
+    again = outputs.empty((four // 4,), np.float32)
+    assert address(again) == a and outputs.cached_bytes() == 0
