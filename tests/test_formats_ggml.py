@@ -51,6 +51,22 @@ def test_large_and_shapes(qtype):
     assert_bits_equal(ggml.dequantize(flat, qtype), oracle(flat, qtype, "f32"))
 
 
+@pytest.mark.parametrize("qtype,out", [("Q4_0", "f32"), ("Q8_0", "f16"), ("Q4_1", "f32")])
+def test_large_outputs_aligned_or_not(qtype, out):
+    """16 MiB outputs (the size where a kernel may switch store kinds), into a new array
+    and into a caller's buffer that is not 16-byte aligned: both equal gguf."""
+    rng = np.random.default_rng(22)
+    values = (16 << 20) // FLOATS[out].itemsize
+    data = random_blocks(rng, qtype, (values // 32 // 64, 64), extreme=False)
+    want = oracle(data, qtype, out)
+    assert_bits_equal(ggml.dequantize(data, qtype, dtype=out), want)
+    buf = np.empty(want.size + 8, FLOATS[out])
+    start = next(i for i in range(8) if (buf[i:].__array_interface__["data"][0] % 16) == 4)
+    misaligned = buf[start:start + want.size].reshape(want.shape)
+    ggml.dequantize(data, qtype, dtype=out, out=misaligned)
+    assert_bits_equal(misaligned, want)
+
+
 def test_quantized_by_gguf_round_trip():
     """Blocks written by gguf's own quantizer read back as gguf reads them."""
     rng = np.random.default_rng(21)
