@@ -7,6 +7,8 @@ descriptor (``argument_shapes``).
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +20,8 @@ from ..ir import (AwqDequantizeDescriptor, DType, GgmlDequantizeDescriptor,
                   GptqDequantizeDescriptor, Op, _PerGroupDescriptor)
 from ..isa import check_isa, host_isa, supported_isas
 from ..jit import Kernel, get_kernel
-from ..plans import KernelSku, PlanPreference, PrecisionGuarantee, _parse_device, precision_of
+from ..plans import (_PLAN_MEMO_LIMIT, KernelSku, PlanPreference, PrecisionGuarantee, _parse_device,
+                     _plan_memo, precision_of)
 from ..runtime import cpu as cpu_runtime
 
 
@@ -110,7 +113,16 @@ class FormatPlan:
 
     @classmethod
     def select(cls, desc, device: str = "cpu", preference: PlanPreference | None = None):
-        """Validate ``desc`` and build or load its kernel for the CPU."""
+        """Validate ``desc`` and build or load its kernel for the CPU (a repeated select
+        returns the same plan, as the family's plans do)."""
+        try:
+            memo_key = (cls, desc, device, preference, os.environ.get("DQGEN_ISA"),
+                        os.environ.get("DQGEN_NUM_THREADS"))
+            plan = _plan_memo.get(memo_key)
+        except TypeError:  # a field forced to an unhashable value: verify() names it
+            memo_key, plan = None, None
+        if plan is not None:
+            return plan
         desc.verify()
         preference = preference or PlanPreference()
         target = _parse_device(device)
@@ -126,7 +138,12 @@ class FormatPlan:
         isa = check_isa(preference.isa) if preference.isa else host_isa()
         if isa not in supported_isas():
             raise UnsupportedError(f"ISA {isa} cannot run on this CPU")
-        return cls(desc, target, preference, get_kernel(desc, "c", isa))
+        plan = cls(desc, target, preference, get_kernel(desc, "c", isa))
+        if memo_key is not None:
+            if len(_plan_memo) >= _PLAN_MEMO_LIMIT:  # many shapes: start over, stay bounded
+                _plan_memo.clear()
+            _plan_memo[memo_key] = plan
+        return plan
 
     def can_implement(self, arrays: dict) -> None:
         """Raise naming the first array that does not fit, or an output alias."""
@@ -145,7 +162,7 @@ class FormatPlan:
         """Check (as ``can_implement``) and run; the GIL is released during the call."""
         self.can_implement(arrays)
         runner = self._kernel.runner
-        if all(np.prod(a.shape) for a in self.arguments if a.is_out):
+        if all(math.prod(a.shape) for a in self.arguments if a.is_out):
             threads = 1 if cpu_runtime.forked_child else self._threads
             runner.function(*[runner.pointer(arrays[a.name]) for a in self.arguments],
                             *self._scalars, threads)
