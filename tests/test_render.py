@@ -62,6 +62,7 @@ def _sources():
 
 
 def _defined_functions(src: str) -> list[str]:
+    src = re.sub(r"__attribute__\(\(\w+\)\)\s*", "", src)
     return re.findall(r"^static[^(;=]*?\b(\w+)\s*\(", src, re.M)
 
 

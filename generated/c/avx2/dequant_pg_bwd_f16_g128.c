@@ -71,7 +71,7 @@ static inline void store_block_f16(uint16_t *dst, const float *src, int streamin
 }
 
 /* Groups [g_begin, g_end) of the flat problem, on the calling thread. */
-static void run_groups(int64_t g_begin, int64_t g_end,
+static inline __attribute__((always_inline)) void run_groups(int64_t g_begin, int64_t g_end,
                        const uint16_t *restrict d_output,
                        const uint16_t *restrict scale,
                        uint16_t *restrict d_input,
@@ -94,6 +94,24 @@ static void run_groups(int64_t g_begin, int64_t g_end,
         _mm_sfence();   /* order the non-temporal stores before the caller reads them */
 }
 
+/* One copy of the loop a store kind, the kind a constant in each: a run-time test inside
+ * the unrolled loop costs a branch a store and keeps the compiler from holding its
+ * constants in registers. */
+static void run_groups_streaming(int64_t g_begin, int64_t g_end,
+                                 const uint16_t *restrict d_output,
+                                 const uint16_t *restrict scale,
+                                 uint16_t *restrict d_input)
+{
+    run_groups(g_begin, g_end, d_output, scale, d_input, 1);
+}
+static void run_groups_cached(int64_t g_begin, int64_t g_end,
+                              const uint16_t *restrict d_output,
+                              const uint16_t *restrict scale,
+                              uint16_t *restrict d_input)
+{
+    run_groups(g_begin, g_end, d_output, scale, d_input, 0);
+}
+
 void dqgen_dequant_pg_bwd_f16_g128(const uint16_t *d_output, const uint16_t *scale, uint16_t *d_input, int64_t outer, int64_t axis, int32_t num_threads)
 {
     const int64_t n_groups = outer * (axis / GROUP_SIZE);
@@ -114,9 +132,9 @@ void dqgen_dequant_pg_bwd_f16_g128(const uint16_t *d_output, const uint16_t *sca
             const int64_t begin = chunk * omp_get_thread_num();
             const int64_t end = begin + chunk < n_groups ? begin + chunk : n_groups;
             if (begin < end)
-                run_groups(begin, end, d_output, scale, d_input, streaming);
+                (streaming ? run_groups_streaming : run_groups_cached)(begin, end, d_output, scale, d_input);
         }
     } else {
-        run_groups(0, n_groups, d_output, scale, d_input, streaming);
+        (streaming ? run_groups_streaming : run_groups_cached)(0, n_groups, d_output, scale, d_input);
     }
 }

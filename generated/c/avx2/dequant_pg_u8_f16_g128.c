@@ -103,7 +103,7 @@ static inline void store8_f16(uint16_t *dst, __m256 v, int streaming)
 }
 
 /* Groups [g_begin, g_end) of the flat problem, on the calling thread. */
-static void run_groups(int64_t g_begin, int64_t g_end,
+static inline __attribute__((always_inline)) void run_groups(int64_t g_begin, int64_t g_end,
                        const uint8_t *restrict q,
                        const uint16_t *restrict scale,
                        const int32_t *restrict zero_point,
@@ -132,6 +132,26 @@ static void run_groups(int64_t g_begin, int64_t g_end,
         _mm_sfence();   /* order the non-temporal stores before the caller reads them */
 }
 
+/* One copy of the loop a store kind, the kind a constant in each: a run-time test inside
+ * the unrolled loop costs a branch a store and keeps the compiler from holding its
+ * constants in registers. */
+static void run_groups_streaming(int64_t g_begin, int64_t g_end,
+                                 const uint8_t *restrict q,
+                                 const uint16_t *restrict scale,
+                                 const int32_t *restrict zero_point,
+                                 uint16_t *restrict y)
+{
+    run_groups(g_begin, g_end, q, scale, zero_point, y, 1);
+}
+static void run_groups_cached(int64_t g_begin, int64_t g_end,
+                              const uint8_t *restrict q,
+                              const uint16_t *restrict scale,
+                              const int32_t *restrict zero_point,
+                              uint16_t *restrict y)
+{
+    run_groups(g_begin, g_end, q, scale, zero_point, y, 0);
+}
+
 void dqgen_dequant_pg_u8_f16_g128(const uint8_t *q, const uint16_t *scale, const int32_t *zero_point, uint16_t *y, int64_t outer, int64_t axis, int32_t num_threads)
 {
     const int64_t n_groups = outer * (axis / GROUP_SIZE);
@@ -152,9 +172,9 @@ void dqgen_dequant_pg_u8_f16_g128(const uint8_t *q, const uint16_t *scale, const
             const int64_t begin = chunk * omp_get_thread_num();
             const int64_t end = begin + chunk < n_groups ? begin + chunk : n_groups;
             if (begin < end)
-                run_groups(begin, end, q, scale, zero_point, y, streaming);
+                (streaming ? run_groups_streaming : run_groups_cached)(begin, end, q, scale, zero_point, y);
         }
     } else {
-        run_groups(0, n_groups, q, scale, zero_point, y, streaming);
+        (streaming ? run_groups_streaming : run_groups_cached)(0, n_groups, q, scale, zero_point, y);
     }
 }

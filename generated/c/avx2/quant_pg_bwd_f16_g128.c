@@ -71,7 +71,7 @@ static inline void store_block_f16(uint16_t *dst, const float *src, int streamin
 }
 
 /* Groups [g_begin, g_end) of the flat problem, on the calling thread. */
-static void run_groups(int64_t g_begin, int64_t g_end,
+static inline __attribute__((always_inline)) void run_groups(int64_t g_begin, int64_t g_end,
                        const uint16_t *restrict d_output,
                        const uint16_t *restrict x,
                        const uint16_t *restrict scale,
@@ -105,6 +105,32 @@ static void run_groups(int64_t g_begin, int64_t g_end,
         _mm_sfence();   /* order the non-temporal stores before the caller reads them */
 }
 
+/* One copy of the loop a store kind, the kind a constant in each: a run-time test inside
+ * the unrolled loop costs a branch a store and keeps the compiler from holding its
+ * constants in registers. */
+static void run_groups_streaming(int64_t g_begin, int64_t g_end,
+                                 const uint16_t *restrict d_output,
+                                 const uint16_t *restrict x,
+                                 const uint16_t *restrict scale,
+                                 const int32_t *restrict zero_point,
+                                 uint16_t *restrict d_input,
+                                 int32_t q_min,
+                                 int32_t q_max)
+{
+    run_groups(g_begin, g_end, d_output, x, scale, zero_point, d_input, q_min, q_max, 1);
+}
+static void run_groups_cached(int64_t g_begin, int64_t g_end,
+                              const uint16_t *restrict d_output,
+                              const uint16_t *restrict x,
+                              const uint16_t *restrict scale,
+                              const int32_t *restrict zero_point,
+                              uint16_t *restrict d_input,
+                              int32_t q_min,
+                              int32_t q_max)
+{
+    run_groups(g_begin, g_end, d_output, x, scale, zero_point, d_input, q_min, q_max, 0);
+}
+
 void dqgen_quant_pg_bwd_f16_g128(const uint16_t *d_output, const uint16_t *x, const uint16_t *scale, const int32_t *zero_point, uint16_t *d_input, int64_t outer, int64_t axis, int32_t q_min, int32_t q_max, int32_t num_threads)
 {
     const int64_t n_groups = outer * (axis / GROUP_SIZE);
@@ -125,9 +151,9 @@ void dqgen_quant_pg_bwd_f16_g128(const uint16_t *d_output, const uint16_t *x, co
             const int64_t begin = chunk * omp_get_thread_num();
             const int64_t end = begin + chunk < n_groups ? begin + chunk : n_groups;
             if (begin < end)
-                run_groups(begin, end, d_output, x, scale, zero_point, d_input, q_min, q_max, streaming);
+                (streaming ? run_groups_streaming : run_groups_cached)(begin, end, d_output, x, scale, zero_point, d_input, q_min, q_max);
         }
     } else {
-        run_groups(0, n_groups, d_output, x, scale, zero_point, d_input, q_min, q_max, streaming);
+        (streaming ? run_groups_streaming : run_groups_cached)(0, n_groups, d_output, x, scale, zero_point, d_input, q_min, q_max);
     }
 }
