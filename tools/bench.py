@@ -529,8 +529,9 @@ def main(argv: list[str] | None = None) -> int:
         md = report.markdown(result)
         if result.get("formats"):
             import bench_formats
-            md += ("\n### Checkpoint formats\n\nFresh outputs, the OpenMP default thread count; "
-                   "each dqgen result checked bit for bit against its baseline's first.\n\n"
+            md += ("\n### Checkpoint formats\n\ndqgen returning a new array and writing a reused one "
+                   "(`out=`), the stream into a new and a reused array, the OpenMP default thread "
+                   "count; each dqgen result checked bit for bit against its baseline's first.\n\n"
                    + bench_formats.table(result["formats"]) + "\n")
         _write(prefix.with_name(prefix.name + ".md"), md)
         png = prefix.with_name(prefix.name + ".png")
