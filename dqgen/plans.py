@@ -140,11 +140,13 @@ class _PerGroupPlan:
         # (args field, numpy dtype, shape, is output) in the kernel's parameter order.
         arg_names = [f.name for f in fields(self.args_type)]
         self._layout = tuple(
-            (arg_names[i], p.dtype.np_dtype,
+            # the dtype object numpy arrays carry, so that run() can test it by identity
+            (arg_names[i], np.empty(0, p.dtype.np_dtype).dtype,
              group_shape if p.name in ("scale", "zero_point") else p.dtype.storage_shape(rows, cols),
              p.role == "out")
             for i, p in enumerate(spec.params) if p.role != "scalar")
         self._out_index = next(i for i, item in enumerate(self._layout) if item[3])
+        self._in_indices = tuple(i for i, item in enumerate(self._layout) if not item[3])
         self._scalars = (rows, cols) + tuple(
             getattr(desc, n) for n in ("q_min", "q_max") if hasattr(desc, n))
 
@@ -271,20 +273,27 @@ class _PerGroupPlan:
         runner = self._kernel.runner
         pointer = runner.pointer
         arrays = []
+        # Arrays that each own their memory and are distinct cannot overlap; anything
+        # else (views, a repeated array) takes can_implement's exact overlap check.
+        all_own = True
         for name, dtype, shape, is_out in self._layout:
             arr = getattr(args, name)
-            if not (type(arr) is np.ndarray and arr.dtype == dtype and arr.shape == shape
-                    and arr.flags.c_contiguous and arr.flags.aligned
-                    and (not is_out or arr.flags.writeable)):
+            flags = arr.flags if type(arr) is np.ndarray else None
+            if not (flags is not None and (arr.dtype is dtype or arr.dtype == dtype)
+                    and arr.shape == shape and flags.c_contiguous and flags.aligned
+                    and (flags.writeable or not is_out)):
                 self.can_implement(args)
                 arr = to_numpy(arr, name)
+                flags = arr.flags
+            all_own = all_own and flags.owndata
             arrays.append(arr)
         out = arrays[self._out_index]
-        for i, arr in enumerate(arrays):
-            # Two arrays that each own their memory and are distinct cannot overlap.
-            if i != self._out_index and not (out.flags.owndata and arr.flags.owndata and arr is not out):
-                self.can_implement(args)
-                break
+        if all_own:
+            for i in self._in_indices:
+                if arrays[i] is out:
+                    all_own = False
+        if not all_own:
+            self.can_implement(args)
         if out.size:
             threads = 1 if cpu_runtime.forked_child else self._threads
             runner.function(*[pointer(a) for a in arrays], *self._scalars, threads)
