@@ -35,51 +35,10 @@ static inline float int_diff_to_compute(int32_t q, int32_t zp)
     return (float)((double)q - (double)zp);
 }
 
-/* IEEE binary16 <-> binary32, exact widening and round-to-nearest-even narrowing,
- * subnormals, infinities and NaN included. */
-static inline float load_f16(uint16_t h)
-{
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    const uint32_t bits = h & 0x7fffu;
-    uint32_t u;
-    if (bits >= 0x7c00u) {
-        u = sign | 0x7f800000u | ((bits & 0x3ffu) << 13);
-    } else if (bits >= 0x0400u) {
-        u = sign | ((bits << 13) + ((uint32_t)(127 - 15) << 23));
-    } else {
-        const float tiny = (float)bits * 5.9604644775390625e-08f; /* bits * 2^-24, exact */
-        memcpy(&u, &tiny, sizeof u);
-        u |= sign;
-    }
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t store_f16(float value)
-{
-    const uint32_t denorm_magic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
-    uint32_t f;
-    memcpy(&f, &value, sizeof f);
-    const uint32_t sign = f & 0x80000000u;
-    f ^= sign;
-    uint16_t h;
-    if (f >= (127u + 16u) << 23) {             /* >= 2^16: Inf, or NaN kept quiet */
-        h = (f > 0x7f800000u) ? 0x7e00u : 0x7c00u;
-    } else if (f < (113u << 23)) {             /* below 2^-14: subnormal or zero */
-        float shifted, magic;
-        memcpy(&shifted, &f, sizeof shifted);
-        memcpy(&magic, &denorm_magic, sizeof magic);
-        shifted += magic;                      /* the FPU rounds to nearest-even here */
-        memcpy(&f, &shifted, sizeof f);
-        h = (uint16_t)(f - denorm_magic);
-    } else {
-        const uint32_t mantissa_odd = (f >> 13) & 1u;
-        f += ((uint32_t)(15 - 127) << 23) + 0xfffu + mantissa_odd;
-        h = (uint16_t)(f >> 13);               /* carries into Inf when it overflows */
-    }
-    return h | (uint16_t)(sign >> 16);
-}
+/* IEEE binary16 <-> binary32 with F16C: exact widening and round-to-nearest-even
+ * narrowing, subnormals, infinities and NaN included, one instruction each. */
+static inline float load_f16(uint16_t h) { return _cvtsh_ss(h); }
+static inline uint16_t store_f16(float value) { return _cvtss_sh(value, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
 
 /* The dequantize fast path keeps eight elements in one AVX register from load to store
  * (bf16: sixteen in two): q widens exactly to float, the element formula below runs on
