@@ -47,6 +47,12 @@ STREAMING_MIN_BYTES = 16 << 20
 # |zero_point| up to this keeps q - zero_point exact in f32 for any 8-bit q (< 2^24), so
 # the C kernels take a vectorizable float subtraction for such groups.
 FAST_ZERO_POINT_LIMIT = (1 << 24) - 256
+# C dequantize's f16 register path with groups this small or smaller loads the scales and
+# zero points of GROUP_BATCH groups as vectors (one F16C conversion, one range test for
+# all): a scalar prologue a group costs about a third of a 32-element group's work. (For
+# f32 and bf16 a scale is a plain load or a shift, and batching measured no gain.)
+GROUP_BATCH = 8
+GROUP_BATCH_MAX_SIZE = 64
 # bf16's sixteen-lane path subtracts the zero point in 16-bit lanes, one instruction for
 # sixteen elements: |q - zp| must fit an int16 for any 8-bit q. Larger zero points (far
 # outside any 8-bit range) take the exact element-by-element path.
@@ -138,6 +144,7 @@ class KernelSpec:
     vector_streams: tuple[VectorStream, ...] = ()
     vector_align_check: bool = False            # wide accesses need a run-time alignment test
     grid_waves: int = 0                         # grid = SMs * resident blocks * waves, at most
+    group_batch: int = 0            # C: groups whose scales/zero points load as one vector
     group_per_element: bool = False             # packed q, VEC not dividing the group: each
                                                 # element looks up its own scale/zero point
     # Storage layouts beyond the seed (FORMATS.md); the defaults are the seed's.
@@ -332,6 +339,9 @@ def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
                                else PARALLEL_MIN_ELEMENTS),
         threads_per_block=256, vector_bytes=16,
         layout=Layout.PACKED4 if packed else Layout.PLAIN, bits=4 if packed else 8,
+        group_batch=(GROUP_BATCH if simd["simd_stage_int"] and not simd["scalar_tail"] and fast_limit
+                     and not float_zero and desc.float_dtype is DType.F16
+                     and desc.group_size <= GROUP_BATCH_MAX_SIZE else 0),
         zero_kind="float" if float_zero else "int", mid=desc.mid if float_zero else 0,
     )
     return _schedule_cuda(spec, desc) if target == "cuda" else spec

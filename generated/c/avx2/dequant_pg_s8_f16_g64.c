@@ -69,22 +69,50 @@ static inline __attribute__((always_inline)) void run_groups(int64_t g_begin, in
                        uint16_t *restrict y,
                        int streaming)
 {
-    for (int64_t g = g_begin; g < g_end; ++g) {
-        const int64_t base = g * GROUP_SIZE;
-        const float s = load_f16(scale[g]);
-        const int32_t zp = zero_point[g];
-        if (zp >= -16776960 && zp <= 16776960) {
-            /* |q - zp| < 2^24: both operands and the difference are exact in float, so
-             * the float subtraction equals the exact integer one and vectorizes. */
-            const float zp_c = (float)zp;
-            for (int64_t k = 0; k < 64; k += 8) {
-                const __m256 q_v = load8_s8(q + base + k);
-                store8_f16(y + base + k, (q_v - zp_c) * s, streaming);
+    int64_t g = g_begin;
+    while (g < g_end) {
+        if (g + 8 <= g_end) {
+            /* 8 groups' scales and zero points at once (one conversion, one range
+             * test); each group then takes its lane, instead of converting and testing
+             * scalars once a group. */
+            const __m256 s_batch = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + g)));
+            const __m256i zp_batch = _mm256_loadu_si256((const __m256i *)(zero_point + g));
+            __m256i fast = _mm256_and_si256(_mm256_cmpgt_epi32(zp_batch, _mm256_set1_epi32(-16776961)),
+                                            _mm256_cmpgt_epi32(_mm256_set1_epi32(16776961), zp_batch));
+            if (_mm256_movemask_ps(_mm256_castsi256_ps(fast)) == 0xff) {
+                const __m256 zp_float = _mm256_cvtepi32_ps(zp_batch);   /* exact: |zp| < 2^24 */
+                for (int lane = 0; lane < 8; ++lane, ++g) {
+                    const int64_t base = g * GROUP_SIZE;
+                    const __m256i pick = _mm256_set1_epi32(lane);
+                    const __m256 s = _mm256_permutevar8x32_ps(s_batch, pick);
+                    const __m256 zp_c = _mm256_permutevar8x32_ps(zp_float, pick);
+                    for (int64_t k = 0; k < 64; k += 8) {
+                        const __m256 q_v = load8_s8(q + base + k);
+                        store8_f16(y + base + k, (q_v - zp_c) * s, streaming);
+                    }
+                }
+                continue;
             }
-            continue;
         }
-        for (int64_t j = 0; j < GROUP_SIZE; ++j) {
-            y[base + j] = store_f16(int_diff_to_compute(q[base + j], zp) * s);
+        /* a batch with a group off the fast path, or the last groups: one at a time */
+        const int64_t g_stop = g + 8 <= g_end ? g + 8 : g_end;
+        for (; g < g_stop; ++g) {
+            const int64_t base = g * GROUP_SIZE;
+            const float s = load_f16(scale[g]);
+            const int32_t zp = zero_point[g];
+            if (zp >= -16776960 && zp <= 16776960) {
+                /* |q - zp| < 2^24: both operands and the difference are exact in float, so
+                 * the float subtraction equals the exact integer one and vectorizes. */
+                const float zp_c = (float)zp;
+                for (int64_t k = 0; k < 64; k += 8) {
+                    const __m256 q_v = load8_s8(q + base + k);
+                    store8_f16(y + base + k, (q_v - zp_c) * s, streaming);
+                }
+                continue;
+            }
+            for (int64_t j = 0; j < GROUP_SIZE; ++j) {
+                y[base + j] = store_f16(int_diff_to_compute(q[base + j], zp) * s);
+            }
         }
     }
     if (streaming)
