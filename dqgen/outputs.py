@@ -12,6 +12,7 @@ makes in ``frombuffer``), which every array derived from the result keeps alive 
 views hold their base); the buffer returns only when that memoryview is collected, so no
 live array ever shares a recycled buffer. Where numpy would not make such a memoryview,
 the buffer is simply never recycled.
+
 At most ``DQGEN_OUTPUT_CACHE_BYTES`` (default 256 MiB; 0 turns recycling off) are held,
 the most recently returned buffers first; ``release_cached_outputs()`` frees them.
 """

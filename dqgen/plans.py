@@ -292,8 +292,9 @@ class _PerGroupPlan:
             for i in self._in_indices:
                 if arrays[i] is out:
                     all_own = False
-        if not all_own:
-            self.can_implement(args)
+        if not all_own:  # every array already checked above: only the overlap is left
+            check_no_overlap(out, self._layout[self._out_index][0],
+                             {self._layout[i][0]: arrays[i] for i in self._in_indices})
         if out.size:
             threads = 1 if cpu_runtime.forked_child else self._threads
             runner.function(*[pointer(a) for a in arrays], *self._scalars, threads)
