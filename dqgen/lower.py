@@ -258,7 +258,7 @@ def _cpu_simd(desc: _PerGroupDescriptor, target: str, arch: str, out: Param,
     dequant = desc.op is Op.DEQUANTIZE
     if dequant and desc.int_type is not None and desc.int_type.is_packed:
         return off  # q is read a nibble at a time: element by element
-    convert = f if f in (DType.F16, DType.BF16) or (f is DType.F32 and dequant) else None
+    convert = f if f in (DType.F16, DType.BF16) or (f in (DType.F32, DType.F64) and dequant) else None
     if convert is None:
         return off
     # bf16 widening is a shift the compiler vectorizes, so only f16 inputs are staged.
@@ -278,7 +278,10 @@ def _cpu_simd(desc: _PerGroupDescriptor, target: str, arch: str, out: Param,
     return dict(
         simd_convert=convert.value, simd_block=block, simd_blocks=desc.group_size // block,
         simd_inputs=staged_inputs, simd_output=simd_output,
-        simd_stage_int=simd_output and dequant, scalar_tail=desc.group_size % block != 0,
+        # f64 has no register path: its exact difference vectorizes as it is, and only
+        # the store needs explicit SIMD (non-temporal for large outputs).
+        simd_stage_int=simd_output and dequant and convert is not DType.F64,
+        scalar_tail=desc.group_size % block != 0,
         register_lanes=16 if convert is DType.BF16 and block % 16 == 0 else 8,
         fast_needs_finite_scale=simd_output and convert is DType.BF16,
         streaming_min_bytes=STREAMING_MIN_BYTES if streaming else 0,
