@@ -144,7 +144,8 @@ class KernelSpec:
     vector_streams: tuple[VectorStream, ...] = ()
     vector_align_check: bool = False            # wide accesses need a run-time alignment test
     grid_waves: int = 0                         # grid = SMs * resident blocks * waves, at most
-    group_batch: int = 0            # C: groups whose scales/zero points load as one vector
+    group_batch: int = 0            # C, f16 only: groups whose scales/zero points load as one vector
+    scalar_f16c: bool = False       # C: single f16 values convert with F16C (else on the bits)
     group_per_element: bool = False             # packed q, VEC not dividing the group: each
                                                 # element looks up its own scale/zero point
     # Storage layouts beyond the seed (FORMATS.md); the defaults are the seed's.
@@ -342,6 +343,7 @@ def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
                                else PARALLEL_MIN_ELEMENTS),
         threads_per_block=256, vector_bytes=16,
         layout=Layout.PACKED4 if packed else Layout.PLAIN, bits=4 if packed else 8,
+        scalar_f16c=target == "c" and arch in F16C_ISAS and desc.float_dtype is DType.F16,
         group_batch=(GROUP_BATCH if simd["simd_stage_int"] and not simd["scalar_tail"] and fast_limit
                      and not float_zero and desc.float_dtype is DType.F16
                      and desc.group_size <= GROUP_BATCH_MAX_SIZE else 0),

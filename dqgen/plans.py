@@ -14,8 +14,8 @@ import numpy as np
 
 from . import __version__
 from .arrays import check_array, check_no_overlap, to_numpy
-from .errors import InvalidProblemError, UnsupportedError
-from .ir import (DequantizePerGroupBackwardDescriptor, DequantizePerGroupDescriptor, DType,
+from .errors import UnsupportedError
+from .ir import (DequantizePerGroupBackwardDescriptor, DequantizePerGroupDescriptor,
                  QuantizePerGroupBackwardDescriptor, QuantizePerGroupDescriptor)
 from .isa import check_isa, host_isa, supported_isas
 from .jit import Kernel, get_kernel
@@ -117,8 +117,35 @@ def _parse_device(device: str) -> str:
 
 # Plans are immutable once built, so a repeated select returns the same object.
 # Bounded: plain functions select a plan per shape, and shapes may be unbounded.
-_plan_memo: dict[tuple, "_PerGroupPlan"] = {}
+_plan_memo: dict[tuple, object] = {}
 _PLAN_MEMO_LIMIT = 4096
+
+
+def memoized_select(cls, desc, device, preference):
+    """The plan ``cls.select`` returns: the one memoised under the descriptor, device,
+    preference and the environment knobs that change the kernel or its threads, else
+    ``cls._build(...)`` (which validates), remembered for next time."""
+    try:
+        key = (cls, desc, device, preference, os.environ.get("DQGEN_ISA"),
+               os.environ.get("DQGEN_NUM_THREADS"))
+        plan = _plan_memo.get(key)
+    except TypeError:  # a field forced to an unhashable value: verify() names it
+        key, plan = None, None
+    if plan is None:
+        plan = cls._build(desc, device, preference)
+        if key is not None:
+            if len(_plan_memo) >= _PLAN_MEMO_LIMIT:  # many shapes: start over, stay bounded
+                _plan_memo.clear()
+            _plan_memo[key] = plan
+    return plan
+
+
+def cpu_isa(preference: PlanPreference) -> str:
+    """The ISA a CPU plan runs: the preference's, else the host's; it must run here."""
+    isa = check_isa(preference.isa) if preference.isa else host_isa()
+    if isa not in supported_isas():
+        raise UnsupportedError(f"ISA {isa} cannot run on this CPU")
+    return isa
 
 
 class _PerGroupPlan:
@@ -156,14 +183,10 @@ class _PerGroupPlan:
         if type(desc) is not cls.descriptor_type:
             raise UnsupportedError(f"{cls.__name__}.select needs a {cls.descriptor_type.__name__}, "
                                    f"got {type(desc).__name__}")
-        try:
-            memo_key = (cls, desc, device, preference, os.environ.get("DQGEN_ISA"),
-                        os.environ.get("DQGEN_NUM_THREADS"))
-            plan = _plan_memo.get(memo_key)
-        except TypeError:  # a field forced to an unhashable value: verify() names it
-            memo_key, plan = None, None
-        if plan is not None:
-            return plan
+        return memoized_select(cls, desc, device, preference)
+
+    @classmethod
+    def _build(cls, desc, device, preference):
         desc.verify()
         preference = preference or PlanPreference()
         target_device = _parse_device(device)
@@ -171,16 +194,8 @@ class _PerGroupPlan:
             # The cubin for the device's own arch; preference.isa/num_threads are CPU knobs.
             kernel = get_kernel(desc, "cuda", cuda_runtime.device_arch(int(target_device[5:])))
         else:
-            isa = check_isa(preference.isa) if preference.isa else host_isa()
-            if isa not in supported_isas():
-                raise UnsupportedError(f"ISA {isa} cannot run on this CPU")
-            kernel = get_kernel(desc, "c", isa)
-        plan = cls(desc, target_device, preference, kernel)
-        if memo_key is not None:
-            if len(_plan_memo) >= _PLAN_MEMO_LIMIT:  # many shapes: start over, stay bounded
-                _plan_memo.clear()
-            _plan_memo[memo_key] = plan
-        return plan
+            kernel = get_kernel(desc, "c", cpu_isa(preference))
+        return cls(desc, target_device, preference, kernel)
 
     def _arrays(self, args) -> list[np.ndarray]:
         if not isinstance(args, self.args_type):

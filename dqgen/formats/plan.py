@@ -8,7 +8,6 @@ descriptor (``argument_shapes``).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,10 +17,9 @@ from ..arrays import check_no_overlap
 from ..errors import InvalidProblemError, UnsupportedError
 from ..ir import (AwqDequantizeDescriptor, DType, GgmlDequantizeDescriptor,
                   GptqDequantizeDescriptor, Op, _PerGroupDescriptor)
-from ..isa import check_isa, host_isa, supported_isas
 from ..jit import Kernel, get_kernel
-from ..plans import (_PLAN_MEMO_LIMIT, KernelSku, PlanPreference, PrecisionGuarantee, _parse_device,
-                     _plan_memo, precision_of)
+from ..plans import (KernelSku, PlanPreference, PrecisionGuarantee, _parse_device, cpu_isa,
+                     memoized_select, precision_of)
 from ..runtime import cpu as cpu_runtime
 
 
@@ -115,14 +113,10 @@ class FormatPlan:
     def select(cls, desc, device: str = "cpu", preference: PlanPreference | None = None):
         """Validate ``desc`` and build or load its kernel for the CPU (a repeated select
         returns the same plan, as the family's plans do)."""
-        try:
-            memo_key = (cls, desc, device, preference, os.environ.get("DQGEN_ISA"),
-                        os.environ.get("DQGEN_NUM_THREADS"))
-            plan = _plan_memo.get(memo_key)
-        except TypeError:  # a field forced to an unhashable value: verify() names it
-            memo_key, plan = None, None
-        if plan is not None:
-            return plan
+        return memoized_select(cls, desc, device, preference)
+
+    @classmethod
+    def _build(cls, desc, device, preference):
         desc.verify()
         preference = preference or PlanPreference()
         target = _parse_device(device)
@@ -135,15 +129,7 @@ class FormatPlan:
             raise UnsupportedError(
                 f"{desc.uri} runs on the CPU only; its CUDA source renders and compiles "
                 f"(dqgen emit, plan.source()) but has no launcher yet{hint}")
-        isa = check_isa(preference.isa) if preference.isa else host_isa()
-        if isa not in supported_isas():
-            raise UnsupportedError(f"ISA {isa} cannot run on this CPU")
-        plan = cls(desc, target, preference, get_kernel(desc, "c", isa))
-        if memo_key is not None:
-            if len(_plan_memo) >= _PLAN_MEMO_LIMIT:  # many shapes: start over, stay bounded
-                _plan_memo.clear()
-            _plan_memo[memo_key] = plan
-        return plan
+        return cls(desc, target, preference, get_kernel(desc, "c", cpu_isa(preference)))
 
     def can_implement(self, arrays: dict) -> None:
         """Raise naming the first array that does not fit, or an output alias."""

@@ -44,7 +44,6 @@ static inline __m256 load8_s8(const int8_t *src)
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)src)));
 }
 
-
 static inline void store8_f32(float *dst, __m256 v, int streaming)
 {
     if (streaming) {

@@ -49,7 +49,6 @@ static inline __m256 load8_u8(const uint8_t *src)
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)src)));
 }
 
-
 static inline void store8_f16(uint16_t *dst, __m256 v, int streaming)
 {
     /* F16C rounds to nearest-even */
@@ -72,8 +71,8 @@ static inline __attribute__((always_inline)) void run_groups(int64_t g_begin, in
     int64_t g = g_begin;
     while (g < g_end) {
         if (g + 8 <= g_end) {
-            /* 8 groups' scales and zero points at once (one conversion, one range
-             * test); each group then takes its lane, instead of converting and testing
+            /* 8 groups' f16 scales and zero points at once (one conversion, one
+             * range test); each group then takes its lane, instead of converting and testing
              * scalars once a group. */
             const __m256 s_batch = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + g)));
             const __m256i zp_batch = _mm256_loadu_si256((const __m256i *)(zero_point + g));

@@ -44,7 +44,6 @@ static inline __m256 load8_u8(const uint8_t *src)
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)src)));
 }
 
-
 static inline void store8_f32(float *dst, __m256 v, int streaming)
 {
     if (streaming) {
