@@ -47,7 +47,7 @@ STREAMING_MIN_BYTES = 16 << 20
 # |zero_point| up to this keeps q - zero_point exact in f32 for any 8-bit q (< 2^24), so
 # the C kernels take a vectorizable float subtraction for such groups.
 FAST_ZERO_POINT_LIMIT = (1 << 24) - 256
-# C dequantize's f16 register path with groups this small or smaller loads the scales and
+# C dequantize's f16 fused path with groups this small or smaller loads the scales and
 # zero points of GROUP_BATCH groups as vectors (one F16C conversion, one range test for
 # all): a scalar prologue a group costs about a third of a 32-element group's work. (For
 # f32 and bf16 a scale is a plain load or a shift, and batching measured no gain.)
@@ -57,6 +57,16 @@ GROUP_BATCH_MAX_SIZE = 64
 # sixteen elements: |q - zp| must fit an int16 for any 8-bit q. Larger zero points (far
 # outside any 8-bit range) take the exact element-by-element path.
 FAST_ZERO_POINT_LIMIT_I16 = 32767 - 255
+# The fused path of C dequantize into f16/bf16 (whose scales are f16/bf16 too). With a
+# p-bit scale significand and |zp| <= (2^24 - 1) // (2^p - 1), q * s and zp * s are exact
+# in f32 (at most 24 significant bits, multiples of the scale's quantum, which f32
+# subnormals hold), so fma(q, s, -(zp * s)) rounds the exact (q - zp) * s once, exactly as
+# the formula does. The scale must be positive (for a negative or zero one the fused sum's
+# zero would be +0 where the formula gives -0), finite, and for bf16 below 2^100, so zp * s
+# is finite: the largest allowed storage bits below. One instruction replaces the
+# subtraction and the multiply; other groups take the other paths.
+FMA_ZERO_POINT_LIMIT = {DType.F16: (2**24 - 1) // (2**11 - 1), DType.BF16: (2**24 - 1) // (2**8 - 1)}
+FMA_SCALE_MAX_BITS = {DType.F16: 0x7bff, DType.BF16: ((127 + 100) << 7) - 1}
 # A float zero point (DequantizeFloatZeroDescriptor): multiply, round, add, round.
 FLOAT_ZERO_FORMULA = "y = F((C(q - mid) * C(scale)) + C(zero_point))"
 # Packed quantize with an odd group size: neighbouring groups share a byte, so the
@@ -145,6 +155,8 @@ class KernelSpec:
     vector_align_check: bool = False            # wide accesses need a run-time alignment test
     grid_waves: int = 0                         # grid = SMs * resident blocks * waves, at most
     group_batch: int = 0            # C, f16 only: groups whose scales/zero points load as one vector
+    fma_zero_point_limit: int = 0   # C dequantize into f16/bf16: the fused path's |zp| bound (0: none)
+    fma_scale_max_bits: int = 0     # and the largest scale storage bits it takes
     scalar_f16c: bool = False       # C: single f16 values convert with F16C (else on the bits)
     group_per_element: bool = False             # packed q, VEC not dividing the group: each
                                                 # element looks up its own scale/zero point
@@ -319,6 +331,8 @@ def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
     if target == "c" and desc.op is Op.DEQUANTIZE and compute is DType.F32:
         sixteen = simd["simd_stage_int"] and simd["register_lanes"] == 16
         fast_limit = FAST_ZERO_POINT_LIMIT_I16 if sixteen else FAST_ZERO_POINT_LIMIT
+    fused = bool(fast_limit and simd["simd_stage_int"] and not float_zero
+                 and desc.float_dtype in FMA_ZERO_POINT_LIMIT)
     spec = KernelSpec(
         op=desc.op, uri=desc.uri, entry=f"dqgen_{desc.uri}", target=target, arch=arch,
         group_size=desc.group_size, float_dtype=desc.float_dtype, int_dtype=desc.int_type,
@@ -344,9 +358,10 @@ def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
         threads_per_block=256, vector_bytes=16,
         layout=Layout.PACKED4 if packed else Layout.PLAIN, bits=4 if packed else 8,
         scalar_f16c=target == "c" and arch in F16C_ISAS and desc.float_dtype is DType.F16,
-        group_batch=(GROUP_BATCH if simd["simd_stage_int"] and not simd["scalar_tail"] and fast_limit
-                     and not float_zero and desc.float_dtype is DType.F16
+        group_batch=(GROUP_BATCH if fused and not simd["scalar_tail"] and desc.float_dtype is DType.F16
                      and desc.group_size <= GROUP_BATCH_MAX_SIZE else 0),
+        fma_zero_point_limit=FMA_ZERO_POINT_LIMIT[desc.float_dtype] if fused else 0,
+        fma_scale_max_bits=FMA_SCALE_MAX_BITS[desc.float_dtype] if fused else 0,
         zero_kind="float" if float_zero else "int", mid=desc.mid if float_zero else 0,
     )
     return _schedule_cuda(spec, desc) if target == "cuda" else spec

@@ -176,6 +176,8 @@ class _PerGroupPlan:
         self._in_indices = tuple(i for i, item in enumerate(self._layout) if not item[3])
         self._scalars = (rows, cols) + tuple(
             getattr(desc, n) for n in ("q_min", "q_max") if hasattr(desc, n))
+        self._size = rows * cols
+        self._pointers = None  # ArgumentPointers, made at the first CPU run
 
     @classmethod
     def select(cls, desc, device: str = "cpu", preference: PlanPreference | None = None):
@@ -285,23 +287,34 @@ class _PerGroupPlan:
             raise UnsupportedError("stream= applies to CUDA plans; this plan runs on the CPU")
         if type(args) is not self.args_type:
             self.can_implement(args)
-        runner = self._kernel.runner
-        pointer = runner.pointer
+        remembered = self._pointers
+        if remembered is None:
+            remembered = self._pointers = cpu_runtime.ArgumentPointers(self._kernel.runner,
+                                                                       len(self._layout))
+        slots = remembered.slots
+        pointers = []
         arrays = []
+        i = 0
         # Arrays that each own their memory and are distinct cannot overlap; anything
         # else (views, a repeated array) takes can_implement's exact overlap check.
         all_own = True
         for name, dtype, shape, is_out in self._layout:
             arr = getattr(args, name)
-            flags = arr.flags if type(arr) is np.ndarray else None
-            if not (flags is not None and (arr.dtype is dtype or arr.dtype == dtype)
-                    and arr.shape == shape and flags.c_contiguous and flags.aligned
-                    and (flags.writeable or not is_out)):
+            # carray: C-contiguous, aligned and writeable (a read-only input takes the
+            # full check, which accepts it)
+            if not (type(arr) is np.ndarray and arr.dtype is dtype and arr.shape == shape
+                    and (flags := arr.flags).carray):
                 self.can_implement(args)
                 arr = to_numpy(arr, name)
                 flags = arr.flags
-            all_own = all_own and flags.owndata
+            if not flags.owndata:
+                all_own = False
+            ref, pointer = slots[i]
+            if ref() is not arr:
+                pointer = remembered.remember(i, arr)
+            pointers.append(pointer)
             arrays.append(arr)
+            i += 1
         out = arrays[self._out_index]
         if all_own:
             for i in self._in_indices:
@@ -310,9 +323,9 @@ class _PerGroupPlan:
         if not all_own:  # every array already checked above: only the overlap is left
             check_no_overlap(out, self._layout[self._out_index][0],
                              {self._layout[i][0]: arrays[i] for i in self._in_indices})
-        if out.size:
+        if self._size:
             threads = 1 if cpu_runtime.forked_child else self._threads
-            runner.function(*[pointer(a) for a in arrays], *self._scalars, threads)
+            self._kernel.runner.function(*pointers, *self._scalars, threads)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.descriptor}, device={self.device!r})"

@@ -40,8 +40,10 @@ OUTERS = (0, 1, 5, 300)
 INT32_MIN, INT32_MAX = -2**31, 2**31 - 1
 # Zero points around the limits a C kernel may switch paths at (|zp| < 2^24 keeps
 # q - zp exact in f32 for 8-bit q; |zp| <= 32512 keeps it in int16 for bf16's sixteen-lane
-# path), plus the ends of int32.
+# path; |zp| <= 8196 (f16) and 65793 (bf16) keep zp * scale exact for the fused path),
+# plus the ends of int32.
 ZP_EDGES = (0, 1, -1, 32512, 32513, -32512, -32513, 32767, -32768, 65535,
+            8196, 8197, -8196, -8197, 65793, 65794, -65793, -65794,
             2**24 - 256, 2**24 - 255, 2**24 - 1, 2**24, 2**24 + 1,
             -(2**24 - 256), -(2**24 - 255), -2**24, -(2**24 + 1), INT32_MIN, INT32_MAX,
             INT32_MIN + 1, INT32_MAX - 1)

@@ -353,3 +353,35 @@ def test_dequantize_zero_points_at_path_boundaries(isa, int_name, float_name):
         _select(dqgen.DequantizePerGroupPlan, desc, isa).run(
             dqgen.DequantizePerGroupArgs(S.guarded(q), S.guarded(scale), S.guarded(zp), out))
         S.assert_same_bits(out, reference.dequantize_per_group(q, scale, zp, gs), f"group {gs}, scale {scale_value}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("int_name", S.INT_NAMES)
+@pytest.mark.parametrize("float_name", ["f16", "bf16"])
+@pytest.mark.parametrize("group_size", [32, 256])
+def test_dequantize_every_scale_bit_pattern(isa, int_name, float_name, group_size):
+    """Every 16-bit scale pattern (zero, subnormal, negative, the largest the fused path
+    takes and the next, Inf, NaN) against zero points on both sides of every path limit.
+    The fused path's exactness rests on the scale's bits (FMA_SCALE_MAX_BITS in the
+    schedule), so each pattern is run, not sampled. Groups of 32 take f16's batched
+    prologue; groups of 256 see every storage value."""
+    lo, hi = S.INT_RANGES[int_name]
+    patterns = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    zps = np.array(S.ZP_EDGES + (lo, hi, 5, -7), dtype=np.int64)
+    rows = 2 if group_size == 32 else 1
+    n_groups = patterns.size
+    g = np.arange(n_groups)
+    # row r pairs pattern p with zero point zps[(p * (7r + 1) + 3r) % len]
+    zp = np.stack([zps[(g * (7 * r + 1) + 3 * r) % zps.size] for r in range(rows)]).astype(np.int32)
+    scale = np.broadcast_to(patterns.view(S.np_dtype(float_name)), (rows, n_groups)).copy()
+    if group_size == 256:
+        within = np.arange(256)
+    else:  # 32 values spread over the range; the offset varies by group, so 0 and 255 occur
+        within = (np.arange(32) * 8)[None, :] + (g * 37 % 8)[:, None]
+    q = (np.broadcast_to(within, (n_groups, group_size)).reshape(-1) + lo).astype(S.np_dtype(int_name))
+    q = np.broadcast_to(q, (rows, q.size)).copy()
+    desc = dqgen.DequantizePerGroupDescriptor(rows, q.shape[1], group_size, float_name, int_name)
+    out = np.empty(q.shape, S.np_dtype(float_name))
+    _select(dqgen.DequantizePerGroupPlan, desc, isa).run(dqgen.DequantizePerGroupArgs(q, scale, zp, out))
+    S.assert_same_bits(out, reference.dequantize_per_group(q, scale, zp, group_size),
+                       f"{float_name} scales, group {group_size}")

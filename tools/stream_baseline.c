@@ -123,23 +123,19 @@ static void floor_f16(const int8_t *restrict q, uint16_t *restrict y, int64_t b,
         y[i] = (uint16_t)_cvtss_sh((float)q[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 }
 
-static inline __m256i bf16_round_high(__m256 v)
-{
-    const __m256i u = _mm256_castps_si256(v);
-    return _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
-                            _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)));
-}
-
+/* The bf16 kernels' sixteen-lane step: even and odd elements split out of the widened
+ * 16-bit vector, rounded in 16-bit lanes (see store16_bf16 in templates/c/kernel.c.j2). */
 static void floor_bf16(const int8_t *restrict q, uint16_t *restrict y, int64_t b, int64_t e)
 {
     int64_t i = b;
     for (; i + 16 <= e; i += 16) {
         const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(q + i)));
-        const __m256 even = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(w, 16), 16));
-        const __m256 odd = _mm256_cvtepi32_ps(_mm256_srai_epi32(w, 16));
-        const __m256i h = _mm256_blend_epi16(_mm256_srli_epi32(bf16_round_high(even), 16),
-                                             bf16_round_high(odd), 0xaa);
-        _mm256_storeu_si256((__m256i *)(y + i), h);
+        const __m256i even = _mm256_castps_si256(_mm256_cvtepi32_ps(_mm256_madd_epi16(w, _mm256_set1_epi32(1))));
+        const __m256i odd = _mm256_castps_si256(_mm256_cvtepi32_ps(_mm256_srai_epi32(w, 16)));
+        const __m256i high = _mm256_blend_epi16(_mm256_srli_epi32(even, 16), odd, 0xaa);
+        const __m256i low = _mm256_blend_epi16(even, _mm256_slli_epi32(odd, 16), 0xaa);
+        const __m256i bias = _mm256_or_si256(_mm256_and_si256(high, _mm256_set1_epi16(1)), _mm256_set1_epi16(0x7ffe));
+        _mm256_storeu_si256((__m256i *)(y + i), _mm256_add_epi16(high, _mm256_srli_epi16(_mm256_avg_epu16(low, bias), 15)));
     }
     for (; i < e; ++i) {
         const float f = (float)q[i];

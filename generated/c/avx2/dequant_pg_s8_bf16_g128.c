@@ -20,6 +20,7 @@
 #include <avxintrin.h>
 #include <avx2intrin.h>
 #include <f16cintrin.h>
+#include <fmaintrin.h>
 #undef _IMMINTRIN_H_INCLUDED
 #else
 #include <immintrin.h>
@@ -59,34 +60,80 @@ static inline uint16_t store_bf16(float value)
  * (bf16: sixteen in two): q widens exactly to float, the element formula below runs on
  * the vector (GCC/Clang vector arithmetic, a scalar operand applying to every lane), and
  * the result is narrowed and stored here. */
-/* Sixteen q - zp as two float vectors, the even-indexed elements and the odd ones: the
- * difference is taken in 16-bit lanes (exact: |zp| is small enough, see the fast path),
- * each 32-bit lane of which holds one of each, so a shift pair splits them and one
- * blend puts the 16-bit results back in order (no pack, no cross-lane permute). */
-static inline void load16_s8(const int8_t *src, __m256i zp16, __m256 *even, __m256 *odd)
+/* Sixteen values as two float vectors, the even-indexed elements and the odd ones: each
+ * 32-bit lane of the widened 16-bit vector holds one of each, so one multiply-add (by 1
+ * and 0) and one shift split them, and two blends put the 16-bit results back in order
+ * (no pack, no cross-lane permute). */
+static inline __m256i widen16_s8(const int8_t *src)
 {
-    const __m256i w = _mm256_sub_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)src)), zp16);
-    *even = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(w, 16), 16));
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)src));
+}
+
+static inline void split16(__m256i w, __m256 *even, __m256 *odd)
+{
+    *even = _mm256_cvtepi32_ps(_mm256_madd_epi16(w, _mm256_set1_epi32(1)));
     *odd = _mm256_cvtepi32_ps(_mm256_srai_epi32(w, 16));
 }
 
-/* store_bf16 for finite values, eight lanes, result in the high half of each lane
- * (same rounding; overflow still rounds to Inf) */
-static inline __m256i round_bf16_high(__m256 v)
+/* q - zp in 16-bit lanes (exact: |zp| is small enough, see the fast path), split. */
+static inline void load16_s8(const int8_t *src, __m256i zp16, __m256 *even, __m256 *odd)
 {
-    const __m256i u = _mm256_castps_si256(v);
-    return _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
-                            _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)));
+    split16(_mm256_sub_epi16(widen16_s8(src), zp16), even, odd);
 }
 
+/* store_bf16 for finite values, sixteen lanes (same rounding; overflow still rounds to
+ * Inf). The high and the low 16-bit halves of the results gather in element order, and
+ * the rounding runs in 16-bit lanes: the high half goes up by one when
+ * low + 0x7fff + (high & 1) carries, i.e. when the top bit of
+ * avg_epu16(low, 0x7ffe + (high & 1)) = (low + 0x7fff + (high & 1)) >> 1 is set. */
 static inline void store16_bf16(uint16_t *dst, __m256 even, __m256 odd, int streaming)
 {
-    const __m256i h = _mm256_blend_epi16(_mm256_srli_epi32(round_bf16_high(even), 16), round_bf16_high(odd), 0xaa);
+    const __m256i e = _mm256_castps_si256(even), o = _mm256_castps_si256(odd);
+    const __m256i high = _mm256_blend_epi16(_mm256_srli_epi32(e, 16), o, 0xaa);
+    const __m256i low = _mm256_blend_epi16(e, _mm256_slli_epi32(o, 16), 0xaa);
+    const __m256i bias = _mm256_or_si256(_mm256_and_si256(high, _mm256_set1_epi16(1)), _mm256_set1_epi16(0x7ffe));
+    const __m256i h = _mm256_add_epi16(high, _mm256_srli_epi16(_mm256_avg_epu16(low, bias), 15));
     if (streaming) {
         _mm_stream_si128((__m128i *)(dst), _mm256_castsi256_si128(h));
         _mm_stream_si128((__m128i *)(dst + 8), _mm256_extracti128_si256(h, 1));
     } else {
         _mm256_storeu_si256((__m256i *)(dst), h);
+    }
+}
+
+/* A group off the fused path (a zero, negative, non-finite or huge scale, or a far zero
+ * point): out of line, so that the hot loop keeps its constants in registers. */
+static __attribute__((noinline)) void other_group(int64_t g,
+                                          const int8_t *restrict q,
+                                          const uint16_t *restrict scale,
+                                          const int32_t *restrict zero_point,
+                                          uint16_t *restrict y,
+                                          int streaming)
+{
+    const int64_t base = g * GROUP_SIZE;
+    const float s = load_bf16(scale[g]);
+    const int32_t zp = zero_point[g];
+    if (zp >= -32512 && zp <= 32512 && isfinite(s)) {
+        /* |q - zp| <= 32767: the difference is exact in 16-bit lanes.
+         * A finite scale gives no NaN, which the SIMD bf16 store relies on. */
+        const __m256i zp16 = _mm256_set1_epi16((short)zp);
+        for (int64_t k = 0; k < 128; k += 16) {
+            __m256 q_even, q_odd, y_v0, y_v1;
+            load16_s8(q + base + k, zp16, &q_even, &q_odd);
+            {
+                const __m256 q_v = q_even;
+                y_v0 = q_v * s;
+            }
+            {
+                const __m256 q_v = q_odd;
+                y_v1 = q_v * s;
+            }
+            store16_bf16(y + base + k, y_v0, y_v1, streaming);
+        }
+        return;
+    }
+    for (int64_t j = 0; j < GROUP_SIZE; ++j) {
+        y[base + j] = store_bf16(int_diff_to_compute(q[base + j], zp) * s);
     }
 }
 
@@ -98,31 +145,27 @@ static inline __attribute__((always_inline)) void run_groups(int64_t g_begin, in
                        uint16_t *restrict y,
                        int streaming)
 {
-    for (int64_t g = g_begin; g < g_end; ++g) {
-        const int64_t base = g * GROUP_SIZE;
-        const float s = load_bf16(scale[g]);
-        const int32_t zp = zero_point[g];
-        if (zp >= -32512 && zp <= 32512 && isfinite(s)) {
-            /* |q - zp| <= 32767: the difference is exact in 16-bit lanes.
-             * A finite scale gives no NaN, which the SIMD bf16 store relies on. */
-            const __m256i zp16 = _mm256_set1_epi16((short)zp);
+    int64_t g = g_begin;
+    while (g < g_end) {
+        const int64_t g_stop = g_end;
+        for (; g < g_stop; ++g) {
+            const uint16_t s_bits = scale[g];
+            const int32_t zp = zero_point[g];
+            if (!((uint16_t)(s_bits - 1u) < 29055u && (uint32_t)zp + 65793u <= 131586u))
+                break;   /* not a positive finite scale in range, or zp too far */
+            const int64_t base = g * GROUP_SIZE;
+            const float s = load_bf16(s_bits);
+            const float c = -((float)zp * s);   /* exact (see the schedule) */
+            const __m256 s_v = _mm256_set1_ps(s), c_v = _mm256_set1_ps(c);
             for (int64_t k = 0; k < 128; k += 16) {
-                __m256 q_even, q_odd, y_v0, y_v1;
-                load16_s8(q + base + k, zp16, &q_even, &q_odd);
-                {
-                    const __m256 q_v = q_even;
-                    y_v0 = q_v * s;
-                }
-                {
-                    const __m256 q_v = q_odd;
-                    y_v1 = q_v * s;
-                }
-                store16_bf16(y + base + k, y_v0, y_v1, streaming);
+                __m256 q_even, q_odd;
+                split16(widen16_s8(q + base + k), &q_even, &q_odd);
+                store16_bf16(y + base + k, _mm256_fmadd_ps(q_even, s_v, c_v), _mm256_fmadd_ps(q_odd, s_v, c_v), streaming);
             }
-            continue;
         }
-        for (int64_t j = 0; j < GROUP_SIZE; ++j) {
-            y[base + j] = store_bf16(int_diff_to_compute(q[base + j], zp) * s);
+        if (g < g_stop) {
+            other_group(g, q, scale, zero_point, y, streaming);
+            ++g;
         }
     }
     if (streaming)

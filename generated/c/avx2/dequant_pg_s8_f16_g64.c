@@ -20,6 +20,7 @@
 #include <avxintrin.h>
 #include <avx2intrin.h>
 #include <f16cintrin.h>
+#include <fmaintrin.h>
 #undef _IMMINTRIN_H_INCLUDED
 #else
 #include <immintrin.h>
@@ -60,6 +61,33 @@ static inline void store8_f16(uint16_t *dst, __m256 v, int streaming)
     }
 }
 
+/* A group off the fused path (a zero, negative, non-finite or huge scale, or a far zero
+ * point): out of line, so that the hot loop keeps its constants in registers. */
+static __attribute__((noinline)) void other_group(int64_t g,
+                                          const int8_t *restrict q,
+                                          const uint16_t *restrict scale,
+                                          const int32_t *restrict zero_point,
+                                          uint16_t *restrict y,
+                                          int streaming)
+{
+    const int64_t base = g * GROUP_SIZE;
+    const float s = load_f16(scale[g]);
+    const int32_t zp = zero_point[g];
+    if (zp >= -16776960 && zp <= 16776960) {
+        /* |q - zp| < 2^24: both operands and the difference are exact in float, so
+         * the float subtraction equals the exact integer one and vectorizes. */
+        const float zp_c = (float)zp;
+        for (int64_t k = 0; k < 64; k += 8) {
+            const __m256 q_v = load8_s8(q + base + k);
+            store8_f16(y + base + k, (q_v - zp_c) * s, streaming);
+        }
+        return;
+    }
+    for (int64_t j = 0; j < GROUP_SIZE; ++j) {
+        y[base + j] = store_f16(int_diff_to_compute(q[base + j], zp) * s);
+    }
+}
+
 /* Groups [g_begin, g_end) of the flat problem, on the calling thread. */
 static inline __attribute__((always_inline)) void run_groups(int64_t g_begin, int64_t g_end,
                        const int8_t *restrict q,
@@ -70,48 +98,47 @@ static inline __attribute__((always_inline)) void run_groups(int64_t g_begin, in
 {
     int64_t g = g_begin;
     while (g < g_end) {
-        if (g + 8 <= g_end) {
+        for (; g + 8 <= g_end; g += 8) {
             /* 8 groups' f16 scales and zero points at once (one conversion, one
-             * range test); each group then takes its lane, instead of converting and testing
-             * scalars once a group. */
-            const __m256 s_batch = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(scale + g)));
-            const __m256i zp_batch = _mm256_loadu_si256((const __m256i *)(zero_point + g));
-            __m256i fast = _mm256_and_si256(_mm256_cmpgt_epi32(zp_batch, _mm256_set1_epi32(-16776961)),
-                                            _mm256_cmpgt_epi32(_mm256_set1_epi32(16776961), zp_batch));
-            if (_mm256_movemask_ps(_mm256_castsi256_ps(fast)) == 0xff) {
-                const __m256 zp_float = _mm256_cvtepi32_ps(zp_batch);   /* exact: |zp| < 2^24 */
-                for (int lane = 0; lane < 8; ++lane, ++g) {
-                    const int64_t base = g * GROUP_SIZE;
-                    const __m256i pick = _mm256_set1_epi32(lane);
-                    const __m256 s = _mm256_permutevar8x32_ps(s_batch, pick);
-                    const __m256 zp_c = _mm256_permutevar8x32_ps(zp_float, pick);
-                    for (int64_t k = 0; k < 64; k += 8) {
-                        const __m256 q_v = load8_s8(q + base + k);
-                        store8_f16(y + base + k, (q_v - zp_c) * s, streaming);
-                    }
-                }
-                continue;
+             * test of both ranges below, as unsigned minima); each group then takes its
+             * lane, instead of converting and testing scalars once a group. */
+            const __m128i s_bits = _mm_loadu_si128((const __m128i *)(scale + g));
+            const __m256i zp = _mm256_loadu_si256((const __m256i *)(zero_point + g));
+            const __m128i s_less = _mm_sub_epi16(s_bits, _mm_set1_epi16(1));
+            const __m256i zp_shifted = _mm256_add_epi32(zp, _mm256_set1_epi32(8196));
+            const int scales_fused = _mm_movemask_epi8(_mm_cmpeq_epi16(_mm_min_epu16(s_less, _mm_set1_epi16(31742)), s_less));
+            const int zps_fused = _mm256_movemask_epi8(_mm256_cmpeq_epi32(_mm256_min_epu32(zp_shifted, _mm256_set1_epi32(16392)), zp_shifted));
+            if (scales_fused != 0xffff || zps_fused != -1)
+                break;
+            const __m256 s_batch = _mm256_cvtph_ps(s_bits);
+            /* c = -(zp * s): exact (see the schedule), the sign flipped on the bits */
+            const __m256 c_batch = _mm256_xor_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(zp), s_batch), _mm256_set1_ps(-0.0f));
+            for (int lane = 0; lane < 8; ++lane) {
+                const int64_t base = (g + lane) * GROUP_SIZE;
+                const __m256i pick = _mm256_set1_epi32(lane);
+                const __m256 s_v = _mm256_permutevar8x32_ps(s_batch, pick);
+                const __m256 c_v = _mm256_permutevar8x32_ps(c_batch, pick);
+                for (int64_t k = 0; k < 64; k += 8)
+                    store8_f16(y + base + k, _mm256_fmadd_ps(load8_s8(q + base + k), s_v, c_v), streaming);
             }
         }
-        /* a batch with a group off the fast path, or the last groups: one at a time */
+        /* a batch with a group off the fused path, or the last groups: one at a time */
         const int64_t g_stop = g + 8 <= g_end ? g + 8 : g_end;
         for (; g < g_stop; ++g) {
-            const int64_t base = g * GROUP_SIZE;
-            const float s = load_f16(scale[g]);
+            const uint16_t s_bits = scale[g];
             const int32_t zp = zero_point[g];
-            if (zp >= -16776960 && zp <= 16776960) {
-                /* |q - zp| < 2^24: both operands and the difference are exact in float, so
-                 * the float subtraction equals the exact integer one and vectorizes. */
-                const float zp_c = (float)zp;
-                for (int64_t k = 0; k < 64; k += 8) {
-                    const __m256 q_v = load8_s8(q + base + k);
-                    store8_f16(y + base + k, (q_v - zp_c) * s, streaming);
-                }
-                continue;
-            }
-            for (int64_t j = 0; j < GROUP_SIZE; ++j) {
-                y[base + j] = store_f16(int_diff_to_compute(q[base + j], zp) * s);
-            }
+            if (!((uint16_t)(s_bits - 1u) < 31743u && (uint32_t)zp + 8196u <= 16392u))
+                break;   /* not a positive finite scale in range, or zp too far */
+            const int64_t base = g * GROUP_SIZE;
+            const float s = load_f16(s_bits);
+            const float c = -((float)zp * s);   /* exact (see the schedule) */
+            const __m256 s_v = _mm256_set1_ps(s), c_v = _mm256_set1_ps(c);
+            for (int64_t k = 0; k < 64; k += 8)
+                store8_f16(y + base + k, _mm256_fmadd_ps(load8_s8(q + base + k), s_v, c_v), streaming);
+        }
+        if (g < g_stop) {
+            other_group(g, q, scale, zero_point, y, streaming);
+            ++g;
         }
     }
     if (streaming)

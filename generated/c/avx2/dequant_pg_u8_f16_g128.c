@@ -20,6 +20,7 @@
 #include <avxintrin.h>
 #include <avx2intrin.h>
 #include <f16cintrin.h>
+#include <fmaintrin.h>
 #undef _IMMINTRIN_H_INCLUDED
 #else
 #include <immintrin.h>
@@ -60,6 +61,33 @@ static inline void store8_f16(uint16_t *dst, __m256 v, int streaming)
     }
 }
 
+/* A group off the fused path (a zero, negative, non-finite or huge scale, or a far zero
+ * point): out of line, so that the hot loop keeps its constants in registers. */
+static __attribute__((noinline)) void other_group(int64_t g,
+                                          const uint8_t *restrict q,
+                                          const uint16_t *restrict scale,
+                                          const int32_t *restrict zero_point,
+                                          uint16_t *restrict y,
+                                          int streaming)
+{
+    const int64_t base = g * GROUP_SIZE;
+    const float s = load_f16(scale[g]);
+    const int32_t zp = zero_point[g];
+    if (zp >= -16776960 && zp <= 16776960) {
+        /* |q - zp| < 2^24: both operands and the difference are exact in float, so
+         * the float subtraction equals the exact integer one and vectorizes. */
+        const float zp_c = (float)zp;
+        for (int64_t k = 0; k < 128; k += 8) {
+            const __m256 q_v = load8_u8(q + base + k);
+            store8_f16(y + base + k, (q_v - zp_c) * s, streaming);
+        }
+        return;
+    }
+    for (int64_t j = 0; j < GROUP_SIZE; ++j) {
+        y[base + j] = store_f16(int_diff_to_compute(q[base + j], zp) * s);
+    }
+}
+
 /* Groups [g_begin, g_end) of the flat problem, on the calling thread. */
 static inline __attribute__((always_inline)) void run_groups(int64_t g_begin, int64_t g_end,
                        const uint8_t *restrict q,
@@ -68,22 +96,24 @@ static inline __attribute__((always_inline)) void run_groups(int64_t g_begin, in
                        uint16_t *restrict y,
                        int streaming)
 {
-    for (int64_t g = g_begin; g < g_end; ++g) {
-        const int64_t base = g * GROUP_SIZE;
-        const float s = load_f16(scale[g]);
-        const int32_t zp = zero_point[g];
-        if (zp >= -16776960 && zp <= 16776960) {
-            /* |q - zp| < 2^24: both operands and the difference are exact in float, so
-             * the float subtraction equals the exact integer one and vectorizes. */
-            const float zp_c = (float)zp;
-            for (int64_t k = 0; k < 128; k += 8) {
-                const __m256 q_v = load8_u8(q + base + k);
-                store8_f16(y + base + k, (q_v - zp_c) * s, streaming);
-            }
-            continue;
+    int64_t g = g_begin;
+    while (g < g_end) {
+        const int64_t g_stop = g_end;
+        for (; g < g_stop; ++g) {
+            const uint16_t s_bits = scale[g];
+            const int32_t zp = zero_point[g];
+            if (!((uint16_t)(s_bits - 1u) < 31743u && (uint32_t)zp + 8196u <= 16392u))
+                break;   /* not a positive finite scale in range, or zp too far */
+            const int64_t base = g * GROUP_SIZE;
+            const float s = load_f16(s_bits);
+            const float c = -((float)zp * s);   /* exact (see the schedule) */
+            const __m256 s_v = _mm256_set1_ps(s), c_v = _mm256_set1_ps(c);
+            for (int64_t k = 0; k < 128; k += 8)
+                store8_f16(y + base + k, _mm256_fmadd_ps(load8_u8(q + base + k), s_v, c_v), streaming);
         }
-        for (int64_t j = 0; j < GROUP_SIZE; ++j) {
-            y[base + j] = store_f16(int_diff_to_compute(q[base + j], zp) * s);
+        if (g < g_stop) {
+            other_group(g, q, scale, zero_point, y, streaming);
+            ++g;
         }
     }
     if (streaming)

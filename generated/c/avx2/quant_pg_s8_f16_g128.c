@@ -20,6 +20,7 @@
 #include <avxintrin.h>
 #include <avx2intrin.h>
 #include <f16cintrin.h>
+#include <fmaintrin.h>
 #undef _IMMINTRIN_H_INCLUDED
 #else
 #include <immintrin.h>
