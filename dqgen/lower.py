@@ -47,10 +47,10 @@ STREAMING_MIN_BYTES = 16 << 20
 # |zero_point| up to this keeps q - zero_point exact in f32 for any 8-bit q (< 2^24), so
 # the C kernels take a vectorizable float subtraction for such groups.
 FAST_ZERO_POINT_LIMIT = (1 << 24) - 256
-# C dequantize's f16 fused path with groups this small or smaller loads the scales and
-# zero points of GROUP_BATCH groups as vectors (one F16C conversion, one range test for
-# all): a scalar prologue a group costs about a third of a 32-element group's work. (For
-# f32 and bf16 a scale is a plain load or a shift, and batching measured no gain.)
+# C dequantize's fused path (f16/bf16) with groups this small or smaller loads the scales
+# and zero points of GROUP_BATCH groups as vectors (one conversion, one range test for
+# all): a scalar prologue a group costs about a fifth of a 32-element group's work. (For
+# f32 a scale is a plain load, and batching measured no gain.)
 GROUP_BATCH = 8
 GROUP_BATCH_MAX_SIZE = 64
 # bf16's sixteen-lane path subtracts the zero point in 16-bit lanes, one instruction for
@@ -154,7 +154,7 @@ class KernelSpec:
     vector_streams: tuple[VectorStream, ...] = ()
     vector_align_check: bool = False            # wide accesses need a run-time alignment test
     grid_waves: int = 0                         # grid = SMs * resident blocks * waves, at most
-    group_batch: int = 0            # C, f16 only: groups whose scales/zero points load as one vector
+    group_batch: int = 0            # C fused path: groups whose scales/zero points load as one vector
     fma_zero_point_limit: int = 0   # C dequantize into f16/bf16: the fused path's |zp| bound (0: none)
     fma_scale_max_bits: int = 0     # and the largest scale storage bits it takes
     scalar_f16c: bool = False       # C: single f16 values convert with F16C (else on the bits)
@@ -358,7 +358,7 @@ def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
         threads_per_block=256, vector_bytes=16,
         layout=Layout.PACKED4 if packed else Layout.PLAIN, bits=4 if packed else 8,
         scalar_f16c=target == "c" and arch in F16C_ISAS and desc.float_dtype is DType.F16,
-        group_batch=(GROUP_BATCH if fused and not simd["scalar_tail"] and desc.float_dtype is DType.F16
+        group_batch=(GROUP_BATCH if fused and not simd["scalar_tail"]
                      and desc.group_size <= GROUP_BATCH_MAX_SIZE else 0),
         fma_zero_point_limit=FMA_ZERO_POINT_LIMIT[desc.float_dtype] if fused else 0,
         fma_scale_max_bits=FMA_SCALE_MAX_BITS[desc.float_dtype] if fused else 0,
