@@ -1,9 +1,13 @@
 """CPU kernels: a built ``.so`` opened with cffi in ABI mode and called zero-copy.
 
-Pointer parameters are declared to cffi as ``void *`` so that ``ffi.from_buffer(array)``
-(the cheapest zero-copy route from a numpy array to a pointer) can be passed directly.
-cffi releases the GIL for the duration of the call. Loaded libraries are kept for the life of the
-process (never unloaded), and their files are never rewritten in place.
+The entry point is looked up as a function pointer of a type spelled from the spec
+(pointers as ``void *``, so ``ffi.from_buffer(array)``, the cheapest zero-copy route from
+a numpy array to a pointer, can be passed directly). The FFI is cffi's compiled one
+(``_cffi_backend.FFI``, what cffi's out-of-line modules build on), which parses such a type
+itself: ``cffi.FFI().cdef`` would import pycparser, two thirds of the time a new process
+takes to load a kernel from the cache. cffi releases the GIL for the duration of the
+call. Loaded libraries are kept for the life of the process (never unloaded), and their
+files are never rewritten in place.
 """
 
 from __future__ import annotations
@@ -14,12 +18,12 @@ import threading
 import weakref
 from pathlib import Path
 
-import cffi
+import _cffi_backend
 
 from ..errors import InvalidProblemError
 from ..lower import KernelSpec
 
-_loaded: list[object] = []  # keeps every FFI and library alive: kernels are never unloaded
+_loaded: list[object] = []  # keeps every library alive: kernels are never unloaded
 _load_lock = threading.Lock()
 forked_child = False
 
@@ -54,21 +58,14 @@ def num_threads(requested: int | None = None) -> int:
     return requested
 
 
-def declaration(spec: KernelSpec) -> str:
-    """The cffi declaration of the entry point (pointers as ``void *``, see module doc)."""
-    params = ", ".join("void *" + p.name if p.role != "scalar" else f"{p.c_type} {p.name}"
-                       for p in spec.params)
-    return f"void {spec.entry}({params}, int32_t num_threads);"
+def function_type(spec: KernelSpec) -> str:
+    """The C type of the entry point, a function pointer (pointers as ``void *``, see the
+    module doc)."""
+    params = ", ".join("void *" if p.role != "scalar" else p.c_type for p in spec.params)
+    return f"void(*)({params}, int32_t)"
 
 
-def buffer_pointer(ffi):
-    """``ffi.from_buffer`` without its Python-level argument handling (a third of a
-    microsecond a call, four calls a run): the same backend call with the same default
-    ``char[]`` type where this cffi exposes them, else ``ffi.from_buffer`` itself."""
-    backend, char_array = getattr(ffi, "_backend", None), getattr(ffi, "BCharA", None)
-    if backend is None or char_array is None or not hasattr(backend, "from_buffer"):
-        return ffi.from_buffer
-    return functools.partial(backend.from_buffer, char_array)
+_ffi = _cffi_backend.FFI()  # types, buffers and casts for every CPU kernel
 
 
 def _no_array():
@@ -91,7 +88,7 @@ class ArgumentPointers:
     def __init__(self, kernel: "CpuKernel", count: int) -> None:
         self.slots = [(_no_array, None)] * count
         self._export = kernel.pointer
-        self._cast = kernel.cast_pointer
+        self._cast = functools.partial(_ffi.cast, "void *")  # keeps nothing alive
 
     def remember(self, index: int, array) -> object:
         """The address of ``array`` (a numpy array), now remembered at ``index``."""
@@ -103,17 +100,13 @@ class ArgumentPointers:
 class CpuKernel:
     """A loaded CPU kernel; calling it runs the entry point with raw addresses."""
 
-    __slots__ = ("spec", "path", "function", "pointer", "cast_pointer")
+    __slots__ = ("spec", "path", "function", "pointer")
 
     def __init__(self, spec: KernelSpec, path: Path) -> None:
         self.spec = spec
         self.path = path
-        ffi = cffi.FFI()
-        ffi.cdef(declaration(spec))
         with _load_lock:
-            lib = ffi.dlopen(str(path))
-            _loaded.append((ffi, lib))
-        self.function = getattr(lib, spec.entry)
-        self.pointer = buffer_pointer(ffi)  # numpy array -> zero-copy pointer for ``function``
-        # a buffer pointer -> a plain ``void *`` that keeps nothing alive
-        self.cast_pointer = functools.partial(ffi.cast, "void *")
+            lib = _cffi_backend.load_library(str(path), 0)  # 0: cffi's default, RTLD_NOW
+            _loaded.append(lib)
+        self.function = lib.load_function(_ffi.typeof(function_type(spec)), spec.entry)
+        self.pointer = _ffi.from_buffer  # numpy array -> zero-copy pointer for ``function``
