@@ -5,6 +5,9 @@
  * formula:    y = F(C(q - zero_point) * C(scale))
  *             F = bf16, C = f32 (compute type), 32 elements a group,
  *             rounding to nearest-even, no FMA contraction, subnormals kept.
+ *             Groups with a positive finite scale below 2^100 and |zero_point| <= 65793
+ *             compute C(q - zero_point) * C(scale) as fma(q, scale, -(zero_point * scale)): both
+ *             products are exact there, so the one rounding is the formula's.
  * layout:     C-contiguous [outer, axis]; scale and zero_point are [outer, axis / 32],
  *             so element e belongs to group e / 32.
  */
