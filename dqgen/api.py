@@ -9,6 +9,7 @@ kind of CUDA array.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -53,13 +54,56 @@ def _zero_point(obj, shape) -> np.ndarray:
     return zp
 
 
-def _float_dtype(arr: np.ndarray, name: str) -> DType:
-    return parse_dtype(arr.dtype, f"{name}.dtype", FLOAT_DTYPES)
+def _float_dtype(dtype, name: str) -> DType:
+    return parse_dtype(dtype, f"{name}.dtype", FLOAT_DTYPES)
 
 
-def _problem(data: np.ndarray, group_size) -> tuple[int, int, int]:
+# The descriptors the plain functions build, remembered by what they are built from (the
+# rows, the dtypes and the scalar arguments, each of its own type: 128 and 128.0 are
+# validated apart), so a repeated call skips their validation, about 9 us. An argument
+# that cannot be a key (unhashable) takes the full path, which names what is wrong.
+_remembered = functools.lru_cache(maxsize=1024, typed=True)
+
+
+def _descriptor(make, *key):
+    try:
+        return make(*key)
+    except TypeError as exc:
+        if "unhashable" not in str(exc):
+            raise
+        return make.__wrapped__(*key)
+
+
+@_remembered
+def _dequantize_descriptor(outer, stored_axis, group_size, scale_dtype, q_dtype, int_dtype):
     group_size = check_int(group_size, "group_size", minimum=1, maximum=2**31 - 1)
-    return data.shape[0], data.shape[1], group_size
+    storage = (parse_dtype(q_dtype, "q.dtype", INT_DTYPES) if int_dtype is None
+               else parse_dtype(int_dtype, "int_dtype", STORAGE_DTYPES))
+    if storage.is_packed and str(q_dtype).removeprefix("torch.") != "uint8":  # numpy/torch/CuPy
+        raise InvalidProblemError(f"packed {storage.value} q must be a uint8 array, got {q_dtype}")
+    axis = 2 * stored_axis if storage.is_packed else stored_axis
+    return DequantizePerGroupDescriptor(outer, axis, group_size, _float_dtype(scale_dtype, "scale"),
+                                        storage)
+
+
+@_remembered
+def _quantize_descriptor(outer, axis, group_size, x_dtype, dtype, q_min, q_max):
+    group_size = check_int(group_size, "group_size", minimum=1, maximum=2**31 - 1)
+    return QuantizePerGroupDescriptor(outer, axis, group_size, _float_dtype(x_dtype, "x"), dtype,
+                                      q_min, q_max)
+
+
+@_remembered
+def _dequantize_backward_descriptor(outer, axis, group_size, dy_dtype):
+    group_size = check_int(group_size, "group_size", minimum=1, maximum=2**31 - 1)
+    return DequantizePerGroupBackwardDescriptor(outer, axis, group_size, _float_dtype(dy_dtype, "dy"))
+
+
+@_remembered
+def _quantize_backward_descriptor(outer, axis, group_size, dy_dtype, q_min, q_max):
+    group_size = check_int(group_size, "group_size", minimum=1, maximum=2**31 - 1)
+    return QuantizePerGroupBackwardDescriptor(outer, axis, group_size, _float_dtype(dy_dtype, "dy"),
+                                              q_min, q_max)
 
 
 def _where(data, device) -> str:
@@ -109,14 +153,9 @@ def dequantize_per_group(q, scale, zero_point, group_size: int, out=None, device
     byte (element 2k in the low nibble of byte k), so its last axis is half the output's.
     """
     q2, s2 = _as_rows(q, "q"), _as_rows(scale, "scale")
-    outer, stored_axis, group_size = _problem(q2, group_size)
-    storage = (parse_dtype(q2.dtype, "q.dtype", INT_DTYPES) if int_dtype is None
-               else parse_dtype(int_dtype, "int_dtype", STORAGE_DTYPES))
-    if storage.is_packed and str(q2.dtype).removeprefix("torch.") != "uint8":  # numpy/torch/CuPy
-        raise InvalidProblemError(f"packed {storage.value} q must be a uint8 array, got {q2.dtype}")
-    axis = 2 * stored_axis if storage.is_packed else stored_axis
-    desc = DequantizePerGroupDescriptor(outer, axis, group_size, _float_dtype(s2, "scale"),
-                                        storage)
+    desc = _descriptor(_dequantize_descriptor, q2.shape[0], q2.shape[1], group_size, s2.dtype,
+                       q2.dtype, int_dtype)
+    outer, axis = desc.outer, desc.axis
     plan = plans.DequantizePerGroupPlan.select(desc, device=_where(q2, device))
     shape = (*np.shape(q)[:-1], axis)
     y, user_out = _output(out, (outer, axis), desc.float_dtype.np_dtype, shape, like=q2)
@@ -133,9 +172,8 @@ def quantize_per_group(x, scale, zero_point, group_size: int, dtype="s8", q_min=
     its last axis half of ``x``'s).
     """
     x2, s2 = _as_rows(x, "x"), _as_rows(scale, "scale")
-    outer, axis, group_size = _problem(x2, group_size)
-    float_dtype = _float_dtype(x2, "x")
-    desc = QuantizePerGroupDescriptor(outer, axis, group_size, float_dtype, dtype, q_min, q_max)
+    outer, axis = x2.shape
+    desc = _descriptor(_quantize_descriptor, outer, axis, group_size, x2.dtype, dtype, q_min, q_max)
     plan = plans.QuantizePerGroupPlan.select(desc, device=_where(x2, device))
     storage_shape = desc.int_dtype.storage_shape(outer, axis)
     shape = (*np.shape(x)[:-1], storage_shape[1])
@@ -148,8 +186,8 @@ def quantize_per_group(x, scale, zero_point, group_size: int, dtype="s8", q_min=
 def dequantize_per_group_backward(dy, scale, group_size: int, out=None, device=None):
     """Gradient of dequantize w.r.t. its input: ``dq = dy * scale`` per group."""
     dy2, s2 = _as_rows(dy, "dy"), _as_rows(scale, "scale")
-    outer, axis, group_size = _problem(dy2, group_size)
-    desc = DequantizePerGroupBackwardDescriptor(outer, axis, group_size, _float_dtype(dy2, "dy"))
+    outer, axis = dy2.shape
+    desc = _descriptor(_dequantize_backward_descriptor, outer, axis, group_size, dy2.dtype)
     plan = plans.DequantizePerGroupBackwardPlan.select(desc, device=_where(dy2, device))
     dq, _ = _output(out, (outer, axis), desc.float_dtype.np_dtype, np.shape(dy), like=dy2)
     plan.run(plans.DequantizePerGroupBackwardArgs(dy2, s2, dq), stream=_stream(plan, dy2))
@@ -160,9 +198,9 @@ def quantize_per_group_backward(dy, x, scale, zero_point, group_size: int, q_min
                                 q_max: int, out=None, device=None):
     """Straight-through gradient of quantize: ``dy / scale`` where the value was in range."""
     dy2, x2, s2 = _as_rows(dy, "dy"), _as_rows(x, "x"), _as_rows(scale, "scale")
-    outer, axis, group_size = _problem(dy2, group_size)
-    desc = QuantizePerGroupBackwardDescriptor(outer, axis, group_size, _float_dtype(dy2, "dy"),
-                                              q_min, q_max)
+    outer, axis = dy2.shape
+    desc = _descriptor(_quantize_backward_descriptor, outer, axis, group_size, dy2.dtype, q_min,
+                       q_max)
     plan = plans.QuantizePerGroupBackwardPlan.select(desc, device=_where(dy2, device))
     dx, _ = _output(out, (outer, axis), desc.float_dtype.np_dtype, np.shape(dy), like=dy2)
     plan.run(plans.QuantizePerGroupBackwardArgs(dy2, x2, s2, _zero_point(zero_point, None), dx),
@@ -196,7 +234,7 @@ def choose_qparams_per_group(x, group_size: int, dtype="s8", symmetric: bool = F
     and ``zero_point`` as int32, both shaped ``[..., axis // group_size]``.
     """
     arr = to_numpy(x, "x")
-    float_dtype = _float_dtype(arr, "x")
+    float_dtype = _float_dtype(arr.dtype, "x")
     storage = parse_dtype(dtype, "dtype", INT_DTYPES)
     lo, hi = resolve_q_range(q_min, q_max, *storage.int_range, storage.value)
     group_size = check_int(group_size, "group_size", minimum=1)

@@ -500,3 +500,27 @@ def test_fuzzed_dequantize_calls_answer_correctly_or_raise_a_dqgen_error(data):
     expected = reference.dequantize_per_group(q2, s2, z2, group_size)
     assert np.shape(y) == q_shape
     S.assert_same_bits(np.asarray(y).reshape(q2.shape), expected)
+
+
+@pytest.mark.parametrize("bad", [128.0, True, "128", [128]])
+def test_plain_functions_check_each_call_not_just_the_first(bad):
+    """The plain functions remember the descriptors they build; a value equal to a
+    remembered one but of another type (128.0 == 128, True == 1) is still refused."""
+    q, scale, zp = np.zeros((2, 128), np.int8), np.ones((2, 1), np.float32), np.zeros((2, 1), np.int32)
+    x = np.zeros((2, 128), np.float32)
+    for good in (128, 1) if bad is True else (128,):
+        gs = good
+        s = np.ones((2, 128 // gs), np.float32)
+        z = np.zeros((2, 128 // gs), np.int32)
+        dqgen.dequantize_per_group(q, s, z, gs)
+        dqgen.quantize_per_group(x, s, z, gs)
+        dqgen.dequantize_per_group_backward(x, s, gs)
+        dqgen.quantize_per_group_backward(x, x, s, z, gs, -128, 127)
+    with pytest.raises(InvalidProblemError, match="group_size"):
+        dqgen.dequantize_per_group(q, scale, zp, bad)
+    with pytest.raises(InvalidProblemError, match="group_size"):
+        dqgen.quantize_per_group(x, scale, zp, bad)
+    with pytest.raises(InvalidProblemError, match="group_size"):
+        dqgen.dequantize_per_group_backward(x, scale, bad)
+    with pytest.raises(InvalidProblemError, match="group_size"):
+        dqgen.quantize_per_group_backward(x, x, scale, zp, bad, -128, 127)

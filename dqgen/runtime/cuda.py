@@ -19,6 +19,8 @@ import threading
 from contextlib import contextmanager
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from ..errors import CudaDriverError, InvalidProblemError, UnsupportedError
 
 INSTALL_HINT = "install dqgen[cuda] (pip install 'cuda-bindings>=13')"
@@ -284,7 +286,6 @@ def _device_of(obj, ptr: int) -> int:
 
 def _from_cai(obj, cai: dict) -> DevicePointer:
     """Read ``__cuda_array_interface__`` (v2/v3)."""
-    import numpy as np
     dtype = np.dtype(cai["typestr"])
     shape = tuple(int(n) for n in cai["shape"])
     strides = tuple(cai.get("strides") or _c_strides(shape, dtype.itemsize))
@@ -309,7 +310,6 @@ class _DLTensor(ctypes.Structure):
 
 def _dl_dtype(dt: _DLDataType):
     """numpy dtype for a DLPack dtype (bfloat16 through ml_dtypes)."""
-    import numpy as np
     if dt.lanes != 1:
         raise UnsupportedError(f"DLPack dtype with {dt.lanes} lanes is not supported")
     if dt.code == 4 and dt.bits == 16:
@@ -351,7 +351,6 @@ def is_torch_cuda(obj) -> bool:
 def _from_torch(t) -> DevicePointer | None:
     """A torch CUDA tensor's view from its own accessors: faster than the CAI property,
     and it covers bfloat16, which torch's CAI refuses. None for other dtypes."""
-    import numpy as np
     code = _TORCH_DTYPES.get(str(t.dtype))
     if code is None:
         return None
@@ -434,6 +433,8 @@ def stream_handle(stream: Any) -> int:
 
 def is_cuda_array(obj) -> bool:
     """True for an object whose memory is on a CUDA device (torch, CuPy, CAI, DLPack)."""
+    if type(obj) is np.ndarray:  # the common case, answered before any attribute lookup
+        return False
     if is_torch_cuda(obj) or isinstance(obj, DeviceArray):
         return True
     if type(obj).__module__.startswith("torch"):
