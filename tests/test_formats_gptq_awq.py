@@ -255,3 +255,25 @@ def test_bad_descriptors():
         GptqDequantizeDescriptor(16, 8, 0)
     with pytest.raises(InvalidProblemError, match="cannot store zero point of 0|cannot hold"):
         pack.pack_gptq(np.zeros((8, 8), np.uint8), np.zeros((1, 8), np.int32), 4, "gptq")
+
+
+@pytest.mark.parametrize("threads", ["1", "2", "3"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_wide_layers_on_several_threads(threads, act_order, monkeypatch):
+    """Rows long enough for whole column tiles and a partial last one (200 = 3 * 64 + 8),
+    enough elements to go parallel, and thread splits that fall inside a group."""
+    monkeypatch.setenv("DQGEN_NUM_THREADS", threads)
+    rng = np.random.default_rng(int(threads) * 2 + act_order)
+    rows, cols, group = 520, 200, 40
+    layer = gptq_layer(rng, rows, cols, 4, group, act_order)
+    got = gptq.dequantize(**layer, group_size=group, dtype="f16")
+    want = oracle.gptq_dequantize(layer["qweight"], layer["qzeros"], layer["scales"],
+                                  layer["g_idx"], 4, "gptq", np.float16, group)
+    assert_bits_equal(got, want)
+    awq_layer = dict(qweight=random_words(rng, (rows, cols // 8)),
+                     qzeros=random_words(rng, (rows // group, cols // 8)),
+                     scales=random_f16(rng, (rows // group, cols)))
+    got = awq.dequantize(**awq_layer, dtype="f16")
+    want = oracle.awq_dequantize(awq_layer["qweight"], awq_layer["qzeros"], awq_layer["scales"],
+                                 group, np.float16)
+    assert_bits_equal(got, want)
