@@ -277,3 +277,30 @@ def test_wide_layers_on_several_threads(threads, act_order, monkeypatch):
     want = oracle.awq_dequantize(awq_layer["qweight"], awq_layer["qzeros"], awq_layer["scales"],
                                  group, np.float16)
     assert_bits_equal(got, want)
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
+def test_row_order_g_idx_takes_the_plain_kernel(fmt, monkeypatch):
+    """Checkpoints store g_idx even without act-order; g_idx[k] == k // group_size is the
+    plain layout, and runs its kernel with the same bits. A permuted g_idx stays act-order."""
+    rng = np.random.default_rng(5)
+    rows, cols, group = 256, 128, 64
+    layer = gptq_layer(rng, rows, cols, 4, group, False)
+    chosen = []
+    select = FormatPlan.select
+
+    def spy(desc, *args, **kwargs):
+        chosen.append(desc.act_order)
+        return select(desc, *args, **kwargs)
+    monkeypatch.setattr(FormatPlan, "select", spy)
+    in_order = (np.arange(rows) // group).astype(np.int32)
+    got = gptq.dequantize(**{**layer, "g_idx": in_order}, checkpoint_format=fmt)
+    want = oracle.gptq_dequantize(layer["qweight"], layer["qzeros"], layer["scales"], in_order,
+                                  4, fmt, np.float16, group)
+    assert_bits_equal(got, want)
+    assert_bits_equal(gptq.dequantize(**layer, checkpoint_format=fmt), want)
+    permuted = rng.permutation(in_order)
+    got = gptq.dequantize(**{**layer, "g_idx": permuted}, checkpoint_format=fmt)
+    assert_bits_equal(got, oracle.gptq_dequantize(layer["qweight"], layer["qzeros"], layer["scales"],
+                                                  permuted, 4, fmt, np.float16, group))
+    assert chosen == [False, False, True]

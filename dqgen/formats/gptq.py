@@ -6,6 +6,8 @@ legacy ``"gptq"`` (v1) format stores ``z - 1``; ``"gptq_v2"`` stores ``z``.
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..errors import InvalidProblemError
 from ..ir import FLOAT_DTYPES, GPTQ_BITS, GptqDequantizeDescriptor, check_int, parse_dtype
 from . import _inputs
@@ -33,6 +35,11 @@ def infer_group_size(rows: int, groups: int, group_size, act_order: bool) -> int
                               "pass group_size=")
 
 
+def _in_row_order(g_idx: np.ndarray, group_size: int) -> bool:
+    """Whether ``g_idx`` is ``k // group_size`` for every row k (no act-order)."""
+    return bool(np.array_equal(g_idx, np.arange(g_idx.size, dtype=np.int64) // group_size))
+
+
 def dequantize(qweight, qzeros, scales, g_idx=None, bits: int = 4,
                checkpoint_format: str = "gptq", dtype="f16", group_size=None,
                device: str = "cpu", out=None):
@@ -55,11 +62,16 @@ def dequantize(qweight, qzeros, scales, g_idx=None, bits: int = 4,
     groups = sc.shape[0]
     act_order = g_idx is not None
     size = infer_group_size(rows, groups, group_size, act_order)
-    desc = GptqDequantizeDescriptor(rows, cols, size, bits, out_dtype, scale_dtype,
-                                    checkpoint_format, act_order)
     arrays = {"qweight": qw, "qzeros": qz, "scales": sc}
     if act_order:
         arrays["g_idx"] = _inputs.group_index(g_idx, rows, groups)
+        if _in_row_order(arrays["g_idx"], size):
+            # GPTQ checkpoints store g_idx even without act-order: row k in group
+            # k // size is the plain layout, whose kernel walks whole rows (faster)
+            act_order = False
+            del arrays["g_idx"]
+    desc = GptqDequantizeDescriptor(rows, cols, size, bits, out_dtype, scale_dtype,
+                                    checkpoint_format, act_order)
     arrays["y"], result = _inputs.output((rows, cols), out_dtype, qweight, out)
     FormatPlan.select(desc, device=device).run(arrays)
     return result()
