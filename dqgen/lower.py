@@ -169,6 +169,7 @@ class KernelSpec:
     zero_offset: int = 0            # added to a stored zero point (GPTQ v1: 1)
     act_order: bool = False         # group of a row from g_idx, not row // group_size
     block_bytes: int = 0            # GGML: bytes of one block
+    table_max_bytes: int = 0        # C act-order GPTQ: largest whole-row table of scales/zeros
     float_helpers: tuple[str, ...] = ()  # 16-bit types whose load/store the prelude defines
 
     def to_json(self) -> dict:

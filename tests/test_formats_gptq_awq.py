@@ -304,3 +304,21 @@ def test_row_order_g_idx_takes_the_plain_kernel(fmt, monkeypatch):
     assert_bits_equal(got, oracle.gptq_dequantize(layer["qweight"], layer["qzeros"], layer["scales"],
                                                   permuted, 4, fmt, np.float16, group))
     assert chosen == [False, False, True]
+
+
+def test_act_order_goes_tile_by_tile_when_the_whole_table_is_too_large(monkeypatch):
+    """Past MATRIX_TABLE_MAX_BYTES an act-order kernel unpacks a table a column tile
+    instead of one for whole rows; same bits. (A shape no other test selects, so the
+    plan is built under the lowered limit.)"""
+    from dqgen.formats import schedule
+    monkeypatch.setattr(schedule, "MATRIX_TABLE_MAX_BYTES", 1)
+    monkeypatch.setenv("DQGEN_NUM_THREADS", "2")
+    rng = np.random.default_rng(8)
+    rows, cols, group = 264, 136, 24
+    layer = gptq_layer(rng, rows, cols, 4, group, True)
+    got = gptq.dequantize(**layer, group_size=group, dtype="f16")
+    want = oracle.gptq_dequantize(layer["qweight"], layer["qzeros"], layer["scales"],
+                                  layer["g_idx"], 4, "gptq", np.float16, group)
+    assert_bits_equal(got, want)
+    desc = GptqDequantizeDescriptor(rows, cols, group, 4, "f16", "f16", "gptq", True)
+    assert FormatPlan.select(desc)._kernel.spec.table_max_bytes == 1

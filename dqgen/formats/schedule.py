@@ -27,6 +27,12 @@ CUDA_THREADS_PER_BLOCK = 256
 # C: columns of a GPTQ/AWQ row handled as one tile (scales, zeros, values and results
 # staged through float arrays of this length, so every loop vectorizes; fits in L1).
 MATRIX_TILE = 64
+# C act-order GPTQ: every group's scales and zero points for every column, unpacked into
+# one table a thread, let each row be written whole (rows come in any group order). A
+# table larger than this (groups * cols * 8 bytes; a 4096 x 14336 layer at group 128
+# needs 3.7 MB) would no longer stay in the last-level cache, and the kernel goes one
+# column tile at a time with a table a tile instead.
+MATRIX_TABLE_MAX_BYTES = 32 << 20
 
 
 def _neutral(field: dataclasses.Field):
@@ -74,6 +80,7 @@ def lower_format(desc, target: str, arch: str, storage: dict) -> KernelSpec:
         fields.update(template=TEMPLATES[desc.layout], bits=desc.bits if gptq else 4,
                       zero_offset=desc.zero_offset if gptq else 0,
                       act_order=gptq and desc.act_order,
+                      table_max_bytes=MATRIX_TABLE_MAX_BYTES if gptq and desc.act_order else 0,
                       load_float=_CONVERT.get(desc.scale_dtype, ("", ""))[0])
     elif isinstance(desc, GgmlDequantizeDescriptor):
         params = (_pointer("data", DType.U8, "in", storage), _pointer("y", f, "out", storage),
