@@ -308,10 +308,13 @@ def test_row_order_g_idx_takes_the_plain_kernel(fmt, monkeypatch):
 
 def test_act_order_goes_tile_by_tile_when_the_whole_table_is_too_large(monkeypatch):
     """Past MATRIX_TABLE_MAX_BYTES an act-order kernel unpacks a table a column tile
-    instead of one for whole rows; same bits. (A shape no other test selects, so the
-    plan is built under the lowered limit.)"""
+    instead of one for whole rows; same bits. (Empty kernel and plan memos for the test,
+    so the kernel is lowered under the lowered limit.)"""
+    from dqgen import jit, plans
     from dqgen.formats import schedule
     monkeypatch.setattr(schedule, "MATRIX_TABLE_MAX_BYTES", 1)
+    monkeypatch.setattr(jit, "_memo", {})
+    monkeypatch.setattr(plans, "_plan_memo", {})
     monkeypatch.setenv("DQGEN_NUM_THREADS", "2")
     rng = np.random.default_rng(8)
     rows, cols, group = 264, 136, 24
