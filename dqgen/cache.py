@@ -164,6 +164,14 @@ def entry_dir(target: str, key: str, root: Path | None = None) -> Path:
     return version_dir(root) / target / key[:2] / key
 
 
+def private_subdir(name: str) -> Path:
+    """``<cache>/<version>/<name>``, created 0700 all the way down (for side caches)."""
+    root = cache_root()
+    path = version_dir(root) / name
+    _makedirs(path, root)
+    return path
+
+
 def _makedirs(path: Path, root: Path) -> None:
     """Create ``path`` and any missing directory between it and ``root``, each 0700.
 

@@ -63,17 +63,28 @@ class _TemplateBytecodeCache(jinja2.FileSystemBytecodeCache):
 def _bytecode_cache() -> jinja2.BytecodeCache | None:
     from . import cache
     try:
-        directory = cache.version_dir() / "templates"
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory = cache.private_subdir("templates")
     except Exception:  # any cache problem is reported where kernels are cached
         return None
     return _TemplateBytecodeCache(str(directory))
 
 
 @functools.lru_cache(maxsize=1)
+def template_texts() -> dict[str, str]:
+    """Every template file, read once per process.
+
+    Rendering and the template hash both use this one snapshot, so a cache key always
+    describes the text that was rendered, and a process that later loses access to the
+    checkout (a dropped privilege, a deleted clone) still renders.
+    """
+    return {path.relative_to(TEMPLATE_DIR).as_posix(): path.read_text(encoding="utf-8")
+            for path in sorted(TEMPLATE_DIR.rglob("*.j2"))}
+
+
+@functools.lru_cache(maxsize=1)
 def environment() -> jinja2.Environment:
     return jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
+        loader=jinja2.DictLoader(template_texts()),
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
         trim_blocks=True, lstrip_blocks=True, autoescape=False,
         bytecode_cache=_bytecode_cache())
@@ -83,11 +94,17 @@ def environment() -> jinja2.Environment:
 def template_hash(target: str) -> str:
     """sha256 over every template file a target can use (part of cache keys and SKUs)."""
     digest = hashlib.sha256()
-    for path in sorted(TEMPLATE_DIR.rglob("*.j2")):
-        rel = path.relative_to(TEMPLATE_DIR).as_posix()
+    for rel, text in sorted(template_texts().items()):
         if rel.startswith(f"{target}/") or "/" not in rel:
-            digest.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
+            digest.update(rel.encode() + b"\0" + text.encode("utf-8") + b"\0")
     return digest.hexdigest()
+
+
+def reload_templates() -> None:
+    """Forget the template snapshot (after the files changed); the next render rereads."""
+    template_texts.cache_clear()
+    environment.cache_clear()
+    template_hash.cache_clear()
 
 
 def render(spec: KernelSpec) -> Source:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from dqgen import isa
+
 from dqgen import aot, bundle, cache, jit
 from dqgen.errors import (CompileError, DqgenError, InvalidProblemError, MissingKernelError,
                           UnsupportedError)
@@ -203,7 +205,7 @@ def test_header_declares_what_the_sources_define(built, tmp_path):
         unit = tmp_path / f"{r.request.uri}_{r.request.arch}.c"
         unit.write_text(f'#include "{bundle.HEADER}"\n' + r.entry.source.text)
         proc = subprocess.run([cc, "-fsyntax-only", "-Werror", "-fopenmp", "-std=c11",
-                               "-march=x86-64-v3" if r.request.arch == "avx2" else "-O0",
+                               *isa.march_flags(r.request.arch),
                                f"-I{path}", str(unit)], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
 

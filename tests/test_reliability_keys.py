@@ -39,14 +39,10 @@ def template_copy(tmp_path, monkeypatch):
     shutil.copytree(render.TEMPLATE_DIR, copy)
     monkeypatch.setattr(render, "TEMPLATE_DIR", copy)
 
-    def clear():
-        render.environment.cache_clear()
-        render.template_hash.cache_clear()
-
-    clear()
+    render.reload_templates()
     yield copy
     monkeypatch.undo()
-    clear()
+    render.reload_templates()
 
 
 def _c_templates() -> list[str]:
@@ -66,8 +62,7 @@ def test_any_template_change_changes_the_key(template_copy, name):
     before = key(before_source)
     with open(template_copy / name, "a") as fh:
         fh.write("{# an edit that renders to nothing #}\n")
-    render.environment.cache_clear()
-    render.template_hash.cache_clear()
+    render.reload_templates()
     after_source = render.render(lower(DESC, "c", ISA))
     assert after_source.text == before_source.text  # the rendered C did not change...
     assert key(before_source) != before            # ...but the key did
@@ -79,7 +74,7 @@ def test_cuda_template_change_keeps_the_c_key(template_copy):
     for path in (template_copy / "cuda").glob("*.j2"):
         with open(path, "a") as fh:
             fh.write("{# cuda only #}\n")
-    render.template_hash.cache_clear()
+    render.reload_templates()
     assert key() == before, "a CUDA template edit should not rebuild C kernels"
 
 

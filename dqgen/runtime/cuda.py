@@ -119,8 +119,8 @@ def _device(ordinal: int):
 @functools.cache
 def device_arch(ordinal: int = 0) -> str:
     """``sm_XY`` of a device, from its compute capability (picks the cubin to build)."""
-    drv = _driver()
     dev = _device(ordinal)
+    drv = _driver()
     attr = drv.CUdevice_attribute
     major = _call(drv.cuDeviceGetAttribute,
                   attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev)
