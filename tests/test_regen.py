@@ -29,13 +29,11 @@ def templates_copy(tmp_path, monkeypatch):
     """A private copy of templates/ that rendering uses instead of the real one."""
     copy = tmp_path / "templates"
     shutil.copytree(render.TEMPLATE_DIR, copy)
-    render.environment.cache_clear()
-    render.template_hash.cache_clear()
     monkeypatch.setattr(render, "TEMPLATE_DIR", copy)
+    render.reload_templates()
     yield copy
     monkeypatch.undo()
-    render.environment.cache_clear()
-    render.template_hash.cache_clear()
+    render.reload_templates()
 
 
 def test_committed_generated_sources_are_up_to_date(capsys):
@@ -82,7 +80,7 @@ def test_check_fails_when_a_template_changes(templates_copy, tmp_path, capsys):
     capsys.readouterr()
     kernel = templates_copy / "c" / "kernel.c.j2"
     kernel.write_text(kernel.read_text() + "/* an edit that changes every C kernel */\n")
-    render.environment.cache_clear()
+    render.reload_templates()
     assert regen.main(["--check", "--dir", str(target)]) == 1
     out, _ = capsys.readouterr()
     changed = [line.split()[1] for line in out.splitlines() if line.strip().startswith("changed")]
