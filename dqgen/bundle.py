@@ -25,6 +25,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from . import env
 from .errors import DqgenError
 from .isa import ISA_LEVELS, supported_isas
 from .lower import KernelSpec
@@ -264,7 +265,7 @@ def active_bundles() -> list[Bundle]:
     """The bundles searched now: ``load_bundle`` ones, then those in ``DQGEN_BUNDLE``."""
     with _lock:
         bundles = list(_explicit)
-    for text in os.environ.get("DQGEN_BUNDLE", "").split(os.pathsep):
+    for text in env.paths(env.BUNDLE):
         if text.strip():
             bundle = _env_bundle(text.strip())
             if all(b.path != bundle.path for b in bundles):

@@ -34,8 +34,8 @@ from typing import Callable
 import filelock
 import platformdirs
 
-from . import __version__
-from .errors import CacheError, InvalidProblemError
+from . import __version__, env
+from .errors import CacheError
 
 CACHE_FORMAT = 1
 META = "meta.json"
@@ -70,17 +70,7 @@ def sha256_file(path: Path) -> str:
 
 def lock_timeout() -> float:
     """Seconds to wait for another process's build: ``DQGEN_LOCK_TIMEOUT``."""
-    text = os.environ.get("DQGEN_LOCK_TIMEOUT", "").strip()
-    if not text:
-        return LOCK_TIMEOUT_S
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise InvalidProblemError(
-            f"DQGEN_LOCK_TIMEOUT={text!r} must be a positive number of seconds")
-    return value
+    return env.seconds(env.LOCK_TIMEOUT, LOCK_TIMEOUT_S)
 
 
 def _check_private(path: Path) -> None:
@@ -133,12 +123,12 @@ def cache_root() -> Path:
     same way; one that exists but cannot be written is still read (see ``ensure``).
     """
     global _root, _root_env
-    env = os.environ.get("DQGEN_CACHE_DIR") or None
+    named = os.environ.get(env.CACHE_DIR) or None
     with _root_lock:
-        if _root is not None and env == _root_env:
+        if _root is not None and named == _root_env:
             return _root
-        if env:
-            path = Path(env).expanduser().resolve()
+        if named:
+            path = Path(named).expanduser().resolve()
             try:
                 root = _make_private_dir(path)
             except OSError as exc:
@@ -152,7 +142,7 @@ def cache_root() -> Path:
                 root = _make_private_dir(path)
             except (CacheError, OSError) as exc:
                 root = _fallback_root(None, f"the default cache dir is unusable: {exc}")
-        _root, _root_env = root, env
+        _root, _root_env = root, named
         return root
 
 

@@ -7,9 +7,9 @@ for AVX-512 is never loaded on a machine without it.
 from __future__ import annotations
 
 import functools
-import os
 import platform
 
+from . import env
 from .errors import UnsupportedError
 
 # Ordered from the most to the least capable; each entry's required /proc/cpuinfo flags.
@@ -58,7 +58,7 @@ def check_isa(name: str) -> str:
 
 def host_isa() -> str:
     """The ISA kernels are built for: ``DQGEN_ISA`` if set and runnable, else the best."""
-    requested = os.environ.get("DQGEN_ISA", "").strip().lower()
+    requested = env.text(env.ISA).lower()
     if not requested:
         return supported_isas()[0]
     check_isa(requested)

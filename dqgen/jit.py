@@ -18,7 +18,7 @@ from pathlib import Path
 
 import jinja2
 
-from . import __version__, bundle, cache
+from . import __version__, bundle, cache, env
 from .build import cc
 from .errors import DqgenError, MissingKernelError, UnsupportedError
 from .lower import KernelSpec, lower
@@ -72,7 +72,7 @@ class CacheEntry:
 
 
 def jit_disabled() -> bool:
-    return os.environ.get("DQGEN_DISABLE_JIT", "").strip().lower() not in ("", "0", "false", "no")
+    return env.flag(env.DISABLE_JIT)
 
 
 def render_source(spec: KernelSpec) -> Source:

@@ -26,6 +26,7 @@ import weakref
 
 import numpy as np
 
+from . import env
 from .errors import InvalidProblemError
 
 MIN_BYTES = 1 << 20       # smaller results come from numpy: the C allocator reuses them
@@ -49,17 +50,8 @@ os.register_at_fork(after_in_child=_reset_after_fork)
 
 def limit_bytes() -> int:
     """``DQGEN_OUTPUT_CACHE_BYTES``, else the default."""
-    text = os.environ.get("DQGEN_OUTPUT_CACHE_BYTES", "").strip()
-    if not text:
-        return DEFAULT_LIMIT
-    try:
-        value = int(text)
-    except ValueError:
-        raise InvalidProblemError(
-            f"DQGEN_OUTPUT_CACHE_BYTES={text!r} is not an integer (bytes; 0 disables)") from None
-    if value < 0:
-        raise InvalidProblemError(f"DQGEN_OUTPUT_CACHE_BYTES={value} is negative")
-    return value
+    return env.integer(env.OUTPUT_CACHE_BYTES, DEFAULT_LIMIT, minimum=0,
+                       unit=" (bytes; 0 disables)")
 
 
 def empty(shape: tuple[int, ...], dtype) -> np.ndarray:

@@ -6,13 +6,12 @@ builds or loads, and the runtime launches. No code generation happens here.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import numpy as np
 
-from . import __version__
+from . import __version__, env
 from .arrays import check_array, check_no_overlap, to_numpy
 from .errors import UnsupportedError
 from .ir import (DequantizePerGroupBackwardDescriptor, DequantizePerGroupDescriptor,
@@ -126,8 +125,7 @@ def memoized_select(cls, desc, device, preference):
     preference and the environment knobs that change the kernel or its threads, else
     ``cls._build(...)`` (which validates), remembered for next time."""
     try:
-        key = (cls, desc, device, preference, os.environ.get("DQGEN_ISA"),
-               os.environ.get("DQGEN_NUM_THREADS"))
+        key = (cls, desc, device, preference, env.text(env.ISA), env.text(env.NUM_THREADS))
         plan = _plan_memo.get(key)
     except TypeError:  # a field forced to an unhashable value: verify() names it
         key, plan = None, None

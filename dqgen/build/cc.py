@@ -21,7 +21,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CompileError, InvalidProblemError, UnsupportedError
+from .. import env
+from ..errors import CompileError, UnsupportedError
 from ..isa import march_flags
 
 BASE_FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off",
@@ -42,17 +43,7 @@ class Toolchain:
 
 def compile_timeout() -> float:
     """Seconds a compiler run may take: ``DQGEN_COMPILE_TIMEOUT``, read at each call."""
-    text = os.environ.get("DQGEN_COMPILE_TIMEOUT", "").strip()
-    if not text:
-        return COMPILE_TIMEOUT_S
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0 or value == float("inf"):
-        raise InvalidProblemError(
-            f"DQGEN_COMPILE_TIMEOUT={text!r} must be a positive, finite number of seconds")
-    return value
+    return env.seconds(env.COMPILE_TIMEOUT, COMPILE_TIMEOUT_S)
 
 
 def _compiler_command() -> tuple[str, ...]:

@@ -20,6 +20,7 @@ import os
 import re
 from pathlib import Path
 
+from .. import env
 from ..errors import CompileError, UnsupportedError
 
 INSTALL_HINT = ("install dqgen[cuda] (pip install 'cuda-bindings>=13' "
@@ -134,14 +135,10 @@ def default_options(arch: str) -> tuple[str, ...]:
 
 
 def _headers_root() -> Path:
-    """Where bundled headers are extracted: a private dir in the user cache."""
-    root = os.environ.get("DQGEN_CACHE_DIR")
-    if not root:
-        import platformdirs
-        root = platformdirs.user_cache_dir("dqgen", appauthor=False)
-    path = Path(root) / f"nvrtc-headers-{nvrtc_version()}"
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return path
+    """Where bundled headers are extracted: beside the kernels, in the private cache
+    (they are compiled into every kernel, so they get the same protection)."""
+    from .. import cache
+    return cache.private_subdir("nvrtc-headers") / nvrtc_version()
 
 
 def _install_bundled_headers() -> Path | None:
@@ -183,7 +180,7 @@ def _header_dir_fallback() -> str | None:
 @functools.cache
 def header_options() -> tuple[str, ...]:
     """Include flags that make ``cuda_fp16.h`` / ``cuda_bf16.h`` resolvable."""
-    override = os.environ.get("DQGEN_CUDA_INCLUDE")
+    override = env.text(env.CUDA_INCLUDE) or None
     if override:
         return (f"-I{override}",)
     bundled = _install_bundled_headers()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import _cffi_backend
 
+from .. import env
 from ..errors import InvalidProblemError
 from ..lower import KernelSpec
 
@@ -46,13 +47,7 @@ def num_threads(requested: int | None = None) -> int:
     if forked_child:
         return 1
     if requested is None:
-        env = os.environ.get("DQGEN_NUM_THREADS", "").strip()
-        if not env:
-            return 0
-        try:
-            requested = int(env)
-        except ValueError:
-            raise InvalidProblemError(f"DQGEN_NUM_THREADS={env!r} is not an integer") from None
+        return env.integer(env.NUM_THREADS, 0, minimum=1)
     if requested < 1:
         raise InvalidProblemError(f"num_threads={requested} must be >= 1")
     return requested
