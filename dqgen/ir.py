@@ -531,10 +531,11 @@ class GgmlDequantizeDescriptor(_FormatDescriptor):
 
 @dataclass(frozen=True)
 class DequantizeFloatZeroDescriptor(_PerGroupDescriptor):
-    """Float zero point (torchao FLOAT domain, HQQ): ``x = (q - mid) * s + z``.
+    """Float zero point (torchao FLOAT domain, tinygemm): ``x = F(F(F(q - mid) * s) + z)``.
 
-    ``mid = (q_max + q_min + 1) // 2`` (range defaults to the storage type's);
-    ``zero_point`` has the float dtype; the multiply and the add each round (no FMA).
+    ``mid = (q_max + q_min + 1) / 2``, a true division as torchao's (7.5 for [0, 14]; the
+    range defaults to the storage type's); ``zero_point`` has the float dtype; each step
+    rounds to the float dtype (no FMA), as torch does on tensors of it.
     """
 
     op: ClassVar[Op] = Op.DEQUANTIZE
@@ -549,12 +550,13 @@ class DequantizeFloatZeroDescriptor(_PerGroupDescriptor):
         _resolve_storage_range(self)
 
     @property
-    def mid(self) -> int:
-        return (self.q_max + self.q_min + 1) // 2
+    def mid(self) -> float:
+        return (self.q_max + self.q_min + 1) / 2
 
     @property
     def uri(self) -> str:
-        mid = f"m{self.mid}" if self.mid >= 0 else f"mn{-self.mid}"
+        text = f"{abs(self.mid):g}".replace(".", "p")  # 8 -> m8, 7.5 -> m7p5, -0.5 -> mn0p5
+        mid = f"m{text}" if self.mid >= 0 else f"mn{text}"
         return (f"dequant_fz_{self.int_dtype.value}_{self.float_dtype.value}_"
                 f"g{self.group_size}_{mid}")
 

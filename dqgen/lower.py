@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 
 from .errors import UnsupportedError
@@ -67,8 +68,11 @@ FAST_ZERO_POINT_LIMIT_I16 = 32767 - 255
 # subtraction and the multiply; other groups take the other paths.
 FMA_ZERO_POINT_LIMIT = {DType.F16: (2**24 - 1) // (2**11 - 1), DType.BF16: (2**24 - 1) // (2**8 - 1)}
 FMA_SCALE_MAX_BITS = {DType.F16: 0x7bff, DType.BF16: ((127 + 100) << 7) - 1}
-# A float zero point (DequantizeFloatZeroDescriptor): multiply, round, add, round.
-FLOAT_ZERO_FORMULA = "y = F((C(q - mid) * C(scale)) + C(zero_point))"
+# A float zero point (DequantizeFloatZeroDescriptor), as torchao's tinygemm dequantize
+# computes it on F tensors: the difference, the product and the sum each rounded to F.
+FLOAT_ZERO_FORMULA = "y = F(F(F(C(q) - mid) * C(scale)) + C(zero_point)), mid = (q_max + q_min + 1) / 2"
+# The helper rounding a compute value to a 16-bit F and back (f32/f64 steps need none).
+_ROUND_TO_FLOAT = {DType.F16: "round_f16", DType.BF16: "round_bf16"}
 # Packed quantize with an odd group size: neighbouring groups share a byte, so the
 # kernel stays on one thread (no two threads ever write the same byte).
 SERIAL = 1 << 62
@@ -163,7 +167,9 @@ class KernelSpec:
     # Storage layouts beyond the seed (FORMATS.md); the defaults are the seed's.
     layout: Layout = Layout.PLAIN
     zero_kind: str = "int"          # "int": int32 zero points; "float": (q - mid) * s + z
-    mid: int = 0                    # float zero point: the q value that maps to z
+    mid: int = 0                    # float zero point: the integer part of the q value that maps to z
+    mid_fraction: str = ""          # and its half, a compute-type literal ("" when mid is an integer)
+    zero_round: str = ""            # float zero point: helper rounding each step to F ("": none)
     template: str = ""              # the layout's own loop template ("" = the family's)
     bits: int = 8                   # bits of one stored value
     zero_offset: int = 0            # added to a stored zero point (GPTQ v1: 1)
@@ -328,6 +334,11 @@ def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
     if float_zero and simd["simd_convert"] == "bf16":
         # the SIMD bf16 store needs finite values, and z may be Inf or NaN
         simd = _cpu_simd(desc, "", arch, out, float_inputs)
+    zero_round = _ROUND_TO_FLOAT.get(desc.float_dtype, "") if float_zero else ""
+    if zero_round:  # each step rounds to F element by element, not in the register path
+        simd = dict(simd, simd_stage_int=False)
+    mid = math.floor(desc.mid) if float_zero else 0
+    half = "0.5" + ("" if compute is DType.F64 else "f")
     fast_limit = 0
     if target == "c" and desc.op is Op.DEQUANTIZE and compute is DType.F32:
         sixteen = simd["simd_stage_int"] and simd["register_lanes"] == 16
@@ -352,8 +363,8 @@ def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
         needs_int_diff=desc.op is Op.DEQUANTIZE,
         # The element-wise 16-bit store is called unless every element of every group goes
         # through a SIMD block store (no remainder, no exact-difference path).
-        needs_scalar_store=out.dtype in (DType.F16, DType.BF16) and not (
-            simd["simd_output"] and not simd["scalar_tail"] and not fast_limit),
+        needs_scalar_store=out.dtype in (DType.F16, DType.BF16) and (bool(zero_round) or not (
+            simd["simd_output"] and not simd["scalar_tail"] and not fast_limit)),
         parallel_min_elements=(SERIAL if packed and desc.op is Op.QUANTIZE and desc.group_size % 2
                                else PARALLEL_MIN_ELEMENTS),
         threads_per_block=256, vector_bytes=16,
@@ -363,6 +374,7 @@ def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
                      and desc.group_size <= GROUP_BATCH_MAX_SIZE else 0),
         fma_zero_point_limit=FMA_ZERO_POINT_LIMIT[desc.float_dtype] if fused else 0,
         fma_scale_max_bits=FMA_SCALE_MAX_BITS[desc.float_dtype] if fused else 0,
-        zero_kind="float" if float_zero else "int", mid=desc.mid if float_zero else 0,
+        zero_kind="float" if float_zero else "int", mid=mid,
+        mid_fraction=half if float_zero and desc.mid != mid else "", zero_round=zero_round,
     )
     return _schedule_cuda(spec, desc) if target == "cuda" else spec

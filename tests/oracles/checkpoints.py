@@ -108,11 +108,13 @@ def pack_int4(values: np.ndarray) -> np.ndarray:
 
 
 def float_zero_dequantize(q, scale, zero, group_size, q_min, q_max, out_dtype):
-    """x = (q - mid) * s + z, mid = (q_max + q_min + 1) // 2; multiply, round, add, round."""
-    mid = (q_max + q_min + 1) // 2
-    c = _compute(out_dtype)
+    """x = F(F(F(q - mid) * s) + z), mid = (q_max + q_min + 1) / 2 (a true division):
+    the exact difference, the product and the sum each rounded to F."""
+    mid = (q_max + q_min + 1) / 2
+    c, f = _compute(out_dtype), out_dtype
     s = np.repeat(scale.astype(c), group_size, axis=1)
     z = np.repeat(zero.astype(c), group_size, axis=1)
     with np.errstate(all="ignore"):
-        prod = (q.astype(np.int64) - mid).astype(c) * s
-        return (prod + z).astype(out_dtype)
+        diff = (q.astype(np.float64) - mid).astype(f).astype(c)   # q - mid is exact in f64
+        prod = (diff * s).astype(f).astype(c)
+        return (prod + z).astype(f)
