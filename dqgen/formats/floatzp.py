@@ -1,9 +1,11 @@
-"""Float zero points (torchao ZeroPointDomain.FLOAT, HQQ, tinygemm):
-``x = (q - mid) * s + z`` with ``mid = (q_max + q_min + 1) // 2`` (FORMATS.md).
+"""Float zero points (torchao ZeroPointDomain.FLOAT, tinygemm):
+``x = F(F(F(q - mid) * s) + z)`` with ``mid = (q_max + q_min + 1) / 2`` (FORMATS.md).
 
-The family's dequantize kernel with a float ``zero_point`` (the float dtype): the
-product and the sum are each rounded (no FMA). ``q`` may be s8/u8, or packed u4/s4
-(uint8 ``[..., axis / 2]``, with ``int_dtype`` naming it).
+The family's dequantize kernel with a float ``zero_point`` (the float dtype F). Each step
+is rounded to F, as torchao computes it on F tensors: the difference (exact except for
+bf16 beyond 8 significant bits), the product, then the sum; no FMA. ``mid`` is a true
+division (7.5 for [0, 14]). ``q`` may be s8/u8, or packed u4/s4 (uint8 ``[..., axis / 2]``,
+with ``int_dtype`` naming it). HQQ's rule differs (no ``mid``): see ``formats.hqq``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from .plan import FormatPlan
 
 def dequantize(q, scale, zero_point, group_size: int, int_dtype=None, q_min=None, q_max=None,
                device: str = "cpu", out=None):
-    """``x = (q - mid) * scale + zero_point`` per group of ``group_size`` along the last axis.
+    """``x = F(F(F(q - mid) * scale) + zero_point)`` per group of ``group_size`` along the
+    last axis, ``mid = (q_max + q_min + 1) / 2``: torchao's ``_dequantize_affine_tinygemm``
+    bit for bit.
 
     ``int_dtype`` defaults to ``q``'s (s8 or u8); pass ``"u4"``/``"s4"`` for packed bytes.
     ``q_min``/``q_max`` (for ``mid``) default to the storage type's range. The result has
