@@ -211,8 +211,8 @@ def quantize_per_group_backward(dy, x, scale, zero_point, group_size: int, q_min
 def _round_up(value: np.ndarray, float_dtype: DType) -> np.ndarray:
     """The smallest ``float_dtype`` value >= each positive ``value``.
 
-    Rounding a scale down (to nearest, in a narrow dtype or among subnormals) would shrink
-    the range it covers and saturate the group's extremes; one step up never does.
+    Rounding a scale down (to nearest, in a narrow dtype) would shrink the range it covers
+    and saturate the group's extremes; one step up never does.
     """
     rounded = np.ascontiguousarray(value.astype(float_dtype.np_dtype))
     short = rounded.astype(value.dtype) < value
@@ -228,10 +228,22 @@ def choose_qparams_per_group(x, group_size: int, dtype="s8", symmetric: bool = F
     Asymmetric: the range ``[min(x, 0), max(x, 0)]`` maps onto ``[q_min, q_max]`` and the
     zero point, ``q_min - rint(min / scale)``, is clamped into ``[q_min, q_max]``.
     Symmetric: ``scale = max|x| / ((q_max - q_min) / 2)`` and the zero point is the
-    range's middle. ``scale`` is at least the compute type's epsilon, so a constant
-    group still quantizes. NaN and infinite values are ignored (quantize saturates
-    infinities). Returns ``scale`` in ``x``'s dtype
-    and ``zero_point`` as int32, both shaped ``[..., axis // group_size]``.
+    range's middle. NaN and infinite values are ignored (quantize saturates infinities).
+    Returns ``scale`` in ``x``'s dtype and ``zero_point`` as int32, both shaped
+    ``[..., axis // group_size]``.
+
+    ``scale`` is at least the smallest normal number of ``x``'s dtype, as torchao's floor:
+    a constant group still quantizes, weights far below 1 keep their own steps (a floor
+    of f32's epsilon would clamp every group under ~3e-5 and lose their values), and
+    ``1 / scale`` stays finite for code that multiplies by it. (For f16 that floor is
+    6.1e-5, so f16 groups narrower than ``6.1e-5 * (q_max - q_min)`` share it.)
+
+    The quotient is computed in f32 (f64 for f64) and rounded *up* to ``x``'s dtype, where
+    torchao rounds to nearest: a scale below the exact ``range / (q_max - q_min)`` covers
+    less than the group, and its extreme value saturates, off by up to
+    ``(q_max - q_min) * 2**-p`` steps more (``p`` significand bits: for bf16 and 8 bits
+    almost a whole step, not half). Rounded up, every finite value of a group comes back
+    within half a step. f32 and f64 scales need no rounding and equal torchao's.
     """
     arr = to_numpy(x, "x")
     float_dtype = _float_dtype(arr.dtype, "x")
@@ -246,7 +258,7 @@ def choose_qparams_per_group(x, group_size: int, dtype="s8", symmetric: bool = F
     finite = np.where(np.isfinite(groups), groups, 0)
     min_val = np.minimum(finite.min(axis=-1, initial=0), 0).astype(compute)
     max_val = np.maximum(finite.max(axis=-1, initial=0), 0).astype(compute)
-    eps = np.finfo(compute).eps
+    eps = compute(np.finfo(float_dtype.np_dtype).smallest_normal)
     with np.errstate(all="ignore"):
         if symmetric:
             amax = np.maximum(-min_val, max_val)
