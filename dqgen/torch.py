@@ -1,0 +1,416 @@
+"""dqgen's kernels as PyTorch operators: ``torch.ops.dqgen.*``, with autograd and fakes.
+
+Importing this module registers, under the ``dqgen::`` namespace (``torch.library.custom_op``):
+
+* the family: ``dequantize_per_group``, ``quantize_per_group`` and their straight-through
+  backward ops ``dequantize_per_group_backward``, ``quantize_per_group_backward``;
+* ``fake_quantize_per_group``, quantize then dequantize in one op, for quantization-aware
+  training (its gradient runs both backward plans);
+* the checkpoint formats: ``gptq_dequantize``, ``awq_dequantize``, ``ggml_dequantize``,
+  ``packed_dequantize``, ``floatzp_dequantize``.
+
+Each op's CPU and CUDA kernels are the plain functions (``dqgen.api``, ``dqgen.formats``),
+which take the tensors without copying (CPU tensors through ``.numpy()`` views, CUDA tensors
+by address, on the current stream) and return tensors of the same kind; the format ops run
+on the CPU only. Fake (meta) implementations give the result's shape and dtype, so
+``torch.compile(fullgraph=True)`` and ``torch.export`` trace the ops without a graph break.
+A program exported with these ops needs ``import dqgen.torch`` before it is loaded.
+
+Autograd (``register_autograd``): the integer tensors (``q``, zero points, packed words)
+carry no gradient in PyTorch, so quantize's result is not differentiable on its own; the
+straight-through pair lives in ``fake_quantize_per_group``, whose input gradient is
+``QuantizePerGroupBackwardPlan`` applied to ``DequantizePerGroupBackwardPlan``'s result
+(SPEC.md sections 3 and 4, each formula bit for bit). Gradients for ``scale`` are torch code
+(per-group sums, in the compute type): the exact derivative for ``dequantize_per_group``
+and the backward ops, LSQ's estimator for ``fake_quantize_per_group``. The format ops have
+no gradient.
+"""
+
+from typing import Optional
+
+try:
+    import torch
+except ImportError as exc:  # dqgen itself needs no torch; only this module does
+    raise ImportError("dqgen.torch needs PyTorch: install torch (pip install torch) to use "
+                      "dqgen's kernels as torch operators", name="torch") from exc
+
+from dqgen import api
+from dqgen.errors import InvalidProblemError, UnsupportedError
+from dqgen.formats import awq, floatzp, ggml, gptq, packed
+from dqgen.ir import (FLOAT_DTYPES, GGML_BLOCK_BYTES, GGML_BLOCK_VALUES, GPTQ_BITS,
+                      INT_DTYPES, PACKED_DTYPES, STORAGE_DTYPES, DType, check_int,
+                      parse_dtype, parse_ggml_type, resolve_q_range)
+
+__all__ = ["dequantize_per_group", "quantize_per_group", "dequantize_per_group_backward",
+           "quantize_per_group_backward", "fake_quantize_per_group", "gptq_dequantize",
+           "awq_dequantize", "ggml_dequantize", "packed_dequantize", "floatzp_dequantize"]
+
+Tensor = torch.Tensor
+_DEVICES = ("cpu", "cuda")
+_TORCH_DTYPE = {DType.F32: torch.float32, DType.F64: torch.float64, DType.F16: torch.float16,
+                DType.BF16: torch.bfloat16, DType.S8: torch.int8, DType.U8: torch.uint8,
+                DType.U4: torch.uint8, DType.S4: torch.uint8}
+
+
+def _op(name: str, devices=_DEVICES):
+    return torch.library.custom_op(f"dqgen::{name}", mutates_args=(), device_types=devices)
+
+
+def _float(t: Tensor, name: str) -> DType:
+    return parse_dtype(t.dtype, f"{name}.dtype", FLOAT_DTYPES)
+
+
+def _compute(dtype: torch.dtype) -> torch.dtype:
+    """The compute type C of SPEC.md section 2: f64 for f64 data, else f32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rank(t: Tensor, name: str) -> None:
+    if t.dim() == 0:
+        raise InvalidProblemError(f"{name} must have at least one dimension")
+
+
+def _with_last(t: Tensor, last, dtype: torch.dtype) -> Tensor:
+    """A fake result: ``t``'s leading dims, ``last`` columns, contiguous."""
+    return t.new_empty((*t.shape[:-1], last), dtype=dtype)
+
+
+def _per_group_sum(values: Tensor, scale: Tensor, group_size: int) -> Tensor:
+    """Sum ``values`` (``[..., axis]``) over each group: a gradient shaped as ``scale``."""
+    return values.reshape(-1, scale.shape[-1], group_size).sum(-1).reshape(scale.shape)
+
+
+def _storage(int_dtype: Optional[str], q: Tensor) -> DType:
+    if int_dtype is None:
+        return parse_dtype(q.dtype, "q.dtype", INT_DTYPES)
+    return parse_dtype(int_dtype, "int_dtype", STORAGE_DTYPES)
+
+
+# --------------------------------------------------------------------------- the family
+
+@_op("dequantize_per_group")
+def dequantize_per_group(q: Tensor, scale: Tensor, zero_point: Tensor, group_size: int,
+                         int_dtype: Optional[str] = None) -> Tensor:
+    """``y = scale * (q - zero_point)`` per group (``dqgen.dequantize_per_group``).
+
+    ``q`` is int8/uint8, or packed 4-bit bytes when ``int_dtype`` is ``"u4"``/``"s4"``.
+    Differentiable in ``scale`` (the per-group sum of ``dy * (q - zero_point)``).
+    """
+    return api.dequantize_per_group(q, scale, zero_point, group_size, int_dtype=int_dtype)
+
+
+@dequantize_per_group.register_fake
+def _(q, scale, zero_point, group_size, int_dtype=None):
+    _rank(q, "q")
+    storage = _storage(int_dtype, q)
+    return _with_last(q, q.shape[-1] * (2 if storage.is_packed else 1),
+                      _TORCH_DTYPE[_float(scale, "scale")])
+
+
+def _dequantize_setup(ctx, inputs, output):
+    q, scale, zero_point, group_size, int_dtype = inputs
+    ctx.group_size, ctx.int_dtype = group_size, int_dtype
+    ctx.save_for_backward(q, scale, zero_point)
+
+
+def _dequantize_grad(ctx, grad):
+    q, scale, zero_point = ctx.saved_tensors
+    grad_scale = None
+    if ctx.needs_input_grad[1]:
+        c = _compute(scale.dtype)
+        # C(q - zp) exactly: the family's dequantize with unit scales of the compute type
+        diff = dequantize_per_group(q, torch.ones_like(scale, dtype=c), zero_point,
+                                    ctx.group_size, ctx.int_dtype)
+        grad_scale = _per_group_sum(grad.to(c) * diff, scale, ctx.group_size).to(scale.dtype)
+    return None, grad_scale, None, None, None
+
+
+dequantize_per_group.register_autograd(_dequantize_grad, setup_context=_dequantize_setup)
+
+
+@_op("quantize_per_group")
+def quantize_per_group(x: Tensor, scale: Tensor, zero_point: Tensor, group_size: int,
+                       dtype: str = "s8", q_min: Optional[int] = None,
+                       q_max: Optional[int] = None) -> Tensor:
+    """``q = clamp(rint(x / scale) + zero_point, q_min, q_max)`` as ``dtype`` (s8, u8, or
+    packed u4/s4 bytes). An integer result: no gradient (see ``fake_quantize_per_group``)."""
+    return api.quantize_per_group(x, scale, zero_point, group_size, dtype=dtype, q_min=q_min,
+                                  q_max=q_max)
+
+
+@quantize_per_group.register_fake
+def _(x, scale, zero_point, group_size, dtype="s8", q_min=None, q_max=None):
+    _rank(x, "x")
+    _float(x, "x")
+    storage = parse_dtype(dtype, "dtype", STORAGE_DTYPES)
+    resolve_q_range(q_min, q_max, *storage.int_range, storage.value)
+    return _with_last(x, x.shape[-1] // 2 if storage.is_packed else x.shape[-1],
+                      _TORCH_DTYPE[storage])
+
+
+@_op("dequantize_per_group_backward")
+def dequantize_per_group_backward(dy: Tensor, scale: Tensor, group_size: int) -> Tensor:
+    """``dq = dy * scale`` per group (``DequantizePerGroupBackwardPlan``)."""
+    return api.dequantize_per_group_backward(dy, scale, group_size)
+
+
+@dequantize_per_group_backward.register_fake
+def _(dy, scale, group_size):
+    _rank(dy, "dy")
+    _float(dy, "dy")
+    return dy.new_empty(dy.shape)
+
+
+def _dequantize_backward_setup(ctx, inputs, output):
+    dy, scale, group_size = inputs
+    ctx.group_size = group_size
+    ctx.save_for_backward(dy, scale)
+
+
+def _dequantize_backward_grad(ctx, grad):
+    """Linear in ``dy``: its gradient is the same op; ``scale``'s a per-group sum."""
+    dy, scale = ctx.saved_tensors
+    grad_dy = grad_scale = None
+    if ctx.needs_input_grad[0]:
+        grad_dy = dequantize_per_group_backward(grad, scale, ctx.group_size)
+    if ctx.needs_input_grad[1]:
+        c = _compute(scale.dtype)
+        grad_scale = _per_group_sum(grad.to(c) * dy.to(c), scale, ctx.group_size).to(scale.dtype)
+    return grad_dy, grad_scale, None
+
+
+dequantize_per_group_backward.register_autograd(_dequantize_backward_grad,
+                                                setup_context=_dequantize_backward_setup)
+
+
+@_op("quantize_per_group_backward")
+def quantize_per_group_backward(dy: Tensor, x: Tensor, scale: Tensor, zero_point: Tensor,
+                                group_size: int, q_min: int, q_max: int) -> Tensor:
+    """Straight-through ``dx = dy / scale`` where ``q_min <= rint(x / scale) + zp <= q_max``
+    and ``scale != 0``, else 0 (``QuantizePerGroupBackwardPlan``, inclusive mask)."""
+    return api.quantize_per_group_backward(dy, x, scale, zero_point, group_size, q_min, q_max)
+
+
+@quantize_per_group_backward.register_fake
+def _(dy, x, scale, zero_point, group_size, q_min, q_max):
+    _rank(dy, "dy")
+    _float(dy, "dy")
+    return dy.new_empty(dy.shape)
+
+
+def _quantize_backward_setup(ctx, inputs, output):
+    dy, x, scale, zero_point, group_size, q_min, q_max = inputs
+    ctx.args = (group_size, q_min, q_max)
+    ctx.save_for_backward(x, scale, zero_point, output)
+
+
+def _quantize_backward_grad(ctx, grad):
+    """Linear in ``dy`` (the same op); the mask is constant in ``x`` almost everywhere, so
+    ``x`` gets none; ``scale`` gets ``-sum(grad * dx / scale)`` per group."""
+    x, scale, zero_point, dx = ctx.saved_tensors
+    group_size, q_min, q_max = ctx.args
+    grad_dy = grad_scale = None
+    if ctx.needs_input_grad[0]:
+        grad_dy = quantize_per_group_backward(grad, x, scale, zero_point, group_size, q_min, q_max)
+    if ctx.needs_input_grad[2]:
+        c = _compute(scale.dtype)
+        s = scale.to(c).repeat_interleave(group_size, dim=-1).reshape(dx.shape)
+        # dx is 0 where the scale is: divide those by 1 (no 0 / 0)
+        grad_scale = -_per_group_sum(grad.to(c) * dx.to(c) / torch.where(s == 0, 1, s), scale,
+                                     group_size)
+        grad_scale = grad_scale.to(scale.dtype)
+    return grad_dy, None, grad_scale, None, None, None, None
+
+
+quantize_per_group_backward.register_autograd(_quantize_backward_grad,
+                                              setup_context=_quantize_backward_setup)
+
+
+# --------------------------------------------------------------------------- fake quantize
+
+def _fake_quant_storage(q_min: int, q_max: int) -> str:
+    """The narrowest storage holding ``[q_min, q_max]``: s8, else u8."""
+    q_min = check_int(q_min, "q_min", minimum=-2**63)
+    q_max = check_int(q_max, "q_max", minimum=-2**63)
+    for storage in INT_DTYPES:
+        lo, hi = storage.int_range
+        if lo <= q_min and q_max <= hi:
+            resolve_q_range(q_min, q_max, lo, hi, storage.value)  # q_min <= q_max
+            return storage.value
+    raise InvalidProblemError(f"q_min={q_min}, q_max={q_max}: the range must lie inside s8 "
+                              "[-128, 127] or u8 [0, 255]")
+
+
+@_op("fake_quantize_per_group")
+def fake_quantize_per_group(x: Tensor, scale: Tensor, zero_point: Tensor, group_size: int,
+                            q_min: int, q_max: int) -> Tensor:
+    """Quantize then dequantize (``scale * (clamp(rint(x / scale) + zp) - zp)``), for QAT.
+
+    Two kernels (the quantized values go through s8, or u8 when the range needs it).
+    Gradient for ``x``: the chain rule through the pair's backward plans,
+    ``quantize_per_group_backward(dequantize_per_group_backward(dy, scale), x, ...)``,
+    i.e. ``F(F(dy * scale) / scale)`` where the value was in range (inclusive) and the
+    scale non-zero, else 0, each step rounded as SPEC.md says (in f32 almost always
+    ``dy`` itself; in f16 a product below f16's range becomes 0). Gradient for ``scale``:
+    LSQ's estimator (Esser et al. 2020), without its gradient scale factor (multiply by
+    ``1 / sqrt(numel * q_max)`` yourself if you want it): per group, the sum of
+    ``dy * (q - zp - x / scale)`` over in-range values and ``dy * (q - zp)`` over the
+    others, computed in torch in the compute type. ``zero_point`` has no gradient.
+    """
+    storage = _fake_quant_storage(q_min, q_max)
+    q = api.quantize_per_group(x, scale, zero_point, group_size, dtype=storage, q_min=q_min,
+                               q_max=q_max)
+    return api.dequantize_per_group(q, scale, zero_point, group_size)
+
+
+@fake_quantize_per_group.register_fake
+def _(x, scale, zero_point, group_size, q_min, q_max):
+    _rank(x, "x")
+    _float(x, "x")
+    _fake_quant_storage(q_min, q_max)
+    return x.new_empty(x.shape, dtype=_TORCH_DTYPE[_float(scale, "scale")])
+
+
+def _fake_quantize_setup(ctx, inputs, output):
+    x, scale, zero_point, group_size, q_min, q_max = inputs
+    ctx.args = (group_size, q_min, q_max)
+    ctx.save_for_backward(x, scale, zero_point)
+
+
+def _lsq_scale_grad(grad, x, scale, zero_point, group_size, q_min, q_max):
+    """LSQ: ``d y / d scale`` is ``rint(t) - t`` inside the range (t = x / scale) and the
+    clamped level minus the zero point outside it, summed per group against ``grad``."""
+    c = _compute(scale.dtype)
+    shape = (-1, scale.shape[-1], group_size)
+    s = scale.to(c).reshape(shape[0], shape[1], 1)
+    zp = zero_point.to(torch.float64).reshape(shape[0], shape[1], 1)
+    t = torch.where(s == 0, 0, x.to(c).reshape(shape) / torch.where(s == 0, 1, s))
+    r = torch.round(t)  # half to even, as SPEC.md rounds
+    shifted = r.to(torch.float64) + zp
+    inside = (shifted >= q_min) & (shifted <= q_max) & (s != 0)  # NaN is outside
+    level = torch.where(torch.isnan(r), zp, shifted)
+    step = (level.clamp(q_min, q_max) - zp).to(c) - torch.where(inside, t, 0)
+    total = (grad.to(c).reshape(shape) * step).sum(-1)
+    return total.reshape(scale.shape).to(scale.dtype)
+
+
+def _fake_quantize_grad(ctx, grad):
+    x, scale, zero_point = ctx.saved_tensors
+    group_size, q_min, q_max = ctx.args
+    grad_x = grad_scale = None
+    if ctx.needs_input_grad[0]:
+        dq = dequantize_per_group_backward(grad, scale, group_size)
+        grad_x = quantize_per_group_backward(dq, x, scale, zero_point, group_size, q_min, q_max)
+    if ctx.needs_input_grad[1]:
+        grad_scale = _lsq_scale_grad(grad, x, scale, zero_point, group_size, q_min, q_max)
+    return grad_x, grad_scale, None, None, None, None
+
+
+fake_quantize_per_group.register_autograd(_fake_quantize_grad, setup_context=_fake_quantize_setup)
+
+
+# --------------------------------------------------------------------------- checkpoint formats
+# CPU kernels only (dqgen.formats); on CUDA each raises the format plan's UnsupportedError,
+# except packed 4-bit, which the family's CUDA kernels run.
+
+@_op("gptq_dequantize", "cpu")
+def gptq_dequantize(qweight: Tensor, qzeros: Tensor, scales: Tensor,
+                    g_idx: Optional[Tensor] = None, bits: int = 4,
+                    checkpoint_format: str = "gptq", dtype: torch.dtype = torch.float16,
+                    group_size: Optional[int] = None) -> Tensor:
+    """A GPTQ layer to its ``[K, N]`` weight (``dqgen.formats.gptq.dequantize``)."""
+    return gptq.dequantize(qweight, qzeros, scales, g_idx=g_idx, bits=bits,
+                           checkpoint_format=checkpoint_format, dtype=dtype,
+                           group_size=group_size)
+
+
+@gptq_dequantize.register_fake
+def _(qweight, qzeros, scales, g_idx=None, bits=4, checkpoint_format="gptq",
+      dtype=torch.float16, group_size=None):
+    bits = check_int(bits, "bits", minimum=0)
+    if bits not in GPTQ_BITS:
+        raise InvalidProblemError(f"bits={bits} is not supported for GPTQ; expected one of "
+                                  f"{', '.join(map(str, GPTQ_BITS))}")
+    out = _TORCH_DTYPE[parse_dtype(dtype, "dtype", FLOAT_DTYPES)]
+    return qweight.new_empty((qweight.shape[0] * (32 // bits), qweight.shape[1]), dtype=out)
+
+
+@_op("awq_dequantize", "cpu")
+def awq_dequantize(qweight: Tensor, qzeros: Tensor, scales: Tensor,
+                   dtype: torch.dtype = torch.float16,
+                   group_size: Optional[int] = None) -> Tensor:
+    """An AWQ GEMM layer to its ``[K, N]`` weight (``dqgen.formats.awq.dequantize``)."""
+    return awq.dequantize(qweight, qzeros, scales, dtype=dtype, group_size=group_size)
+
+
+@awq_dequantize.register_fake
+def _(qweight, qzeros, scales, dtype=torch.float16, group_size=None):
+    out = _TORCH_DTYPE[parse_dtype(dtype, "dtype", FLOAT_DTYPES)]
+    return qweight.new_empty((qweight.shape[0], qweight.shape[1] * 8), dtype=out)
+
+
+@_op("ggml_dequantize", "cpu")
+def ggml_dequantize(data: Tensor, qtype: str, dtype: torch.dtype = torch.float32) -> Tensor:
+    """GGML blocks (uint8 ``[..., row_bytes]``) of ``qtype`` ("Q4_0", "Q4_1", "Q5_0",
+    "Q8_0") to ``[..., row_bytes / block_bytes * 32]`` (``dqgen.formats.ggml.dequantize``)."""
+    return ggml.dequantize(data, qtype, dtype=dtype)
+
+
+@ggml_dequantize.register_fake
+def _(data, qtype, dtype=torch.float32):
+    _rank(data, "data")
+    layout = parse_ggml_type(qtype)
+    out = _TORCH_DTYPE[parse_dtype(dtype, "dtype", FLOAT_DTYPES)]
+    return _with_last(data, data.shape[-1] // GGML_BLOCK_BYTES[layout] * _block_values(layout),
+                      out)
+
+
+def _block_values(layout) -> int:
+    values = GGML_BLOCK_VALUES  # one count while every block held 32 values, else by layout
+    return values[layout] if isinstance(values, dict) else values
+
+
+@_op("packed_dequantize")
+def packed_dequantize(q: Tensor, scale: Tensor, zero_point: Tensor, group_size: int,
+                      dtype: str = "u4") -> Tensor:
+    """Packed 4-bit bytes (uint8 ``[..., axis / 2]``) to ``[..., axis]`` of ``scale``'s
+    dtype (``dqgen.formats.packed.dequantize``; on CUDA the family's packed kernel)."""
+    if q.device.type == "cpu":
+        return packed.dequantize(q, scale, zero_point, group_size, dtype=dtype)
+    return api.dequantize_per_group(q, scale, zero_point, group_size, int_dtype=dtype)
+
+
+@packed_dequantize.register_fake
+def _(q, scale, zero_point, group_size, dtype="u4"):
+    _rank(q, "q")
+    parse_dtype(dtype, "dtype", PACKED_DTYPES)
+    return _with_last(q, q.shape[-1] * 2, _TORCH_DTYPE[_float(scale, "scale")])
+
+
+@_op("floatzp_dequantize", "cpu")
+def floatzp_dequantize(q: Tensor, scale: Tensor, zero_point: Tensor, group_size: int,
+                       int_dtype: Optional[str] = None, q_min: Optional[int] = None,
+                       q_max: Optional[int] = None) -> Tensor:
+    """``x = (q - mid) * scale + zero_point`` with a float zero point
+    (``dqgen.formats.floatzp.dequantize``)."""
+    return floatzp.dequantize(q, scale, zero_point, group_size, int_dtype=int_dtype,
+                              q_min=q_min, q_max=q_max)
+
+
+@floatzp_dequantize.register_fake
+def _(q, scale, zero_point, group_size, int_dtype=None, q_min=None, q_max=None):
+    _rank(q, "q")
+    storage = _storage(int_dtype, q)
+    return _with_last(q, q.shape[-1] * (2 if storage.is_packed else 1),
+                      _TORCH_DTYPE[_float(scale, "scale")])
+
+
+def _cpu_only(name: str):
+    def refuse(*args, **kwargs):
+        raise UnsupportedError(f"dqgen::{name} runs on the CPU only (dqgen.formats has no CUDA "
+                               "launcher for this layout yet); move the tensors to the CPU")
+    return refuse
+
+
+for _cpu_op in (gptq_dequantize, awq_dequantize, ggml_dequantize, floatzp_dequantize):
+    _cpu_op.register_kernel("cuda")(_cpu_only(_cpu_op._name))
