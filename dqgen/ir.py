@@ -349,6 +349,19 @@ GGML_BLOCK_BYTES = {Layout.GGML_Q4_0: 18, Layout.GGML_Q4_1: 20, Layout.GGML_Q5_0
 GGML_BLOCK_VALUES = 32
 GPTQ_BITS = (2, 4, 8)
 GPTQ_CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+# How a v1 ("gptq") file's stored zeros decode (FORMATS.md). "gptqmodel": a 1 in every
+# field is added to the whole int32 word, carries crossing fields (GPTQModel, through
+# which transformers and optimum load, subtracts it word-wise when it writes v1);
+# "autogptq": 1 is added to each field modulo 2^bits (AutoGPTQ's torch dequant);
+# "exllama": 1 is added to each field, a stored all-ones field reading 2^bits (the
+# exllama/exllamav2 and vLLM GPTQ kernels). They differ only where a field is all ones.
+GPTQ_V1_ZEROS = ("gptqmodel", "autogptq", "exllama")
+
+
+def gptq_v1_word_offset(bits: int) -> int:
+    """A 1 in every ``bits``-wide field of an int32 word (``0x11111111`` for 4 bits): what
+    GPTQModel subtracts from each whole qzeros word to write v1 and adds back to read it."""
+    return sum(1 << (bits * j) for j in range(32 // bits))
 # Float dtypes a GGML block dequantizes to (the blocks' own math is f32).
 GGML_FLOAT_DTYPES = (DType.F32, DType.F16, DType.BF16)
 
@@ -438,8 +451,10 @@ class _MatrixDescriptor(_FormatDescriptor):
 class GptqDequantizeDescriptor(_MatrixDescriptor):
     """GPTQ ``W[k, n] = scales[g, n] * (q[k, n] - z[g, n])``, ``g = g_idx[k]`` (FORMATS.md).
 
-    ``checkpoint_format`` ``"gptq"`` (v1) stores ``z - 1``; ``"gptq_v2"`` stores ``z``.
-    With ``act_order`` the kernel reads ``g_idx``; otherwise ``g = k // group_size``.
+    ``checkpoint_format`` ``"gptq"`` (v1) stores ``z - 1``, decoded by ``v1_zeros`` (one
+    of ``GPTQ_V1_ZEROS``; set to the default for v2, where it has no effect); ``"gptq_v2"``
+    stores ``z``. With ``act_order`` the kernel reads ``g_idx``; otherwise ``g = k //
+    group_size``.
     """
 
     layout: ClassVar[Layout] = Layout.GPTQ
@@ -448,6 +463,7 @@ class GptqDequantizeDescriptor(_MatrixDescriptor):
     scale_dtype: DType = DType.F16
     checkpoint_format: str = "gptq"
     act_order: bool = False
+    v1_zeros: str = "gptqmodel"
 
     def verify(self) -> None:
         bits = self._set_int("bits", minimum=0)
@@ -459,16 +475,17 @@ class GptqDequantizeDescriptor(_MatrixDescriptor):
                                    f"supported; expected one of: {', '.join(GPTQ_CHECKPOINT_FORMATS)}")
         if not isinstance(self.act_order, bool):
             raise InvalidProblemError(f"act_order must be a bool, got {self.act_order!r}")
+        if self.v1_zeros not in GPTQ_V1_ZEROS:
+            raise UnsupportedError(f"v1_zeros={self.v1_zeros!r} is not supported; expected "
+                                   f"one of: {', '.join(GPTQ_V1_ZEROS)}")
+        if self.checkpoint_format != "gptq":  # v2 stores z itself: one kernel, one key
+            object.__setattr__(self, "v1_zeros", GPTQ_V1_ZEROS[0])
         self._verify_matrix(32 // bits, 32 // bits)
 
     @property
-    def zero_offset(self) -> int:
-        """What is added to a stored zero: 1 for the legacy v1 format, 0 for v2."""
-        return 1 if self.checkpoint_format == "gptq" else 0
-
-    @property
     def uri(self) -> str:
-        version = "v1" if self.zero_offset else "v2"
+        version = "v2" if self.checkpoint_format != "gptq" else (
+            "v1" if self.v1_zeros == GPTQ_V1_ZEROS[0] else f"v1_{self.v1_zeros}")
         groups = "gidx" if self.act_order else f"g{self.group_size}"
         return (f"dequant_gptq{self.bits}_{version}_{self.scale_dtype.value}_"
                 f"{self.float_dtype.value}_{groups}")

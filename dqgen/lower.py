@@ -172,7 +172,9 @@ class KernelSpec:
     zero_round: str = ""            # float zero point: helper rounding each step to F ("": none)
     template: str = ""              # the layout's own loop template ("" = the family's)
     bits: int = 8                   # bits of one stored value
-    zero_offset: int = 0            # added to a stored zero point (GPTQ v1: 1)
+    zero_offset: int = 0            # added to a stored zero point's field (AutoGPTQ's v1: 1)
+    zero_word_add: int = 0          # added to a whole qzeros word first (GPTQModel's v1)
+    zero_mask: int = 0xFFFFFFFF     # and the field plus zero_offset masked (AutoGPTQ's v1)
     act_order: bool = False         # group of a row from g_idx, not row // group_size
     block_bytes: int = 0            # GGML: bytes of one block
     table_max_bytes: int = 0        # C act-order GPTQ: largest whole-row table of scales/zeros

@@ -58,14 +58,15 @@ def test_gptq_shapes(rows_words, col_words, group, act_order, seed):
 
 
 def test_gptq_matches_torch_formula():
-    """The f16 result equals GPTQModel/AutoGPTQ's torch dequant, v1 and v2."""
+    """The f16 result equals GPTQModel/AutoGPTQ's torch dequant, v1 (both zero rules) and v2."""
     pytest.importorskip("torch")
     rng = np.random.default_rng(3)
-    for fmt in ("gptq", "gptq_v2"):
+    for fmt, rule in (("gptq", "gptqmodel"), ("gptq", "autogptq"), ("gptq", "exllama"),
+                      ("gptq_v2", "gptqmodel")):
         layer = gptq_layer(rng, 64, 32, 4, 16, act_order=True, extreme=False)
-        got = gptq.dequantize(**layer, checkpoint_format=fmt)
+        got = gptq.dequantize(**layer, checkpoint_format=fmt, v1_zeros=rule)
         want = oracle.gptq_dequantize_torch(layer["qweight"], layer["qzeros"], layer["scales"],
-                                            layer["g_idx"], 4, fmt)
+                                            layer["g_idx"], 4, fmt, rule)
         assert_bits_equal(got, want)
 
 
@@ -97,9 +98,10 @@ def test_gptq_round_trip(bits, fmt):
 
 
 def test_gptq_v1_and_v2_differ_by_one_zero_step():
+    """exllama's v1 rule: every zero point one above v2's reading of the same words."""
     rng = np.random.default_rng(9)
     layer = gptq_layer(rng, 32, 16, 4, 16, act_order=False, extreme=False)
-    v1 = gptq.dequantize(**layer, checkpoint_format="gptq", dtype="f64")
+    v1 = gptq.dequantize(**layer, checkpoint_format="gptq", v1_zeros="exllama", dtype="f64")
     v2 = gptq.dequantize(**layer, checkpoint_format="gptq_v2", dtype="f64")
     scale = np.repeat(layer["scales"].astype(np.float64), 16, axis=0)
     np.testing.assert_allclose(v2 - v1, scale, rtol=1e-12, atol=0)
@@ -253,8 +255,14 @@ def test_bad_descriptors():
         AwqDequantizeDescriptor(16, 12, 4)
     with pytest.raises(InvalidProblemError, match="group_size"):
         GptqDequantizeDescriptor(16, 8, 0)
-    with pytest.raises(InvalidProblemError, match="cannot store zero point of 0|cannot hold"):
-        pack.pack_gptq(np.zeros((8, 8), np.uint8), np.zeros((1, 8), np.int32), 4, "gptq")
+    with pytest.raises(InvalidProblemError,
+                       match="v1_zeros=.autogptq. stores zero - 1 in each field and cannot hold"):
+        pack.pack_gptq(np.zeros((8, 8), np.uint8), np.zeros((1, 8), np.int32), 4, "gptq",
+                       "autogptq")
+    with pytest.raises(InvalidProblemError, match="v1_zeros='vllm' is not one of"):
+        pack.pack_gptq(np.zeros((8, 8), np.uint8), np.zeros((1, 8), np.int32), 4, "gptq", "vllm")
+    with pytest.raises(UnsupportedError, match="v1_zeros='vllm' is not supported"):
+        GptqDequantizeDescriptor(16, 8, 4, v1_zeros="vllm")
 
 
 @pytest.mark.parametrize("threads", ["1", "2", "3"])

@@ -1,7 +1,20 @@
 """GPTQ checkpoints (AutoGPTQ / GPTQModel / transformers): int32-packed weights -> [K, N].
 
-``W[k, n] = scales[g, n] * (q[k, n] - z[g, n])`` with ``g = g_idx[k]`` (FORMATS.md). The
-legacy ``"gptq"`` (v1) format stores ``z - 1``; ``"gptq_v2"`` stores ``z``.
+``W[k, n] = scales[g, n] * (q[k, n] - z[g, n])`` with ``g = g_idx[k]`` (FORMATS.md).
+``"gptq_v2"`` stores ``z``. The legacy ``"gptq"`` (v1) stores ``z - 1``, written two ways:
+
+- ``v1_zeros="gptqmodel"`` (default): GPTQModel, which transformers and optimum load GPTQ
+  through, exports v1 by subtracting a 1 in every field (``0x11111111`` for 4 bits) from
+  each whole int32 word, borrows crossing fields, and adds it back on load. A zero point
+  of 0 is stored (as 0xF with a borrow from the next field).
+- ``v1_zeros="autogptq"``: AutoGPTQ packs ``z - 1`` in each field; its torch dequant adds
+  1 to each field modulo ``2**bits`` (a stored 0xF reads 0). GPTQModel's safetensors
+  dequantizer (``gptqmodel.utils.model_dequant``) reads v1 this way too.
+- ``v1_zeros="exllama"``: the exllama/exllamav2 and vLLM GPTQ kernels add 1 to each field
+  without the modulo (a stored 0xF reads 16).
+
+All agree unless a stored field is all ones (zero points of 0, or AutoGPTQ's packing of
+a 0, which overflows into the fields above it).
 """
 
 from __future__ import annotations
@@ -9,7 +22,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InvalidProblemError
-from ..ir import FLOAT_DTYPES, GPTQ_BITS, GptqDequantizeDescriptor, check_int, parse_dtype
+from ..ir import (FLOAT_DTYPES, GPTQ_BITS, GPTQ_V1_ZEROS, GptqDequantizeDescriptor, check_int,
+                  parse_dtype)
 from . import _inputs
 from .plan import FormatPlan
 
@@ -42,13 +56,15 @@ def _in_row_order(g_idx: np.ndarray, group_size: int) -> bool:
 
 def dequantize(qweight, qzeros, scales, g_idx=None, bits: int = 4,
                checkpoint_format: str = "gptq", dtype="f16", group_size=None,
-               device: str = "cpu", out=None):
+               device: str = "cpu", out=None, v1_zeros: str = GPTQ_V1_ZEROS[0]):
     """Unpack and scale a GPTQ layer to a ``[K, N]`` float weight (``dtype``, f16 default).
 
     ``qweight`` int32 ``[K * bits / 32, N]``, ``qzeros`` int32 ``[groups, N * bits / 32]``,
     ``scales`` ``[groups, N]`` (any float dtype), ``g_idx`` optional int ``[K]`` (act-order
     permutations allowed). ``group_size`` is inferred from the shapes when not given.
     ``out``: a ``[K, N]`` array of ``dtype`` to write instead of allocating one.
+    ``v1_zeros``: how v1 zeros decode, ``"gptqmodel"`` (word-wise), ``"autogptq"`` or
+    ``"exllama"`` (field-wise), as the module docstring says; ignored for v2.
     """
     bits = check_int(bits, "bits", minimum=0)
     if bits not in GPTQ_BITS:
@@ -71,7 +87,7 @@ def dequantize(qweight, qzeros, scales, g_idx=None, bits: int = 4,
             act_order = False
             del arrays["g_idx"]
     desc = GptqDequantizeDescriptor(rows, cols, size, bits, out_dtype, scale_dtype,
-                                    checkpoint_format, act_order)
+                                    checkpoint_format, act_order, v1_zeros)
     arrays["y"], result = _inputs.output((rows, cols), out_dtype, qweight, out)
     FormatPlan.select(desc, device=device).run(arrays)
     return result()

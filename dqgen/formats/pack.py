@@ -11,7 +11,7 @@ import numpy as np
 
 from ..api import choose_qparams_per_group, quantize_per_group
 from ..errors import InvalidProblemError
-from ..ir import GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS
+from ..ir import GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS, GPTQ_V1_ZEROS, gptq_v1_word_offset
 from .awq import INVERSE
 
 
@@ -39,23 +39,35 @@ def _pack_words(values: np.ndarray, bits: int, axis: int, slots) -> np.ndarray:
     return np.moveaxis(words, -1, axis).view(np.int32).copy()
 
 
-def pack_gptq(q, zeros, bits: int = 4, checkpoint_format: str = "gptq"):
+def pack_gptq(q, zeros, bits: int = 4, checkpoint_format: str = "gptq",
+              v1_zeros: str = GPTQ_V1_ZEROS[0]):
     """``(qweight, qzeros)`` for values ``q`` [K, N] and true zero points [groups, N].
 
-    v1 (``"gptq"``) stores ``zero - 1``, so a zero point of 0 cannot be stored there.
+    v1 (``"gptq"``) stores ``zero - 1`` as ``v1_zeros`` says: ``"gptqmodel"`` (default)
+    packs the zero points and subtracts ``gptq_v1_word_offset(bits)`` from each whole word
+    (borrows crossing fields), as GPTQModel exports v1, so every zero point is stored;
+    ``"autogptq"`` and ``"exllama"`` subtract 1 from each field, as AutoGPTQ packs (for
+    its own and the exllama kernels), and cannot hold a zero point of 0.
     """
     if bits not in GPTQ_BITS or checkpoint_format not in GPTQ_CHECKPOINT_FORMATS:
         raise InvalidProblemError(f"bits={bits}, checkpoint_format={checkpoint_format!r} "
                                   "is not a GPTQ layout")
+    if v1_zeros not in GPTQ_V1_ZEROS:
+        raise InvalidProblemError(f"v1_zeros={v1_zeros!r} is not one of "
+                                  f"{', '.join(GPTQ_V1_ZEROS)}")
     q = _check_values(q, "q", bits)
-    offset = 1 if checkpoint_format == "gptq" else 0
-    z = np.asarray(zeros).astype(np.int64) - offset
-    if z.size and z.min() < 0:
-        raise InvalidProblemError("the v1 GPTQ format stores zero - 1 and cannot hold a zero "
-                                  "point of 0; use checkpoint_format='gptq_v2'")
-    z = _check_values(z, "zeros - 1" if offset else "zeros", bits)
     order = range(32 // bits)
-    return _pack_words(q, bits, 0, order), _pack_words(z, bits, 1, order)
+    field_wise = checkpoint_format == "gptq" and v1_zeros != "gptqmodel"
+    z = np.asarray(zeros).astype(np.int64) - field_wise
+    if field_wise and z.size and z.min() < 0:
+        raise InvalidProblemError(f"v1_zeros={v1_zeros!r} stores zero - 1 in each field and "
+                                  "cannot hold a zero point of 0; use v1_zeros='gptqmodel' or "
+                                  "checkpoint_format='gptq_v2'")
+    qzeros = _pack_words(_check_values(z, "zeros - 1" if field_wise else "zeros", bits),
+                         bits, 1, order)
+    if checkpoint_format == "gptq" and not field_wise:
+        qzeros = (qzeros.view(np.uint32) - np.uint32(gptq_v1_word_offset(bits))).view(np.int32)
+    return _pack_words(q, bits, 0, order), qzeros
 
 
 def pack_awq(q, zeros):
@@ -76,11 +88,13 @@ def _quantize_rows(weight_t: np.ndarray, group_size: int, bits: int, scale_dtype
 
 
 def quantize_gptq(weight, group_size: int, bits: int = 4, perm=None,
-                  checkpoint_format: str = "gptq", scale_dtype=np.float16):
+                  checkpoint_format: str = "gptq", scale_dtype=np.float16,
+                  v1_zeros: str = GPTQ_V1_ZEROS[0]):
     """Quantize a float ``weight`` [K, N] into a GPTQ layer (min/max, asymmetric).
 
     ``perm`` (a permutation of K) gives act-order: rows ``perm[i * G:(i + 1) * G]`` form
-    group ``i``. Returns ``dict(qweight, qzeros, scales, g_idx)``.
+    group ``i``. ``v1_zeros`` as in ``pack_gptq`` (the field-wise rules clamp zero points
+    to at least 1). Returns ``dict(qweight, qzeros, scales, g_idx)``.
     """
     w = np.asarray(weight, dtype=np.float32)
     rows, cols = w.shape
@@ -89,14 +103,14 @@ def quantize_gptq(weight, group_size: int, bits: int = 4, perm=None,
         raise InvalidProblemError("perm must be a permutation of range(K)")
     if rows % group_size:
         raise InvalidProblemError(f"K={rows} is not a multiple of group_size={group_size}")
-    min_zero = 1 if checkpoint_format == "gptq" else 0
+    min_zero = 1 if checkpoint_format == "gptq" and v1_zeros != "gptqmodel" else 0
     q_perm, scale, zero = _quantize_rows(np.ascontiguousarray(w[order].T), group_size, bits,
                                          scale_dtype, min_zero)
     q = np.empty((rows, cols), dtype=np.uint8)
     q[order] = q_perm.T
     g_idx = np.empty(rows, dtype=np.int32)
     g_idx[order] = np.arange(rows) // group_size
-    qweight, qzeros = pack_gptq(q, zero.T, bits, checkpoint_format)
+    qweight, qzeros = pack_gptq(q, zero.T, bits, checkpoint_format, v1_zeros)
     return {"qweight": qweight, "qzeros": qzeros,
             "scales": np.ascontiguousarray(scale.T), "g_idx": g_idx}
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..ir import (AwqDequantizeDescriptor, DType, GgmlDequantizeDescriptor,
-                  GptqDequantizeDescriptor, Layout, Op)
+                  GptqDequantizeDescriptor, Layout, Op, gptq_v1_word_offset)
 from ..lower import _CONVERT, F16C_ISAS, PARALLEL_MIN_ELEMENTS, KernelSpec, Param, _pointer
 
 FORMULAS = {
@@ -52,6 +52,22 @@ def _describe(desc) -> str:
     return f"{type(desc).__name__}({fields})"
 
 
+def gptq_zero_rule(desc) -> tuple[int, int, int]:
+    """``(word_add, field_add, field_mask)``: a zero point is ``((field n of (word +
+    word_add) mod 2^32) + field_add) & field_mask``. GPTQModel's v1 adds a 1 in every
+    field to the whole word (the inverse of its word-wise subtraction on export, borrows
+    and all); AutoGPTQ's adds 1 to the field modulo 2^bits, exllama's without the modulo;
+    v2 stores the zero point itself."""
+    everything = 0xFFFFFFFF
+    if desc.checkpoint_format != "gptq":
+        return 0, 0, everything
+    if desc.v1_zeros == "autogptq":
+        return 0, 1, (1 << desc.bits) - 1
+    if desc.v1_zeros == "exllama":
+        return 0, 1, everything
+    return gptq_v1_word_offset(desc.bits), 0, everything
+
+
 def _matrix_params(desc, storage: dict) -> tuple[Param, ...]:
     params = [_pointer("qweight", DType.I32, "in", storage),
               _pointer("qzeros", DType.I32, "in", storage),
@@ -77,8 +93,9 @@ def lower_format(desc, target: str, arch: str, storage: dict) -> KernelSpec:
     if isinstance(desc, (GptqDequantizeDescriptor, AwqDequantizeDescriptor)):
         params = _matrix_params(desc, storage)
         gptq = isinstance(desc, GptqDequantizeDescriptor)
+        word_add, field_add, field_mask = gptq_zero_rule(desc) if gptq else (0, 0, 0xFFFFFFFF)
         fields.update(template=TEMPLATES[desc.layout], bits=desc.bits if gptq else 4,
-                      zero_offset=desc.zero_offset if gptq else 0,
+                      zero_offset=field_add, zero_word_add=word_add, zero_mask=field_mask,
                       act_order=gptq and desc.act_order,
                       table_max_bytes=MATRIX_TABLE_MAX_BYTES if gptq and desc.act_order else 0,
                       load_float=_CONVERT.get(desc.scale_dtype, ("", ""))[0])

@@ -27,9 +27,10 @@ def unpack_gptq_qweight(qweight: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
-def unpack_gptq_qzeros(qzeros: np.ndarray, bits: int) -> np.ndarray:
-    """[G, N*bits/32] int32 -> [G, N]: packed along N, same bit order."""
-    words = qzeros.view(np.uint32).astype(np.int64)
+def unpack_gptq_qzeros(qzeros: np.ndarray, bits: int, word_add: int = 0) -> np.ndarray:
+    """[G, N*bits/32] int32 -> [G, N]: packed along N, same bit order; ``word_add`` is
+    added to each whole word first, modulo 2**32 (GPTQModel's v1)."""
+    words = (qzeros.view(np.uint32).astype(np.int64) + word_add) % 2**32
     per = 32 // bits
     out = np.zeros((words.shape[0], words.shape[1] * per), dtype=np.int64)
     for c in range(words.shape[1]):
@@ -38,13 +39,23 @@ def unpack_gptq_qzeros(qzeros: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
+def gptq_v1_word_add(bits: int) -> int:
+    """A 1 in every bits-wide field of a 32-bit word: 0x11111111 for 4 bits."""
+    return int("".join(["0" * (bits - 1) + "1"] * (32 // bits)), 2)
+
+
 def gptq_dequantize(qweight, qzeros, scales, g_idx, bits, checkpoint_format, out_dtype,
-                    group_size=None):
-    """W[k, n] = scales[g, n] * (q[k, n] - z[g, n]), g = g_idx[k]; v1: z = stored + 1."""
+                    group_size=None, v1_zeros="gptqmodel"):
+    """W[k, n] = scales[g, n] * (q[k, n] - z[g, n]), g = g_idx[k]. v1: "gptqmodel" adds
+    a 1 in every field to the whole word before unpacking; "exllama": z = stored + 1;
+    "autogptq": z = (stored + 1) mod 2**bits."""
     q = unpack_gptq_qweight(qweight, bits)
-    z = unpack_gptq_qzeros(qzeros, bits)
-    if checkpoint_format == "gptq":
+    word_wise = checkpoint_format == "gptq" and v1_zeros == "gptqmodel"
+    z = unpack_gptq_qzeros(qzeros, bits, gptq_v1_word_add(bits) if word_wise else 0)
+    if checkpoint_format == "gptq" and v1_zeros in ("autogptq", "exllama"):
         z = z + 1
+        if v1_zeros == "autogptq":
+            z = z % 2**bits
     k = q.shape[0]
     if g_idx is None:
         g_idx = np.array([i // group_size for i in range(k)])
@@ -55,18 +66,25 @@ def gptq_dequantize(qweight, qzeros, scales, g_idx, bits, checkpoint_format, out
         return w.astype(out_dtype)
 
 
-def gptq_dequantize_torch(qweight, qzeros, scales, g_idx, bits, checkpoint_format):
-    """GPTQModel/AutoGPTQ's torch formula (f16 scales -> f16 weight), for a second opinion."""
+def gptq_dequantize_torch(qweight, qzeros, scales, g_idx, bits, checkpoint_format,
+                          v1_zeros="gptqmodel"):
+    """GPTQModel/AutoGPTQ's torch formula (f16 scales -> f16 weight), for a second opinion;
+    GPTQModel's v1 adds the word constant to the int32 words (wrapping) before unpacking."""
     import torch
 
     qw = torch.from_numpy(qweight.copy())
     qz = torch.from_numpy(qzeros.copy())
+    if checkpoint_format == "gptq" and v1_zeros == "gptqmodel":
+        qz = torch.from_numpy((qzeros.view(np.uint32) + np.uint32(gptq_v1_word_add(bits)))
+                              .view(np.int32))
     per = 32 // bits
     shifts = torch.arange(0, 32, bits, dtype=torch.int32)
     zeros = torch.bitwise_right_shift(qz.unsqueeze(2).expand(-1, -1, per), shifts.view(1, 1, -1))
     zeros = torch.bitwise_and(zeros, (1 << bits) - 1).reshape(qz.shape[0], -1)
-    if checkpoint_format == "gptq":
+    if checkpoint_format == "gptq" and v1_zeros in ("autogptq", "exllama"):
         zeros = zeros + 1
+        if v1_zeros == "autogptq":
+            zeros = torch.bitwise_and(zeros, (1 << bits) - 1)
     weight = torch.bitwise_right_shift(qw.unsqueeze(1).expand(-1, per, -1), shifts.view(1, -1, 1))
     weight = torch.bitwise_and(weight, (1 << bits) - 1).reshape(-1, qw.shape[1])
     sc = torch.from_numpy(scales.copy())
