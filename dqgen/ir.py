@@ -341,12 +341,36 @@ class Layout(enum.Enum):
     GGML_Q4_1 = "ggml_q4_1"
     GGML_Q5_0 = "ggml_q5_0"
     GGML_Q8_0 = "ggml_q8_0"
+    GGML_Q5_1 = "ggml_q5_1"
+    GGML_Q2_K = "ggml_q2_k"  # 256-value super-blocks with packed sub-block scales
+    GGML_Q3_K = "ggml_q3_k"
+    GGML_Q4_K = "ggml_q4_k"
+    GGML_Q5_K = "ggml_q5_k"
+    GGML_Q6_K = "ggml_q6_k"
+    GGML_Q8_K = "ggml_q8_k"
+    GGML_IQ4_NL = "ggml_iq4_nl"  # 16-entry codebook
+    GGML_IQ4_XS = "ggml_iq4_xs"
+    GGML_TQ1_0 = "ggml_tq1_0"  # ternary
+    GGML_TQ2_0 = "ggml_tq2_0"
+    GGML_MXFP4 = "ggml_mxfp4"
+    GGML_F32 = "ggml_f32"    # float tensors, passed through (one value a "block")
+    GGML_F16 = "ggml_f16"
+    GGML_BF16 = "ggml_bf16"
 
 
-#: Bytes of one 32-value GGML block, by layout.
+#: Bytes and values of one GGML block, by layout (gguf's GGML_QUANT_SIZES).
 GGML_BLOCK_BYTES = {Layout.GGML_Q4_0: 18, Layout.GGML_Q4_1: 20, Layout.GGML_Q5_0: 22,
-                    Layout.GGML_Q8_0: 34}
-GGML_BLOCK_VALUES = 32
+                    Layout.GGML_Q8_0: 34, Layout.GGML_Q5_1: 24, Layout.GGML_Q2_K: 84,
+                    Layout.GGML_Q3_K: 110, Layout.GGML_Q4_K: 144, Layout.GGML_Q5_K: 176,
+                    Layout.GGML_Q6_K: 210, Layout.GGML_Q8_K: 292, Layout.GGML_IQ4_NL: 18,
+                    Layout.GGML_IQ4_XS: 136, Layout.GGML_TQ1_0: 54, Layout.GGML_TQ2_0: 66,
+                    Layout.GGML_MXFP4: 17, Layout.GGML_F32: 4, Layout.GGML_F16: 2,
+                    Layout.GGML_BF16: 2}
+_GGML_SMALL = (Layout.GGML_Q4_0, Layout.GGML_Q4_1, Layout.GGML_Q5_0, Layout.GGML_Q8_0,
+               Layout.GGML_Q5_1, Layout.GGML_IQ4_NL, Layout.GGML_MXFP4)
+_GGML_FLOATS = (Layout.GGML_F32, Layout.GGML_F16, Layout.GGML_BF16)
+GGML_BLOCK_VALUES = {layout: 32 if layout in _GGML_SMALL else 1 if layout in _GGML_FLOATS
+                     else 256 for layout in GGML_BLOCK_BYTES}
 GPTQ_BITS = (2, 4, 8)
 GPTQ_CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 # How a v1 ("gptq") file's stored zeros decode (FORMATS.md). "gptqmodel": a 1 in every
@@ -375,8 +399,14 @@ def parse_ggml_type(value: Any) -> Layout:
         for layout in GGML_BLOCK_BYTES:
             if layout.value == "ggml_" + name.strip().lower():
                 return layout
-    names = ", ".join(layout.value[5:].upper() for layout in GGML_BLOCK_BYTES)
-    raise UnsupportedError(f"qtype={value!r} is not supported; expected one of: {names}")
+    names = ", ".join(ggml_type_name(layout) for layout in GGML_BLOCK_BYTES)
+    shown = repr(name) if isinstance(name, str) else _show(value)  # a type by its name
+    raise UnsupportedError(f"qtype={shown} is not supported; expected one of: {names}")
+
+
+def ggml_type_name(layout: Layout) -> str:
+    """gguf's name of a GGML layout: ``Layout.GGML_Q4_K`` -> ``"Q4_K"``."""
+    return layout.value[5:].upper()
 
 
 @dataclass(frozen=True)
@@ -513,7 +543,7 @@ class AwqDequantizeDescriptor(_MatrixDescriptor):
 
 @dataclass(frozen=True)
 class GgmlDequantizeDescriptor(_FormatDescriptor):
-    """``blocks`` GGML blocks of one ``qtype`` (Q4_0, Q4_1, Q5_0, Q8_0) -> floats."""
+    """``blocks`` GGML blocks of one ``qtype`` (any of ``GGML_BLOCK_BYTES``) -> floats."""
 
     blocks: int
     qtype: Layout
@@ -526,7 +556,7 @@ class GgmlDequantizeDescriptor(_FormatDescriptor):
 
     def verify(self) -> None:
         blocks = self._set_int("blocks")
-        if blocks * GGML_BLOCK_VALUES > INT64_MAX:
+        if blocks * self.group_size > INT64_MAX:
             raise InvalidProblemError(f"blocks={blocks} is too many for int64 indexing")
 
     @property
@@ -535,7 +565,8 @@ class GgmlDequantizeDescriptor(_FormatDescriptor):
 
     @property
     def group_size(self) -> int:
-        return GGML_BLOCK_VALUES
+        """Values a block."""
+        return GGML_BLOCK_VALUES[self.qtype]
 
     @property
     def block_bytes(self) -> int:

@@ -179,6 +179,7 @@ class KernelSpec:
     block_bytes: int = 0            # GGML: bytes of one block
     table_max_bytes: int = 0        # C act-order GPTQ: largest whole-row table of scales/zeros
     float_helpers: tuple[str, ...] = ()  # 16-bit types whose load/store the prelude defines
+    ggml: object = None             # GGML: the block type's knobs (formats/ggml_layouts.py)
 
     def to_json(self) -> dict:
         def plain(v):

@@ -1,4 +1,5 @@
-"""GGML blocks (Q4_0, Q4_1, Q5_0, Q8_0) bit for bit against the gguf package."""
+"""GGML blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) bit for bit against the gguf package
+(every other type: test_formats_gguf_types.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from formats_util import FLOATS, assert_bits_equal, random_f16
 gguf = pytest.importorskip("gguf", reason="the gguf package (test-only) is the GGML oracle")
 from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
 
-QTYPES = ["Q4_0", "Q4_1", "Q5_0", "Q8_0"]
+QTYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
 
 
 def random_blocks(rng, qtype: str, shape: tuple[int, ...], extreme: bool = True) -> np.ndarray:
@@ -21,7 +22,7 @@ def random_blocks(rng, qtype: str, shape: tuple[int, ...], extreme: bool = True)
     data = rng.integers(0, 256, size=(*shape[:-1], shape[-1] * bb), dtype=np.uint8)
     blocks = data.reshape(-1, bb)
     blocks[:, 0:2] = random_f16(rng, (blocks.shape[0],), extreme).view(np.uint8).reshape(-1, 2)
-    if qtype == "Q4_1":
+    if qtype in ("Q4_1", "Q5_1"):
         blocks[:, 2:4] = random_f16(rng, (blocks.shape[0],), extreme).view(np.uint8).reshape(-1, 2)
     return data
 
@@ -82,8 +83,8 @@ def test_bad_inputs():
     data = np.zeros((2, 18 * 3), np.uint8)
     with pytest.raises(InvalidProblemError, match="not a multiple of the 20-byte Q4_1 block"):
         ggml.dequantize(data, "Q4_1")
-    with pytest.raises(UnsupportedError, match="qtype='Q6_K' is not supported"):
-        ggml.dequantize(data, "Q6_K")
+    with pytest.raises(UnsupportedError, match="qtype='Q8_1' is not supported"):
+        ggml.dequantize(data, "Q8_1")
     with pytest.raises(InvalidProblemError, match="expected uint8 block bytes"):
         ggml.dequantize(data.astype(np.float32), "Q4_0")
     with pytest.raises(UnsupportedError, match="dtype='f64'"):

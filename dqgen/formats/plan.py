@@ -41,7 +41,7 @@ def argument_shapes(desc) -> tuple[tuple[Argument, ...], tuple[int, ...]]:
         return _per_group_arguments(desc)
     if isinstance(desc, GgmlDequantizeDescriptor):
         return ((Argument("data", np.dtype(np.uint8), (desc.blocks, desc.block_bytes)),
-                 Argument("y", out, (desc.blocks, 32), True)), (desc.blocks,))
+                 Argument("y", out, (desc.blocks, desc.group_size), True)), (desc.blocks,))
     k, n, groups = desc.rows, desc.cols, desc.num_groups
     if isinstance(desc, GptqDequantizeDescriptor):
         per_word = 32 // desc.bits

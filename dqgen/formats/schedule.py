@@ -13,14 +13,12 @@ import dataclasses
 from ..ir import (AwqDequantizeDescriptor, DType, GgmlDequantizeDescriptor,
                   GptqDequantizeDescriptor, Layout, Op, gptq_v1_word_offset)
 from ..lower import _CONVERT, F16C_ISAS, PARALLEL_MIN_ELEMENTS, KernelSpec, Param, _pointer
+from . import ggml_layouts
 
 FORMULAS = {
     Layout.GPTQ: "W[k, n] = F(C(q[k, n] - z[g, n]) * C(scales[g, n])), g = g_idx[k] (default k / G)",
     Layout.AWQ: "W[k, n] = F(C(q[k, n] - z[k / G, n]) * C(scales[k / G, n]))",
-    Layout.GGML_Q4_0: "y = F(C(nibble - 8) * C(d))",
-    Layout.GGML_Q4_1: "y = F((C(nibble) * C(d)) + C(m)), the product and the sum each rounded",
-    Layout.GGML_Q5_0: "y = F(C((nibble | high_bit << 4) - 16) * C(d))",
-    Layout.GGML_Q8_0: "y = F(C(q) * C(d))",
+    **{layout: block.formula for layout, block in ggml_layouts.LAYOUTS.items()},
 }
 TEMPLATES = {Layout.GPTQ: "matrix", Layout.AWQ: "matrix"}  # GGML layouts: "ggml"
 CUDA_THREADS_PER_BLOCK = 256
@@ -102,10 +100,9 @@ def lower_format(desc, target: str, arch: str, storage: dict) -> KernelSpec:
     elif isinstance(desc, GgmlDequantizeDescriptor):
         params = (_pointer("data", DType.U8, "in", storage), _pointer("y", f, "out", storage),
                   Param("blocks", None, "scalar", "int64_t"))
-        q4_1 = desc.layout is Layout.GGML_Q4_1
-        fields.update(template="ggml", block_bytes=desc.block_bytes, bits=8,
-                      zero_kind="float" if q4_1 else "int", mid=0,
-                      load_float="load_f16")
+        g = ggml_layouts.knobs(desc.layout, target)
+        fields.update(template="ggml", block_bytes=desc.block_bytes, bits=8, ggml=g,
+                      zero_kind="float" if g.m else "int", mid=0, load_float="load_f16")
     else:
         raise TypeError(f"no lowering for {type(desc).__name__}")
     out = next(p for p in params if p.role == "out")

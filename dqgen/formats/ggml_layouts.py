@@ -1,0 +1,299 @@
+"""Every GGML block type as data: where its values, scales and mins sit in the block's
+bytes (gguf-py's ``gguf/quants.py`` is the specification, bit for bit).
+
+One rule serves every type. A block of ``values`` values is ``subs`` sub-blocks of
+``sub`` values; value ``j`` of sub-block ``k`` is
+
+    y = d_k * C(q_j)            (no min)
+    y = (d_k * C(q_j)) + m_k    (with a min; K-quants store it to subtract: m_k < 0 here)
+
+with ``d_k = d * C(scale_k)`` (or ``d``) and ``m_k = -(dmin * C(min_k))`` (or ``m``), each
+product and sum rounded once in f32, as numpy does. The integers ``q``, ``scale`` and
+``min`` are ``Field``s: bits gathered from ``Plane``s of the block's bytes, then sign-
+extended, offset, or looked up in a codebook. The schedule turns these into the kernel's
+constants; the templates only print them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..ir import GGML_BLOCK_BYTES, GGML_BLOCK_VALUES, Layout
+
+
+@dataclass(frozen=True)
+class Plane:
+    """Elements ``[start, start + count)`` of a field take bits from bytes at ``offset``.
+
+    The bytes come in runs of ``width``; a run holds ``per_byte`` consecutive runs of
+    elements, element ``t`` (counted from ``start``) reading byte
+    ``offset + (t // (width * per_byte)) * width + t % width`` at bit
+    ``shift + ((t // width) % per_byte) * bits``, ``bits`` wide, placed at bit ``into`` of
+    the element. A ``trit`` plane reads base-3 digit ``s`` (TQ1_0): ``((uint8)(byte * 3^s)
+    * 3) >> 8``.
+    """
+
+    start: int
+    count: int
+    offset: int
+    width: int
+    bits: int
+    per_byte: int = 1
+    shift: int = 0
+    into: int = 0
+    trit: bool = False
+
+    @property
+    def chunks(self) -> int:
+        return self.count // (self.width * self.per_byte)
+
+    @property
+    def mask(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def shifts(self) -> tuple[int, ...]:
+        """Bit of each of a byte's ``per_byte`` elements (0 for trits)."""
+        return tuple(0 if self.trit else self.shift + s * self.bits for s in range(self.per_byte))
+
+    @property
+    def multipliers(self) -> tuple[int, ...]:
+        """Trits: what each of a byte's elements multiplies the byte by (1 otherwise)."""
+        return tuple(3 ** s if self.trit else 1 for s in range(self.per_byte))
+
+    def check(self, size: int, block_bytes: int) -> None:
+        run = self.width * self.per_byte
+        if self.count % run or self.start + self.count > size:
+            raise ValueError(f"plane {self} does not tile its field of {size}")
+        if self.offset + self.chunks * self.width > block_bytes:
+            raise ValueError(f"plane {self} reads past a {block_bytes}-byte block")
+        if not self.trit and max(self.shifts) + self.bits > 8:
+            raise ValueError(f"plane {self} reads past a byte")
+
+
+@dataclass(frozen=True)
+class Field:
+    """``count`` integers: the planes' bits ORed together, then sign-extended from
+    ``sign_bits`` (0: unsigned), minus ``offset``, then ``codebook[v]`` if there is one."""
+
+    count: int
+    planes: tuple[Plane, ...]
+    sign_bits: int = 0
+    offset: int = 0
+    codebook: tuple[int, ...] = ()
+
+    @property
+    def sign(self) -> int:
+        """The sign bit's value (``v = (v ^ sign) - sign`` sign-extends); 0: unsigned."""
+        return 1 << (self.sign_bits - 1) if self.sign_bits else 0
+
+
+@dataclass(frozen=True)
+class Scalar:
+    """A float stored once a block: ``kind`` (f16, f32, bf16 or e8m0_half) at ``offset``."""
+
+    kind: str
+    offset: int
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """One GGML type: bytes and values of a block, and how each value decodes."""
+
+    block_bytes: int
+    values: int
+    q: Field | None                 # None: a float tensor passed through (``d`` is the value)
+    d: Scalar
+    sub: int = 0                    # values sharing a scale (0: the whole block)
+    scale: Field | None = None      # integer sub-block scales: d_k = d * scale_k
+    m: Scalar | None = None         # the min's float factor (dmin, or Q4_1's m)
+    min: Field | None = None        # integer sub-block mins: m_k = -(dmin * min_k)
+    formula: str = ""
+
+    @property
+    def subs(self) -> int:
+        return self.values // (self.sub or self.values)
+
+
+def _nibbles(count: int, offset: int, width: int, start: int = 0) -> Plane:
+    """Low nibbles of a run of ``width`` bytes, then their high nibbles."""
+    return Plane(start, count, offset, width, 4, 2)
+
+
+def _crumbs(count: int, offset: int, into: int = 0) -> Plane:
+    """2-bit fields of runs of 32 bytes, lowest first (Q2_K, Q3_K, Q6_K's high bits)."""
+    return Plane(0, count, offset, 32, 2, 4, into=into)
+
+
+def _bits(count: int, offset: int, width: int, into: int) -> Plane:
+    """One bit an element, bit ``s`` of runs of ``width`` bytes (the high bits)."""
+    return Plane(0, count, offset, width, 1, 8, into=into)
+
+
+def _bytes(count: int, offset: int) -> Plane:
+    return Plane(0, count, offset, count, 8)
+
+
+# IQ4_NL / IQ4_XS codebook (gguf-py IQ4_NL.kvalues) and MXFP4's e2m1 values doubled
+# (MXFP4.kvalues); the tests check both against the installed gguf package.
+IQ4_CODEBOOK = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+MXFP4_CODEBOOK = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)
+
+# Q4_K/Q5_K: 8 scales and 8 mins of 6 bits in 12 bytes at byte 4. Elements 0-3 are the low
+# six bits of bytes 4-7 (scales) and 8-11 (mins); elements 4-7 are a nibble of bytes 12-15
+# (low: scale, high: min) with the top two bits of bytes 4-7 (scale) or 8-11 (min) above it.
+_K_SCALES = Field(8, (Plane(0, 4, 4, 4, 6), Plane(4, 4, 12, 4, 4),
+                      Plane(4, 4, 4, 4, 2, shift=6, into=4)))
+_K_MINS = Field(8, (Plane(0, 4, 8, 4, 6), Plane(4, 4, 12, 4, 4, shift=4),
+                    Plane(4, 4, 8, 4, 2, shift=6, into=4)))
+
+_F16_AT_0 = Scalar("f16", 0)
+LAYOUTS: dict[Layout, BlockLayout] = {
+    Layout.GGML_Q4_0: BlockLayout(18, 32, Field(32, (_nibbles(32, 2, 16),), offset=8),
+                                  _F16_AT_0, formula="y = F(C(nibble - 8) * C(d))"),
+    Layout.GGML_Q4_1: BlockLayout(20, 32, Field(32, (_nibbles(32, 4, 16),)), _F16_AT_0,
+                                  m=Scalar("f16", 2),
+                                  formula="y = F((C(nibble) * C(d)) + C(m)), each rounded"),
+    Layout.GGML_Q5_0: BlockLayout(
+        22, 32, Field(32, (_nibbles(32, 6, 16), Plane(0, 32, 2, 1, 1, 8, into=4)), offset=16),
+        _F16_AT_0, formula="y = F(C((nibble | high_bit << 4) - 16) * C(d))"),
+    Layout.GGML_Q5_1: BlockLayout(
+        24, 32, Field(32, (_nibbles(32, 8, 16), Plane(0, 32, 4, 1, 1, 8, into=4))),
+        _F16_AT_0, m=Scalar("f16", 2),
+        formula="y = F((C(nibble | high_bit << 4) * C(d)) + C(m)), each rounded"),
+    Layout.GGML_Q8_0: BlockLayout(34, 32, Field(32, (_bytes(32, 2),), sign_bits=8), _F16_AT_0,
+                                  formula="y = F(C(q) * C(d))"),
+    Layout.GGML_Q2_K: BlockLayout(
+        84, 256, Field(256, (_crumbs(256, 16),)), Scalar("f16", 80), sub=16,
+        scale=Field(16, (Plane(0, 16, 0, 16, 4),)), m=Scalar("f16", 82),
+        min=Field(16, (Plane(0, 16, 0, 16, 4, shift=4),)),
+        formula="y = F((C(q) * C(d * sc)) - C(dmin * m)), 16 sub-blocks of 16, each rounded"),
+    Layout.GGML_Q3_K: BlockLayout(
+        110, 256, Field(256, (_crumbs(256, 32), _bits(256, 0, 32, 2)), offset=4),
+        Scalar("f16", 108), sub=16,
+        scale=Field(16, (Plane(0, 16, 96, 8, 4, 2), Plane(0, 16, 104, 4, 2, 4, into=4)),
+                    offset=32),
+        formula="y = F(C((q2 | high_bit << 2) - 4) * C(d * (sc - 32))), 16 sub-blocks of 16"),
+    Layout.GGML_Q4_K: BlockLayout(
+        144, 256, Field(256, (_nibbles(256, 16, 32),)), _F16_AT_0, sub=32, scale=_K_SCALES,
+        m=Scalar("f16", 2), min=_K_MINS,
+        formula="y = F((C(q) * C(d * sc)) - C(dmin * m)), 8 sub-blocks of 32, each rounded"),
+    Layout.GGML_Q5_K: BlockLayout(
+        176, 256, Field(256, (_nibbles(256, 48, 32), _bits(256, 16, 32, 4))), _F16_AT_0,
+        sub=32, scale=_K_SCALES, m=Scalar("f16", 2), min=_K_MINS,
+        formula="y = F((C(q | high_bit << 4) * C(d * sc)) - C(dmin * m)), 8 sub-blocks of 32"),
+    Layout.GGML_Q6_K: BlockLayout(
+        210, 256, Field(256, (Plane(0, 256, 0, 64, 4, 2), _crumbs(256, 128, into=4)), offset=32),
+        Scalar("f16", 208), sub=16, scale=Field(16, (_bytes(16, 192),), sign_bits=8),
+        formula="y = F(C((ql | qh << 4) - 32) * C(d * sc)), 16 sub-blocks of 16, sc int8"),
+    Layout.GGML_Q8_K: BlockLayout(292, 256, Field(256, (_bytes(256, 4),), sign_bits=8),
+                                  Scalar("f32", 0), formula="y = F(C(q) * d), d f32"),
+    Layout.GGML_IQ4_NL: BlockLayout(
+        18, 32, Field(32, (_nibbles(32, 2, 16),), codebook=IQ4_CODEBOOK), _F16_AT_0,
+        formula="y = F(C(codebook[nibble]) * C(d))"),
+    Layout.GGML_IQ4_XS: BlockLayout(
+        136, 256, Field(256, (_nibbles(256, 8, 16),), codebook=IQ4_CODEBOOK), _F16_AT_0,
+        sub=32, scale=Field(8, (Plane(0, 8, 4, 1, 4, 2), Plane(0, 8, 2, 1, 2, 4, into=4)),
+                            offset=32),
+        formula="y = F(C(codebook[nibble]) * C(d * (sc - 32))), 8 sub-blocks of 32"),
+    Layout.GGML_TQ1_0: BlockLayout(
+        54, 256, Field(256, (Plane(0, 160, 0, 32, 8, 5, trit=True),
+                             Plane(160, 80, 32, 16, 8, 5, trit=True),
+                             Plane(240, 16, 48, 4, 8, 4, trit=True)), offset=1),
+        Scalar("f16", 52), formula="y = F(C(trit - 1) * C(d)), base-3 digits of bytes"),
+    Layout.GGML_TQ2_0: BlockLayout(66, 256, Field(256, (_crumbs(256, 0),), offset=1),
+                                   Scalar("f16", 64), formula="y = F(C(q - 1) * C(d))"),
+    Layout.GGML_MXFP4: BlockLayout(
+        17, 32, Field(32, (_nibbles(32, 1, 16),), codebook=MXFP4_CODEBOOK),
+        Scalar("e8m0_half", 0), formula="y = F(C(e2m1x2[nibble]) * 2^(e - 128)), e8m0 e"),
+    Layout.GGML_F32: BlockLayout(4, 1, None, Scalar("f32", 0), formula="y = F(x), x f32"),
+    Layout.GGML_F16: BlockLayout(2, 1, None, Scalar("f16", 0), formula="y = F(x), x f16"),
+    Layout.GGML_BF16: BlockLayout(2, 1, None, Scalar("bf16", 0), formula="y = F(x), x bf16"),
+}
+
+
+def _check_table() -> None:
+    """Every layout tiles its fields and agrees with the IR's block sizes."""
+    for layout, spec in LAYOUTS.items():
+        assert spec.block_bytes == GGML_BLOCK_BYTES[layout], layout
+        assert spec.values == GGML_BLOCK_VALUES[layout], layout
+        for f in (spec.q, spec.scale, spec.min):
+            for plane in (f.planes if f else ()):
+                plane.check(f.count, spec.block_bytes)
+        assert spec.scale is None or spec.scale.count == spec.subs, layout
+    assert set(LAYOUTS) == set(GGML_BLOCK_BYTES)
+
+
+_check_table()
+
+
+# --- Lowering a layout to the knobs the ggml templates print ----------------------------
+
+# Raw float loads: the helper that turns a field's bits into an f32, and its byte width.
+SCALAR_LOADS = {"f16": ("load_f16_bits", 2), "bf16": ("load_bf16_bits", 2),
+                "f32": ("load_f32_bits", 4), "e8m0_half": ("load_e8m0_half", 1)}
+
+
+@dataclass(frozen=True)
+class FieldKnobs:
+    """A field as the templates unpack it: into array (C) or function (CUDA) ``name``."""
+
+    name: str
+    field: Field
+    assign: tuple[bool, ...]  # plane i is the first to write its elements (=, not |=)
+    offset: int               # subtracted by the unpacking (the values' offset is zp's)
+
+
+@dataclass(frozen=True)
+class GgmlKnobs:
+    """Everything the ggml templates read about a block type."""
+
+    values: int
+    sub: int
+    subs: int
+    passthrough: bool              # a float tensor: one value a block, no fields
+    q: FieldKnobs | None
+    scale: FieldKnobs | None
+    min: FieldKnobs | None
+    q_offset: int                  # the values' offset, the kernel's integer zero point
+    d: tuple[str, int, int]        # (load helper, bytes, offset) of the block's d
+    m: tuple[str, int, int] | None  # the same for its min factor (dmin or m)
+    negate_min: bool               # K-quants subtract dmin * min: m_k = -(...)
+    loads: tuple[str, ...]         # raw float loads the prelude defines (f16's is shared)
+    as_float: str                  # the target's u32 -> f32 bit cast
+
+
+def _field_knobs(name: str, f: Field | None, with_offset: bool) -> FieldKnobs | None:
+    if f is None:
+        return None
+    seen: set[int] = set()
+    assign = []
+    for p in f.planes:
+        covers = set(range(p.start, p.start + p.count))
+        assign.append(not covers & seen)
+        if covers & seen and not covers <= seen:
+            raise ValueError(f"plane {p} partly overlaps an earlier one")
+        seen |= covers
+    if seen != set(range(f.count)):
+        raise ValueError(f"the planes of {name} leave elements unset")
+    if f.codebook and f.offset:
+        raise ValueError(f"{name}: an offset before a codebook lookup is not supported")
+    return FieldKnobs(name, f, tuple(assign), f.offset if with_offset else 0)
+
+
+def knobs(layout: Layout, target: str) -> GgmlKnobs:
+    """The ggml templates' knobs for ``layout`` on ``target`` ("c" or "cuda")."""
+    block = LAYOUTS[layout]
+    scalars = [block.d] + ([block.m] if block.m else [])
+    load = {id(s): SCALAR_LOADS[s.kind] for s in scalars}
+    return GgmlKnobs(
+        values=block.values, sub=block.sub or block.values, subs=block.subs,
+        passthrough=block.q is None,
+        q=_field_knobs("q", block.q, False), scale=_field_knobs("sc", block.scale, True),
+        min=_field_knobs("mn", block.min, True),
+        q_offset=block.q.offset if block.q else 0,
+        d=(*load[id(block.d)], block.d.offset),
+        m=(*load[id(block.m)], block.m.offset) if block.m else None,
+        negate_min=block.min is not None,
+        loads=tuple(sorted({load[id(s)][0] for s in scalars} - {"load_f16_bits"})),
+        as_float="__uint_as_float" if target == "cuda" else "u32_as_float")

@@ -1,0 +1,204 @@
+"""Every GGML block type bit for bit against gguf-py (``gguf.quants.dequantize``), on the
+CPU and in the CUDA kernel's host emulation.
+
+The f16 ``d`` (and ``dmin``/``m``) fields of the blocks run through every bit pattern
+(NaN, Inf, subnormals, both zeros; 256-value types a strided sample plus every special),
+the other bytes are random, so every value of the packed sub-block scales occurs.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from dqgen import InvalidProblemError, UnsupportedError
+from dqgen.formats import ggml
+from dqgen.formats.ggml_layouts import IQ4_CODEBOOK, LAYOUTS, MXFP4_CODEBOOK
+from dqgen.ir import GgmlDequantizeDescriptor, ggml_type_name
+from formats_util import FLOATS, assert_bits_equal
+
+gguf = pytest.importorskip("gguf", reason="the gguf package (test-only) is the GGML oracle")
+from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
+
+TYPES = ggml.TYPES
+FLOAT_TYPES = ("F32", "F16", "BF16")
+OUTS = ("f32", "f16", "bf16")
+# NaN scales make NaN results: numpy warns converting them, which is expected here.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered")
+
+
+def _f16_fields(layout) -> list[int]:
+    """Byte offsets of a block's f16 scalars (d, and dmin or m)."""
+    return [s.offset for s in (layout.d, layout.m) if s is not None and s.kind == "f16"]
+
+
+def all_f16_patterns(step: int) -> np.ndarray:
+    """Every ``step``-th f16 bit pattern plus every special one: both zeros, both
+    infinities, NaNs, the smallest and largest subnormals and normals."""
+    specials = [0x0000, 0x8000, 0x7C00, 0xFC00, 0x7E00, 0xFE00, 0x7C01, 0xFFFF, 0x0001,
+                0x8001, 0x03FF, 0x83FF, 0x0400, 0x8400, 0x7BFF, 0xFBFF, 0x3C00, 0xBC00]
+    return np.unique(np.r_[np.arange(0, 1 << 16, step), specials]).astype(np.uint16)
+
+
+def random_blocks(rng, qtype: str, blocks: int | None = None, step: int | None = None):
+    """``[blocks, block_bytes]`` random bytes; with ``step`` (and no ``blocks``) one block
+    per f16 pattern of ``all_f16_patterns(step)`` in every f16 field (rolled against each
+    other, so d and dmin meet different patterns)."""
+    layout = LAYOUTS[ggml.parse_ggml_type(qtype)]
+    patterns = all_f16_patterns(step) if step else None
+    n = blocks if blocks is not None else len(patterns)
+    data = rng.integers(0, 256, size=(n, layout.block_bytes), dtype=np.uint8)
+    if qtype in FLOAT_TYPES:
+        return data
+    for i, at in enumerate(_f16_fields(layout)):
+        bits = np.roll(patterns, 977 * i) if patterns is not None else \
+            rng.integers(0, 1 << 16, size=n).astype(np.uint16)
+        data[:, at:at + 2] = bits[:n].view(np.uint8).reshape(n, 2)
+    return data
+
+
+def oracle(data: np.ndarray, qtype: str, out: str) -> np.ndarray:
+    """gguf-py's f32 values rounded once to ``out``; Q8_K (which gguf-py does not
+    dequantize) as ggml's dequantize_row_q8_K: its f32 d times each int8."""
+    with np.errstate(all="ignore"):
+        if qtype == "Q8_K":
+            rows = data.reshape(-1, 292)
+            d = rows[:, :4].copy().view(np.float32)
+            y = (d * rows[:, 4:260].view(np.int8).astype(np.float32)).reshape(
+                *data.shape[:-1], -1)
+        else:
+            y = gguf_dequantize(data, gguf.GGMLQuantizationType[qtype])
+        return y.astype(FLOATS[out])
+
+
+def _step(qtype: str) -> int:
+    """All 65536 patterns for 32-value blocks, every 7th (plus specials) for 256."""
+    return 1 if ggml.block_values(qtype) <= 32 else 7
+
+
+def test_table_matches_gguf():
+    """Block sizes and codebooks are gguf-py's own."""
+    for name in TYPES:
+        values, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]
+        assert (ggml.block_values(name), ggml.block_bytes(name)) == (values, size), name
+    assert IQ4_CODEBOOK == tuple(gguf.quants.IQ4_NL.kvalues)
+    assert MXFP4_CODEBOOK == tuple(gguf.quants.MXFP4.kvalues)
+
+
+@pytest.mark.parametrize("qtype", [t for t in TYPES if t not in FLOAT_TYPES])
+def test_every_scale_pattern(qtype):
+    """One block per d (and dmin) bit pattern, random values and sub-block scales, into
+    every output dtype."""
+    rng = np.random.default_rng(TYPES.index(qtype))
+    data = random_blocks(rng, qtype, step=_step(qtype))
+    for out in OUTS:
+        assert_bits_equal(ggml.dequantize(data, qtype, dtype=out), oracle(data, qtype, out))
+
+
+def test_k_scales_cover_every_value():
+    """The random bytes above give every 6-bit scale and min of every Q4_K/Q5_K
+    sub-block (read by gguf-py's own unpacking), so all of them were compared."""
+    rng = np.random.default_rng(TYPES.index("Q4_K"))
+    data = random_blocks(rng, "Q4_K", step=_step("Q4_K"))
+    sc, mn = gguf.quants.Q4_K.get_scale_min(data[:, 4:16])
+    for values in (sc, mn):
+        assert all(len(np.unique(values[:, k])) == 64 for k in range(8))
+
+
+@pytest.mark.parametrize("qtype", FLOAT_TYPES)
+def test_float_tensors(qtype):
+    """F32/F16/BF16 pass through: every bit pattern of a 16-bit type, random f32 words
+    with their specials, rounded once to each output."""
+    rng = np.random.default_rng(30)
+    if qtype == "F32":
+        words = rng.integers(0, 1 << 32, size=70001, dtype=np.uint64).astype(np.uint32)
+        words[:6] = [0, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00001, 1]
+        data = words.view(np.uint8)
+    else:
+        data = np.arange(1 << 16, dtype=np.uint16).view(np.uint8)
+    for out in OUTS:
+        assert_bits_equal(ggml.dequantize(data, qtype, dtype=out), oracle(data, qtype, out))
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_rows_of_one_block_and_of_many(qtype):
+    """A single block, one row of one block, rows of several blocks, a 1-D byte array,
+    and multithreaded sizes written into a caller's (misaligned) buffer."""
+    rng = np.random.default_rng(40 + TYPES.index(qtype))
+    bb, bv = ggml.block_bytes(qtype), ggml.block_values(qtype)
+    one = random_blocks(rng, qtype, blocks=1)
+    assert_bits_equal(ggml.dequantize(one.reshape(-1), qtype), oracle(one.reshape(-1), qtype, "f32"))
+    assert_bits_equal(ggml.dequantize(one, qtype), oracle(one, qtype, "f32"))
+    rows = random_blocks(rng, qtype, blocks=15).reshape(3, 5 * bb)
+    got = ggml.dequantize(rows, qtype, dtype="bf16")
+    assert got.shape == (3, 5 * bv)
+    assert_bits_equal(got, oracle(rows, qtype, "bf16"))
+    many = random_blocks(rng, qtype, blocks=(1 << 18) // bv).reshape(8, -1)
+    want = oracle(many, qtype, "f16")
+    buf = np.empty(want.size + 8, np.float16)
+    start = next(i for i in range(8) if buf[i:].__array_interface__["data"][0] % 16 == 6)
+    misaligned = buf[start:start + want.size].reshape(want.shape)
+    assert ggml.dequantize(many, gguf.GGMLQuantizationType[qtype], dtype="f16",
+                           out=misaligned) is misaligned
+    assert_bits_equal(misaligned, want)
+
+
+def test_read_only_bytes_without_a_copy(tmp_path):
+    """Block bytes from a read-only memoryview and from an np.memmap of a file."""
+    rng = np.random.default_rng(50)
+    data = random_blocks(rng, "Q6_K", blocks=12)
+    want = oracle(data, "Q6_K", "f32").reshape(-1)
+    assert_bits_equal(ggml.dequantize(memoryview(data.tobytes()), "Q6_K"), want)
+    path = tmp_path / "blocks.bin"
+    data.tofile(path)
+    mapped = np.memmap(path, np.uint8, mode="r", shape=data.shape)
+    assert np.shares_memory(ggml._bytes(mapped), mapped)
+    assert_bits_equal(ggml.dequantize(mapped, "Q6_K"), want.reshape(12, 256))
+
+
+def test_types_named_in_errors():
+    with pytest.raises(UnsupportedError, match=r"qtype='IQ2_XXS' is not supported; expected "
+                                               r"one of: Q4_0, .*Q4_K.*"):
+        ggml.dequantize(np.zeros(66, np.uint8), gguf.GGMLQuantizationType.IQ2_XXS)
+    with pytest.raises(UnsupportedError, match="qtype='Q9_X'"):
+        ggml.dequantize(np.zeros(66, np.uint8), "Q9_X")
+    with pytest.raises(InvalidProblemError,
+                       match="data rows have 145 bytes, not a multiple of the 144-byte Q4_K"):
+        ggml.dequantize(np.zeros((2, 145), np.uint8), "Q4_K")
+    assert ggml.dequantize(np.zeros((0, 210), np.uint8), "Q6_K").shape == (0, 256)
+
+
+# --- CUDA: NVRTC compiles every type; the host emulation equals gguf-py ----------------
+
+def _cuda_cases():
+    return [(t, OUTS[i % 3]) for i, t in enumerate(TYPES)]
+
+
+def test_nvrtc_compiles_every_type():
+    from dqgen.lower import lower
+    from dqgen.render import render
+    nvrtc = pytest.importorskip("dqgen.build.nvrtc")
+    if not nvrtc.nvrtc_available():
+        pytest.skip("NVRTC is not installed (pip install dqgen[cuda])")
+    for qtype, out in _cuda_cases():
+        desc = GgmlDequantizeDescriptor(3, qtype, out)
+        source = render(lower(desc, "cuda", "sm_90"))
+        art = nvrtc.compile_cuda(source.text, name=desc.uri, arch="sm_90")
+        assert source.entry.encode() in art.ptx and b"fma.rn" not in art.ptx, qtype
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ runs the emulation")
+@pytest.mark.parametrize("qtype,out", _cuda_cases())
+def test_emulated_cuda(qtype, out, tmp_path):
+    from test_formats_cuda import run_emulated
+    rng = np.random.default_rng(60 + TYPES.index(qtype))
+    n = 7 if ggml.block_values(qtype) > 1 else 1500
+    data = random_blocks(rng, qtype, blocks=n)
+    if qtype not in FLOAT_TYPES:
+        data[:4] = random_blocks(rng, qtype, step=1 << 14)[[0, 2, 4, 6]]  # +-0, +-Inf
+    desc = GgmlDequantizeDescriptor(n, qtype, out)
+    y = np.zeros((n, ggml.block_values(qtype)), FLOATS[out])
+    run_emulated(desc, [data, y], [n], y.size, tmp_path)
+    assert_bits_equal(y, oracle(data, qtype, out).reshape(y.shape))
