@@ -1,52 +1,108 @@
-"""``dqgen convert IN.safetensors OUT.safetensors --format gptq|awq``: dequantize every
-quantized linear layer of a checkpoint into a plain float ``*.weight``.
+"""``dqgen convert IN OUT``: dequantize every quantized linear layer of a GPTQ or AWQ
+checkpoint into a plain float ``*.weight``.
+
+IN is a ``.safetensors`` file, a ``*.safetensors.index.json`` or a checkpoint directory
+(``checkpoint.py``). The format, bits, group size and GPTQ v1/v2 come from the
+checkpoint's config, else from the shapes (GPTQ or AWQ) and the file's metadata
+(``checkpoint_format``); flags override. A directory or index gives a directory OUT:
+the same shards (or ``--max-shard-size`` ones) with a ``model.safetensors.index.json``
+where the input had one, ``config.json`` without its ``quantization_config`` and with the
+new ``torch_dtype``, and the directory's other files (tokenizer, generation config)
+copied. A file gives a file (or shards of it with ``--max-shard-size``).
 
 A layer is the tensors ``P.qweight``, ``P.qzeros``, ``P.scales`` (and GPTQ's optional
-``P.g_idx``) sharing a prefix ``P``; it becomes ``P.weight`` shaped ``[out_features,
-in_features]`` as ``torch.nn.Linear`` holds it (the transpose of the ``[K, N]`` that
-GPTQ/AWQ pack). Every other tensor and the file's metadata are copied unchanged. One
-layer is in memory at a time; the output appears only once complete.
+``P.g_idx``) sharing a prefix ``P``, in any shards; it becomes ``P.weight`` shaped
+``[out_features, in_features]`` as ``torch.nn.Linear`` holds it (the transpose of the
+``[K, N]`` that GPTQ/AWQ pack), in the shard of its ``qweight``. Every other tensor and
+each file's metadata are copied unchanged. One layer is in memory at a time; every shape
+is checked before a file is created, and the output files appear only once all are
+complete.
+
+A ``.gguf`` input (llama.cpp) needs no ``--format``: every tensor is converted
+(``gguf_convert``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from ..errors import InvalidProblemError
-from ..ir import GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS
+from ..errors import InvalidProblemError, UnsupportedError
+from ..ir import GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS, GPTQ_V1_ZEROS
 from . import awq, gptq
-from .safetensors_io import Reader, Writer
+from .checkpoint import INDEX_NAME, NOT_COPIED, Checkpoint, open_checkpoint
+from .safetensors_io import DTYPES, PendingFile, Reader, Writer, parse_size, shard_paths
 
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
 OUT_DTYPES = {"f16": "F16", "bf16": "BF16", "f32": "F32"}
+TORCH_DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command's arguments (the CLI wires them to a ``convert`` subcommand)."""
-    parser.add_argument("input", metavar="IN.safetensors", help="quantized checkpoint")
-    parser.add_argument("output", metavar="OUT.safetensors", help="file to write")
-    parser.add_argument("--format", required=True, choices=("gptq", "awq"),
-                        help="how the checkpoint's layers are packed")
+    parser.add_argument("input", metavar="IN", help="quantized checkpoint: a .safetensors "
+                        "file, a model.safetensors.index.json or a checkpoint directory (or a "
+                        "llama.cpp .gguf file: every tensor converted, no --format)")
+    parser.add_argument("output", metavar="OUT", help="file to write (a directory for a "
+                        "directory or index IN)")
+    parser.add_argument("--format", choices=("gptq", "awq"), default=None,
+                        help="how the layers are packed; default: the config's quant_method, "
+                             "else read from the shapes")
     parser.add_argument("--dtype", default="f16", choices=tuple(OUT_DTYPES),
                         help="dtype of the dequantized weights (default f16)")
     parser.add_argument("--bits", type=int, choices=GPTQ_BITS, default=None,
-                        help="GPTQ bits; default: inferred from qzeros and scales")
+                        help="GPTQ bits; default: the config's, else inferred from qzeros "
+                             "and scales")
     parser.add_argument("--checkpoint-format", choices=GPTQ_CHECKPOINT_FORMATS, default=None,
-                        help="GPTQ zero-point convention; default: the file's metadata "
-                             "'checkpoint_format', else 'gptq' (v1, zeros stored minus one)")
+                        help="GPTQ zero-point convention; default: the config's, else the "
+                             "file's metadata 'checkpoint_format', else 'gptq' (v1, zeros "
+                             "stored minus one)")
+    parser.add_argument("--v1-zeros", choices=GPTQ_V1_ZEROS, default=GPTQ_V1_ZEROS[0],
+                        help="how GPTQ v1 zeros decode: gptqmodel (word-wise, what GPTQModel "
+                             "and so transformers/optimum write and load; default), autogptq "
+                             "(AutoGPTQ's torch dequant) or exllama (exllama, vLLM kernels)")
     parser.add_argument("--group-size", type=int, default=None,
-                        help="group size; default: inferred from the shapes")
+                        help="group size; default: the config's, else inferred from the shapes")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
+    parser.add_argument("-j", "--jobs", type=int, default=None,
+                        help="kernel threads (default: DQGEN_NUM_THREADS, else all cores)")
+    parser.add_argument("--max-shard-size", default=None, metavar="SIZE",
+                        help="write shards of at most SIZE (5GB, 500MiB, bytes) and an index "
+                             "(default: the input's shards; one file for a .gguf or a file)")
 
 
-def find_layers(reader: Reader, fmt: str) -> dict[str, dict[str, str]]:
+class Tensors:
+    """Every tensor of a checkpoint's shards by name: which file, which entry."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.readers = [Reader(path) for path in ckpt.files]
+        self.where: dict[str, Reader] = {}
+        for reader in self.readers:
+            for name in reader.entries:
+                if name in self.where:
+                    raise InvalidProblemError(f"tensor {name} is in both {self.where[name].path} "
+                                              f"and {reader.path}")
+                self.where[name] = reader
+        self.entries = {name: r.entries[name] for name, r in self.where.items()}
+
+    def array(self, name: str) -> np.ndarray:
+        return self.where[name].array(name)
+
+    def raw(self, name: str) -> np.ndarray:
+        return self.where[name].raw(name)
+
+
+def find_layers(tensors, fmt: str | None) -> dict[str, dict[str, str]]:
     """Prefix -> {part: tensor name} for every quantized layer, checked complete."""
     layers: dict[str, dict[str, str]] = {}
-    for name in reader.entries:
+    for name in tensors.entries:
         prefix, _, part = name.rpartition(".")
         if part in PARTS:
             layers.setdefault(prefix, {})[part] = name
@@ -59,59 +115,142 @@ def find_layers(reader: Reader, fmt: str) -> dict[str, dict[str, str]]:
         if fmt == "awq" and "g_idx" in parts:
             raise InvalidProblemError(f"layer {label} has a g_idx, which AWQ checkpoints do not "
                                       "have; is this a GPTQ checkpoint (--format gptq)?")
-        if f"{prefix}.weight" in reader.entries:
+        if f"{prefix}.weight" in tensors.entries:
             raise InvalidProblemError(f"layer {label} has both qweight and weight tensors")
     if not layers:
-        raise InvalidProblemError(f"{reader.path}: no quantized layers (no *.qweight tensors)")
+        where = getattr(tensors, "path", None) or ", ".join(
+            str(r.path) for r in getattr(tensors, "readers", ()))
+        raise InvalidProblemError(f"{where}: no quantized layers (no *.qweight tensors)")
     return layers
 
 
-def _gptq_bits(reader: Reader, parts: dict[str, str], requested) -> int:
+def _shape(tensors, name: str, ndim: int) -> tuple[int, ...]:
+    shape = tensors.entries[name].shape
+    if len(shape) != ndim:
+        raise InvalidProblemError(f"{name} has shape {list(shape)}, expected {ndim} dims")
+    return shape
+
+
+def layer_format(tensors, parts: dict[str, str], requested: str | None,
+                 said_by: str = "--format") -> str:
+    """``"gptq"`` or ``"awq"`` from the shapes (GPTQ packs along K, so qweight and scales
+    have the same columns; AWQ packs 8 columns a word); raises naming the tensors when
+    ``requested`` (from ``said_by``) says otherwise."""
+    qw = _shape(tensors, parts["qweight"], 2)
+    sc = _shape(tensors, parts["scales"], 2)
+    seen = "gptq" if sc[1] == qw[1] else "awq" if sc[1] == 8 * qw[1] else None
+    if "g_idx" in parts and seen == "awq":
+        seen = None
+    if requested is None:
+        if seen is None:
+            raise InvalidProblemError(
+                f"{parts['qweight']} {list(qw)} and {parts['scales']} {list(sc)} fit neither "
+                "GPTQ (same columns) nor AWQ (scales 8x the columns); pass --format")
+        return seen
+    if seen is not None and seen != requested:
+        how = {"gptq": "packed along K (qweight and scales have the same columns)",
+               "awq": "packed 8 columns a word along N (scales has 8x qweight's columns)"}
+        raise InvalidProblemError(
+            f"{said_by} {requested}, but {parts['qweight']} {list(qw)} and {parts['scales']} "
+            f"{list(sc)} are {how[seen]}: the file looks like {seen.upper()} "
+            f"(--format {seen})")
+    return requested
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How the checkpoint's layers are read: flags over config over file metadata."""
+
+    format: str | None
+    format_source: str
+    bits: int | None
+    checkpoint_format: str
+    v1_zeros: str
+    group_size: int | None
+    dtype: str
+
+
+def settings(args, ckpt: Checkpoint, tensors: Tensors) -> Settings:
+    q = ckpt.quant
+    if q.method is not None and args.format is not None and q.method != args.format:
+        print(f"dqgen convert: --format {args.format} overrides {q.source} "
+              f"(quant_method={q.method})", file=sys.stderr)
+    metadata = tensors.readers[0].metadata if tensors.readers else {}
+    version = args.checkpoint_format or q.checkpoint_format or metadata.get(
+        "checkpoint_format", "gptq")
+    if version not in GPTQ_CHECKPOINT_FORMATS:
+        raise InvalidProblemError(f"metadata checkpoint_format={version!r} is not one of "
+                                  f"{', '.join(GPTQ_CHECKPOINT_FORMATS)}")
+    group = args.group_size if args.group_size is not None else q.group_size
+    said_by = "--format" if args.format else f"{q.source}: quant_method"
+    return Settings(args.format or q.method, said_by, args.bits or q.bits, version,
+                    getattr(args, "v1_zeros", GPTQ_V1_ZEROS[0]), group, args.dtype)
+
+
+def _gptq_bits(tensors, parts: dict[str, str], requested) -> int:
     """Bits from the flag, else from how many values a qzeros word holds."""
     if requested is not None:
         return requested
-    cols = reader.entries[parts["scales"]].shape[-1]
-    words = reader.entries[parts["qzeros"]].shape[-1]
+    cols = tensors.entries[parts["scales"]].shape[-1]
+    words = tensors.entries[parts["qzeros"]].shape[-1]
     if words and (32 * words) % cols == 0 and 32 * words // cols in GPTQ_BITS:
         return 32 * words // cols
     raise InvalidProblemError(f"cannot infer bits for {parts['qweight']}: qzeros has {words} "
                               f"words a row for {cols} columns; pass --bits")
 
 
-def _plan_layer(reader: Reader, fmt: str, parts: dict[str, str], args) -> tuple:
-    """(output shape, dequantize callable) for one layer, shapes checked up front."""
-    qw = reader.entries[parts["qweight"]].shape
-    if len(qw) != 2:
-        raise InvalidProblemError(f"{parts['qweight']} has shape {list(qw)}, expected 2 dims")
+def _plan_layer(tensors, parts: dict[str, str], s: Settings) -> tuple:
+    """(format, output shape, dequantize callable) for one layer, shapes checked up front
+    (the callable raises naming the layer too)."""
+    fmt = layer_format(tensors, parts, s.format, s.format_source)
+    qw = _shape(tensors, parts["qweight"], 2)
+    _shape(tensors, parts["qzeros"], 2)
+    get = tensors.array
     if fmt == "gptq":
-        bits = _gptq_bits(reader, parts, args.bits)
-        version = args.checkpoint_format or reader.metadata.get("checkpoint_format", "gptq")
-        if version not in GPTQ_CHECKPOINT_FORMATS:
-            raise InvalidProblemError(f"metadata checkpoint_format={version!r} is not one of "
-                                      f"{', '.join(GPTQ_CHECKPOINT_FORMATS)}")
+        bits = _gptq_bits(tensors, parts, s.bits)
         shape = (qw[1], qw[0] * 32 // bits)
+        _check_gptq_shapes(tensors, parts, bits)
 
         def run():
-            g_idx = reader.array(parts["g_idx"]) if "g_idx" in parts else None
-            return gptq.dequantize(reader.array(parts["qweight"]), reader.array(parts["qzeros"]),
-                                   reader.array(parts["scales"]), g_idx, bits=bits,
-                                   checkpoint_format=version, dtype=args.dtype,
-                                   group_size=args.group_size)
+            g_idx = get(parts["g_idx"]) if "g_idx" in parts else None
+            return gptq.dequantize(get(parts["qweight"]), get(parts["qzeros"]),
+                                   get(parts["scales"]), g_idx, bits=bits,
+                                   checkpoint_format=s.checkpoint_format, dtype=s.dtype,
+                                   group_size=s.group_size, v1_zeros=s.v1_zeros)
     else:
         shape = (qw[1] * 8, qw[0])
 
         def run():
-            return awq.dequantize(reader.array(parts["qweight"]), reader.array(parts["qzeros"]),
-                                  reader.array(parts["scales"]), dtype=args.dtype,
-                                  group_size=args.group_size)
-    return shape, run
+            return awq.dequantize(get(parts["qweight"]), get(parts["qzeros"]),
+                                  get(parts["scales"]), dtype=s.dtype, group_size=s.group_size)
+    return fmt, shape, _naming(parts["qweight"].rpartition(".")[0] or "(top level)", run)
+
+
+def _check_gptq_shapes(tensors, parts: dict[str, str], bits: int) -> None:
+    """qzeros [groups, N * bits / 32] and scales [groups, N] for qweight [K * bits / 32, N]."""
+    qw, qz = tensors.entries[parts["qweight"]].shape, tensors.entries[parts["qzeros"]].shape
+    sc = tensors.entries[parts["scales"]].shape
+    want = (sc[0], qw[1] * bits // 32)
+    if tuple(qz) != want:
+        raise InvalidProblemError(f"{parts['qzeros']} has shape {list(qz)}, expected "
+                                  f"{list(want)} for {bits}-bit {parts['qweight']} {list(qw)}")
+
+
+def _naming(label: str, run):
+    """``run`` with its dqgen errors prefixed by the layer they concern."""
+    def named():
+        try:
+            return run()
+        except (InvalidProblemError, UnsupportedError) as exc:
+            raise type(exc)(f"layer {label}: {exc}") from None
+    return named
 
 
 class Progress:
     """A one-line progress bar on stderr (a line per layer when not a terminal)."""
 
-    def __init__(self, total: int, quiet: bool) -> None:
-        self.total, self.quiet, self.start = total, quiet, time.perf_counter()
+    def __init__(self, total: int, quiet: bool, unit: str = "layers") -> None:
+        self.total, self.quiet, self.unit, self.start = total, quiet, unit, time.perf_counter()
         self.tty = sys.stderr.isatty()
 
     def step(self, done: int, label: str) -> None:
@@ -119,7 +258,7 @@ class Progress:
             return
         width = 30
         filled = width * done // self.total
-        line = (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} layers "
+        line = (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} {self.unit} "
                 f"{time.perf_counter() - self.start:5.1f}s {label}")
         if self.tty:
             sys.stderr.write("\r\033[K" + line)
@@ -132,48 +271,171 @@ class Progress:
             sys.stderr.write("\n")
 
 
+@dataclass
+class _Shard:
+    """One output file: its path, metadata, and (name, dtype, shape, layer or None) in order."""
+
+    path: Path
+    metadata: dict
+    items: list
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(np.prod(shape)) * DTYPES[dtype].itemsize for _, dtype, shape, _ in self.items)
+
+
+def _output_items(tensors: Tensors, layers, plans, dtype: str) -> list[tuple[Reader, list]]:
+    """Per input shard, its output tensors in its data order, each layer's weight where its
+    qweight was."""
+    owned = {name: prefix for prefix, parts in layers.items() for name in parts.values()}
+    out = []
+    for reader in tensors.readers:
+        items = []
+        for name, entry in sorted(reader.entries.items(), key=lambda kv: kv[1].begin):
+            prefix = owned.get(name)
+            if prefix is None:
+                items.append((name, entry.dtype, entry.shape, None))
+            elif name == layers[prefix]["qweight"]:
+                items.append((f"{prefix}.weight", OUT_DTYPES[dtype], plans[prefix][1], prefix))
+        out.append((reader, items))
+    return out
+
+
+def _layout(ckpt: Checkpoint, per_input, output: Path,
+            max_bytes: int | None) -> tuple[list[_Shard], Path | None]:
+    """The output shards and index: the input's own shards (and index) unless
+    ``max_bytes`` asks for new ones."""
+    to_dir = _writes_directory(ckpt)
+    if max_bytes is None:
+        if to_dir:
+            shards = [_Shard(output / r.path.name, r.metadata, items) for r, items in per_input]
+            return shards, (output / INDEX_NAME) if ckpt.index is not None else None
+        (reader, items), = per_input
+        return [_Shard(_file_output(output), reader.metadata, items)], None
+    runs: list[list] = [[]]
+    size = 0
+    for _, items in per_input:
+        for item in items:
+            nbytes = int(np.prod(item[2])) * DTYPES[item[1]].itemsize
+            if runs[-1] and size + nbytes > max_bytes:
+                runs.append([])
+                size = 0
+            runs[-1].append(item)
+            size += nbytes
+    dst = output / "model.safetensors" if to_dir else _file_output(output)
+    paths, index = shard_paths(dst, len(runs))
+    if to_dir and index is not None:
+        index = output / INDEX_NAME
+    metadata = per_input[0][0].metadata
+    return [_Shard(p, metadata, items) for p, items in zip(paths, runs)], index
+
+
+def _writes_directory(ckpt: Checkpoint) -> bool:
+    """A directory or an index in, a directory out."""
+    return ckpt.index is not None or ckpt.from_directory
+
+
+def _file_output(output: Path) -> Path:
+    return output / "model.safetensors" if output.is_dir() else output
+
+
+def _index_json(shards: list[_Shard]) -> bytes:
+    weight_map = {name: shard.path.name for shard in shards for name, *_ in shard.items}
+    total = sum(shard.nbytes for shard in shards)
+    return json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                      indent=2).encode() + b"\n"
+
+
+def _side_files(ckpt: Checkpoint, output: Path, dtype: str) -> list[PendingFile]:
+    """``config.json`` without its quantization config, and the directory's other files."""
+    pending = []
+    for path in sorted(ckpt.directory.iterdir()):
+        if not path.is_file() or path.name in NOT_COPIED or path.name.endswith(
+                (".safetensors", ".index.json")) or path.name.startswith("."):
+            continue
+        if path.name == "config.json" and ckpt.config is not None:
+            config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
+            config["torch_dtype"] = TORCH_DTYPES[dtype]
+            data = json.dumps(config, indent=2, ensure_ascii=False).encode() + b"\n"
+        else:
+            data = path.read_bytes()
+        pending.append(PendingFile(output / path.name, data))
+    return pending
+
+
+def _same_place(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
+
+
 def run(args: argparse.Namespace) -> int:
     """Convert ``args.input`` into ``args.output``; raises ``DqgenError`` on bad input."""
-    reader = Reader(args.input)
-    try:
-        same = reader.path.resolve() == type(reader.path)(args.output).resolve()
-    except OSError:
-        same = False
-    if same:
-        raise InvalidProblemError("OUT.safetensors must differ from IN.safetensors")
-    layers = find_layers(reader, args.format)
-    owned = {name: prefix for prefix, parts in layers.items() for name in parts.values()}
-    plans = {prefix: _plan_layer(reader, args.format, parts, args)
-             for prefix, parts in layers.items()}
-    # Output order: the input's data order, each layer's weight where its qweight was.
-    entries, jobs = [], []
-    for name, entry in sorted(reader.entries.items(), key=lambda kv: kv[1].begin):
-        prefix = owned.get(name)
-        if prefix is None:
-            entries.append((name, entry.dtype, entry.shape))
-            jobs.append((name, None))
-        elif name == layers[prefix]["qweight"]:
-            entries.append((f"{prefix}.weight", OUT_DTYPES[args.dtype], plans[prefix][0]))
-            jobs.append((f"{prefix}.weight", prefix))
-    writer = Writer(args.output, entries, reader.metadata)
+    if str(args.input).lower().endswith(".gguf"):
+        from . import gguf_convert
+        return gguf_convert.run(args)
+    ckpt = open_checkpoint(args.input)
+    output = Path(args.output)
+    tensors = Tensors(ckpt)
+    s = settings(args, ckpt, tensors)
+    layers = find_layers(tensors, s.format)
+    plans = {prefix: _plan_layer(tensors, parts, s) for prefix, parts in layers.items()}
+    max_bytes = None
+    if getattr(args, "max_shard_size", None) is not None:
+        max_bytes = parse_size(args.max_shard_size)
+    shards, index = _layout(ckpt, _output_items(tensors, layers, plans, s.dtype),
+                            output, max_bytes)
+    if _writes_directory(ckpt) and _same_place(output, ckpt.directory):
+        raise InvalidProblemError(f"OUT must differ from IN: {output} is the checkpoint's "
+                                  "own directory")
+    for shard in shards:
+        if any(_same_place(shard.path, f) for f in ckpt.files):
+            raise InvalidProblemError(f"OUT must differ from IN: it would overwrite {shard.path}")
+    jobs = getattr(args, "jobs", None)
+    if jobs is not None and jobs < 1:
+        raise InvalidProblemError(f"-j/--jobs={jobs} must be >= 1")
     progress = Progress(len(layers), args.quiet)
+    pending: list = []
     done = 0
+    old_threads = os.environ.get("DQGEN_NUM_THREADS")
     try:
-        for name, prefix in jobs:
-            if prefix is None:
-                writer.put(name, reader.raw(name))
-                continue
-            weight = plans[prefix][1]()  # [K, N]
-            writer.put(name, np.ascontiguousarray(weight.T))
-            done += 1
-            progress.step(done, f"{prefix} [{weight.shape[1]}, {weight.shape[0]}]")
-        writer.close()
+        if jobs is not None:
+            os.environ["DQGEN_NUM_THREADS"] = str(jobs)
+        for shard in shards:
+            writer = Writer(shard.path, [item[:3] for item in shard.items], shard.metadata)
+            pending.append(writer)
+            for name, _, _, prefix in shard.items:
+                if prefix is None:
+                    writer.put(name, tensors.raw(name))
+                    continue
+                weight = plans[prefix][2]()  # [K, N]
+                writer.put(name, np.ascontiguousarray(weight.T))
+                done += 1
+                progress.step(done, f"{prefix} [{weight.shape[1]}, {weight.shape[0]}]")
+            writer.finish()
+        if index is not None:
+            pending.append(PendingFile(index, _index_json(shards)))
+        if _writes_directory(ckpt):
+            pending += _side_files(ckpt, output, s.dtype)
+        for item in pending:  # shards first, the index and config after: never a dangling name
+            item.commit()
     except BaseException:
-        writer.abort()
+        for item in pending:
+            item.abort()
         raise
     finally:
         progress.finish()
+        if jobs is not None:
+            if old_threads is None:
+                os.environ.pop("DQGEN_NUM_THREADS", None)
+            else:
+                os.environ["DQGEN_NUM_THREADS"] = old_threads
     if not args.quiet:
-        print(f"{args.output}: {len(layers)} {args.format} layers dequantized to {args.dtype}, "
-              f"{len(jobs) - len(layers)} other tensors copied")
+        formats = sorted({plan[0] for plan in plans.values()})
+        where = output if len(shards) == 1 and index is None else (
+            f"{output} ({len(shards)} shards{' and an index' if index else ''})")
+        source = f" (config: {ckpt.quant.source})" if ckpt.quant.source else ""
+        print(f"{where}: {len(layers)} {'/'.join(formats)} layers dequantized to {s.dtype}, "
+              f"{sum(len(sh.items) for sh in shards) - len(layers)} other tensors copied{source}")
     return 0

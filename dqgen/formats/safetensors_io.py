@@ -6,7 +6,8 @@ that follows; ``"__metadata__"`` holds strings), then the data. The reader check
 field before anything is read (a damaged file gives a clear error, never a crash or a
 huge allocation) and maps the data, so a tensor is read only when used. The writer
 takes the full list of entries first (the header precedes the data) and then the
-tensors one by one, into a temporary file renamed into place at the end.
+tensors one by one, into a temporary file renamed into place at the end (``finish`` then
+``commit``, so several files can all be complete before any is moved into place).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 import tempfile
 from dataclasses import dataclass
@@ -34,6 +36,36 @@ DTYPES = {
 }
 NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 << 20
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
+
+
+def parse_size(text, name: str = "--max-shard-size") -> int:
+    """``"5GB"``, ``"500MiB"``, ``"1e9"`` or a number of bytes -> bytes (Hugging Face's
+    units: GB = 10^9, GiB = 2^30)."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m and _SIZE_UNITS.get(m.group(2).upper())
+    if not unit:
+        raise InvalidProblemError(f"{name}={text!r} is not a size such as 5GB, 500MB, 2GiB "
+                                  "or a number of bytes")
+    size = int(float(m.group(1)) * unit)
+    if size < 1:
+        raise InvalidProblemError(f"{name}={text!r} must be at least one byte")
+    return size
+
+
+def shard_paths(dst, count: int) -> tuple[list[Path], Path | None]:
+    """Where ``count`` shards of ``dst`` go, as transformers names them: ``dst`` itself
+    for one; else ``NAME-00001-of-0000N.safetensors`` beside it and an index
+    ``NAME.safetensors.index.json``."""
+    dst = Path(dst)
+    if count == 1:
+        return [dst], None
+    stem, suffix = (dst.stem, dst.suffix) if dst.suffix else (dst.name, ".safetensors")
+    return ([dst.with_name(f"{stem}-{i:05d}-of-{count:05d}{suffix}") for i in range(1, count + 1)],
+            dst.with_name(dst.name + ".index.json"))
 
 
 class CorruptFileError(InvalidProblemError):
@@ -150,13 +182,44 @@ class Writer:
         self._fh.write(blob)
         self._next += 1
 
-    def close(self) -> None:
-        """Finish: every tensor written, the file flushed and moved into place."""
+    def finish(self) -> None:
+        """Every tensor written: the temporary file flushed and closed, not yet in place."""
         if self._next != len(self._order):
             raise InvalidProblemError(f"{len(self._order) - self._next} tensors were not written")
         self._fh.close()
+
+    def commit(self) -> None:
+        """Move the finished file into place (after ``finish``)."""
         os.replace(self._tmp, self.path)
+
+    def close(self) -> None:
+        """``finish`` and ``commit``."""
+        self.finish()
+        self.commit()
 
     def abort(self) -> None:
         self._fh.close()
+        self._tmp.unlink(missing_ok=True)
+
+
+class PendingFile:
+    """A small file (JSON, a copied config) written to a temporary name beside ``path``
+    and moved into place by ``commit``, as ``Writer`` does for tensors."""
+
+    def __init__(self, path, data: bytes) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        self._tmp = Path(tmp)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+        except BaseException:
+            self._tmp.unlink(missing_ok=True)
+            raise
+
+    def commit(self) -> None:
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
         self._tmp.unlink(missing_ok=True)

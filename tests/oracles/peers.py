@@ -3,8 +3,9 @@
 Installed with ``pip install --no-deps gptqmodel auto-gptq autoawq``; their packages
 import transformers/accelerate at the top, which the tests do not install. So each
 helper loads only the one source file it needs, straight from the installed package:
-GPTQModel's v1 <-> v2 zero conversions are taken out of ``gptqmodel/utils/model.py``
-function by function (the module's other imports are heavy), AutoGPTQ's ``QuantLinear``
+GPTQModel's v1 <-> v2 zero conversions and its packer are taken out of
+``gptqmodel/utils/model.py`` and ``nn_modules/qlinear/__init__.py`` function by function
+(the modules' other imports are heavy), AutoGPTQ's ``QuantLinear``
 and AutoAWQ's ``WQLinear_GEMM`` are loaded from their files with placeholder modules for
 the names those files import but these code paths never use. A helper skips the test,
 naming the reason, when its package is not installed.
@@ -73,12 +74,8 @@ def gptqmodel_zero_conversions():
     on load), each as a function of an int32 torch ``qzeros`` and ``bits``."""
     import torch
     source_path = _package_dir("gptqmodel") / "utils" / "model.py"
-    tree = ast.parse(source_path.read_text())
-    wanted = {"convert_gptq_v2_to_v1_format_module", "convert_gptq_v1_to_v2_format_module"}
-    defs = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name in wanted]
-    assert {d.name for d in defs} == wanted, f"{source_path} no longer defines {wanted}"
-    for d in defs:
-        d.decorator_list = []
+    defs = _functions(source_path, {"convert_gptq_v2_to_v1_format_module",
+                                    "convert_gptq_v1_to_v2_format_module"})
 
     class BaseQuantLinear(torch.nn.Module):
         def __init__(self, qzeros, bits):
@@ -117,6 +114,59 @@ def gptqmodel_zero_conversions():
     return v2_to_v1, v1_to_v2
 
 
+def _functions(path: Path, names: set[str], cls: str | None = None) -> list[ast.FunctionDef]:
+    """The definitions of ``names`` in ``path`` (methods of ``cls`` when given), without
+    their decorators."""
+    tree = ast.parse(path.read_text())
+    body = tree.body
+    if cls is not None:
+        body = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls).body
+    defs = [n for n in body if isinstance(n, ast.FunctionDef) and n.name in names]
+    assert {d.name for d in defs} == names, f"{path} no longer defines {names}"
+    for d in defs:
+        d.decorator_list = []
+    return defs
+
+
+@lru_cache(maxsize=None)
+def gptqmodel_pack():
+    """GPTQModel's own packer, ``PackableQuantLinear.pack_original`` (v2 zeros, as it
+    keeps them before a v1 export), as ``pack(linear, scales, zeros, g_idx, bits)`` ->
+    ``(qweight, qzeros, scales f16, g_idx)`` torch tensors; int32 words."""
+    import math
+
+    import numpy as np
+    import torch
+    path = _package_dir("gptqmodel") / "nn_modules" / "qlinear" / "__init__.py"
+    (pack_original,) = _functions(path, {"pack_original"}, "PackableQuantLinear")
+
+    class ThreadpoolCtl:
+        @staticmethod
+        def threadpool_limits(limits):
+            return contextlib.nullcontext()
+
+    namespace = {"t": torch, "nn": torch.nn, "np": np, "math": math,
+                 "_ConvNd": torch.nn.modules.conv._ConvNd, "transformers":
+                 _transformers_placeholder(), "THREADPOOLCTL": ThreadpoolCtl()}
+    exec(compile(ast.Module(body=[pack_original], type_ignores=[]), str(path), "exec"),
+         namespace)
+
+    class Packable(torch.nn.Module):
+        def __init__(self, bits, g_idx):
+            super().__init__()
+            self.bits, self.planar, self.maxq = bits, False, (1 << bits) - 1
+            self.pack_dtype, self.pack_dtype_bits = torch.int32, 32
+            self.pack_factor = 32 // bits
+            self.pack_np_dtype, self.pack_np_math_dtype = np.int32, np.uint32
+            self.register_buffer("g_idx", g_idx)
+
+    def pack(linear, scales, zeros, g_idx, bits):
+        module = Packable(bits, g_idx)
+        namespace["pack_original"](module, linear, scales, zeros, g_idx)
+        return module.qweight, module.qzeros, module.scales, module.g_idx
+    return pack
+
+
 @lru_cache(maxsize=None)
 def autogptq_quant_linear():
     """AutoGPTQ's ``QuantLinear`` (``qlinear_cuda_old``: its ``pack``, and its torch
@@ -126,6 +176,22 @@ def autogptq_quant_linear():
     logging.getLogger("peer_auto_gptq_qlinear_cuda_old").disabled = True  # "CUDA extension not installed"
     with _placeholders({"transformers": _transformers_placeholder()}):
         return _load(path, "peer_auto_gptq_qlinear_cuda_old").QuantLinear
+
+
+def autogptq_weight(layer):
+    """The [K, N] f16 weight AutoGPTQ's ``QuantLinear.forward`` builds (its torch path,
+    taken as it passes to torch.matmul, so nothing else rounds it)."""
+    import torch
+    from unittest import mock
+    seen, matmul = [], torch.matmul
+
+    def spy(x, weight):
+        seen.append(weight.clone())
+        return matmul(x, weight)
+    with mock.patch.object(torch, "matmul", spy), torch.no_grad():
+        layer(torch.zeros((1, layer.infeatures), dtype=torch.float16))
+    (weight,) = seen
+    return weight
 
 
 @lru_cache(maxsize=None)
