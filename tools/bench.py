@@ -24,7 +24,8 @@ dqgen.reference (first and last rows) and numpy's expression (all of it), so no 
 belongs to a wrong answer.
 
 Also: run() overhead on a tiny problem; JIT cold build (fresh cache, new process), a
-new process loading the kernel from cache, and a repeated select.
+new process loading the kernel from cache, and a repeated select. Full runs add the
+checkpoint formats (tools/bench_formats.py) and the PyTorch ops (tools/bench_torch.py).
 
   python tools/bench.py                 full run: docs/bench.json, docs/bench.md, docs/bench.png
   python tools/bench.py --update-doc    the same, and rewrite the generated block of docs/PERFORMANCE.md
@@ -519,10 +520,16 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.quick or args.no_formats):
             import bench_formats
             result["formats"] = bench_formats.run()
+        if not (args.quick or args.no_torch):
+            import bench_torch
+            result["torch_ops"] = bench_torch.run()
     report.print_report(result)
     if result.get("formats"):
         import bench_formats
         print(bench_formats.table(result["formats"]))
+    if result.get("torch_ops"):
+        import bench_torch
+        print(bench_torch.table(result["torch_ops"]))
     if not args.no_write:
         prefix = Path(args.out) if args.out else ROOT / "docs" / ("bench-quick" if args.quick else "bench")
         _write(prefix.with_name(prefix.name + ".json"), json.dumps(result, indent=1) + "\n")
@@ -533,6 +540,9 @@ def main(argv: list[str] | None = None) -> int:
                    "(`out=`), the stream into a new and a reused array, the OpenMP default thread "
                    "count; each dqgen result checked bit for bit against its baseline's first.\n\n"
                    + bench_formats.table(result["formats"]) + "\n")
+        if result.get("torch_ops"):
+            import bench_torch
+            md += bench_torch.section(result["torch_ops"])
         _write(prefix.with_name(prefix.name + ".md"), md)
         png = prefix.with_name(prefix.name + ".png")
         note = report.chart(result, png)
