@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .errors import UnsupportedError
 from .ir import DType, Layout, Op, _PerGroupDescriptor
-from .isa import check_isa
+from .isa import check_isa, isa_features
 
 # Storage types as C spells them; f16/bf16 travel as their 16-bit patterns.
 C_STORAGE = {
@@ -37,7 +37,15 @@ FORMULAS = {
 # region costs more than it saves below it.
 PARALLEL_MIN_ELEMENTS = 1 << 15
 # CPU ISAs with F16C and AVX2 integer ops (8 lanes an instruction).
-F16C_ISAS = ("avx2", "avx512")
+F16C_ISAS = ("avx2", "avx512", "avx512_bf16", "avx512_fp16")
+# AVX-512 (the "avx512" feature): the dequantize register path runs in 512-bit registers,
+# sixteen floats (eight doubles) a step. With AVX512-FP16, f16 results take a path of
+# their own: q - zp in 16-bit lanes, converted exactly to f16 and multiplied by the f16
+# scale in f16, thirty-two a step. f16 holds every integer up to 2048, and the product of
+# two f16 values rounded once is F(C(q - zp) * C(scale)) (the f32 product is exact; FP16
+# arithmetic never flushes subnormals), for every scale, NaN and infinities included.
+FP16_ZERO_POINT_LIMIT = 2048 - 255
+AVX512_HEADERS = ("avx512fintrin.h", "avx512vlintrin.h", "avx512bwintrin.h", "avx512dqintrin.h")
 # 16-bit float data is staged through float blocks of the largest of these sizes dividing the
 # group: long enough for the loop vectorizer, short enough to stay in L1.
 SIMD_BLOCKS = (64, 32, 16, 8)
@@ -68,6 +76,8 @@ FAST_ZERO_POINT_LIMIT_I16 = 32767 - 255
 # subtraction and the multiply; other groups take the other paths.
 FMA_ZERO_POINT_LIMIT = {DType.F16: (2**24 - 1) // (2**11 - 1), DType.BF16: (2**24 - 1) // (2**8 - 1)}
 FMA_SCALE_MAX_BITS = {DType.F16: 0x7bff, DType.BF16: ((127 + 100) << 7) - 1}
+# With AVX512_BF16's narrowing (store_pairs), the smallest normal bf16: see _cpu_simd.
+BF16_NORMAL_MIN_BITS = 0x0080
 # A float zero point (DequantizeFloatZeroDescriptor), as torchao's tinygemm dequantize
 # computes it on F tensors: the difference, the product and the sum each rounded to F.
 FLOAT_ZERO_FORMULA = "y = F(F(F(C(q) - mid) * C(scale)) + C(zero_point)), mid = (q_max + q_min + 1) / 2"
@@ -141,7 +151,7 @@ class KernelSpec:
     simd_inputs: tuple[str, ...]
     simd_output: bool
     simd_stage_int: bool       # dequantize's fast path runs in AVX registers
-    register_lanes: int        # elements a step of that path (16: bf16 even/odd vectors, one blend)
+    register_lanes: int        # elements a vector of that path holds
     int_c_type: str
     scalar_tail: bool
     fast_zero_point_limit: int
@@ -180,6 +190,18 @@ class KernelSpec:
     table_max_bytes: int = 0        # C act-order GPTQ: largest whole-row table of scales/zeros
     float_helpers: tuple[str, ...] = ()  # 16-bit types whose load/store the prelude defines
     ggml: object = None             # GGML: the block type's knobs (formats/ggml_layouts.py)
+    # C register path: its vectors (types and intrinsic prefix from the table in _cpu_simd)
+    vector_bits: int = 256
+    vec_float: str = "__m256"       # the compute-type vector
+    vec_int: str = "__m256i"
+    vec_prefix: str = "_mm256"
+    vec_broadcast: str = "_mm256_broadcast_ss"  # a float from memory into every lane
+    int_widen: str = ""             # "epi8" or "epu8": how q widens (sign or zero extension)
+    register_split: bool = False    # AVX2 bf16: sixteen lanes as even/odd float vectors, one blend
+    half_path: bool = False         # AVX512-FP16 f16 path (see FP16_ZERO_POINT_LIMIT)
+    store_pairs: bool = False       # AVX512_BF16: two float vectors narrowed and stored as one
+    fma_scale_min_bits: int = 1     # the fused path's smallest scale storage bits
+    simd_headers: tuple[str, ...] = ()  # intrinsics headers beyond the AVX2 ones
 
     def to_json(self) -> dict:
         def plain(v):
@@ -268,15 +290,18 @@ def _cpu_simd(desc: _PerGroupDescriptor, target: str, arch: str, out: Param,
     """The explicit-SIMD knobs of the C kernels (all off for other targets and ISAs).
 
     The compiler vectorizes neither the f16 (F16C) nor the bf16 (integer rounding)
-    conversion well, nor the widening of q. Dequantize's fast path therefore runs eight
-    elements at a time in AVX registers, from q to the (possibly non-temporal) store;
-    the other ops stage f16 data through float blocks converted eight lanes at a time.
+    conversion well, nor the widening of q. Dequantize's fast path therefore runs in
+    registers, from q to the (possibly non-temporal) store: eight elements at a time in
+    AVX2 registers, sixteen (f64: eight) in AVX-512 ones, where f64 takes it too and
+    AVX512_BF16 and AVX512-FP16 narrow and multiply what they can; the other ops stage
+    f16 data through float blocks converted eight lanes at a time.
     """
     off = dict(simd_convert="", simd_block=SIMD_BLOCKS[-1], simd_blocks=0, simd_inputs=(),
                simd_output=False, simd_stage_int=False, register_lanes=8, scalar_tail=True,
                fast_needs_finite_scale=False, streaming_min_bytes=0, streaming_align=0)
     if target != "c" or arch not in F16C_ISAS:
         return off
+    features = isa_features(arch)
     f = desc.float_dtype
     dequant = desc.op is Op.DEQUANTIZE
     if dequant and desc.int_type is not None and desc.int_type.is_packed:
@@ -291,24 +316,51 @@ def _cpu_simd(desc: _PerGroupDescriptor, target: str, arch: str, out: Param,
     simd_output = out.dtype is convert and (convert is DType.F16 or dequant)
     if not (staged_inputs or simd_output):
         return off
-    block = next((b for b in SIMD_BLOCKS if desc.group_size % b == 0), SIMD_BLOCKS[-1])
+    float_zero = getattr(desc, "zero_kind", "int") == "float"
+    # The 512-bit register path: plain int zero points (a float zero point's steps stay in
+    # the AVX2 code), a whole vector of lanes in every block.
+    half = bool(dequant and simd_output and convert is DType.F16 and not float_zero
+                and "avx512_fp16" in features and desc.group_size >= 32)
+    lanes = 32 if half else 8 if convert is DType.F64 else 16
+    wide = bool(dequant and simd_output and not float_zero and "avx512" in features
+                and desc.group_size >= lanes)
+    blocks = tuple(b for b in SIMD_BLOCKS if b % lanes == 0) if wide else SIMD_BLOCKS
+    block = next((b for b in blocks if desc.group_size % b == 0), blocks[-1])
     if desc.group_size < block:
         return off  # no whole block in a group
-    # Non-temporal stores go out as 128-bit halves, which need 16-byte alignment: they are
-    # used only when every group starts aligned (the output pointer is checked at run time).
+    # Non-temporal stores go out in 128-bit pieces, which need 16-byte alignment (what numpy
+    # gives large arrays): they are used only when every group starts aligned (the output
+    # pointer is checked at run time).
     store_bytes = 16
     streaming = simd_output and (desc.group_size * out.dtype.itemsize) % store_bytes == 0
-    return dict(
+    knobs = dict(
         simd_convert=convert.value, simd_block=block, simd_blocks=desc.group_size // block,
         simd_inputs=staged_inputs, simd_output=simd_output,
-        # f64 has no register path: its exact difference vectorizes as it is, and only
+        # AVX2 f64 has no register path: its exact difference vectorizes as it is, and only
         # the store needs explicit SIMD (non-temporal for large outputs).
-        simd_stage_int=simd_output and dequant and convert is not DType.F64,
+        simd_stage_int=simd_output and dequant and (wide or convert is not DType.F64),
         scalar_tail=desc.group_size % block != 0,
-        register_lanes=16 if convert is DType.BF16 and block % 16 == 0 else 8,
+        register_lanes=8,
+        register_split=convert is DType.BF16 and block % 16 == 0,
         fast_needs_finite_scale=simd_output and convert is DType.BF16,
         streaming_min_bytes=STREAMING_MIN_BYTES if streaming else 0,
-        streaming_align=store_bytes if streaming else 0)
+        streaming_align=store_bytes if streaming else 0,
+        int_widen="epu8" if desc.int_type is DType.U8 else "epi8")
+    if wide:
+        knobs.update(
+            register_lanes=lanes, register_split=False, half_path=half,
+            fast_needs_finite_scale=convert is DType.BF16,
+            # AVX512_BF16 narrows two vectors in one instruction, rounding to nearest-even
+            # as store_bf16 does, but it flushes subnormal inputs: the fused path takes it
+            # for normal scales only (|(q - zp) * s| >= s there unless zero, so no result is
+            # subnormal), groups with subnormal scales go the exact way.
+            store_pairs=(convert is DType.BF16 and "avx512_bf16" in features
+                         and block % 32 == 0),
+            vector_bits=512, vec_float="__m512d" if convert is DType.F64 else "__m512",
+            vec_int="__m512i", vec_prefix="_mm512", vec_broadcast="broadcast16")
+        knobs["simd_headers"] = (AVX512_HEADERS + (("avx512bf16vlintrin.h", "avx512bf16intrin.h") if knobs["store_pairs"] else ())
+                                 + (("avx512fp16intrin.h",) if half else ()))
+    return knobs
 
 
 def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
@@ -344,9 +396,10 @@ def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
     half = "0.5" + ("" if compute is DType.F64 else "f")
     fast_limit = 0
     if target == "c" and desc.op is Op.DEQUANTIZE and compute is DType.F32:
-        sixteen = simd["simd_stage_int"] and simd["register_lanes"] == 16
-        fast_limit = FAST_ZERO_POINT_LIMIT_I16 if sixteen else FAST_ZERO_POINT_LIMIT
-    fused = bool(fast_limit and simd["simd_stage_int"] and not float_zero
+        sixteen = simd["simd_stage_int"] and simd.get("register_split")
+        fast_limit = (FP16_ZERO_POINT_LIMIT if simd.get("half_path") else
+                      FAST_ZERO_POINT_LIMIT_I16 if sixteen else FAST_ZERO_POINT_LIMIT)
+    fused = bool(fast_limit and simd["simd_stage_int"] and not float_zero and not simd.get("half_path")
                  and desc.float_dtype in FMA_ZERO_POINT_LIMIT)
     spec = KernelSpec(
         op=desc.op, uri=desc.uri, entry=f"dqgen_{desc.uri}", target=target, arch=arch,
@@ -377,6 +430,7 @@ def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
                      and desc.group_size <= GROUP_BATCH_MAX_SIZE else 0),
         fma_zero_point_limit=FMA_ZERO_POINT_LIMIT[desc.float_dtype] if fused else 0,
         fma_scale_max_bits=FMA_SCALE_MAX_BITS[desc.float_dtype] if fused else 0,
+        fma_scale_min_bits=BF16_NORMAL_MIN_BITS if fused and simd.get("store_pairs") else 1,
         zero_kind="float" if float_zero else "int", mid=mid,
         mid_fraction=half if float_zero and desc.mid != mid else "", zero_round=zero_round,
     )

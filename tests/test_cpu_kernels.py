@@ -1,6 +1,7 @@
 """Generated CPU kernels equal dqgen.reference bit for bit (SPEC.md §3-4).
 
-Every op, every (int, float) dtype pair and every ISA this CPU runs; shapes, values,
+Every op, every (int, float) dtype pair and every ISA this CPU runs (the AVX-512 levels
+it cannot run are compiled with warnings as errors under their -march); shapes, values,
 zero points and scales from tests/strategies.py. Inputs and outputs are guarded arrays,
 so a kernel that touches memory outside them faults or trips the canary. A few
 hand-computed cases pin the spec's decisions independently of the reference.
@@ -8,7 +9,13 @@ hand-computed cases pin the spec's decisions independently of the reference.
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
 
 import numpy as np
 import pytest
@@ -16,7 +23,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import dqgen
+from dqgen import isa as isa_module
 from dqgen import reference
+from dqgen.isa import ISA_LEVELS, isa_features, march_flags
+from dqgen.lower import FP16_ZERO_POINT_LIMIT, lower
+from dqgen.render import render
 import strategies as S
 
 ISAS = S.ISAS
@@ -385,3 +396,98 @@ def test_dequantize_every_scale_bit_pattern(isa, int_name, float_name, group_siz
     _select(dqgen.DequantizePerGroupPlan, desc, isa).run(dqgen.DequantizePerGroupArgs(q, scale, zp, out))
     S.assert_same_bits(out, reference.dequantize_per_group(q, scale, zp, group_size),
                        f"{float_name} scales, group {group_size}")
+
+
+# ------------------------------------------------------------- AVX-512 levels
+
+AVX512_LEVELS = tuple(level for level in ISA_LEVELS if "avx512" in isa_features(level))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("int_name", S.INT_NAMES)
+def test_dequantize_f16_zero_points_at_the_fp16_limit(isa, int_name):
+    """AVX512-FP16's path holds q - zp in f16, exact up to 2048: zero points on both sides
+    of its limit (FP16_ZERO_POINT_LIMIT), with every storage value, so |q - zp| reaches 2048
+    inside it and 2049 just outside; every scale kind beside them."""
+    lo, hi = S.INT_RANGES[int_name]
+    limit = FP16_ZERO_POINT_LIMIT
+    zps = np.array([limit, limit + 1, -limit, -limit - 1, 2048 - hi, 2049 - hi, -2048 - lo,
+                    -2049 - lo, 0, 7], dtype=np.int32)
+    scales = np.array([1.0, 0.1, -3.0, 6e-8, 0.0, -0.0, np.inf, np.nan, 65504.0, 1e-3], np.float16)
+    gs = 256
+    q = np.tile(np.arange(lo, hi + 1), (1, zps.size)).astype(S.np_dtype(int_name))
+    for shift in range(3):  # each zero point meets each scale
+        zp = np.roll(zps, shift)[None, :]
+        scale = np.roll(scales, 2 * shift)[None, :]
+        out = S.guarded_empty(q.shape, np.float16)
+        desc = dqgen.DequantizePerGroupDescriptor(1, q.shape[1], gs, "f16", int_name)
+        _select(dqgen.DequantizePerGroupPlan, desc, isa).run(
+            dqgen.DequantizePerGroupArgs(S.guarded(q), S.guarded(scale), S.guarded(zp), out))
+        S.assert_same_bits(out, reference.dequantize_per_group(q, scale, zp, gs), f"shift {shift}")
+
+
+def test_schedule_picks_the_avx512_features_each_kernel_uses():
+    """Which instructions of a level a kernel uses is the schedule's decision: the 512-bit
+    register path for dequantize at every AVX-512 level, AVX512_BF16's narrowing and
+    AVX512-FP16's arithmetic only where the level has them and the group fits."""
+    def spec(f, isa, i="s8", gs=128):
+        return lower(dqgen.DequantizePerGroupDescriptor(1, gs, gs, f, i), "c", isa)
+    f16, bf16 = spec("f16", "avx512_fp16"), spec("bf16", "avx512_fp16")
+    assert f16.half_path and f16.arch == "avx512_fp16" and f16.register_lanes == 32
+    assert f16.fast_zero_point_limit == FP16_ZERO_POINT_LIMIT and not f16.fma_zero_point_limit
+    assert bf16.store_pairs and bf16.fma_scale_min_bits == 0x80 and not bf16.half_path
+    assert not spec("bf16", "avx512").store_pairs and spec("bf16", "avx512").fma_scale_min_bits == 1
+    assert not spec("f16", "avx512_bf16").half_path and spec("f16", "avx512_bf16").vector_bits == 512
+    for f in ("f32", "f64"):
+        assert not spec(f, "avx512_fp16").half_path and spec(f, "avx512").vector_bits == 512
+    assert spec("f64", "avx512").simd_stage_int and spec("f64", "avx512").register_lanes == 8
+    assert not spec("f16", "avx512_fp16", gs=16).half_path  # no whole 32-lane step
+    assert spec("f32", "avx2").vector_bits == 256 and not spec("f32", "avx2").simd_headers
+    quant = lower(dqgen.QuantizePerGroupDescriptor(1, 128, 128, "f16", "s8"), "c", "avx512_fp16")
+    assert quant.vector_bits == 256  # the other ops stage through F16C blocks
+    assert march_flags("avx512_fp16")[-2:] == ("-mavx512bf16", "-mavx512fp16")
+
+
+def test_isa_levels_follow_the_cpu_flags(monkeypatch):
+    base = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"}
+    for flags, best in ((base | {"avx512_bf16", "avx512_fp16"}, "avx512_fp16"),
+                        (base | {"avx512_bf16"}, "avx512_bf16"), (base | {"avx512_fp16"}, "avx512"),
+                        (base - {"avx512dq"}, "avx2"), (set(), "generic")):
+        monkeypatch.setattr(isa_module, "cpu_flags", lambda flags=flags: set(flags))
+        monkeypatch.setattr(isa_module, "_is_x86", lambda: True)
+        isa_module.supported_isas.cache_clear()
+        try:
+            assert isa_module.supported_isas()[0] == best, flags
+        finally:
+            isa_module.supported_isas.cache_clear()
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc for the syntax check")
+def test_avx512_kernels_compile_warning_free_under_their_march():
+    """Every AVX-512 level's dequantize kernels (remainders, 32-lane steps, streaming
+    stores) pass -Wall -Wextra -Wconversion -Werror under the level's -march, also where
+    this CPU cannot run them."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("x86 only")
+    units = {}
+    for isa in AVX512_LEVELS:
+        for f in S.FLOAT_NAMES:
+            for i, gs in (("s8", 32), ("u8", 48), ("s8", 12), ("u8", 128)):
+                spec = lower(dqgen.DequantizePerGroupDescriptor(1, gs, gs, f, i), "c", isa)
+                units[(spec.uri, isa)] = render(spec).text
+
+    def check(item):
+        (uri, arch), text = item
+        with tempfile.NamedTemporaryFile("w", suffix=".c", delete=False) as fh:
+            fh.write(text)
+        try:
+            return uri, arch, subprocess.run(
+                ["gcc", "-fsyntax-only", "-std=c11", "-fopenmp", "-Wall", "-Wextra", "-Wshadow",
+                 "-Wconversion", "-Werror", *march_flags(arch), fh.name],
+                capture_output=True, text=True, timeout=120)
+        finally:
+            os.unlink(fh.name)
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        for uri, arch, proc in pool.map(check, units.items()):
+            assert proc.returncode == 0, f"{uri} ({arch}):\n{proc.stderr[-2000:]}"
+    assert {arch for _, arch in units} == set(AVX512_LEVELS)

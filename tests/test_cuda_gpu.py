@@ -2,9 +2,12 @@
 
 Skipped, with the reason, on machines without a CUDA device (or without NVRTC); the
 torch tests also need a CUDA build of torch. Covers every op and dtype at group 128 plus
-narrow-vector group sizes, misaligned views (the element-by-element path), a problem
-large enough for the grid-stride loop, torch CUDA tensors in and out (bfloat16
-included), and launches on non-default streams.
+narrow-vector group sizes, misaligned views (the element-by-element path), the packed
+4-bit layouts and the checkpoint formats (the emulation tests' own problems, run on the
+device), a problem large enough for the grid-stride loop and one of more than 2^31
+elements, torch CUDA tensors in and out (bfloat16 included) at odd offsets and
+non-contiguous, and launches on non-default streams. ``tools/device_check.sh`` runs
+this file on a GPU machine.
 """
 
 from __future__ import annotations
@@ -221,3 +224,140 @@ def test_cupy_arrays_work_too():
     y = dqgen.dequantize_per_group(cupy.asarray(q), cupy.asarray(scale), cupy.asarray(zp), 128)
     assert isinstance(y, cupy.ndarray)
     S.assert_same_bits(cupy.asnumpy(y), reference.dequantize_per_group(q, scale, zp, 128))
+
+
+# --- layouts beyond the plain one, launched as the emulation tests launch them -----------
+
+def _launch_on_device(desc, arrays: list, scalars: list, n: int, shift: int = 0) -> None:
+    """Run ``desc``'s CUDA kernel on the device over host ``arrays`` (the pointer
+    parameters in order) and the scalar parameters; write the outputs back in place."""
+    from dqgen.jit import get_kernel
+    kernel = get_kernel(desc, "cuda", rt.device_arch(0))
+    pointers = [p for p in kernel.spec.params if p.role != "scalar"]
+    assert len(pointers) == len(arrays), kernel.spec.uri
+    bufs = [DeviceBuffer(a, shift) for a in arrays]
+    kernel.runner.launch([b.ptr for b in bufs] + list(scalars), n)
+    rt.synchronize(0)
+    for p, a, b in zip(pointers, arrays, bufs):
+        if p.role == "out":
+            a[...] = b.get()
+
+
+def _packed_cases():
+    from tests import test_packed_cuda as P
+    return P, list(P.SPEC_BY_URI)
+
+
+@pytest.mark.parametrize("shift", [0, 1], ids=["aligned", "misaligned"])
+def test_gpu_packed_4bit_kernels_match_reference(shift):
+    """Every packed s4/u4 kernel of the emulation set, on the emulation's edge values."""
+    from tests.oracles import checkpoints as oracle
+    P, uris = _packed_cases()
+    for uri in uris:
+        spec = P.SPEC_BY_URI[uri]
+        gs = spec.group_size
+        outer, axis = 9, 2 * gs * max(1, 40 // gs)
+        inputs, values, q_range = P._fixed_problem(spec, outer, axis, np.random.default_rng(gs))
+        desc = _packed_descriptor(P, uri)
+        lo, hi = q_range or P.RANGES[spec.int_dtype.value]
+        with np.errstate(all="ignore"):
+            if values is None:  # quantize
+                want = oracle.pack_int4(reference.quantize_per_group(
+                    inputs["x"], inputs["scale"], inputs["zero_point"], gs, np.int8, lo, hi))
+                out = np.zeros_like(want)
+                arrays = [inputs["x"], inputs["scale"], inputs["zero_point"], out]
+                scalars = [outer, axis, lo, hi]
+            else:
+                q = values.astype(np.int8)
+                if spec.zero_kind == "float":
+                    want = oracle.float_zero_dequantize(values, inputs["scale"], inputs["zero_point"],
+                                                        gs, *P.RANGES[spec.int_dtype.value],
+                                                        spec.float_dtype.np_dtype)
+                else:
+                    want = reference.dequantize_per_group(q, inputs["scale"], inputs["zero_point"], gs)
+                out = np.zeros((outer, axis), spec.float_dtype.np_dtype)
+                arrays = [inputs["q"], inputs["scale"], inputs["zero_point"], out]
+                scalars = [outer, axis]
+        _launch_on_device(desc, arrays, scalars, outer * axis, shift)
+        S.assert_same_bits(out, want, f"{uri} shift={shift}")
+
+
+def _packed_descriptor(P, uri):
+    return next(d for d in P._descs() if K.spec_of(d).uri == uri)
+
+
+def test_gpu_checkpoint_formats_match_their_oracles(monkeypatch, tmp_path):
+    """GPTQ, AWQ, GGML and float zero points: each emulation test of
+    tests/test_formats_cuda.py, with its kernel launched on the device instead."""
+    from tests import test_formats_cuda as F
+    monkeypatch.setattr(F, "run_emulated",
+                        lambda desc, arrays, scalars, n, _tmp: _launch_on_device(desc, arrays, scalars, n))
+    for kw in F.GPTQ:
+        F.test_emulated_gptq(kw, tmp_path)
+    for kw in F.AWQ:
+        F.test_emulated_awq(kw, tmp_path)
+    for storage, out in F.FLOAT_ZERO:
+        F.test_emulated_float_zero_point(storage, out, tmp_path)
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        return
+    for qtype, out in F.GGML:
+        F.test_emulated_ggml(qtype, out, tmp_path)
+
+
+def test_gpu_more_than_2_31_elements():
+    """A problem past int32 indexing: 2^31 + 2^15 elements of s8 -> f16, every element
+    compared on the device with torch's formula (the reference's on these inputs), and the
+    rows around element 2^31 on the host with dqgen.reference."""
+    torch = _torch_cuda()
+    rows, cols, gs = 65537, 32768, 128
+    n = rows * cols
+    free, _ = torch.cuda.mem_get_info()
+    if free < n * 3 + (2 << 30):
+        pytest.skip(f"needs about {(n * 3 + (2 << 30)) / 2**30:.0f} GiB free on the device, "
+                    f"{free / 2**30:.1f} GiB are")
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q = torch.randint(-128, 128, (rows, cols), dtype=torch.int8, device="cuda", generator=gen)
+    scale = (torch.rand((rows, cols // gs), device="cuda", generator=gen) * 0.02 + 1e-3).half()
+    zp = torch.randint(-16, 16, (rows, cols // gs), dtype=torch.int32, device="cuda", generator=gen)
+    y = dqgen.dequantize_per_group(q, scale, zp, gs)
+    torch.cuda.synchronize()
+    for r0 in range(0, rows, 4096):
+        sl = slice(r0, min(rows, r0 + 4096))
+        want = ((q[sl].view(-1, cols // gs, gs).to(torch.int32) - zp[sl].unsqueeze(-1)).to(torch.float32)
+                * scale[sl].float().unsqueeze(-1)).view(-1, cols).half()
+        assert torch.equal(y[sl].view(torch.int16), want.view(torch.int16)), f"rows {sl}"
+        del want
+    edge = slice(rows - 3, rows)  # element 2^31 starts row 65536
+    host = [t[edge].cpu().numpy() for t in (q, scale, zp)]
+    S.assert_same_bits(y[edge].cpu().numpy(), reference.dequantize_per_group(*host, gs))
+
+
+@pytest.mark.parametrize("float_name", ["f32", "f16", "bf16"])
+def test_torch_views_at_odd_offsets_and_non_contiguous(float_name):
+    """Tensors one element into their storage (off every vector boundary: the element
+    path) give exact results; a non-contiguous one is refused by name."""
+    torch = _torch_cuda()
+    rng = np.random.default_rng(12)
+    f = S.np_dtype(float_name)
+    q = rng.integers(-128, 128, (33, 256)).astype(np.int8)
+    scale = rng.uniform(-2, 2, (33, 2)).astype(f)
+    zp = rng.integers(-9, 9, (33, 2)).astype(np.int32)
+    want = reference.dequantize_per_group(q, scale, zp, 128)
+
+    def shifted(arr):
+        t = _to_torch(torch, arr).reshape(-1)
+        base = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        base[1:] = t
+        return base[1:].view(arr.shape)
+    tq, ts, tz = shifted(q), shifted(scale), shifted(zp)
+    out = shifted(np.zeros_like(want))
+    plan = dqgen.DequantizePerGroupPlan.select(
+        dqgen.DequantizePerGroupDescriptor(33, 256, 128, float_name, "s8"), device="cuda")
+    plan.run(dqgen.DequantizePerGroupArgs(tq, ts, tz, out))
+    torch.cuda.synchronize()
+    S.assert_same_bits(_from_torch(torch, out), want)
+    wide = _to_torch(torch, np.zeros((33, 512), np.int8))
+    with pytest.raises(dqgen.InvalidProblemError, match="not C-contiguous"):
+        plan.run(dqgen.DequantizePerGroupArgs(wide[:, ::2], ts, tz, out))

@@ -9,7 +9,9 @@ Contenders (CPU):
   stream       a C loop reading the same int8 array and writing an output of the same
                width (tools/stream_baseline.c, built with dqgen's compiler and flags,
                same OpenMP thread count): the bandwidth limit the targets compare to
-  stream_nt    the same stream with non-temporal stores (for information)
+  stream_nt    the same stream with non-temporal stores; the large-shape target takes the
+               faster of the two (the true bound far beyond the caches), the plain-stream
+               ratio stays for information
   floor        f16/bf16: the same bytes converted, q -> F((float)q) rounded exactly as
                dqgen rounds, no scale (the least work of any exact kernel on this ISA)
   dqgen        a reused plan's run() into a preallocated output
@@ -31,7 +33,9 @@ checkpoint formats (tools/bench_formats.py) and the PyTorch ops (tools/bench_tor
   python tools/bench.py --update-doc    the same, and rewrite the generated block of docs/PERFORMANCE.md
   python tools/bench.py --quick         a subset in under a minute (docs/bench-quick.*)
   python tools/bench.py --from-json docs/bench.json [--update-doc]   re-render a saved run
-  python tools/bench.py --device cuda   GPU effective bandwidth (needs torch with CUDA)
+  python tools/bench.py --device cuda   GPU effective bandwidth against a device-to-device copy and
+                                        torch eager (needs torch with CUDA; tools/device_check.sh
+                                        runs it with the GPU tests)
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ import ml_dtypes  # noqa: E402
 
 import dqgen  # noqa: E402
 from dqgen import reference  # noqa: E402
-from dqgen.isa import host_isa, supported_isas  # noqa: E402
+from dqgen.isa import cpu_flags, host_isa, supported_isas  # noqa: E402
 
 import bench_report as report  # noqa: E402
 from bench_stream import Stream  # noqa: E402
@@ -381,7 +385,9 @@ def machine_info(stream: Stream) -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(),
             "numpy": np.__version__, "dqgen": dqgen.__version__, "cpu_count": os.cpu_count(),
             "isa": host_isa(), "isas_supported": list(supported_isas()),
-            "compiler": stream.toolchain.identity.split("|")[-1], "flags": stream.flags}
+            "compiler": stream.toolchain.identity.split("|")[-1], "flags": stream.flags,
+            "cpu_simd_flags": sorted(f for f in cpu_flags()
+                                     if f.startswith(("avx", "sse", "ssse", "fma", "f16c", "amx", "vaes", "gfni")))}
     try:
         text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=False).stdout
     except (OSError, subprocess.SubprocessError):
@@ -461,6 +467,7 @@ def run_cpu(args: argparse.Namespace, argv: list[str]) -> dict:
                                      patience)
                         cases.append(c)
                         print(f"  {report.case_label(c):38s} dqgen/stream {c['ratios']['dqgen/stream']:5.2f}  "
+                              f"/best {c['ratios']['dqgen/stream_best']:5.2f}  "
                               f"numpy/dqgen {report.ratio_text(c, 'numpy/dqgen_fresh', 1):>5s}  torch op/dqgen "
                               f"{report.ratio_text(c, 'torch_op/dqgen_fresh', 1):>5s}  noise {report.noise_text(c)}  "
                               f"[{time.perf_counter() - started:.0f} s]", flush=True)
@@ -504,8 +511,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda":
         from bench_cuda import print_device, run_device
 
-        dtypes = tuple(dict.fromkeys(f for _, f in args.dtypes)) if args.dtypes else None
-        result = run_device(args.shapes, dtypes, (args.groups or (128,))[0], args.repeat or 20)
+        floats = tuple(dict.fromkeys(f for _, f in args.dtypes)) if args.dtypes else None
+        ints = tuple(dict.fromkeys(i for i, _ in args.dtypes)) if args.dtypes else None
+        result = run_device(args.shapes, floats, repeat=args.repeat or 20, ints=ints,
+                            groups=args.groups or (32, 128))
         if result is not None:
             print_device(result)
             if not args.no_write:

@@ -18,8 +18,13 @@ import time
 import dqgen
 
 SHAPES = ((8192, 8192), (11008, 4096))
-FLOATS = ("f16", "bf16", "f32")
+FLOATS = ("f16", "bf16", "f32", "f64")
+INTS = ("s8", "u8")
 INNER = 10
+# The targets (issue 17): dqgen's effective bandwidth at least this fraction of a
+# device-to-device copy of the same bytes, and torch eager at least this many times slower.
+COPY_FRACTION = 0.85
+EAGER_RATIO = 3.0
 
 
 def _now() -> str:
@@ -46,7 +51,7 @@ def _timer(torch, dev):
     return timed
 
 
-def _case(torch, dev, timed, rows, cols, group, float_name, q, zp, repeat, gen) -> dict:
+def _case(torch, dev, timed, rows, cols, group, int_name, float_name, q, zp, repeat, gen) -> dict:
     tf = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "f64": torch.float64}[float_name]
     groups = cols // group
     scale = (torch.rand((rows, groups), device=dev, generator=gen) * 0.02 + 1e-3).to(tf)
@@ -63,7 +68,7 @@ def _case(torch, dev, timed, rows, cols, group, float_name, q, zp, repeat, gen) 
     }
     note = None
     try:
-        desc = dqgen.DequantizePerGroupDescriptor(rows, cols, group, float_name, "s8")
+        desc = dqgen.DequantizePerGroupDescriptor(rows, cols, group, float_name, int_name)
         plan = dqgen.DequantizePerGroupPlan.select(desc, device=str(dev))
         run_args = dqgen.DequantizePerGroupArgs(q, scale, zp, out)
         calls["dqgen"] = lambda: plan.run(run_args)
@@ -84,28 +89,49 @@ def _case(torch, dev, timed, rows, cols, group, float_name, q, zp, repeat, gen) 
     exact = None
     if "dqgen" in calls:
         plan.run(run_args)
-        want = ((q.view(rows, groups, group).to(torch.int32) - zp.unsqueeze(-1)).to(torch.float32)
-                * scale.to(torch.float32).unsqueeze(-1)).view(rows, cols).to(tf)
+        compute = torch.float64 if float_name == "f64" else torch.float32
+        want = ((q.view(rows, groups, group).to(torch.int32) - zp.unsqueeze(-1)).to(compute)
+                * scale.to(compute).unsqueeze(-1)).view(rows, cols).to(tf)
         bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[out.element_size()]
         exact = bool(torch.equal(out.view(bits), want.view(bits)))
         if not exact:
-            raise SystemExit(f"bench: dqgen's s8->{float_name} output on {dev} is not bit-exact")
+            raise SystemExit(f"bench: dqgen's {int_name}->{float_name} output on {dev} is not bit-exact")
     med = {n: statistics.median(t) for n, t in times.items()}
     gbps = {"dqgen": moved / med["dqgen"] / 1e9 if "dqgen" in med else None,
             "d2d_copy": 2 * half / med["d2d_copy"] / 1e9,
             "cast_copy": (q.nbytes + out.nbytes) / med["cast_copy"] / 1e9,
             "torch_eager": moved / med["torch_eager"] / 1e9}
-    case = {"shape": [rows, cols], "int": "s8", "float": float_name, "group": group, "bytes": moved,
+    case = {"shape": [rows, cols], "int": int_name, "float": float_name, "group": group, "bytes": moved,
             "median_s": med, "gbps": gbps, "bit_exact": exact, "note": note, "samples_s": times}
     if "dqgen" in med:
         case["ratios"] = {"dqgen/d2d_copy": med["dqgen"] / med["d2d_copy"],
                           "dqgen/cast_copy": med["dqgen"] / med["cast_copy"],
-                          "torch_eager/dqgen": med["torch_eager"] / med["dqgen"]}
+                          "torch_eager/dqgen": med["torch_eager"] / med["dqgen"],
+                          # effective bandwidth over the copy's (dqgen also moves scale and zp)
+                          "copy_fraction": gbps["dqgen"] / gbps["d2d_copy"]}
     return case
 
 
+def evaluate(cases: list[dict]) -> dict:
+    """The two GPU targets over every case: met, or the cases that miss."""
+    out = {}
+    for name, key, limit, upper in (("copy_fraction", "copy_fraction", COPY_FRACTION, False),
+                                    ("torch_eager", "torch_eager/dqgen", EAGER_RATIO, False)):
+        have = [c for c in cases if key in c.get("ratios", {})]
+        misses = [c for c in have if c["ratios"][key] < limit]
+        out[name] = {"limit": limit, "cases": len(have),
+                     "status": "not measured" if not have else "missed" if misses else "met",
+                     "worst": min((c["ratios"][key] for c in have), default=None),
+                     "misses": [f"{label(c)} {c['ratios'][key]:.2f}" for c in misses]}
+    return out
+
+
+def label(c: dict) -> str:
+    return f"[{c['shape'][0]}, {c['shape'][1]}] {c['int']}->{c['float']} g{c['group']}"
+
+
 def run_device(shapes=None, floats=None, group: int = 128, repeat: int = 20,
-               torch_device: str = "cuda") -> dict | None:
+               torch_device: str = "cuda", ints=None, groups=None) -> dict | None:
     """The GPU benchmark, or None (with a message saying why) where it cannot run."""
     try:
         import torch
@@ -121,35 +147,64 @@ def run_device(shapes=None, floats=None, group: int = 128, repeat: int = 20,
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
         info.update(name=props.name, memory_gib=round(props.total_memory / 2**30, 1),
-                    capability=f"sm_{props.major}{props.minor}", cuda=torch.version.cuda)
+                    capability=f"sm_{props.major}{props.minor}", cuda=torch.version.cuda,
+                    multiprocessors=props.multi_processor_count, driver=_driver_version())
     print(f"dqgen bench --device {dev}: {info.get('name', dev)}", flush=True)
     timed = _timer(torch, dev)
     gen = torch.Generator(device=dev).manual_seed(0)
     cases = []
+    groups = tuple(groups or (group,))
     for rows, cols in shapes or SHAPES:
-        if cols % group:
-            raise SystemExit(f"bench: axis {cols} is not a multiple of group {group}")
-        q = torch.randint(-128, 128, (rows, cols), dtype=torch.int8, device=dev, generator=gen)
-        zp = torch.randint(-16, 16, (rows, cols // group), dtype=torch.int32, device=dev, generator=gen)
-        for float_name in floats or FLOATS:
-            case = _case(torch, dev, timed, rows, cols, group, float_name, q, zp, repeat, gen)
-            cases.append(case)
-            shown = "  ".join(f"{n} {v:.0f} GB/s" for n, v in case["gbps"].items() if v is not None)
-            print(f"  [{rows}, {cols}] s8->{float_name} g{group}: {shown}", flush=True)
-        del q, zp
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-    return {"date": _now(), "device": info, "repeat": repeat, "inner": INNER, "group": group,
-            "cases": cases}
+        for int_name in ints or INTS:
+            lo, hi, qdtype = (-128, 128, torch.int8) if int_name == "s8" else (0, 256, torch.uint8)
+            q = torch.randint(lo, hi, (rows, cols), dtype=qdtype, device=dev, generator=gen)
+            mid = 0 if int_name == "s8" else 128
+            for g in groups:
+                if cols % g:
+                    raise SystemExit(f"bench: axis {cols} is not a multiple of group {g}")
+                zp = torch.randint(mid - 16, mid + 16, (rows, cols // g), dtype=torch.int32, device=dev,
+                                   generator=gen)
+                for float_name in floats or FLOATS:
+                    case = _case(torch, dev, timed, rows, cols, g, int_name, float_name, q, zp, repeat, gen)
+                    cases.append(case)
+                    shown = "  ".join(f"{n} {v:.0f} GB/s" for n, v in case["gbps"].items() if v is not None)
+                    print(f"  {label(case)}: {shown}", flush=True)
+                del zp
+            del q
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    return {"date": _now(), "device": info, "repeat": repeat, "inner": INNER, "groups": list(groups),
+            "cases": cases, "targets": evaluate(cases)}
+
+
+def _driver_version() -> str | None:
+    """The NVIDIA driver's version, from the driver API (None where it cannot be read)."""
+    try:
+        from cuda.bindings import driver as drv
+        err, version = drv.cuDriverGetVersion()
+        return f"CUDA driver API {version // 1000}.{version % 1000 // 10}" if int(err) == 0 else None
+    except Exception:  # noqa: BLE001 - informational only
+        return None
+
+
+def report_lines(result: dict) -> list[str]:
+    """The table of every case (GB/s, the copy fraction, torch eager / dqgen) and the targets."""
+    lines = [f"{'case':32s} {'dqgen':>8s} {'d2d copy':>9s} {'cast copy':>9s} {'eager':>8s}  "
+             "GB/s;  of copy  eager/dqgen"]
+    for c in result["cases"]:
+        g, r = c["gbps"], c.get("ratios", {})
+        cell = lambda v, w=8: f"{v:{w}.0f}" if v is not None else f"{'-':>{w}s}"  # noqa: E731
+        frac = f"{r['copy_fraction'] * 100:5.0f}%" if "copy_fraction" in r else "    -"
+        eager = f"{r['torch_eager/dqgen']:6.2f}x" if "torch_eager/dqgen" in r else "     -"
+        lines.append(f"{label(c):32s} {cell(g['dqgen'])} {cell(g['d2d_copy'], 9)} {cell(g['cast_copy'], 9)} "
+                     f"{cell(g['torch_eager'])}  {frac:>12s} {eager:>11s}")
+    for name, t in (result.get("targets") or {}).items():
+        worst = "-" if t["worst"] is None else f"{t['worst']:.2f}"
+        lines.append(f"target {name} (>= {t['limit']}): {t['status']}, worst {worst} of {t['cases']} cases"
+                     + (f"; misses: {', '.join(t['misses'][:8])}" if t["misses"] else ""))
+    return lines
 
 
 def print_device(result: dict) -> None:
     print()
-    print(f"{'case':28s} {'dqgen':>10s} {'d2d copy':>10s} {'cast copy':>10s} {'torch eager':>12s}  "
-          "GB/s; dqgen/copy")
-    for c in result["cases"]:
-        g = c["gbps"]
-        cell = lambda v: f"{v:10.0f}" if v is not None else f"{'-':>10s}"  # noqa: E731
-        ratio = f"{c['ratios']['dqgen/d2d_copy']:.2f}" if "ratios" in c else "-"
-        print(f"[{c['shape'][0]}, {c['shape'][1]}] s8->{c['float']:5s} {cell(g['dqgen'])} "
-              f"{cell(g['d2d_copy'])} {cell(g['cast_copy'])} {cell(g['torch_eager']):>12s}  {ratio}")
+    print("\n".join(report_lines(result)))
