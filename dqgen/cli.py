@@ -1,4 +1,4 @@
-"""The ``dqgen`` command line: demo, emit, aot (build), list, cache."""
+"""The ``dqgen`` command line: demo, emit, aot (build), list, verify, convert, cache."""
 
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ def _requests(args: argparse.Namespace):
     from . import aot
     from .errors import InvalidProblemError
 
-    flags = {key: getattr(args, key) for key in aot.DEFAULTS}
+    flags = {key: getattr(args, key) for key in aot.SELECTION_KEYS if key != "filter"}
     if getattr(args, "manifest", None):
         given = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v]
         if given:
@@ -223,6 +223,42 @@ def _list(args: argparse.Namespace) -> int:
     return status
 
 
+# --- verify --------------------------------------------------------------------------
+
+def _verify(args: argparse.Namespace) -> int:
+    """Run every kernel of the bundles (or the cache) against the oracle; exit 1 on any
+    mismatch or kernel that cannot run."""
+    from . import bundle, verify
+    from .errors import InvalidProblemError
+
+    if args.cache:
+        if args.path:
+            raise InvalidProblemError("give a bundle PATH or --cache, not both")
+        from . import cache
+        groups = [(f"cache {cache.version_dir()}", lambda: verify.verify_cache(args.seed))]
+    else:
+        bundles = [bundle.Bundle.open(p) for p in args.path] if args.path else \
+            bundle.active_bundles()
+        if not bundles:
+            raise InvalidProblemError("no PATH given and DQGEN_BUNDLE is not set (or pass "
+                                      "--cache to verify the kernel cache)")
+        groups = [(f"bundle {b.path}", lambda b=b: verify.verify_bundle(b, args.seed))
+                  for b in bundles]
+    failed = 0
+    for title, run in groups:
+        outcomes = run()
+        print(f"{title}: {len(outcomes)} kernels")
+        for outcome in outcomes:
+            if not (args.quiet and outcome.status == verify.OK):
+                print(f"  {outcome}")
+        bad = sum(o.failed for o in outcomes)
+        counts = {s: sum(o.status == s for o in outcomes) for s in
+                  (verify.OK, verify.MISMATCH, verify.FAILED, verify.SKIPPED)}
+        print("  " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+        failed += bad
+    return 1 if failed else 0
+
+
 # --- cache ---------------------------------------------------------------------------
 
 def _cache_info(args: argparse.Namespace) -> int:
@@ -262,8 +298,24 @@ def _add_kernel_flags(p: argparse.ArgumentParser, *, many: bool) -> None:
                    help="group size" + plural + (" [default: 128]" if many else ""), **kw)
 
 
+def _add_format_flags(p: argparse.ArgumentParser) -> None:
+    """The checkpoint formats' knobs for aot (lists, comma-separated or repeated)."""
+    from .aot import ggml_types
+    p.add_argument("--bits", action="append", metavar="N",
+                   help="GPTQ bits: 2, 4, 8 [default: 4]")
+    p.add_argument("--checkpoint-format", action="append", metavar="NAME",
+                   help="GPTQ: gptq (v1) or gptq_v2 [default: gptq]")
+    p.add_argument("--act-order", action="append", metavar="yes|no|both",
+                   help="GPTQ kernels reading g_idx (yes), in row order (no) [default: both]")
+    p.add_argument("--scale", action="append", metavar="DTYPE",
+                   help="GPTQ/AWQ scales' dtype [default: f16]")
+    p.add_argument("--ggml-type", action="append", metavar="TYPE",
+                   help=f"GGML block types: {', '.join(ggml_types())} [default: every one "
+                   "this dqgen builds]")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .aot import DEFAULT_CUDA_ARCH, OPS
+    from .aot import ALL_OPS, DEFAULT_CUDA_ARCH, OPS
 
     parser = argparse.ArgumentParser(
         prog="dqgen", description="dqgen generates, builds and caches bit-exact grouped "
@@ -301,16 +353,20 @@ def build_parser() -> argparse.ArgumentParser:
         aot = sub.add_parser(
             name, aliases=aliases, help="build kernels ahead of time into a bundle",
             description="Build every kernel a manifest (TOML or JSON) or the selection flags "
-            "name (ops x int dtypes x float dtypes x group sizes x targets), in parallel and "
-            "through the cache, and write a bundle: sources, binaries, dqgen_kernels.h and "
-            "manifest.json. Run with DQGEN_BUNDLE=DIR (DQGEN_DISABLE_JIT=1 to never compile).")
+            "name (ops x int dtypes x float dtypes x group sizes x the formats' knobs x "
+            "targets), in parallel and through the cache, and write a bundle: sources, "
+            "binaries, dqgen_kernels.h and manifest.json. A flag an op does not take is "
+            "ignored for it, a value it cannot take skipped. Run with DQGEN_BUNDLE=DIR "
+            "(DQGEN_DISABLE_JIT=1 to never compile); check it with dqgen verify.")
         aot.add_argument("--manifest", "-m", metavar="FILE",
                          help="TOML or JSON file with keys op, int, float, group_size, target, "
-                         "filter (and [[kernels]] tables of the same keys)")
+                         "bits, checkpoint_format, act_order, scale, ggml_type, filter (and "
+                         "[[kernels]] tables of the same keys)")
         aot.add_argument("--op", action="append", metavar="OP",
-                         help=f"ops: {', '.join(OPS)} (comma-separated or repeated) "
-                         "[default: all]")
+                         help=f"ops: {', '.join(ALL_OPS)} (comma-separated or repeated) "
+                         f"[default: the family's {len(OPS)}]")
         _add_kernel_flags(aot, many=True)
+        _add_format_flags(aot)
         aot.add_argument("--target", action="append", metavar="TARGET",
                          help="c (this machine's ISA), c:ISA, cuda (sm_90) or cuda:sm_XX "
                          "(comma-separated or repeated) [default: c]")
@@ -335,10 +391,25 @@ def build_parser() -> argparse.ArgumentParser:
                      "a mismatch)")
     lst.set_defaults(func=_list)
 
+    ver = sub.add_parser(
+        "verify", help="run every kernel of a bundle (or the cache) against the reference "
+        "on random inputs", description="Run every kernel of the bundles at PATH (default: "
+        "those in DQGEN_BUNDLE) or, with --cache, of the kernel cache, on random inputs "
+        "(special values included) against dqgen.reference or the format's oracle, and "
+        "report each: ok, mismatch (with the first differing index and values), could not "
+        "run (damaged, stale, unloadable) or skipped (another CPU or no GPU). Exit 1 on any "
+        "mismatch or kernel that cannot run.")
+    ver.add_argument("path", nargs="*", metavar="PATH", help="bundle directories")
+    ver.add_argument("--cache", action="store_true", help="verify the kernel cache instead")
+    ver.add_argument("--seed", type=int, default=0, help="random inputs' seed [default: 0]")
+    ver.add_argument("--quiet", "-q", action="store_true", help="list only kernels that "
+                     "are not ok")
+    ver.set_defaults(func=_verify)
+
     from .formats import convert
     convert_p = sub.add_parser(
         "convert", help="dequantize every GPTQ/AWQ layer of a safetensors checkpoint into "
-        "plain float weights, copying other tensors unchanged",
+        "plain float weights, copying other tensors unchanged, or every tensor of a .gguf file",
         description=convert.__doc__)
     convert.add_arguments(convert_p)
     convert_p.set_defaults(func=convert.run)

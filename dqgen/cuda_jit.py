@@ -29,13 +29,14 @@ def _asm(source: Source, ptx: bytes | None, cubin: bytes | None) -> dict:
     return asm
 
 
-def build_cuda_kernel(spec: KernelSpec, source: Source):
-    """The ``Kernel`` for ``spec`` (target ``cuda``), from the cache or built by NVRTC.
+def build_cuda_kernel(spec: KernelSpec, source: Source, descriptor: dict | None = None):
+    """The ``Kernel`` for ``spec`` (target ``cuda``), from the cache or built by NVRTC
+    (``descriptor``: its ``jit.descriptor_record``, kept in the cache entry).
 
     The runner loads the cubin (the PTX for a ``compute_XX`` arch) on first launch.
     """
     from .jit import Kernel, ensure_cuda_binary  # jit imports this module lazily
-    hit = ensure_cuda_binary(spec, source)
+    hit = ensure_cuda_binary(spec, source, descriptor)
     ptx = (hit.entry_dir / hit.files["ptx"]).read_bytes() if "ptx" in hit.files else None
     cubin = (hit.entry_dir / hit.files["cubin"]).read_bytes() if "cubin" in hit.files else None
     image = cubin or ptx

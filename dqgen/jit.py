@@ -116,10 +116,18 @@ def cuda_cache_key(source: Source, arch: str) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def aot_hint(spec: KernelSpec) -> str:
+def descriptor_record(desc) -> dict:
+    """``desc`` as JSON (its class and fields), kept in cache entries and bundles so that
+    ``dqgen verify`` can rebuild the descriptor of any kernel it finds."""
+    return {"class": type(desc).__name__, **desc.to_json()}
+
+
+def aot_hint(spec: KernelSpec, descriptor: dict | None = None) -> str:
     """The ``dqgen aot`` command that builds ``spec``'s kernel into a bundle, or "" for a
     kernel that command cannot name."""
-    from .aot import OP_NAMES, make_descriptor
+    from .aot import OP_NAMES, command_for_record, make_descriptor
+    if descriptor is not None:
+        return command_for_record(descriptor, spec.target, spec.arch)
     try:
         int_dtype = spec.int_dtype.value if spec.int_dtype is not None else None
         desc = make_descriptor(OP_NAMES[spec.op], int_dtype, spec.float_dtype.value,
@@ -133,12 +141,13 @@ def aot_hint(spec: KernelSpec) -> str:
             f"--group-size {spec.group_size} --target {spec.target}:{spec.arch} -o BUNDLE")
 
 
-def missing_kernel(spec: KernelSpec, why: str = "") -> MissingKernelError:
+def missing_kernel(spec: KernelSpec, why: str = "",
+                   descriptor: dict | None = None) -> MissingKernelError:
     """The error for a kernel that no bundle or cache entry holds while JIT is disabled."""
     bundles = [str(b.path) for b in bundle.active_bundles()]
     searched = (f"bundles searched: {', '.join(bundles)}" if bundles else
                 "no bundle is loaded (set DQGEN_BUNDLE or call dqgen.load_bundle)")
-    hint = aot_hint(spec)
+    hint = aot_hint(spec, descriptor)
     return MissingKernelError(
         f"kernel {spec.uri} ({spec.target}:{spec.arch}) is not in any bundle or the cache, "
         f"and JIT is disabled (DQGEN_DISABLE_JIT); {searched}{why}"
@@ -150,25 +159,27 @@ def _persisted_toolchain() -> cc.Toolchain:
 
 
 def _ensure(target_dir: str, key: str, spec: KernelSpec, produce,
-            required: tuple[str, ...]) -> tuple[Path, dict, bool]:
+            required: tuple[str, ...], descriptor: dict | None = None) -> tuple[Path, dict, bool]:
     """``cache.ensure``, except that with JIT disabled only a valid entry is accepted."""
     if jit_disabled():
         entry = cache.entry_dir(target_dir, key)
         meta = cache.verify_entry(entry, required)
         if meta is None:
-            raise missing_kernel(spec)
+            raise missing_kernel(spec, descriptor=descriptor)
         return entry, meta, False
     return cache.ensure(target_dir, key, produce, required)
 
 
-def ensure_cpu_binary(spec: KernelSpec, source: Source | None = None) -> CacheEntry:
-    """The C kernel's shared object in the cache, compiled only when it is not there."""
+def ensure_cpu_binary(spec: KernelSpec, source: Source | None = None,
+                      descriptor: dict | None = None) -> CacheEntry:
+    """The C kernel's shared object in the cache, compiled only when it is not there
+    (``descriptor``: its ``descriptor_record``, kept in the entry's metadata)."""
     source = source or render_source(spec)
     try:
         toolchain = _persisted_toolchain()
     except UnsupportedError as exc:
         if jit_disabled():
-            raise missing_kernel(spec, f" (and no C compiler: {exc})") from None
+            raise missing_kernel(spec, f" (and no C compiler: {exc})", descriptor) from None
         raise
     key = cpu_cache_key(source, toolchain, spec.arch)
 
@@ -177,15 +188,16 @@ def ensure_cpu_binary(spec: KernelSpec, source: Source | None = None) -> CacheEn
         src.write_text(source.text)
         command = cc.compile_shared(toolchain, src, tmp / "kernel.so", spec.arch)
         return {"uri": spec.uri, "entry": spec.entry, "target": "c", "isa": spec.arch,
-                "compiler": toolchain.identity, "command": command}
+                "compiler": toolchain.identity, "command": command, "descriptor": descriptor}
 
-    entry, _, built = _ensure(f"c-{spec.arch}", key, spec, produce, ("kernel.so",))
+    entry, _, built = _ensure(f"c-{spec.arch}", key, spec, produce, ("kernel.so",), descriptor)
     return CacheEntry(spec, source, key, entry, built, {"so": "kernel.so"},
                       {"compiler": toolchain.identity.rsplit("|", 1)[-1],
                        "identity": toolchain.identity, "flags": list(toolchain.flags(spec.arch))})
 
 
-def ensure_cuda_binary(spec: KernelSpec, source: Source | None = None) -> CacheEntry:
+def ensure_cuda_binary(spec: KernelSpec, source: Source | None = None,
+                       descriptor: dict | None = None) -> CacheEntry:
     """The CUDA kernel's PTX (and cubin for ``sm_XX``) in the cache, built by NVRTC only
     when it is not there. Needs NVRTC, not a GPU."""
     from .build import nvrtc
@@ -194,7 +206,7 @@ def ensure_cuda_binary(spec: KernelSpec, source: Source | None = None) -> CacheE
         key = cuda_cache_key(source, spec.arch)
     except UnsupportedError as exc:
         if jit_disabled():
-            raise missing_kernel(spec, f" (and no NVRTC: {exc})") from None
+            raise missing_kernel(spec, f" (and no NVRTC: {exc})", descriptor) from None
         raise
 
     def produce(tmp: Path) -> dict:
@@ -204,16 +216,17 @@ def ensure_cuda_binary(spec: KernelSpec, source: Source | None = None) -> CacheE
         if art.cubin:
             (tmp / "kernel.cubin").write_bytes(art.cubin)
         return {"uri": spec.uri, "entry": spec.entry, "target": "cuda", "arch": spec.arch,
-                **cuda_toolchain(spec.arch)}
+                **cuda_toolchain(spec.arch), "descriptor": descriptor}
 
-    entry, meta, built = _ensure(f"cuda-{spec.arch}", key, spec, produce, ("kernel.ptx",))
+    entry, meta, built = _ensure(f"cuda-{spec.arch}", key, spec, produce, ("kernel.ptx",),
+                                 descriptor)
     files = {kind: f"kernel.{kind}" for kind in ("ptx", "cubin")
              if f"kernel.{kind}" in meta.get("files", {})}
     return CacheEntry(spec, source, key, entry, built, files, cuda_toolchain(spec.arch))
 
 
-def _build_cpu(spec: KernelSpec) -> Kernel:
-    hit = ensure_cpu_binary(spec)
+def _build_cpu(spec: KernelSpec, desc) -> Kernel:
+    hit = ensure_cpu_binary(spec, descriptor=descriptor_record(desc))
     return Kernel(spec, hit.source, hit.key, template_hash("c"), hit.entry_dir, hit.built,
                   CpuKernel(spec, hit.entry_dir / "kernel.so"),
                   origin="built" if hit.built else "cache")
@@ -231,9 +244,9 @@ def _cuda_jit():
     return cuda_jit
 
 
-def _build_cuda(spec: KernelSpec) -> Kernel:
+def _build_cuda(spec: KernelSpec, desc) -> Kernel:
     cuda_jit = _cuda_jit()
-    return cuda_jit.build_cuda_kernel(spec, render_source(spec))
+    return cuda_jit.build_cuda_kernel(spec, render_source(spec), descriptor_record(desc))
 
 
 def _from_bundles(desc, spec: KernelSpec) -> Kernel | None:
@@ -286,9 +299,9 @@ def get_kernel(desc, target: str, arch: str) -> Kernel:
             kernel = _from_bundles(desc, spec)
             if kernel is None:
                 if target == "c":
-                    kernel = _build_cpu(spec)
+                    kernel = _build_cpu(spec, desc)
                 elif target == "cuda":
-                    kernel = _build_cuda(spec)
+                    kernel = _build_cuda(spec, desc)
                 else:
                     raise UnsupportedError(f"target {target!r} has no runtime here")
             _memo[ident] = kernel

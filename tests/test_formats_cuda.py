@@ -126,3 +126,210 @@ def test_emulated_float_zero_point(storage, out, tmp_path):
     y = np.zeros((4, 64), FLOATS[out])
     run_emulated(desc, [q, scale, zero, y], [4, 64], y.size, tmp_path)
     assert_bits_equal(y, oracle.float_zero_dequantize(q, scale, zero, 32, lo, hi, y.dtype))
+
+
+# --- FormatPlan on CUDA: select(device="cuda"), checks on device views, the caller's
+# stream; the launch runs the emulated build of the same text (as tests/test_cuda_plans) --
+
+import re  # noqa: E402
+import types  # noqa: E402
+
+from dqgen import verify  # noqa: E402
+from dqgen.errors import InvalidProblemError, UnsupportedError  # noqa: E402
+from dqgen.formats.plan import FormatPlan  # noqa: E402
+from dqgen.ir import DequantizePerGroupDescriptor, QuantizePerGroupDescriptor  # noqa: E402
+from dqgen.runtime import cuda as rt  # noqa: E402
+
+PLAN_DESCS = {
+    "gptq4-act-f16": GptqDequantizeDescriptor(64, 32, 16, act_order=True),
+    "gptq8-v2-bf16": GptqDequantizeDescriptor(64, 32, 16, bits=8, checkpoint_format="gptq_v2",
+                                              float_dtype="bf16"),
+    "awq-f32-bf16s": AwqDequantizeDescriptor(64, 32, 16, float_dtype="f32", scale_dtype="bf16"),
+    "ggml-q4_1-f16": GgmlDequantizeDescriptor(5, "Q4_1", "f16"),
+    "floatzp-u4-bf16": DequantizeFloatZeroDescriptor(4, 64, 32, "bf16", "u4"),
+    "packed-dequant-s4-f32": DequantizePerGroupDescriptor(3, 64, 16, "f32", "s4"),
+    "packed-quant-u4-f16": QuantizePerGroupDescriptor(3, 64, 16, "f16", "u4"),
+}
+RESIDENT_BLOCKS = 2  # a tiny GPU: every thread strides several times
+
+
+class CaiArray:
+    """Host memory presented as a CUDA array through ``__cuda_array_interface__``."""
+
+    def __init__(self, arr: np.ndarray, device: int = 0):
+        self.arr = arr
+        self.device = types.SimpleNamespace(id=device)
+
+    @property
+    def __cuda_array_interface__(self):
+        a = self.arr
+        return {"data": (a.__array_interface__["data"][0], False), "shape": a.shape,
+                "typestr": a.dtype.str, "version": 3,
+                "strides": None if a.flags.c_contiguous else a.strides}
+
+
+class TorchLikeCuda:
+    """Host memory presented as a torch CUDA tensor (how bfloat16 travels)."""
+
+    __module__ = "torch.fake"
+    is_cuda = True
+
+    def __init__(self, arr: np.ndarray):
+        self.arr = arr
+        self.dtype = "torch." + arr.dtype.name  # str() is what dqgen reads
+        self.shape = arr.shape
+        self.device = types.SimpleNamespace(index=0, type="cuda")
+
+    def stride(self):
+        return tuple(s // self.arr.itemsize for s in self.arr.strides)
+
+    def data_ptr(self):
+        return self.arr.__array_interface__["data"][0]
+
+
+def _device(arr: np.ndarray):
+    # CAI cannot name bfloat16; torch's accessors can
+    return TorchLikeCuda(arr) if arr.dtype.name == "bfloat16" else CaiArray(arr)
+
+
+class _Module:
+    def __init__(self, fn, launches):
+        self.fn, self.launches = fn, launches
+
+    def launch(self, func, grid, block, args, stream=0, shared_mem=0):
+        self.launches.append((func, grid, block, rt.stream_handle(stream)))
+        self.fn(grid, block, *[value for _, value in args])
+
+
+@pytest.fixture(scope="module")
+def emulated_formats(tmp_path_factory):
+    from cuda_emu import kernels as K
+    specs = [lower(d, "cuda", "sm_90") for d in PLAN_DESCS.values()]
+    # one library a kernel: the layout templates' macros would collide in one unit
+    libs = K.build_emulation(specs, tmp_path_factory.mktemp("fplans"), parts=len(specs))
+    return K.load_emulation(libs, specs)
+
+
+@pytest.fixture
+def launches(emulated_formats, monkeypatch):
+    """cuda:0 is an sm_90 whose launches run the emulated kernels and are recorded; its
+    memory is this process's (so a host copy reads it directly)."""
+    import ctypes
+    import dqgen.plans
+    record: list = []
+    monkeypatch.setattr(rt, "device_arch", lambda ordinal=0: "sm_90")
+    monkeypatch.setattr(dqgen.plans, "_plan_memo", {})
+
+    def loaded(self, device):
+        return _Module(emulated_formats[self.spec.entry], record), self.spec.entry, RESIDENT_BLOCKS
+
+    def copy_to_host(view):
+        raw = (ctypes.c_uint8 * view.nbytes).from_address(view.ptr)
+        return np.frombuffer(raw, np.uint8).view(view.dtype).reshape(view.shape).copy()
+    monkeypatch.setattr(rt.CudaKernel, "_loaded", loaded)
+    monkeypatch.setattr(rt, "copy_to_host", copy_to_host)
+    return record
+
+
+class Stream:
+    cuda_stream = 0x5EED
+
+
+@needs_gxx
+@pytest.mark.parametrize("name", list(PLAN_DESCS))
+def test_format_plan_runs_on_cuda_on_the_callers_stream(launches, name):
+    pytest.importorskip("dqgen.build.nvrtc").nvrtc_available() or pytest.skip("no NVRTC")
+    desc = PLAN_DESCS[name]
+    plan = FormatPlan.select(desc, device="cuda")
+    assert plan.device == "cuda:0" and FormatPlan.select(desc, device="cuda") is plan
+    sku = plan.sku()
+    assert (sku.target, sku.arch) == ("cuda", "sm_90") and "__global__" in plan.source()
+    arrays = verify.random_inputs(desc, plan.arguments, np.random.default_rng(11))
+    want = verify.expected(desc, arrays)
+    args = {k: _device(v) for k, v in arrays.items()}
+    plan.can_implement(args)
+    plan.run(args, stream=Stream())
+    spec, n = plan._kernel.spec, plan._elements
+    assert launches == [(spec.entry, rt.launch_grid(spec, n, RESIDENT_BLOCKS),
+                         spec.threads_per_block, 0x5EED)]
+    # the grid fills the device (grid_waves), not one block striding over everything
+    assert spec.grid_waves > 0 and n == arrays[next(a.name for a in plan.arguments
+                                                    if a.is_out)].size * (
+        2 if isinstance(desc, QuantizePerGroupDescriptor) else 1)
+    out = next(a.name for a in plan.arguments if a.is_out)
+    assert verify.first_difference(arrays[out], want) == ""
+    plan.run(args)  # stream=None: the legacy default stream
+    assert launches[-1][3] == 0
+
+
+@needs_gxx
+def test_format_plan_on_cuda_names_each_bad_argument(launches):
+    desc = PLAN_DESCS["gptq4-act-f16"]
+    plan = FormatPlan.select(desc, device="cuda")
+    arrays = verify.random_inputs(desc, plan.arguments, np.random.default_rng(2))
+    good = {k: _device(v) for k, v in arrays.items()}
+    bad_g = arrays["g_idx"].copy()
+    bad_g[5] = desc.num_groups  # the kernel would read past the scales
+    cases = [
+        ({"qzeros": CaiArray(arrays["qzeros"][:, :2].copy())}, InvalidProblemError,
+         "qzeros has shape (4, 2)"),
+        ({"y": CaiArray(np.zeros((64, 32), np.float32))}, InvalidProblemError,
+         "y has dtype float32"),
+        ({"g_idx": CaiArray(bad_g)}, InvalidProblemError, "g_idx[5]=4 is out of range [0, 4)"),
+        ({"scales": arrays["scales"]}, UnsupportedError, "scales is a numpy.ndarray in host memory"),
+        ({"y": CaiArray(arrays["y"], device=1)}, InvalidProblemError, "y lives on cuda:1"),
+    ]
+    for override, error, message in cases:
+        with pytest.raises(error, match=re.escape(message)):
+            plan.run({**good, **override})
+        with pytest.raises(error, match=re.escape(message)):
+            plan.can_implement({**good, **override})
+    with pytest.raises(InvalidProblemError, match="missing arguments: g_idx"):
+        plan.run({k: v for k, v in good.items() if k != "g_idx"})
+    with pytest.raises(UnsupportedError, match="stream="):
+        plan.run(good, stream="default")
+    shared = np.zeros(64 * 32, np.float16)
+    with pytest.raises(InvalidProblemError, match="y overlaps qweight"):
+        plan.run({**good, "qweight": CaiArray(shared.view(np.int32)[:256].reshape(8, 32)),
+                  "y": CaiArray(shared.reshape(64, 32))})
+    assert launches == []
+
+
+def test_cpu_format_plan_refuses_a_stream():
+    plan = FormatPlan.select(GgmlDequantizeDescriptor(1, "Q8_0"))
+    with pytest.raises(UnsupportedError, match="stream= applies to CUDA plans"):
+        plan.run({}, stream=0)
+
+
+@pytest.mark.skipif(rt.cuda_available(), reason="a CUDA device is present")
+def test_cuda_format_plan_without_a_device_says_why():
+    with pytest.raises(UnsupportedError, match="cuda:0.*unavailable") as info:
+        FormatPlan.select(GptqDequantizeDescriptor(64, 32, 16), device="cuda")
+    assert rt.cuda_unavailable_reason() in str(info.value)
+
+
+@pytest.mark.skipif(not rt.cuda_available(),
+                    reason=f"no CUDA device: {rt.cuda_unavailable_reason() or 'none'}")
+@pytest.mark.parametrize("name", list(PLAN_DESCS))
+def test_format_plan_on_the_gpu_with_torch_tensors(name):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    desc = PLAN_DESCS[name]
+    plan = FormatPlan.select(desc, device="cuda")
+    arrays = verify.random_inputs(desc, plan.arguments, np.random.default_rng(3))
+    want = verify.expected(desc, arrays)
+
+    def to_gpu(a):
+        t = torch.from_numpy(a.view(np.int16) if a.dtype.name == "bfloat16" else a).cuda()
+        return t.view(torch.bfloat16) if a.dtype.name == "bfloat16" else t
+    args = {k: to_gpu(v) for k, v in arrays.items()}
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        plan.run(args, stream=stream)
+    stream.synchronize()
+    out = next(a for a in plan.arguments if a.is_out)
+    got = args[out.name].cpu()
+    got = got.view(torch.int16).numpy().view(out.dtype) if out.dtype.name == "bfloat16" \
+        else got.numpy()
+    assert verify.first_difference(got, want) == ""

@@ -12,7 +12,8 @@ import dataclasses
 
 from ..ir import (AwqDequantizeDescriptor, DType, GgmlDequantizeDescriptor,
                   GptqDequantizeDescriptor, Layout, Op, gptq_v1_word_offset)
-from ..lower import _CONVERT, F16C_ISAS, PARALLEL_MIN_ELEMENTS, KernelSpec, Param, _pointer
+from ..lower import (_CONVERT, CUDA_GRID_WAVES, F16C_ISAS, PARALLEL_MIN_ELEMENTS, KernelSpec,
+                     Param, _pointer)
 from . import ggml_layouts
 
 FORMULAS = {
@@ -45,8 +46,14 @@ def _neutral(field: dataclasses.Field):
     return ""
 
 
+# Runtime arguments (like the family's outer/axis): never part of a kernel's text, so one
+# kernel (and one bundle entry) serves every shape.
+RUNTIME_FIELDS = ("op", "layout", "rows", "cols", "blocks")
+
+
 def _describe(desc) -> str:
-    fields = ", ".join(f"{k}={v}" for k, v in desc.to_json().items() if k not in ("op", "layout"))
+    skip = RUNTIME_FIELDS + (("group_size",) if getattr(desc, "act_order", False) else ())
+    fields = ", ".join(f"{k}={v}" for k, v in desc.to_json().items() if k not in skip)
     return f"{type(desc).__name__}({fields})"
 
 
@@ -114,13 +121,17 @@ def lower_format(desc, target: str, arch: str, storage: dict) -> KernelSpec:
     fields["simd_block"] = MATRIX_TILE
     fields.update(
         op=Op.DEQUANTIZE, uri=desc.uri, entry=f"dqgen_{desc.uri}", target=target, arch=arch,
-        group_size=desc.group_size, float_dtype=f, int_dtype=None,
+        # act-order takes each row's group from g_idx: one kernel for every group size
+        # (its URI names none), so its text must not name one either
+        group_size=0 if getattr(desc, "act_order", False) else desc.group_size,
+        float_dtype=f, int_dtype=None,
         compute_type="double" if compute is DType.F64 else "float", compute_dtype=compute,
         params=params, formula=FORMULAS[desc.layout], descriptor=_describe(desc),
         out_name=out.name, out_c_type=storage[f], has_zero_point=True,
         store_out=_CONVERT.get(f, ("", ""))[1], rint="rintf",
         parallel_min_elements=PARALLEL_MIN_ELEMENTS,
-        threads_per_block=CUDA_THREADS_PER_BLOCK, vector_bytes=16)
+        threads_per_block=CUDA_THREADS_PER_BLOCK, vector_bytes=16,
+        grid_waves=CUDA_GRID_WAVES if target == "cuda" else 0)
     for field in dataclasses.fields(KernelSpec):
         if field.name not in fields and field.default is dataclasses.MISSING:
             fields[field.name] = _neutral(field)

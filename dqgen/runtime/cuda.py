@@ -541,6 +541,17 @@ def check_device_no_overlap(out: DevicePointer, out_name: str,
                                       "output must not alias an input")
 
 
+def copy_to_host(view: DevicePointer) -> np.ndarray:
+    """A host copy of a C-contiguous device array (synchronous: it waits for work already
+    queued on the legacy default stream). For the few values a plan must check on the
+    host before a launch, such as a ``g_idx`` the kernel indexes by."""
+    out = np.empty(view.shape, view.dtype)
+    if view.nbytes:
+        with _current(_primary_context(view.device)):
+            _call(_driver().cuMemcpyDtoH, out.ctypes.data, view.ptr, view.nbytes)
+    return out
+
+
 # ---- a generated kernel, loaded per device -------------------------------------------
 
 _PARAM_KINDS = {"int64_t": "i64", "int32_t": "i32"}

@@ -1,0 +1,348 @@
+"""``dqgen verify``: run every kernel of a bundle (or of the cache) against the oracle.
+
+Each kernel's descriptor is rebuilt from the record its bundle manifest or cache entry
+keeps (``jit.descriptor_record``), given a small problem of its own, and fed random
+inputs with the values that matter for bit-exactness (zeros of both signs, subnormals,
+infinities, NaN, extreme zero points); its output, written over a filled buffer so that
+a skipped element shows, must equal the oracle bit for bit (NaN equals any NaN). The
+oracles: ``dqgen.reference`` for the family, the formulas of FORMATS.md written out in
+numpy here for GPTQ, AWQ, packed storage and float zero points (sharing no code with the
+generator), and the ``gguf`` package for GGML blocks. The binary run is the one on disk
+(hash-checked), not a rebuild: a damaged or mislabelled kernel is reported, never hidden.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import bundle as bundle_mod
+from . import cache, jit, reference
+from .aot import descriptor_from_record
+from .errors import DqgenError
+from .ir import (AwqDequantizeDescriptor, DequantizeFloatZeroDescriptor, DType,
+                 GgmlDequantizeDescriptor, GptqDequantizeDescriptor, Op, _PerGroupDescriptor)
+from .isa import supported_isas
+from .lower import lower
+
+OK, MISMATCH, FAILED, SKIPPED = "ok", "mismatch", "could not run", "skipped"
+FAILURES = (MISMATCH, FAILED)
+FILL = 0x5A  # the output's bytes before a run: an element the kernel skips differs
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One kernel's verdict: ``status`` is one of OK, MISMATCH, FAILED, SKIPPED."""
+
+    label: str
+    status: str
+    detail: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.status in FAILURES
+
+    def __str__(self) -> str:
+        return f"{self.status:<13} {self.label}" + (f": {self.detail}" if self.detail else "")
+
+
+# --- a small problem and its inputs ---------------------------------------------------
+
+def small_problem(record: dict):
+    """The descriptor of ``record`` with sizes small enough to check in milliseconds yet
+    covering several groups (an act-order kernel, which takes any group size, gets 16)."""
+    desc = descriptor_from_record(record)
+    if isinstance(desc, GgmlDequantizeDescriptor):
+        return descriptor_from_record(record, blocks=7)
+    if isinstance(desc, _PerGroupDescriptor):
+        g = desc.group_size
+        return descriptor_from_record(record, outer=3, axis=2 * g if g <= 1 << 15 else g)
+    per = 32 // desc.bits if isinstance(desc, GptqDequantizeDescriptor) else 1
+    if getattr(desc, "act_order", False):
+        return descriptor_from_record(record, rows=64, cols=64, group_size=16)
+    g = desc.group_size
+    rows = math.lcm(per, g) * (2 if g <= 1 << 14 else 1)
+    return descriptor_from_record(record, rows=rows, cols=64)
+
+
+def _floats(rng, shape, dtype: np.dtype) -> np.ndarray:
+    """Mostly ordinary values, one in eight a special one of the float type."""
+    specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, 6e-8, 1e-40, 65504.0,
+                         3e38], np.float64)
+    values = rng.standard_normal(shape) * 4
+    pick = rng.random(shape) < 0.125
+    values = np.where(pick, rng.choice(specials, shape), values)
+    with np.errstate(all="ignore"):
+        return values.astype(dtype)
+
+
+def random_inputs(desc, arguments, rng) -> dict:
+    """An array for every argument: inputs random, the output filled with ``FILL``."""
+    arrays = {}
+    for arg in arguments:
+        if arg.is_out:
+            raw = np.full(math.prod(arg.shape) * arg.dtype.itemsize, FILL, np.uint8)
+            arrays[arg.name] = raw.view(arg.dtype).reshape(arg.shape)
+        elif arg.dtype.kind == "f" or arg.dtype.name == "bfloat16":
+            arrays[arg.name] = _floats(rng, arg.shape, arg.dtype)
+        elif arg.name == "g_idx":
+            arrays[arg.name] = rng.integers(0, desc.num_groups, arg.shape).astype(np.int32)
+        elif arg.name == "zero_point":
+            arrays[arg.name] = rng.integers(-300, 300, arg.shape).astype(np.int32)
+        else:  # packed words, block bytes, stored values: any bits
+            info = np.iinfo(arg.dtype)
+            arrays[arg.name] = rng.integers(info.min, info.max, arg.shape, dtype=arg.dtype,
+                                            endpoint=True)
+    return arrays
+
+
+# --- the oracles ----------------------------------------------------------------------
+
+def _compute(out: np.dtype) -> np.dtype:
+    return reference.compute_dtype(out)
+
+
+def _unpack_nibbles(packed: np.ndarray, signed: bool) -> np.ndarray:
+    """[..., n/2] bytes -> [..., n]: element 2k in the low nibble of byte k (FORMATS.md)."""
+    b = packed.astype(np.int64)
+    out = np.stack([b & 15, b >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+    return np.where(out >= 8, out - 16, out) if signed else out
+
+
+def _stored(desc, q: np.ndarray) -> np.ndarray:
+    t = desc.int_dtype
+    return _unpack_nibbles(q, t is DType.S4) if t.is_packed else q.astype(np.int64)
+
+
+def _fields(words: np.ndarray, bits: int) -> np.ndarray:
+    """[..., W] int32 -> [..., W, 32 / bits]: field j of a word at bit bits * j."""
+    shifts = np.arange(32 // bits, dtype=np.uint64) * bits
+    return (words.view(np.uint32).astype(np.uint64)[..., None] >> shifts) & ((1 << bits) - 1)
+
+
+def _gptq_zeros(desc, qzeros: np.ndarray) -> np.ndarray:
+    """z[g, n]: v2 stores z; v1 stores z - 1, decoded as ``desc.v1_zeros`` says (a 1 in
+    every field added to the whole word, carries crossing fields, or 1 added to each
+    field, wrapping or not)."""
+    bits, words = desc.bits, qzeros
+    if desc.checkpoint_format != "gptq":
+        return _fields(words, bits).reshape(words.shape[0], -1).astype(np.int64)
+    rule = getattr(desc, "v1_zeros", None)
+    if rule == "gptqmodel":
+        ones = sum(1 << (bits * j) for j in range(32 // bits))
+        words = ((words.view(np.uint32).astype(np.uint64) + ones) % 2**32).astype(np.uint32)
+        return _fields(words.view(np.int32), bits).reshape(words.shape[0], -1).astype(np.int64)
+    z = _fields(words, bits).reshape(words.shape[0], -1).astype(np.int64) + 1
+    return z % (1 << bits) if rule == "autogptq" else z
+
+
+def _matrix(q, z, scales, groups, out):
+    c = _compute(out)
+    with np.errstate(all="ignore"):
+        return ((q - z[groups]).astype(c) * scales[groups].astype(c)).astype(out)
+
+
+def expected(desc, arrays: dict) -> np.ndarray:
+    """What the kernel of ``desc`` must write, from the oracle of its kind."""
+    if isinstance(desc, DequantizeFloatZeroDescriptor):
+        f = desc.float_dtype.np_dtype
+        c, g = _compute(f), desc.group_size
+        s = np.repeat(arrays["scale"].astype(c), g, axis=1)
+        z = np.repeat(arrays["zero_point"].astype(c), g, axis=1)
+        with np.errstate(all="ignore"):  # F(F(F(q - mid) * s) + z), q - mid exact in f64
+            diff = (_stored(desc, arrays["q"]).astype(np.float64) - desc.mid).astype(f)
+            prod = (diff.astype(c) * s).astype(f)
+            return (prod.astype(c) + z).astype(f)
+    if isinstance(desc, _PerGroupDescriptor):
+        g = desc.group_size
+        if desc.op is Op.DEQUANTIZE:
+            return reference.dequantize_per_group(_stored(desc, arrays["q"]), arrays["scale"],
+                                                  arrays["zero_point"], g)
+        if desc.op is Op.QUANTIZE:
+            q = reference.quantize_per_group(arrays["x"], arrays["scale"], arrays["zero_point"],
+                                             g, np.int64, desc.q_min, desc.q_max)
+            if desc.int_dtype.is_packed:
+                v = q & 15
+                return (v[:, 0::2] | (v[:, 1::2] << 4)).astype(np.uint8)
+            return q.astype(desc.int_dtype.np_dtype)
+        if desc.op is Op.DEQUANTIZE_BACKWARD:
+            return reference.dequantize_per_group_backward(arrays["d_output"], arrays["scale"], g)
+        return reference.quantize_per_group_backward(arrays["d_output"], arrays["x"],
+                                                     arrays["scale"], arrays["zero_point"], g,
+                                                     desc.q_min, desc.q_max)
+    out = desc.float_dtype.np_dtype
+    if isinstance(desc, GptqDequantizeDescriptor):
+        f = _fields(arrays["qweight"], desc.bits)              # [K / per, N, per]
+        q = f.transpose(0, 2, 1).reshape(desc.rows, desc.cols).astype(np.int64)
+        groups = (arrays["g_idx"].astype(np.int64) if desc.act_order
+                  else np.arange(desc.rows) // desc.group_size)
+        return _matrix(q, _gptq_zeros(desc, arrays["qzeros"]), arrays["scales"], groups, out)
+    if isinstance(desc, AwqDequantizeDescriptor):
+        order = [0, 2, 4, 6, 1, 3, 5, 7]  # nibble i holds column order[i] of its eight
+
+        def unpack(words):
+            cols = np.empty((*words.shape, 8), np.int64)
+            cols[..., order] = _fields(words, 4)
+            return cols.reshape(words.shape[0], -1)
+        groups = np.arange(desc.rows) // desc.group_size
+        return _matrix(unpack(arrays["qweight"]), unpack(arrays["qzeros"]), arrays["scales"],
+                       groups, out)
+    if isinstance(desc, GgmlDequantizeDescriptor):
+        try:
+            import gguf.quants
+        except ImportError:
+            raise LookupError("the gguf package (the GGML oracle) is not installed") from None
+        name = desc.qtype.value[len("ggml_"):].upper()
+        with np.errstate(all="ignore"):
+            try:
+                values = gguf.quants.dequantize(arrays["data"], gguf.GGMLQuantizationType[name])
+            except (NotImplementedError, KeyError) as exc:
+                raise LookupError(f"the gguf package cannot dequantize {name}: {exc}") from None
+            return np.asarray(values).reshape(arrays["y"].shape).astype(out)
+    raise LookupError(f"no oracle for {type(desc).__name__}")
+
+
+def first_difference(got: np.ndarray, want: np.ndarray) -> str:
+    """"" when equal bit for bit (any NaN equals any NaN), else where and how they differ."""
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return f"result is {got.dtype} {got.shape}, the oracle's {want.dtype} {want.shape}"
+    view = _UINT[got.dtype.itemsize]
+    differ = got.view(view) != want.view(view)
+    if got.dtype.kind == "f" or got.dtype.name == "bfloat16":
+        g, w = got.astype(np.float64), want.astype(np.float64)
+        differ &= ~(np.isnan(g) & np.isnan(w))
+    if not differ.any():
+        return ""
+    idx = tuple(int(i) for i in np.argwhere(differ)[0])
+    return (f"{int(differ.sum())} of {differ.size} values differ; first at {list(idx)}: "
+            f"kernel {got[idx]!r}, oracle {want[idx]!r}")
+
+
+# --- running one kernel ---------------------------------------------------------------
+
+def _run_c(spec, so_path: Path, desc, arrays: dict, arguments, scalars) -> None:
+    from .runtime.cpu import CpuKernel
+    kernel = CpuKernel(spec, so_path)
+    kernel.function(*[kernel.pointer(arrays[a.name]) for a in arguments], *scalars, 0)
+
+
+def _run_cuda(spec, image: bytes, arrays: dict, arguments, scalars, elements: int) -> None:
+    """On this machine's CUDA device, through torch (which allocates and copies)."""
+    from .runtime import cuda as rt
+    if not rt.cuda_available():
+        raise LookupError(f"no CUDA device ({rt.cuda_unavailable_reason()})")
+    if rt.device_arch(0) != spec.arch and not spec.arch.startswith("compute_"):
+        raise LookupError(f"built for {spec.arch}; this device is {rt.device_arch(0)}")
+    try:
+        import torch
+    except ImportError:
+        raise LookupError("running a CUDA kernel here needs torch with CUDA") from None
+    tensors = {}
+    for arg in arguments:
+        raw = np.ascontiguousarray(arrays[arg.name]).view(np.uint8)
+        tensors[arg.name] = torch.from_numpy(raw.copy()).to("cuda:0")
+    kernel = rt.CudaKernel(spec, image)
+    kernel.launch([tensors[a.name].data_ptr() for a in arguments] + list(scalars), elements, 0)
+    torch.cuda.synchronize()
+    for arg in arguments:
+        if arg.is_out:
+            arrays[arg.name][...] = tensors[arg.name].cpu().numpy().view(arg.dtype).reshape(
+                arg.shape)
+
+
+def check_kernel(record: dict, target: str, arch: str, binary: Path | bytes, label: str,
+                 source_sha256: str | None = None, seed: int = 0,
+                 stale: str = FAILED) -> Outcome:
+    """Run one built kernel (a C shared object's path, or a CUDA image) on random inputs
+    and compare with the oracle. ``source_sha256``: the source it was built from; one
+    that differs from what this dqgen renders is reported as ``stale``, not run."""
+    from .formats.plan import _elements, argument_shapes
+    if record is None:
+        return Outcome(label, SKIPPED, "no descriptor recorded (built by an older dqgen: "
+                       "rebuild it to verify it)")
+    try:
+        desc = small_problem(record)
+        spec = lower(desc, target, arch)
+    except (DqgenError, TypeError, ValueError, KeyError) as exc:
+        return Outcome(label, FAILED, f"its descriptor cannot be rebuilt: {exc}")
+    if source_sha256 is not None and jit.render_source(spec).sha256 != source_sha256:
+        return Outcome(label, stale, "stale: built from a source that differs from what "
+                       "this dqgen emits (so it is never used); rebuild it")
+    if target == "c" and arch not in supported_isas():
+        return Outcome(label, SKIPPED, f"this CPU cannot run ISA {arch}")
+    arguments, scalars = argument_shapes(desc)
+    arrays = random_inputs(desc, arguments, np.random.default_rng(seed))
+    try:
+        want = expected(desc, arrays)
+    except LookupError as exc:
+        return Outcome(label, SKIPPED, str(exc))
+    try:
+        if target == "c":
+            _run_c(spec, binary, desc, arrays, arguments, scalars)
+        else:
+            _run_cuda(spec, binary, arrays, arguments, scalars, _elements(desc))
+    except LookupError as exc:
+        return Outcome(label, SKIPPED, str(exc))
+    except Exception as exc:  # noqa: BLE001 - a damaged binary may fail any way
+        return Outcome(label, FAILED, f"could not load or run it: {type(exc).__name__}: {exc}")
+    out = next(a.name for a in arguments if a.is_out)
+    diff = first_difference(arrays[out], want)
+    shape = "x".join(map(str, arrays[out].shape))
+    return Outcome(label, MISMATCH, diff) if diff else Outcome(label, OK, f"{shape} bit-exact")
+
+
+# --- bundles and the cache -----------------------------------------------------------
+
+def verify_bundle(b: bundle_mod.Bundle, seed: int = 0) -> list[Outcome]:
+    """Every kernel of bundle ``b``, each file hash-checked before it is loaded."""
+    outcomes = []
+    for kernel in b.kernels.values():
+        label = kernel.describe()
+        kind = "so" if kernel.target == "c" else ("cubin" if "cubin" in kernel.binaries
+                                                  else "ptx")
+        if kind not in kernel.binaries:
+            outcomes.append(Outcome(label, FAILED, f"the manifest lists no {kind} binary"))
+            continue
+        try:
+            path, data = b.read_verified(kernel.binaries[kind])
+        except (DqgenError, OSError) as exc:
+            outcomes.append(Outcome(label, FAILED, f"could not load it: {exc}"))
+            continue
+        outcomes.append(check_kernel(kernel.record.get("descriptor"), kernel.target,
+                                     kernel.arch, path if kind == "so" else data, label,
+                                     kernel.source["sha256"], seed))
+    return outcomes
+
+
+def verify_cache(seed: int = 0) -> list[Outcome]:
+    """Every entry of this dqgen version's cache whose files match their hashes (damaged
+    entries are reported; the runtime would rebuild them)."""
+    outcomes = []
+    root = cache.version_dir()
+    for meta_path in sorted(root.glob(f"*/??/*/{cache.META}")):
+        entry = meta_path.parent
+        meta = cache.verify_entry(entry, quiet=True)
+        label = f"{entry.relative_to(root)}"
+        if meta is None:
+            outcomes.append(Outcome(label, FAILED, "damaged: its files do not match "
+                                    f"{cache.META} (the runtime rebuilds it)"))
+            continue
+        target = meta.get("target", "")
+        arch = meta.get("isa") if target == "c" else meta.get("arch")
+        label = f"{meta.get('uri', '?')} ({target}:{arch}) [{entry.name[:12]}]"
+        names = ["kernel.so"] if target == "c" else ["kernel.cubin", "kernel.ptx"]
+        found = [entry / n for n in names if (entry / n).is_file()]
+        source = entry / ("kernel.c" if target == "c" else "kernel.cu")
+        if not found or not source.is_file():
+            outcomes.append(Outcome(label, FAILED, "the entry holds no binary or source"))
+            continue
+        sha = cache.sha256_file(source)
+        binary = found[0] if target == "c" else found[0].read_bytes()
+        # a stale cache entry is only unused (its key no longer comes up), not wrong
+        outcomes.append(check_kernel(meta.get("descriptor"), target, arch, binary, label,
+                                     sha, seed, stale=SKIPPED))
+    return outcomes
