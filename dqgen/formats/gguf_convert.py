@@ -1,0 +1,280 @@
+"""``dqgen convert model.gguf out.safetensors --dtype f16|bf16|f32``: every tensor of a
+GGUF file into a safetensors file (or shards and an index).
+
+Quantized tensors are dequantized to ``--dtype``; F32/F16/BF16 (and F64/integer) tensors
+are copied as stored; shapes are in PyTorch's order. The GGUF metadata becomes the
+safetensors metadata (strings as they are, other values JSON-encoded, plus ``format:
+pt``, which transformers asks for). Every type is checked before a file is created.
+
+Memory stays small whatever the model: each tensor goes out in pieces of about
+``CHUNK_BYTES``, dequantized into one of two reused buffers while the other is written,
+so the kernels and the disk overlap. Output goes to hidden temporary files beside the
+destination, renamed into place only once every shard is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import struct
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InvalidProblemError, UnsupportedError
+from ..ir import GGML_FLOAT_DTYPES, parse_dtype
+from . import ggml
+from . import gguf as gguf_file
+from .safetensors_io import NAMES, PendingFile, parse_size, shard_paths
+
+CHUNK_BYTES = 16 << 20
+
+
+def safetensors_metadata(metadata: dict) -> dict[str, str]:
+    """GGUF metadata as safetensors metadata: strings kept, other values JSON-encoded."""
+    out = {"format": "pt"}
+    for key, value in metadata.items():
+        out[key] = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return out
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One output tensor: what it is read from and how it is written."""
+
+    info: gguf_file.TensorInfo
+    dtype: str                 # safetensors dtype name
+    nbytes: int
+    dequantized: bool
+
+
+def _plan(f: gguf_file.GGUFFile, out_dtype) -> list[_Item]:
+    """Every tensor in file order; raises naming every tensor dqgen cannot read."""
+    items, unsupported = [], []
+    target = NAMES[out_dtype.np_dtype]
+    for info in sorted(f.tensors.values(), key=lambda t: t.offset):
+        if info.type in gguf_file.FLOAT_TYPES or info.type in gguf_file.VALUE_TYPES:
+            dtype = NAMES[np.dtype(gguf_file.FLOAT_TYPES.get(info.type)
+                                   or gguf_file.VALUE_TYPES[info.type])]
+            items.append(_Item(info, dtype, info.nbytes, False))
+        elif info.supported:
+            items.append(_Item(info, target, math.prod(info.shape) * out_dtype.np_dtype.itemsize,
+                               True))
+        else:
+            unsupported.append(info)
+    if unsupported:
+        listed = ", ".join(f"{t.name!r} ({t.type})" for t in unsupported[:8])
+        more = f" and {len(unsupported) - 8} more" if len(unsupported) > 8 else ""
+        types = sorted({t.type for t in unsupported})
+        raise UnsupportedError(f"{f.path}: {len(unsupported)} tensors have types dqgen does not "
+                               f"dequantize ({', '.join(types)}): {listed}{more}; it reads "
+                               f"{', '.join(gguf_file.supported_types())}")
+    return items
+
+
+def _shards(items: list[_Item], max_bytes: int | None) -> list[list[_Item]]:
+    """Consecutive runs of tensors of at most ``max_bytes`` each (a larger tensor alone)."""
+    shards: list[list[_Item]] = [[]]
+    size = 0
+    for item in items:
+        if max_bytes is not None and shards[-1] and size + item.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += item.nbytes
+    return shards
+
+
+def output_paths(dst, count: int) -> tuple[list[Path], Path | None]:
+    """The shard files and index for ``count`` shards of ``dst`` (``shard_paths``); a
+    directory ``dst`` holds ``model.safetensors`` or ``model-*`` shards and
+    ``model.safetensors.index.json``."""
+    dst = Path(dst)
+    if dst.is_dir() or str(dst).endswith(os.sep):
+        dst = dst / "model.safetensors"
+    return shard_paths(dst, count)
+
+
+def _temp_beside(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    return os.fdopen(fd, "wb"), Path(tmp)
+
+
+class _ShardWriter:
+    """One safetensors file written front to back: the header (known in full up front),
+    then the tensors' bytes in order, in pieces, into a temporary file that ``commit``
+    renames to ``path``."""
+
+    def __init__(self, path: Path, items: list[_Item], metadata: dict[str, str]) -> None:
+        self.path = path
+        header: dict = {"__metadata__": metadata}
+        offset = 0
+        for item in items:
+            header[item.info.name] = {"dtype": item.dtype, "shape": list(item.info.shape),
+                                      "data_offsets": [offset, offset + item.nbytes]}
+            offset += item.nbytes
+        self.expected, self.written = offset, 0
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (-len(text) % 8)
+        self._fh, self.tmp = _temp_beside(path)
+        try:
+            self._fh.write(struct.pack("<Q", len(text)) + text)
+        except BaseException:
+            self.abort()
+            raise
+
+    def write(self, chunk: np.ndarray) -> None:
+        view = memoryview(chunk.reshape(-1).view(np.uint8))
+        self._fh.write(view)
+        self.written += view.nbytes
+
+    def finish(self) -> None:
+        if self.written != self.expected:  # a bug, never bad input: the plan fixed the sizes
+            raise RuntimeError(f"{self.path}: wrote {self.written} of {self.expected} bytes")
+        self._fh.close()
+
+    def commit(self) -> None:
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self._fh.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _pieces(f: gguf_file.GGUFFile, item: _Item, out_dtype, buffers):
+    """The tensor's output bytes in pieces of about ``CHUNK_BYTES``: mapped file bytes for
+    a copied tensor, else whole blocks dequantized into ``buffers`` in turn."""
+    data = f.array(item.info.name)
+    if not item.dequantized:
+        flat = data.reshape(-1).view(np.uint8)
+        for start in range(0, flat.size, CHUNK_BYTES):
+            yield flat[start:start + CHUNK_BYTES]
+        return
+    bv, bb = gguf_file.block_size(item.info.type)
+    blocks = data.reshape(-1, bb)
+    per = max(1, CHUNK_BYTES // (bv * out_dtype.np_dtype.itemsize))
+    for k, start in enumerate(range(0, blocks.shape[0], per)):
+        part = blocks[start:start + per]
+        buf = buffers[k % len(buffers)]
+        y = buf[:part.shape[0] * bv * out_dtype.np_dtype.itemsize].view(out_dtype.np_dtype)
+        ggml.dequantize(part, item.info.type, dtype=out_dtype.value,
+                        out=y.reshape(part.shape[0], bv))
+        yield y
+
+
+@contextlib.contextmanager
+def _num_threads(jobs: int | None):
+    """Kernels run on ``jobs`` threads meanwhile (DQGEN_NUM_THREADS, which plans read)."""
+    if jobs is None:
+        yield
+        return
+    if jobs < 1:
+        raise InvalidProblemError(f"-j/--jobs={jobs} must be >= 1")
+    old = os.environ.get("DQGEN_NUM_THREADS")
+    os.environ["DQGEN_NUM_THREADS"] = str(jobs)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("DQGEN_NUM_THREADS", None)
+        else:
+            os.environ["DQGEN_NUM_THREADS"] = old
+
+
+def convert_file(src, dst, dtype="f16", jobs: int | None = None,
+                 max_shard_bytes: int | None = None, progress=None) -> list[Path]:
+    """Write every tensor of GGUF file ``src`` to safetensors ``dst`` (sharded above
+    ``max_shard_bytes``, with an index); ``progress(done_bytes, total_bytes, name)`` is
+    called as output is written. Returns the files written (index last)."""
+    out_dtype = parse_dtype(dtype, "dtype", GGML_FLOAT_DTYPES)
+    if max_shard_bytes is not None and max_shard_bytes < 1:
+        raise InvalidProblemError(f"max_shard_bytes={max_shard_bytes} must be >= 1")
+    f = gguf_file.open(src)
+    items = _plan(f, out_dtype)
+    shards = _shards(items, max_shard_bytes)
+    paths, index = output_paths(dst, len(shards))
+    if any(p.resolve() == f.path.resolve() for p in paths):
+        raise InvalidProblemError(f"the output {dst} must differ from the input {src}")
+    metadata = safetensors_metadata(f.metadata)
+    total = sum(item.nbytes for item in items)
+    largest = max((item.nbytes for item in items if item.dequantized), default=0)
+    buffers = [np.empty(min(largest, CHUNK_BYTES), np.uint8) for _ in range(2)]
+    writers: list = []  # the shards, then the index
+    done = 0
+    try:
+        with _num_threads(jobs), ThreadPoolExecutor(1, thread_name_prefix="dqgen-write") as io:
+            for shard, path in zip(shards, paths):
+                writer = _ShardWriter(path, shard, metadata)
+                writers.append(writer)
+                pending = None
+                for item in shard:
+                    for piece in _pieces(f, item, out_dtype, buffers):
+                        if pending is not None:  # the other buffer is free once written
+                            done += pending.result()
+                            if progress:
+                                progress(done, total, item.info.name)
+                        pending = io.submit(lambda p=piece, w=writer: (w.write(p), p.nbytes)[1])
+                if pending is not None:
+                    done += pending.result()
+                    if progress:
+                        progress(done, total, shard[-1].info.name)
+                writer.finish()
+        if index is not None:
+            writers.append(_index(index, shards, paths, total))
+        for writer in writers:  # the index last: it never names a shard not yet in place
+            writer.commit()
+    except BaseException:
+        for writer in writers:
+            writer.abort()
+        raise
+    return paths + ([index] if index is not None else [])
+
+
+def _index(path: Path, shards, paths, total: int) -> PendingFile:
+    """``NAME.safetensors.index.json`` as transformers reads it (total size, tensor ->
+    file), in a temporary file until committed."""
+    weight_map = {item.info.name: p.name for shard, p in zip(shards, paths) for item in shard}
+    return PendingFile(path, json.dumps({"metadata": {"total_size": total},
+                                         "weight_map": weight_map}, indent=2).encode() + b"\n")
+
+
+def run(args) -> int:
+    """The ``dqgen convert`` command for a ``.gguf`` input (``convert.run`` hands it over)."""
+    from .convert import Progress
+
+    max_shard = getattr(args, "max_shard_size", None)
+    max_shard = parse_size(max_shard) if isinstance(max_shard, str) else max_shard
+    quiet = getattr(args, "quiet", False)
+    bar: list = []
+    last = [0.0]
+
+    def progress(done: int, total: int, name: str) -> None:
+        """The bar in MB, redrawn 10 times a second (a line every 2 s when not a terminal)."""
+        if not bar:
+            bar.append(Progress(max(1, -(-total // 10**6)), quiet, unit="MB"))
+        now = time.perf_counter()
+        if done == total or now - last[0] >= (0.1 if bar[0].tty else 2.0):
+            last[0] = now
+            bar[0].step(-(-done // 10**6), name)
+
+    start = time.perf_counter()
+    try:
+        files = convert_file(args.input, args.output, args.dtype, getattr(args, "jobs", None),
+                             max_shard, progress)
+    finally:
+        if bar:
+            bar[0].finish()
+    seconds = time.perf_counter() - start
+    if not quiet:
+        size = sum(p.stat().st_size for p in files)
+        shown = files[0] if len(files) == 1 else f"{len(files) - 1} shards and {files[-1]}"
+        print(f"{shown}: {args.input} converted to {args.dtype} in {seconds:.1f} s "
+              f"({size / 1e9:.2f} GB written, {size / 1e9 / max(seconds, 1e-9):.2f} GB/s)")
+    return 0
