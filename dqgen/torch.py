@@ -53,7 +53,14 @@ _TORCH_DTYPE = {DType.F32: torch.float32, DType.F64: torch.float64, DType.F16: t
 
 
 def _op(name: str, devices=_DEVICES):
-    return torch.library.custom_op(f"dqgen::{name}", mutates_args=(), device_types=devices)
+    """Register ``fn`` as ``dqgen::name`` for ``devices``, keeping its docstring for help()."""
+    register = torch.library.custom_op(f"dqgen::{name}", mutates_args=(), device_types=devices)
+
+    def decorate(fn):
+        op = register(fn)
+        op.__doc__ = fn.__doc__
+        return op
+    return decorate
 
 
 def _float(t: Tensor, name: str) -> DType:
