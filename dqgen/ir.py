@@ -609,5 +609,54 @@ class DequantizeFloatZeroDescriptor(_PerGroupDescriptor):
                 f"g{self.group_size}_{mid}")
 
 
+#: Bit widths HQQ packs (``hqq.core.bitpack.BitPack``): 8 in plain bytes; 4, 2 and 1 in
+#: uint8 planes; 3 in int32 planes of ten values.
+HQQ_BITS = (8, 4, 3, 2, 1)
+
+
+@dataclass(frozen=True)
+class HqqDequantizeDescriptor(_PerGroupDescriptor):
+    """HQQ (``hqq`` package): ``W = F(F(W_q - zero) * scale)``, ``zero`` and ``scale`` of F,
+    each step rounded to F as torch does on F tensors (no ``mid``, no FMA).
+
+    ``q`` holds ``[outer, axis]`` words of HQQ's ``BitPack`` (uint8; int32 for 3 bits), and
+    a value is the ``bits``-wide field at bit ``shift`` of its word: one call dequantizes
+    one plane. ``shift`` is a run-time argument of the kernel, so all planes share it.
+    """
+
+    op: ClassVar[Op] = Op.DEQUANTIZE
+    zero_kind: ClassVar[str] = "float"
+    zero_first: ClassVar[bool] = True   # the zero is subtracted from q, before the product
+    float_dtype: DType
+    bits: int = 4
+    shift: int = 0
+
+    def verify(self) -> None:
+        super().verify()
+        bits = check_int(self.bits, "bits", minimum=0)
+        if bits not in HQQ_BITS:
+            raise UnsupportedError(f"bits={bits} is not supported for HQQ; expected one of "
+                                   f"{', '.join(map(str, HQQ_BITS))}")
+        object.__setattr__(self, "bits", bits)
+        top = 8 * self.int_dtype.itemsize - bits
+        object.__setattr__(self, "shift", check_int(self.shift, "shift", minimum=0, maximum=top))
+
+    @property
+    def int_dtype(self) -> DType:
+        return DType.I32 if self.bits == 3 else DType.U8
+
+    @property
+    def field_bits(self) -> int:
+        """Bits of a field read at ``shift`` (0: the whole byte is the value)."""
+        return 0 if self.bits == 8 else self.bits
+
+    @property
+    def mid(self) -> int:
+        return 0
+
+    @property
+    def uri(self) -> str:
+        return f"dequant_hqq{self.bits}_{self.float_dtype.value}_g{self.group_size}"
+
 FORMAT_DESCRIPTORS = (GptqDequantizeDescriptor, AwqDequantizeDescriptor,
                       GgmlDequantizeDescriptor, DequantizeFloatZeroDescriptor)

@@ -81,6 +81,8 @@ BF16_NORMAL_MIN_BITS = 0x0080
 # A float zero point (DequantizeFloatZeroDescriptor), as torchao's tinygemm dequantize
 # computes it on F tensors: the difference, the product and the sum each rounded to F.
 FLOAT_ZERO_FORMULA = "y = F(F(F(C(q) - mid) * C(scale)) + C(zero_point)), mid = (q_max + q_min + 1) / 2"
+# HQQ (HqqDequantizeDescriptor): the float zero subtracted from q, then the product.
+HQQ_FORMULA = "y = F(F(C(q) - C(zero_point)) * C(scale)), q the bits-wide field at shift"
 # The helper rounding a compute value to a 16-bit F and back (f32/f64 steps need none).
 _ROUND_TO_FLOAT = {DType.F16: "round_f16", DType.BF16: "round_bf16"}
 # Packed quantize with an odd group size: neighbouring groups share a byte, so the
@@ -180,6 +182,8 @@ class KernelSpec:
     mid: int = 0                    # float zero point: the integer part of the q value that maps to z
     mid_fraction: str = ""          # and its half, a compute-type literal ("" when mid is an integer)
     zero_round: str = ""            # float zero point: helper rounding each step to F ("": none)
+    zero_first: bool = False        # float zero point subtracted from q before the product (HQQ)
+    field_mask: int = 0             # q is the field (word >> shift) & field_mask (0: the whole word)
     template: str = ""              # the layout's own loop template ("" = the family's)
     bits: int = 8                   # bits of one stored value
     zero_offset: int = 0            # added to a stored zero point's field (AutoGPTQ's v1: 1)
@@ -243,6 +247,8 @@ def _params(desc: _PerGroupDescriptor, storage: dict) -> tuple[Param, ...]:
     params += [Param("outer", None, "scalar", "int64_t"), Param("axis", None, "scalar", "int64_t")]
     if desc.op in (Op.QUANTIZE, Op.QUANTIZE_BACKWARD):
         params += [Param("q_min", None, "scalar", "int32_t"), Param("q_max", None, "scalar", "int32_t")]
+    if getattr(desc, "field_bits", 0):  # HQQ: the bit offset of the plane's fields
+        params.append(Param("shift", None, "scalar", "int32_t"))
     return tuple(params)
 
 
@@ -392,6 +398,10 @@ def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
     zero_round = _ROUND_TO_FLOAT.get(desc.float_dtype, "") if float_zero else ""
     if zero_round:  # each step rounds to F element by element, not in the register path
         simd = dict(simd, simd_stage_int=False)
+    field_bits = getattr(desc, "field_bits", 0)
+    if field_bits:  # the SIMD paths load whole words, not fields: element by element
+        simd = _cpu_simd(desc, "", arch, out, float_inputs)
+    zero_first = getattr(desc, "zero_first", False)
     mid = math.floor(desc.mid) if float_zero else 0
     half = "0.5" + ("" if compute is DType.F64 else "f")
     fast_limit = 0
@@ -405,7 +415,8 @@ def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
         op=desc.op, uri=desc.uri, entry=f"dqgen_{desc.uri}", target=target, arch=arch,
         group_size=desc.group_size, float_dtype=desc.float_dtype, int_dtype=desc.int_type,
         compute_type="double" if compute is DType.F64 else "float", compute_dtype=compute,
-        params=params, formula=FLOAT_ZERO_FORMULA if float_zero else FORMULAS[desc.op],
+        params=params, formula=(HQQ_FORMULA if zero_first else FLOAT_ZERO_FORMULA) if float_zero
+        else FORMULAS[desc.op],
         descriptor=describe(desc),
         out_name=out.name, out_c_type=storage[out.dtype],
         has_zero_point=any(p.name == "zero_point" for p in params),
@@ -433,5 +444,6 @@ def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
         fma_scale_min_bits=BF16_NORMAL_MIN_BITS if fused and simd.get("store_pairs") else 1,
         zero_kind="float" if float_zero else "int", mid=mid,
         mid_fraction=half if float_zero and desc.mid != mid else "", zero_round=zero_round,
+        zero_first=zero_first, field_mask=(1 << field_bits) - 1,
     )
     return _schedule_cuda(spec, desc) if target == "cuda" else spec

@@ -136,3 +136,22 @@ def float_zero_dequantize(q, scale, zero, group_size, q_min, q_max, out_dtype):
         diff = (q.astype(np.float64) - mid).astype(f).astype(c)   # q - mid is exact in f64
         prod = (diff * s).astype(f).astype(c)
         return (prod + z).astype(f)
+
+
+def unpack_hqq(words: np.ndarray, bits: int, rows: int) -> np.ndarray:
+    """HQQ's BitPack words [step, gs] -> values [rows, gs]: plane j (rows j*step...) in the
+    field at bit bits * (8 / bits - 1 - j) of a byte; 3 bits: ten planes of an int32 word,
+    plane j at bit 27 - 3 j (rows padded to ten planes, cut to `rows`)."""
+    w = words.view(np.uint32 if bits == 3 else np.uint8).astype(np.int64)
+    planes = 10 if bits == 3 else 8 // bits
+    top = 27 if bits == 3 else 8 - bits
+    out = [(w >> (top - bits * j)) & ((1 << bits) - 1) for j in range(planes)]
+    return np.concatenate(out, axis=0)[:rows]
+
+
+def hqq_dequantize(values, scale, zero, out_dtype):
+    """W = F(F(W_q - zero) * scale) per row (a group): each step rounded to F."""
+    c, f = _compute(out_dtype), out_dtype
+    with np.errstate(all="ignore"):
+        diff = (values.astype(c) - zero.astype(c)).astype(f)
+        return (diff.astype(c) * scale.astype(c)).astype(f)

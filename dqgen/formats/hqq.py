@@ -1,0 +1,102 @@
+"""HQQ (``hqq`` package, ``Quantizer.dequantize``): ``W = F(F(W_q - zero) * scale)``.
+
+``zero`` and ``scale`` are floats of the result's dtype F; each step is rounded to F, as
+torch computes on F tensors (FORMATS.md). ``W_q`` is HQQ's ``BitPack`` layout of the
+``[R, group_size]`` matrix of values (``axis=1``: a row is a group, R = numel / group_size):
+``8 / bits`` planes of ``step`` rows stacked in each byte, plane ``j`` (rows
+``j * step ...``) at bit ``bits * (8 / bits - 1 - j)``; 3 bits pack ten planes in int32
+words, plane ``j`` at bit ``27 - 3 * j``, the rows padded to a multiple of ten. The
+kernel reads the fields straight from the words, one plane a call (the same kernel for
+every plane: the bit offset is a run-time argument).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..arrays import to_numpy
+from ..errors import InvalidProblemError, UnsupportedError
+from ..ir import HQQ_BITS, HqqDequantizeDescriptor, check_int
+from . import _inputs
+from .plan import FormatPlan
+
+
+def _planes(bits: int) -> tuple[int, int]:
+    """(planes a word, bit offset of plane 0) of HQQ's packing for ``bits``."""
+    if bits == 3:
+        return 10, 27
+    return 8 // bits, 8 - bits
+
+
+def _words(W_q, bits: int) -> np.ndarray:
+    """``W_q`` as its words: uint8 (int32 for 3 bits); a float view (HQQ's
+    ``view_as_float``) or a signed/unsigned twin is viewed, not converted."""
+    arr = _inputs.array(W_q, "W_q", 2)
+    want = np.dtype(np.int32 if bits == 3 else np.uint8)
+    if arr.dtype.kind in "fV" or (arr.dtype.kind in "iu" and arr.dtype.itemsize == want.itemsize):
+        if (arr.shape[1] * arr.dtype.itemsize) % want.itemsize:
+            raise InvalidProblemError(f"W_q of dtype {arr.dtype} and shape {arr.shape} cannot "
+                                      f"be viewed as {want} words")
+        return arr.view(want)
+    raise InvalidProblemError(f"W_q has dtype {arr.dtype}; HQQ packs {bits}-bit values in "
+                              f"{want} words")
+
+
+def _group_params(obj, name: str, rows: int) -> np.ndarray:
+    arr = to_numpy(obj, name)
+    arr = _inputs.array(arr, name, arr.ndim)
+    if arr.size != rows or (arr.ndim == 2 and arr.shape[1] != 1) or arr.ndim > 2:
+        raise InvalidProblemError(f"{name} has shape {arr.shape}, expected ({rows}, 1): one "
+                                  "value a group (HQQ's axis=1)")
+    return arr.reshape(rows, 1)
+
+
+def dequantize(W_q, scale, zero, nbits: int, shape, group_size=None, axis: int = 1,
+               device: str = "cpu", out=None):
+    """HQQ's ``Quantizer.dequantize(W_q, meta)`` bit for bit, from the meta's fields.
+
+    ``W_q`` as ``Quantizer.quantize`` packs it (``meta["packing"]``; a float view is read
+    as its words), ``scale`` and ``zero`` ``[R, 1]`` of one float dtype F (HQQ's
+    ``compute_dtype``; the result has it), ``nbits`` one of 8, 4, 3, 2, 1, ``shape`` the
+    weight's (``meta["shape"]``), ``group_size`` ``meta["group_size"]`` (None: a row of
+    ``shape`` is a group). Only ``axis=1`` (HQQLinear's default) is supported. ``out``: an
+    array of F and ``shape`` to write instead of allocating one.
+    """
+    bits = check_int(nbits, "nbits", minimum=0)
+    if bits not in HQQ_BITS:
+        raise UnsupportedError(f"nbits={nbits} is not supported for HQQ; expected one of "
+                               f"{', '.join(map(str, HQQ_BITS))}")
+    if axis != 1:
+        raise UnsupportedError(f"axis={axis!r}: only HQQ's axis=1 layout (a row of W_q is a "
+                               "group, HQQLinear's default) is supported")
+    shape = tuple(check_int(n, "shape", minimum=0) for n in shape)
+    numel = int(np.prod(shape, dtype=np.int64))
+    gs = shape[-1] if group_size is None else check_int(group_size, "group_size", minimum=1)
+    if not shape or numel % gs:
+        raise InvalidProblemError(f"shape={shape} does not hold whole groups of "
+                                  f"group_size={gs}")
+    rows = numel // gs
+    words = _words(W_q, bits)
+    planes, top = _planes(bits)
+    step = words.shape[0]
+    if words.shape[1] != gs or not (planes * (step - 1) < rows <= planes * step if bits == 3
+                                    else rows == planes * step):
+        expect = f"({-(-rows // planes)}, {gs})" if bits == 3 else f"({rows // planes}, {gs})"
+        raise InvalidProblemError(f"W_q has shape {words.shape}, expected {expect} for "
+                                  f"{bits}-bit HQQ of shape {shape} in groups of {gs}")
+    s, float_dtype = _inputs.float_array(_group_params(scale, "scale", rows), "scale")
+    z = _group_params(zero, "zero", rows)
+    if z.dtype != s.dtype:
+        raise InvalidProblemError(f"zero has dtype {z.dtype}; HQQ's zero and scale must share "
+                                  f"the compute dtype (scale is {s.dtype})")
+    y, result = _inputs.output((rows, gs), float_dtype, scale, out, result_shape=shape)
+    for j in range(planes):
+        first, last = j * step, min(rows, (j + 1) * step)
+        if first >= last:
+            break
+        desc = HqqDequantizeDescriptor(last - first, gs, gs, float_dtype, bits,
+                                       top - bits * j if bits != 8 else 0)
+        FormatPlan.select(desc, device=device).run(
+            {"q": words[:last - first], "scale": s[first:last], "zero_point": z[first:last],
+             "y": y[first:last]})
+    return result() if out is not None else result().reshape(shape)
