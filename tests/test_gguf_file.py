@@ -263,6 +263,28 @@ def test_convert_bf16_in_shards(tmp_path, capsys):
     assert index["metadata"]["total_size"] == sum(a.nbytes for a in got.values())
 
 
+def test_convert_while_a_slow_disk_writes(tmp_path, monkeypatch):
+    """Each piece is written while the next is dequantized: with writes made slow, no
+    buffer is reused before its bytes are out (tensors of one piece and of several)."""
+    import time
+    rng = np.random.default_rng(11)
+    tensors = {f"w{i}": ("Q8_0", _blocks(rng, "Q8_0", (4, 64))) for i in range(4)}
+    tensors["big"] = ("Q4_0", _blocks(rng, "Q4_0", (8, 128)))
+    tensors["norm"] = ("F32", rng.standard_normal(64).astype(np.float32))
+    tensors["last"] = ("Q8_0", _blocks(rng, "Q8_0", (2, 64)))
+    src = tmp_path / "m.gguf"
+    write_gguf(src, tensors)
+    monkeypatch.setattr(gguf_convert, "CHUNK_BYTES", 1024)  # "big" goes out in 4 pieces
+    real = gguf_convert._ShardWriter.write
+    monkeypatch.setattr(gguf_convert._ShardWriter, "write",
+                        lambda self, chunk: (time.sleep(0.02), real(self, chunk))[1])
+    out = tmp_path / "m.safetensors"
+    gguf_convert.convert_file(src, out, "f32")
+    got, want = safetensors.load_file(str(out)), oracle(src)
+    for name in tensors:
+        assert_bits_equal(got[name], want[name])
+
+
 def test_convert_into_a_directory(model, tmp_path):
     assert run_cli(model, str(tmp_path) + os.sep, "--dtype", "f32") == 0
     assert os.listdir(tmp_path) == ["model.safetensors"]

@@ -7,7 +7,7 @@ touched: every tensor's type is known, its rows hold whole blocks, and its bytes
 inside the file and before the next tensor's. So a damaged or truncated file fails naming
 the file, the tensor and its type, never with a numpy error or a wrong value. A quantized
 tensor's mapped block bytes go to ``dqgen.formats.ggml.dequantize`` as they are (no
-copy); F32/F16/BF16 tensors are cast (rounded once, to nearest even).
+copy), F32/F16/BF16 tensors' bytes too (cast, rounded once to nearest even).
 
 GGUF lists a tensor's dimensions innermost first; shapes here are in PyTorch's order.
 """
@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import InvalidProblemError, UnsupportedError
 from ..ir import GGML_FLOAT_DTYPES, DType, parse_dtype
-from . import _inputs, ggml
+from . import ggml
 
 #: Float tensor types dequantize casts; numpy dtype of their values.
 FLOAT_TYPES = {"F32": DType.F32.np_dtype, "F16": DType.F16.np_dtype,
@@ -51,13 +51,7 @@ def _gguf():
 
 def supports(qtype: str) -> bool:
     """Whether ``GGUFFile.dequantize`` reads tensors of GGML type ``qtype`` ("Q4_K")."""
-    if qtype in FLOAT_TYPES:
-        return True
-    try:
-        ggml.block_bytes(qtype)
-    except (UnsupportedError, InvalidProblemError):
-        return False
-    return True
+    return qtype in ggml.TYPES
 
 
 def block_size(qtype: str) -> tuple[int, int]:
@@ -256,12 +250,7 @@ class GGUFFile:
                 + (f" (it holds plain {info.type} values: read them with .array(name))"
                    if info.type in VALUE_TYPES else
                    f"; it reads {', '.join(supported_types())}"))
-        data = self.array(name)
-        if info.type in FLOAT_TYPES:
-            y, result = _inputs.output(info.shape, out_dtype, data, out)
-            with np.errstate(invalid="ignore"):  # NaN stays NaN; numpy warns on the cast
-                np.copyto(y, data, casting="unsafe")
-            return result()
+        data = self.array(name).view(np.uint8)  # float types' values as their bytes
         return ggml.dequantize(data, info.type, dtype=out_dtype.value, out=out)
 
     def items(self, dtype="f16"):

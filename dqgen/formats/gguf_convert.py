@@ -15,6 +15,7 @@ destination, renamed into place only once every shard is complete.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -150,7 +151,8 @@ class _ShardWriter:
 
 def _pieces(f: gguf_file.GGUFFile, item: _Item, out_dtype, buffers):
     """The tensor's output bytes in pieces of about ``CHUNK_BYTES``: mapped file bytes for
-    a copied tensor, else whole blocks dequantized into ``buffers`` in turn."""
+    a copied tensor, else whole blocks dequantized into the next of ``buffers`` (a cycle
+    shared by every tensor, so a piece never lands in the buffer of the one before it)."""
     data = f.array(item.info.name)
     if not item.dequantized:
         flat = data.reshape(-1).view(np.uint8)
@@ -160,9 +162,9 @@ def _pieces(f: gguf_file.GGUFFile, item: _Item, out_dtype, buffers):
     bv, bb = gguf_file.block_size(item.info.type)
     blocks = data.reshape(-1, bb)
     per = max(1, CHUNK_BYTES // (bv * out_dtype.np_dtype.itemsize))
-    for k, start in enumerate(range(0, blocks.shape[0], per)):
+    for start in range(0, blocks.shape[0], per):
         part = blocks[start:start + per]
-        buf = buffers[k % len(buffers)]
+        buf = next(buffers)
         y = buf[:part.shape[0] * bv * out_dtype.np_dtype.itemsize].view(out_dtype.np_dtype)
         ggml.dequantize(part, item.info.type, dtype=out_dtype.value,
                         out=y.reshape(part.shape[0], bv))
@@ -205,7 +207,7 @@ def convert_file(src, dst, dtype="f16", jobs: int | None = None,
     metadata = safetensors_metadata(f.metadata)
     total = sum(item.nbytes for item in items)
     largest = max((item.nbytes for item in items if item.dequantized), default=0)
-    buffers = [np.empty(min(largest, CHUNK_BYTES), np.uint8) for _ in range(2)]
+    buffers = itertools.cycle([np.empty(min(largest, CHUNK_BYTES), np.uint8) for _ in range(2)])
     writers: list = []  # the shards, then the index
     done = 0
     try:
