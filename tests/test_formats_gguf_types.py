@@ -145,6 +145,24 @@ def test_rows_of_one_block_and_of_many(qtype):
     assert_bits_equal(misaligned, want)
 
 
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_every_isa(isa):
+    """The explicit vectors (and their codebook permute, lane-indexed bit strings and
+    scalar tails) on the narrower ISAs, where a vector is several registers."""
+    from dqgen.formats.plan import FormatPlan
+    from dqgen.isa import supported_isas
+    from dqgen.plans import PlanPreference
+    if isa not in supported_isas():
+        pytest.skip(f"this CPU cannot run {isa} code")
+    rng = np.random.default_rng(70)
+    for qtype, out in (("Q5_0", "f16"), ("IQ4_XS", "bf16"), ("TQ1_0", "f32"), ("Q6_K", "f16")):
+        data = random_blocks(rng, qtype, blocks=9)
+        desc = GgmlDequantizeDescriptor(9, qtype, out)
+        y = np.empty((9, ggml.block_values(qtype)), FLOATS[out])
+        FormatPlan.select(desc, preference=PlanPreference(isa=isa)).run({"data": data, "y": y})
+        assert_bits_equal(y, oracle(data, qtype, out).reshape(y.shape))
+
+
 def test_read_only_bytes_without_a_copy(tmp_path):
     """Block bytes from a read-only memoryview and from an np.memmap of a file."""
     rng = np.random.default_rng(50)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..ir import GGML_BLOCK_BYTES, GGML_BLOCK_VALUES, Layout
+from ..ir import GGML_BLOCK_BYTES, GGML_BLOCK_VALUES, DType, Layout
 
 
 @dataclass(frozen=True)
@@ -232,16 +232,65 @@ _check_table()
 # Raw float loads: the helper that turns a field's bits into an f32, and its byte width.
 SCALAR_LOADS = {"f16": ("load_f16_bits", 2), "bf16": ("load_bf16_bits", 2),
                 "f32": ("load_f32_bits", 4), "e8m0_half": ("load_e8m0_half", 1)}
+# C: runs of values go through explicit vectors of this many 32-bit lanes (GCC vector
+# extensions: one AVX-512 register, two AVX2 ones). The compiler's own loop vectorizer
+# sizes a loop by its narrowest type (the bytes read), so a run of 16 would otherwise
+# compute its floats four to an SSE register. A 16-entry codebook is one permute.
+VECTOR_LANES = 16
+# Float tensors (C): values a batch, whose two arrays (stored and f32) stay in L1.
+PASSTHROUGH_STAGE = 1024
+# Float tensors (C): values copied into an array of the storage type, then converted as
+# a batch by the shared converters (F16C eight at a time for f16).
+RAW_FLOATS = {"f16": ("uint16_t", "f16"), "bf16": ("uint16_t", "bf16"), "f32": ("float", "f32")}
+
+
+@dataclass(frozen=True)
+class Source:
+    """One plane's bits for a run of elements ``i = 0, 1, ...``: byte ``offset + i`` shifted
+    by ``shift`` (``word`` empty), or bits ``shift + i * bits`` of the 64-bit local
+    ``word``; masked, times ``mul`` first for a trit, placed at bit ``into``."""
+
+    offset: int
+    shift: int
+    mask: int
+    into: int
+    mul: int = 0
+    word: str = ""
+    bits: int = 0
+
+
+@dataclass(frozen=True)
+class Run:
+    """Elements ``[start, start + length)`` of a field, all in sub-block ``sub``, whose
+    every plane reads consecutive bytes (or bits) at one shift: one vectorizable loop."""
+
+    start: int
+    length: int
+    sub: int
+    sources: tuple[Source, ...]
+    lanes: int = 0   # C: VECTOR_LANES a step in explicit vectors (0: a plain loop)
+
+
+@dataclass(frozen=True)
+class Word:
+    """A little-endian integer of ``nbytes`` at ``offset`` (a plane of one byte a run,
+    read as a bit string: Q5_0's 32 high bits, IQ4_XS's packed scales)."""
+
+    name: str
+    offset: int
+    nbytes: int
 
 
 @dataclass(frozen=True)
 class FieldKnobs:
-    """A field as the templates unpack it: into array (C) or function (CUDA) ``name``."""
+    """A field as the templates unpack it: ``runs`` (C loops) or the function ``name_at``
+    of an element index (CUDA)."""
 
     name: str
     field: Field
-    assign: tuple[bool, ...]  # plane i is the first to write its elements (=, not |=)
     offset: int               # subtracted by the unpacking (the values' offset is zp's)
+    runs: tuple[Run, ...]
+    words: tuple[Word, ...]
 
 
 @dataclass(frozen=True)
@@ -261,39 +310,99 @@ class GgmlKnobs:
     negate_min: bool               # K-quants subtract dmin * min: m_k = -(...)
     loads: tuple[str, ...]         # raw float loads the prelude defines (f16's is shared)
     as_float: str                  # the target's u32 -> f32 bit cast
+    raw: tuple[str, str]           # float tensors: the raw storage's C type and DType name
+    float_helpers: tuple[str, ...]  # conversions of the shared prelude the kernel calls
+    vector_lanes: int              # C: lanes of the explicit vectors (0: none used)
+    lane_index: bool               # C: a vector run reads a word (needs the lane numbers)
+    scalar_codebook: bool          # the codebook is read one value at a time (CUDA, C tails)
+    stage: bool                    # C: a block's results staged as floats, then converted
+    passthrough_stage: int         # C, float tensors: values copied and converted a batch
 
 
-def _field_knobs(name: str, f: Field | None, with_offset: bool) -> FieldKnobs | None:
+def _is_word(p: Plane) -> bool:
+    """A plane of one-byte runs whose bits follow each other: a bit string."""
+    return p.width == 1 and not p.trit and p.shift == 0 and p.bits * p.per_byte == 8
+
+
+def _runs(name: str, f: Field, sub: int) -> tuple[tuple[Run, ...], tuple[Word, ...]]:
+    """Cut the field at every border of a plane's byte runs and of the sub-blocks of
+    ``sub`` elements (0: none), so each piece reads every plane at one shift from
+    consecutive bytes."""
+    words = {}
+    cuts = {0, f.count, *range(0, f.count, sub or f.count)}
+    for p in f.planes:
+        cuts |= {p.start, p.start + p.count}
+        if _is_word(p):
+            if p.count * p.bits > 64:
+                raise ValueError(f"plane {p} is more than 64 bits")
+            words[p] = Word(f"{name}_w{len(words)}", p.offset, -(-p.count * p.bits // 8))
+        else:
+            cuts |= set(range(p.start, p.start + p.count, p.width))
+    cuts = sorted(cuts)
+    word_bytes = {w.name: w.nbytes for w in words.values()}
+    runs = []
+    for a, b in zip(cuts, cuts[1:]):
+        sources = []
+        for p in f.planes:
+            if not p.start <= a < p.start + p.count:
+                continue
+            t = a - p.start
+            if p in words:
+                sources.append(Source(0, p.shift + t * p.bits, p.mask, p.into,
+                                      word=words[p].name, bits=p.bits))
+                continue
+            s = (t // p.width) % p.per_byte
+            at = p.offset + (t // (p.width * p.per_byte)) * p.width + t % p.width
+            sources.append(Source(at, p.shifts[s], p.mask, p.into,
+                                  mul=p.multipliers[s] if p.trit else 0))
+        # whole vectors of lanes, words that fit a lane (their shifts stay below 32)
+        vector = (b - a) % VECTOR_LANES == 0 and all(
+            not src.word or word_bytes[src.word] <= 4 for src in sources)
+        runs.append(Run(a, b - a, a // sub if sub else 0, tuple(sources),
+                        VECTOR_LANES if vector else 0))
+    return tuple(runs), tuple(words.values())
+
+
+def _field_knobs(name: str, f: Field | None, with_offset: bool, sub: int) -> FieldKnobs | None:
     if f is None:
         return None
-    seen: set[int] = set()
-    assign = []
+    covered = [0] * f.count
     for p in f.planes:
-        covers = set(range(p.start, p.start + p.count))
-        assign.append(not covers & seen)
-        if covers & seen and not covers <= seen:
-            raise ValueError(f"plane {p} partly overlaps an earlier one")
-        seen |= covers
-    if seen != set(range(f.count)):
+        for t in range(p.start, p.start + p.count):
+            covered[t] += 1
+    if min(covered) == 0:
         raise ValueError(f"the planes of {name} leave elements unset")
     if f.codebook and f.offset:
         raise ValueError(f"{name}: an offset before a codebook lookup is not supported")
-    return FieldKnobs(name, f, tuple(assign), f.offset if with_offset else 0)
+    runs, words = _runs(name, f, sub)
+    return FieldKnobs(name, f, f.offset if with_offset else 0, runs, words)
 
 
-def knobs(layout: Layout, target: str) -> GgmlKnobs:
-    """The ggml templates' knobs for ``layout`` on ``target`` ("c" or "cuda")."""
+def knobs(layout: Layout, target: str, float_dtype: DType) -> GgmlKnobs:
+    """The ggml templates' knobs for ``layout`` on ``target`` ("c" or "cuda") writing
+    ``float_dtype``."""
     block = LAYOUTS[layout]
+    q = _field_knobs("q", block.q, False, block.sub or block.values)
+    if q is not None and q.field.codebook and len(q.field.codebook) != VECTOR_LANES:
+        raise ValueError("a codebook is one vector of VECTOR_LANES entries")
     scalars = [block.d] + ([block.m] if block.m else [])
     load = {id(s): SCALAR_LOADS[s.kind] for s in scalars}
     return GgmlKnobs(
         values=block.values, sub=block.sub or block.values, subs=block.subs,
         passthrough=block.q is None,
-        q=_field_knobs("q", block.q, False), scale=_field_knobs("sc", block.scale, True),
-        min=_field_knobs("mn", block.min, True),
+        q=q,
+        scale=_field_knobs("sc", block.scale, True, 0),
+        min=_field_knobs("mn", block.min, True, 0),
         q_offset=block.q.offset if block.q else 0,
         d=(*load[id(block.d)], block.d.offset),
         m=(*load[id(block.m)], block.m.offset) if block.m else None,
         negate_min=block.min is not None,
         loads=tuple(sorted({load[id(s)][0] for s in scalars} - {"load_f16_bits"})),
-        as_float="__uint_as_float" if target == "cuda" else "u32_as_float")
+        as_float="__uint_as_float" if target == "cuda" else "u32_as_float",
+        raw=RAW_FLOATS.get(block.d.kind, ("", "")) if block.q is None else ("", ""),
+        float_helpers=("load_bf16",) if block.q is None and block.d.kind == "bf16" else (),
+        vector_lanes=VECTOR_LANES if q is not None and any(r.lanes for r in q.runs) else 0,
+        lane_index=q is not None and any(r.lanes and any(src.word for src in r.sources)
+                                         for r in q.runs),
+        scalar_codebook=target == "cuda" or (q is not None and not all(r.lanes for r in q.runs)),
+        stage=float_dtype is not DType.F32, passthrough_stage=PASSTHROUGH_STAGE)

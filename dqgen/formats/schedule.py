@@ -107,9 +107,10 @@ def lower_format(desc, target: str, arch: str, storage: dict) -> KernelSpec:
     elif isinstance(desc, GgmlDequantizeDescriptor):
         params = (_pointer("data", DType.U8, "in", storage), _pointer("y", f, "out", storage),
                   Param("blocks", None, "scalar", "int64_t"))
-        g = ggml_layouts.knobs(desc.layout, target)
+        g = ggml_layouts.knobs(desc.layout, target, f)
         fields.update(template="ggml", block_bytes=desc.block_bytes, bits=8, ggml=g,
-                      zero_kind="float" if g.m else "int", mid=0, load_float="load_f16")
+                      zero_kind="float" if g.m else "int", mid=0, load_float="load_f16",
+                      float_helpers=tuple(sorted(helpers | set(g.float_helpers))))
     else:
         raise TypeError(f"no lowering for {type(desc).__name__}")
     out = next(p for p in params if p.role == "out")
