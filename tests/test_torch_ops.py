@@ -13,6 +13,10 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import strategies as S
 
 torch = pytest.importorskip("torch", reason="torch (CPU build) is an optional dependency; "
                             "`pip install torch` to run the dqgen.torch operator tests")
@@ -214,6 +218,32 @@ def test_fake_quantize_forward_and_gradient_are_spec_bit_for_bit(dtype, q_range)
     assert_bits(y.detach(), ref_fake_quantize(x.detach(), scale, zp, 32, *q_range))
     (dx,) = torch.autograd.grad(y, x, dy)
     assert_bits(dx, ref_fake_quantize_grad(dy, x.detach(), scale, zp, 32, *q_range))
+
+
+def to_torch(a: np.ndarray):
+    if a.dtype == S.NP_DTYPES["bf16"]:
+        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(a.copy())
+
+
+@pytest.mark.parametrize("float_name", S.FLOAT_NAMES)
+@S.examples(0.25)
+@given(data=st.data())
+def test_fake_quantize_is_spec_bit_for_bit_on_any_input(float_name, data):
+    """Shapes (empty ones too), NaN/Inf/subnormal values and scales, any int32 zero point,
+    any q range: the value and the x gradient equal SPEC.md in torch."""
+    outer, axis, gs = data.draw(S.shapes(group_sizes=(32,), outers=(0, 1, 5)), "shape")
+    int_name = data.draw(st.sampled_from(S.INT_NAMES), "storage")
+    q_range = data.draw(S.q_ranges(int_name), "q_range")
+    gshape = (outer, axis // gs)
+    x = to_torch(data.draw(S.float_values(float_name, (outer, axis)), "x")).requires_grad_()
+    scale = to_torch(data.draw(S.scales(float_name, gshape), "scale"))
+    zp = to_torch(data.draw(S.zero_points(gshape, int_name), "zero_point"))
+    dy = to_torch(data.draw(S.float_values(float_name, (outer, axis)), "dy"))
+    y = dt.fake_quantize_per_group(x, scale, zp, gs, *q_range)
+    assert_bits(y.detach(), ref_fake_quantize(x.detach(), scale, zp, gs, *q_range))
+    (dx,) = torch.autograd.grad(y, x, dy)
+    assert_bits(dx, ref_fake_quantize_grad(dy, x.detach(), scale, zp, gs, *q_range))
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
