@@ -195,6 +195,10 @@ def test_reader_errors(model):
         f.dequantize("t.q8_0", "f64")
     with pytest.raises(InvalidProblemError, match="cannot read"):
         gguf_file.open(model.parent / "missing.gguf")
+    with gguf_file.open(model) as g:
+        pass
+    with pytest.raises(InvalidProblemError, match="is closed"):
+        g.dequantize("t.q8_0")
 
 
 def test_missing_package_names_the_extra(monkeypatch):

@@ -162,7 +162,7 @@ class GGUFFile:
         self.path = Path(path)
         try:
             reader = _reader_class()(self.path)
-        except (InvalidProblemError, UnsupportedError):
+        except (InvalidProblemError, UnsupportedError):  # ours, already naming the tensor
             raise
         except OSError as exc:
             raise InvalidProblemError(f"{self.path}: cannot read: {exc.strerror or exc}") from None
@@ -177,16 +177,22 @@ class GGUFFile:
         self.alignment = int(reader.alignment)
         self._tensors = {t.name: t for t in reader.tensors}
         self.tensors: dict[str, TensorInfo] = {
-            t.name: TensorInfo(t.name, t.tensor_type.name, tuple(int(d) for d in reversed(t.shape.tolist())),
+            t.name: TensorInfo(t.name, t.tensor_type.name,
+                               tuple(int(d) for d in reversed(t.shape.tolist())),
                                int(t.n_bytes), int(t.data_offset))
             for t in reader.tensors}
+
+    def _live(self):
+        if self._reader is None:
+            raise InvalidProblemError(f"{self.path} is closed")
+        return self._reader
 
     @functools.cached_property
     def metadata(self) -> dict:
         """Key -> value of every metadata field (the parser's own ``GGUF.*`` counts left
         out), as str, int, float, bool or a list of them."""
         out = {}
-        for key, field in self._reader.fields.items():
+        for key, field in self._live().fields.items():
             if key.startswith("GGUF."):
                 continue
             try:
@@ -231,8 +237,7 @@ class GGUFFile:
         """The tensor's data as stored, mapped read-only (no copy): values for float and
         integer types, uint8 block bytes ``[..., bytes_per_row]`` for block types."""
         info = self.info(name)
-        if self._reader is None:
-            raise InvalidProblemError(f"{self.path} is closed")
+        self._live()
         data = self._tensors[name].data
         if info.type == "BF16":  # the parser maps BF16 as bytes
             return data.view(FLOAT_TYPES["BF16"]).reshape(info.shape)
