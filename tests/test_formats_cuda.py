@@ -145,6 +145,7 @@ PLAN_DESCS = {
     "gptq8-v2-bf16": GptqDequantizeDescriptor(64, 32, 16, bits=8, checkpoint_format="gptq_v2",
                                               float_dtype="bf16"),
     "awq-f32-bf16s": AwqDequantizeDescriptor(64, 32, 16, float_dtype="f32", scale_dtype="bf16"),
+    "awq-f16": AwqDequantizeDescriptor(64, 32, 16),
     "ggml-q4_1-f16": GgmlDequantizeDescriptor(5, "Q4_1", "f16"),
     "floatzp-u4-bf16": DequantizeFloatZeroDescriptor(4, 64, 32, "bf16", "u4"),
     "packed-dequant-s4-f32": DequantizePerGroupDescriptor(3, 64, 16, "f32", "s4"),
@@ -295,6 +296,51 @@ def test_format_plan_on_cuda_names_each_bad_argument(launches):
     assert launches == []
 
 
+@needs_gxx
+def test_format_functions_keep_cuda_arrays_on_their_device(launches):
+    """gptq/awq/ggml.dequantize on CUDA arrays: the plan follows the data to cuda:0 (no
+    device= needed), g_idx is checked and its row order tested on a host copy, the result
+    is written into out= on the device; bit-exact against the oracles."""
+    from dqgen.formats import awq, ggml, gptq
+    from formats_util import random_f16, random_words
+    rng = np.random.default_rng(21)
+    qweight, scales = random_words(rng, (8, 32)), random_f16(rng, (4, 32))
+    fields = rng.integers(0, 15, (4, 4, 8)).astype(np.uint64)  # no field at 15: v1 rules agree
+    qzeros = sum(fields[..., j] << (4 * j) for j in range(8)).astype(np.uint32).view(np.int32)
+    g_idx = (rng.permutation(64) // 16).astype(np.int32)
+    y = np.zeros((64, 32), np.float16)
+    got = gptq.dequantize(CaiArray(qweight), CaiArray(qzeros), CaiArray(scales),
+                          g_idx=CaiArray(g_idx), out=CaiArray(y))
+    assert isinstance(got, CaiArray) and got.arr is y
+    assert_bits_equal(y, oracle.gptq_dequantize(qweight, qzeros, scales, g_idx, 4, "gptq",
+                                                np.float16))
+    assert launches[-1][0] == "dqgen_dequant_gptq4_v1_f16_f16_gidx"
+    bad = g_idx.copy()
+    bad[3] = 9
+    with pytest.raises(InvalidProblemError, match=re.escape("g_idx[3]=9 is out of range")):
+        gptq.dequantize(CaiArray(qweight), CaiArray(qzeros), CaiArray(scales),
+                        g_idx=CaiArray(bad), out=CaiArray(y))
+    aw, az = random_words(rng, (64, 4)), random_words(rng, (4, 4))
+    y = np.zeros((64, 32), np.float16)
+    awq.dequantize(CaiArray(aw), CaiArray(az), CaiArray(scales), out=CaiArray(y))
+    assert_bits_equal(y, oracle.awq_dequantize(aw, az, scales, 16, np.float16))
+    gguf = pytest.importorskip("gguf")
+    from test_formats_ggml import random_blocks
+    data = random_blocks(rng, "Q4_1", (1, 5))
+    y = np.zeros((1, 160), np.float16)
+    ggml.dequantize(CaiArray(data), "Q4_1", dtype="f16", out=CaiArray(y))
+    with np.errstate(all="ignore"):
+        want = gguf.quants.dequantize(data, gguf.GGMLQuantizationType.Q4_1).astype(np.float16)
+    assert_bits_equal(y, want)
+    assert [entry for entry, *_ in launches][-2:] == ["dqgen_dequant_awq4_f16_f16_g16",
+                                                      "dqgen_dequant_ggml_q4_1_f16"]
+    with pytest.raises(UnsupportedError, match="pass out="):  # no allocator for raw CAI
+        awq.dequantize(CaiArray(aw), CaiArray(az), CaiArray(scales))
+    with pytest.raises(UnsupportedError, match="host memory"):  # one array left on the host
+        awq.dequantize(CaiArray(aw), az, CaiArray(scales),
+                       out=CaiArray(np.zeros((64, 32), np.float16)))
+
+
 def test_cpu_format_plan_refuses_a_stream():
     plan = FormatPlan.select(GgmlDequantizeDescriptor(1, "Q8_0"))
     with pytest.raises(UnsupportedError, match="stream= applies to CUDA plans"):
@@ -333,3 +379,33 @@ def test_format_plan_on_the_gpu_with_torch_tensors(name):
     got = got.view(torch.int16).numpy().view(out.dtype) if out.dtype.name == "bfloat16" \
         else got.numpy()
     assert verify.first_difference(got, want) == ""
+
+
+@pytest.mark.skipif(not rt.cuda_available(),
+                    reason=f"no CUDA device: {rt.cuda_unavailable_reason() or 'none'}")
+def test_format_functions_on_the_gpu_match_the_cpu():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA here")
+    from dqgen.formats import awq, ggml, gptq
+    from formats_util import random_f16, random_words
+    from test_formats_ggml import random_blocks
+    rng = np.random.default_rng(8)
+    qweight, qzeros = random_words(rng, (64, 512)), random_words(rng, (4, 64))
+    scales = random_f16(rng, (4, 512))
+    g_idx = torch.from_numpy((rng.permutation(512) // 128).astype(np.int64))
+    cpu = gptq.dequantize(qweight, qzeros, scales, g_idx=g_idx, dtype="bf16")
+    gpu = gptq.dequantize(*(torch.from_numpy(a).cuda() for a in (qweight, qzeros, scales)),
+                          g_idx=g_idx.cuda(), dtype="bf16")
+    assert gpu.is_cuda and np.array_equal(gpu.cpu().view(torch.int16).numpy(), cpu.view(np.int16))
+    aw, az = random_words(rng, (512, 64)), random_words(rng, (4, 64))
+    cpu = awq.dequantize(aw, az, scales)
+    gpu = awq.dequantize(*(torch.from_numpy(a).cuda() for a in (aw, az, scales)))
+    assert np.array_equal(gpu.cpu().numpy().view(np.uint16), cpu.view(np.uint16))
+    data = random_blocks(rng, "Q4_K", (3, 2)) if "Q4_K" in ggml.TYPES else \
+        random_blocks(rng, "Q4_0", (3, 8))
+    qtype = "Q4_K" if "Q4_K" in ggml.TYPES else "Q4_0"
+    cpu = ggml.dequantize(data, qtype)
+    gpu = ggml.dequantize(torch.from_numpy(data).cuda(), qtype)
+    assert gpu.shape == cpu.shape and np.array_equal(gpu.cpu().numpy().view(np.uint32),
+                                                     cpu.view(np.uint32))

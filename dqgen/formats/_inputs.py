@@ -1,4 +1,6 @@
-"""Turning checkpoint tensors (numpy arrays or CPU torch tensors) into checked arrays."""
+"""Turning checkpoint tensors (numpy arrays, CPU torch tensors, or CUDA arrays: torch,
+CuPy, ``__cuda_array_interface__``) into checked arrays, and running their plan where
+the tensors live (CUDA arrays stay on their device and the caller's current stream)."""
 
 from __future__ import annotations
 
@@ -8,10 +10,88 @@ from .. import outputs
 from ..arrays import from_numpy_like, to_numpy
 from ..errors import InvalidProblemError
 from ..ir import FLOAT_DTYPES, DType, parse_dtype
+from ..runtime import cuda as cuda_runtime
+
+
+def dtype_of(arr) -> np.dtype:
+    """The numpy dtype of a numpy array or of a CUDA array (bfloat16 through ml_dtypes)."""
+    return arr.dtype if isinstance(arr, np.ndarray) else cuda_runtime.device_pointer(arr).dtype
+
+
+def _device_array(obj, name: str, ndim: int):
+    """A C-contiguous CUDA array of ``ndim`` dimensions: torch and CuPy arrays are made
+    contiguous on their device; others must be contiguous already."""
+    view = cuda_runtime.device_pointer(obj)
+    if len(view.shape) != ndim:
+        raise InvalidProblemError(f"{name} must have {ndim} dimension{'s' * (ndim > 1)}, "
+                                  f"got shape {view.shape}")
+    if cuda_runtime.is_torch_cuda(obj):
+        return obj.detach().contiguous()
+    if type(obj).__module__.startswith("cupy"):
+        import cupy
+        return cupy.ascontiguousarray(obj)
+    return cuda_runtime.rows(obj, name) if ndim == 2 else obj
+
+
+def device_cast(arr, dtype: np.dtype, name: str, convert: bool):
+    """``arr`` (a CUDA array) as ``dtype``: reinterpreted (``convert=False``, same size) or
+    converted on its device; an array neither torch nor CuPy must have it already."""
+    if dtype_of(arr) == dtype:
+        return arr
+    if cuda_runtime.is_torch_cuda(arr):
+        import torch
+        target = {"int32": torch.int32, "uint8": torch.uint8}[dtype.name]
+        return arr.to(target) if convert else arr.view(target)
+    if type(arr).__module__.startswith("cupy"):
+        return arr.astype(dtype) if convert else arr.view(dtype)
+    raise InvalidProblemError(f"{name} has dtype {dtype_of(arr)}; pass it as {dtype}")
+
+
+def host(arr) -> np.ndarray:
+    """A host copy of a (small) CUDA array, or the numpy array itself."""
+    if isinstance(arr, np.ndarray):
+        return arr
+    if cuda_runtime.is_torch_cuda(arr):
+        return to_numpy(arr.cpu(), "array")
+    if type(arr).__module__.startswith("cupy"):
+        return arr.get()
+    return cuda_runtime.copy_to_host(cuda_runtime.device_pointer(arr))
+
+
+def run(plan_type, desc, arrays: dict, like, device) -> None:
+    """Select ``desc``'s plan where ``like`` lives (``device``, when given, decides) and
+    run it there: on a CUDA device, on the caller's current stream."""
+    if device is None:
+        device = (f"cuda:{cuda_runtime.device_pointer(like).device}"
+                  if cuda_runtime.is_cuda_array(like) else "cpu")
+    plan = plan_type.select(desc, device=device)
+    if plan.device == "cpu":
+        plan.run(arrays)
+    else:
+        plan.run(arrays, stream=cuda_runtime.current_stream(like))
+
+
+def reshaped(arr, shape: tuple[int, ...]):
+    """A C-contiguous array of the same elements in ``shape`` (a view where possible), on
+    the host or on its CUDA device."""
+    if isinstance(arr, np.ndarray):
+        return np.ascontiguousarray(arr).reshape(shape)
+    if cuda_runtime.is_torch_cuda(arr) or type(arr).__module__.startswith("cupy"):
+        return arr.reshape(shape)
+    view = cuda_runtime.device_pointer(arr)
+    strides, step = [], view.dtype.itemsize
+    for n in reversed(shape):
+        strides.insert(0, step)
+        step *= max(n, 1)
+    return cuda_runtime.DeviceArray(view._replace(shape=tuple(shape), strides=tuple(strides)),
+                                    arr)
 
 
 def array(obj, name: str, ndim: int) -> np.ndarray:
-    """A C-contiguous numpy view of ``obj`` (a copy only when it is strided)."""
+    """A C-contiguous numpy view of ``obj`` (a copy only when it is strided); a CUDA array
+    stays on its device (``_device_array``)."""
+    if cuda_runtime.is_cuda_array(obj):
+        return _device_array(obj, name, ndim)
     arr = to_numpy(obj, name)
     if arr.ndim != ndim:
         raise InvalidProblemError(f"{name} must have {ndim} dimension{'s' * (ndim > 1)}, "
@@ -23,21 +103,27 @@ def array(obj, name: str, ndim: int) -> np.ndarray:
 def words(obj, name: str) -> np.ndarray:
     """A 2-D array of 32-bit packed words as int32 (uint32 is viewed, not converted)."""
     arr = array(obj, name, 2)
-    if arr.dtype == np.uint32:
-        return arr.view(np.int32)
-    if arr.dtype != np.int32:
-        raise InvalidProblemError(f"{name} has dtype {arr.dtype}; packed words must be int32")
+    dtype = dtype_of(arr)
+    if dtype == np.uint32:
+        return arr.view(np.int32) if isinstance(arr, np.ndarray) else \
+            device_cast(arr, np.dtype(np.int32), name, convert=False)
+    if dtype != np.int32:
+        raise InvalidProblemError(f"{name} has dtype {dtype}; packed words must be int32")
     return arr
 
 
 def float_array(obj, name: str, ndim: int = 2) -> tuple[np.ndarray, DType]:
     arr = array(obj, name, ndim)
-    return arr, parse_dtype(arr.dtype, f"{name}.dtype", FLOAT_DTYPES)
+    return arr, parse_dtype(dtype_of(arr), f"{name}.dtype", FLOAT_DTYPES)
 
 
 def group_index(obj, rows: int, groups: int) -> np.ndarray:
-    """``g_idx`` as int32 ``[rows]`` with every value in ``[0, groups)``."""
+    """``g_idx`` as int32 ``[rows]`` with every value in ``[0, groups)`` (a CUDA
+    ``g_idx`` is checked from a host copy and converted on its device)."""
     arr = array(obj, "g_idx", 1)
+    if not isinstance(arr, np.ndarray):
+        group_index(host(arr), rows, groups)
+        return device_cast(arr, np.dtype(np.int32), "g_idx", convert=True)
     if arr.dtype.kind not in "iu":
         raise InvalidProblemError(f"g_idx has dtype {arr.dtype}, expected an integer dtype")
     if arr.shape != (rows,):
@@ -62,6 +148,12 @@ def output(shape: tuple[int, ...], dtype: DType, like, out=None,
     caller can reuse one buffer layer after layer (the plan checks it is writable and
     overlaps no input).
     """
+    if cuda_runtime.is_cuda_array(out if out is not None else like):
+        arr, user_out = cuda_runtime.output_like(
+            out, shape, dtype.np_dtype, result_shape if result_shape is not None else shape,
+            like)
+        arr = reshaped(arr, shape)  # the kernel's view ([blocks, values] for GGML)
+        return arr, (lambda: arr if user_out is None else user_out)
     if out is None:
         arr = outputs.empty(shape, dtype.np_dtype)
         return arr, (lambda: from_numpy_like(arr, like))

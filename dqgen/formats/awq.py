@@ -17,7 +17,7 @@ ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 INVERSE = (0, 4, 1, 5, 2, 6, 3, 7)
 
 
-def dequantize(qweight, qzeros, scales, dtype="f16", group_size=None, device: str = "cpu",
+def dequantize(qweight, qzeros, scales, dtype="f16", group_size=None, device=None,
                out=None):
     """Unpack and scale an AWQ layer to a ``[K, N]`` float weight (``dtype``, f16 default).
 
@@ -35,6 +35,6 @@ def dequantize(qweight, qzeros, scales, dtype="f16", group_size=None, device: st
         raise InvalidProblemError(f"K={rows} is not a multiple of group_size={size}")
     desc = AwqDequantizeDescriptor(rows, cols, size, out_dtype, scale_dtype)
     y, result = _inputs.output((rows, cols), out_dtype, qweight, out)
-    FormatPlan.select(desc, device=device).run(
-        {"qweight": qw, "qzeros": qz, "scales": sc, "y": y})
+    _inputs.run(FormatPlan, desc, {"qweight": qw, "qzeros": qz, "scales": sc, "y": y},
+                qweight, device)
     return result()

@@ -8,12 +8,15 @@ themselves are data (``ggml_layouts.py``) run by one kernel template.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..arrays import to_numpy
 from ..errors import InvalidProblemError
 from ..ir import (GGML_BLOCK_BYTES, GGML_BLOCK_VALUES, GGML_FLOAT_DTYPES,
                   GgmlDequantizeDescriptor, ggml_type_name, parse_dtype, parse_ggml_type)
+from ..runtime import cuda as cuda_runtime
 from . import _inputs
 from .plan import FormatPlan
 
@@ -36,25 +39,31 @@ def _bytes(data) -> np.ndarray:
     read-only memoryview or an np.memmap of a file stays a view of it)."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         raw = np.frombuffer(data, np.uint8)
+    elif cuda_runtime.is_cuda_array(data):  # stays on its device
+        ndim = len(cuda_runtime.device_pointer(data).shape)
+        raw = _inputs.array(data, "data", ndim) if ndim else data
     else:
         raw = to_numpy(data, "data")
-    if raw.ndim == 0:
+    if len(raw.shape) == 0:
         raise InvalidProblemError("data must have at least one dimension")
-    if raw.dtype != np.uint8:
-        if raw.dtype.kind in "iu" and raw.dtype.itemsize == 1:
-            raw = raw.view(np.uint8)
+    dtype = _inputs.dtype_of(raw)
+    if dtype != np.uint8:
+        if dtype.kind in "iu" and dtype.itemsize == 1:
+            raw = raw.view(np.uint8) if isinstance(raw, np.ndarray) else \
+                _inputs.device_cast(raw, np.dtype(np.uint8), "data", convert=False)
         else:
-            raise InvalidProblemError(f"data has dtype {raw.dtype}, expected uint8 block bytes")
+            raise InvalidProblemError(f"data has dtype {dtype}, expected uint8 block bytes")
     return raw
 
 
-def dequantize(data, qtype, dtype="f32", device: str = "cpu", out=None):
+def dequantize(data, qtype, dtype="f32", device=None, out=None):
     """Dequantize GGML blocks of ``qtype`` (a name in ``TYPES`` such as "Q4_K", or a gguf
     ``GGMLQuantizationType``) to ``dtype`` (f32 default, f16 or bf16), into ``out`` when
     given (an array of that dtype and the result's shape, reused instead of allocated).
 
     ``data`` is uint8 ``[..., row_bytes]`` (numpy, a CPU tensor, bytes or a memoryview,
-    read-only is fine); the result is ``[..., row_bytes // block_bytes * block_values]``.
+    read-only is fine), or a CUDA array, which runs on its device and the current stream;
+    the result is ``[..., row_bytes // block_bytes * block_values]``.
     """
     layout = parse_ggml_type(qtype)
     out_dtype = parse_dtype(dtype, "dtype", GGML_FLOAT_DTYPES)
@@ -65,10 +74,10 @@ def dequantize(data, qtype, dtype="f32", device: str = "cpu", out=None):
         raise InvalidProblemError(
             f"data rows have {row_bytes} bytes, not a multiple of the {bb}-byte "
             f"{ggml_type_name(layout)} block")
-    blocks = raw.size // bb
+    blocks = math.prod(raw.shape) // bb
     desc = GgmlDequantizeDescriptor(blocks, layout, out_dtype)
-    flat = np.ascontiguousarray(raw).reshape(blocks, bb)
+    flat = _inputs.reshaped(raw, (blocks, bb))
     shape = (*raw.shape[:-1], row_bytes // bb * bv)
     y, result = _inputs.output((blocks, bv), out_dtype, data, out, result_shape=shape)
-    FormatPlan.select(desc, device=device).run({"data": flat, "y": y})
+    _inputs.run(FormatPlan, desc, {"data": flat, "y": y}, data, device)
     return result() if out is not None else result().reshape(shape)

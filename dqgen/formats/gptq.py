@@ -51,18 +51,21 @@ def infer_group_size(rows: int, groups: int, group_size, act_order: bool) -> int
 
 def _in_row_order(g_idx: np.ndarray, group_size: int) -> bool:
     """Whether ``g_idx`` is ``k // group_size`` for every row k (no act-order)."""
+    g_idx = _inputs.host(g_idx)
     return bool(np.array_equal(g_idx, np.arange(g_idx.size, dtype=np.int64) // group_size))
 
 
 def dequantize(qweight, qzeros, scales, g_idx=None, bits: int = 4,
                checkpoint_format: str = "gptq", dtype="f16", group_size=None,
-               device: str = "cpu", out=None, v1_zeros: str = GPTQ_V1_ZEROS[0]):
+               device=None, out=None, v1_zeros: str = GPTQ_V1_ZEROS[0]):
     """Unpack and scale a GPTQ layer to a ``[K, N]`` float weight (``dtype``, f16 default).
 
     ``qweight`` int32 ``[K * bits / 32, N]``, ``qzeros`` int32 ``[groups, N * bits / 32]``,
     ``scales`` ``[groups, N]`` (any float dtype), ``g_idx`` optional int ``[K]`` (act-order
     permutations allowed). ``group_size`` is inferred from the shapes when not given.
     ``out``: a ``[K, N]`` array of ``dtype`` to write instead of allocating one.
+    CUDA tensors run on their device and the current stream (``device``: where, when the
+    tensors do not say it; default: where they live).
     ``v1_zeros``: how v1 zeros decode, ``"gptqmodel"`` (word-wise), ``"autogptq"`` or
     ``"exllama"`` (field-wise), as the module docstring says; ignored for v2.
     """
@@ -89,5 +92,5 @@ def dequantize(qweight, qzeros, scales, g_idx=None, bits: int = 4,
     desc = GptqDequantizeDescriptor(rows, cols, size, bits, out_dtype, scale_dtype,
                                     checkpoint_format, act_order, v1_zeros)
     arrays["y"], result = _inputs.output((rows, cols), out_dtype, qweight, out)
-    FormatPlan.select(desc, device=device).run(arrays)
+    _inputs.run(FormatPlan, desc, arrays, qweight, device)
     return result()
