@@ -265,6 +265,10 @@ def test_convert_bf16_in_shards(tmp_path, capsys):
         expect = want[name] if name == "norm" else want[name].astype(ml_dtypes.bfloat16)
         assert_bits_equal(got[name], expect)
     assert index["metadata"]["total_size"] == sum(a.nbytes for a in got.values())
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for p in (tmp_path / "out").iterdir():  # as open() makes files, not mkstemp's 0o600
+        assert p.stat().st_mode & 0o777 == 0o666 & ~mask, p
 
 
 def test_convert_while_a_slow_disk_writes(tmp_path, monkeypatch):
@@ -289,9 +293,11 @@ def test_convert_while_a_slow_disk_writes(tmp_path, monkeypatch):
         assert_bits_equal(got[name], want[name])
 
 
-def test_convert_into_a_directory(model, tmp_path):
+def test_convert_into_a_directory(model, tmp_path, capsys):
     assert run_cli(model, str(tmp_path) + os.sep, "--dtype", "f32") == 0
     assert os.listdir(tmp_path) == ["model.safetensors"]
+    assert run_cli(model, tmp_path / "x.safetensors", "--format", "gptq", "--bits", "4") == 2
+    assert "--format, --bits describe GPTQ/AWQ" in capsys.readouterr().err
 
 
 def test_output_paths(tmp_path):

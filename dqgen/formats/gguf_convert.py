@@ -32,7 +32,7 @@ from ..errors import InvalidProblemError, UnsupportedError
 from ..ir import GGML_FLOAT_DTYPES, parse_dtype
 from . import ggml
 from . import gguf as gguf_file
-from .safetensors_io import NAMES, PendingFile, parse_size, shard_paths
+from .safetensors_io import NAMES, PendingFile, new_file_mode, parse_size, shard_paths
 
 CHUNK_BYTES = 16 << 20
 
@@ -105,6 +105,7 @@ def output_paths(dst, count: int) -> tuple[list[Path], Path | None]:
 def _temp_beside(path: Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.fchmod(fd, new_file_mode())
     return os.fdopen(fd, "wb"), Path(tmp)
 
 
@@ -251,6 +252,12 @@ def run(args) -> int:
     """The ``dqgen convert`` command for a ``.gguf`` input (``convert.run`` hands it over)."""
     from .convert import Progress
 
+    given = [f"--{flag.replace('_', '-')}" for flag in ("format", "bits", "group_size",
+                                                        "checkpoint_format")
+             if getattr(args, flag, None) is not None]
+    if given:
+        raise InvalidProblemError(f"{', '.join(given)} describe GPTQ/AWQ checkpoints; a .gguf "
+                                  "file names each tensor's type itself")
     max_shard = getattr(args, "max_shard_size", None)
     max_shard = parse_size(max_shard) if isinstance(max_shard, str) else max_shard
     quiet = getattr(args, "quiet", False)

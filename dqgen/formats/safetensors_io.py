@@ -68,6 +68,14 @@ def shard_paths(dst, count: int) -> tuple[list[Path], Path | None]:
             dst.with_name(dst.name + ".index.json"))
 
 
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file (0o666 less the umask); ``mkstemp``'s 0o600
+    is set to it so an output is as readable as any other file its user writes."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 class CorruptFileError(InvalidProblemError):
     """A file is not a well-formed safetensors file."""
 
@@ -167,6 +175,7 @@ class Writer:
         text += b" " * (-len(text) % 8)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        os.fchmod(fd, new_file_mode())
         self._tmp = Path(tmp)
         self._fh = os.fdopen(fd, "wb")
         self._fh.write(struct.pack("<Q", len(text)) + text)
@@ -210,6 +219,7 @@ class PendingFile:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        os.fchmod(fd, new_file_mode())
         self._tmp = Path(tmp)
         try:
             with os.fdopen(fd, "wb") as fh:
