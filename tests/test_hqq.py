@@ -38,12 +38,12 @@ def _np(t) -> np.ndarray:
     return t.numpy()
 
 
-def _quantized(torch, Quantizer, bits, dtype, shape=(48, 128), group_size=64, **kw):
+def _quantized(torch, Quantizer, bits, dtype, shape=(48, 128), group_size=64, axis=1, **kw):
     """A random weight through HQQ's own quantizer; scale and zero in the compute dtype."""
     torch.manual_seed(bits * 10 + len(str(dtype)))
     w = (torch.randn(*shape) * 0.02).to(dtype)
-    W_q, meta = Quantizer.quantize(w, nbits=bits, group_size=group_size, axis=1, device="cpu",
-                                   compute_dtype=dtype, **kw)
+    W_q, meta = Quantizer.quantize(w, nbits=bits, group_size=group_size, axis=axis,
+                                   device="cpu", compute_dtype=dtype, **kw)
     meta.update(compute_dtype=dtype, scale=meta["scale"].to(dtype), zero=meta["zero"].to(dtype))
     return W_q, meta
 
@@ -62,6 +62,20 @@ def test_matches_hqq(bits, dtype):
     got_t = hqq.dequantize(W_q, meta["scale"], meta["zero"], bits, meta["shape"],
                            meta["group_size"])
     assert isinstance(got_t, torch.Tensor) and _np(got_t).tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("bits,dtype", [(4, "f16"), (3, "bf16"), (8, "f32"), (1, "bf16")])
+def test_matches_hqq_axis_0(bits, dtype):
+    """axis=0: a column of [group_size, numel / group_size] is a group."""
+    torch, Quantizer = _hqq()
+    tdtype = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}[dtype]
+    W_q, meta = _quantized(torch, Quantizer, bits, tdtype, shape=(32, 80), axis=0,
+                           optimize=False)
+    assert meta["scale"].shape == (1, 32 * 80 // 64)
+    want = _np(Quantizer.dequantize(W_q, meta))
+    got = hqq.dequantize(W_q.numpy(), _np(meta["scale"]), _np(meta["zero"]), bits,
+                         meta["shape"], meta["group_size"], axis=0)
+    assert_bits_equal(got, want)
 
 
 def test_matches_hqq_float_view_and_whole_rows():
@@ -168,15 +182,17 @@ def test_bad_inputs():
     s = np.ones((8, 1), np.float16)
     with pytest.raises(UnsupportedError, match="nbits=5"):
         hqq.dequantize(np.zeros((8, 4), np.uint8), s, s, 5, (8, 4), 4)
-    with pytest.raises(UnsupportedError, match="axis=0"):
-        hqq.dequantize(np.zeros((4, 4), np.uint8), s, s, 4, (8, 4), 4, axis=0)
-    with pytest.raises(InvalidProblemError, match=r"W_q has shape \(8, 4\), expected \(4, 4\)"):
+    with pytest.raises(UnsupportedError, match="axis=2"):
+        hqq.dequantize(np.zeros((4, 4), np.uint8), s, s, 4, (8, 4), 4, axis=2)
+    with pytest.raises(InvalidProblemError, match=r"scale has shape \(8, 1\), expected \(1, 8\)"):
+        hqq.dequantize(np.zeros((2, 8), np.uint8), s, s, 4, (8, 4), 4, axis=0)
+    with pytest.raises(InvalidProblemError, match=r"W_q has shape \(8, 4\), expected \(4, 4\) for 4-bit"):
         hqq.dequantize(np.zeros((8, 4), np.uint8), s, s, 4, (8, 4), 4)
     with pytest.raises(InvalidProblemError, match="W_q has dtype int16"):
         hqq.dequantize(np.zeros((4, 4), np.int16), s, s, 4, (8, 4), 4)
     with pytest.raises(InvalidProblemError, match="zero has dtype float32"):
         hqq.dequantize(np.zeros((4, 4), np.uint8), s, s.astype(np.float32), 4, (8, 4), 4)
-    with pytest.raises(InvalidProblemError, match=r"scale has shape \(4, 1\), expected \(8, 1\)"):
+    with pytest.raises(InvalidProblemError, match=r"scale has shape \(4, 1\), expected \(8, 1\): one"):
         hqq.dequantize(np.zeros((4, 4), np.uint8), s[:4], s, 4, (8, 4), 4)
     with pytest.raises(InvalidProblemError, match="shift=5"):
         HqqDequantizeDescriptor(1, 4, 4, "f16", 4, 5)

@@ -2,7 +2,8 @@
 
 ``zero`` and ``scale`` are floats of the result's dtype F; each step is rounded to F, as
 torch computes on F tensors (FORMATS.md). ``W_q`` is HQQ's ``BitPack`` layout of the
-``[R, group_size]`` matrix of values (``axis=1``: a row is a group, R = numel / group_size):
+matrix of values (``axis=1``: ``[numel / group_size, group_size]``, a row a group;
+``axis=0``: ``[group_size, numel / group_size]``, a column a group), packed along its rows:
 ``8 / bits`` planes of ``step`` rows stacked in each byte, plane ``j`` (rows
 ``j * step ...``) at bit ``bits * (8 / bits - 1 - j)``; 3 bits pack ten planes in int32
 words, plane ``j`` at bit ``27 - 3 * j``, the rows padded to a multiple of ten. The
@@ -42,13 +43,14 @@ def _words(W_q, bits: int) -> np.ndarray:
                               f"{want} words")
 
 
-def _group_params(obj, name: str, rows: int) -> np.ndarray:
+def _group_params(obj, name: str, shape: tuple[int, int]) -> np.ndarray:
+    """One value a group: ``[R, 1]`` for axis=1 (``[R]`` too), ``[1, C]`` for axis=0."""
     arr = to_numpy(obj, name)
     arr = _inputs.array(arr, name, arr.ndim)
-    if arr.size != rows or (arr.ndim == 2 and arr.shape[1] != 1) or arr.ndim > 2:
-        raise InvalidProblemError(f"{name} has shape {arr.shape}, expected ({rows}, 1): one "
-                                  "value a group (HQQ's axis=1)")
-    return arr.reshape(rows, 1)
+    if arr.size != shape[0] * shape[1] or arr.ndim > 2 or (arr.ndim == 2 and arr.shape != shape):
+        raise InvalidProblemError(f"{name} has shape {arr.shape}, expected {shape}: one "
+                                  "value a group")
+    return arr.reshape(shape)
 
 
 def dequantize(W_q, scale, zero, nbits: int, shape, group_size=None, axis: int = 1,
@@ -56,47 +58,59 @@ def dequantize(W_q, scale, zero, nbits: int, shape, group_size=None, axis: int =
     """HQQ's ``Quantizer.dequantize(W_q, meta)`` bit for bit, from the meta's fields.
 
     ``W_q`` as ``Quantizer.quantize`` packs it (``meta["packing"]``; a float view is read
-    as its words), ``scale`` and ``zero`` ``[R, 1]`` of one float dtype F (HQQ's
-    ``compute_dtype``; the result has it), ``nbits`` one of 8, 4, 3, 2, 1, ``shape`` the
-    weight's (``meta["shape"]``), ``group_size`` ``meta["group_size"]`` (None: a row of
-    ``shape`` is a group). Only ``axis=1`` (HQQLinear's default) is supported. ``out``: an
-    array of F and ``shape`` to write instead of allocating one.
+    as its words), ``scale`` and ``zero`` of one float dtype F (HQQ's ``compute_dtype``;
+    the result has it), ``nbits`` one of 8, 4, 3, 2, 1, ``shape`` the weight's
+    (``meta["shape"]``), ``group_size`` ``meta["group_size"]`` (None: a row of ``shape`` is
+    a group), ``axis`` ``meta["axis"]``: 1 (HQQLinear's default) groups rows of
+    ``[numel / group_size, group_size]``, scale ``[R, 1]``; 0 groups columns of
+    ``[group_size, numel / group_size]``, scale ``[1, C]``. ``out``: an array of F and
+    ``shape`` to write instead of allocating one.
     """
     bits = check_int(nbits, "nbits", minimum=0)
     if bits not in HQQ_BITS:
         raise UnsupportedError(f"nbits={nbits} is not supported for HQQ; expected one of "
                                f"{', '.join(map(str, HQQ_BITS))}")
-    if axis != 1:
-        raise UnsupportedError(f"axis={axis!r}: only HQQ's axis=1 layout (a row of W_q is a "
-                               "group, HQQLinear's default) is supported")
+    if axis not in (0, 1):
+        raise UnsupportedError(f"axis={axis!r}: HQQ groups along axis 0 or 1")
     shape = tuple(check_int(n, "shape", minimum=0) for n in shape)
     numel = int(np.prod(shape, dtype=np.int64))
     gs = shape[-1] if group_size is None else check_int(group_size, "group_size", minimum=1)
     if not shape or numel % gs:
         raise InvalidProblemError(f"shape={shape} does not hold whole groups of "
                                   f"group_size={gs}")
-    rows = numel // gs
+    rows, cols = (numel // gs, gs) if axis == 1 else (gs, numel // gs)
     words = _words(W_q, bits)
     planes, top = _planes(bits)
     step = words.shape[0]
-    if words.shape[1] != gs or not (planes * (step - 1) < rows <= planes * step if bits == 3
-                                    else rows == planes * step):
-        expect = f"({-(-rows // planes)}, {gs})" if bits == 3 else f"({rows // planes}, {gs})"
+    if words.shape[1] != cols or not (planes * (step - 1) < rows <= planes * step
+                                      if bits == 3 else rows == planes * step):
+        expect = (f"({-(-rows // planes)}, {cols})" if bits == 3
+                  else f"({rows // planes}, {cols})")
         raise InvalidProblemError(f"W_q has shape {words.shape}, expected {expect} for "
-                                  f"{bits}-bit HQQ of shape {shape} in groups of {gs}")
-    s, float_dtype = _inputs.float_array(_group_params(scale, "scale", rows), "scale")
-    z = _group_params(zero, "zero", rows)
+                                  f"{bits}-bit HQQ of shape {shape}, axis={axis}, in groups "
+                                  f"of {gs}")
+    groups = (rows, 1) if axis == 1 else (1, cols)
+    s, float_dtype = _inputs.float_array(_group_params(scale, "scale", groups), "scale")
+    z = _group_params(zero, "zero", groups)
     if z.dtype != s.dtype:
         raise InvalidProblemError(f"zero has dtype {z.dtype}; HQQ's zero and scale must share "
                                   f"the compute dtype (scale is {s.dtype})")
-    y, result = _inputs.output((rows, gs), float_dtype, scale, out, result_shape=shape)
+    y, result = _inputs.output((rows, cols), float_dtype, scale, out, result_shape=shape)
     for j in range(planes):
         first, last = j * step, min(rows, (j + 1) * step)
         if first >= last:
             break
-        desc = HqqDequantizeDescriptor(last - first, gs, gs, float_dtype, bits,
-                                       top - bits * j if bits != 8 else 0)
-        FormatPlan.select(desc, device=device).run(
-            {"q": words[:last - first], "scale": s[first:last], "zero_point": z[first:last],
-             "y": y[first:last]})
+        shift = top - bits * j if bits != 8 else 0
+        if axis == 1:  # the plane's rows are its groups: one call
+            desc = HqqDequantizeDescriptor(last - first, cols, cols, float_dtype, bits, shift)
+            FormatPlan.select(desc, device=device).run(
+                {"q": words[:last - first], "scale": s[first:last],
+                 "zero_point": z[first:last], "y": y[first:last]})
+            continue
+        # axis=0: every column is a group, so a row of the plane is a problem of groups of 1
+        plan = FormatPlan.select(HqqDequantizeDescriptor(1, cols, 1, float_dtype, bits, shift),
+                                 device=device)
+        for r in range(first, last):
+            plan.run({"q": words[r - first:r - first + 1], "scale": s, "zero_point": z,
+                      "y": y[r:r + 1]})
     return result() if out is not None else result().reshape(shape)
