@@ -411,21 +411,31 @@ def test_compile_has_no_graph_break_and_matches_eager():
     assert torch.equal(compiled_grad, model.proj.grad)
 
 
-def test_export_carries_the_ops():
+def test_export_carries_the_ops_with_dynamic_shapes():
     class Dequant(torch.nn.Module):
         def forward(self, q, scale, zp, x):
-            w = dt.dequantize_per_group(q, scale, zp, 32)
-            return x @ w.t() + dt.ggml_dequantize(qblocks, "Q4_0").sum()
+            y = (x @ dt.dequantize_per_group(q, scale, zp, 32).t()).sum(-1)
+            z = dt.fake_quantize_per_group(x, x.new_ones(x.shape[0], 2),
+                                           x.new_zeros(x.shape[0], 2, dtype=torch.int32), 32,
+                                           -8, 7)
+            return y + z.sum(-1) + dt.ggml_dequantize(qblocks, "Q4_0").sum()
 
     qblocks = _ggml_blocks("Q4_0")
     gen = torch.Generator().manual_seed(6)
-    w = torch.randn(8, 64, generator=gen)
-    scale, zp = qparams(w, 32)
-    q = dt.quantize_per_group(w, scale, zp, 32)
-    args = (q, scale, zp, torch.randn(3, 64, generator=gen))
-    exported = torch.export.export(Dequant(), args)
+
+    def inputs(rows, batch):
+        w = torch.randn(rows, 64, generator=gen)
+        scale, zp = qparams(w, 32)
+        return (dt.quantize_per_group(w, scale, zp, 32), scale, zp,
+                torch.randn(batch, 64, generator=gen))
+
+    rows, batch = torch.export.Dim("rows", min=2, max=4096), torch.export.Dim("batch", min=2)
+    exported = torch.export.export(Dequant(), inputs(8, 3), dynamic_shapes=(
+        {0: rows}, {0: rows}, {0: rows}, {0: batch}))
     text = str(exported.graph)
-    assert "dqgen.dequantize_per_group" in text and "dqgen.ggml_dequantize" in text
+    for name in ("dequantize_per_group", "fake_quantize_per_group", "ggml_dequantize"):
+        assert f"dqgen.{name}" in text
+    args = inputs(20, 5)  # other sizes than traced
     assert torch.equal(exported.module()(*args), Dequant()(*args))
 
 
