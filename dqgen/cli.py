@@ -349,38 +349,37 @@ def build_parser() -> argparse.ArgumentParser:
     emit.add_argument("--out", "-o", metavar="FILE", help="write to FILE instead of stdout")
     emit.set_defaults(func=_emit)
 
-    for name, aliases in (("aot", ["build"]),):
-        aot = sub.add_parser(
-            name, aliases=aliases, help="build kernels ahead of time into a bundle",
-            description="Build every kernel a manifest (TOML or JSON) or the selection flags "
-            "name (ops x int dtypes x float dtypes x group sizes x the formats' knobs x "
-            "targets), in parallel and through the cache, and write a bundle: sources, "
-            "binaries, dqgen_kernels.h and manifest.json. A flag an op does not take is "
-            "ignored for it, a value it cannot take skipped. Run with DQGEN_BUNDLE=DIR "
-            "(DQGEN_DISABLE_JIT=1 to never compile); check it with dqgen verify.")
-        aot.add_argument("--manifest", "-m", metavar="FILE",
-                         help="TOML or JSON file with keys op, int, float, group_size, target, "
-                         "bits, checkpoint_format, act_order, scale, ggml_type, filter (and "
-                         "[[kernels]] tables of the same keys)")
-        aot.add_argument("--op", action="append", metavar="OP",
-                         help=f"ops: {', '.join(ALL_OPS)} (comma-separated or repeated) "
-                         f"[default: the family's {len(OPS)}]")
-        _add_kernel_flags(aot, many=True)
-        _add_format_flags(aot)
-        aot.add_argument("--target", action="append", metavar="TARGET",
-                         help="c (this machine's ISA), c:ISA, cuda (sm_90) or cuda:sm_XX "
-                         "(comma-separated or repeated) [default: c]")
-        aot.add_argument("--filter", action="append", metavar="GLOB",
-                         help="keep kernels whose URI (e.g. dequant_pg_s8_bf16_g128) matches "
-                         "any GLOB")
-        aot.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 1,
-                         help="parallel builds [default: CPU count]")
-        aot.add_argument("--out", "-o", metavar="DIR", required=True,
-                         help="the bundle directory (an existing bundle there is replaced)")
-        aot.add_argument("--dry-run", action="store_true",
-                         help="list the kernels that would be built and stop")
-        aot.add_argument("--quiet", "-q", action="store_true", help="no progress output")
-        aot.set_defaults(func=_aot)
+    aot = sub.add_parser(
+        "aot", aliases=["build"], help="build kernels ahead of time into a bundle",
+        description="Build every kernel a manifest (TOML or JSON) or the selection flags "
+        "name (ops x int dtypes x float dtypes x group sizes x the formats' knobs x "
+        "targets), in parallel and through the cache, and write a bundle: sources, "
+        "binaries, dqgen_kernels.h and manifest.json. A flag an op does not take is "
+        "ignored for it, a value it cannot take skipped. Run with DQGEN_BUNDLE=DIR "
+        "(DQGEN_DISABLE_JIT=1 to never compile); check it with dqgen verify.")
+    aot.add_argument("--manifest", "-m", metavar="FILE",
+                     help="TOML or JSON file with keys op, int, float, group_size, target, "
+                     "bits, checkpoint_format, act_order, scale, ggml_type, filter (and "
+                     "[[kernels]] tables of the same keys)")
+    aot.add_argument("--op", action="append", metavar="OP",
+                     help=f"ops: {', '.join(ALL_OPS)} (comma-separated or repeated) "
+                     f"[default: the family's {len(OPS)}]")
+    _add_kernel_flags(aot, many=True)
+    _add_format_flags(aot)
+    aot.add_argument("--target", action="append", metavar="TARGET",
+                     help="c (this machine's ISA), c:ISA, cuda (sm_90) or cuda:sm_XX "
+                     "(comma-separated or repeated) [default: c]")
+    aot.add_argument("--filter", action="append", metavar="GLOB",
+                     help="keep kernels whose URI (e.g. dequant_pg_s8_bf16_g128) matches "
+                     "any GLOB")
+    aot.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 1,
+                     help="parallel builds [default: CPU count]")
+    aot.add_argument("--out", "-o", metavar="DIR", required=True,
+                     help="the bundle directory (an existing bundle there is replaced)")
+    aot.add_argument("--dry-run", action="store_true",
+                     help="list the kernels that would be built and stop")
+    aot.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    aot.set_defaults(func=_aot)
 
     lst = sub.add_parser("list", help="show what a bundle or an AOT manifest holds",
                          description="List the kernels of a bundle directory or of an AOT "

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import jinja2
 
-from . import __version__, bundle, cache, env
+from . import __version__, bundle, cache, cuda_jit, env
 from .build import cc
 from .errors import DqgenError, MissingKernelError, UnsupportedError
 from .lower import KernelSpec, lower
@@ -232,20 +232,7 @@ def _build_cpu(spec: KernelSpec, desc) -> Kernel:
                   origin="built" if hit.built else "cache")
 
 
-def _cuda_jit():
-    """``dqgen.cuda_jit``, imported late; its absence means no CUDA runtime in this build."""
-    try:
-        from . import cuda_jit
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__package__}.cuda_jit":
-            raise
-        raise UnsupportedError("target 'cuda' has no runtime in this build "
-                               "(dqgen.cuda_jit is not available)") from None
-    return cuda_jit
-
-
 def _build_cuda(spec: KernelSpec, desc) -> Kernel:
-    cuda_jit = _cuda_jit()
     return cuda_jit.build_cuda_kernel(spec, render_source(spec), descriptor_record(desc))
 
 
@@ -274,13 +261,12 @@ def _from_bundles(desc, spec: KernelSpec) -> Kernel | None:
                 path, _ = b.read_verified(record.binaries["so"])
                 return Kernel(cand, source, record.cache_key, record.template_hash,
                               path.parent, False, CpuKernel(cand, path), origin="bundle")
-            loader = getattr(_cuda_jit(), "kernel_from_image", None)
             kind = "cubin" if "cubin" in record.binaries else "ptx"
-            if loader is None or kind not in record.binaries:
+            if kind not in record.binaries:
                 continue
             path, image = b.read_verified(record.binaries[kind])
-            return loader(cand, source, image=image, key=record.cache_key,
-                          entry_dir=path.parent)
+            return cuda_jit.kernel_from_image(cand, source, image=image, key=record.cache_key,
+                                              entry_dir=path.parent)
     return None
 
 
@@ -307,8 +293,3 @@ def get_kernel(desc, target: str, arch: str) -> Kernel:
             _memo[ident] = kernel
     return kernel
 
-
-def load_bundle(path) -> "bundle.Bundle":
-    """Search the bundle at ``path`` (written by ``dqgen aot``) before the cache for every
-    kernel selected from now on; binaries are checked against their recorded sha256."""
-    return bundle.load_bundle(path)

@@ -433,7 +433,7 @@ def test_cuda_kernels_are_bundled_and_hash_checked(isolated, monkeypatch):
                           "group_size": 64, "target": "cuda:sm_90"})
     try:
         jit.render_source(request[0].spec())
-        cuda_jit = jit._cuda_jit()
+        from dqgen import cuda_jit
     except UnsupportedError as exc:
         pytest.skip(f"no CUDA target in this checkout: {exc}")
     monkeypatch.delenv("DQGEN_DISABLE_JIT")  # building needs JIT; loading below does not
