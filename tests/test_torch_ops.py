@@ -310,6 +310,21 @@ def test_fake_quantize_scale_gradient_is_lsq():
     assert torch.equal(ds, want)
 
 
+def test_strided_inputs_give_what_contiguous_ones_do():
+    """The plain functions copy strided tensors; the result is contiguous, as the fakes say."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(64, 6, generator=gen, dtype=torch.float64).t().requires_grad_()
+    scale, zp = qparams(x.detach().contiguous(), 32)
+    dy = torch.randn(64, 6, generator=gen, dtype=torch.float64).t()
+    y = dt.fake_quantize_per_group(x, scale, zp, 32, -8, 7)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    assert y.is_contiguous() and dx.is_contiguous()
+    xc = x.detach().contiguous().requires_grad_()
+    yc = dt.fake_quantize_per_group(xc, scale, zp, 32, -8, 7)
+    assert_bits(y.detach(), yc.detach())
+    assert_bits(dx, torch.autograd.grad(yc, xc, dy.contiguous())[0])
+
+
 def test_errors_are_dqgen_errors():
     x = torch.randn(2, 64)
     scale, zp = qparams(x, 32)
