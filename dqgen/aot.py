@@ -367,8 +367,9 @@ def expand(selection: dict) -> list[KernelRequest]:
             if filters and not any(fnmatch.fnmatchcase(desc.uri, f) for f in filters):
                 continue
             for target, arch in targets:
-                lower(desc, target, arch)  # validates the arch now, not mid-build
-                found.add(request_of(desc, target, arch))
+                # validates the arch now, not mid-build; the schedule may name a lower ISA
+                # level whose code is the same (one kernel, one bundle entry)
+                found.add(request_of(desc, target, lower(desc, target, arch).arch))
     return sorted(found)
 
 
