@@ -93,8 +93,11 @@ def test_every_scale_pattern(qtype):
     every output dtype."""
     rng = np.random.default_rng(TYPES.index(qtype))
     data = random_blocks(rng, qtype, step=_step(qtype))
+    want = oracle(data, qtype, "f32")
     for out in OUTS:
-        assert_bits_equal(ggml.dequantize(data, qtype, dtype=out), oracle(data, qtype, out))
+        with np.errstate(all="ignore"):
+            rounded = want.astype(FLOATS[out])
+        assert_bits_equal(ggml.dequantize(data, qtype, dtype=out), rounded)
 
 
 def test_k_scales_cover_every_value():

@@ -1,5 +1,6 @@
 """Checkpoint-format rows of the benchmark: GGML blocks against the gguf package, GPTQ
-4-bit against a numpy unpack-and-scale path.
+4-bit against a numpy unpack-and-scale path; and every GGML type against gguf-py and a
+stream over its bytes (``--gguf-types``, ``bench_gguf_types``).
 
 Run by ``tools/bench.py`` (or alone: ``python tools/bench_formats.py``). Times are medians
 of interleaved repetitions in one process; only the ratios are reported as results, since
@@ -127,6 +128,120 @@ def bench_gptq(repeat: int, stream: Stream) -> list[dict]:
     return rows
 
 
+class BlockStream:
+    """tools/stream_blocks.c: reads a GGML tensor's block bytes and writes its output's
+    bytes (a group's XOR spread over its outputs), built with dqgen's compiler and flags."""
+
+    SOURCE = Path(__file__).resolve().parent / "stream_blocks.c"
+
+    def __init__(self, workdir: Path) -> None:
+        import cffi
+        from dqgen.build import cc
+        from dqgen.isa import host_isa
+        lib_path = Path(workdir) / "stream_blocks.so"
+        cc.compile_shared(cc.toolchain(), self.SOURCE, lib_path, host_isa())
+        self.ffi = cffi.FFI()
+        self.ffi.cdef("int32_t stream_blocks(const void *data, void *y, int64_t blocks, "
+                      "int64_t bb, int64_t bv, int32_t width, int32_t num_threads);")
+        self.lib = self.ffi.dlopen(str(lib_path))
+
+    def bind(self, data: np.ndarray, out: np.ndarray, bb: int, bv: int, threads: int):
+        fn, dp, yp = self.lib.stream_blocks, self.ffi.from_buffer(data), self.ffi.from_buffer(out)
+        blocks, width = data.size // bb, out.itemsize
+
+        def call() -> None:
+            if fn(dp, yp, blocks, bb, bv, width, threads):
+                raise SystemExit("bench: stream_blocks refused the width")
+        call.keep = (data, out)
+        return call
+
+
+GGUF_SHAPE = (4096, 4096)
+
+
+def gguf_blocks(rng, qtype: str, shape=GGUF_SHAPE) -> np.ndarray:
+    """A [rows, row_bytes] tensor of ``qtype``: random bytes whose f16 d/dmin fields are
+    small normal numbers (as a quantizer writes), float tensors of normal values."""
+    from dqgen.formats.ggml_layouts import LAYOUTS
+    from dqgen.ir import parse_ggml_type
+    layout = LAYOUTS[parse_ggml_type(qtype)]
+    if layout.q is None:
+        x = rng.standard_normal(shape, dtype=np.float32)
+        if qtype == "BF16":
+            return (x.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8).reshape(shape[0], -1)
+        return x.astype(np.float16 if qtype == "F16" else np.float32).view(np.uint8)
+    rows, cols = shape
+    data = rng.integers(0, 256, size=(rows, cols // layout.values * layout.block_bytes),
+                        dtype=np.uint8)
+    blocks = data.reshape(-1, layout.block_bytes)
+    for scalar in (layout.d, layout.m):
+        if scalar is not None and scalar.kind == "f16":
+            d = (rng.random(blocks.shape[0]) * 0.01 + 1e-3).astype(np.float16)
+            blocks[:, scalar.offset:scalar.offset + 2] = d.view(np.uint8).reshape(-1, 2)
+    if layout.d.kind == "e8m0_half":  # scales 2^-10 .. 2^-1
+        blocks[:, layout.d.offset] = rng.integers(118, 128, size=blocks.shape[0])
+    if layout.d.kind == "f32":
+        d = (rng.random(blocks.shape[0]) * 0.01 + 1e-3).astype(np.float32)
+        blocks[:, layout.d.offset:layout.d.offset + 4] = d.view(np.uint8).reshape(-1, 4)
+    return data
+
+
+def bench_gguf_types(repeat: int, types=None) -> list[dict]:
+    """Every GGML type, [4096, 4096] to f32 and f16, all on one thread: dqgen's kernel into
+    a reused buffer, gguf-py's dequantize (then rounded to f16 with numpy for f16), and the
+    block stream over the same bytes. Ratios: gguf / dqgen and dqgen / stream."""
+    import gguf
+    from dqgen.formats.plan import FormatPlan
+    from dqgen.ir import GgmlDequantizeDescriptor
+    from dqgen.plans import PlanPreference
+    rng = np.random.default_rng(2)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="dqgen-bench-") as work:
+        stream = BlockStream(Path(work))
+        for name in types or ggml.TYPES:
+            data = gguf_blocks(rng, name)
+            bb, bv = ggml.block_bytes(name), ggml.block_values(name)
+            qtype = gguf.GGMLQuantizationType[name]
+            has_oracle = name != "Q8_K"  # gguf-py has no Q8_K dequantize
+            for out_name, out_dtype in (("f32", np.float32), ("f16", np.float16)):
+                blocks = data.size // bb
+                desc = GgmlDequantizeDescriptor(blocks, name, out_name)
+                plan = FormatPlan.select(desc, preference=PlanPreference(num_threads=1))
+                flat = data.reshape(blocks, bb)
+                out = np.empty((blocks, bv), out_dtype)
+                plan.run({"data": flat, "y": out})
+                theirs = (lambda: gguf.quants.dequantize(data, qtype).astype(out_dtype)) \
+                    if has_oracle else None
+                if has_oracle and not np.array_equal(
+                        out.reshape(-1).view(np.uint8), theirs().reshape(-1).view(np.uint8)):
+                    raise SystemExit(f"GGML {name} -> {out_name}: dqgen and gguf disagree")
+                calls = {"dqgen": lambda: plan.run({"data": flat, "y": out}),
+                         "stream": stream.bind(flat, np.empty_like(out), bb, bv, 1)}
+                if has_oracle:
+                    calls["gguf"] = theirs
+                times = interleaved(calls, repeat=repeat, warmup=1)
+                med = {k: summarize(v)["median_s"] * 1e3 for k, v in times.items()}
+                rows.append({"case": f"{name} {list(GGUF_SHAPE)} -> {out_name}",
+                             "bytes_in": data.nbytes, "bytes_out": out.nbytes,
+                             "dqgen_ms": med["dqgen"], "stream_ms": med["stream"],
+                             "gguf_ms": med.get("gguf"),
+                             "vs_gguf": med["gguf"] / med["dqgen"] if has_oracle else None,
+                             "vs_stream": med["dqgen"] / med["stream"]})
+                print(gguf_table(rows[-1:], header=not rows[:-1]), flush=True)
+    return rows
+
+
+def gguf_table(rows: list[dict], header: bool = True) -> str:
+    lines = ["| case | gguf ms | dqgen ms | stream ms | gguf / dqgen | dqgen / stream |",
+             "|---|---|---|---|---|---|"] if header else []
+    for r in rows:
+        gguf_ms = f"{r['gguf_ms']:.1f}" if r["gguf_ms"] is not None else "n/a"
+        vs = f"{r['vs_gguf']:.0f}x" if r["vs_gguf"] is not None else "n/a"
+        lines.append(f"| {r['case']} | {gguf_ms} | {r['dqgen_ms']:.2f} | {r['stream_ms']:.2f} "
+                     f"| {vs} | {r['vs_stream']:.2f} |")
+    return "\n".join(lines)
+
+
 def run(repeat: int = 10) -> list[dict]:
     """Every format row (GGML rows only where the gguf package is installed)."""
     with tempfile.TemporaryDirectory(prefix="dqgen-bench-") as work:
@@ -155,12 +270,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--gguf-types", nargs="*", default=None, metavar="TYPE",
+                   help="only the per-type GGML rows (every type, or those named), one thread")
+    p.add_argument("--gguf-repeat", type=int, default=5,
+                   help="repetitions of the per-type rows (gguf-py takes up to a second a call)")
     args = p.parse_args(argv)
-    rows = run(args.repeat)
     print(f"dqgen {dqgen.__version__}, threads: {_threads()}")
-    print(table(rows))
+    rows = []
+    if args.gguf_types is None:
+        rows = run(args.repeat)
+        print(table(rows))
+    types = bench_gguf_types(args.gguf_repeat, args.gguf_types or None)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"formats": rows, "gguf_types": types},
+                                              indent=2) + "\n")
     return 0
 
 

@@ -317,6 +317,7 @@ class GgmlKnobs:
     scalar_codebook: bool          # the codebook is read one value at a time (CUDA, C tails)
     stage: bool                    # C: a block's results staged as floats, then converted
     passthrough_stage: int         # C, float tensors: values copied and converted a batch
+    copy: bool                     # C: a float tensor stored as the output's type: a copy
 
 
 def _is_word(p: Plane) -> bool:
@@ -405,4 +406,5 @@ def knobs(layout: Layout, target: str, float_dtype: DType) -> GgmlKnobs:
         lane_index=q is not None and any(r.lanes and any(src.word for src in r.sources)
                                          for r in q.runs),
         scalar_codebook=target == "cuda" or (q is not None and not all(r.lanes for r in q.runs)),
-        stage=float_dtype is not DType.F32, passthrough_stage=PASSTHROUGH_STAGE)
+        stage=float_dtype is not DType.F32, passthrough_stage=PASSTHROUGH_STAGE,
+        copy=block.q is None and block.d.kind == float_dtype.value)
