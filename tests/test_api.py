@@ -392,11 +392,13 @@ def test_choose_qparams_ignores_nan_and_returns_torch_for_torch():
     assert ts.numpy().tobytes() == scale.tobytes() and tz.numpy().tolist() == zp.tolist()
 
 
-def test_choose_qparams_round_trip_with_subnormal_f16_scales():
-    # 2e-4 / 255 = 7.8e-7 is ~13 subnormal f16 ulps: it rounds to 7.75e-7 (-0.9 %), so
-    # x / scale = 258 saturates at 255 steps and comes back 3 steps short.
+def test_choose_qparams_round_trip_with_floored_f16_scales():
+    # 2e-4 / 255 = 7.8e-7 is below f16's smallest normal: the scale is that floor (6.1e-5,
+    # not a subnormal that rounds below the range and saturates), and values come back
+    # within half a step.
     x = np.array([[2e-4] * 4 + [0.0] * 4], np.float16)
     scale, zp = dqgen.choose_qparams_per_group(x, 8, dtype="s8")
+    assert scale[0, 0] == np.finfo(np.float16).smallest_normal
     y = dqgen.dequantize_per_group(dqgen.quantize_per_group(x, scale, zp, 8), scale, zp, 8)
     s = np.repeat(scale.astype(np.float64), 8, axis=1)
     err = np.abs(y.astype(np.float64) - x.astype(np.float64))
@@ -412,7 +414,7 @@ def test_choose_qparams_round_trip_with_subnormal_f16_scales():
 def test_choose_qparams_then_quantize_round_trips(float_name, int_name, symmetric, group_size,
                                                   seed, magnitude, offset, narrow):
     """Every value of a group lies inside its chosen range, so it comes back within half a
-    step (plus F's rounding). f16 groups of ~1e-3 get subnormal scales: tested separately below."""
+    step (plus F's rounding). f16 groups of ~1e-3 get the smallest-normal floor: tested above."""
     if float_name == "f16" and magnitude < 0.01:
         magnitude = 0.05
     rng = np.random.default_rng(seed)
