@@ -6,8 +6,9 @@ The benchmark writes its own GGUF file of about ``--gib`` GiB: [4096, 4096] tens
 llama.cpp's Q4_K_M mix (four Q4_K to each Q6_K and Q8_0), block bytes random but for
 their f16 scales, which are positive and finite as a quantizer writes them. The file is
 read while in the page cache (just written); outputs go to the same disk. Each conversion
-runs in a process of its own, timed inside it (imports and interpreter start left out),
-with its peak memory. Reported: the seconds of each, GB/s of GGUF read and of safetensors
+runs in a process of its own into a new file, timed inside it (imports and interpreter
+start left out), with the peak of its private memory (the mapped GGUF's page-cache pages
+not counted). Reported: the seconds of each, GB/s of GGUF read and of safetensors
 written, the ratio to gguf-py, and a write bound: the same output bytes written from
 memory in the same pieces (what the disk and page cache allow at all). dqgen runs on 1
 and 2 kernel threads (``-j``), best of ``--repeat``; gguf-py once (it is slow). The dqgen
@@ -94,22 +95,43 @@ def write_bound(dst: Path, nbytes: int) -> None:
             left -= piece.nbytes
 
 
+def _anonymous_bytes() -> int:
+    """This process's private memory now (RssAnon: not the mapped file's page-cache pages,
+    which the peak RSS would count)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def child(kind: str, src: str, dst: str, jobs: int) -> None:
-    """One conversion in this (fresh) process: print its seconds and peak memory."""
-    import resource
+    """One conversion in this (fresh) process: print its seconds and the peak of its
+    private memory (sampled every 20 ms) above what it held before."""
+    import threading
+    base, peak, stop = _anonymous_bytes(), [0], threading.Event()
+
+    def sample():
+        while not stop.wait(0.02):
+            peak[0] = max(peak[0], _anonymous_bytes())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     start = time.perf_counter()
     if kind == "dqgen":
         gguf_convert.convert_file(src, dst, "f16", jobs=jobs)
     else:
         gguf_py_convert(Path(src), Path(dst), np.float16)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"seconds": seconds, "peak_bytes": peak}))
+    stop.set()
+    sampler.join()
+    print(json.dumps({"seconds": seconds, "peak_bytes": max(0, peak[0] - base)}))
 
 
 def timed(kind: str, src: Path, dst: Path, jobs: int = 1) -> dict:
     """A conversion in a new process (so each one's peak memory is its own); the previous
     run's dirty pages written back first, not during this one."""
+    dst.unlink(missing_ok=True)  # a new file, as converting to a new name makes
     os.sync()
     env = dict(os.environ, DQGEN_NUM_THREADS=str(jobs))
     run = subprocess.run([sys.executable, __file__, "--child", kind, str(src), str(dst),
@@ -168,6 +190,7 @@ def main(argv=None) -> int:
         bound = work / "bound.bin"
         best = float("inf")
         for _ in range(args.repeat):
+            bound.unlink(missing_ok=True)
             os.sync()
             start = time.perf_counter()
             write_bound(bound, out_bytes)
@@ -182,7 +205,7 @@ def main(argv=None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     base = results["gguf-py + safetensors"]["seconds"]
-    print("\n| conversion to f16 | seconds | GGUF GB/s | written GB/s | vs gguf-py | peak memory |")
+    print("\n| conversion to f16 | seconds | GGUF GB/s | written GB/s | vs gguf-py | peak private memory |")
     print("|---|---|---|---|---|---|")
     for label, r in results.items():
         if not isinstance(r, dict):
