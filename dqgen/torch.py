@@ -7,13 +7,14 @@ Importing this module registers, under the ``dqgen::`` namespace (``torch.librar
 * ``fake_quantize_per_group``, quantize then dequantize in one op, for quantization-aware
   training (its gradient runs both backward plans);
 * the checkpoint formats: ``gptq_dequantize``, ``awq_dequantize``, ``ggml_dequantize``,
-  ``packed_dequantize``, ``floatzp_dequantize``.
+  ``packed_dequantize``, ``floatzp_dequantize``, ``hqq_dequantize``.
 
 Each op's CPU and CUDA kernels are the plain functions (``dqgen.api``, ``dqgen.formats``),
 which take the tensors without copying (CPU tensors through ``.numpy()`` views, CUDA tensors
-by address, on the current stream) and return tensors of the same kind; the format ops run
-on the CPU only. Fake (meta) implementations give the result's shape and dtype, so
-``torch.compile(fullgraph=True)`` and ``torch.export`` trace the ops without a graph break.
+by address, on the current stream) and return tensors of the same kind; the float zero
+point and HQQ ops run on the CPU only. Fake (meta) implementations give the result's shape
+and dtype, so ``torch.compile(fullgraph=True)`` and ``torch.export`` trace the ops without
+a graph break.
 A program exported with these ops needs ``import dqgen.torch`` before it is loaded.
 
 Autograd (``register_autograd``): the integer tensors (``q``, zero points, packed words)
@@ -26,7 +27,7 @@ and the backward ops, LSQ's estimator for ``fake_quantize_per_group``. The forma
 no gradient.
 """
 
-from typing import Optional
+from typing import List, Optional
 
 try:
     import torch
@@ -36,14 +37,15 @@ except ImportError as exc:  # dqgen itself needs no torch; only this module does
 
 from dqgen import api
 from dqgen.errors import InvalidProblemError, UnsupportedError
-from dqgen.formats import awq, floatzp, ggml, gptq, packed
-from dqgen.ir import (FLOAT_DTYPES, GGML_BLOCK_BYTES, GGML_BLOCK_VALUES, GPTQ_BITS,
-                      INT_DTYPES, PACKED_DTYPES, STORAGE_DTYPES, DType, check_int,
-                      parse_dtype, parse_ggml_type, resolve_q_range)
+from dqgen.formats import awq, floatzp, ggml, gptq, hqq, packed
+from dqgen.ir import (FLOAT_DTYPES, GPTQ_BITS, GPTQ_V1_ZEROS, HQQ_BITS, INT_DTYPES,
+                      PACKED_DTYPES, STORAGE_DTYPES, DType, check_int, parse_dtype,
+                      resolve_q_range)
 
 __all__ = ["dequantize_per_group", "quantize_per_group", "dequantize_per_group_backward",
            "quantize_per_group_backward", "fake_quantize_per_group", "gptq_dequantize",
-           "awq_dequantize", "ggml_dequantize", "packed_dequantize", "floatzp_dequantize"]
+           "awq_dequantize", "ggml_dequantize", "packed_dequantize", "floatzp_dequantize",
+           "hqq_dequantize"]
 
 Tensor = torch.Tensor
 _DEVICES = ("cpu", "cuda")
@@ -317,23 +319,24 @@ fake_quantize_per_group.register_autograd(_fake_quantize_grad, setup_context=_fa
 
 
 # --------------------------------------------------------------------------- checkpoint formats
-# CPU kernels only (dqgen.formats); on CUDA each raises the format plan's UnsupportedError,
-# except packed 4-bit, which the family's CUDA kernels run.
+# GPTQ, AWQ and GGML run on the device their tensors live on; packed 4-bit on CUDA runs the
+# family's packed kernel; the float zero point and HQQ run on the CPU only.
 
-@_op("gptq_dequantize", "cpu")
+@_op("gptq_dequantize")
 def gptq_dequantize(qweight: Tensor, qzeros: Tensor, scales: Tensor,
                     g_idx: Optional[Tensor] = None, bits: int = 4,
                     checkpoint_format: str = "gptq", dtype: torch.dtype = torch.float16,
-                    group_size: Optional[int] = None) -> Tensor:
+                    group_size: Optional[int] = None,
+                    v1_zeros: str = GPTQ_V1_ZEROS[0]) -> Tensor:
     """A GPTQ layer to its ``[K, N]`` weight (``dqgen.formats.gptq.dequantize``)."""
     return gptq.dequantize(qweight, qzeros, scales, g_idx=g_idx, bits=bits,
                            checkpoint_format=checkpoint_format, dtype=dtype,
-                           group_size=group_size)
+                           group_size=group_size, v1_zeros=v1_zeros)
 
 
 @gptq_dequantize.register_fake
 def _(qweight, qzeros, scales, g_idx=None, bits=4, checkpoint_format="gptq",
-      dtype=torch.float16, group_size=None):
+      dtype=torch.float16, group_size=None, v1_zeros=GPTQ_V1_ZEROS[0]):
     bits = check_int(bits, "bits", minimum=0)
     if bits not in GPTQ_BITS:
         raise InvalidProblemError(f"bits={bits} is not supported for GPTQ; expected one of "
@@ -342,7 +345,7 @@ def _(qweight, qzeros, scales, g_idx=None, bits=4, checkpoint_format="gptq",
     return qweight.new_empty((qweight.shape[0] * (32 // bits), qweight.shape[1]), dtype=out)
 
 
-@_op("awq_dequantize", "cpu")
+@_op("awq_dequantize")
 def awq_dequantize(qweight: Tensor, qzeros: Tensor, scales: Tensor,
                    dtype: torch.dtype = torch.float16,
                    group_size: Optional[int] = None) -> Tensor:
@@ -356,25 +359,20 @@ def _(qweight, qzeros, scales, dtype=torch.float16, group_size=None):
     return qweight.new_empty((qweight.shape[0], qweight.shape[1] * 8), dtype=out)
 
 
-@_op("ggml_dequantize", "cpu")
+@_op("ggml_dequantize")
 def ggml_dequantize(data: Tensor, qtype: str, dtype: torch.dtype = torch.float32) -> Tensor:
-    """GGML blocks (uint8 ``[..., row_bytes]``) of ``qtype`` ("Q4_0", "Q4_1", "Q5_0",
-    "Q8_0") to ``[..., row_bytes / block_bytes * 32]`` (``dqgen.formats.ggml.dequantize``)."""
+    """GGML blocks (uint8 ``[..., row_bytes]``) of ``qtype`` (a name in
+    ``dqgen.formats.ggml.TYPES``: "Q4_0", "Q4_K", ...) to
+    ``[..., row_bytes / block_bytes * block_values]`` (``dqgen.formats.ggml.dequantize``)."""
     return ggml.dequantize(data, qtype, dtype=dtype)
 
 
 @ggml_dequantize.register_fake
 def _(data, qtype, dtype=torch.float32):
     _rank(data, "data")
-    layout = parse_ggml_type(qtype)
     out = _TORCH_DTYPE[parse_dtype(dtype, "dtype", FLOAT_DTYPES)]
-    return _with_last(data, data.shape[-1] // GGML_BLOCK_BYTES[layout] * _block_values(layout),
+    return _with_last(data, data.shape[-1] // ggml.block_bytes(qtype) * ggml.block_values(qtype),
                       out)
-
-
-def _block_values(layout) -> int:
-    values = GGML_BLOCK_VALUES  # one count while every block held 32 values, else by layout
-    return values[layout] if isinstance(values, dict) else values
 
 
 @_op("packed_dequantize")
@@ -412,6 +410,22 @@ def _(q, scale, zero_point, group_size, int_dtype=None, q_min=None, q_max=None):
                       _TORCH_DTYPE[_float(scale, "scale")])
 
 
+@_op("hqq_dequantize", "cpu")
+def hqq_dequantize(W_q: Tensor, scale: Tensor, zero: Tensor, nbits: int, shape: List[int],
+                   group_size: Optional[int] = None, axis: int = 1) -> Tensor:
+    """HQQ's ``Quantizer.dequantize`` from its meta's fields, a weight of ``shape`` in
+    ``scale``'s dtype (``dqgen.formats.hqq.dequantize``)."""
+    return hqq.dequantize(W_q, scale, zero, nbits, shape, group_size=group_size, axis=axis)
+
+
+@hqq_dequantize.register_fake
+def _(W_q, scale, zero, nbits, shape, group_size=None, axis=1):
+    if check_int(nbits, "nbits", minimum=0) not in HQQ_BITS:
+        raise UnsupportedError(f"nbits={nbits} is not supported for HQQ; expected one of "
+                               f"{', '.join(map(str, HQQ_BITS))}")
+    return W_q.new_empty(tuple(shape), dtype=_TORCH_DTYPE[_float(scale, "scale")])
+
+
 def _cpu_only(name: str):
     def refuse(*args, **kwargs):
         raise UnsupportedError(f"dqgen::{name} runs on the CPU only (dqgen.formats has no CUDA "
@@ -419,5 +433,5 @@ def _cpu_only(name: str):
     return refuse
 
 
-for _cpu_op in (gptq_dequantize, awq_dequantize, ggml_dequantize, floatzp_dequantize):
+for _cpu_op in (floatzp_dequantize, hqq_dequantize):
     _cpu_op.register_kernel("cuda")(_cpu_only(_cpu_op._name))

@@ -148,7 +148,7 @@ def _ggml_blocks(qtype, rows=2, blocks=2, seed=0):
     d = data.reshape(rows * blocks, -1)
     d[:, :2] = np.frombuffer(rng.uniform(0.01, 1, rows * blocks).astype(np.float16).tobytes(),
                              np.uint8).reshape(-1, 2)
-    if qtype == "Q4_1":
+    if qtype in ("Q4_1", "Q4_K"):  # m / dmin: finite too
         d[:, 2:4] = d[:, :2]
     return torch.from_numpy(data)
 
@@ -189,10 +189,15 @@ def opcheck_cases():
         (dt.awq_dequantize, (a["qweight"], a["qzeros"], a["scales"], torch.bfloat16)),
         (dt.ggml_dequantize, (_ggml_blocks("Q4_0"), "Q4_0")),
         (dt.ggml_dequantize, (_ggml_blocks("Q4_1"), "Q4_1", torch.float16)),
+        (dt.ggml_dequantize, (_ggml_blocks("Q4_K", blocks=1), "Q4_K", torch.bfloat16)),
         (dt.packed_dequantize, (packed_q, scale, zp, 32, "u4")),
         (dt.floatzp_dequantize, (q.view(torch.uint8), scale, scale * 3, 32)),
         (dt.floatzp_dequantize, (packed_q, bf[:, :2].contiguous(), bf[:, 2:4].contiguous(), 32,
                                  "u4", 0, 14)),
+        (dt.hqq_dequantize, (packed_q, bf.reshape(8, 32)[:, :1].contiguous(),
+                             bf.reshape(8, 32)[:, 1:2].contiguous(), 4, [8, 32], 32)),
+        (dt.hqq_dequantize, (packed_q, bf[:, :1].contiguous(), bf[:, 1:2].contiguous(), 8,
+                             [4, 32], None)),
     ]
 
 
@@ -473,7 +478,15 @@ def test_cuda_ops_match_cpu():
 
 
 @gpu
-def test_cuda_format_ops_say_cpu_only():
+def test_cuda_format_ops_match_cpu_or_say_cpu_only():
     g = _gptq_layer()
+    args = (g["qweight"], g["qzeros"], g["scales"], g["g_idx"])
+    assert torch.equal(dt.gptq_dequantize(*(t.cuda() for t in args)).cpu(),
+                       dt.gptq_dequantize(*args))
+    blocks = _ggml_blocks("Q4_K", blocks=1)
+    assert torch.equal(dt.ggml_dequantize(blocks.cuda(), "Q4_K").cpu(),
+                       dt.ggml_dequantize(blocks, "Q4_K"))
+    q = torch.zeros(2, 32, dtype=torch.uint8, device="cuda")
+    scale = torch.ones(2, 1, device="cuda")
     with pytest.raises(dqgen.UnsupportedError, match="CPU only"):
-        dt.gptq_dequantize(g["qweight"].cuda(), g["qzeros"].cuda(), g["scales"].cuda())
+        dt.floatzp_dequantize(q, scale, scale, 32)
