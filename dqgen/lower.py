@@ -45,7 +45,9 @@ F16C_ISAS = ("avx2", "avx512", "avx512_bf16", "avx512_fp16")
 # two f16 values rounded once is F(C(q - zp) * C(scale)) (the f32 product is exact; FP16
 # arithmetic never flushes subnormals), for every scale, NaN and infinities included.
 FP16_ZERO_POINT_LIMIT = 2048 - 255
-AVX512_HEADERS = ("avx512fintrin.h", "avx512vlintrin.h", "avx512bwintrin.h", "avx512dqintrin.h")
+AVX512_HEADERS = ("avx512fintrin.h", "avx512vlintrin.h", "avx512bwintrin.h", "avx512dqintrin.h",
+                  "avx512vlbwintrin.h")
+BF16_HEADERS = ("avx512bf16vlintrin.h", "avx512bf16intrin.h")
 # 16-bit float data is staged through float blocks of the largest of these sizes dividing the
 # group: long enough for the loop vectorizer, short enough to stay in L1.
 SIMD_BLOCKS = (64, 32, 16, 8)
@@ -182,7 +184,6 @@ class KernelSpec:
     mid: int = 0                    # float zero point: the integer part of the q value that maps to z
     mid_fraction: str = ""          # and its half, a compute-type literal ("" when mid is an integer)
     zero_round: str = ""            # float zero point: helper rounding each step to F ("": none)
-    zero_round_vector: bool = False  # and an eight-lane one for the register path (F16C)
     zero_first: bool = False        # float zero point subtracted from q before the product (HQQ)
     field_mask: int = 0             # q is the field (word >> shift) & field_mask (0: the whole word)
     template: str = ""              # the layout's own loop template ("" = the family's)
@@ -207,6 +208,7 @@ class KernelSpec:
     store_pairs: bool = False       # AVX512_BF16: two float vectors narrowed and stored as one
     fma_scale_min_bits: int = 1     # the fused path's smallest scale storage bits
     simd_headers: tuple[str, ...] = ()  # intrinsics headers beyond the AVX2 ones
+    tail_mask: int = 0              # AVX-512: a group's remainder as one masked step (its lanes)
 
     def to_json(self) -> dict:
         def plain(v):
@@ -365,8 +367,12 @@ def _cpu_simd(desc: _PerGroupDescriptor, target: str, arch: str, out: Param,
                          and block % 32 == 0),
             vector_bits=512, vec_float="__m512d" if convert is DType.F64 else "__m512",
             vec_int="__m512i", vec_prefix="_mm512", vec_broadcast="broadcast16")
-        knobs["simd_headers"] = (AVX512_HEADERS + (("avx512bf16vlintrin.h", "avx512bf16intrin.h") if knobs["store_pairs"] else ())
+        knobs["simd_headers"] = (AVX512_HEADERS
+                                 + (BF16_HEADERS if knobs["store_pairs"] else ())
                                  + (("avx512fp16intrin.h",) if half else ()))
+        # a remainder (fewer than `lanes` elements: no block size divides the group) goes
+        # through masked loads and stores, one step
+        knobs["tail_mask"] = (1 << (desc.group_size % block)) - 1
     return knobs
 
 
@@ -397,8 +403,8 @@ def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
         # the SIMD bf16 store needs finite values, and z may be Inf or NaN
         simd = _cpu_simd(desc, "", arch, out, float_inputs)
     zero_round = _ROUND_TO_FLOAT.get(desc.float_dtype, "") if float_zero else ""
-    if zero_round and desc.float_dtype is not DType.F16:
-        simd = dict(simd, simd_stage_int=False)  # no vector step rounding: element by element
+    if zero_round:  # each step rounds to F element by element, not in the register path
+        simd = dict(simd, simd_stage_int=False)
     field_bits = getattr(desc, "field_bits", 0)
     if field_bits:  # the SIMD paths load whole words, not fields: element by element
         simd = _cpu_simd(desc, "", arch, out, float_inputs)
@@ -445,7 +451,6 @@ def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
         fma_scale_min_bits=BF16_NORMAL_MIN_BITS if fused and simd.get("store_pairs") else 1,
         zero_kind="float" if float_zero else "int", mid=mid,
         mid_fraction=half if float_zero and desc.mid != mid else "", zero_round=zero_round,
-        zero_round_vector=bool(zero_round) and simd["simd_stage_int"],
         zero_first=zero_first, field_mask=(1 << field_bits) - 1,
     )
     return _schedule_cuda(spec, desc) if target == "cuda" else spec

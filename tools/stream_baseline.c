@@ -110,8 +110,41 @@ static void run_range(const int8_t *q, void *y, int64_t b, int64_t e, int32_t wi
  * bits for bf16, which AVX2 has no instruction for), with plain stores. No scale, no
  * zero point: the least work any bit-exact int8 -> f16/bf16 kernel does per element on
  * this ISA, so dqgen / floor is what the scale and zero point cost, and floor / stream
- * what the conversion alone costs beyond moving the bytes. */
-#if defined(__AVX2__) && defined(__F16C__)
+ * what the conversion alone costs beyond moving the bytes. Each ISA level's floor uses
+ * the conversions dqgen's kernels use there. */
+#if defined(__AVX512FP16__) && defined(__AVX512BF16__)
+/* AVX-512 with AVX512-FP16 and AVX512_BF16 (the avx512_fp16 level): what dqgen's kernels
+ * there use. q converts exactly to f16 from 16-bit lanes (|q| <= 255), thirty-two a step;
+ * for bf16, two float vectors narrow in one vcvtne2ps2bf16 (rounding to nearest-even; q
+ * is never subnormal, so its flushing does not matter). */
+static void floor_f16(const int8_t *restrict q, uint16_t *restrict y, int64_t b, int64_t e)
+{
+    int64_t i = b;
+    for (; i + 32 <= e; i += 32) {
+        const __m512h v = _mm512_cvtepi16_ph(_mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(q + i))));
+        _mm512_storeu_si512((void *)(y + i), _mm512_castph_si512(v));
+    }
+    for (; i < e; ++i)
+        y[i] = (uint16_t)_cvtss_sh((float)q[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+static void floor_bf16(const int8_t *restrict q, uint16_t *restrict y, int64_t b, int64_t e)
+{
+    int64_t i = b;
+    for (; i + 32 <= e; i += 32) {
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + i))));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + i + 16))));
+        _mm512_storeu_si512((void *)(y + i), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+    for (; i < e; ++i) {
+        const float f = (float)q[i];
+        uint32_t u;
+        __builtin_memcpy(&u, &f, sizeof u);
+        y[i] = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+}
+#define FLOOR_AVAILABLE 1
+#elif defined(__AVX2__) && defined(__F16C__)
 static void floor_f16(const int8_t *restrict q, uint16_t *restrict y, int64_t b, int64_t e)
 {
     int64_t i = b;
