@@ -10,7 +10,8 @@ runs in a process of its own into a new file, timed inside it (imports and inter
 start left out), with the peak of its private memory (the mapped GGUF's page-cache pages
 not counted). Reported: the seconds of each, GB/s of GGUF read and of safetensors
 written, the ratio to gguf-py, and a write bound: the same output bytes written from
-memory in the same pieces (what the disk and page cache allow at all). dqgen runs on 1
+memory in the same pieces (what the disk and page cache allow at all), and dqgen's
+dequantization alone (every tensor into one reused buffer, nothing written). dqgen runs on 1
 and 2 kernel threads (``-j``), best of ``--repeat``; gguf-py once (it is slow). The dqgen
 output is checked bit for bit against gguf-py's. Every file is deleted at the end. Run:
 ``python tools/bench_gguf_convert.py``.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -85,6 +87,14 @@ def gguf_py_convert(src: Path, dst: Path, dtype) -> None:
     save_file(tensors, str(dst), metadata=meta)
 
 
+def dequantize_only(src) -> None:
+    """dqgen's part of a conversion alone: every tensor into one reused buffer, no file."""
+    f = gguf_file.open(src)
+    buf = np.empty(max(math.prod(t.shape) for t in f.tensors.values()), np.float16)
+    for name, info in f.tensors.items():
+        f.dequantize(name, "f16", out=buf[:math.prod(info.shape)].reshape(info.shape))
+
+
 def write_bound(dst: Path, nbytes: int) -> None:
     """The output's bytes written from a buffer in memory, in convert's piece size."""
     piece = np.ones(gguf_convert.CHUNK_BYTES, np.uint8)
@@ -120,6 +130,8 @@ def child(kind: str, src: str, dst: str, jobs: int) -> None:
     start = time.perf_counter()
     if kind == "dqgen":
         gguf_convert.convert_file(src, dst, "f16", jobs=jobs)
+    elif kind == "dequantize":
+        dequantize_only(src)
     else:
         gguf_py_convert(Path(src), Path(dst), np.float16)
     seconds = time.perf_counter() - start
@@ -131,7 +143,8 @@ def child(kind: str, src: str, dst: str, jobs: int) -> None:
 def timed(kind: str, src: Path, dst: Path, jobs: int = 1) -> dict:
     """A conversion in a new process (so each one's peak memory is its own); the previous
     run's dirty pages written back first, not during this one."""
-    dst.unlink(missing_ok=True)  # a new file, as converting to a new name makes
+    if kind != "dequantize":
+        dst.unlink(missing_ok=True)  # a new file, as converting to a new name makes
     os.sync()
     env = dict(os.environ, DQGEN_NUM_THREADS=str(jobs))
     run = subprocess.run([sys.executable, __file__, "--child", kind, str(src), str(dst),
@@ -186,6 +199,9 @@ def main(argv=None) -> int:
             runs = [timed("dqgen", src, ours, jobs) for _ in range(args.repeat)]
             results[f"dqgen -j {jobs}"] = min(runs, key=lambda r: r["seconds"])
         out_bytes = ours.stat().st_size
+        for jobs in [int(j) for j in args.threads.split(",")]:
+            runs = [timed("dequantize", src, ours, jobs) for _ in range(args.repeat)]
+            results[f"dqgen dequantize only, -j {jobs}"] = min(runs, key=lambda r: r["seconds"])
         results["safetensors_bytes"] = out_bytes
         bound = work / "bound.bin"
         best = float("inf")
