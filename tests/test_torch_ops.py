@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch", reason="torch (CPU build) is an optional de
 
 import dqgen  # noqa: E402
 import dqgen.torch as dt  # noqa: E402
-from dqgen.formats import ggml, gptq  # noqa: E402
+from dqgen.formats import ggml  # noqa: E402
 from dqgen.formats.pack import quantize_awq, quantize_gptq  # noqa: E402
 
 OPS = tuple(getattr(dt, name) for name in dt.__all__)
