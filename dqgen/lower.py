@@ -184,6 +184,7 @@ class KernelSpec:
     mid: int = 0                    # float zero point: the integer part of the q value that maps to z
     mid_fraction: str = ""          # and its half, a compute-type literal ("" when mid is an integer)
     zero_round: str = ""            # float zero point: helper rounding each step to F ("": none)
+    zero_round_vector: bool = False  # and an eight-lane one for the register path (F16C)
     zero_first: bool = False        # float zero point subtracted from q before the product (HQQ)
     field_mask: int = 0             # q is the field (word >> shift) & field_mask (0: the whole word)
     template: str = ""              # the layout's own loop template ("" = the family's)
@@ -403,8 +404,8 @@ def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
         # the SIMD bf16 store needs finite values, and z may be Inf or NaN
         simd = _cpu_simd(desc, "", arch, out, float_inputs)
     zero_round = _ROUND_TO_FLOAT.get(desc.float_dtype, "") if float_zero else ""
-    if zero_round:  # each step rounds to F element by element, not in the register path
-        simd = dict(simd, simd_stage_int=False)
+    if zero_round and desc.float_dtype is not DType.F16:
+        simd = dict(simd, simd_stage_int=False)  # no vector step rounding: element by element
     field_bits = getattr(desc, "field_bits", 0)
     if field_bits:  # the SIMD paths load whole words, not fields: element by element
         simd = _cpu_simd(desc, "", arch, out, float_inputs)
@@ -451,6 +452,7 @@ def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
         fma_scale_min_bits=BF16_NORMAL_MIN_BITS if fused and simd.get("store_pairs") else 1,
         zero_kind="float" if float_zero else "int", mid=mid,
         mid_fraction=half if float_zero and desc.mid != mid else "", zero_round=zero_round,
+        zero_round_vector=bool(zero_round) and simd["simd_stage_int"],
         zero_first=zero_first, field_mask=(1 << field_bits) - 1,
     )
     return _schedule_cuda(spec, desc) if target == "cuda" else spec
