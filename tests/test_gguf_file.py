@@ -300,6 +300,16 @@ def test_convert_into_a_directory(model, tmp_path, capsys):
     assert "--format, --bits describe GPTQ/AWQ" in capsys.readouterr().err
 
 
+def test_default_threads_leave_the_writer_a_cpu(monkeypatch):
+    monkeypatch.delenv("DQGEN_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert gguf_convert.default_jobs() == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert gguf_convert.default_jobs() == 1
+    monkeypatch.setenv("DQGEN_NUM_THREADS", "2")
+    assert gguf_convert.default_jobs() is None
+
+
 def test_output_paths(tmp_path):
     paths, index = gguf_convert.output_paths(tmp_path / "a.safetensors", 2)
     assert [p.name for p in paths] == ["a-00001-of-00002.safetensors",

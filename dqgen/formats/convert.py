@@ -72,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="group size; default: the config's, else inferred from the shapes")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
     parser.add_argument("-j", "--jobs", type=int, default=None,
-                        help="kernel threads (default: DQGEN_NUM_THREADS, else all cores)")
+                        help="kernel threads (default: DQGEN_NUM_THREADS, else all cores; "
+                             "for a .gguf all but one, which writes the output)")
     parser.add_argument("--max-shard-size", default=None, metavar="SIZE",
                         help="write shards of at most SIZE (5GB, 500MiB, bytes) and an index "
                              "(default: the input's shards; one file for a .gguf or a file)")

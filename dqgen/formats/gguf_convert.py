@@ -172,6 +172,16 @@ def _pieces(f: gguf_file.GGUFFile, item: _Item, out_dtype, buffers):
         yield y
 
 
+def default_jobs() -> int | None:
+    """Kernel threads when ``-j`` is not given: DQGEN_NUM_THREADS's (None), else every CPU
+    but one, which the writer thread keeps busy (on 2 cores, 2 kernel threads beside it
+    convert slower than 1: a thread of the kernel waits on the other at every call)."""
+    if os.environ.get("DQGEN_NUM_THREADS", "").strip():
+        return None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cpus or 1) - 1)
+
+
 @contextlib.contextmanager
 def _num_threads(jobs: int | None):
     """Kernels run on ``jobs`` threads meanwhile (DQGEN_NUM_THREADS, which plans read)."""
@@ -194,8 +204,9 @@ def _num_threads(jobs: int | None):
 def convert_file(src, dst, dtype="f16", jobs: int | None = None,
                  max_shard_bytes: int | None = None, progress=None) -> list[Path]:
     """Write every tensor of GGUF file ``src`` to safetensors ``dst`` (sharded above
-    ``max_shard_bytes``, with an index); ``progress(done_bytes, total_bytes, name)`` is
-    called as output is written. Returns the files written (index last)."""
+    ``max_shard_bytes``, with an index) with kernels on ``jobs`` threads (default:
+    ``default_jobs()``); ``progress(done_bytes, total_bytes, name)`` is called as output
+    is written. Returns the files written (index last)."""
     out_dtype = parse_dtype(dtype, "dtype", GGML_FLOAT_DTYPES)
     if max_shard_bytes is not None and max_shard_bytes < 1:
         raise InvalidProblemError(f"max_shard_bytes={max_shard_bytes} must be >= 1")
@@ -210,6 +221,7 @@ def convert_file(src, dst, dtype="f16", jobs: int | None = None,
     largest = max((item.nbytes for item in items if item.dequantized), default=0)
     buffers = itertools.cycle([np.empty(min(largest, CHUNK_BYTES), np.uint8) for _ in range(2)])
     writers: list = []  # the shards, then the index
+    jobs = default_jobs() if jobs is None else jobs
     done = 0
     try:
         with _num_threads(jobs), ThreadPoolExecutor(1, thread_name_prefix="dqgen-write") as io:
