@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
 import dqgen  # noqa: E402
-from bench_timing import interleaved, summarize  # noqa: E402
+from bench_timing import LoadMeter, interleaved, summarize  # noqa: E402
 
 try:
     import torch
@@ -83,10 +83,11 @@ def overhead(repeat: int = 200) -> dict:
              "empty_op": lambda: nothing(q, scale, zp, GROUP),
              "plain_then_empty_op": lambda: (dqgen.dequantize_per_group(q, scale, zp, GROUP),
                                              nothing(q, scale, zp, GROUP))}
-    with _threads(1):
+    with _threads(1), LoadMeter() as load:
         times = interleaved(calls, repeat=repeat, warmup=5, burst=4)
     med = {k: _median_us(v) for k, v in times.items()}
     return {"shape": list(OVERHEAD_SHAPE), "group": GROUP, "threads": 1,
+            "foreign_cpus": load.foreign,
             **{f"{k}_us": v for k, v in med.items()},
             "overhead_us": med["op"] - med["plain"],
             "overhead_inference_us": med["op_inference"] - med["plain"]}
@@ -169,9 +170,11 @@ def fake_quantize(threads=(1, 2), repeat: int = 10) -> list[dict]:
                 raise SystemExit("dqgen.torch fake quantize: forward differs from torch's")
             if not torch.equal(dx != 0, dx_ref != 0):
                 raise SystemExit("dqgen.torch fake quantize: gradient mask differs from torch's")
-            times = interleaved(calls, repeat=repeat, warmup=1)
+            with LoadMeter() as load:
+                times = interleaved(calls, repeat=repeat, warmup=1)
         med = {k: summarize(v)["median_s"] * 1e3 for k, v in times.items()}
         out.append({"shape": list(FAKE_SHAPE), "group": GROUP, "threads": n,
+                    "foreign_cpus": load.foreign,
                     **{f"{k}_ms": v for k, v in med.items()},
                     "speedup_expr": med["torch_expr"] / med["dqgen"],
                     "speedup_op": med["torch_op"] / med["dqgen"]})
@@ -187,6 +190,10 @@ def run(repeat: int = 10) -> dict | None:
             "torch": torch.__version__}
 
 
+def _cpus(value) -> str:
+    return "?" if value is None else f"{value:.2f}"
+
+
 def table(result: dict) -> str:
     o = result["overhead"]
     lines = [f"Per call, {o['shape']} s8 -> f32 g{o['group']}, one thread (torch "
@@ -194,13 +201,16 @@ def table(result: dict) -> str:
              f"{o['op_us']:.1f} us (+{o['overhead_us']:.1f}), in inference_mode "
              f"{o['op_inference_us']:.1f} us (+{o['overhead_inference_us']:.1f}); an op that "
              f"does nothing {o['empty_op_us']:.1f} us, the plain function and then that op "
-             f"{o['plain_then_empty_op_us']:.1f} us.", "",
+             f"{o['plain_then_empty_op_us']:.1f} us (other processes kept "
+             f"{_cpus(o['foreign_cpus'])} CPUs busy).", "",
              "| fake quantize fwd+bwd | threads | dqgen ms | torch by hand ms | "
-             "torch.fake_quantize_per_channel_affine ms | speed-up (by hand / per-channel op) |",
-             "|---|---|---|---|---|---|"]
+             "torch.fake_quantize_per_channel_affine ms | speed-up (by hand / per-channel op) "
+             "| CPUs busy elsewhere |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['shape']} f32 g{r['group']} | {r['threads']} | {r['dqgen_ms']:.1f} | "
               f"{r['torch_expr_ms']:.1f} | {r['torch_op_ms']:.1f} | {r['speedup_expr']:.2f}x / "
-              f"{r['speedup_op']:.2f}x |" for r in result["fake_quantize"]]
+              f"{r['speedup_op']:.2f}x | {_cpus(r['foreign_cpus'])} |"
+              for r in result["fake_quantize"]]
     return "\n".join(lines)
 
 
