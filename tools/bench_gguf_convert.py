@@ -221,7 +221,8 @@ def main(argv=None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     base = results["gguf-py + safetensors"]["seconds"]
-    print("\n| conversion to f16 | seconds | GGUF GB/s | written GB/s | vs gguf-py | peak private memory |")
+    print("\n| conversion to f16 | seconds | GGUF GB/s | written GB/s | vs gguf-py "
+          "| peak private memory |")
     print("|---|---|---|---|---|---|")
     for label, r in results.items():
         if not isinstance(r, dict):
