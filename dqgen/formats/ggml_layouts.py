@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import UnsupportedError
 from ..ir import GGML_BLOCK_BYTES, GGML_BLOCK_VALUES, DType, Layout
 
 
@@ -25,9 +26,10 @@ from ..ir import GGML_BLOCK_BYTES, GGML_BLOCK_VALUES, DType, Layout
 class Plane:
     """Elements ``[start, start + count)`` of a field take bits from bytes at ``offset``.
 
-    The bytes come in runs of ``width``; a run holds ``per_byte`` consecutive runs of
-    elements, element ``t`` (counted from ``start``) reading byte
-    ``offset + (t // (width * per_byte)) * width + t % width`` at bit
+    The bytes come in runs of ``width`` (little-endian integers of ``unit`` bytes; runs
+    ``stride`` bytes apart, default back to back); a run holds ``per_byte`` consecutive
+    runs of elements, element ``t`` (counted from ``start``) reading the integer at
+    ``offset + (t // (width * per_byte)) * stride + (t % width) * unit`` at bit
     ``shift + ((t // width) % per_byte) * bits``, ``bits`` wide, placed at bit ``into`` of
     the element. A ``trit`` plane reads base-3 digit ``s`` (TQ1_0): ``((uint8)(byte * 3^s)
     * 3) >> 8``.
@@ -42,6 +44,13 @@ class Plane:
     shift: int = 0
     into: int = 0
     trit: bool = False
+    unit: int = 1
+    stride: int = 0
+
+    @property
+    def step(self) -> int:
+        """Bytes from one run to the next."""
+        return self.stride or self.width * self.unit
 
     @property
     def chunks(self) -> int:
@@ -65,10 +74,10 @@ class Plane:
         run = self.width * self.per_byte
         if self.count % run or self.start + self.count > size:
             raise ValueError(f"plane {self} does not tile its field of {size}")
-        if self.offset + self.chunks * self.width > block_bytes:
+        if self.offset + (self.chunks - 1) * self.step + self.width * self.unit > block_bytes:
             raise ValueError(f"plane {self} reads past a {block_bytes}-byte block")
-        if not self.trit and max(self.shifts) + self.bits > 8:
-            raise ValueError(f"plane {self} reads past a byte")
+        if not self.trit and max(self.shifts) + self.bits > 8 * self.unit:
+            raise ValueError(f"plane {self} reads past its integer")
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,19 @@ class Field:
     def sign(self) -> int:
         """The sign bit's value (``v = (v ^ sign) - sign`` sign-extends); 0: unsigned."""
         return 1 << (self.sign_bits - 1) if self.sign_bits else 0
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Grid-based values (IQ2_XXS, IQ3_XXS): ``q_t = sign_t * grid[index_{t // width}][t %
+    width]`` with ``sign_t`` bit ``t % 8`` of ``KSIGNS[signs_{t // 8}]`` set meaning -1.
+    The grid is gguf-py's own (class ``table`` of ``gguf.quants``), read when a kernel is
+    scheduled."""
+
+    width: int
+    index: Field
+    signs: Field
+    table: str
 
 
 @dataclass(frozen=True)
@@ -109,6 +131,9 @@ class BlockLayout:
     m: Scalar | None = None         # the min's float factor (dmin, or Q4_1's m)
     min: Field | None = None        # integer sub-block mins: m_k = -(dmin * min_k)
     formula: str = ""
+    grid: Grid | None = None        # the values come from a grid of gguf-py's (q is None)
+    scale_bias: float = 0.0         # d_k = (d * (bias + C(scale_k))) * factor where set
+    scale_factor: float = 1.0
 
     @property
     def subs(self) -> int:
@@ -206,6 +231,20 @@ LAYOUTS: dict[Layout, BlockLayout] = {
     Layout.GGML_MXFP4: BlockLayout(
         17, 32, Field(32, (_nibbles(32, 1, 16),), codebook=MXFP4_CODEBOOK),
         Scalar("e8m0_half", 0), formula="y = F(C(e2m1x2[nibble]) * 2^(e - 128)), e8m0 e"),
+    Layout.GGML_IQ2_XXS: BlockLayout(
+        66, 256, None, _F16_AT_0, sub=32,
+        scale=Field(8, (Plane(0, 8, 6, 1, 4, shift=28, unit=4, stride=8),)),
+        scale_bias=0.5, scale_factor=0.25,
+        grid=Grid(8, Field(32, (Plane(0, 32, 2, 4, 8, stride=8),)),
+                  Field(32, (Plane(0, 32, 6, 1, 7, 4, unit=4, stride=8),)), "IQ2_XXS"),
+        formula="y = F(C(sign * grid[i][j]) * C((d * (0.5 + sc)) * 0.25)), 8 sub-blocks of 32"),
+    Layout.GGML_IQ3_XXS: BlockLayout(
+        98, 256, None, _F16_AT_0, sub=32,
+        scale=Field(8, (Plane(0, 8, 66, 1, 4, shift=28, unit=4),)),
+        scale_bias=0.5, scale_factor=0.5,
+        grid=Grid(4, Field(64, (_bytes(64, 2),)),
+                  Field(32, (Plane(0, 32, 66, 1, 7, 4, unit=4),)), "IQ3_XXS"),
+        formula="y = F(C(sign * grid[i][j]) * C((d * (0.5 + sc)) * 0.5)), 8 sub-blocks of 32"),
     Layout.GGML_F32: BlockLayout(4, 1, None, Scalar("f32", 0), formula="y = F(x), x f32"),
     Layout.GGML_F16: BlockLayout(2, 1, None, Scalar("f16", 0), formula="y = F(x), x f16"),
     Layout.GGML_BF16: BlockLayout(2, 1, None, Scalar("bf16", 0), formula="y = F(x), x bf16"),
@@ -217,7 +256,8 @@ def _check_table() -> None:
     for layout, spec in LAYOUTS.items():
         assert spec.block_bytes == GGML_BLOCK_BYTES[layout], layout
         assert spec.values == GGML_BLOCK_VALUES[layout], layout
-        for f in (spec.q, spec.scale, spec.min):
+        grid = (spec.grid.index, spec.grid.signs) if spec.grid else ()
+        for f in (spec.q, spec.scale, spec.min, *grid):
             for plane in (f.planes if f else ()):
                 plane.check(f.count, spec.block_bytes)
         assert spec.scale is None or spec.scale.count == spec.subs, layout
@@ -257,6 +297,7 @@ class Source:
     mul: int = 0
     word: str = ""
     bits: int = 0
+    unit: int = 1    # bytes of the little-endian integer element i reads at offset + i * unit
 
 
 @dataclass(frozen=True)
@@ -294,6 +335,34 @@ class FieldKnobs:
 
 
 @dataclass(frozen=True)
+class GridKnobs:
+    """A grid's fields and tables as the templates print them."""
+
+    width: int
+    index: FieldKnobs
+    signs: FieldKnobs
+    table: tuple[int, ...]         # grid[i][j] at i * width + j
+    ksigns: tuple[int, ...]        # gguf-py's KSIGNS: 7 stored sign bits -> 8 with parity
+
+
+def _grid_tables(grid: Grid) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """gguf-py's grid for ``grid`` (integers, checked) and its sign table."""
+    try:
+        from gguf import quants
+    except ImportError:
+        raise UnsupportedError(f"{grid.table} reads its grid from gguf-py: pip install "
+                               "'dqgen[gguf]'") from None
+    cls = getattr(quants, grid.table)
+    cls.init_grid()
+    values = cls.grid.reshape(-1)
+    table = tuple(int(v) for v in values)
+    if (list(values) != list(table) or cls.grid.shape[-1] != grid.width
+            or not all(-128 <= v < 128 for v in table)):
+        raise UnsupportedError(f"gguf-py's {grid.table} grid is not {grid.width} integers a row")
+    return table, tuple(quants.IQ2_XXS.ksigns)
+
+
+@dataclass(frozen=True)
 class GgmlKnobs:
     """Everything the ggml templates read about a block type."""
 
@@ -318,11 +387,14 @@ class GgmlKnobs:
     stage: bool                    # C: a block's results staged as floats, then converted
     passthrough_stage: int         # C, float tensors: values copied and converted a batch
     copy: bool                     # C: a float tensor stored as the output's type: a copy
+    grid: GridKnobs | None         # grid-based values (q is None)
+    scale_affine: tuple[float, float] | None  # (bias, factor) of d_k, where the type has them
 
 
 def _is_word(p: Plane) -> bool:
     """A plane of one-byte runs whose bits follow each other: a bit string."""
-    return p.width == 1 and not p.trit and p.shift == 0 and p.bits * p.per_byte == 8
+    return (p.width == 1 and p.unit == 1 and not p.stride and not p.trit and p.shift == 0
+            and p.bits * p.per_byte == 8)
 
 
 def _runs(name: str, f: Field, sub: int) -> tuple[tuple[Run, ...], tuple[Word, ...]]:
@@ -353,12 +425,12 @@ def _runs(name: str, f: Field, sub: int) -> tuple[tuple[Run, ...], tuple[Word, .
                                       word=words[p].name, bits=p.bits))
                 continue
             s = (t // p.width) % p.per_byte
-            at = p.offset + (t // (p.width * p.per_byte)) * p.width + t % p.width
+            at = p.offset + (t // (p.width * p.per_byte)) * p.step + (t % p.width) * p.unit
             sources.append(Source(at, p.shifts[s], p.mask, p.into,
-                                  mul=p.multipliers[s] if p.trit else 0))
+                                  mul=p.multipliers[s] if p.trit else 0, unit=p.unit))
         # whole vectors of lanes, words that fit a lane (their shifts stay below 32)
         vector = (b - a) % VECTOR_LANES == 0 and all(
-            not src.word or word_bytes[src.word] <= 4 for src in sources)
+            (not src.word or word_bytes[src.word] <= 4) and src.unit == 1 for src in sources)
         runs.append(Run(a, b - a, a // sub if sub else 0, tuple(sources),
                         VECTOR_LANES if vector else 0))
     return tuple(runs), tuple(words.values())
@@ -383,6 +455,7 @@ def knobs(layout: Layout, target: str, float_dtype: DType) -> GgmlKnobs:
     """The ggml templates' knobs for ``layout`` on ``target`` ("c" or "cuda") writing
     ``float_dtype``."""
     block = LAYOUTS[layout]
+    passthrough = block.q is None and block.grid is None
     q = _field_knobs("q", block.q, False, block.sub or block.values)
     if q is not None and q.field.codebook and len(q.field.codebook) != VECTOR_LANES:
         raise ValueError("a codebook is one vector of VECTOR_LANES entries")
@@ -390,7 +463,7 @@ def knobs(layout: Layout, target: str, float_dtype: DType) -> GgmlKnobs:
     load = {id(s): SCALAR_LOADS[s.kind] for s in scalars}
     return GgmlKnobs(
         values=block.values, sub=block.sub or block.values, subs=block.subs,
-        passthrough=block.q is None,
+        passthrough=passthrough,
         q=q,
         scale=_field_knobs("sc", block.scale, True, 0),
         min=_field_knobs("mn", block.min, True, 0),
@@ -400,11 +473,16 @@ def knobs(layout: Layout, target: str, float_dtype: DType) -> GgmlKnobs:
         negate_min=block.min is not None,
         loads=tuple(sorted({load[id(s)][0] for s in scalars} - {"load_f16_bits"})),
         as_float="__uint_as_float" if target == "cuda" else "u32_as_float",
-        raw=RAW_FLOATS.get(block.d.kind, ("", "")) if block.q is None else ("", ""),
-        float_helpers=("load_bf16",) if block.q is None and block.d.kind == "bf16" else (),
+        raw=RAW_FLOATS.get(block.d.kind, ("", "")) if passthrough else ("", ""),
+        float_helpers=("load_bf16",) if passthrough and block.d.kind == "bf16" else (),
         vector_lanes=VECTOR_LANES if q is not None and any(r.lanes for r in q.runs) else 0,
         lane_index=q is not None and any(r.lanes and any(src.word for src in r.sources)
                                          for r in q.runs),
         scalar_codebook=target == "cuda" or (q is not None and not all(r.lanes for r in q.runs)),
         stage=float_dtype is not DType.F32, passthrough_stage=PASSTHROUGH_STAGE,
-        copy=block.q is None and block.d.kind == float_dtype.value)
+        copy=passthrough and block.d.kind == float_dtype.value,
+        grid=GridKnobs(block.grid.width, _field_knobs("gi", block.grid.index, True, 0),
+                       _field_knobs("gs", block.grid.signs, True, 0),
+                       *_grid_tables(block.grid)) if block.grid else None,
+        scale_affine=(block.scale_bias, block.scale_factor)
+        if (block.scale_bias, block.scale_factor) != (0.0, 1.0) else None)
