@@ -4,9 +4,9 @@ Enumeration is a product (ops x dtypes x group sizes x the formats' knobs x targ
 command-line flags or a manifest file (TOML or JSON), narrowed by globs on the kernel
 URI, deduplicated and sorted so the same request always lists the same kernels. The ops
 are the family's four and the checkpoint formats (``gptq``, ``awq``, ``ggml``,
-``packed``, ``floatzp``); a knob an op does not take is ignored for it, a value it cannot
-take is skipped for it, and an op left with no kernel is an error. Builds go through
-the disk cache exactly as JIT builds do (``jit.ensure_cpu_binary`` /
+``packed``, ``floatzp``, ``hqq``); a knob an op does not take is ignored for it, a value
+it cannot take is skipped for it, and an op left with no kernel is an error. Builds go
+through the disk cache exactly as JIT builds do (``jit.ensure_cpu_binary`` /
 ``jit.ensure_cuda_binary``), in worker processes for ``jobs > 1``; the results are
 copied into a bundle by ``bundle.write_bundle``.
 """
@@ -31,7 +31,8 @@ from .errors import CompileError, DqgenError, InvalidProblemError, UnsupportedEr
 from .ir import (AwqDequantizeDescriptor, DequantizeFloatZeroDescriptor,
                  DequantizePerGroupBackwardDescriptor, DequantizePerGroupDescriptor,
                  FLOAT_DTYPES, GgmlDequantizeDescriptor, GptqDequantizeDescriptor,
-                 QuantizePerGroupBackwardDescriptor, QuantizePerGroupDescriptor, check_int)
+                 HqqDequantizeDescriptor, QuantizePerGroupBackwardDescriptor,
+                 QuantizePerGroupDescriptor, check_int)
 from .isa import host_isa
 from .lower import KernelSpec, lower
 
@@ -52,6 +53,7 @@ FORMAT_OPS = {
     "packed": None,
     "floatzp": DequantizeFloatZeroDescriptor,
 }
+    "hqq": HqqDequantizeDescriptor,
 ALL_OPS = tuple(OPS) + tuple(FORMAT_OPS)
 DEFAULT_CUDA_ARCH = "sm_90"
 _CUDA_ARCH = re.compile(r"^(sm|compute)_\d{2,3}[af]?$")
@@ -72,6 +74,9 @@ OP_DEFAULTS = {
     "packed": {"int": ("u4", "s4")},
     "floatzp": {"int": ("u4", "u8"), "float": ("f16", "bf16")},
 }
+    # HQQ: 4-bit (the shared bits default) in groups of 64, HQQLinear's defaults; an
+    # axis=0 layer (a column a group) runs the group-size-1 kernel (--group-size 1)
+    "hqq": {"float": ("f16", "bf16"), "group_size": (64,)},
 SELECTION_KEYS = tuple(DEFAULTS) + tuple(FORMAT_DEFAULTS) + ("filter",)
 
 
@@ -141,7 +146,8 @@ def parse_target(text: str) -> tuple[str, str]:
 class KernelRequest:
     """One kernel to build: sorted by URI, then target and arch.
 
-    ``op`` is a family op name or a format's (``gptq``, ``awq``, ``ggml``, ``floatzp``);
+    ``op`` is a family op name or a format's (``gptq``, ``awq``, ``ggml``, ``floatzp``,
+    ``hqq``);
     ``knobs`` are the format descriptor's other fields, as sorted (name, value) pairs.
     Runtime sizes are 0; an act-order GPTQ kernel serves every group size (0 here).
     """
@@ -187,13 +193,14 @@ def request_of(desc, target: str, arch: str) -> KernelRequest:
         return KernelRequest(desc.uri, target, arch, OP_NAMES[desc.op], int_dtype,
                              desc.float_dtype.value, desc.group_size)
     op = next(name for name, cls in FORMAT_OPS.items() if cls is type(desc))
-    fields = {k: v for k, v in desc.to_json().items()
+    fields = {k: v for k, v in desc.to_json().items()  # HQQ's shift: a run-time argument
               if k not in ("op", "layout", "rows", "cols", "blocks", "outer", "axis",
-                           "group_size", "float_dtype", "int_dtype")}
+                           "group_size", "float_dtype", "int_dtype", "shift")}
     act_order = bool(fields.get("act_order"))
     if "qtype" in fields:
         fields["qtype"] = fields["qtype"][len("ggml_"):].upper()
-    int_dtype = desc.int_dtype.value if getattr(desc, "int_dtype", None) else None
+    # a storage dtype the format's knobs imply (HQQ's words, from bits) is no flag of it
+    int_dtype = desc.int_dtype.value if desc.to_json().get("int_dtype") else None
     group = 0 if act_order or isinstance(desc, GgmlDequantizeDescriptor) else desc.group_size
     return KernelRequest(desc.uri, target, arch, op, int_dtype, desc.float_dtype.value,
                          group, tuple(sorted(fields.items())))
@@ -318,6 +325,9 @@ def _candidates(op: str, pick: dict):
             yield lambda qt=qt, f=f: _lowerable(_format_descriptor(op, None, f, 0,
                                                                    dict(qtype=qt)))
     else:  # floatzp
+    elif op == "hqq":
+        for b, f, g in itertools.product(_value(pick, op, "bits"), floats, groups):
+            yield lambda b=b, f=f, g=g: _format_descriptor(op, None, f, g, dict(bits=b))
         for i, f, g in itertools.product(_value(pick, op, "int"), floats, groups):
             yield lambda i=i, f=f, g=g: _format_descriptor(op, i, f, g, {})
 

@@ -302,7 +302,7 @@ def _add_format_flags(p: argparse.ArgumentParser) -> None:
     """The checkpoint formats' knobs for aot (lists, comma-separated or repeated)."""
     from .aot import ggml_types
     p.add_argument("--bits", action="append", metavar="N",
-                   help="GPTQ bits: 2, 4, 8 [default: 4]")
+                   help="GPTQ bits: 2, 4, 8; HQQ bits: 8, 4, 3, 2, 1 [default: 4]")
     p.add_argument("--checkpoint-format", action="append", metavar="NAME",
                    help="GPTQ: gptq (v1) or gptq_v2 [default: gptq]")
     p.add_argument("--act-order", action="append", metavar="yes|no|both",

@@ -661,4 +661,5 @@ class HqqDequantizeDescriptor(_PerGroupDescriptor):
         return f"dequant_hqq{self.bits}_{self.float_dtype.value}_g{self.group_size}"
 
 FORMAT_DESCRIPTORS = (GptqDequantizeDescriptor, AwqDequantizeDescriptor,
-                      GgmlDequantizeDescriptor, DequantizeFloatZeroDescriptor)
+                      GgmlDequantizeDescriptor, DequantizeFloatZeroDescriptor,
+                      HqqDequantizeDescriptor)

@@ -6,9 +6,10 @@ inputs with the values that matter for bit-exactness (zeros of both signs, subno
 infinities, NaN, extreme zero points); its output, written over a filled buffer so that
 a skipped element shows, must equal the oracle bit for bit (NaN equals any NaN). The
 oracles: ``dqgen.reference`` for the family, the formulas of FORMATS.md written out in
-numpy here for GPTQ, AWQ, packed storage and float zero points (sharing no code with the
-generator), and the ``gguf`` package for GGML blocks. The binary run is the one on disk
-(hash-checked), not a rebuild: a damaged or mislabelled kernel is reported, never hidden.
+numpy here for GPTQ, AWQ, packed storage, float zero points and HQQ (sharing no code
+with the generator), and the ``gguf`` package for GGML blocks. The binary run is the one
+on disk (hash-checked), not a rebuild: a damaged or mislabelled kernel is reported, never
+hidden.
 """
 
 from __future__ import annotations
@@ -24,14 +25,16 @@ from . import cache, jit, reference
 from .aot import descriptor_from_record
 from .errors import DqgenError
 from .ir import (DESCRIPTORS, AwqDequantizeDescriptor, DequantizeFloatZeroDescriptor, DType,
-                 GgmlDequantizeDescriptor, GptqDequantizeDescriptor, Op, _PerGroupDescriptor)
+                 GgmlDequantizeDescriptor, GptqDequantizeDescriptor, HqqDequantizeDescriptor,
+                 Op, _PerGroupDescriptor)
 from .isa import supported_isas
 from .lower import lower
 
 OK, MISMATCH, FAILED, SKIPPED = "ok", "mismatch", "could not run", "skipped"
 # The kinds ``expected`` has an oracle for (others are reported as skipped).
 ORACLES = DESCRIPTORS + (GptqDequantizeDescriptor, AwqDequantizeDescriptor,
-                         GgmlDequantizeDescriptor, DequantizeFloatZeroDescriptor)
+                         GgmlDequantizeDescriptor, DequantizeFloatZeroDescriptor,
+                         HqqDequantizeDescriptor)
 FAILURES = (MISMATCH, FAILED)
 FILL = 0x5A  # the output's bytes before a run: an element the kernel skips differs
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -63,7 +66,10 @@ def small_problem(record: dict):
         return descriptor_from_record(record, blocks=7)
     if isinstance(desc, _PerGroupDescriptor):
         g = desc.group_size
-        return descriptor_from_record(record, outer=3, axis=2 * g if g <= 1 << 15 else g)
+        sizes = dict(outer=3, axis=2 * g if g <= 1 << 15 else g)
+        if isinstance(desc, HqqDequantizeDescriptor):  # the plane offset is a run-time
+            sizes["shift"] = 27 if desc.bits == 3 else 8 - desc.bits  # argument: the top one
+        return descriptor_from_record(record, **sizes)
     per = 32 // desc.bits if isinstance(desc, GptqDequantizeDescriptor) else 1
     if getattr(desc, "act_order", False):
         return descriptor_from_record(record, rows=64, cols=64, group_size=16)
@@ -160,6 +166,16 @@ def expected(desc, arrays: dict) -> np.ndarray:
             diff = (_stored(desc, arrays["q"]).astype(np.float64) - desc.mid).astype(f)
             prod = (diff.astype(c) * s).astype(f)
             return (prod.astype(c) + z).astype(f)
+    if isinstance(desc, HqqDequantizeDescriptor):
+        f = desc.float_dtype.np_dtype
+        c, g = _compute(f), desc.group_size
+        words = arrays["q"].view(_UINT[arrays["q"].itemsize]).astype(np.uint64)
+        q = (words >> desc.shift) & ((1 << desc.bits) - 1)
+        s = np.repeat(arrays["scale"].astype(c), g, axis=1)
+        z = np.repeat(arrays["zero_point"].astype(c), g, axis=1)
+        with np.errstate(all="ignore"):  # F(F(q - z) * s)
+            diff = (q.astype(c) - z).astype(f)
+            return (diff.astype(c) * s).astype(f)
     if type(desc) in DESCRIPTORS:
         g = desc.group_size
         if desc.op is Op.DEQUANTIZE:

@@ -29,10 +29,11 @@ SELECTIONS = [
     {"op": "ggml", "ggml_type": ["Q4_0", "Q8_0"], "float": "f32", "target": "c:generic"},
     {"op": "packed", "int": "u4", "float": "f16", "group_size": 32, "target": "c:generic"},
     {"op": "floatzp", "int": "u4", "float": "bf16", "group_size": 32, "target": "c:generic"},
+    {"op": "hqq", "bits": 3, "float": "f16", "target": "c:generic"},
 ]
 URIS = ["dequant_awq4_f16_bf16_g128", "dequant_fz_u4_bf16_g32_m8", "dequant_ggml_q4_0_f32",
         "dequant_ggml_q8_0_f32", "dequant_gptq4_v1_f16_f16_g128", "dequant_gptq4_v1_f16_f16_gidx",
-        "dequant_pg_u4_f16_g32", "quant_pg_u4_f16_g32"]
+        "dequant_hqq3_f16_g64", "dequant_pg_u4_f16_g32", "quant_pg_u4_f16_g32"]
 
 
 @pytest.fixture(autouse=True)
@@ -63,6 +64,24 @@ def test_format_ops_enumerate_their_knobs():
     # defaults: f16 and bf16 results, 4-bit v1 with f16 scales, group 128, both walks
     assert len(aot.expand({"op": "gptq"})) == 4 and len(aot.expand({"op": "awq"})) == 2
     assert {r.int_dtype for r in aot.expand({"op": "packed"})} == {"u4", "s4"}
+
+
+def test_hqq_enumerates_bits_and_serves_every_plane():
+    """HQQ: f16/bf16, 4-bit in groups of 64 by default; every bit width HQQ packs; the
+    plane's bit offset is a run-time argument, so one kernel (and request) serves all."""
+    assert [r.uri for r in aot.expand({"op": "hqq"})] == ["dequant_hqq4_bf16_g64",
+                                                          "dequant_hqq4_f16_g64"]
+    reqs = aot.expand({"op": "hqq", "bits": "8,4,3,2,1", "float": "f32", "group_size": "1,64"})
+    assert len(reqs) == 10 and {r.int_dtype for r in reqs} == {None}
+    planes = [ir.HqqDequantizeDescriptor(4, 64, 64, "f16", 2, shift) for shift in (0, 6)]
+    assert aot.request_of(planes[0], "c", "avx2") == aot.request_of(planes[1], "c", "avx2")
+    with pytest.raises(UnsupportedError, match="op hqq: bits=5"):
+        aot.expand({"op": "hqq", "bits": 5})
+    # a missing kernel's hint builds it (3 bits: int32 words, which no --int names)
+    hint = aot.command_for_record(aot.descriptor_record(
+        ir.HqqDequantizeDescriptor(4, 64, 64, "bf16", 3, 24)), "c", "avx2")
+    assert hint == ("dqgen aot --op hqq --float bf16 --group-size 64 --bits 3 "
+                    "--target c:avx2 -o BUNDLE")
 
 
 def test_ggml_types_come_from_the_registry_of_supported_types(monkeypatch):
@@ -159,7 +178,7 @@ FRESH_PROCESS = textwrap.dedent("""\
     sys.path.insert(0, sys.argv[1])
     import dqgen
     from dqgen import cache
-    from dqgen.formats import awq, ggml, gptq
+    from dqgen.formats import awq, ggml, gptq, hqq
     from dqgen.formats.plan import FormatPlan
     from formats_util import assert_bits_equal, random_f16, random_words
     from oracles import checkpoints as oracle
@@ -190,6 +209,12 @@ FRESH_PROCESS = textwrap.dedent("""\
     for qtype in ("Q4_0", "Q8_0"):
         data = random_blocks(rng, qtype, (3, 4))
         assert_bits_equal(ggml.dequantize(data, qtype), ggml_oracle(data, qtype, "f32"))
+
+    # HQQ 3-bit, every plane of int32 words through the one kernel
+    W_q = rng.integers(-2**31, 2**31, (2, 64), dtype=np.int64).astype(np.int32)
+    scale, zero = random_f16(rng, (16, 1)), random_f16(rng, (16, 1))
+    want = oracle.hqq_dequantize(oracle.unpack_hqq(W_q, 3, 16), scale, zero, np.float16)
+    assert_bits_equal(hqq.dequantize(W_q, scale, zero, 3, (16, 64), 64), want.reshape(16, 64))
 
     from dqgen.ir import GgmlDequantizeDescriptor, GptqDequantizeDescriptor
     for desc in (GptqDequantizeDescriptor(64, 64, 32, act_order=True),

@@ -24,6 +24,7 @@ SELECTIONS = [
     {"op": "ggml", "ggml_type": ["Q4_0", "Q8_0"], "float": "f32", "target": "c:generic"},
     {"op": "packed", "int": "u4", "float": "f16", "group_size": 32, "target": "c:generic"},
     {"op": "floatzp", "int": "u4", "float": "bf16", "group_size": 32, "target": "c:generic"},
+    {"op": "hqq", "bits": [4, 3], "float": "bf16", "group_size": 32, "target": "c:generic"},
 ]
 pytestmark = pytest.mark.skipif("generic" not in isa.supported_isas(), reason="x86 only")
 
@@ -64,6 +65,7 @@ def test_every_kernel_of_a_good_bundle_is_ok(built, capsys):
     assert cli.main(["verify", str(built)]) == 0
     out = capsys.readouterr().out
     assert "dequant_gptq4_v1_f16_f16_gidx (c:generic): 64x64 bit-exact" in out
+    assert "dequant_hqq3_bf16_g32 (c:generic): 3x64 bit-exact" in out
     assert f"{len(outcomes) - len(skipped)} ok, 0 mismatch, 0 could not run" in out
 
 
