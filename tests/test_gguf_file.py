@@ -169,6 +169,8 @@ def test_dequantize_reads_the_map_without_a_copy(model, monkeypatch):
     f.dequantize("t.q8_0", "f32")
     (data,) = seen
     assert np.shares_memory(data, f._reader.data)
+    assert type(f._reader.data) is np.ndarray  # the map viewed plain: the parser slices it fast
+    assert not f._reader.data.flags.writeable
     assert data.dtype == np.uint8 and data.shape == (3, 2 * 34)
 
 

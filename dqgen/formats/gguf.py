@@ -90,6 +90,13 @@ def _reader_class():
     gguf = _gguf()
 
     class CheckedReader(gguf.GGUFReader):
+        # The parser slices its map once or twice per metadata element (a 128k-token
+        # vocabulary is ~10^6 slices); a plain ndarray view of the np.memmap slices
+        # several times faster than the memmap subclass (4.6 s instead of 16.5 s to open
+        # a llama-3-sized tokenizer under load). The view keeps the map alive.
+        data = property(lambda self: self._map,
+                        lambda self, value: setattr(self, "_map", value.view(np.ndarray)))
+
         def __init__(self, path: Path) -> None:
             self.checked_path = path
             super().__init__(path, "r")
