@@ -52,8 +52,8 @@ FORMAT_OPS = {
     "ggml": GgmlDequantizeDescriptor,
     "packed": None,
     "floatzp": DequantizeFloatZeroDescriptor,
-}
     "hqq": HqqDequantizeDescriptor,
+}
 ALL_OPS = tuple(OPS) + tuple(FORMAT_OPS)
 DEFAULT_CUDA_ARCH = "sm_90"
 _CUDA_ARCH = re.compile(r"^(sm|compute)_\d{2,3}[af]?$")
@@ -73,10 +73,10 @@ OP_DEFAULTS = {
     "ggml": {"float": ("f32", "f16", "bf16")},
     "packed": {"int": ("u4", "s4")},
     "floatzp": {"int": ("u4", "u8"), "float": ("f16", "bf16")},
-}
     # HQQ: 4-bit (the shared bits default) in groups of 64, HQQLinear's defaults; an
     # axis=0 layer (a column a group) runs the group-size-1 kernel (--group-size 1)
     "hqq": {"float": ("f16", "bf16"), "group_size": (64,)},
+}
 SELECTION_KEYS = tuple(DEFAULTS) + tuple(FORMAT_DEFAULTS) + ("filter",)
 
 
@@ -324,10 +324,10 @@ def _candidates(op: str, pick: dict):
         for qt, f in itertools.product(_value(pick, op, "ggml_type"), floats):
             yield lambda qt=qt, f=f: _lowerable(_format_descriptor(op, None, f, 0,
                                                                    dict(qtype=qt)))
-    else:  # floatzp
     elif op == "hqq":
         for b, f, g in itertools.product(_value(pick, op, "bits"), floats, groups):
             yield lambda b=b, f=f, g=g: _format_descriptor(op, None, f, g, dict(bits=b))
+    else:  # floatzp
         for i, f, g in itertools.product(_value(pick, op, "int"), floats, groups):
             yield lambda i=i, f=f, g=g: _format_descriptor(op, i, f, g, {})
 
