@@ -5,7 +5,7 @@ Descriptors are validated, lowered to a schedule, rendered from Jinja2 templates
 plain functions.
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 from .errors import (CacheError, CompileError, CudaDriverError, DqgenError,  # noqa: E402
                      InvalidProblemError, MissingKernelError, UnsupportedError)

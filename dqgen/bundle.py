@@ -28,8 +28,8 @@ from pathlib import Path, PurePosixPath
 from . import env
 from .errors import DqgenError
 from .isa import ISA_LEVELS, supported_isas
-from .lower import KernelSpec
 from .render import template_hash
+from .spec import KernelSpec
 
 FORMAT = "dqgen-bundle"
 FORMAT_VERSION = 1

@@ -34,8 +34,9 @@ from typing import Callable
 import filelock
 import platformdirs
 
-from . import __version__, env
+from . import env
 from .errors import CacheError
+from .version import __version__
 
 CACHE_FORMAT = 1
 META = "meta.json"

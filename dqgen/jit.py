@@ -18,13 +18,17 @@ from pathlib import Path
 
 import jinja2
 
-from . import __version__, bundle, cache, cuda_jit, env
+from . import bundle, cache, env
 from .build import cc
-from .errors import DqgenError, MissingKernelError, UnsupportedError
-from .lower import KernelSpec, lower
+from .errors import CacheError, DqgenError, MissingKernelError, UnsupportedError
+from .lower import lower
 from .render import Source, render, template_hash
 from .runtime.cpu import CpuKernel
+from .runtime.cuda import CudaKernel
+from .spec import KernelSpec
+from .version import __version__
 
+ELF_MAGIC = b"\x7fELF"
 _memo: dict[tuple, "Kernel"] = {}
 _memo_lock = threading.Lock()
 _key_locks: dict[tuple, threading.Lock] = {}
@@ -232,8 +236,47 @@ def _build_cpu(spec: KernelSpec, desc) -> Kernel:
                   origin="built" if hit.built else "cache")
 
 
+def _asm(source: Source, ptx: bytes | None, cubin: bytes | None) -> dict:
+    """The texts behind a CUDA kernel, as Triton's ``asm``: ``cu``, ``ptx``, ``cubin``."""
+    asm: dict = {"cu": source.text}
+    if ptx:
+        asm["ptx"] = ptx.decode(errors="replace")
+    if cubin:
+        asm["cubin"] = cubin
+    return asm
+
+
+def build_cuda_kernel(spec: KernelSpec, source: Source, descriptor: dict | None = None) -> Kernel:
+    """The ``Kernel`` for ``spec`` (target ``cuda``), from the cache or built by NVRTC
+    (``descriptor``: its ``descriptor_record``, kept in the cache entry).
+
+    The runner loads the cubin (the PTX for a ``compute_XX`` arch) on first launch, so a
+    kernel can be built, inspected and bundled on a machine without a GPU.
+    """
+    hit = ensure_cuda_binary(spec, source, descriptor)
+    ptx = (hit.entry_dir / hit.files["ptx"]).read_bytes() if "ptx" in hit.files else None
+    cubin = (hit.entry_dir / hit.files["cubin"]).read_bytes() if "cubin" in hit.files else None
+    image = cubin or ptx
+    if not image or (spec.arch.startswith("sm_") and not cubin):
+        raise CacheError(f"cache entry {hit.entry_dir} holds no "
+                         f"{'cubin' if spec.arch.startswith('sm_') else 'PTX'} for {spec.uri}")
+    runner = CudaKernel(spec, image, asm=_asm(source, ptx, cubin))
+    return Kernel(spec, source, hit.key, template_hash("cuda"), hit.entry_dir, hit.built,
+                  runner, origin="built" if hit.built else "cache")
+
+
+def kernel_from_image(spec: KernelSpec, source: Source, *, image: bytes, key: str,
+                      entry_dir: Path | None = None) -> Kernel:
+    """A ``Kernel`` around an already built cubin or PTX image (e.g. from a bundle)."""
+    is_cubin = image[:4] == ELF_MAGIC
+    runner = CudaKernel(spec, image, asm=_asm(source, None if is_cubin else image,
+                                              image if is_cubin else None))
+    return Kernel(spec, source, key, template_hash("cuda"), entry_dir, False, runner,
+                  origin="bundle")
+
+
 def _build_cuda(spec: KernelSpec, desc) -> Kernel:
-    return cuda_jit.build_cuda_kernel(spec, render_source(spec), descriptor_record(desc))
+    return build_cuda_kernel(spec, render_source(spec), descriptor_record(desc))
 
 
 def _from_bundles(desc, spec: KernelSpec) -> Kernel | None:
@@ -265,8 +308,8 @@ def _from_bundles(desc, spec: KernelSpec) -> Kernel | None:
             if kind not in record.binaries:
                 continue
             path, image = b.read_verified(record.binaries[kind])
-            return cuda_jit.kernel_from_image(cand, source, image=image, key=record.cache_key,
-                                              entry_dir=path.parent)
+            return kernel_from_image(cand, source, image=image, key=record.cache_key,
+                                     entry_dir=path.parent)
     return None
 
 

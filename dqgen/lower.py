@@ -8,21 +8,14 @@ validated enums, integers and strings chosen from fixed tables in this module.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from dataclasses import dataclass
 
 from .errors import UnsupportedError
+from .formats.schedule import FORMAT_LOWERERS
 from .ir import DType, Layout, Op, _PerGroupDescriptor
 from .isa import check_isa, isa_features
-
-# Storage types as C spells them; f16/bf16 travel as their 16-bit patterns.
-C_STORAGE = {
-    DType.S8: "int8_t", DType.U8: "uint8_t", DType.I32: "int32_t", DType.F16: "uint16_t",
-    DType.BF16: "uint16_t", DType.F32: "float", DType.F64: "double",
-    DType.S4: "uint8_t", DType.U4: "uint8_t",  # packed: bytes of two values
-}
-CUDA_STORAGE = {**C_STORAGE, DType.F16: "__half", DType.BF16: "__nv_bfloat16"}
+from .spec import (C_STORAGE, CONVERT, CUDA_GRID_WAVES, CUDA_STORAGE, F16C_ISAS,
+                   PARALLEL_MIN_ELEMENTS, KernelSpec, Param, VectorStream, pointer)
 
 # The element formulas, written out in each kernel's header comment.
 FORMULAS = {
@@ -33,11 +26,6 @@ FORMULAS = {
                            " + zero_point <= q_max and scale != 0, else 0"),
 }
 
-# Problems smaller than this many elements run on the calling thread: a parallel
-# region costs more than it saves below it.
-PARALLEL_MIN_ELEMENTS = 1 << 15
-# CPU ISAs with F16C and AVX2 integer ops (8 lanes an instruction).
-F16C_ISAS = ("avx2", "avx512", "avx512_bf16", "avx512_fp16")
 # AVX-512 (the "avx512" feature): the dequantize register path runs in 512-bit registers,
 # sixteen floats (eight doubles) a step. With AVX512-FP16, f16 results take a path of
 # their own: q - zp in 16-bit lanes, converted exactly to f16 and multiplied by the f16
@@ -90,148 +78,12 @@ _ROUND_TO_FLOAT = {DType.F16: "round_f16", DType.BF16: "round_bf16"}
 # Packed quantize with an odd group size: neighbouring groups share a byte, so the
 # kernel stays on one thread (no two threads ever write the same byte).
 SERIAL = 1 << 62
-# Helpers (load, store) each target's prelude defines for the 16-bit float types.
-_CONVERT = {DType.F16: ("load_f16", "store_f16"), DType.BF16: ("load_bf16", "store_bf16")}
 # CUDA: each thread moves one vector of VEC elements a step, VEC chosen so the narrowest
 # per-element array moves in 128-bit accesses (wider ones in several); VEC divides the group
 # so one scale/zero point serves the whole vector. The grid fills every SM GRID_WAVES times
 # at the kernel's occupancy and strides over the rest.
 CUDA_THREADS_PER_BLOCK = 256
 CUDA_VECTOR_BYTES = 16
-CUDA_GRID_WAVES = 4
-
-
-@dataclass(frozen=True)
-class Param:
-    """One kernel parameter: name, C type and role (``in``, ``out`` or ``scalar``)."""
-
-    name: str
-    dtype: DType | None
-    role: str
-    c_type: str
-
-
-@dataclass(frozen=True)
-class VectorStream:
-    """One per-element array of a CUDA kernel: a vector of it is ``vector_bytes`` long and
-    moves in accesses of ``align_bytes`` (at most 128 bits), which its address must be a
-    multiple of for the wide path."""
-
-    name: str
-    role: str
-    storage: str
-    vector_bytes: int
-    align_bytes: int
-
-
-@dataclass(frozen=True)
-class KernelSpec:
-    """The lowered kernel: everything the templates read, nothing they must decide."""
-
-    op: Op
-    uri: str
-    entry: str
-    target: str
-    arch: str
-    group_size: int
-    float_dtype: DType
-    int_dtype: DType | None
-    compute_type: str
-    compute_dtype: DType
-    params: tuple[Param, ...]
-    formula: str
-    descriptor: str
-    out_name: str
-    out_c_type: str
-    has_zero_point: bool
-    # Conversion helpers by name ("" where the storage already is the compute type).
-    load_float: str
-    store_out: str
-    rint: str
-    # CPU schedule
-    simd_convert: str          # "" or the 16-bit float type converted with SIMD blocks
-    simd_block: int
-    simd_blocks: int
-    simd_inputs: tuple[str, ...]
-    simd_output: bool
-    simd_stage_int: bool       # dequantize's fast path runs in AVX registers
-    register_lanes: int        # elements a vector of that path holds
-    int_c_type: str
-    scalar_tail: bool
-    fast_zero_point_limit: int
-    needs_int_diff: bool       # the C prelude defines only the helpers the kernel calls
-    needs_scalar_store: bool
-    fast_needs_finite_scale: bool
-    streaming_min_bytes: int   # outputs this large use non-temporal stores (0: never)
-    streaming_align: int
-    parallel_min_elements: int
-    # CUDA schedule
-    threads_per_block: int
-    vector_bytes: int
-    vector_elems: int = 1                       # elements a thread moves per step
-    vector_streams: tuple[VectorStream, ...] = ()
-    vector_align_check: bool = False            # wide accesses need a run-time alignment test
-    grid_waves: int = 0                         # grid = SMs * resident blocks * waves, at most
-    group_batch: int = 0            # C fused path: groups whose scales/zero points load as one vector
-    fma_zero_point_limit: int = 0   # C dequantize into f16/bf16: the fused path's |zp| bound (0: none)
-    fma_scale_max_bits: int = 0     # and the largest scale storage bits it takes
-    scalar_f16c: bool = False       # C: single f16 values convert with F16C (else on the bits)
-    group_per_element: bool = False             # packed q, VEC not dividing the group: each
-                                                # element looks up its own scale/zero point
-    # Storage layouts beyond the seed (FORMATS.md); the defaults are the seed's.
-    layout: Layout = Layout.PLAIN
-    zero_kind: str = "int"          # "int": int32 zero points; "float": (q - mid) * s + z
-    mid: int = 0                    # float zero point: the integer part of the q value that maps to z
-    mid_fraction: str = ""          # and its half, a compute-type literal ("" when mid is an integer)
-    zero_round: str = ""            # float zero point: helper rounding each step to F ("": none)
-    zero_round_vector: bool = False  # and an eight-lane one for the register path (F16C)
-    zero_first: bool = False        # float zero point subtracted from q before the product (HQQ)
-    field_mask: int = 0             # q is the field (word >> shift) & field_mask (0: the whole word)
-    template: str = ""              # the layout's own loop template ("" = the family's)
-    bits: int = 8                   # bits of one stored value
-    zero_offset: int = 0            # added to a stored zero point's field (AutoGPTQ's v1: 1)
-    zero_word_add: int = 0          # added to a whole qzeros word first (GPTQModel's v1)
-    zero_mask: int = 0xFFFFFFFF     # and the field plus zero_offset masked (AutoGPTQ's v1)
-    act_order: bool = False         # group of a row from g_idx, not row // group_size
-    block_bytes: int = 0            # GGML: bytes of one block
-    table_max_bytes: int = 0        # C act-order GPTQ: largest whole-row table of scales/zeros
-    float_helpers: tuple[str, ...] = ()  # 16-bit types whose load/store the prelude defines
-    ggml: object = None             # GGML: the block type's knobs (formats/ggml_layouts.py)
-    # C register path: its vectors (types and intrinsic prefix from the table in _cpu_simd)
-    vector_bits: int = 256
-    vec_float: str = "__m256"       # the compute-type vector
-    vec_int: str = "__m256i"
-    vec_prefix: str = "_mm256"
-    vec_broadcast: str = "_mm256_broadcast_ss"  # a float from memory into every lane
-    int_widen: str = ""             # "epi8" or "epu8": how q widens (sign or zero extension)
-    register_split: bool = False    # AVX2 bf16: sixteen lanes as even/odd float vectors, one blend
-    half_path: bool = False         # AVX512-FP16 f16 path (see FP16_ZERO_POINT_LIMIT)
-    store_pairs: bool = False       # AVX512_BF16: two float vectors narrowed and stored as one
-    fma_scale_min_bits: int = 1     # the fused path's smallest scale storage bits
-    simd_headers: tuple[str, ...] = ()  # intrinsics headers beyond the AVX2 ones
-    tail_mask: int = 0              # AVX-512: a group's remainder as one masked step (its lanes)
-
-    def to_json(self) -> dict:
-        def plain(v):
-            if isinstance(v, (DType, Op, Layout)):
-                return v.value
-            if isinstance(v, tuple):
-                return [plain(x) for x in v]
-            if dataclasses.is_dataclass(v):
-                return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-            return v
-        return plain(self)
-
-    def pretty(self) -> str:
-        return json.dumps(self.to_json(), indent=2)
-
-    def param(self, role: str) -> tuple[Param, ...]:
-        return tuple(p for p in self.params if p.role == role)
-
-
-def _pointer(name: str, dtype: DType, role: str, storage: dict) -> Param:
-    const = "const " if role == "in" else ""
-    return Param(name, dtype, role, f"{const}{storage[dtype]} *")
 
 
 def _params(desc: _PerGroupDescriptor, storage: dict) -> tuple[Param, ...]:
@@ -246,8 +98,8 @@ def _params(desc: _PerGroupDescriptor, storage: dict) -> tuple[Param, ...]:
     }[desc.op]
     out_name = "q" if desc.op is Op.QUANTIZE else ("d_input" if "BACKWARD" in desc.op.name else "y")
     out_dtype = q if desc.op is Op.QUANTIZE else f
-    params = [_pointer(n, d, "in", storage) for n, d in pointers]
-    params.append(_pointer(out_name, out_dtype, "out", storage))
+    params = [pointer(n, d, "in", storage) for n, d in pointers]
+    params.append(pointer(out_name, out_dtype, "out", storage))
     params += [Param("outer", None, "scalar", "int64_t"), Param("axis", None, "scalar", "int64_t")]
     if desc.op in (Op.QUANTIZE, Op.QUANTIZE_BACKWARD):
         params += [Param("q_min", None, "scalar", "int32_t"), Param("q_max", None, "scalar", "int32_t")]
@@ -388,9 +240,15 @@ def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
         storage = CUDA_STORAGE
     else:
         raise UnsupportedError(f"target {target!r} is not supported; expected 'c' or 'cuda'")
-    if not isinstance(desc, _PerGroupDescriptor):  # checkpoint layouts: GPTQ, AWQ, GGML
-        from .formats.schedule import lower_format
-        return lower_format(desc, target, arch, storage)
+    lowerer = next((LOWERERS[cls] for cls in type(desc).__mro__ if cls in LOWERERS), None)
+    if lowerer is None:
+        raise TypeError(f"no lowering for {type(desc).__name__}")
+    return lowerer(desc, target, arch, storage)
+
+
+def lower_per_group(desc: _PerGroupDescriptor, target: str, arch: str, storage: dict) -> KernelSpec:
+    """Schedule a per-group descriptor: the family, packed storage, float zero points, HQQ
+    (target and arch already checked, ``storage`` the target's C type table)."""
     packed = desc.int_type is not None and desc.int_type.is_packed
     float_zero = getattr(desc, "zero_kind", "int") == "float"
     compute = DType.F64 if desc.float_dtype is DType.F64 else DType.F32
@@ -428,8 +286,8 @@ def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
         descriptor=describe(desc),
         out_name=out.name, out_c_type=storage[out.dtype],
         has_zero_point=any(p.name == "zero_point" for p in params),
-        load_float=_CONVERT.get(desc.float_dtype, ("", ""))[0],
-        store_out=(_CONVERT.get(out.dtype, ("", ""))[1] if out.dtype.is_float
+        load_float=CONVERT.get(desc.float_dtype, ("", ""))[0],
+        store_out=(CONVERT.get(out.dtype, ("", ""))[1] if out.dtype.is_float
                    else f"({storage[out.dtype]})"),
         rint="rint" if compute is DType.F64 else "rintf",
         **simd,
@@ -456,3 +314,8 @@ def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
         zero_first=zero_first, field_mask=(1 << field_bits) - 1,
     )
     return _schedule_cuda(spec, desc) if target == "cuda" else spec
+
+
+# Every descriptor class and the function that lowers it: the family's (and the formats
+# run as per-group problems) here, the checkpoint layouts' in formats/schedule.py.
+LOWERERS = {_PerGroupDescriptor: lower_per_group, **FORMAT_LOWERERS}

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from . import __version__, env
+from . import env
 from .arrays import check_array, check_no_overlap, to_numpy
 from .errors import UnsupportedError
 from .ir import (DequantizePerGroupBackwardDescriptor, DequantizePerGroupDescriptor,
@@ -21,6 +21,7 @@ from .jit import Kernel, get_kernel
 from .runtime import cpu as cpu_runtime
 from .runtime import cuda as cuda_runtime
 from .runtime.cpu import num_threads
+from .version import __version__
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import jinja2
 
-from . import __version__
-from .lower import KernelSpec
+from .spec import KernelSpec
+from .version import __version__
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
 if not TEMPLATE_DIR.is_dir():  # installed as a wheel: templates ship inside the package

@@ -433,7 +433,6 @@ def test_cuda_kernels_are_bundled_and_hash_checked(isolated, monkeypatch):
                           "group_size": 64, "target": "cuda:sm_90"})
     try:
         jit.render_source(request[0].spec())
-        from dqgen import cuda_jit
     except UnsupportedError as exc:
         pytest.skip(f"no CUDA target in this checkout: {exc}")
     monkeypatch.delenv("DQGEN_DISABLE_JIT")  # building needs JIT; loading below does not
@@ -449,7 +448,7 @@ def test_cuda_kernels_are_bundled_and_hash_checked(isolated, monkeypatch):
     monkeypatch.setenv("DQGEN_DISABLE_JIT", "1")
     monkeypatch.setenv("DQGEN_CACHE_DIR", str(isolated / "empty"))
     desc = DequantizePerGroupDescriptor(1, 64, 64, "f16", "u8")
-    if hasattr(cuda_jit, "kernel_from_image"):
+    if hasattr(jit, "kernel_from_image"):
         bundle.load_bundle(path)
         kernel = jit.get_kernel(desc, "cuda", "sm_90")
         assert kernel.origin == "bundle" and kernel.key == record.cache_key

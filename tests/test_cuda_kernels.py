@@ -56,7 +56,7 @@ def _nvrtc():
 
 def _build_all(descs, arch):
     """Build ``descs`` for ``arch`` through the JIT's cache path, two at a time."""
-    from dqgen.cuda_jit import build_cuda_kernel
+    from dqgen.jit import build_cuda_kernel
     from dqgen.render import render
 
     def one(desc):

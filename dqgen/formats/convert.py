@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from ..errors import InvalidProblemError, UnsupportedError
 from ..ir import GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS, GPTQ_V1_ZEROS
 from . import awq, gptq
 from .checkpoint import INDEX_NAME, NOT_COPIED, Checkpoint, open_checkpoint
+from .progress import Progress
 from .safetensors_io import DTYPES, PendingFile, Reader, Writer, parse_size, shard_paths
 
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
@@ -245,31 +245,6 @@ def _naming(label: str, run):
         except (InvalidProblemError, UnsupportedError) as exc:
             raise type(exc)(f"layer {label}: {exc}") from None
     return named
-
-
-class Progress:
-    """A one-line progress bar on stderr (a line per layer when not a terminal)."""
-
-    def __init__(self, total: int, quiet: bool, unit: str = "layers") -> None:
-        self.total, self.quiet, self.unit, self.start = total, quiet, unit, time.perf_counter()
-        self.tty = sys.stderr.isatty()
-
-    def step(self, done: int, label: str) -> None:
-        if self.quiet:
-            return
-        width = 30
-        filled = width * done // self.total
-        line = (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} {self.unit} "
-                f"{time.perf_counter() - self.start:5.1f}s {label}")
-        if self.tty:
-            sys.stderr.write("\r\033[K" + line)
-        else:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-
-    def finish(self) -> None:
-        if self.tty and not self.quiet:
-            sys.stderr.write("\n")
 
 
 @dataclass

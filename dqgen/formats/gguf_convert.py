@@ -32,6 +32,7 @@ from ..errors import InvalidProblemError, UnsupportedError
 from ..ir import GGML_FLOAT_DTYPES, parse_dtype
 from . import ggml
 from . import gguf as gguf_file
+from .progress import Progress
 from .safetensors_io import NAMES, PendingFile, new_file_mode, parse_size, shard_paths
 
 CHUNK_BYTES = 16 << 20
@@ -262,8 +263,6 @@ def _index(path: Path, shards, paths, total: int) -> PendingFile:
 
 def run(args) -> int:
     """The ``dqgen convert`` command for a ``.gguf`` input (``convert.run`` hands it over)."""
-    from .convert import Progress
-
     given = [f"--{flag.replace('_', '-')}" for flag in ("format", "bits", "group_size",
                                                         "checkpoint_format")
              if getattr(args, flag, None) is not None]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .. import __version__
+from ..version import __version__
 from ..arrays import check_no_overlap
 from ..errors import InvalidProblemError, UnsupportedError
 from ..ir import (AwqDequantizeDescriptor, DType, GgmlDequantizeDescriptor,

@@ -12,8 +12,8 @@ import dataclasses
 
 from ..ir import (AwqDequantizeDescriptor, DType, GgmlDequantizeDescriptor,
                   GptqDequantizeDescriptor, Layout, Op, gptq_v1_word_offset)
-from ..lower import (_CONVERT, CUDA_GRID_WAVES, F16C_ISAS, PARALLEL_MIN_ELEMENTS, KernelSpec,
-                     Param, _pointer)
+from ..spec import (CONVERT, CUDA_GRID_WAVES, F16C_ISAS, PARALLEL_MIN_ELEMENTS, KernelSpec, Param,
+                    pointer)
 from . import ggml_layouts
 
 FORMULAS = {
@@ -74,12 +74,12 @@ def gptq_zero_rule(desc) -> tuple[int, int, int]:
 
 
 def _matrix_params(desc, storage: dict) -> tuple[Param, ...]:
-    params = [_pointer("qweight", DType.I32, "in", storage),
-              _pointer("qzeros", DType.I32, "in", storage),
-              _pointer("scales", desc.scale_dtype, "in", storage)]
+    params = [pointer("qweight", DType.I32, "in", storage),
+              pointer("qzeros", DType.I32, "in", storage),
+              pointer("scales", desc.scale_dtype, "in", storage)]
     if getattr(desc, "act_order", False):
-        params.append(_pointer("g_idx", DType.I32, "in", storage))
-    params.append(_pointer("y", desc.float_dtype, "out", storage))
+        params.append(pointer("g_idx", DType.I32, "in", storage))
+    params.append(pointer("y", desc.float_dtype, "out", storage))
     params += [Param("rows", None, "scalar", "int64_t"), Param("cols", None, "scalar", "int64_t")]
     return tuple(params)
 
@@ -91,7 +91,7 @@ def lower_format(desc, target: str, arch: str, storage: dict) -> KernelSpec:
     # The conversion helpers the prelude must define: the scales' load, the output's
     # store, and (GGML) a load of raw binary16 bits from the block bytes.
     scale = getattr(desc, "scale_dtype", None)
-    helpers = {_CONVERT[d][i] for d, i in ((scale, 0), (f, 1)) if d in _CONVERT}
+    helpers = {CONVERT[d][i] for d, i in ((scale, 0), (f, 1)) if d in CONVERT}
     if isinstance(desc, GgmlDequantizeDescriptor):
         helpers.add("load_f16_bits")
     fields = {"layout": desc.layout, "float_helpers": tuple(sorted(helpers))}
@@ -103,9 +103,9 @@ def lower_format(desc, target: str, arch: str, storage: dict) -> KernelSpec:
                       zero_offset=field_add, zero_word_add=word_add, zero_mask=field_mask,
                       act_order=gptq and desc.act_order,
                       table_max_bytes=MATRIX_TABLE_MAX_BYTES if gptq and desc.act_order else 0,
-                      load_float=_CONVERT.get(desc.scale_dtype, ("", ""))[0])
+                      load_float=CONVERT.get(desc.scale_dtype, ("", ""))[0])
     elif isinstance(desc, GgmlDequantizeDescriptor):
-        params = (_pointer("data", DType.U8, "in", storage), _pointer("y", f, "out", storage),
+        params = (pointer("data", DType.U8, "in", storage), pointer("y", f, "out", storage),
                   Param("blocks", None, "scalar", "int64_t"))
         g = ggml_layouts.knobs(desc.layout, target, f)
         fields.update(template="ggml", block_bytes=desc.block_bytes, bits=8, ggml=g,
@@ -129,7 +129,7 @@ def lower_format(desc, target: str, arch: str, storage: dict) -> KernelSpec:
         compute_type="double" if compute is DType.F64 else "float", compute_dtype=compute,
         params=params, formula=FORMULAS[desc.layout], descriptor=_describe(desc),
         out_name=out.name, out_c_type=storage[f], has_zero_point=True,
-        store_out=_CONVERT.get(f, ("", ""))[1], rint="rintf",
+        store_out=CONVERT.get(f, ("", ""))[1], rint="rintf",
         parallel_min_elements=PARALLEL_MIN_ELEMENTS,
         threads_per_block=CUDA_THREADS_PER_BLOCK, vector_bytes=16,
         grid_waves=CUDA_GRID_WAVES if target == "cuda" else 0)
@@ -137,3 +137,8 @@ def lower_format(desc, target: str, arch: str, storage: dict) -> KernelSpec:
         if field.name not in fields and field.default is dataclasses.MISSING:
             fields[field.name] = _neutral(field)
     return KernelSpec(**fields)
+
+
+# The descriptor classes this module lowers (``lower.LOWERERS`` adds the per-group ones).
+FORMAT_LOWERERS = {GptqDequantizeDescriptor: lower_format, AwqDequantizeDescriptor: lower_format,
+                   GgmlDequantizeDescriptor: lower_format}

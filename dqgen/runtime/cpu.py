@@ -22,7 +22,7 @@ import _cffi_backend
 
 from .. import env
 from ..errors import InvalidProblemError
-from ..lower import KernelSpec
+from ..spec import KernelSpec
 
 _loaded: list[object] = []  # keeps every library alive: kernels are never unloaded
 _load_lock = threading.Lock()
