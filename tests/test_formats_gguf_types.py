@@ -158,7 +158,8 @@ def test_every_isa(isa):
     if isa not in supported_isas():
         pytest.skip(f"this CPU cannot run {isa} code")
     rng = np.random.default_rng(70)
-    for qtype, out in (("Q5_0", "f16"), ("IQ4_XS", "bf16"), ("TQ1_0", "f32"), ("Q6_K", "f16")):
+    for qtype, out in (("Q5_0", "f16"), ("IQ4_XS", "bf16"), ("TQ1_0", "f32"), ("Q6_K", "f16"),
+                       ("IQ3_XXS", "f32")):
         data = random_blocks(rng, qtype, blocks=9)
         desc = GgmlDequantizeDescriptor(9, qtype, out)
         y = np.empty((9, ggml.block_values(qtype)), FLOATS[out])

@@ -165,7 +165,7 @@ def gguf_blocks(rng, qtype: str, shape=GGUF_SHAPE) -> np.ndarray:
     from dqgen.formats.ggml_layouts import LAYOUTS
     from dqgen.ir import parse_ggml_type
     layout = LAYOUTS[parse_ggml_type(qtype)]
-    if layout.q is None:
+    if layout.q is None and layout.grid is None:  # a float tensor
         x = rng.standard_normal(shape, dtype=np.float32)
         if qtype == "BF16":
             return (x.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8).reshape(shape[0], -1)

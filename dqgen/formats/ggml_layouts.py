@@ -459,6 +459,11 @@ def knobs(layout: Layout, target: str, float_dtype: DType) -> GgmlKnobs:
     q = _field_knobs("q", block.q, False, block.sub or block.values)
     if q is not None and q.field.codebook and len(q.field.codebook) != VECTOR_LANES:
         raise ValueError("a codebook is one vector of VECTOR_LANES entries")
+    # grids: VECTOR_LANES values (whole sign bytes and grid rows) a vector step
+    grid_vector = bool(block.grid)
+    if grid_vector and ((block.sub or block.values) % VECTOR_LANES
+                        or VECTOR_LANES % block.grid.width or VECTOR_LANES % 8):
+        raise ValueError("a grid's sub-blocks are whole vectors of whole rows and sign bytes")
     scalars = [block.d] + ([block.m] if block.m else [])
     load = {id(s): SCALAR_LOADS[s.kind] for s in scalars}
     return GgmlKnobs(
@@ -475,9 +480,10 @@ def knobs(layout: Layout, target: str, float_dtype: DType) -> GgmlKnobs:
         as_float="__uint_as_float" if target == "cuda" else "u32_as_float",
         raw=RAW_FLOATS.get(block.d.kind, ("", "")) if passthrough else ("", ""),
         float_helpers=("load_bf16",) if passthrough and block.d.kind == "bf16" else (),
-        vector_lanes=VECTOR_LANES if q is not None and any(r.lanes for r in q.runs) else 0,
-        lane_index=q is not None and any(r.lanes and any(src.word for src in r.sources)
-                                         for r in q.runs),
+        vector_lanes=VECTOR_LANES if (q is not None and any(r.lanes for r in q.runs))
+        or grid_vector else 0,
+        lane_index=grid_vector or q is not None and any(
+            r.lanes and any(src.word for src in r.sources) for r in q.runs),
         scalar_codebook=target == "cuda" or (q is not None and not all(r.lanes for r in q.runs)),
         stage=float_dtype is not DType.F32, passthrough_stage=PASSTHROUGH_STAGE,
         copy=passthrough and block.d.kind == float_dtype.value,
