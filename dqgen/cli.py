@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from .version import __version__
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ from .lower import lower
 from .render import Source, render, template_hash
 from .runtime.cpu import CpuKernel
 from .runtime.cuda import CudaKernel
+from .selection import OP_NAMES, command_for_record, make_descriptor
 from .spec import KernelSpec
 from .version import __version__
 
@@ -129,7 +130,6 @@ def descriptor_record(desc) -> dict:
 def aot_hint(spec: KernelSpec, descriptor: dict | None = None) -> str:
     """The ``dqgen aot`` command that builds ``spec``'s kernel into a bundle, or "" for a
     kernel that command cannot name."""
-    from .aot import OP_NAMES, command_for_record, make_descriptor
     if descriptor is not None:
         return command_for_record(descriptor, spec.target, spec.arch)
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dqgen import aot, bundle, cli, ir, isa
+from dqgen import aot, bundle, cli, ir, isa, selection
 from dqgen.errors import DqgenError, UnsupportedError
 from dqgen.ir import GgmlDequantizeDescriptor, GptqDequantizeDescriptor
 from dqgen.lower import lower
@@ -92,7 +92,7 @@ def test_ggml_types_come_from_the_registry_of_supported_types(monkeypatch):
     built = {dict(r.knobs)["qtype"] for r in aot.expand({"op": "ggml", "float": "f32"})}
     assert {"Q4_0", "Q4_1", "Q5_0", "Q8_0"} <= built <= set(names)
     # a type the registry drops is no longer built; one it adds is, without a change here
-    monkeypatch.setattr(aot, "ggml_types", lambda: ("Q8_0",))
+    monkeypatch.setattr(selection, "ggml_types", lambda: ("Q8_0",))
     assert [r.uri for r in aot.expand({"op": "ggml", "float": "f32"})] == ["dequant_ggml_q8_0_f32"]
 
 

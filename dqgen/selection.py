@@ -1,0 +1,471 @@
+"""What a kernel selection names: op names, defaults, ``KernelRequest``s and descriptor
+records.
+
+A selection (``dqgen aot`` flags or a manifest entry) expands to a product (ops x dtypes
+x group sizes x the formats' knobs x targets), narrowed by globs on the kernel URI,
+deduplicated and sorted so the same request always lists the same kernels. A knob an op
+does not take is ignored for it, a value it cannot take is skipped for it, and an op left
+with no kernel is an error. This sits below the pipeline (``jit`` names the ``dqgen aot``
+command that builds a missing kernel from here) and below ``aot``, which builds what it
+enumerates.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import json
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from . import ir
+from .errors import DqgenError, InvalidProblemError, UnsupportedError
+from .ir import (AwqDequantizeDescriptor, DequantizeFloatZeroDescriptor,
+                 DequantizePerGroupBackwardDescriptor, DequantizePerGroupDescriptor,
+                 FLOAT_DTYPES, GgmlDequantizeDescriptor, GptqDequantizeDescriptor,
+                 HqqDequantizeDescriptor, QuantizePerGroupBackwardDescriptor,
+                 QuantizePerGroupDescriptor, check_int)
+from .isa import host_isa
+from .lower import lower
+from .spec import KernelSpec
+
+# Command-line op names of the family and the descriptor each one builds.
+OPS = {
+    "dequantize": DequantizePerGroupDescriptor,
+    "quantize": QuantizePerGroupDescriptor,
+    "dequantize-backward": DequantizePerGroupBackwardDescriptor,
+    "quantize-backward": QuantizePerGroupBackwardDescriptor,
+}
+OP_NAMES = {cls.op: name for name, cls in OPS.items()}
+# The checkpoint formats' op names and their descriptors. ``packed`` is the family's
+# dequantize and quantize with 4-bit storage (u4/s4), so it has no class of its own.
+FORMAT_OPS = {
+    "gptq": GptqDequantizeDescriptor,
+    "awq": AwqDequantizeDescriptor,
+    "ggml": GgmlDequantizeDescriptor,
+    "packed": None,
+    "floatzp": DequantizeFloatZeroDescriptor,
+    "hqq": HqqDequantizeDescriptor,
+}
+ALL_OPS = tuple(OPS) + tuple(FORMAT_OPS)
+DEFAULT_CUDA_ARCH = "sm_90"
+_CUDA_ARCH = re.compile(r"^(sm|compute)_\d{2,3}[af]?$")
+# What an unspecified selection key means, for flags and manifests alike. Without an
+# op, the family's four are built (the formats are asked for by name).
+DEFAULTS = {"op": tuple(OPS), "int": ("s8", "u8"),
+            "float": tuple(d.value for d in FLOAT_DTYPES), "group_size": (128,),
+            "target": ("c",)}
+# The formats' knobs. GPTQ checkpoints are mostly 4-bit v1 files with f16 scales, with
+# and without act-order (g_idx in row order runs the plain kernel, so both are used).
+FORMAT_DEFAULTS = {"bits": (4,), "checkpoint_format": ("gptq",), "act_order": (False, True),
+                   "scale": ("f16",), "ggml_type": None}  # ggml_type: every supported type
+# Per-op defaults of the shared keys where the family's would not fit: models run in
+# f16/bf16, GGML blocks dequantize to f32/f16/bf16, packed storage is u4/s4.
+OP_DEFAULTS = {
+    "gptq": {"float": ("f16", "bf16")}, "awq": {"float": ("f16", "bf16")},
+    "ggml": {"float": ("f32", "f16", "bf16")},
+    "packed": {"int": ("u4", "s4")},
+    "floatzp": {"int": ("u4", "u8"), "float": ("f16", "bf16")},
+    # HQQ: 4-bit (the shared bits default) in groups of 64, HQQLinear's defaults; an
+    # axis=0 layer (a column a group) runs the group-size-1 kernel (--group-size 1)
+    "hqq": {"float": ("f16", "bf16"), "group_size": (64,)},
+}
+SELECTION_KEYS = tuple(DEFAULTS) + tuple(FORMAT_DEFAULTS) + ("filter",)
+
+
+def ggml_types() -> tuple[str, ...]:
+    """Every GGML block type this dqgen dequantizes ("Q4_0", ...), from the IR's registry
+    (whatever ``parse_ggml_type`` accepts), so a new type is built without a change here."""
+    names = []
+    for layout in ir.Layout:
+        if layout.value.startswith("ggml_"):
+            try:
+                ir.parse_ggml_type(layout)
+            except DqgenError:
+                continue
+            names.append(layout.value[len("ggml_"):].upper())
+    return tuple(names)
+
+
+def op_class(name: str) -> type:
+    cls = OPS.get(str(name).strip().lower().replace("_", "-"))
+    if cls is None:
+        raise UnsupportedError(f"op {name!r} is not known; expected one of: {', '.join(OPS)}")
+    return cls
+
+
+def _op_name(name: str) -> str:
+    """A family or format op name, normalised; unknown names are refused."""
+    text = str(name).strip().lower()
+    if text in FORMAT_OPS:
+        return text
+    text = text.replace("_", "-")
+    if text not in OPS:
+        raise UnsupportedError(f"op {name!r} is not known; expected one of: "
+                               f"{', '.join(ALL_OPS)}")
+    return text
+
+
+def make_descriptor(op: str, int_dtype: str | None, float_dtype: str, group_size: int):
+    """The descriptor of one family kernel. ``outer``/``axis`` are runtime arguments (0
+    here); ops without a storage dtype ignore ``int_dtype``; quantize-backward's range is
+    a runtime argument too, so any valid one names the same kernel."""
+    cls = op_class(op)
+    group_size = check_int(group_size, "group_size", minimum=1, maximum=2**31 - 1)
+    if cls is DequantizePerGroupDescriptor or cls is QuantizePerGroupDescriptor:
+        if int_dtype is None:
+            raise InvalidProblemError(f"op {op!r} needs an int dtype (--int s8 or u8)")
+        return cls(0, 0, group_size, float_dtype, int_dtype)
+    if cls is QuantizePerGroupBackwardDescriptor:
+        return cls(0, 0, group_size, float_dtype, -128, 127)
+    return cls(0, 0, group_size, float_dtype)
+
+
+def parse_target(text: str) -> tuple[str, str]:
+    """``c`` (this machine's ISA), ``c:avx2``, ``cuda`` (sm_90) or ``cuda:sm_90``."""
+    target, _, arch = str(text).strip().lower().partition(":")
+    if target == "c":
+        return "c", arch or host_isa()
+    if target == "cuda":
+        arch = arch or DEFAULT_CUDA_ARCH
+        if not _CUDA_ARCH.match(arch):
+            raise UnsupportedError(f"CUDA arch {arch!r} is not of the form sm_XX or compute_XX "
+                                   "(e.g. sm_90)")
+        return "cuda", arch
+    raise UnsupportedError(f"target {text!r} is not known; expected c[:ISA] or cuda[:sm_XX]")
+
+
+@dataclass(frozen=True, order=True)
+class KernelRequest:
+    """One kernel to build: sorted by URI, then target and arch.
+
+    ``op`` is a family op name or a format's (``gptq``, ``awq``, ``ggml``, ``floatzp``,
+    ``hqq``);
+    ``knobs`` are the format descriptor's other fields, as sorted (name, value) pairs.
+    Runtime sizes are 0; an act-order GPTQ kernel serves every group size (0 here).
+    """
+
+    uri: str
+    target: str
+    arch: str
+    op: str
+    int_dtype: str | None
+    float_dtype: str
+    group_size: int
+    knobs: tuple = ()
+
+    @property
+    def label(self) -> str:
+        return f"{self.uri} ({self.target}:{self.arch})"
+
+    def descriptor(self):
+        if self.op in OPS:
+            return make_descriptor(self.op, self.int_dtype, self.float_dtype, self.group_size)
+        return _format_descriptor(self.op, self.int_dtype, self.float_dtype,
+                                  self.group_size, dict(self.knobs))
+
+    def spec(self) -> KernelSpec:
+        return lower(self.descriptor(), self.target, self.arch)
+
+
+def _format_descriptor(op: str, int_dtype, float_dtype, group_size: int, knobs: dict):
+    """A format op's descriptor with its runtime sizes 0."""
+    cls = FORMAT_OPS[op]
+    if cls is GgmlDequantizeDescriptor:
+        return cls(0, float_dtype=float_dtype, **knobs)
+    group_size = max(int(group_size), 1)  # act-order: any size names the same kernel
+    if cls is DequantizeFloatZeroDescriptor:
+        return cls(0, 0, group_size, float_dtype, int_dtype, **knobs)
+    return cls(0, 0, group_size, float_dtype=float_dtype, **knobs)
+
+
+def request_of(desc, target: str, arch: str) -> KernelRequest:
+    """The request that builds ``desc``'s kernel (its runtime sizes play no part)."""
+    if type(desc) in OPS.values():
+        int_dtype = desc.int_type.value if desc.int_type is not None else None
+        return KernelRequest(desc.uri, target, arch, OP_NAMES[desc.op], int_dtype,
+                             desc.float_dtype.value, desc.group_size)
+    op = next(name for name, cls in FORMAT_OPS.items() if cls is type(desc))
+    fields = {k: v for k, v in desc.to_json().items()  # HQQ's shift: a run-time argument
+              if k not in ("op", "layout", "rows", "cols", "blocks", "outer", "axis",
+                           "group_size", "float_dtype", "int_dtype", "shift")}
+    act_order = bool(fields.get("act_order"))
+    if "qtype" in fields:
+        fields["qtype"] = fields["qtype"][len("ggml_"):].upper()
+    # a storage dtype the format's knobs imply (HQQ's words, from bits) is no flag of it
+    int_dtype = desc.int_dtype.value if desc.to_json().get("int_dtype") else None
+    group = 0 if act_order or isinstance(desc, GgmlDequantizeDescriptor) else desc.group_size
+    return KernelRequest(desc.uri, target, arch, op, int_dtype, desc.float_dtype.value,
+                         group, tuple(sorted(fields.items())))
+
+
+def _as_list(value, key: str) -> list:
+    """A manifest/flag value as a list; comma-separated strings are split."""
+    items = value if isinstance(value, (list, tuple)) else [value]
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            out += [part.strip() for part in item.split(",") if part.strip()]
+        elif isinstance(item, int) and (not isinstance(item, bool) or key == "act_order"):
+            out.append(item)
+        else:
+            raise InvalidProblemError(f"{key}: {item!r} is not a string or integer")
+    if not out:
+        raise InvalidProblemError(f"{key} is empty")
+    return out
+
+
+def _group_sizes(values: list) -> list[int]:
+    sizes = []
+    for v in values:
+        try:
+            sizes.append(int(v))
+        except (TypeError, ValueError):
+            raise InvalidProblemError(f"group_size {v!r} is not an integer") from None
+    return sizes
+
+
+_TRUTH = {"true": True, "yes": True, "1": True, "on": True,
+          "false": False, "no": False, "0": False, "off": False}
+
+
+def _act_orders(values: list) -> list[bool]:
+    out = []
+    for v in values:
+        text = str(v).strip().lower()
+        if isinstance(v, bool):
+            out.append(v)
+        elif text == "both":
+            out += [False, True]
+        elif text in _TRUTH:
+            out.append(_TRUTH[text])
+        else:
+            raise InvalidProblemError(f"act_order {v!r} is not one of yes, no, both")
+    return sorted(set(out))
+
+
+def _dtypes(values: list, key: str) -> list[str]:
+    """Dtype names, each one dqgen knows (which op takes it is checked per op)."""
+    out = []
+    for v in values:
+        member = ir.dtype_from_any(v)
+        if member is None or member is ir.DType.I32:
+            raise UnsupportedError(f"{key}={v!r} is not a dtype dqgen knows; expected one of: "
+                                   + ", ".join(d.value for d in ir.DType if d is not ir.DType.I32))
+        out.append(member.value)
+    return out
+
+
+def _pick(selection: dict) -> dict:
+    """The selection's values, parsed and checked on their own (``None``: not given)."""
+    pick = {k: _as_list(v, k) if v is not None else None for k, v in selection.items()
+            if k != "filter"}
+    if pick.get("op"):
+        pick["op"] = list(dict.fromkeys(_op_name(op) for op in pick["op"]))
+    for key in ("int", "float", "scale"):
+        if pick.get(key):
+            pick[key] = _dtypes(pick[key], key)
+    if pick.get("group_size"):
+        pick["group_size"] = _group_sizes(pick["group_size"])
+    if pick.get("bits"):
+        pick["bits"] = [check_int(int(b) if str(b).isdigit() else b, "bits") for b in pick["bits"]]
+    if pick.get("act_order"):
+        pick["act_order"] = _act_orders(pick["act_order"])
+    if pick.get("ggml_type"):
+        pick["ggml_type"] = [ir.parse_ggml_type(t).value[len("ggml_"):].upper()
+                             for t in pick["ggml_type"]]
+    return pick
+
+
+def _value(pick: dict, op: str, key: str) -> list:
+    if pick.get(key):
+        return pick[key]
+    if key in OP_DEFAULTS.get(op, {}):
+        return list(OP_DEFAULTS[op][key])
+    if key == "ggml_type":
+        return list(ggml_types())
+    return list(DEFAULTS[key] if key in DEFAULTS else FORMAT_DEFAULTS[key])
+
+
+def _candidates(op: str, pick: dict):
+    """Every descriptor one op's share of a selection names (some may be invalid)."""
+    floats, groups = _value(pick, op, "float"), _value(pick, op, "group_size")
+    if op in OPS:
+        takes_int = OPS[op] in (DequantizePerGroupDescriptor, QuantizePerGroupDescriptor)
+        for i, f, g in itertools.product(_value(pick, op, "int") if takes_int else [None],
+                                         floats, groups):
+            yield lambda i=i, f=f, g=g: make_descriptor(op, i, f, g)
+    elif op == "packed":
+        for name, i, f, g in itertools.product(("dequantize", "quantize"),
+                                               _value(pick, op, "int"), floats, groups):
+            def make(name=name, i=i, f=f, g=g):
+                if not ir.DType(i).is_packed:
+                    raise UnsupportedError(f"int={i} is not a packed 4-bit type (u4, s4)")
+                return make_descriptor(name, i, f, g)
+            yield make
+    elif op == "gptq":
+        for b, fmt, act, s, f, g in itertools.product(
+                _value(pick, op, "bits"), _value(pick, op, "checkpoint_format"),
+                _value(pick, op, "act_order"), _value(pick, op, "scale"), floats, groups):
+            yield lambda b=b, fmt=fmt, act=act, s=s, f=f, g=g: _format_descriptor(
+                op, None, f, g, dict(bits=b, checkpoint_format=fmt, act_order=act,
+                                     scale_dtype=s))
+    elif op == "awq":
+        for s, f, g in itertools.product(_value(pick, op, "scale"), floats, groups):
+            yield lambda s=s, f=f, g=g: _format_descriptor(op, None, f, g, dict(scale_dtype=s))
+    elif op == "ggml":
+        for qt, f in itertools.product(_value(pick, op, "ggml_type"), floats):
+            yield lambda qt=qt, f=f: _lowerable(_format_descriptor(op, None, f, 0,
+                                                                   dict(qtype=qt)))
+    elif op == "hqq":
+        for b, f, g in itertools.product(_value(pick, op, "bits"), floats, groups):
+            yield lambda b=b, f=f, g=g: _format_descriptor(op, None, f, g, dict(bits=b))
+    else:  # floatzp
+        for i, f, g in itertools.product(_value(pick, op, "int"), floats, groups):
+            yield lambda i=i, f=f, g=g: _format_descriptor(op, i, f, g, {})
+
+
+def _lowerable(desc):
+    """``desc`` if it lowers (a type the IR names may not have its schedule yet)."""
+    try:
+        lower(desc, "c", "generic")
+    except DqgenError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a registry entry without a lowering
+        raise UnsupportedError(f"{desc.uri} has no schedule in this dqgen "
+                               f"({type(exc).__name__}: {exc})") from None
+    return desc
+
+
+def expand(selection: dict) -> list[KernelRequest]:
+    """Every kernel one selection names (missing keys take their defaults), deduplicated.
+
+    A value an op cannot take (f64 for GGML, s8 for ``packed``) is skipped for that op;
+    an op that is left with no kernel raises the first reason.
+    """
+    unknown = sorted(set(selection) - set(SELECTION_KEYS))
+    if unknown:
+        raise InvalidProblemError(f"unknown selection key(s) {', '.join(unknown)}; expected "
+                                  f"{', '.join(SELECTION_KEYS)}")
+    pick = _pick(selection)
+    targets = [parse_target(t) for t in _value(pick, "", "target")]
+    filters = _as_list(selection["filter"], "filter") if selection.get("filter") else []
+    found = set()
+    for op in _value(pick, "", "op"):
+        descs, first_error = [], None
+        for make in _candidates(op, pick):
+            try:
+                descs.append(make())
+            except (InvalidProblemError, UnsupportedError) as exc:
+                first_error = first_error or exc
+        if not descs:
+            raise type(first_error)(f"op {op}: {first_error}")
+        if op == "ggml" and pick.get("ggml_type"):  # a type asked for by name must build
+            built = {request_of(d, "c", "generic").knobs for d in descs}
+            for name in pick["ggml_type"]:
+                if not any(("qtype", name) in k for k in built):
+                    raise UnsupportedError(f"op ggml: ggml_type {name} has no kernel for "
+                                           f"float {', '.join(_value(pick, op, 'float'))}")
+        for desc in descs:
+            if filters and not any(fnmatch.fnmatchcase(desc.uri, f) for f in filters):
+                continue
+            for target, arch in targets:
+                # validates the arch now, not mid-build; the schedule may name a lower ISA
+                # level whose code is the same (one kernel, one bundle entry)
+                found.add(request_of(desc, target, lower(desc, target, arch).arch))
+    return sorted(found)
+
+
+def read_manifest(path: str | Path) -> tuple[list[dict], list[str]]:
+    """The selections of a manifest file and its top-level filters.
+
+    Selections are the top level and each ``[[kernels]]`` table, with the keys (all
+    optional, scalars or lists) of ``SELECTION_KEYS``: op, int, float, group_size, target,
+    the formats' bits, checkpoint_format, act_order, scale and ggml_type, and filter. A
+    top-level ``filter`` narrows the union of all selections.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise InvalidProblemError(f"manifest {path} cannot be read: {exc}") from exc
+    kind = "JSON" if path.suffix.lower() == ".json" else "TOML"
+    try:
+        data = json.loads(text) if kind == "JSON" else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise InvalidProblemError(f"manifest {path} is not valid {kind}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InvalidProblemError(f"manifest {path} must be a table/object at the top level")
+    tables = data.pop("kernels", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise InvalidProblemError(f"manifest {path}: \"kernels\" must be a list of tables")
+    filters = _as_list(data.pop("filter"), "filter") if data.get("filter") else []
+    selections = ([data] if data else []) + tables
+    if not selections:
+        raise InvalidProblemError(f"manifest {path} selects no kernels (give op, int, float, "
+                                  "group_size, target, or [[kernels]] tables)")
+    return selections, filters
+
+
+def narrow(requests: Iterable[KernelRequest], filters: Iterable[str]) -> list[KernelRequest]:
+    """The requests whose URI matches any glob in ``filters`` (all when there are none)."""
+    filters = list(filters)
+    return sorted(r for r in requests
+                  if not filters or any(fnmatch.fnmatchcase(r.uri, f) for f in filters))
+
+
+def enumerate_kernels(selections: Iterable[dict]) -> list[KernelRequest]:
+    """The union of ``selections``, deduplicated and sorted."""
+    found = set()
+    for sel in selections:
+        try:
+            found.update(expand(sel))
+        except DqgenError as exc:
+            raise type(exc)(f"in selection {sel}: {exc}") from None
+    return sorted(found)
+
+
+def command_for_record(record: dict, target: str, arch: str) -> str:
+    """The ``dqgen aot`` command line that builds the kernel ``record`` (a
+    ``descriptor_record``) describes, or "" when no flags name it."""
+    try:
+        request = request_of(descriptor_from_record(record), target, arch)
+    except (DqgenError, TypeError, ValueError):
+        return ""
+    knobs = dict(request.knobs)
+    flags = {"op": request.op, "int": request.int_dtype, "float": request.float_dtype,
+             "group_size": request.group_size or None, "bits": knobs.get("bits"),
+             "checkpoint_format": knobs.get("checkpoint_format"),
+             "act_order": {True: "yes", False: "no"}.get(knobs.get("act_order")),
+             "scale": knobs.get("scale_dtype"), "ggml_type": knobs.get("qtype"),
+             "target": f"{target}:{arch}"}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    if request.op == "ggml":
+        flags.pop("group_size", None)
+    try:
+        if request not in expand(flags):
+            return ""
+    except DqgenError:
+        return ""
+    return "dqgen aot " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags.items()) \
+        + " -o BUNDLE"
+
+
+_RECORD_CLASSES = {cls.__name__: cls for cls in ir.DESCRIPTORS + ir.FORMAT_DESCRIPTORS}
+
+
+def descriptor_from_record(record: dict, **sizes):
+    """The descriptor a ``descriptor_record`` describes, with ``sizes`` (e.g. ``outer=4``)
+    replacing its runtime sizes; validated like any descriptor."""
+    import dataclasses
+    if not isinstance(record, dict) or record.get("class") not in _RECORD_CLASSES:
+        raise InvalidProblemError(f"descriptor record {record!r} names no descriptor class")
+    cls = _RECORD_CLASSES[record["class"]]
+    fields = {f.name: record[f.name] for f in dataclasses.fields(cls) if f.name in record}
+    if "qtype" in fields:
+        fields["qtype"] = ir.Layout(fields["qtype"])
+    fields.update({k: v for k, v in sizes.items() if k in fields})
+    return cls(**fields)

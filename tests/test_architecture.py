@@ -1,0 +1,107 @@
+"""Structure rules of the package that no other test sees.
+
+The stages hand values down (ir -> lower -> render -> build -> cache -> runtime ->
+plans): a module that imports one above it, even inside a function, couples the two
+both ways and hides the order. This test parses every module of ``dqgen/`` (imports at
+any depth, ``from . import x`` included) and fails on any cycle, naming it.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "dqgen"
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imports_of(path: Path, modules: set) -> set:
+    """The ``dqgen`` modules that ``path`` imports, at module or function level."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                stem = ".".join(base + ([node.module] if node.module else []))
+            else:
+                stem = node.module or ""
+            # ``from pkg import mod`` imports the submodule when there is one.
+            targets = [f"{stem}.{alias.name}" if f"{stem}.{alias.name}" in modules
+                       else stem for alias in node.names]
+        else:
+            continue
+        for target in targets:
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+    return found
+
+
+def import_graph() -> dict:
+    paths = sorted(PACKAGE.rglob("*.py"))
+    modules = {module_name(p) for p in paths}
+    return {module_name(p): imports_of(p, modules) for p in paths}
+
+
+def cycles(graph: dict) -> list:
+    """Every strongly connected component of more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for succ in sorted(graph[node]):
+            if succ not in index:
+                visit(succ)
+                low[node] = min(low[node], low[succ])
+            elif succ in on_stack:
+                low[node] = min(low[node], index[succ])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def edges_within(graph: dict, component: list) -> list:
+    members = set(component)
+    return [f"{a} -> {b}" for a in component for b in sorted(graph[a]) if b in members]
+
+
+def test_no_import_cycle():
+    graph = import_graph()
+    found = cycles(graph)
+    assert not found, "import cycles in dqgen/:\n" + "\n".join(
+        "  " + ", ".join(c) + "\n    " + "\n    ".join(edges_within(graph, c))
+        for c in found)
+
+
+if __name__ == "__main__":
+    g = import_graph()
+    for c in cycles(g):
+        print(", ".join(c))
+        for e in edges_within(g, c):
+            print("   ", e)
