@@ -168,3 +168,39 @@ def output(shape: tuple[int, ...], dtype: DType, like, out=None,
     if not arr.flags.writeable:
         raise InvalidProblemError("out is read-only")
     return arr.reshape(shape), (lambda: out)
+
+
+def rows(obj, name: str):
+    """``obj`` as C-contiguous ``[outer, last axis]`` rows: a numpy view (a copy only when
+    strided) or, for a CUDA array, rows on its device (``cuda_runtime.rows``)."""
+    if cuda_runtime.is_cuda_array(obj):
+        return cuda_runtime.rows(obj, name)
+    arr = to_numpy(obj, name)
+    if arr.ndim == 0:
+        raise InvalidProblemError(f"{name} must have at least one dimension")
+    arr = np.ascontiguousarray(arr)
+    return arr.reshape(-1, arr.shape[-1])
+
+
+def shape_of(obj) -> tuple[int, ...]:
+    """The shape of a host or CUDA array (one known only by its CUDA array interface too)."""
+    if cuda_runtime.is_cuda_array(obj):
+        return tuple(cuda_runtime.device_pointer(obj).shape)
+    return tuple(np.shape(obj))
+
+
+def view_as(arr, dtype: np.dtype, name: str):
+    """``arr`` reinterpreted as ``dtype`` (the last axis scaled), on the host or its device."""
+    return arr.view(dtype) if isinstance(arr, np.ndarray) else \
+        device_cast(arr, np.dtype(dtype), name, convert=False)
+
+
+def row_range(arr, start: int, stop: int):
+    """Rows ``[start, stop)`` of a C-contiguous 2-D array, a view on the host or on its
+    device (a CUDA array known only by its interface is offset, not copied)."""
+    if not isinstance(arr, cuda_runtime.DeviceArray):
+        return arr[start:stop]
+    v = arr.view
+    shape = (max(stop - start, 0), *v.shape[1:])
+    return cuda_runtime.DeviceArray(v._replace(ptr=v.ptr + start * v.strides[0], shape=shape,
+                                               nbytes=shape[0] * v.strides[0]), arr)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..arrays import to_numpy
 from ..errors import InvalidProblemError, UnsupportedError
 from ..ir import HQQ_BITS, HqqDequantizeDescriptor, check_int
 from . import _inputs
@@ -33,28 +32,29 @@ def _words(W_q, bits: int) -> np.ndarray:
     """``W_q`` as its words: uint8 (int32 for 3 bits); a float view (HQQ's
     ``view_as_float``) or a signed/unsigned twin is viewed, not converted."""
     arr = _inputs.array(W_q, "W_q", 2)
+    dtype, shape = _inputs.dtype_of(arr), tuple(arr.shape)
     want = np.dtype(np.int32 if bits == 3 else np.uint8)
-    if arr.dtype.kind in "fV" or (arr.dtype.kind in "iu" and arr.dtype.itemsize == want.itemsize):
-        if (arr.shape[1] * arr.dtype.itemsize) % want.itemsize:
-            raise InvalidProblemError(f"W_q of dtype {arr.dtype} and shape {arr.shape} cannot "
+    if dtype.kind in "fV" or (dtype.kind in "iu" and dtype.itemsize == want.itemsize):
+        if (shape[1] * dtype.itemsize) % want.itemsize:
+            raise InvalidProblemError(f"W_q of dtype {dtype} and shape {shape} cannot "
                                       f"be viewed as {want} words")
-        return arr.view(want)
-    raise InvalidProblemError(f"W_q has dtype {arr.dtype}; HQQ packs {bits}-bit values in "
+        return _inputs.view_as(arr, want, "W_q")
+    raise InvalidProblemError(f"W_q has dtype {dtype}; HQQ packs {bits}-bit values in "
                               f"{want} words")
 
 
 def _group_params(obj, name: str, shape: tuple[int, int]) -> np.ndarray:
     """One value a group: ``[R, 1]`` for axis=1 (``[R]`` too), ``[1, C]`` for axis=0."""
-    arr = to_numpy(obj, name)
-    arr = _inputs.array(arr, name, arr.ndim)
-    if arr.size != shape[0] * shape[1] or arr.ndim > 2 or (arr.ndim == 2 and arr.shape != shape):
-        raise InvalidProblemError(f"{name} has shape {arr.shape}, expected {shape}: one "
+    given = _inputs.shape_of(obj)
+    if (int(np.prod(given)) != shape[0] * shape[1] or len(given) > 2
+            or (len(given) == 2 and given != shape)):
+        raise InvalidProblemError(f"{name} has shape {given}, expected {shape}: one "
                                   "value a group")
-    return arr.reshape(shape)
+    return _inputs.reshaped(_inputs.array(obj, name, len(given)), shape)
 
 
 def dequantize(W_q, scale, zero, nbits: int, shape, group_size=None, axis: int = 1,
-               device: str = "cpu", out=None):
+               device=None, out=None):
     """HQQ's ``Quantizer.dequantize(W_q, meta)`` bit for bit, from the meta's fields.
 
     ``W_q`` as ``Quantizer.quantize`` packs it (``meta["packing"]``; a float view is read
@@ -64,7 +64,9 @@ def dequantize(W_q, scale, zero, nbits: int, shape, group_size=None, axis: int =
     a group), ``axis`` ``meta["axis"]``: 1 (HQQLinear's default) groups rows of
     ``[numel / group_size, group_size]``, scale ``[R, 1]``; 0 groups columns of
     ``[group_size, numel / group_size]``, scale ``[1, C]``. ``out``: an array of F and
-    ``shape`` to write instead of allocating one.
+    ``shape`` to write instead of allocating one. CUDA arrays run on their device and the
+    current stream (``device``: where, when the arrays do not say it; default: where they
+    live).
     """
     bits = check_int(nbits, "nbits", minimum=0)
     if bits not in HQQ_BITS:
@@ -92,10 +94,11 @@ def dequantize(W_q, scale, zero, nbits: int, shape, group_size=None, axis: int =
     groups = (rows, 1) if axis == 1 else (1, cols)
     s, float_dtype = _inputs.float_array(_group_params(scale, "scale", groups), "scale")
     z = _group_params(zero, "zero", groups)
-    if z.dtype != s.dtype:
-        raise InvalidProblemError(f"zero has dtype {z.dtype}; HQQ's zero and scale must share "
-                                  f"the compute dtype (scale is {s.dtype})")
+    if _inputs.dtype_of(z) != _inputs.dtype_of(s):
+        raise InvalidProblemError(f"zero has dtype {_inputs.dtype_of(z)}; HQQ's zero and scale "
+                                  f"must share the compute dtype (scale is {_inputs.dtype_of(s)})")
     y, result = _inputs.output((rows, cols), float_dtype, scale, out, result_shape=shape)
+    part = _inputs.row_range
     for j in range(planes):
         first, last = j * step, min(rows, (j + 1) * step)
         if first >= last:
@@ -103,14 +106,15 @@ def dequantize(W_q, scale, zero, nbits: int, shape, group_size=None, axis: int =
         shift = top - bits * j if bits != 8 else 0
         if axis == 1:  # the plane's rows are its groups: one call
             desc = HqqDequantizeDescriptor(last - first, cols, cols, float_dtype, bits, shift)
-            FormatPlan.select(desc, device=device).run(
-                {"q": words[:last - first], "scale": s[first:last],
-                 "zero_point": z[first:last], "y": y[first:last]})
+            _inputs.run(FormatPlan, desc, {"q": part(words, 0, last - first),
+                                           "scale": part(s, first, last),
+                                           "zero_point": part(z, first, last),
+                                           "y": part(y, first, last)}, W_q, device)
             continue
         # axis=0: every column is a group, so a row of the plane is a problem of groups of 1
-        plan = FormatPlan.select(HqqDequantizeDescriptor(1, cols, 1, float_dtype, bits, shift),
-                                 device=device)
+        desc = HqqDequantizeDescriptor(1, cols, 1, float_dtype, bits, shift)
         for r in range(first, last):
-            plan.run({"q": words[r - first:r - first + 1], "scale": s, "zero_point": z,
-                      "y": y[r:r + 1]})
+            _inputs.run(FormatPlan, desc, {"q": part(words, r - first, r - first + 1),
+                                           "scale": s, "zero_point": z,
+                                           "y": part(y, r, r + 1)}, W_q, device)
     return result() if out is not None else result().reshape(shape)
