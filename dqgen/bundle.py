@@ -29,6 +29,7 @@ from . import env
 from .errors import DqgenError
 from .isa import ISA_LEVELS, supported_isas
 from .render import template_hash
+from .signature import c_prototype
 from .spec import KernelSpec
 
 FORMAT = "dqgen-bundle"
@@ -47,15 +48,6 @@ class BundleError(DqgenError, RuntimeError):
 def kernel_dir(target: str, arch: str) -> str:
     """The bundle subdirectory of one target and arch, e.g. ``c-avx2``, ``cuda-sm_90``."""
     return f"{target}-{arch}"
-
-
-def c_prototype(spec: KernelSpec) -> str:
-    """The C declaration of a C kernel's entry point, spelled as the template defines it:
-    the pointer parameters, ``outer``/``axis`` (and ``q_min``/``q_max``), then
-    ``num_threads`` (0 asks for OpenMP's default)."""
-    params = "".join(f"{p.c_type}{'' if p.c_type.endswith('*') else ' '}{p.name}, "
-                     for p in spec.params)
-    return f"void {spec.entry}({params}int32_t num_threads);"
 
 
 def header_text(specs: list[KernelSpec], version: str) -> str:

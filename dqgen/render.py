@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jinja2
 
+from .signature import entry_signature
 from .spec import KernelSpec
 from .version import __version__
 
@@ -83,11 +84,14 @@ def template_texts() -> dict[str, str]:
 
 @functools.lru_cache(maxsize=1)
 def environment() -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.DictLoader(template_texts()),
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
         trim_blocks=True, lstrip_blocks=True, autoescape=False,
         bytecode_cache=_bytecode_cache())
+    # a global, so imported macro files see it too: the one spelling of the entry point
+    env.globals["entry_signature"] = entry_signature
+    return env
 
 
 @functools.lru_cache(maxsize=None)

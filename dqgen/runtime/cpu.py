@@ -22,6 +22,7 @@ import _cffi_backend
 
 from .. import env
 from ..errors import InvalidProblemError
+from ..signature import cffi_type
 from ..spec import KernelSpec
 
 _loaded: list[object] = []  # keeps every library alive: kernels are never unloaded
@@ -51,13 +52,6 @@ def num_threads(requested: int | None = None) -> int:
     if requested < 1:
         raise InvalidProblemError(f"num_threads={requested} must be >= 1")
     return requested
-
-
-def function_type(spec: KernelSpec) -> str:
-    """The C type of the entry point, a function pointer (pointers as ``void *``, see the
-    module doc)."""
-    params = ", ".join("void *" if p.role != "scalar" else p.c_type for p in spec.params)
-    return f"void(*)({params}, int32_t)"
 
 
 _ffi = _cffi_backend.FFI()  # types, buffers and casts for every CPU kernel
@@ -103,5 +97,5 @@ class CpuKernel:
         with _load_lock:
             lib = _cffi_backend.load_library(str(path), 0)  # 0: cffi's default, RTLD_NOW
             _loaded.append(lib)
-        self.function = lib.load_function(_ffi.typeof(function_type(spec)), spec.entry)
+        self.function = lib.load_function(_ffi.typeof(cffi_type(spec)), spec.entry)
         self.pointer = _ffi.from_buffer  # numpy array -> zero-copy pointer for ``function``
