@@ -108,6 +108,7 @@ class Grid:
     index: Field
     signs: Field
     table: str
+    ksigns: bool = True   # the signs are 7-bit KSIGNS indices (else the 8 sign bits)
 
 
 @dataclass(frozen=True)
@@ -245,6 +246,24 @@ LAYOUTS: dict[Layout, BlockLayout] = {
         grid=Grid(4, Field(64, (_bytes(64, 2),)),
                   Field(32, (Plane(0, 32, 66, 1, 7, 4, unit=4),)), "IQ3_XXS"),
         formula="y = F(C(sign * grid[i][j]) * C((d * (0.5 + sc)) * 0.5)), 8 sub-blocks of 32"),
+    Layout.GGML_IQ2_XS: BlockLayout(
+        74, 256, None, _F16_AT_0, sub=16, scale=Field(16, (Plane(0, 16, 66, 1, 4, 2),)),
+        scale_bias=0.5, scale_factor=0.25,
+        grid=Grid(8, Field(32, (Plane(0, 32, 2, 1, 9, unit=2),)),
+                  Field(32, (Plane(0, 32, 2, 1, 7, shift=9, unit=2),)), "IQ2_XS"),
+        formula="y = F(C(sign * grid[i][j]) * C((d * (0.5 + sc)) * 0.25)), 16 sub-blocks of 16"),
+    Layout.GGML_IQ2_S: BlockLayout(
+        82, 256, None, _F16_AT_0, sub=16, scale=Field(16, (Plane(0, 16, 74, 1, 4, 2),)),
+        scale_bias=0.5, scale_factor=0.25,
+        grid=Grid(8, Field(32, (_bytes(32, 2), Plane(0, 32, 66, 1, 2, 4, into=8))),
+                  Field(32, (_bytes(32, 34),)), "IQ2_S", ksigns=False),
+        formula="y = F(C(sign * grid[i][j]) * C((d * (0.5 + sc)) * 0.25)), 16 sub-blocks of 16"),
+    Layout.GGML_IQ3_S: BlockLayout(
+        110, 256, None, _F16_AT_0, sub=32,
+        scale=Field(8, (Plane(0, 8, 106, 1, 4, 2, into=1),), offset=-1),
+        grid=Grid(4, Field(64, (_bytes(64, 2), Plane(0, 64, 66, 1, 1, 8, into=8))),
+                  Field(32, (_bytes(32, 74),)), "IQ3_S", ksigns=False),
+        formula="y = F(C(sign * grid[i][j]) * C(d * (2 * sc + 1))), 8 sub-blocks of 32"),
     Layout.GGML_F32: BlockLayout(4, 1, None, Scalar("f32", 0), formula="y = F(x), x f32"),
     Layout.GGML_F16: BlockLayout(2, 1, None, Scalar("f16", 0), formula="y = F(x), x f16"),
     Layout.GGML_BF16: BlockLayout(2, 1, None, Scalar("bf16", 0), formula="y = F(x), x bf16"),
@@ -343,6 +362,7 @@ class GridKnobs:
     signs: FieldKnobs
     table: tuple[int, ...]         # grid[i][j] at i * width + j
     ksigns: tuple[int, ...]        # gguf-py's KSIGNS: 7 stored sign bits -> 8 with parity
+                                   # (empty: the signs field holds the 8 bits)
 
 
 def _grid_tables(grid: Grid) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -359,7 +379,7 @@ def _grid_tables(grid: Grid) -> tuple[tuple[int, ...], tuple[int, ...]]:
     if (list(values) != list(table) or cls.grid.shape[-1] != grid.width
             or not all(-128 <= v < 128 for v in table)):
         raise UnsupportedError(f"gguf-py's {grid.table} grid is not {grid.width} integers a row")
-    return table, tuple(quants.IQ2_XXS.ksigns)
+    return table, tuple(quants.IQ2_XXS.ksigns) if grid.ksigns else ()
 
 
 @dataclass(frozen=True)
