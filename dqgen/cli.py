@@ -46,7 +46,7 @@ def _demo(args: argparse.Namespace) -> int:
     exact &= np.array_equal(again.view(np.uint16), expected.view(np.uint16))
     best = min(times)
     moved = q.nbytes + out.nbytes
-    kernel = plan._kernel
+    kernel = plan.kernel
     print(f"dqgen {__version__}: dequantize s8 -> bf16, [{rows}, {cols}], group {group}")
     print(f"  kernel      {plan.sku()}")
     print(f"  select      {select_s * 1e3:.1f} ms ({'built now' if kernel.compiled else 'loaded from cache'})")

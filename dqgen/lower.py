@@ -12,7 +12,7 @@ import math
 
 from .errors import UnsupportedError
 from .formats.schedule import FORMAT_LOWERERS
-from .ir import DType, Layout, Op, _PerGroupDescriptor
+from .ir import DType, Layout, Op, PerGroupDescriptor
 from .isa import check_isa, isa_features
 from .spec import (C_STORAGE, CONVERT, CUDA_GRID_WAVES, CUDA_STORAGE, F16C_ISAS,
                    PARALLEL_MIN_ELEMENTS, KernelSpec, Param, VectorStream, pointer)
@@ -86,7 +86,7 @@ CUDA_THREADS_PER_BLOCK = 256
 CUDA_VECTOR_BYTES = 16
 
 
-def _params(desc: _PerGroupDescriptor, storage: dict) -> tuple[Param, ...]:
+def _params(desc: PerGroupDescriptor, storage: dict) -> tuple[Param, ...]:
     """The op's parameter list: inputs, output, then the runtime sizes and range."""
     f, q = desc.float_dtype, desc.int_type
     zp = ("zero_point", f if getattr(desc, "zero_kind", "int") == "float" else DType.I32)
@@ -108,7 +108,7 @@ def _params(desc: _PerGroupDescriptor, storage: dict) -> tuple[Param, ...]:
     return tuple(params)
 
 
-def describe(desc: _PerGroupDescriptor) -> str:
+def describe(desc: PerGroupDescriptor) -> str:
     """The kernel-relevant descriptor fields, for the header comment."""
     fields = [f"group_size={desc.group_size}", f"float_dtype={desc.float_dtype.value}"]
     if desc.int_type is not None:
@@ -116,7 +116,7 @@ def describe(desc: _PerGroupDescriptor) -> str:
     return f"{type(desc).__name__}({', '.join(fields)})"
 
 
-def _schedule_cuda(spec: KernelSpec, desc: _PerGroupDescriptor) -> KernelSpec:
+def _schedule_cuda(spec: KernelSpec, desc: PerGroupDescriptor) -> KernelSpec:
     """The CUDA launch shape and vector width (see ``CUDA_*`` above).
 
     Packed q moves VEC / 2 bytes a vector (at most 128 bits), so VEC stays even and a
@@ -147,7 +147,7 @@ def _schedule_cuda(spec: KernelSpec, desc: _PerGroupDescriptor) -> KernelSpec:
         group_per_element=group_per_element)
 
 
-def _cpu_simd(desc: _PerGroupDescriptor, target: str, arch: str, out: Param,
+def _cpu_simd(desc: PerGroupDescriptor, target: str, arch: str, out: Param,
               float_inputs: tuple[str, ...]) -> dict:
     """The explicit-SIMD knobs of the C kernels (all off for other targets and ISAs).
 
@@ -229,7 +229,7 @@ def _cpu_simd(desc: _PerGroupDescriptor, target: str, arch: str, out: Param,
     return knobs
 
 
-def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
+def lower(desc: PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
     """Schedule ``desc`` for ``target`` (``c`` with an ISA, or ``cuda`` with ``sm_XX``)."""
     if target == "c":
         check_isa(arch)
@@ -246,7 +246,7 @@ def lower(desc: _PerGroupDescriptor, target: str, arch: str) -> KernelSpec:
     return lowerer(desc, target, arch, storage)
 
 
-def lower_per_group(desc: _PerGroupDescriptor, target: str, arch: str, storage: dict) -> KernelSpec:
+def lower_per_group(desc: PerGroupDescriptor, target: str, arch: str, storage: dict) -> KernelSpec:
     """Schedule a per-group descriptor: the family, packed storage, float zero points, HQQ
     (target and arch already checked, ``storage`` the target's C type table)."""
     packed = desc.int_type is not None and desc.int_type.is_packed
@@ -318,4 +318,4 @@ def lower_per_group(desc: _PerGroupDescriptor, target: str, arch: str, storage: 
 
 # Every descriptor class and the function that lowers it: the family's (and the formats
 # run as per-group problems) here, the checkpoint layouts' in formats/schedule.py.
-LOWERERS = {_PerGroupDescriptor: lower_per_group, **FORMAT_LOWERERS}
+LOWERERS = {PerGroupDescriptor: lower_per_group, **FORMAT_LOWERERS}

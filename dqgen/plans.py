@@ -101,7 +101,7 @@ class QuantizePerGroupBackwardArgs:
     d_input: Any
 
 
-def _parse_device(device: str) -> str:
+def parse_device(device: str) -> str:
     """``cpu`` or ``cuda:N`` (``cuda`` means ``cuda:0``; a torch.device works too)."""
     text = str(device).strip().lower()
     if text == "cpu":
@@ -190,7 +190,7 @@ class _PerGroupPlan:
     def _build(cls, desc, device, preference):
         desc.verify()
         preference = preference or PlanPreference()
-        target_device = _parse_device(device)
+        target_device = parse_device(device)
         if target_device.startswith("cuda:"):
             # The cubin for the device's own arch; preference.isa/num_threads are CPU knobs.
             kernel = get_kernel(desc, "cuda", cuda_runtime.device_arch(int(target_device[5:])))
@@ -269,6 +269,11 @@ class _PerGroupPlan:
     def source(self) -> str:
         """The exact source text of the kernel this plan runs."""
         return self._kernel.source.text
+
+    @property
+    def kernel(self) -> Kernel:
+        """The loaded kernel this plan runs (spec, source, cache key, where it came from)."""
+        return self._kernel
 
     def run(self, args, workspace=None, stream=None) -> None:
         """Check ``args`` (as ``can_implement``) and run the kernel; the GIL is released.

@@ -26,7 +26,7 @@ from .aot import descriptor_from_record
 from .errors import DqgenError
 from .ir import (DESCRIPTORS, AwqDequantizeDescriptor, DequantizeFloatZeroDescriptor, DType,
                  GgmlDequantizeDescriptor, GptqDequantizeDescriptor, HqqDequantizeDescriptor,
-                 Op, _PerGroupDescriptor)
+                 Op, PerGroupDescriptor)
 from .isa import supported_isas
 from .lower import lower
 
@@ -64,7 +64,7 @@ def small_problem(record: dict):
     desc = descriptor_from_record(record)
     if isinstance(desc, GgmlDequantizeDescriptor):
         return descriptor_from_record(record, blocks=7)
-    if isinstance(desc, _PerGroupDescriptor):
+    if isinstance(desc, PerGroupDescriptor):
         g = desc.group_size
         sizes = dict(outer=3, axis=2 * g if g <= 1 << 15 else g)
         if isinstance(desc, HqqDequantizeDescriptor):  # the plane offset is a run-time
@@ -279,7 +279,7 @@ def check_kernel(record: dict, target: str, arch: str, binary: Path | bytes, lab
     """Run one built kernel (a C shared object's path, or a CUDA image) on random inputs
     and compare with the oracle. ``source_sha256``: the source it was built from; one
     that differs from what this dqgen renders is reported as ``stale``, not run."""
-    from .formats.plan import _elements, argument_shapes
+    from .formats.plan import argument_shapes, launch_elements
     if record is None:
         return Outcome(label, SKIPPED, "no descriptor recorded (built by an older dqgen: "
                        "rebuild it to verify it)")
@@ -305,7 +305,7 @@ def check_kernel(record: dict, target: str, arch: str, binary: Path | bytes, lab
         if target == "c":
             _run_c(spec, binary, desc, arrays, arguments, scalars)
         else:
-            _run_cuda(spec, binary, arrays, arguments, scalars, _elements(desc))
+            _run_cuda(spec, binary, arrays, arguments, scalars, launch_elements(desc))
     except LookupError as exc:
         return Outcome(label, SKIPPED, str(exc))
     except Exception as exc:  # noqa: BLE001 - a damaged binary may fail any way

@@ -2,8 +2,10 @@
 
 The stages hand values down (ir -> lower -> render -> build -> cache -> runtime ->
 plans): a module that imports one above it, even inside a function, couples the two
-both ways and hides the order. This test parses every module of ``dqgen/`` (imports at
-any depth, ``from . import x`` included) and fails on any cycle, naming it.
+both ways and hides the order. These tests parse every module of ``dqgen/`` (imports at
+any depth, ``from . import x`` included) and fail on any cycle, naming it, and on a
+private name (``_x``) imported from another module: an interface gets a public name.
+(A private module, ``formats/_inputs.py``, serves its package's siblings.)
 """
 
 from __future__ import annotations
@@ -97,6 +99,26 @@ def test_no_import_cycle():
     assert not found, "import cycles in dqgen/:\n" + "\n".join(
         "  " + ", ".join(c) + "\n    " + "\n    ".join(edges_within(graph, c))
         for c in found)
+
+
+def test_no_private_name_imported_across_modules():
+    paths = sorted(PACKAGE.rglob("*.py"))
+    modules = {module_name(p) for p in paths}
+    found = []
+    for path in paths:
+        name = module_name(path)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.ImportFrom) or not (node.level or
+                                                            (node.module or "").startswith("dqgen")):
+                continue
+            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+            stem = ".".join(base + ([node.module] if node.module else []))
+            for alias in node.names:
+                private = alias.name.startswith("_") and not alias.name.startswith("__")
+                if private and f"{stem}.{alias.name}" not in modules:
+                    found.append(f"{name} imports {alias.name} from {stem}")
+    assert not found, "private names imported across modules:\n  " + "\n  ".join(found)
 
 
 if __name__ == "__main__":

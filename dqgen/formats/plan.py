@@ -18,10 +18,10 @@ from ..version import __version__
 from ..arrays import check_no_overlap
 from ..errors import InvalidProblemError, UnsupportedError
 from ..ir import (AwqDequantizeDescriptor, DType, GgmlDequantizeDescriptor,
-                  GptqDequantizeDescriptor, Op, _PerGroupDescriptor)
+                  GptqDequantizeDescriptor, Op, PerGroupDescriptor)
 from ..jit import Kernel, get_kernel
-from ..plans import (KernelSku, PlanPreference, PrecisionGuarantee, _parse_device, cpu_isa,
-                     memoized_select, precision_of)
+from ..plans import (KernelSku, PlanPreference, PrecisionGuarantee, cpu_isa, memoized_select,
+                     parse_device, precision_of)
 from ..runtime import cpu as cpu_runtime
 from ..runtime import cuda as cuda_runtime
 
@@ -40,7 +40,7 @@ def argument_shapes(desc) -> tuple[tuple[Argument, ...], tuple[int, ...]]:
     """The arrays (in kernel order) and scalar sizes a descriptor's kernel takes."""
     i32 = DType.I32.np_dtype
     out = DType(desc.float_dtype).np_dtype
-    if isinstance(desc, _PerGroupDescriptor):
+    if isinstance(desc, PerGroupDescriptor):
         return _per_group_arguments(desc)
     if isinstance(desc, GgmlDequantizeDescriptor):
         return ((Argument("data", np.dtype(np.uint8), (desc.blocks, desc.block_bytes)),
@@ -109,9 +109,9 @@ def _check_group_range(g_idx: np.ndarray, groups: int) -> None:
         raise InvalidProblemError(f"g_idx[{i}]={int(g_idx[i])} is out of range [0, {groups})")
 
 
-def _elements(desc) -> int:
+def launch_elements(desc) -> int:
     """Values a launch covers (one CUDA thread each, grid-striding): the unpacked problem."""
-    if isinstance(desc, _PerGroupDescriptor):
+    if isinstance(desc, PerGroupDescriptor):
         return desc.outer * desc.axis
     if isinstance(desc, GgmlDequantizeDescriptor):
         return math.prod(argument_shapes(desc)[0][-1].shape)
@@ -144,7 +144,7 @@ class FormatPlan:
         self._threads = cpu_runtime.num_threads(preference.num_threads)
         self._ordinal = int(device[5:]) if device.startswith("cuda:") else None
         self.arguments, self._scalars = argument_shapes(desc)
-        self._elements = _elements(desc)
+        self._elements = launch_elements(desc)
 
     @classmethod
     def select(cls, desc, device: str = "cpu", preference: PlanPreference | None = None):
@@ -157,7 +157,7 @@ class FormatPlan:
     def _build(cls, desc, device, preference):
         desc.verify()
         preference = preference or PlanPreference()
-        target = _parse_device(device)
+        target = parse_device(device)
         if target.startswith("cuda:"):
             # preference.isa/num_threads are CPU knobs
             kernel = get_kernel(desc, "cuda", cuda_runtime.device_arch(int(target[5:])))
