@@ -144,6 +144,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=None,
                    help=f"timed runs a case (>= 10; default 10, at least {SMALL_REPEAT} for small problems)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
+    p.add_argument("--statistic", choices=("median", "min"), default="median",
+                   help="compare medians (default) or the fastest samples, the best of the repetitions "
+                   "(for a machine other processes keep busy)")
     p.add_argument("--retries", type=int, default=None, help="times a case is measured again when "
                    "other processes kept more than --noisy CPUs busy during it or a contender's samples "
                    "spread over more than 2x between quartiles, while --wait-quiet lasts "
@@ -192,6 +195,7 @@ class Config:
     noisy: float
     wait_quiet: float
     jit_trials: tuple[int, int]  # cold builds, new-process loads
+    statistic: str = "median"
 
 
 def make_config(args: argparse.Namespace) -> Config:
@@ -219,7 +223,7 @@ def make_config(args: argparse.Namespace) -> Config:
     return Config(shapes, dtypes, groups, threads, baseline_groups, baseline_ints, args.repeat or 10,
                   args.warmup,
                   args.retries if args.retries is not None else retries, args.noisy,
-                  args.wait_quiet if args.wait_quiet is not None else wait, jit_trials)
+                  args.wait_quiet if args.wait_quiet is not None else wait, jit_trials, args.statistic)
 
 
 # --------------------------------------------------------------------------- contenders
@@ -350,7 +354,8 @@ def run_case(stream: Stream, torch, shape, dtypes, group: int, threads: int, cfg
                 print(f"bench: warning: {name} differs from dqgen for {int_name}->{float_name} g{group}",
                       file=sys.stderr)
 
-    med = {n: statistics.median(t) for n, t in times.items()}
+    pick = min if cfg.statistic == "min" else statistics.median
+    med = {n: pick(t) for n, t in times.items()}
     bytes_stream = rows * cols * (1 + NP_FLOAT[float_name].itemsize)
     bytes_dqgen = bytes_stream + scale.nbytes + zp.nbytes
     return report.complete_ratios({
@@ -363,7 +368,7 @@ def run_case(stream: Stream, torch, shape, dtypes, group: int, threads: int, cfg
             "gbps": {"dqgen": bytes_dqgen / med["dqgen"] / 1e9,
                      "stream": bytes_stream / med["stream"] / 1e9,
                      "stream_nt": bytes_stream / med["stream_nt"] / 1e9},
-            "samples_s": times})
+            "samples_s": times}, cfg.statistic)
 
 
 def run_overhead(stream: Stream, cfg: Config) -> dict:
@@ -490,6 +495,7 @@ def run_cpu(args: argparse.Namespace, argv: list[str]) -> dict:
                    "repeat": cfg.repeat, "small_repeat": max(cfg.repeat, SMALL_REPEAT),
                    "small_burst": SMALL_BURST, "warmup": cfg.warmup, "retries": cfg.retries,
                    "noisy_threshold_cpus": cfg.noisy, "wait_quiet_s": cfg.wait_quiet,
+                   "statistic": cfg.statistic,
                    "wait_quiet_left_s": patience.left},
         "stream": {"source": "tools/stream_baseline.c", "command": stream.command,
                    "nontemporal_available": stream.nt_available, "parallel_min": stream.parallel_min},

@@ -32,12 +32,15 @@ def case_label(c: dict) -> str:
     return f"[{c['shape'][0]}, {c['shape'][1]}] {c['int']}->{c['float']} g{c['group']} t{c['threads']}"
 
 
-def complete_ratios(c: dict) -> dict:
+def complete_ratios(c: dict, statistic: str = "median") -> dict:
     """Every ratio the report uses, from the case's medians (fills in ones an older JSON
     lacks). numpy and torch are divided by both dqgen_fresh (the targets) and dqgen.
     ``stream_best`` is the faster of the plain and the streaming-store stream: the true
-    bound for an output far beyond the caches (the plain one stays for information)."""
-    med = {n: st["median_s"] for n, st in c["stats"].items()}
+    bound for an output far beyond the caches (the plain one stays for information).
+    ``statistic`` "min" compares the fastest samples instead of the medians (the best of
+    the run's repetitions, for a machine others keep busy)."""
+    c.setdefault("statistic", statistic)
+    med = {n: st[f"{c['statistic']}_s"] for n, st in c["stats"].items()}
     if "stream" in med:
         med["stream_best"] = min(med["stream"], med.get("stream_nt", med["stream"]))
     pairs = [("dqgen", "stream"), ("dqgen", "stream_nt"), ("dqgen", "stream_best"), ("dqgen_fresh", "dqgen"),
@@ -124,7 +127,7 @@ def evaluate(cases: list[dict], jit: dict | None) -> dict:
 
 def _ms(c: dict, name: str) -> str:
     st = c["stats"].get(name)
-    return f"{st['median_s'] * 1e3:.3f}" if st else "-"
+    return f"{st[c.get('statistic', 'median') + '_s'] * 1e3:.3f}" if st else "-"
 
 
 def ratio_text(c: dict, key: str, digits: int = 2) -> str:
@@ -248,7 +251,9 @@ def markdown(result: dict) -> str:
         f"L3 {m.get('lscpu L3 cache', '?')}, {m.get('memory_gib', '?')} GiB RAM. Flags: "
         f"`{' '.join(m.get('flags', []))}`.",
         "",
-        f"Medians of {cfg['repeat']} timed runs after {cfg['warmup']} warm-up runs, all contenders "
+        f"{'Fastest' if cfg.get('statistic') == 'min' else 'Medians'} of {cfg['repeat']} timed runs "
+        f"after {cfg['warmup']} warm-up runs (ratios and times throughout are of "
+        f"{'the fastest samples: the best of the repetitions, taken because other processes kept this machine busy' if cfg.get('statistic') == 'min' else 'medians'}), all contenders "
         f"interleaved; for problems under {SMALL_ELEMENTS} elements {_small_runs(cfg)}; "
         f"numpy and torch timed at group sizes {', '.join(map(str, cfg['baseline_groups'])) or 'none'} "
         f"for {', '.join(cfg.get('baseline_ints', ())) or 'no'} inputs. "
