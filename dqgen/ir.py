@@ -172,7 +172,7 @@ class Op(enum.Enum):
 
 
 @dataclass(frozen=True)
-class _PerGroupDescriptor:
+class PerGroupDescriptor:
     """Fields and checks shared by the family: an ``[outer, axis]`` problem in groups."""
 
     op: ClassVar[Op]
@@ -261,7 +261,7 @@ def _resolve_storage_range(desc) -> None:
 
 
 @dataclass(frozen=True)
-class DequantizePerGroupDescriptor(_PerGroupDescriptor):
+class DequantizePerGroupDescriptor(PerGroupDescriptor):
     """``y = F(C(q - zp) * C(scale))`` (SPEC.md §3)."""
 
     op: ClassVar[Op] = Op.DEQUANTIZE
@@ -270,7 +270,7 @@ class DequantizePerGroupDescriptor(_PerGroupDescriptor):
 
 
 @dataclass(frozen=True)
-class QuantizePerGroupDescriptor(_PerGroupDescriptor):
+class QuantizePerGroupDescriptor(PerGroupDescriptor):
     """``q = clamp(rint(x / scale) + zp, q_min, q_max)`` (SPEC.md §4).
 
     ``q_min``/``q_max`` default to the storage dtype's full range.
@@ -288,7 +288,7 @@ class QuantizePerGroupDescriptor(_PerGroupDescriptor):
 
 
 @dataclass(frozen=True)
-class DequantizePerGroupBackwardDescriptor(_PerGroupDescriptor):
+class DequantizePerGroupBackwardDescriptor(PerGroupDescriptor):
     """``dq = F(C(dy) * C(scale))``."""
 
     op: ClassVar[Op] = Op.DEQUANTIZE_BACKWARD
@@ -302,7 +302,7 @@ _ANY_STORAGE_RANGE = (min(d.int_range[0] for d in INT_DTYPES),
 
 
 @dataclass(frozen=True)
-class QuantizePerGroupBackwardDescriptor(_PerGroupDescriptor):
+class QuantizePerGroupBackwardDescriptor(PerGroupDescriptor):
     """Straight-through estimator of quantize: ``dx = F(C(dy) / C(scale))`` in range, else 0."""
 
     op: ClassVar[Op] = Op.QUANTIZE_BACKWARD
@@ -449,7 +449,7 @@ class _FormatDescriptor:
             out[f.name] = value.value if isinstance(value, enum.Enum) else value
         return out
 
-    key = _PerGroupDescriptor.key
+    key = PerGroupDescriptor.key
 
     @property
     def int_type(self) -> DType | None:
@@ -584,7 +584,7 @@ class GgmlDequantizeDescriptor(_FormatDescriptor):
 
 
 @dataclass(frozen=True)
-class DequantizeFloatZeroDescriptor(_PerGroupDescriptor):
+class DequantizeFloatZeroDescriptor(PerGroupDescriptor):
     """Float zero point (torchao FLOAT domain, tinygemm): ``x = F(F(F(q - mid) * s) + z)``.
 
     ``mid = (q_max + q_min + 1) / 2``, a true division as torchao's (7.5 for [0, 14]; the
@@ -621,7 +621,7 @@ HQQ_BITS = (8, 4, 3, 2, 1)
 
 
 @dataclass(frozen=True)
-class HqqDequantizeDescriptor(_PerGroupDescriptor):
+class HqqDequantizeDescriptor(PerGroupDescriptor):
     """HQQ (``hqq`` package): ``W = F(F(W_q - zero) * scale)``, ``zero`` and ``scale`` of F,
     each step rounded to F as torch does on F tensors (no ``mid``, no FMA).
 
