@@ -166,8 +166,10 @@ def _cpu_simd(desc: PerGroupDescriptor, target: str, arch: str, out: Param,
     features = isa_features(arch)
     f = desc.float_dtype
     dequant = desc.op is Op.DEQUANTIZE
-    if dequant and desc.int_type is not None and desc.int_type.is_packed:
-        return off  # q is read a nibble at a time: element by element
+    if (dequant and desc.int_type is not None and desc.int_type.is_packed
+            and not (getattr(desc, "zero_kind", "int") == "float" and f is DType.F16)):
+        return off  # q is read a nibble at a time: element by element (f16 float zero
+                    # points: eight nibbles a step, see register_q)
     convert = f if f in (DType.F16, DType.BF16) or (f in (DType.F32, DType.F64) and dequant) else None
     if convert is None:
         return off
@@ -265,8 +267,16 @@ def lower_per_group(desc: PerGroupDescriptor, target: str, arch: str, storage: d
     if zero_round and desc.float_dtype is not DType.F16:
         simd = dict(simd, simd_stage_int=False)  # no vector step rounding: element by element
     field_bits = getattr(desc, "field_bits", 0)
-    if field_bits:  # the SIMD paths load whole words, not fields: element by element
+    if field_bits and desc.float_dtype is not DType.F16:
+        # the SIMD paths load whole words, not fields: element by element (f16: see register_q)
         simd = _cpu_simd(desc, "", arch, out, float_inputs)
+    # The register path's own loader where q is not one value a byte: eight nibbles, or
+    # eight fields at the run-time shift (HQQ), widened to int32 lanes; the scalar F16C
+    # conversions of the element loop do not vectorize, so f16 float zero points take it.
+    register_q_kind = ""
+    if simd["simd_stage_int"] and (packed or field_bits):
+        register_q_kind = (f"fields_{desc.int_type.value}" if field_bits
+                           else f"nibbles_{desc.int_type.value}")
     zero_first = getattr(desc, "zero_first", False)
     mid = math.floor(desc.mid) if float_zero else 0
     half = "0.5" + ("" if compute is DType.F64 else "f")
@@ -312,6 +322,8 @@ def lower_per_group(desc: PerGroupDescriptor, target: str, arch: str, storage: d
         mid_fraction=half if float_zero and desc.mid != mid else "", zero_round=zero_round,
         zero_round_vector=bool(zero_round) and simd["simd_stage_int"],
         zero_first=zero_first, field_mask=(1 << field_bits) - 1,
+        register_q=f"load8_{register_q_kind}" if register_q_kind else "",
+        register_q_kind=register_q_kind,
     )
     return _schedule_cuda(spec, desc) if target == "cuda" else spec
 
