@@ -181,9 +181,9 @@ def test_read_only_bytes_without_a_copy(tmp_path):
 
 
 def test_types_named_in_errors():
-    with pytest.raises(UnsupportedError, match=r"qtype='IQ1_S' is not supported; expected "
+    with pytest.raises(UnsupportedError, match=r"qtype='Q8_1' is not supported; expected "
                                                r"one of: Q4_0, .*Q4_K.*"):
-        ggml.dequantize(np.zeros(50, np.uint8), gguf.GGMLQuantizationType.IQ1_S)
+        ggml.dequantize(np.zeros(36, np.uint8), gguf.GGMLQuantizationType.Q8_1)
     with pytest.raises(UnsupportedError, match="qtype='Q9_X'"):
         ggml.dequantize(np.zeros(66, np.uint8), "Q9_X")
     with pytest.raises(InvalidProblemError,

@@ -106,9 +106,12 @@ class Grid:
 
     width: int
     index: Field
-    signs: Field
+    signs: Field | None
     table: str
     ksigns: bool = True   # the signs are 7-bit KSIGNS indices (else the 8 sign bits)
+    delta: Field | None = None  # IQ1: q = grid * delta_scale -+ 1, bit set meaning -1
+    delta_values: int = 0       # values sharing a delta bit
+    delta_scale: int = 8        # 1 / delta (the block's scale carries the 1/8)
 
 
 @dataclass(frozen=True)
@@ -264,6 +267,15 @@ LAYOUTS: dict[Layout, BlockLayout] = {
         grid=Grid(4, Field(64, (_bytes(64, 2), Plane(0, 64, 66, 1, 1, 8, into=8))),
                   Field(32, (_bytes(32, 74),)), "IQ3_S", ksigns=False),
         formula="y = F(C(sign * grid[i][j]) * C(d * (2 * sc + 1))), 8 sub-blocks of 32"),
+    Layout.GGML_IQ1_S: BlockLayout(
+        50, 256, None, _F16_AT_0, sub=32,
+        scale=Field(8, (Plane(0, 8, 34, 1, 3, shift=12, into=1, unit=2),), offset=-1),
+        scale_factor=0.125,
+        grid=Grid(8, Field(32, (_bytes(32, 2), Plane(0, 32, 34, 1, 3, 4, into=8, unit=2))),
+                  None, "IQ1_S", delta=Field(8, (Plane(0, 8, 34, 1, 1, shift=15, unit=2),)),
+                  delta_values=32),
+        formula="y = F(C(8 * grid[i][j] -+ 1) * C((d * (2 * sc + 1)) * 0.125)), "
+                "8 sub-blocks of 32"),
     Layout.GGML_F32: BlockLayout(4, 1, None, Scalar("f32", 0), formula="y = F(x), x f32"),
     Layout.GGML_F16: BlockLayout(2, 1, None, Scalar("f16", 0), formula="y = F(x), x f16"),
     Layout.GGML_BF16: BlockLayout(2, 1, None, Scalar("bf16", 0), formula="y = F(x), x bf16"),
@@ -275,7 +287,7 @@ def _check_table() -> None:
     for layout, spec in LAYOUTS.items():
         assert spec.block_bytes == GGML_BLOCK_BYTES[layout], layout
         assert spec.values == GGML_BLOCK_VALUES[layout], layout
-        grid = (spec.grid.index, spec.grid.signs) if spec.grid else ()
+        grid = (spec.grid.index, spec.grid.signs, spec.grid.delta) if spec.grid else ()
         for f in (spec.q, spec.scale, spec.min, *grid):
             for plane in (f.planes if f else ()):
                 plane.check(f.count, spec.block_bytes)
@@ -359,7 +371,10 @@ class GridKnobs:
 
     width: int
     index: FieldKnobs
-    signs: FieldKnobs
+    signs: FieldKnobs | None
+    delta: FieldKnobs | None
+    delta_values: int
+    delta_scale: int
     table: tuple[int, ...]         # grid[i][j] at i * width + j
     ksigns: tuple[int, ...]        # gguf-py's KSIGNS: 7 stored sign bits -> 8 with parity
                                    # (empty: the signs field holds the 8 bits)
@@ -379,7 +394,7 @@ def _grid_tables(grid: Grid) -> tuple[tuple[int, ...], tuple[int, ...]]:
     if (list(values) != list(table) or cls.grid.shape[-1] != grid.width
             or not all(-128 <= v < 128 for v in table)):
         raise UnsupportedError(f"gguf-py's {grid.table} grid is not {grid.width} integers a row")
-    return table, tuple(quants.IQ2_XXS.ksigns) if grid.ksigns else ()
+    return table, tuple(quants.IQ2_XXS.ksigns) if grid.signs and grid.ksigns else ()
 
 
 @dataclass(frozen=True)
@@ -502,13 +517,14 @@ def knobs(layout: Layout, target: str, float_dtype: DType) -> GgmlKnobs:
         float_helpers=("load_bf16",) if passthrough and block.d.kind == "bf16" else (),
         vector_lanes=VECTOR_LANES if (q is not None and any(r.lanes for r in q.runs))
         or grid_vector else 0,
-        lane_index=grid_vector or q is not None and any(
+        lane_index=(grid_vector and block.grid.signs is not None) or q is not None and any(
             r.lanes and any(src.word for src in r.sources) for r in q.runs),
         scalar_codebook=target == "cuda" or (q is not None and not all(r.lanes for r in q.runs)),
         stage=float_dtype is not DType.F32, passthrough_stage=PASSTHROUGH_STAGE,
         copy=passthrough and block.d.kind == float_dtype.value,
         grid=GridKnobs(block.grid.width, _field_knobs("gi", block.grid.index, True, 0),
                        _field_knobs("gs", block.grid.signs, True, 0),
-                       *_grid_tables(block.grid)) if block.grid else None,
+                       _field_knobs("gd", block.grid.delta, True, 0), block.grid.delta_values,
+                       block.grid.delta_scale, *_grid_tables(block.grid)) if block.grid else None,
         scale_affine=(block.scale_bias, block.scale_factor)
         if (block.scale_bias, block.scale_factor) != (0.0, 1.0) else None)
