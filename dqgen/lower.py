@@ -273,6 +273,14 @@ def lower_per_group(desc: PerGroupDescriptor, target: str, arch: str, storage: d
     # The register path's own loader where q is not one value a byte: eight nibbles, or
     # eight fields at the run-time shift (HQQ), widened to int32 lanes; the scalar F16C
     # conversions of the element loop do not vectorize, so f16 float zero points take it.
+    group_lanes = 0
+    if (target == "c" and arch in F16C_ISAS and float_zero and desc.group_size == 1
+            and desc.float_dtype is DType.F16 and desc.op is Op.DEQUANTIZE):
+        # groups of one value (HQQ's axis=0 rows): eight groups a step, their scales and
+        # zero points loaded as vectors (no whole block in a group, so no other SIMD path)
+        group_lanes = 8
+        simd = dict(simd, simd_convert="f16", simd_output=True, simd_stage_int=True,
+                    simd_blocks=0, scalar_tail=True)
     register_q_kind = ""
     if simd["simd_stage_int"] and (packed or field_bits):
         register_q_kind = (f"fields_{desc.int_type.value}" if field_bits
@@ -323,7 +331,7 @@ def lower_per_group(desc: PerGroupDescriptor, target: str, arch: str, storage: d
         zero_round_vector=bool(zero_round) and simd["simd_stage_int"],
         zero_first=zero_first, field_mask=(1 << field_bits) - 1,
         register_q=f"load8_{register_q_kind}" if register_q_kind else "",
-        register_q_kind=register_q_kind,
+        register_q_kind=register_q_kind, group_lanes=group_lanes,
     )
     return _schedule_cuda(spec, desc) if target == "cuda" else spec
 
