@@ -30,8 +30,17 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered")
 
 
 def _f16_fields(layout) -> list[int]:
-    """Byte offsets of a block's f16 scalars (d, and dmin or m)."""
-    return [s.offset for s in (layout.d, layout.m) if s is not None and s.kind == "f16"]
+    """Byte offsets of a block's stored f16 scalars (d, and dmin or m)."""
+    return [s.offset for s in (layout.d, layout.m)
+            if s is not None and s.kind == "f16" and s.field is None]
+
+
+def _scatter_d(data: np.ndarray, layout, bits: np.ndarray) -> None:
+    """Write f16 ``bits`` into a d gathered from nibbles (IQ1_M): nibble k of d is the
+    high nibble of the byte its plane k reads."""
+    for k, plane in enumerate(layout.d.field.planes):
+        nibble = ((bits >> (4 * k)) & 15).astype(np.uint8)
+        data[:, plane.offset] = (data[:, plane.offset] & 0x0F) | (nibble << 4)
 
 
 def all_f16_patterns(step: int) -> np.ndarray:
@@ -56,6 +65,9 @@ def random_blocks(rng, qtype: str, blocks: int | None = None, step: int | None =
         bits = np.roll(patterns, 977 * i) if patterns is not None else \
             rng.integers(0, 1 << 16, size=n).astype(np.uint16)
         data[:, at:at + 2] = bits[:n].view(np.uint8).reshape(n, 2)
+    if layout.d.field is not None:
+        bits = patterns if patterns is not None else rng.integers(0, 1 << 16, size=n)
+        _scatter_d(data, layout, np.asarray(bits[:n], np.uint32))
     return data
 
 

@@ -30,7 +30,8 @@ class Plane:
     ``stride`` bytes apart, default back to back); a run holds ``per_byte`` consecutive
     runs of elements, element ``t`` (counted from ``start``) reading the integer at
     ``offset + (t // (width * per_byte)) * stride + (t % width) * unit`` at bit
-    ``shift + ((t // width) % per_byte) * bits``, ``bits`` wide, placed at bit ``into`` of
+    ``shift + ((t // width) % per_byte) * spacing`` (spacing defaults to ``bits``), ``bits``
+    wide, placed at bit ``into`` of
     the element. A ``trit`` plane reads base-3 digit ``s`` (TQ1_0): ``((uint8)(byte * 3^s)
     * 3) >> 8``.
     """
@@ -46,6 +47,7 @@ class Plane:
     trit: bool = False
     unit: int = 1
     stride: int = 0
+    spacing: int = 0   # bits from one of a byte's elements to the next (default: bits)
 
     @property
     def step(self) -> int:
@@ -63,7 +65,8 @@ class Plane:
     @property
     def shifts(self) -> tuple[int, ...]:
         """Bit of each of a byte's ``per_byte`` elements (0 for trits)."""
-        return tuple(0 if self.trit else self.shift + s * self.bits for s in range(self.per_byte))
+        step = self.spacing or self.bits
+        return tuple(0 if self.trit else self.shift + s * step for s in range(self.per_byte))
 
     @property
     def multipliers(self) -> tuple[int, ...]:
@@ -116,10 +119,12 @@ class Grid:
 
 @dataclass(frozen=True)
 class Scalar:
-    """A float stored once a block: ``kind`` (f16, f32, bf16 or e8m0_half) at ``offset``."""
+    """A float stored once a block: ``kind`` (f16, f32, bf16 or e8m0_half) at ``offset``, or
+    (IQ1_M) an f16 whose 16 bits are gathered by ``field`` (one element)."""
 
     kind: str
     offset: int
+    field: Field | None = None
 
 
 @dataclass(frozen=True)
@@ -276,6 +281,17 @@ LAYOUTS: dict[Layout, BlockLayout] = {
                   delta_values=32),
         formula="y = F(C(8 * grid[i][j] -+ 1) * C((d * (2 * sc + 1)) * 0.125)), "
                 "8 sub-blocks of 32"),
+    Layout.GGML_IQ1_M: BlockLayout(
+        56, 256, None,
+        Scalar("f16", 0, Field(1, tuple(Plane(0, 1, 49 + 2 * k, 1, 4, shift=4, into=4 * k)
+                                        for k in range(4)))), sub=16,
+        scale=Field(16, (Plane(0, 16, 48, 1, 3, 4, into=1, unit=2),), offset=-1),
+        scale_factor=0.125,
+        grid=Grid(8, Field(32, (_bytes(32, 0), Plane(0, 32, 32, 1, 3, 2, into=8, spacing=4))),
+                  None, "IQ1_M", delta=Field(32, (Plane(0, 32, 32, 1, 1, 2, shift=3, spacing=4),)),
+                  delta_values=8),
+        formula="y = F(C(8 * grid[i][j] -+ 1) * C((d * (2 * sc + 1)) * 0.125)), d's bits in "
+                "the scales' top nibbles, 16 sub-blocks of 16"),
     Layout.GGML_F32: BlockLayout(4, 1, None, Scalar("f32", 0), formula="y = F(x), x f32"),
     Layout.GGML_F16: BlockLayout(2, 1, None, Scalar("f16", 0), formula="y = F(x), x f16"),
     Layout.GGML_BF16: BlockLayout(2, 1, None, Scalar("bf16", 0), formula="y = F(x), x bf16"),
@@ -288,7 +304,7 @@ def _check_table() -> None:
         assert spec.block_bytes == GGML_BLOCK_BYTES[layout], layout
         assert spec.values == GGML_BLOCK_VALUES[layout], layout
         grid = (spec.grid.index, spec.grid.signs, spec.grid.delta) if spec.grid else ()
-        for f in (spec.q, spec.scale, spec.min, *grid):
+        for f in (spec.q, spec.scale, spec.min, spec.d.field, *grid):
             for plane in (f.planes if f else ()):
                 plane.check(f.count, spec.block_bytes)
         assert spec.scale is None or spec.scale.count == spec.subs, layout
@@ -423,13 +439,14 @@ class GgmlKnobs:
     passthrough_stage: int         # C, float tensors: values copied and converted a batch
     copy: bool                     # C: a float tensor stored as the output's type: a copy
     grid: GridKnobs | None         # grid-based values (q is None)
+    d_field: FieldKnobs | None     # d's 16 bits gathered from the block (IQ1_M)
     scale_affine: tuple[float, float] | None  # (bias, factor) of d_k, where the type has them
 
 
 def _is_word(p: Plane) -> bool:
     """A plane of one-byte runs whose bits follow each other: a bit string."""
     return (p.width == 1 and p.unit == 1 and not p.stride and not p.trit and p.shift == 0
-            and p.bits * p.per_byte == 8)
+            and not p.spacing and p.bits * p.per_byte == 8)
 
 
 def _runs(name: str, f: Field, sub: int) -> tuple[tuple[Run, ...], tuple[Word, ...]]:
@@ -526,5 +543,6 @@ def knobs(layout: Layout, target: str, float_dtype: DType) -> GgmlKnobs:
                        _field_knobs("gs", block.grid.signs, True, 0),
                        _field_knobs("gd", block.grid.delta, True, 0), block.grid.delta_values,
                        block.grid.delta_scale, *_grid_tables(block.grid)) if block.grid else None,
+        d_field=_field_knobs("dd", block.d.field, True, 0),
         scale_affine=(block.scale_bias, block.scale_factor)
         if (block.scale_bias, block.scale_factor) != (0.0, 1.0) else None)
