@@ -167,7 +167,8 @@ def _cpu_simd(desc: PerGroupDescriptor, target: str, arch: str, out: Param,
     f = desc.float_dtype
     dequant = desc.op is Op.DEQUANTIZE
     if (dequant and desc.int_type is not None and desc.int_type.is_packed
-            and not (getattr(desc, "zero_kind", "int") == "float" and f is DType.F16)):
+            and not (getattr(desc, "zero_kind", "int") == "float"
+                     and f in (DType.F16, DType.BF16))):
         return off  # q is read a nibble at a time: element by element (f16 float zero
                     # points: eight nibbles a step, see register_q)
     convert = f if f in (DType.F16, DType.BF16) or (f in (DType.F32, DType.F64) and dequant) else None
@@ -260,11 +261,17 @@ def lower_per_group(desc: PerGroupDescriptor, target: str, arch: str, storage: d
                          if p.role == "in" and p.dtype is desc.float_dtype
                          and p.name not in ("scale", "zero_point"))
     simd = _cpu_simd(desc, target, arch, out, float_inputs)
-    if float_zero and simd["simd_convert"] == "bf16":
+    zero_round = _ROUND_TO_FLOAT.get(desc.float_dtype, "") if float_zero else ""
+    # Packed bf16 float zero points: the element loop's nibble reads do not vectorize, so
+    # the eight-lane register path runs with each step and the value stored rounded by a
+    # NaN-safe vector round_bf16 (the SIMD store then only drops the zero low halves).
+    store_round = zero_round if packed and simd["simd_convert"] == "bf16" else ""
+    if float_zero and simd["simd_convert"] == "bf16" and not store_round:
         # the SIMD bf16 store needs finite values, and z may be Inf or NaN
         simd = _cpu_simd(desc, "", arch, out, float_inputs)
-    zero_round = _ROUND_TO_FLOAT.get(desc.float_dtype, "") if float_zero else ""
-    if zero_round and desc.float_dtype is not DType.F16:
+    if store_round:  # any value stores exactly once rounded: no finite-scale test either
+        simd = dict(simd, register_split=False, fast_needs_finite_scale=False)
+    if zero_round and desc.float_dtype is not DType.F16 and not store_round:
         simd = dict(simd, simd_stage_int=False)  # no vector step rounding: element by element
     field_bits = getattr(desc, "field_bits", 0)
     if field_bits and desc.float_dtype is not DType.F16:
@@ -332,6 +339,7 @@ def lower_per_group(desc: PerGroupDescriptor, target: str, arch: str, storage: d
         zero_first=zero_first, field_mask=(1 << field_bits) - 1,
         register_q=f"load8_{register_q_kind}" if register_q_kind else "",
         register_q_kind=register_q_kind, group_lanes=group_lanes,
+        register_store_round=store_round,
     )
     return _schedule_cuda(spec, desc) if target == "cuda" else spec
 

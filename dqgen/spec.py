@@ -121,6 +121,7 @@ class KernelSpec:
     register_q: str = ""            # C register path: the loader of eight q values ("": a byte each)
     register_q_kind: str = ""       # and what it reads: nibbles_u4/s4, fields_u8/i32 (HQQ)
     group_lanes: int = 0            # C groups of one value, f16 float zero: this many a step
+    register_store_round: str = ""  # C register path: the vector rounding before its store ("": none)
     template: str = ""              # the layout's own loop template ("" = the family's)
     bits: int = 8                   # bits of one stored value
     zero_offset: int = 0            # added to a stored zero point's field (AutoGPTQ's v1: 1)
