@@ -15,7 +15,7 @@ import pytest
 
 from dqgen import InvalidProblemError, UnsupportedError
 from dqgen.formats import ggml
-from dqgen.formats.ggml_layouts import IQ4_CODEBOOK, LAYOUTS, MXFP4_CODEBOOK
+from dqgen.formats.ggml_layouts import IQ4_CODEBOOK, LAYOUTS, MXFP4_CODEBOOK, SCALE_TABLES
 from dqgen.ir import GgmlDequantizeDescriptor, ggml_type_name
 from formats_util import FLOATS, assert_bits_equal
 
@@ -96,7 +96,9 @@ def test_table_matches_gguf():
         values, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]
         assert (ggml.block_values(name), ggml.block_bytes(name)) == (values, size), name
     assert IQ4_CODEBOOK == tuple(gguf.quants.IQ4_NL.kvalues)
-    assert MXFP4_CODEBOOK == tuple(gguf.quants.MXFP4.kvalues)
+    assert MXFP4_CODEBOOK == tuple(gguf.quants.MXFP4.kvalues) == tuple(gguf.quants.NVFP4.kvalues)
+    theirs = gguf.quants.NVFP4.ue4m3_to_fp32(np.arange(256, dtype=np.uint8)).astype(np.float32)
+    assert_bits_equal(np.array(SCALE_TABLES["ue4m3_half"], np.float32), theirs)
 
 
 @pytest.mark.parametrize("qtype", [t for t in TYPES if t not in FLOAT_TYPES])

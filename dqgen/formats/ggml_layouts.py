@@ -143,6 +143,7 @@ class BlockLayout:
     grid: Grid | None = None        # the values come from a grid of gguf-py's (q is None)
     scale_bias: float = 0.0         # d_k = (d * (bias + C(scale_k))) * factor where set
     scale_factor: float = 1.0
+    scale_table: str = ""           # d_k = d * table[scale_k]: a float format (NVFP4)
 
     @property
     def subs(self) -> int:
@@ -292,6 +293,10 @@ LAYOUTS: dict[Layout, BlockLayout] = {
                   delta_values=8),
         formula="y = F(C(8 * grid[i][j] -+ 1) * C((d * (2 * sc + 1)) * 0.125)), d's bits in "
                 "the scales' top nibbles, 16 sub-blocks of 16"),
+    Layout.GGML_NVFP4: BlockLayout(
+        36, 64, Field(64, (Plane(0, 64, 4, 8, 4, 2),), codebook=MXFP4_CODEBOOK),
+        Scalar("one", 0), sub=16, scale=Field(4, (_bytes(4, 0),)), scale_table="ue4m3_half",
+        formula="y = F(C(e2m1x2[nibble]) * ue4m3(sc) / 2), 4 sub-blocks of 16"),
     Layout.GGML_F32: BlockLayout(4, 1, None, Scalar("f32", 0), formula="y = F(x), x f32"),
     Layout.GGML_F16: BlockLayout(2, 1, None, Scalar("f16", 0), formula="y = F(x), x f16"),
     Layout.GGML_BF16: BlockLayout(2, 1, None, Scalar("bf16", 0), formula="y = F(x), x bf16"),
@@ -318,7 +323,21 @@ _check_table()
 
 # Raw float loads: the helper that turns a field's bits into an f32, and its byte width.
 SCALAR_LOADS = {"f16": ("load_f16_bits", 2), "bf16": ("load_bf16_bits", 2),
-                "f32": ("load_f32_bits", 4), "e8m0_half": ("load_e8m0_half", 1)}
+                "f32": ("load_f32_bits", 4), "e8m0_half": ("load_e8m0_half", 1),
+                "one": ("", 0)}  # no d stored: 1 (the sub-block scales are floats)
+
+
+def ue4m3_half(x: int) -> float:
+    """NVFP4's unsigned E4M3 sub-block scale byte, halved (gguf-py's ue4m3_to_fp32):
+    0 and 0x7F are 0, bit 7 is ignored; every value is exact in f32."""
+    exp, man = (x >> 3) & 15, x & 7
+    if x in (0, 0x7F):
+        return 0.0
+    raw = man * 2.0 ** -9 if exp == 0 else (1 + man / 8) * 2.0 ** (exp - 7)
+    return raw * 0.5
+
+
+SCALE_TABLES = {"ue4m3_half": tuple(ue4m3_half(x) for x in range(256))}
 # C: runs of values go through explicit vectors of this many 32-bit lanes (GCC vector
 # extensions: one AVX-512 register, two AVX2 ones). The compiler's own loop vectorizer
 # sizes a loop by its narrowest type (the bytes read), so a run of 16 would otherwise
@@ -440,6 +459,7 @@ class GgmlKnobs:
     copy: bool                     # C: a float tensor stored as the output's type: a copy
     grid: GridKnobs | None         # grid-based values (q is None)
     d_field: FieldKnobs | None     # d's 16 bits gathered from the block (IQ1_M)
+    scale_table: tuple[str, ...]   # d_k = d * table[scale_k]: C float literals, exact
     scale_affine: tuple[float, float] | None  # (bias, factor) of d_k, where the type has them
 
 
@@ -528,7 +548,7 @@ def knobs(layout: Layout, target: str, float_dtype: DType) -> GgmlKnobs:
         d=(*load[id(block.d)], block.d.offset),
         m=(*load[id(block.m)], block.m.offset) if block.m else None,
         negate_min=block.min is not None,
-        loads=tuple(sorted({load[id(s)][0] for s in scalars} - {"load_f16_bits"})),
+        loads=tuple(sorted({load[id(s)][0] for s in scalars} - {"load_f16_bits", ""})),
         as_float="__uint_as_float" if target == "cuda" else "u32_as_float",
         raw=RAW_FLOATS.get(block.d.kind, ("", "")) if passthrough else ("", ""),
         float_helpers=("load_bf16",) if passthrough and block.d.kind == "bf16" else (),
@@ -544,5 +564,7 @@ def knobs(layout: Layout, target: str, float_dtype: DType) -> GgmlKnobs:
                        _field_knobs("gd", block.grid.delta, True, 0), block.grid.delta_values,
                        block.grid.delta_scale, *_grid_tables(block.grid)) if block.grid else None,
         d_field=_field_knobs("dd", block.d.field, True, 0),
+        scale_table=tuple(v.hex() + "f" for v in SCALE_TABLES[block.scale_table])
+        if block.scale_table else (),
         scale_affine=(block.scale_bias, block.scale_factor)
         if (block.scale_bias, block.scale_factor) != (0.0, 1.0) else None)
