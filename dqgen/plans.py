@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from . import env
+from .arguments import arguments, launch_elements
 from .arrays import check_array, check_no_overlap, to_numpy
 from .errors import UnsupportedError
 from .ir import (DequantizePerGroupBackwardDescriptor, DequantizePerGroupDescriptor,
@@ -147,11 +148,11 @@ def cpu_isa(preference: PlanPreference) -> str:
     return isa
 
 
-class _PerGroupPlan:
-    """Shared machinery; subclasses name their descriptor and argument types."""
-
-    descriptor_type: ClassVar[type]
-    args_type: ClassVar[type]
+class Plan:
+    """What every plan shares, the family's and the checkpoint formats': ``select`` once
+    (validate, then ``get_kernel`` for this CPU's ISA or the CUDA device's arch), then
+    ``can_implement``/``run`` many times over the arguments of the kernel's parameter
+    list (``arguments.arguments``: one order and one table of shapes for all)."""
 
     def __init__(self, desc, device: str, preference: PlanPreference, kernel: Kernel) -> None:
         self.descriptor = desc
@@ -160,30 +161,14 @@ class _PerGroupPlan:
         self._kernel = kernel
         self._threads = num_threads(preference.num_threads)
         self._ordinal = int(device[5:]) if device.startswith("cuda:") else None
-        spec = kernel.spec
-        rows, cols = desc.outer, desc.axis
-        group_shape = (rows, desc.num_groups)
-        # (args field, numpy dtype, shape, is output) in the kernel's parameter order.
-        arg_names = [f.name for f in fields(self.args_type)]
-        self._layout = tuple(
-            # the dtype object numpy arrays carry, so that run() can test it by identity
-            (arg_names[i], np.empty(0, p.dtype.np_dtype).dtype,
-             group_shape if p.name in ("scale", "zero_point") else p.dtype.storage_shape(rows, cols),
-             p.role == "out")
-            for i, p in enumerate(spec.params) if p.role != "scalar")
-        self._out_index = next(i for i, item in enumerate(self._layout) if item[3])
-        self._in_indices = tuple(i for i, item in enumerate(self._layout) if not item[3])
-        self._scalars = (rows, cols) + tuple(
-            getattr(desc, n) for n in ("q_min", "q_max") if hasattr(desc, n))
-        self._size = rows * cols
-        self._pointers = None  # ArgumentPointers, made at the first CPU run
+        self.arguments, self._scalars = arguments(desc, kernel.spec)
+        self._elements = launch_elements(desc)
 
     @classmethod
     def select(cls, desc, device: str = "cpu", preference: PlanPreference | None = None):
-        """Validate ``desc`` and return a plan with its kernel built or loaded."""
-        if type(desc) is not cls.descriptor_type:
-            raise UnsupportedError(f"{cls.__name__}.select needs a {cls.descriptor_type.__name__}, "
-                                   f"got {type(desc).__name__}")
+        """Validate ``desc`` and return a plan with its kernel built or loaded: for the
+        CPU, or for ``cuda[:N]`` the cubin of that device's architecture (a repeated
+        select returns the same plan)."""
         return memoized_select(cls, desc, device, preference)
 
     @classmethod
@@ -197,6 +182,65 @@ class _PerGroupPlan:
         else:
             kernel = get_kernel(desc, "c", cpu_isa(preference))
         return cls(desc, target_device, preference, kernel)
+
+    def workspace_size(self) -> int:
+        """Bytes of scratch memory: none for any dqgen kernel."""
+        return 0
+
+    def precision_guarantee(self) -> PrecisionGuarantee:
+        return precision_of(self._kernel)
+
+    def _sku_op(self) -> str:
+        return self._kernel.spec.op.name.lower()
+
+    def sku(self) -> KernelSku:
+        k = self._kernel
+        s = k.spec
+        return KernelSku(op=self._sku_op(), uri=s.uri,
+                         int_dtype=s.int_dtype.value if s.int_dtype else None,
+                         float_dtype=s.float_dtype.value, group_size=s.group_size,
+                         target=s.target, arch=s.arch, template_hash=k.template_hash,
+                         cache_key=k.key, dqgen_version=__version__)
+
+    def source(self) -> str:
+        """The exact source text of the kernel this plan runs."""
+        return self._kernel.source.text
+
+    @property
+    def kernel(self) -> Kernel:
+        """The loaded kernel this plan runs (spec, source, cache key, where it came from)."""
+        return self._kernel
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.descriptor}, device={self.device!r})"
+
+
+class _PerGroupPlan(Plan):
+    """The family's plans: arguments as a dataclass (``args_type``), whose fields follow
+    the kernel's parameters; subclasses name their descriptor and argument types."""
+
+    descriptor_type: ClassVar[type]
+    args_type: ClassVar[type]
+
+    def __init__(self, desc, device: str, preference: PlanPreference, kernel: Kernel) -> None:
+        super().__init__(desc, device, preference, kernel)
+        # (args field, numpy dtype, shape, is output) in the kernel's parameter order.
+        arg_names = [f.name for f in fields(self.args_type)]
+        self._layout = tuple(
+            # the dtype object numpy arrays carry, so that run() can test it by identity
+            (arg_names[i], np.empty(0, a.dtype).dtype, a.shape, a.is_out)
+            for i, a in enumerate(self.arguments))
+        self._out_index = next(i for i, item in enumerate(self._layout) if item[3])
+        self._in_indices = tuple(i for i, item in enumerate(self._layout) if not item[3])
+        self._pointers = None  # ArgumentPointers, made at the first CPU run
+
+    @classmethod
+    def select(cls, desc, device: str = "cpu", preference: PlanPreference | None = None):
+        """Validate ``desc`` and return a plan with its kernel built or loaded."""
+        if type(desc) is not cls.descriptor_type:
+            raise UnsupportedError(f"{cls.__name__}.select needs a {cls.descriptor_type.__name__}, "
+                                   f"got {type(desc).__name__}")
+        return memoized_select(cls, desc, device, preference)
 
     def _arrays(self, args) -> list[np.ndarray]:
         if not isinstance(args, self.args_type):
@@ -236,9 +280,8 @@ class _PerGroupPlan:
         if ptrs is None:
             ptrs = [v.ptr for v in self._cuda_views(args)]
         cuda_runtime.stream_handle(stream)  # reject a bad stream even for an empty problem
-        self._kernel.runner.launch(ptrs + list(self._scalars),
-                                   self.descriptor.outer * self.descriptor.axis,
-                                   self._ordinal, stream)
+        self._kernel.runner.launch(ptrs + list(self._scalars), self._elements, self._ordinal,
+                                   stream)
 
     def can_implement(self, args) -> None:
         """Raise naming the first argument that does not fit the descriptor."""
@@ -249,31 +292,6 @@ class _PerGroupPlan:
         out_index = self._out_index
         check_no_overlap(arrays[out_index], self._layout[out_index][0],
                          {self._layout[i][0]: a for i, a in enumerate(arrays) if i != out_index})
-
-    def workspace_size(self) -> int:
-        """Bytes of scratch memory: none for this family."""
-        return 0
-
-    def precision_guarantee(self) -> PrecisionGuarantee:
-        return precision_of(self._kernel)
-
-    def sku(self) -> KernelSku:
-        k = self._kernel
-        s = k.spec
-        return KernelSku(op=s.op.name.lower(), uri=s.uri,
-                         int_dtype=s.int_dtype.value if s.int_dtype else None,
-                         float_dtype=s.float_dtype.value, group_size=s.group_size,
-                         target=s.target, arch=s.arch, template_hash=k.template_hash,
-                         cache_key=k.key, dqgen_version=__version__)
-
-    def source(self) -> str:
-        """The exact source text of the kernel this plan runs."""
-        return self._kernel.source.text
-
-    @property
-    def kernel(self) -> Kernel:
-        """The loaded kernel this plan runs (spec, source, cache key, where it came from)."""
-        return self._kernel
 
     def run(self, args, workspace=None, stream=None) -> None:
         """Check ``args`` (as ``can_implement``) and run the kernel; the GIL is released.
@@ -327,12 +345,9 @@ class _PerGroupPlan:
         if not all_own:  # every array already checked above: only the overlap is left
             check_no_overlap(out, self._layout[self._out_index][0],
                              {self._layout[i][0]: arrays[i] for i in self._in_indices})
-        if self._size:
+        if self._elements:
             threads = 1 if cpu_runtime.forked_child else self._threads
             self._kernel.runner.function(*pointers, *self._scalars, threads)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.descriptor}, device={self.device!r})"
 
 
 class DequantizePerGroupPlan(_PerGroupPlan):

@@ -279,7 +279,7 @@ def check_kernel(record: dict, target: str, arch: str, binary: Path | bytes, lab
     """Run one built kernel (a C shared object's path, or a CUDA image) on random inputs
     and compare with the oracle. ``source_sha256``: the source it was built from; one
     that differs from what this dqgen renders is reported as ``stale``, not run."""
-    from .formats.plan import argument_shapes, launch_elements
+    from .arguments import arguments as kernel_arguments, launch_elements
     if record is None:
         return Outcome(label, SKIPPED, "no descriptor recorded (built by an older dqgen: "
                        "rebuild it to verify it)")
@@ -295,7 +295,7 @@ def check_kernel(record: dict, target: str, arch: str, binary: Path | bytes, lab
                        "this dqgen emits (so it is never used); rebuild it")
     if target == "c" and arch not in supported_isas():
         return Outcome(label, SKIPPED, f"this CPU cannot run ISA {arch}")
-    arguments, scalars = argument_shapes(desc)
+    arguments, scalars = kernel_arguments(desc, spec)
     arrays = random_inputs(desc, arguments, np.random.default_rng(seed))
     try:
         want = expected(desc, arrays)

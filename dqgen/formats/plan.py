@@ -1,88 +1,25 @@
 """Plans for the checkpoint layouts: select a kernel once, check arrays, run.
 
-The same stages as the family's plans (``jit.get_kernel`` lowers, renders, builds or
-loads from a bundle or the cache); only the argument shapes differ, and those come from
-the descriptor (``argument_shapes``). On ``device="cuda"`` the plan holds the cubin for
-the device's architecture and launches it on the caller's stream over CUDA arrays
-(torch, CuPy, ``__cuda_array_interface__``, DLPack), as the family's CUDA plans do.
+A ``FormatPlan`` is a ``plans.Plan``: the same select (``jit.get_kernel`` lowers,
+renders, builds or loads from a bundle or the cache), the same arguments in the order of
+the kernel's parameters (``arguments.arguments``), on the CPU or, with
+``device="cuda"``, the cubin for the device's architecture launched on the caller's
+stream over CUDA arrays (torch, CuPy, ``__cuda_array_interface__``, DLPack). What
+differs is only how arrays come in (a dict by name) and the GPTQ ``g_idx`` range check.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
-from ..version import __version__
+from ..arguments import Argument
 from ..arrays import check_no_overlap
 from ..errors import InvalidProblemError, UnsupportedError
-from ..ir import (AwqDequantizeDescriptor, DType, GgmlDequantizeDescriptor,
-                  GptqDequantizeDescriptor, Op, PerGroupDescriptor)
-from ..jit import Kernel, get_kernel
-from ..plans import (KernelSku, PlanPreference, PrecisionGuarantee, cpu_isa, memoized_select,
-                     parse_device, precision_of)
+from ..plans import Plan
 from ..runtime import cpu as cpu_runtime
 from ..runtime import cuda as cuda_runtime
-
-
-@dataclass(frozen=True)
-class Argument:
-    """One array argument: name, numpy dtype, exact shape, output or not."""
-
-    name: str
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    is_out: bool = False
-
-
-def argument_shapes(desc) -> tuple[tuple[Argument, ...], tuple[int, ...]]:
-    """The arrays (in kernel order) and scalar sizes a descriptor's kernel takes."""
-    i32 = DType.I32.np_dtype
-    out = DType(desc.float_dtype).np_dtype
-    if isinstance(desc, PerGroupDescriptor):
-        return _per_group_arguments(desc)
-    if isinstance(desc, GgmlDequantizeDescriptor):
-        return ((Argument("data", np.dtype(np.uint8), (desc.blocks, desc.block_bytes)),
-                 Argument("y", out, (desc.blocks, desc.group_size), True)), (desc.blocks,))
-    k, n, groups = desc.rows, desc.cols, desc.num_groups
-    if isinstance(desc, GptqDequantizeDescriptor):
-        per_word = 32 // desc.bits
-        args = [Argument("qweight", i32, (k // per_word, n)),
-                Argument("qzeros", i32, (groups, n // per_word)),
-                Argument("scales", desc.scale_dtype.np_dtype, (groups, n))]
-        if desc.act_order:
-            args.append(Argument("g_idx", i32, (k,)))
-    elif isinstance(desc, AwqDequantizeDescriptor):
-        args = [Argument("qweight", i32, (k, n // 8)), Argument("qzeros", i32, (groups, n // 8)),
-                Argument("scales", desc.scale_dtype.np_dtype, (groups, n))]
-    else:
-        raise UnsupportedError(f"{type(desc).__name__} has no format plan")
-    args.append(Argument("y", out, (k, n), True))
-    return tuple(args), (k, n)
-
-
-def _per_group_arguments(desc) -> tuple[tuple[Argument, ...], tuple[int, ...]]:
-    """The family's dequantize/quantize with packed 4-bit storage or a float zero point:
-    ``q`` is ``[outer, axis / 2]`` bytes when packed; ``zero_point`` has the float dtype
-    when the descriptor's zero points are floats."""
-    rows, cols, f = desc.outer, desc.axis, desc.float_dtype.np_dtype
-    groups = (rows, desc.num_groups)
-    zero = f if getattr(desc, "zero_kind", "int") == "float" else DType.I32.np_dtype
-    params = (Argument("scale", f, groups), Argument("zero_point", zero, groups))
-    if desc.op is Op.DEQUANTIZE_BACKWARD:  # the backward ops, for ``dqgen verify``
-        return ((Argument("d_output", f, (rows, cols)), params[0],
-                 Argument("d_input", f, (rows, cols), True)), (rows, cols))
-    if desc.op is Op.QUANTIZE_BACKWARD:
-        return ((Argument("d_output", f, (rows, cols)), Argument("x", f, (rows, cols)),
-                 *params, Argument("d_input", f, (rows, cols), True)),
-                (rows, cols, desc.q_min, desc.q_max))
-    q = (desc.int_dtype.np_dtype, desc.int_dtype.storage_shape(rows, cols))
-    if desc.op is Op.DEQUANTIZE:  # HQQ's planes also take the bit offset of their fields
-        shift = (desc.shift,) if getattr(desc, "field_bits", 0) else ()
-        return (Argument("q", *q), *params, Argument("y", f, (rows, cols), True)), (rows, cols, *shift)
-    return ((Argument("x", f, (rows, cols)), *params, Argument("q", *q, True)),
-            (rows, cols, desc.q_min, desc.q_max))
 
 
 def check_argument(arr, arg: Argument) -> None:
@@ -109,15 +46,6 @@ def _check_group_range(g_idx: np.ndarray, groups: int) -> None:
         raise InvalidProblemError(f"g_idx[{i}]={int(g_idx[i])} is out of range [0, {groups})")
 
 
-def launch_elements(desc) -> int:
-    """Values a launch covers (one CUDA thread each, grid-striding): the unpacked problem."""
-    if isinstance(desc, PerGroupDescriptor):
-        return desc.outer * desc.axis
-    if isinstance(desc, GgmlDequantizeDescriptor):
-        return math.prod(argument_shapes(desc)[0][-1].shape)
-    return desc.rows * desc.cols
-
-
 def _device_group_range(obj, view, groups: int) -> None:
     """``_check_group_range`` for a CUDA ``g_idx``: torch and CuPy reduce on the device,
     other arrays are copied to the host (one synchronisation; act-order only)."""
@@ -133,37 +61,9 @@ def _device_group_range(obj, view, groups: int) -> None:
     _check_group_range(host, groups)
 
 
-class FormatPlan:
-    """A checkpoint-layout kernel, selected once (built or loaded) and run many times."""
-
-    def __init__(self, desc, device: str, preference: PlanPreference, kernel: Kernel) -> None:
-        self.descriptor = desc
-        self.device = device
-        self.preference = preference
-        self._kernel = kernel
-        self._threads = cpu_runtime.num_threads(preference.num_threads)
-        self._ordinal = int(device[5:]) if device.startswith("cuda:") else None
-        self.arguments, self._scalars = argument_shapes(desc)
-        self._elements = launch_elements(desc)
-
-    @classmethod
-    def select(cls, desc, device: str = "cpu", preference: PlanPreference | None = None):
-        """Validate ``desc`` and build or load its kernel: for the CPU, or for ``cuda[:N]``
-        the cubin of that device's architecture (a repeated select returns the same plan,
-        as the family's plans do)."""
-        return memoized_select(cls, desc, device, preference)
-
-    @classmethod
-    def _build(cls, desc, device, preference):
-        desc.verify()
-        preference = preference or PlanPreference()
-        target = parse_device(device)
-        if target.startswith("cuda:"):
-            # preference.isa/num_threads are CPU knobs
-            kernel = get_kernel(desc, "cuda", cuda_runtime.device_arch(int(target[5:])))
-        else:
-            kernel = get_kernel(desc, "c", cpu_isa(preference))
-        return cls(desc, target, preference, kernel)
+class FormatPlan(Plan):
+    """A checkpoint-layout kernel, selected once (built or loaded) and run many times,
+    its arrays passed as a dict by argument name."""
 
     def _check_names(self, arrays: dict) -> None:
         if not isinstance(arrays, dict):
@@ -227,22 +127,6 @@ class FormatPlan:
             runner.function(*[runner.pointer(arrays[a.name]) for a in self.arguments],
                             *self._scalars, threads)
 
-    def workspace_size(self) -> int:
-        return 0
-
-    def precision_guarantee(self) -> PrecisionGuarantee:
-        return precision_of(self._kernel)
-
-    def sku(self) -> KernelSku:
-        k, s = self._kernel, self._kernel.spec
-        return KernelSku(op=f"{s.op.name.lower()}_{s.layout.value}", uri=s.uri,
-                         int_dtype=s.int_dtype.value if s.int_dtype else None,
-                         float_dtype=s.float_dtype.value, group_size=s.group_size,
-                         target=s.target, arch=s.arch, template_hash=k.template_hash,
-                         cache_key=k.key, dqgen_version=__version__)
-
-    def source(self) -> str:
-        return self._kernel.source.text
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.descriptor}, device={self.device!r})"
+    def _sku_op(self) -> str:
+        s = self._kernel.spec
+        return f"{s.op.name.lower()}_{s.layout.value}"
