@@ -39,7 +39,7 @@ def _as_rows(obj, name: str) -> np.ndarray:
     return arr.reshape(math.prod(arr.shape[:-1]), arr.shape[-1])
 
 
-def _zero_point(obj, shape) -> np.ndarray:
+def _zero_point(obj) -> np.ndarray:
     """zero_point as int32; other integer dtypes are accepted when every value fits."""
     zp = _as_rows(obj, "zero_point")
     if not isinstance(zp, np.ndarray):
@@ -159,7 +159,7 @@ def dequantize_per_group(q, scale, zero_point, group_size: int, out=None, device
     plan = plans.DequantizePerGroupPlan.select(desc, device=_where(q2, device))
     shape = (*np.shape(q)[:-1], axis)
     y, user_out = _output(out, (outer, axis), desc.float_dtype.np_dtype, shape, like=q2)
-    plan.run(plans.DequantizePerGroupArgs(q2, s2, _zero_point(zero_point, None), y),
+    plan.run(plans.DequantizePerGroupArgs(q2, s2, _zero_point(zero_point), y),
              stream=_stream(plan, q2))
     return _finish(y, out, q, shape)
 
@@ -178,7 +178,7 @@ def quantize_per_group(x, scale, zero_point, group_size: int, dtype="s8", q_min=
     storage_shape = desc.int_dtype.storage_shape(outer, axis)
     shape = (*np.shape(x)[:-1], storage_shape[1])
     q, _ = _output(out, storage_shape, desc.int_dtype.np_dtype, shape, like=x2)
-    plan.run(plans.QuantizePerGroupArgs(x2, s2, _zero_point(zero_point, None), q),
+    plan.run(plans.QuantizePerGroupArgs(x2, s2, _zero_point(zero_point), q),
              stream=_stream(plan, x2))
     return _finish(q, out, x, shape)
 
@@ -203,7 +203,7 @@ def quantize_per_group_backward(dy, x, scale, zero_point, group_size: int, q_min
                        q_max)
     plan = plans.QuantizePerGroupBackwardPlan.select(desc, device=_where(dy2, device))
     dx, _ = _output(out, (outer, axis), desc.float_dtype.np_dtype, np.shape(dy), like=dy2)
-    plan.run(plans.QuantizePerGroupBackwardArgs(dy2, x2, s2, _zero_point(zero_point, None), dx),
+    plan.run(plans.QuantizePerGroupBackwardArgs(dy2, x2, s2, _zero_point(zero_point), dx),
              stream=_stream(plan, dy2))
     return _finish(dx, out, dy, np.shape(dy))
 

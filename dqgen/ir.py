@@ -37,10 +37,6 @@ class DType(enum.Enum):
     F64 = "f64"
 
     @property
-    def short(self) -> str:
-        return self.value
-
-    @property
     def np_dtype(self) -> np.dtype:
         return _NP[self]
 
