@@ -410,6 +410,8 @@ class GridKnobs:
     delta: FieldKnobs | None
     delta_values: int
     delta_scale: int
+    delta_lanes: int               # C: lanes of a vector sharing a delta bit
+    delta_mask: int                # and that many one bits
     table: tuple[int, ...]         # grid[i][j] at i * width + j
     ksigns: tuple[int, ...]        # gguf-py's KSIGNS: 7 stored sign bits -> 8 with parity
                                    # (empty: the signs field holds the 8 bits)
@@ -554,7 +556,7 @@ def knobs(layout: Layout, target: str, float_dtype: DType) -> GgmlKnobs:
         float_helpers=("load_bf16",) if passthrough and block.d.kind == "bf16" else (),
         vector_lanes=VECTOR_LANES if (q is not None and any(r.lanes for r in q.runs))
         or grid_vector else 0,
-        lane_index=(grid_vector and block.grid.signs is not None) or q is not None and any(
+        lane_index=grid_vector or q is not None and any(
             r.lanes and any(src.word for src in r.sources) for r in q.runs),
         scalar_codebook=target == "cuda" or (q is not None and not all(r.lanes for r in q.runs)),
         stage=float_dtype is not DType.F32, passthrough_stage=PASSTHROUGH_STAGE,
@@ -562,7 +564,9 @@ def knobs(layout: Layout, target: str, float_dtype: DType) -> GgmlKnobs:
         grid=GridKnobs(block.grid.width, _field_knobs("gi", block.grid.index, True, 0),
                        _field_knobs("gs", block.grid.signs, True, 0),
                        _field_knobs("gd", block.grid.delta, True, 0), block.grid.delta_values,
-                       block.grid.delta_scale, *_grid_tables(block.grid)) if block.grid else None,
+                       block.grid.delta_scale, min(block.grid.delta_values, VECTOR_LANES),
+                       (1 << min(block.grid.delta_values, VECTOR_LANES)) - 1,
+                       *_grid_tables(block.grid)) if block.grid else None,
         d_field=_field_knobs("dd", block.d.field, True, 0),
         scale_table=tuple(v.hex() + "f" for v in SCALE_TABLES[block.scale_table])
         if block.scale_table else (),
