@@ -10,12 +10,11 @@ kind of CUDA array.
 from __future__ import annotations
 
 import functools
-import math
 
 import numpy as np
 
 from . import outputs, plans
-from .arrays import from_numpy_like, to_numpy
+from .arrays import from_numpy_like, rows, to_numpy
 from .errors import InvalidProblemError
 from .ir import (DequantizePerGroupBackwardDescriptor, DequantizePerGroupDescriptor, DType,
                  FLOAT_DTYPES, INT_DTYPES, STORAGE_DTYPES, QuantizePerGroupBackwardDescriptor,
@@ -26,22 +25,9 @@ __all__ = ["dequantize_per_group", "quantize_per_group", "dequantize_per_group_b
            "quantize_per_group_backward", "choose_qparams_per_group"]
 
 
-def _as_rows(obj, name: str) -> np.ndarray:
-    """A C-contiguous ``[outer, axis]`` view (a copy only when ``obj`` is strided)."""
-    if cuda_runtime.is_cuda_array(obj):
-        return cuda_runtime.rows(obj, name)
-    arr = to_numpy(obj, name)
-    if arr.ndim == 0:
-        raise InvalidProblemError(f"{name} must have at least one dimension")
-    arr = np.ascontiguousarray(arr)
-    if arr.ndim == 2:
-        return arr
-    return arr.reshape(math.prod(arr.shape[:-1]), arr.shape[-1])
-
-
 def _zero_point(obj) -> np.ndarray:
     """zero_point as int32; other integer dtypes are accepted when every value fits."""
-    zp = _as_rows(obj, "zero_point")
+    zp = rows(obj, "zero_point")
     if not isinstance(zp, np.ndarray):
         return cuda_runtime.int32_zero_point(zp)
     if zp.dtype != np.int32:
@@ -152,7 +138,7 @@ def dequantize_per_group(q, scale, zero_point, group_size: int, out=None, device
     4-bit when ``int_dtype`` is ``"u4"``/``"s4"``: a uint8 array holding two values a
     byte (element 2k in the low nibble of byte k), so its last axis is half the output's.
     """
-    q2, s2 = _as_rows(q, "q"), _as_rows(scale, "scale")
+    q2, s2 = rows(q, "q"), rows(scale, "scale")
     desc = _descriptor(_dequantize_descriptor, q2.shape[0], q2.shape[1], group_size, s2.dtype,
                        q2.dtype, int_dtype)
     outer, axis = desc.outer, desc.axis
@@ -171,7 +157,7 @@ def quantize_per_group(x, scale, zero_point, group_size: int, dtype="s8", q_min=
     ``dtype`` is s8, u8, or packed ``u4``/``s4`` (a uint8 array of two values a byte,
     its last axis half of ``x``'s).
     """
-    x2, s2 = _as_rows(x, "x"), _as_rows(scale, "scale")
+    x2, s2 = rows(x, "x"), rows(scale, "scale")
     outer, axis = x2.shape
     desc = _descriptor(_quantize_descriptor, outer, axis, group_size, x2.dtype, dtype, q_min, q_max)
     plan = plans.QuantizePerGroupPlan.select(desc, device=_where(x2, device))
@@ -185,7 +171,7 @@ def quantize_per_group(x, scale, zero_point, group_size: int, dtype="s8", q_min=
 
 def dequantize_per_group_backward(dy, scale, group_size: int, out=None, device=None):
     """Gradient of dequantize w.r.t. its input: ``dq = dy * scale`` per group."""
-    dy2, s2 = _as_rows(dy, "dy"), _as_rows(scale, "scale")
+    dy2, s2 = rows(dy, "dy"), rows(scale, "scale")
     outer, axis = dy2.shape
     desc = _descriptor(_dequantize_backward_descriptor, outer, axis, group_size, dy2.dtype)
     plan = plans.DequantizePerGroupBackwardPlan.select(desc, device=_where(dy2, device))
@@ -197,7 +183,7 @@ def dequantize_per_group_backward(dy, scale, group_size: int, out=None, device=N
 def quantize_per_group_backward(dy, x, scale, zero_point, group_size: int, q_min: int,
                                 q_max: int, out=None, device=None):
     """Straight-through gradient of quantize: ``dy / scale`` where the value was in range."""
-    dy2, x2, s2 = _as_rows(dy, "dy"), _as_rows(x, "x"), _as_rows(scale, "scale")
+    dy2, x2, s2 = rows(dy, "dy"), rows(x, "x"), rows(scale, "scale")
     outer, axis = dy2.shape
     desc = _descriptor(_quantize_backward_descriptor, outer, axis, group_size, dy2.dtype, q_min,
                        q_max)

@@ -7,10 +7,13 @@ an int16 view, since numpy has no bf16 of its own in torch's eyes). Checks raise
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .errors import InvalidProblemError, UnsupportedError
 from .ir import DType
+from .runtime import cuda as cuda_runtime
 
 
 def is_torch(obj) -> bool:
@@ -74,3 +77,18 @@ def check_no_overlap(out: np.ndarray, out_name: str, inputs: dict[str, np.ndarra
         if out.nbytes and arr.nbytes and np.may_share_memory(out, arr):
             raise InvalidProblemError(f"{out_name} overlaps {name} in memory; the output must "
                                       "not alias an input")
+
+
+def rows(obj, name: str):
+    """``obj`` as C-contiguous ``[outer, last axis]`` rows: a numpy view (a copy only when
+    strided) or, for a CUDA array, rows on its device (``runtime.cuda.rows``). The plain
+    functions of the family and of the formats read their inputs through it."""
+    if cuda_runtime.is_cuda_array(obj):
+        return cuda_runtime.rows(obj, name)
+    arr = to_numpy(obj, name)
+    if arr.ndim == 0:
+        raise InvalidProblemError(f"{name} must have at least one dimension")
+    arr = np.ascontiguousarray(arr)
+    if arr.ndim == 2:
+        return arr
+    return arr.reshape(math.prod(arr.shape[:-1]), arr.shape[-1])

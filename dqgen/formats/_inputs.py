@@ -170,18 +170,6 @@ def output(shape: tuple[int, ...], dtype: DType, like, out=None,
     return arr.reshape(shape), (lambda: out)
 
 
-def rows(obj, name: str):
-    """``obj`` as C-contiguous ``[outer, last axis]`` rows: a numpy view (a copy only when
-    strided) or, for a CUDA array, rows on its device (``cuda_runtime.rows``)."""
-    if cuda_runtime.is_cuda_array(obj):
-        return cuda_runtime.rows(obj, name)
-    arr = to_numpy(obj, name)
-    if arr.ndim == 0:
-        raise InvalidProblemError(f"{name} must have at least one dimension")
-    arr = np.ascontiguousarray(arr)
-    return arr.reshape(-1, arr.shape[-1])
-
-
 def shape_of(obj) -> tuple[int, ...]:
     """The shape of a host or CUDA array (one known only by its CUDA array interface too)."""
     if cuda_runtime.is_cuda_array(obj):

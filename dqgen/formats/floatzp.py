@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import arrays
 from ..errors import InvalidProblemError
 from ..ir import (INT_DTYPES, STORAGE_DTYPES, DequantizeFloatZeroDescriptor, check_int,
                   parse_dtype)
@@ -32,7 +33,7 @@ def dequantize(q, scale, zero_point, group_size: int, int_dtype=None, q_min=None
     the current stream (``device``: where, when the arrays do not say it; default: where
     they live).
     """
-    q2 = _inputs.rows(q, "q")
+    q2 = arrays.rows(q, "q")
     if int_dtype is None:
         storage = parse_dtype(_inputs.dtype_of(q2), "q.dtype", INT_DTYPES)
     else:
@@ -45,8 +46,8 @@ def dequantize(q, scale, zero_point, group_size: int, int_dtype=None, q_min=None
         q2 = _inputs.view_as(q2, np.dtype(np.uint8), "q")
     rows = q2.shape[0]
     axis = q2.shape[1] * (2 if storage.is_packed else 1)
-    s2, float_dtype = _inputs.float_array(_inputs.rows(scale, "scale"), "scale")
-    z2 = _inputs.rows(zero_point, "zero_point")
+    s2, float_dtype = _inputs.float_array(arrays.rows(scale, "scale"), "scale")
+    z2 = arrays.rows(zero_point, "zero_point")
     if _inputs.dtype_of(z2) != _inputs.dtype_of(s2):
         raise InvalidProblemError(f"zero_point has dtype {_inputs.dtype_of(z2)}; a float zero "
                                   f"point has scale's dtype ({_inputs.dtype_of(s2)})")
