@@ -66,6 +66,9 @@ FAST_ZERO_POINT_LIMIT_I16 = 32767 - 255
 # subtraction and the multiply; other groups take the other paths.
 FMA_ZERO_POINT_LIMIT = {DType.F16: (2**24 - 1) // (2**11 - 1), DType.BF16: (2**24 - 1) // (2**8 - 1)}
 FMA_SCALE_MAX_BITS = {DType.F16: 0x7bff, DType.BF16: ((127 + 100) << 7) - 1}
+FMA_SCALE_NOTE = {DType.F16: "", DType.BF16: " below 2^100"}  # the bound, in the header comment
+# CUDA's headers of the 16-bit float types.
+CUDA_FLOAT_HEADERS = {DType.F16: "cuda_fp16.h", DType.BF16: "cuda_bf16.h"}
 # With AVX512_BF16's narrowing (store_pairs), the smallest normal bf16: see _cpu_simd.
 BF16_NORMAL_MIN_BITS = 0x0080
 # A float zero point (DequantizeFloatZeroDescriptor), as torchao's tinygemm dequantize
@@ -333,6 +336,10 @@ def lower_per_group(desc: PerGroupDescriptor, target: str, arch: str, storage: d
         fma_zero_point_limit=FMA_ZERO_POINT_LIMIT[desc.float_dtype] if fused else 0,
         fma_scale_max_bits=FMA_SCALE_MAX_BITS[desc.float_dtype] if fused else 0,
         fma_scale_min_bits=BF16_NORMAL_MIN_BITS if fused and simd.get("store_pairs") else 1,
+        fma_scale_note=FMA_SCALE_NOTE[desc.float_dtype] if fused else "",
+        packed_q=packed, signed_nibbles=packed and desc.int_type is DType.S4,
+        packed_store=packed and desc.op is Op.QUANTIZE,
+        cuda_float_header=CUDA_FLOAT_HEADERS.get(desc.float_dtype, "") if target == "cuda" else "",
         zero_kind="float" if float_zero else "int", mid=mid,
         mid_fraction=half if float_zero and desc.mid != mid else "", zero_round=zero_round,
         zero_round_vector=bool(zero_round) and simd["simd_stage_int"],

@@ -145,6 +145,14 @@ class KernelSpec:
     fma_scale_min_bits: int = 1     # the fused path's smallest scale storage bits
     simd_headers: tuple[str, ...] = ()  # intrinsics headers beyond the AVX2 ones
     tail_mask: int = 0              # AVX-512: a group's remainder as one masked step (its lanes)
+    # What the templates would otherwise read off the op, layout or dtype names.
+    packed_q: bool = False          # q holds two values a byte (element 2k in the low nibble)
+    signed_nibbles: bool = False    # and they are s4: each sign-extended from 4 bits
+    packed_store: bool = False      # the output is packed q: a byte is written in two halves
+    cuda_float_header: str = ""     # CUDA: the header that defines the 16-bit float type
+    fma_scale_note: str = ""        # the fused path's scale bound beyond "positive finite"
+    matrix_along_k: bool = False    # GPTQ: a word holds values of one column (rows packed);
+                                    # AWQ: a word holds 8 columns of one row
 
     def to_json(self) -> dict:
         def plain(v):

@@ -101,7 +101,7 @@ def lower_format(desc, target: str, arch: str, storage: dict) -> KernelSpec:
         word_add, field_add, field_mask = gptq_zero_rule(desc) if gptq else (0, 0, 0xFFFFFFFF)
         fields.update(template=TEMPLATES[desc.layout], bits=desc.bits if gptq else 4,
                       zero_offset=field_add, zero_word_add=word_add, zero_mask=field_mask,
-                      act_order=gptq and desc.act_order,
+                      act_order=gptq and desc.act_order, matrix_along_k=gptq,
                       table_max_bytes=MATRIX_TABLE_MAX_BYTES if gptq and desc.act_order else 0,
                       load_float=CONVERT.get(desc.scale_dtype, ("", ""))[0])
     elif isinstance(desc, GgmlDequantizeDescriptor):
