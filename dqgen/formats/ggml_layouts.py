@@ -7,11 +7,13 @@ One rule serves every type. A block of ``values`` values is ``subs`` sub-blocks 
     y = d_k * C(q_j)            (no min)
     y = (d_k * C(q_j)) + m_k    (with a min; K-quants store it to subtract: m_k < 0 here)
 
-with ``d_k = d * C(scale_k)`` (or ``d``) and ``m_k = -(dmin * C(min_k))`` (or ``m``), each
-product and sum rounded once in f32, as numpy does. The integers ``q``, ``scale`` and
-``min`` are ``Field``s: bits gathered from ``Plane``s of the block's bytes, then sign-
-extended, offset, or looked up in a codebook. The schedule turns these into the kernel's
-constants; the templates only print them.
+with ``d_k = d * C(scale_k)`` (or ``d``; ``(d * (bias + C(scale_k))) * factor`` for the
+i-quants, ``d * table[scale_k]`` for NVFP4) and ``m_k = -(dmin * C(min_k))`` (or ``m``),
+each product and sum rounded once in f32, as numpy does. The integers ``q``, ``scale``
+and ``min`` are ``Field``s: bits gathered from ``Plane``s of the block's bytes, then sign-
+extended, offset, or looked up in a codebook. The grid types' ``q`` is a signed row entry
+of gguf-py's grid (``Grid``). The schedule turns these into the kernel's constants and
+tables; the templates only print them.
 """
 
 from __future__ import annotations
