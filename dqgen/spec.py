@@ -118,10 +118,10 @@ class KernelSpec:
     zero_round_vector: bool = False  # and an eight-lane one for the register path (F16C)
     zero_first: bool = False        # float zero point subtracted from q before the product (HQQ)
     field_mask: int = 0             # q is the field (word >> shift) & field_mask (0: the whole word)
-    register_q: str = ""            # C register path: the loader of eight q values ("": a byte each)
+    register_q: str = ""            # C register path: loader of eight q values ("": a byte each)
     register_q_kind: str = ""       # and what it reads: nibbles_u4/s4, fields_u8/i32 (HQQ)
     group_lanes: int = 0            # C groups of one value, f16 float zero: this many a step
-    register_store_round: str = ""  # C register path: the vector rounding before its store ("": none)
+    register_store_round: str = ""  # C register path: vector rounding before the store ("": none)
     template: str = ""              # the layout's own loop template ("" = the family's)
     bits: int = 8                   # bits of one stored value
     zero_offset: int = 0            # added to a stored zero point's field (AutoGPTQ's v1: 1)

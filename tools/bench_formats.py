@@ -1,5 +1,6 @@
 """Checkpoint-format rows of the benchmark: GGML blocks against the gguf package, GPTQ
-4-bit against a numpy unpack-and-scale path; and every GGML type against gguf-py and a
+4-bit against a numpy unpack-and-scale path, float zero points against torchao and HQQ
+against hqq (where installed); and every GGML type against gguf-py and a
 stream over its bytes (``--gguf-types``, ``bench_gguf_types``).
 
 Run by ``tools/bench.py`` (or alone: ``python tools/bench_formats.py``). Times are medians
@@ -29,7 +30,7 @@ from bench_stream import Stream  # noqa: E402
 from bench_timing import interleaved, summarize  # noqa: E402
 
 import dqgen  # noqa: E402
-from dqgen.formats import ggml, gptq  # noqa: E402
+from dqgen.formats import floatzp, ggml, gptq, hqq  # noqa: E402
 from dqgen.formats.pack import quantize_gptq  # noqa: E402
 
 # A 16 MiB f32 output may be reused by the allocator call after call (glibc's mmap
@@ -39,6 +40,11 @@ from dqgen.formats.pack import quantize_gptq  # noqa: E402
 GGML_SHAPES = ((1024, 4096), (4096, 4096))
 GPTQ_SHAPE = (4096, 11008)   # [K, N]: in_features x out_features of an MLP projection
 GPTQ_GROUP = 128
+# Float zero points (torchao's tinygemm rule) and HQQ on a [4096, 4096] weight, each against
+# its peer's own dequantize on the same data: (storage, dtype) and (bits, dtype, axis).
+ZERO_SHAPE = (4096, 4096)
+FLOAT_ZERO_CASES = (("u8", "f16"), ("u4", "f16"), ("u8", "bf16"), ("u4", "bf16"))
+HQQ_CASES = ((4, "f16", 1), (3, "f16", 1), (2, "f16", 1), (4, "bf16", 1), (4, "f16", 0))
 
 
 def numpy_gptq(qweight, qzeros, scales, g_idx, bits=4):
@@ -126,6 +132,77 @@ def bench_gptq(repeat: int, stream: Stream) -> list[dict]:
         rows.append(_row(f"GPTQ 4-bit {list(GPTQ_SHAPE)} g{GPTQ_GROUP}{label} -> f16", times,
                          "numpy"))
     return rows
+
+
+def _bits(x) -> bytes:
+    """The bytes of a numpy array or a CPU tensor (bfloat16 too)."""
+    if isinstance(x, np.ndarray):
+        return x.tobytes()
+    import torch
+    return (x.view(torch.int16) if x.dtype == torch.bfloat16 else x).numpy().tobytes()
+
+
+def _same_bits(ours, theirs, what: str) -> None:
+    if _bits(ours) != _bits(theirs):
+        raise SystemExit(f"{what}: dqgen and its peer disagree")
+
+
+def bench_zero_points(repeat: int, stream: Stream) -> list[dict]:
+    """Float zero points against torchao's ``_dequantize_affine_tinygemm`` and HQQ against
+    ``hqq``'s ``Quantizer.dequantize`` (ImportError where either is missing)."""
+    import ml_dtypes
+    import torch
+    from hqq.core.quantize import Quantizer
+    from torchao.quantization import quant_primitives as qp
+    rng = np.random.default_rng(2)
+    rows, cols = ZERO_SHAPE
+    tdtype = {"f16": torch.float16, "bf16": torch.bfloat16}
+    npdtype = {"f16": np.float16, "bf16": ml_dtypes.bfloat16}
+    out_rows = []
+    for storage, dtype in FLOAT_ZERO_CASES:
+        group = 128
+        values = rng.integers(0, 16 if storage == "u4" else 256, (rows, cols), dtype=np.uint8)
+        q = values[:, 0::2] | (values[:, 1::2] << 4) if storage == "u4" else values
+        scale = (rng.random((rows, cols // group)) * 0.01 + 1e-3).astype(npdtype[dtype])
+        zero = (rng.random((rows, cols // group)) * 0.1).astype(npdtype[dtype])
+        ts, tz = (torch.from_numpy(a.view(np.int16)).view(tdtype[dtype]) if dtype == "bf16"
+                  else torch.from_numpy(a) for a in (scale, zero))
+        tq = torch.from_numpy(values)
+        qtype, hi = (torch.uint4, 15) if storage == "u4" else (torch.uint8, 255)
+
+        def theirs(tq=tq, ts=ts, tz=tz, qtype=qtype, hi=hi, dtype=dtype):
+            return qp._dequantize_affine_tinygemm(tq, (1, group), ts, tz, qtype, 0, hi,
+                                                  output_dtype=tdtype[dtype])
+        def ours(q=q, scale=scale, zero=zero, storage=storage, out=None):
+            return floatzp.dequantize(q, scale, zero, group, storage, out=out)
+        got = ours()
+        _same_bits(got, theirs(), f"float zero {storage} -> {dtype}")
+        times = interleaved(_contenders(stream, ours, lambda out, f=ours: f(out=out), "peer",
+                                        theirs, rows * cols, got), repeat=repeat, warmup=1)
+        out_rows.append(_row(f"float zero {storage} {list(ZERO_SHAPE)} g{group} -> {dtype} "
+                             "(torchao)", times, "peer"))
+    for bits, dtype, axis in HQQ_CASES:
+        torch.manual_seed(bits)
+        w = (torch.randn(*ZERO_SHAPE) * 0.02).to(tdtype[dtype])
+        W_q, meta = Quantizer.quantize(w, nbits=bits, group_size=64, axis=axis, device="cpu",
+                                       compute_dtype=tdtype[dtype], optimize=False)
+        meta.update(compute_dtype=tdtype[dtype], scale=meta["scale"].to(tdtype[dtype]),
+                    zero=meta["zero"].to(tdtype[dtype]))
+        args = (W_q, meta["scale"], meta["zero"], bits, meta["shape"], 64, axis)
+
+        def ours(args=args, out=None):
+            return hqq.dequantize(*args, out=out)
+        got = ours()
+        _same_bits(got, Quantizer.dequantize(W_q, meta), f"HQQ {bits}-bit -> {dtype}")
+        got_np = got.view(torch.int16).numpy().view(npdtype[dtype]) if dtype == "bf16" \
+            else got.numpy()
+        def theirs(W_q=W_q, meta=meta):
+            return Quantizer.dequantize(W_q, meta)
+        times = interleaved(_contenders(stream, ours, lambda out, f=ours: f(out=out), "peer",
+                                        theirs, rows * cols, got_np), repeat=repeat, warmup=1)
+        out_rows.append(_row(f"HQQ {bits}-bit {list(ZERO_SHAPE)} g64 axis={axis} -> {dtype} "
+                             "(hqq)", times, "peer"))
+    return out_rows
 
 
 class BlockStream:
@@ -252,6 +329,10 @@ def run(repeat: int = 10) -> list[dict]:
             rows = bench_ggml(repeat, stream) + rows
         except ImportError:
             print("gguf is not installed: GGML rows skipped", file=sys.stderr)
+        try:
+            rows += bench_zero_points(repeat, stream)
+        except ImportError as exc:
+            print(f"float zero / HQQ rows skipped ({exc})", file=sys.stderr)
     return rows
 
 
