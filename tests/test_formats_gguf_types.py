@@ -187,6 +187,12 @@ def test_read_only_bytes_without_a_copy(tmp_path):
     data = random_blocks(rng, "Q6_K", blocks=12)
     want = oracle(data, "Q6_K", "f32").reshape(-1)
     assert_bits_equal(ggml.dequantize(memoryview(data.tobytes()), "Q6_K"), want)
+    odd = memoryview(b"\0" + data.tobytes())[1:]  # blocks at an odd address
+    assert_bits_equal(ggml.dequantize(odd, "Q6_K"), want)
+    for qtype in ("F16", "IQ2_XS"):  # 2-byte loads, a 16-bit word plane
+        blocks = random_blocks(rng, qtype, blocks=64 // ggml.block_values(qtype) + 3)
+        odd = memoryview(b"\0" + blocks.tobytes())[1:]
+        assert_bits_equal(ggml.dequantize(odd, qtype), oracle(blocks, qtype, "f32").reshape(-1))
     path = tmp_path / "blocks.bin"
     data.tofile(path)
     mapped = np.memmap(path, np.uint8, mode="r", shape=data.shape)
