@@ -11,8 +11,8 @@ Importing this module registers, under the ``dqgen::`` namespace (``torch.librar
 
 Each op's CPU and CUDA kernels are the plain functions (``dqgen.api``, ``dqgen.formats``),
 which take the tensors without copying (CPU tensors through ``.numpy()`` views, CUDA tensors
-by address, on the current stream) and return tensors of the same kind; the float zero
-point and HQQ ops run on the CPU only. Fake (meta) implementations give the result's shape
+by address, on the current stream) and return tensors of the same kind. Fake (meta)
+implementations give the result's shape
 and dtype, so ``torch.compile(fullgraph=True)`` and ``torch.export`` trace the ops without
 a graph break.
 A program exported with these ops needs ``import dqgen.torch`` before it is loaded.
@@ -319,8 +319,8 @@ fake_quantize_per_group.register_autograd(_fake_quantize_grad, setup_context=_fa
 
 
 # --------------------------------------------------------------------------- checkpoint formats
-# GPTQ, AWQ and GGML run on the device their tensors live on; packed 4-bit on CUDA runs the
-# family's packed kernel; the float zero point and HQQ run on the CPU only.
+# Every format runs on the device its tensors live on; packed 4-bit on CUDA runs the
+# family's packed kernel.
 
 @_op("gptq_dequantize")
 def gptq_dequantize(qweight: Tensor, qzeros: Tensor, scales: Tensor,
@@ -392,7 +392,7 @@ def _(q, scale, zero_point, group_size, dtype="u4"):
     return _with_last(q, q.shape[-1] * 2, _TORCH_DTYPE[_float(scale, "scale")])
 
 
-@_op("floatzp_dequantize", "cpu")
+@_op("floatzp_dequantize")
 def floatzp_dequantize(q: Tensor, scale: Tensor, zero_point: Tensor, group_size: int,
                        int_dtype: Optional[str] = None, q_min: Optional[int] = None,
                        q_max: Optional[int] = None) -> Tensor:
@@ -410,7 +410,7 @@ def _(q, scale, zero_point, group_size, int_dtype=None, q_min=None, q_max=None):
                       _TORCH_DTYPE[_float(scale, "scale")])
 
 
-@_op("hqq_dequantize", "cpu")
+@_op("hqq_dequantize")
 def hqq_dequantize(W_q: Tensor, scale: Tensor, zero: Tensor, nbits: int, shape: List[int],
                    group_size: Optional[int] = None, axis: int = 1) -> Tensor:
     """HQQ's ``Quantizer.dequantize`` from its meta's fields, a weight of ``shape`` in
@@ -424,14 +424,3 @@ def _(W_q, scale, zero, nbits, shape, group_size=None, axis=1):
         raise UnsupportedError(f"nbits={nbits} is not supported for HQQ; expected one of "
                                f"{', '.join(map(str, HQQ_BITS))}")
     return W_q.new_empty(tuple(shape), dtype=_TORCH_DTYPE[_float(scale, "scale")])
-
-
-def _cpu_only(name: str):
-    def refuse(*args, **kwargs):
-        raise UnsupportedError(f"dqgen::{name} runs on the CPU only (dqgen.formats has no CUDA "
-                               "launcher for this layout yet); move the tensors to the CPU")
-    return refuse
-
-
-for _cpu_op in (floatzp_dequantize, hqq_dequantize):
-    _cpu_op.register_kernel("cuda")(_cpu_only(_cpu_op._name))

@@ -478,7 +478,7 @@ def test_cuda_ops_match_cpu():
 
 
 @gpu
-def test_cuda_format_ops_match_cpu_or_say_cpu_only():
+def test_cuda_format_ops_match_cpu():
     g = _gptq_layer()
     args = (g["qweight"], g["qzeros"], g["scales"], g["g_idx"])
     assert torch.equal(dt.gptq_dequantize(*(t.cuda() for t in args)).cpu(),
@@ -486,7 +486,11 @@ def test_cuda_format_ops_match_cpu_or_say_cpu_only():
     blocks = _ggml_blocks("Q4_K", blocks=1)
     assert torch.equal(dt.ggml_dequantize(blocks.cuda(), "Q4_K").cpu(),
                        dt.ggml_dequantize(blocks, "Q4_K"))
-    q = torch.zeros(2, 32, dtype=torch.uint8, device="cuda")
-    scale = torch.ones(2, 1, device="cuda")
-    with pytest.raises(dqgen.UnsupportedError, match="CPU only"):
-        dt.floatzp_dequantize(q, scale, scale, 32)
+    q = torch.randint(0, 256, (2, 32), dtype=torch.uint8)
+    scale, zero = torch.rand(2, 2, dtype=torch.float16), torch.rand(2, 2, dtype=torch.float16)
+    assert torch.equal(dt.floatzp_dequantize(q.cuda(), scale.cuda(), zero.cuda(), 32).cpu(),
+                       dt.floatzp_dequantize(q, scale, zero, 32))
+    w_q = torch.randint(0, 256, (4, 64), dtype=torch.uint8)   # 4-bit HQQ: two planes of 4 rows
+    scale, zero = torch.rand(8, 1, dtype=torch.float16), torch.rand(8, 1, dtype=torch.float16)
+    on_gpu = dt.hqq_dequantize(w_q.cuda(), scale.cuda(), zero.cuda(), 4, [8, 64], 64)
+    assert torch.equal(on_gpu.cpu(), dt.hqq_dequantize(w_q, scale, zero, 4, [8, 64], 64))
