@@ -15,7 +15,8 @@ from .formats.schedule import FORMAT_LOWERERS
 from .ir import DType, Layout, Op, PerGroupDescriptor
 from .isa import check_isa, isa_features
 from .spec import (C_STORAGE, CONVERT, CUDA_GRID_WAVES, CUDA_STORAGE, F16C_ISAS,
-                   PARALLEL_MIN_ELEMENTS, KernelSpec, Param, VectorStream, pointer)
+                   PARALLEL_MIN_ELEMENTS, KernelSpec, Param, VectorStream, element_formula,
+                   pointer)
 
 # The element formulas, written out in each kernel's header comment.
 FORMULAS = {
@@ -341,6 +342,7 @@ def lower_per_group(desc: PerGroupDescriptor, target: str, arch: str, storage: d
         packed_store=packed and desc.op is Op.QUANTIZE,
         cuda_float_header=CUDA_FLOAT_HEADERS.get(desc.float_dtype, "") if target == "cuda" else "",
         zero_kind="float" if float_zero else "int", mid=mid,
+        element=element_formula(desc.op, "float" if float_zero else "int", zero_first),
         mid_fraction=half if float_zero and desc.mid != mid else "", zero_round=zero_round,
         zero_round_vector=bool(zero_round) and simd["simd_stage_int"],
         zero_first=zero_first, field_mask=(1 << field_bits) - 1,

@@ -32,6 +32,16 @@ CONVERT = {DType.F16: ("load_f16", "store_f16"), DType.BF16: ("load_bf16", "stor
 CUDA_GRID_WAVES = 4
 
 
+def element_formula(op: Op, zero_kind: str = "int", zero_first: bool = False) -> str:
+    """Which of base.j2's element formulas a kernel runs: HQQ's zero subtracted first, a
+    float zero point added last, or the op's own."""
+    if op is Op.DEQUANTIZE and zero_first:
+        return "zero_first"
+    if op is Op.DEQUANTIZE and zero_kind == "float":
+        return "float_zero"
+    return op.name.lower()
+
+
 @dataclass(frozen=True)
 class Param:
     """One kernel parameter: name, C type and role (``in``, ``out`` or ``scalar``)."""
@@ -151,6 +161,7 @@ class KernelSpec:
     packed_store: bool = False      # the output is packed q: a byte is written in two halves
     cuda_float_header: str = ""     # CUDA: the header that defines the 16-bit float type
     fma_scale_note: str = ""        # the fused path's scale bound beyond "positive finite"
+    element: str = ""               # the element formula base.j2 spells (see element_formula)
     matrix_along_k: bool = False    # GPTQ: a word holds values of one column (rows packed);
                                     # AWQ: a word holds 8 columns of one row
 
