@@ -66,7 +66,8 @@ def small_problem(record: dict):
         return descriptor_from_record(record, blocks=7)
     if isinstance(desc, PerGroupDescriptor):
         g = desc.group_size
-        sizes = dict(outer=3, axis=2 * g if g <= 1 << 15 else g)
+        # two groups a row, and at least 32 values (the vector steps of small groups run)
+        sizes = dict(outer=3, axis=g * max(2, -(-32 // g)) if g <= 1 << 15 else g)
         if isinstance(desc, HqqDequantizeDescriptor):  # the plane offset is a run-time
             sizes["shift"] = 27 if desc.bits == 3 else 8 - desc.bits  # argument: the top one
         return descriptor_from_record(record, **sizes)

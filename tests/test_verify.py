@@ -159,3 +159,15 @@ def test_verify_needs_something_to_verify(monkeypatch, capsys):
     monkeypatch.delenv("DQGEN_BUNDLE", raising=False)
     assert cli.main(["verify"]) == 2
     assert "DQGEN_BUNDLE is not set" in capsys.readouterr().err
+
+
+def test_small_groups_get_rows_long_enough_for_their_vector_steps(tmp_path):
+    """HQQ's axis=0 kernel (groups of one value) takes eight groups a vector step: the
+    problem verify gives it has 32 values a row, so that step runs and is checked."""
+    if "avx2" not in isa.supported_isas():
+        pytest.skip("the vector step is AVX2 code")
+    requests = aot.expand({"op": "hqq", "bits": 4, "float": "f16", "group_size": 1,
+                           "target": "c:avx2"})
+    path, _ = aot.build_bundle(requests, tmp_path / "bundle")
+    (outcome,) = verify.verify_bundle(bundle.Bundle.open(path))
+    assert outcome.status == verify.OK and "3x32 bit-exact" in outcome.detail, str(outcome)
