@@ -15,8 +15,8 @@ from .formats.schedule import FORMAT_LOWERERS
 from .ir import DType, Layout, Op, PerGroupDescriptor
 from .isa import check_isa, isa_features
 from .spec import (C_STORAGE, CONVERT, CUDA_GRID_WAVES, CUDA_STORAGE, F16C_ISAS,
-                   PARALLEL_MIN_ELEMENTS, KernelSpec, Param, VectorStream, element_formula,
-                   pointer)
+                   PARALLEL_MIN_ELEMENTS, KernelSpec, Param, VectorStream, cuda_float_headers,
+                   element_formula, pointer)
 
 # The element formulas, written out in each kernel's header comment.
 FORMULAS = {
@@ -68,8 +68,6 @@ FAST_ZERO_POINT_LIMIT_I16 = 32767 - 255
 FMA_ZERO_POINT_LIMIT = {DType.F16: (2**24 - 1) // (2**11 - 1), DType.BF16: (2**24 - 1) // (2**8 - 1)}
 FMA_SCALE_MAX_BITS = {DType.F16: 0x7bff, DType.BF16: ((127 + 100) << 7) - 1}
 FMA_SCALE_NOTE = {DType.F16: "", DType.BF16: " below 2^100"}  # the bound, in the header comment
-# CUDA's headers of the 16-bit float types.
-CUDA_FLOAT_HEADERS = {DType.F16: "cuda_fp16.h", DType.BF16: "cuda_bf16.h"}
 # With AVX512_BF16's narrowing (store_pairs), the smallest normal bf16: see _cpu_simd.
 BF16_NORMAL_MIN_BITS = 0x0080
 # A float zero point (DequantizeFloatZeroDescriptor), as torchao's tinygemm dequantize
@@ -306,6 +304,9 @@ def lower_per_group(desc: PerGroupDescriptor, target: str, arch: str, storage: d
                       FAST_ZERO_POINT_LIMIT_I16 if sixteen else FAST_ZERO_POINT_LIMIT)
     fused = bool(fast_limit and simd["simd_stage_int"] and not float_zero and not simd.get("half_path")
                  and desc.float_dtype in FMA_ZERO_POINT_LIMIT)
+    # the prelude's conversion helpers the kernel calls: the float inputs' load, the store
+    helpers = tuple(h for h in (CONVERT.get(desc.float_dtype, ("", ""))[0],
+                                CONVERT.get(out.dtype, ("", ""))[1]) if h)
     spec = KernelSpec(
         op=desc.op, uri=desc.uri, entry=f"dqgen_{desc.uri}", target=target, arch=arch,
         group_size=desc.group_size, float_dtype=desc.float_dtype, int_dtype=desc.int_type,
@@ -340,7 +341,8 @@ def lower_per_group(desc: PerGroupDescriptor, target: str, arch: str, storage: d
         fma_scale_note=FMA_SCALE_NOTE[desc.float_dtype] if fused else "",
         packed_q=packed, signed_nibbles=packed and desc.int_type is DType.S4,
         packed_store=packed and desc.op is Op.QUANTIZE,
-        cuda_float_header=CUDA_FLOAT_HEADERS.get(desc.float_dtype, "") if target == "cuda" else "",
+        float_helpers=helpers,
+        cuda_float_headers=cuda_float_headers(helpers) if target == "cuda" else (),
         zero_kind="float" if float_zero else "int", mid=mid,
         element=element_formula(desc.op, "float" if float_zero else "int", zero_first),
         mid_fraction=half if float_zero and desc.mid != mid else "", zero_round=zero_round,

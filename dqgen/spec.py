@@ -27,6 +27,16 @@ PARALLEL_MIN_ELEMENTS = 1 << 15
 F16C_ISAS = ("avx2", "avx512", "avx512_bf16", "avx512_fp16")
 # Helpers (load, store) each target's prelude defines for the 16-bit float types.
 CONVERT = {DType.F16: ("load_f16", "store_f16"), DType.BF16: ("load_bf16", "store_bf16")}
+# CUDA: the header defining each 16-bit float type, and the conversion helpers that use it.
+CUDA_FLOAT_HEADERS = (("cuda_fp16.h", ("load_f16", "store_f16", "load_f16_bits")),
+                      ("cuda_bf16.h", ("load_bf16", "store_bf16")))
+
+
+def cuda_float_headers(helpers: tuple[str, ...]) -> tuple[str, ...]:
+    """The CUDA headers a kernel calling ``helpers`` (conversion helper names) includes."""
+    return tuple(header for header, names in CUDA_FLOAT_HEADERS if set(helpers) & set(names))
+
+
 # CUDA: the grid fills every SM this many times at the kernel's occupancy and strides
 # over the rest (see lower.py's CUDA_* for the family's vector width).
 CUDA_GRID_WAVES = 4
@@ -159,7 +169,8 @@ class KernelSpec:
     packed_q: bool = False          # q holds two values a byte (element 2k in the low nibble)
     signed_nibbles: bool = False    # and they are s4: each sign-extended from 4 bits
     packed_store: bool = False      # the output is packed q: a byte is written in two halves
-    cuda_float_header: str = ""     # CUDA: the header that defines the 16-bit float type
+    cuda_float_headers: tuple[str, ...] = ()  # CUDA: the headers of the 16-bit float types used
+    int_to_compute: str = ""        # CUDA layouts: the rounding conversion of a 64-bit integer
     fma_scale_note: str = ""        # the fused path's scale bound beyond "positive finite"
     element: str = ""               # the element formula base.j2 spells (see element_formula)
     matrix_along_k: bool = False    # GPTQ: a word holds values of one column (rows packed);

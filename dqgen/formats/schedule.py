@@ -13,7 +13,7 @@ import dataclasses
 from ..ir import (AwqDequantizeDescriptor, DType, GgmlDequantizeDescriptor,
                   GptqDequantizeDescriptor, Layout, Op, gptq_v1_word_offset)
 from ..spec import (CONVERT, CUDA_GRID_WAVES, F16C_ISAS, PARALLEL_MIN_ELEMENTS, KernelSpec, Param,
-                    element_formula, pointer)
+                    cuda_float_headers, element_formula, pointer)
 from . import ggml_layouts
 
 FORMULAS = {
@@ -116,6 +116,9 @@ def lower_format(desc, target: str, arch: str, storage: dict) -> KernelSpec:
     out = next(p for p in params if p.role == "out")
     # f16 converts eight lanes an instruction with F16C where the ISA has it.
     fields["element"] = element_formula(Op.DEQUANTIZE, fields.get("zero_kind", "int"))
+    if target == "cuda":
+        fields["cuda_float_headers"] = cuda_float_headers(fields["float_helpers"])
+        fields["int_to_compute"] = "__ll2double_rn" if compute is DType.F64 else "__ll2float_rn"
     fields["simd_convert"] = "f16c" if target == "c" and arch in F16C_ISAS else ""
     # Results are staged in a block only to convert them eight at a time; other dtypes
     # store straight from the value loop, which is faster than a staged copy.
