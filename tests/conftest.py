@@ -1,10 +1,21 @@
 """Test-wide settings: a private cache per session and hypothesis profiles."""
 
 import os
+import sys
 import tempfile
+import types
 
 import pytest
 from hypothesis import HealthCheck, settings
+
+# A peer's wheel (auto-gptq) installs a top-level package named ``tests``, which would
+# shadow this directory's helper packages (tests.cuda_emu, tests.oracles): bind the name
+# to this directory before any test module imports it.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in list(getattr(sys.modules.get("tests"), "__path__", [])):
+    _package = types.ModuleType("tests", "dqgen's test helpers")
+    _package.__path__ = [_HERE]
+    sys.modules["tests"] = _package
 
 settings.register_profile("ci", max_examples=60, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
