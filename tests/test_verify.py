@@ -4,7 +4,9 @@ the exit status non-zero on any failure, for damaged bundles above all."""
 
 from __future__ import annotations
 
+
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -139,7 +141,11 @@ def test_the_cache_is_verified_entry_by_entry(fresh_cache, monkeypatch, capsys):
     assert [o.status for o in outcomes] == [verify.OK, verify.OK], [str(o) for o in outcomes]
     assert cli.main(["verify", "--cache"]) == 0
     so = kernels[0].entry_dir / "kernel.so"
-    so.write_bytes(so.read_bytes() + b"\x00")  # the entry no longer matches its meta.json
+    # The entry no longer matches its meta.json. The damaged file replaces the loaded one
+    # (a new inode): rewriting a mapped library in place crashes this process at exit.
+    damaged = so.with_name("kernel.so.damaged")
+    damaged.write_bytes(so.read_bytes() + b"\x00")
+    os.replace(damaged, so)
     outcomes = verify.verify_cache()
     assert sorted(o.status for o in outcomes) == sorted([verify.FAILED, verify.OK])
     assert any("damaged" in o.detail for o in outcomes)
