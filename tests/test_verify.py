@@ -4,7 +4,6 @@ the exit status non-zero on any failure, for damaged bundles above all."""
 
 from __future__ import annotations
 
-
 import json
 import os
 import shutil
