@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     emit.add_argument("op", choices=list(OPS), help="the op")
     _add_kernel_flags(emit, many=False)
     emit.add_argument("--target", choices=["c", "cuda"], default="c", help="[default: c]")
-    emit.add_argument("--arch", help="C ISA (generic, avx2, avx512) [default: this machine's] "
+    emit.add_argument("--arch", help="C ISA (generic, avx2, avx512, avx512_bf16, avx512_fp16) [default: this machine's] "
                       f"or CUDA arch (sm_XX) [default: {DEFAULT_CUDA_ARCH}]")
     what = emit.add_mutually_exclusive_group()
     what.add_argument("--ir", action="store_true", help="print the descriptor and KernelSpec")
