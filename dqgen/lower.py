@@ -138,9 +138,10 @@ def _schedule_cuda(spec: KernelSpec, desc: PerGroupDescriptor) -> KernelSpec:
     group_per_element = desc.group_size % vec != 0
 
     def stream(p: Param) -> VectorStream:
-        nbytes = vec // 2 if packed and p.name == "q" else vec * p.dtype.itemsize
+        nibbles = packed and p.name == "q"
+        nbytes = vec // 2 if nibbles else vec * p.dtype.itemsize
         return VectorStream(p.name, p.role, CUDA_STORAGE[p.dtype], nbytes,
-                            min(nbytes, CUDA_VECTOR_BYTES))
+                            min(nbytes, CUDA_VECTOR_BYTES), *(("VEC / 2", "e0 / 2") if nibbles else ()))
 
     return dataclasses.replace(
         spec, threads_per_block=CUDA_THREADS_PER_BLOCK, vector_bytes=CUDA_VECTOR_BYTES,

@@ -66,13 +66,17 @@ class Param:
 class VectorStream:
     """One per-element array of a CUDA kernel: a vector of it is ``vector_bytes`` long and
     moves in accesses of ``align_bytes`` (at most 128 bits), which its address must be a
-    multiple of for the wide path."""
+    multiple of for the wide path. ``items`` and ``start`` spell, in terms of VEC and of
+    the vector's first element e0, how many items it holds and where it begins (packed q:
+    a byte holds two elements, so VEC / 2 bytes from byte e0 / 2)."""
 
     name: str
     role: str
     storage: str
     vector_bytes: int
     align_bytes: int
+    items: str = "VEC"
+    start: str = "e0"
 
 
 @dataclass(frozen=True)
