@@ -324,7 +324,7 @@ ASAN_SCRIPT = textwrap.dedent("""
     import numpy as np
     from dqgen import reference
     from dqgen.ir import Op
-    from tests.cuda_emu import kernels as K
+    from cuda_emu import kernels as K
 
     uris = sys.argv[2].split(",")
     specs = [s for s in (K.spec_of(d) for d in K.EMULATION_SET) if s.uri in uris]
@@ -387,7 +387,7 @@ def test_emulated_kernels_under_address_sanitizer(tmp_path):
     except (RuntimeError, subprocess.CalledProcessError) as exc:
         pytest.skip(f"AddressSanitizer is not usable here: {exc}")
     env = {**os.environ, "LD_PRELOAD": runtime, "ASAN_OPTIONS": "detect_leaks=0",
-           "PYTHONPATH": str(ROOT)}
+           "PYTHONPATH": str(ROOT / "tests")}  # this directory's helpers, by their own name
     proc = subprocess.run([sys.executable, "-c", ASAN_SCRIPT, str(lib),
                            ",".join(s.uri for s in specs)],
                           capture_output=True, text=True, env=env, cwd=ROOT)
