@@ -340,6 +340,7 @@ def lower_per_group(desc: PerGroupDescriptor, target: str, arch: str, storage: d
         fma_scale_max_bits=FMA_SCALE_MAX_BITS[desc.float_dtype] if fused else 0,
         fma_scale_min_bits=BF16_NORMAL_MIN_BITS if fused and simd.get("store_pairs") else 1,
         fma_scale_note=FMA_SCALE_NOTE[desc.float_dtype] if fused else "",
+        needs_f16=desc.float_dtype is DType.F16, needs_bf16=desc.float_dtype is DType.BF16,
         packed_q=packed, signed_nibbles=packed and desc.int_type is DType.S4,
         packed_store=packed and desc.op is Op.QUANTIZE,
         float_helpers=helpers,

@@ -170,6 +170,8 @@ class KernelSpec:
     simd_headers: tuple[str, ...] = ()  # intrinsics headers beyond the AVX2 ones
     tail_mask: int = 0              # AVX-512: a group's remainder as one masked step (its lanes)
     # What the templates would otherwise read off the op, layout or dtype names.
+    needs_f16: bool = False         # C: the prelude defines the binary16 conversions
+    needs_bf16: bool = False        # C: the prelude defines the bfloat16 conversions
     packed_q: bool = False          # q holds two values a byte (element 2k in the low nibble)
     signed_nibbles: bool = False    # and they are s4: each sign-extended from 4 bits
     packed_store: bool = False      # the output is packed q: a byte is written in two halves
