@@ -212,8 +212,7 @@ def _cpu_simd(desc: PerGroupDescriptor, target: str, arch: str, out: Param,
         register_split=convert is DType.BF16 and block % 16 == 0,
         fast_needs_finite_scale=simd_output and convert is DType.BF16,
         streaming_min_bytes=STREAMING_MIN_BYTES if streaming else 0,
-        streaming_align=store_bytes if streaming else 0,
-        int_widen="epu8" if desc.int_type is DType.U8 else "epi8")
+        streaming_align=store_bytes if streaming else 0)
     if wide:
         knobs.update(
             register_lanes=lanes, register_split=False, half_path=half,
@@ -323,6 +322,9 @@ def lower_per_group(desc: PerGroupDescriptor, target: str, arch: str, storage: d
         rint="rint" if compute is DType.F64 else "rintf",
         **simd,
         int_c_type=storage[desc.int_type] if desc.int_type else "",
+        # how a stored byte widens in the vector loaders (sign or zero extension); every
+        # kernel that renders them needs it, whether or not its own SIMD blocks are on
+        int_widen="epi8" if desc.int_type is DType.S8 else "epu8",
         fast_zero_point_limit=fast_limit,
         needs_int_diff=desc.op is Op.DEQUANTIZE,
         # The element-wise 16-bit store is called unless every element of every group goes
