@@ -7,6 +7,7 @@ an int16 view, since numpy has no bf16 of its own in torch's eyes). Checks raise
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -20,19 +21,30 @@ def is_torch(obj) -> bool:
     return type(obj).__module__.startswith("torch")
 
 
+@functools.cache
+def _torch_bfloat16():
+    import torch
+    return torch.bfloat16
+
+
+@functools.cache
+def _torch_int16():
+    import torch
+    return torch.int16
+
+
 def to_numpy(obj, name: str) -> np.ndarray:
     """A numpy view of ``obj`` (numpy array or CPU torch tensor), never a copy."""
     if isinstance(obj, np.ndarray):
         return obj
     if is_torch(obj) and hasattr(obj, "device"):
-        if obj.device.type != "cpu":
+        if not obj.is_cpu:
             raise UnsupportedError(
                 f"{name} lives on {obj.device}; this plan runs on the CPU (select device='cuda' "
                 "for CUDA tensors)")
-        import torch
-        tensor = obj.detach()
-        if tensor.dtype == torch.bfloat16:
-            return tensor.view(torch.int16).numpy().view(DType.BF16.np_dtype)
+        tensor = obj.detach() if obj.requires_grad else obj
+        if tensor.dtype is _torch_bfloat16():
+            return tensor.view(_torch_int16()).numpy().view(DType.BF16.np_dtype)
         return tensor.numpy()
     if hasattr(obj, "__cuda_array_interface__"):
         raise UnsupportedError(f"{name} is a CUDA array; this plan runs on the CPU")

@@ -205,9 +205,9 @@ def test_opcheck_every_op():
     """Schema, fake tensor, autograd registration and AOT dispatch of each registered op."""
     checked = set()
     for op, args in opcheck_cases():
-        torch.library.opcheck(op, args)
-        checked.add(op._name)
-    assert checked == {op._name for op in OPS}
+        torch.library.opcheck(op.overload, args)
+        checked.add(op.overload)
+    assert checked == {op.overload for op in OPS}
 
 
 # --------------------------------------------------------------------------- values and gradients
@@ -341,6 +341,23 @@ def test_errors_are_dqgen_errors():
         dt.dequantize_per_group(x, scale, zp, 32)
     with pytest.raises(dqgen.UnsupportedError, match="q.dtype"):  # the fake says it too
         dt.dequantize_per_group(x.to("meta"), scale.to("meta"), zp.to("meta"), 32)
+
+
+def test_an_op_without_a_gradient_says_so_in_backward():
+    """A format op given a scale that requires grad: the result joins the graph (so a
+    backward cannot silently skip the scale) and backward names the op."""
+    layer = _awq_layer()
+    scales = layer["scales"].clone().requires_grad_()
+    y = dt.awq_dequantize(layer["qweight"], layer["qzeros"], scales)
+    assert y.requires_grad
+    with pytest.raises(dqgen.UnsupportedError, match="dqgen::awq_dequantize has no gradient"):
+        y.float().sum().backward()
+    with torch.no_grad():
+        assert not dt.awq_dequantize(layer["qweight"], layer["qzeros"], scales).requires_grad
+    # the integer result of quantize carries no gradient either way
+    x = torch.randn(2, 64, requires_grad=True)
+    scale, zp = qparams(x.detach(), 32)
+    assert not dt.quantize_per_group(x, scale, zp, 32).requires_grad
 
 
 # --------------------------------------------------------------------------- training

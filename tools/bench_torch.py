@@ -5,12 +5,12 @@ Run by ``tools/bench.py`` (or alone: ``python tools/bench_torch.py``). Medians o
 interleaved repetitions in one process (tools/bench_timing.py), every dqgen result first
 checked bit for bit against SPEC.md written in torch. Two parts:
 
-* per-call overhead on a [64, 4096] s8 -> f32 dequantize (group 128), one thread: the
-  plain function, the registered op (``torch.ops.dqgen.dequantize_per_group``) with grad
-  mode on, and in ``torch.inference_mode()`` (where the dispatcher skips autograd), an op
-  registered the same way that does nothing (what ``torch.library`` itself costs), and
-  the plain function followed by that empty op (the dispatch also leaves the next call
-  colder caches than a tight loop of plain calls);
+* per-call overhead on a [64, 4096] and a [1, 128] s8 -> f32 dequantize (group 128), one
+  thread: the plain function, the registered op (``torch.ops.dqgen.dequantize_per_group``)
+  with grad mode on, and in ``torch.inference_mode()`` (where the dispatcher skips
+  autograd), an op registered the same way that does nothing (what the dispatch itself
+  costs), and the plain function followed by that empty op (the dispatch also leaves the
+  next call colder caches than a tight loop of plain calls);
 * fake quantize forward + backward on [4096, 4096] f32 (group 128, 4-bit range) at 1 and
   2 threads: ``dqgen.torch.fake_quantize_per_group`` against the same per-group STE written
   by hand in torch (an autograd.Function: round, clamp, scale, mask) and against
@@ -38,34 +38,36 @@ except ImportError:  # run() says so and returns None
     torch = None
 
 OVERHEAD_SHAPE = (64, 4096)
+SMALL_SHAPE = (1, 128)  # the fixed cost, where caches hold everything
 FAKE_SHAPE = (4096, 4096)
 GROUP = 128
 Q_RANGE = (-8, 7)
 
 
 def _nothing_op():
-    """An op with dequantize's schema, registered the same way (fake and autograd), that
-    does nothing: the floor of a ``torch.library.custom_op`` call."""
-    if not hasattr(torch.ops.dqgen_bench, "nothing"):
-        @torch.library.custom_op("dqgen_bench::nothing", mutates_args=(), device_types="cpu")
+    """An op with dequantize's schema, registered as dqgen.torch registers its own (the
+    same Autograd kernel), that does nothing: the floor of a ``dqgen::`` call."""
+    if not hasattr(torch.ops.dqgen, "bench_nothing"):
+        from dqgen.torch import _op
+
+        @_op("bench_nothing")
         def nothing(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                     group_size: int) -> torch.Tensor:
             return scale.new_empty(0)
 
         nothing.register_fake(lambda q, scale, zero_point, group_size: scale.new_empty(0))
-        nothing.register_autograd(lambda ctx, grad: (None,) * 4)
-    return torch.ops.dqgen_bench.nothing.default
+    return torch.ops.dqgen.bench_nothing.default
 
 
 def _median_us(samples: list[float]) -> float:
     return summarize(samples)["median_s"] * 1e6
 
 
-def overhead(repeat: int = 200) -> dict:
+def overhead(shape=OVERHEAD_SHAPE, repeat: int = 200) -> dict:
     """Microseconds a call: plain function, registered op, op in inference mode, empty op."""
     import dqgen.torch  # noqa: F401  (registers torch.ops.dqgen)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(OVERHEAD_SHAPE, generator=gen)
+    x = torch.randn(shape, generator=gen)
     scale, zp = dqgen.choose_qparams_per_group(x, GROUP, dtype="s8")
     q = dqgen.quantize_per_group(x, scale, zp, GROUP, dtype="s8")
     plain = dqgen.dequantize_per_group(q, scale, zp, GROUP)
@@ -86,7 +88,7 @@ def overhead(repeat: int = 200) -> dict:
     with _threads(1), LoadMeter() as load:
         times = interleaved(calls, repeat=repeat, warmup=5, burst=4)
     med = {k: _median_us(v) for k, v in times.items()}
-    return {"shape": list(OVERHEAD_SHAPE), "group": GROUP, "threads": 1,
+    return {"shape": list(shape), "group": GROUP, "threads": 1,
             "foreign_cpus": load.foreign,
             **{f"{k}_us": v for k, v in med.items()},
             "overhead_us": med["op"] - med["plain"],
@@ -186,7 +188,8 @@ def run(repeat: int = 10) -> dict | None:
     if torch is None:
         print("torch is not installed: PyTorch rows skipped", file=sys.stderr)
         return None
-    return {"overhead": overhead(), "fake_quantize": fake_quantize(repeat=repeat),
+    return {"overhead": [overhead(OVERHEAD_SHAPE), overhead(SMALL_SHAPE)],
+            "fake_quantize": fake_quantize(repeat=repeat),
             "torch": torch.__version__}
 
 
@@ -195,18 +198,21 @@ def _cpus(value) -> str:
 
 
 def table(result: dict) -> str:
-    o = result["overhead"]
-    lines = [f"Per call, {o['shape']} s8 -> f32 g{o['group']}, one thread (torch "
-             f"{result['torch']}): plain function {o['plain_us']:.1f} us, registered op "
-             f"{o['op_us']:.1f} us (+{o['overhead_us']:.1f}), in inference_mode "
-             f"{o['op_inference_us']:.1f} us (+{o['overhead_inference_us']:.1f}); an op that "
-             f"does nothing {o['empty_op_us']:.1f} us, the plain function and then that op "
-             f"{o['plain_then_empty_op_us']:.1f} us (other processes kept "
-             f"{_cpus(o['foreign_cpus'])} CPUs busy).", "",
-             "| fake quantize fwd+bwd | threads | dqgen ms | torch by hand ms | "
-             "torch.fake_quantize_per_channel_affine ms | speed-up (by hand / per-channel op) "
-             "| CPUs busy elsewhere |",
+    lines = [f"Per call, s8 -> f32 g{GROUP}, one thread, torch {result['torch']} (an op that "
+             "does nothing: the dispatch alone; the plain function then that op: what a call "
+             "between two plain calls costs them):", "",
+             "| shape | plain function us | registered op us | in inference_mode us | "
+             "op that does nothing us | plain then that op us | CPUs busy elsewhere |",
              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {o['shape']} | {o['plain_us']:.1f} | {o['op_us']:.1f} "
+              f"(+{o['overhead_us']:.1f}) | {o['op_inference_us']:.1f} "
+              f"(+{o['overhead_inference_us']:.1f}) | {o['empty_op_us']:.1f} | "
+              f"{o['plain_then_empty_op_us']:.1f} | {_cpus(o['foreign_cpus'])} |"
+              for o in result["overhead"]]
+    lines += ["", "| fake quantize fwd+bwd | threads | dqgen ms | torch by hand ms | "
+              "torch.fake_quantize_per_channel_affine ms | speed-up (by hand / per-channel op) "
+              "| CPUs busy elsewhere |",
+              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['shape']} f32 g{r['group']} | {r['threads']} | {r['dqgen_ms']:.1f} | "
               f"{r['torch_expr_ms']:.1f} | {r['torch_op_ms']:.1f} | {r['speedup_expr']:.2f}x / "
               f"{r['speedup_op']:.2f}x | {_cpus(r['foreign_cpus'])} |"
