@@ -248,12 +248,22 @@ def resolve_q_range(q_min: Any, q_max: Any, lo: int, hi: int, storage: str) -> t
     return q_min, q_max
 
 
-def _resolve_storage_range(desc) -> None:
-    """Default ``desc.q_min``/``q_max`` to its int dtype's range, checked against it."""
-    lo, hi = desc.int_dtype.int_range
-    q_range = resolve_q_range(desc.q_min, desc.q_max, lo, hi, desc.int_dtype.value)
-    object.__setattr__(desc, "q_min", q_range[0])
-    object.__setattr__(desc, "q_max", q_range[1])
+@dataclass(frozen=True)
+class _RangedDescriptor(PerGroupDescriptor):
+    """A per-group problem with a storage range: ``q_min``/``q_max`` default to the int
+    dtype's range and are checked against it."""
+
+    float_dtype: DType
+    int_dtype: DType
+    q_min: int | None = None
+    q_max: int | None = None
+
+    def verify(self) -> None:
+        super().verify()
+        lo, hi = self.int_dtype.int_range
+        q_range = resolve_q_range(self.q_min, self.q_max, lo, hi, self.int_dtype.value)
+        object.__setattr__(self, "q_min", q_range[0])
+        object.__setattr__(self, "q_max", q_range[1])
 
 
 @dataclass(frozen=True)
@@ -266,21 +276,13 @@ class DequantizePerGroupDescriptor(PerGroupDescriptor):
 
 
 @dataclass(frozen=True)
-class QuantizePerGroupDescriptor(PerGroupDescriptor):
+class QuantizePerGroupDescriptor(_RangedDescriptor):
     """``q = clamp(rint(x / scale) + zp, q_min, q_max)`` (SPEC.md §4).
 
     ``q_min``/``q_max`` default to the storage dtype's full range.
     """
 
     op: ClassVar[Op] = Op.QUANTIZE
-    float_dtype: DType
-    int_dtype: DType
-    q_min: int | None = None
-    q_max: int | None = None
-
-    def verify(self) -> None:
-        super().verify()
-        _resolve_storage_range(self)
 
 
 @dataclass(frozen=True)
@@ -585,7 +587,7 @@ class GgmlDequantizeDescriptor(_FormatDescriptor):
 
 
 @dataclass(frozen=True)
-class DequantizeFloatZeroDescriptor(PerGroupDescriptor):
+class DequantizeFloatZeroDescriptor(_RangedDescriptor):
     """Float zero point (torchao FLOAT domain, tinygemm): ``x = F(F(F(q - mid) * s) + z)``.
 
     ``mid = (q_max + q_min + 1) / 2``, a true division as torchao's (7.5 for [0, 14]; the
@@ -595,14 +597,6 @@ class DequantizeFloatZeroDescriptor(PerGroupDescriptor):
 
     op: ClassVar[Op] = Op.DEQUANTIZE
     zero_kind: ClassVar[str] = "float"
-    float_dtype: DType
-    int_dtype: DType
-    q_min: int | None = None
-    q_max: int | None = None
-
-    def verify(self) -> None:
-        super().verify()
-        _resolve_storage_range(self)
 
     @property
     def mid(self) -> float:

@@ -155,6 +155,8 @@ class KernelSpec:
     block_bytes: int = 0            # GGML: bytes of one block
     table_max_bytes: int = 0        # C act-order GPTQ: largest whole-row table of scales/zeros
     float_helpers: tuple[str, ...] = ()  # 16-bit types whose load/store the prelude defines
+    staged_load: str = ""           # C layouts: the conversion of a staged array's loads
+    staged_load_f16c: bool = False  # ... done eight lanes an instruction with F16C
     ggml: object = None             # GGML: the block type's knobs (formats/ggml_layouts.py)
     # C register path: its vectors (types and intrinsic prefix from the table in _cpu_simd)
     vector_bits: int = 256

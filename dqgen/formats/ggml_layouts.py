@@ -349,7 +349,8 @@ VECTOR_LANES = 16
 PASSTHROUGH_STAGE = 1024
 # Float tensors (C): values copied into an array of the storage type, then converted as
 # a batch by the shared converters (F16C eight at a time for f16).
-RAW_FLOATS = {"f16": ("uint16_t", "f16"), "bf16": ("uint16_t", "bf16"), "f32": ("float", "f32")}
+RAW_FLOATS = {"f16": ("uint16_t", "load_f16"), "bf16": ("uint16_t", "load_bf16"),
+              "f32": ("float", "")}
 
 
 @dataclass(frozen=True)
@@ -453,7 +454,7 @@ class GgmlKnobs:
     negate_min: bool               # K-quants subtract dmin * min: m_k = -(...)
     loads: tuple[str, ...]         # raw float loads the prelude defines (f16's is shared)
     as_float: str                  # the target's u32 -> f32 bit cast
-    raw: tuple[str, str]           # float tensors: the raw storage's C type and DType name
+    raw: tuple[str, str]           # float tensors: the raw storage's C type and its load
     float_helpers: tuple[str, ...]  # conversions of the shared prelude the kernel calls
     vector_lanes: int              # C: lanes of the explicit vectors (0: none used)
     lane_index: bool               # C: a vector run reads a word (needs the lane numbers)

@@ -120,6 +120,11 @@ def lower_format(desc, target: str, arch: str, storage: dict) -> KernelSpec:
         fields["cuda_float_headers"] = cuda_float_headers(fields["float_helpers"])
         fields["int_to_compute"] = "__ll2double_rn" if compute is DType.F64 else "__ll2float_rn"
     fields["simd_convert"] = "f16c" if target == "c" and arch in F16C_ISAS else ""
+    # The one staged array a layout converts in a batch: the scales of a matrix tile, or
+    # the raw values of a float GGML tensor.
+    fields["staged_load"] = fields["ggml"].raw[1] if "ggml" in fields else fields["load_float"]
+    fields["staged_load_f16c"] = (fields["staged_load"] == "load_f16" and compute is DType.F32
+                                  and bool(fields["simd_convert"]))
     # Results are staged in a block only to convert them eight at a time; other dtypes
     # store straight from the value loop, which is faster than a staged copy.
     fields["simd_output"] = bool(fields["simd_convert"]) and f is DType.F16
