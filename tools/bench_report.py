@@ -361,8 +361,15 @@ def chart(result: dict, path: Path) -> str | None:
 
 
 def update_doc(doc: Path, generated: str) -> None:
-    """Replace the generated block of ``doc`` (appending one if it has none)."""
+    """Replace the generated block of ``doc`` (appending one if it has none) with the run's
+    summary; the table of every case stays in ``docs/bench.md`` (the page is a reference,
+    not the raw run)."""
     text = doc.read_text() if doc.exists() else ""
+    if "\n### All cases" in generated:
+        head, rest = generated.split("\n### All cases", 1)
+        tail = rest.split("\n### ", 1)[1] if "\n### " in rest else ""
+        generated = (head + "\nEvery case of this run: [bench.md](bench.md).\n"
+                     + (f"\n### {tail}" if tail else ""))
     block = f"{DOC_BEGIN}\n{generated}{DOC_END}"
     if DOC_BEGIN in text and DOC_END in text:
         head, rest = text.split(DOC_BEGIN, 1)
