@@ -15,7 +15,7 @@ import numpy as np
 
 from . import outputs, plans
 from .arrays import from_numpy_like, rows, to_numpy
-from .errors import InvalidProblemError
+from .errors import InvalidProblemError, UnsupportedError
 from .ir import (DequantizePerGroupBackwardDescriptor, DequantizePerGroupDescriptor, DType,
                  FLOAT_DTYPES, INT_DTYPES, STORAGE_DTYPES, QuantizePerGroupBackwardDescriptor,
                  QuantizePerGroupDescriptor, check_int, parse_dtype, resolve_q_range)
@@ -23,6 +23,26 @@ from .runtime import cuda as cuda_runtime
 
 __all__ = ["dequantize_per_group", "quantize_per_group", "dequantize_per_group_backward",
            "quantize_per_group_backward", "choose_qparams_per_group"]
+
+#: The zero-point rules ``choose_qparams_per_group`` knows, named as torchao's
+#: ``ZeroPointDomain``: an integer added to the quantized value, or a float subtracted
+#: from the unquantized one (tinygemm, ``formats.floatzp``).
+ZERO_POINT_DOMAINS = ("int", "float")
+
+
+def _storage_argument(int_dtype, dtype, default):
+    """``(value, the name the caller used)`` of the stored integer type.
+
+    ``int_dtype`` is its name everywhere (the descriptors', ``dequantize_per_group``'s,
+    ``formats.floatzp``'s); ``dtype`` is kept as an alias, which ``quantize_per_group``
+    and ``choose_qparams_per_group`` took first.
+    """
+    if dtype is None:
+        return (default, "int_dtype") if int_dtype is None else (int_dtype, "int_dtype")
+    if int_dtype is not None and int_dtype != dtype:
+        raise InvalidProblemError(f"int_dtype={int_dtype!r} and dtype={dtype!r} disagree; "
+                                  "dtype is an alias of int_dtype: pass one of them")
+    return dtype, "dtype"
 
 
 def _zero_point(obj) -> np.ndarray:
@@ -61,10 +81,11 @@ def _descriptor(make, *key):
 
 
 @_remembered
-def _dequantize_descriptor(outer, stored_axis, group_size, scale_dtype, q_dtype, int_dtype):
+def _dequantize_descriptor(outer, stored_axis, group_size, scale_dtype, q_dtype, int_dtype,
+                           int_dtype_name="int_dtype"):
     group_size = check_int(group_size, "group_size", minimum=1, maximum=2**31 - 1)
     storage = (parse_dtype(q_dtype, "q.dtype", INT_DTYPES) if int_dtype is None
-               else parse_dtype(int_dtype, "int_dtype", STORAGE_DTYPES))
+               else parse_dtype(int_dtype, int_dtype_name, STORAGE_DTYPES))
     if storage.is_packed and str(q_dtype).removeprefix("torch.") != "uint8":  # numpy/torch/CuPy
         raise InvalidProblemError(f"packed {storage.value} q must be a uint8 array, got {q_dtype}")
     axis = 2 * stored_axis if storage.is_packed else stored_axis
@@ -73,10 +94,12 @@ def _dequantize_descriptor(outer, stored_axis, group_size, scale_dtype, q_dtype,
 
 
 @_remembered
-def _quantize_descriptor(outer, axis, group_size, x_dtype, dtype, q_min, q_max):
+def _quantize_descriptor(outer, axis, group_size, x_dtype, int_dtype, q_min, q_max,
+                         int_dtype_name="int_dtype"):
     group_size = check_int(group_size, "group_size", minimum=1, maximum=2**31 - 1)
-    return QuantizePerGroupDescriptor(outer, axis, group_size, _float_dtype(x_dtype, "x"), dtype,
-                                      q_min, q_max)
+    storage = parse_dtype(int_dtype, int_dtype_name, STORAGE_DTYPES)
+    return QuantizePerGroupDescriptor(outer, axis, group_size, _float_dtype(x_dtype, "x"),
+                                      storage, q_min, q_max)
 
 
 @_remembered
@@ -130,18 +153,54 @@ def _finish(result, user_out, like, shape):
     return from_numpy_like(result.reshape(shape), like)
 
 
+def _reading(storage) -> str:
+    return (f"read as packed {storage.value} (two values a byte)" if storage.is_packed
+            else f"read as {storage.value} (one value a byte)")
+
+
+def _scale_shape_error(q_shape, s_shape, group_size, storage) -> InvalidProblemError | None:
+    """The error for a ``scale`` whose shape does not fit ``q`` read as ``storage``, with a
+    hint when it fits the other reading of q's bytes (packed 4-bit or one value a byte).
+
+    Checked before the plan's own shape check, which would say only "scale has shape
+    (64, 8), expected (64, 4)" for packed bytes given without ``int_dtype="u4"``.
+    """
+    rows, stored = q_shape
+    axis = 2 * stored if storage.is_packed else stored
+    if axis % group_size or tuple(s_shape) == (rows, axis // group_size):
+        return None  # the descriptor names a bad group size; the shape fits
+    other = 2 * stored if not storage.is_packed else stored
+    if tuple(s_shape) != (rows, other // group_size) or other % group_size:
+        return None  # no other reading fits: the plan's check names the shapes
+    hint = ("did you mean int_dtype='u4' (or 's4'): two values a byte?" if not storage.is_packed
+            else "q holds one value a byte? leave int_dtype out (q's own s8/u8)")
+    return InvalidProblemError(
+        f"scale has shape {tuple(s_shape)}, expected {(rows, axis // group_size)} for q of "
+        f"shape {tuple(q_shape)} {_reading(storage)} in groups of {group_size}; {hint}")
+
+
 def dequantize_per_group(q, scale, zero_point, group_size: int, out=None, device=None,
-                         int_dtype=None):
+                         int_dtype=None, *, dtype=None):
     """``y = scale * (q - zero_point)`` per group of ``group_size`` along the last axis.
 
     The result has ``scale``'s dtype (f32, f64, f16 or bf16). ``q`` is s8/u8, or packed
     4-bit when ``int_dtype`` is ``"u4"``/``"s4"``: a uint8 array holding two values a
     byte (element 2k in the low nibble of byte k), so its last axis is half the output's.
+    ``dtype`` is an alias of ``int_dtype`` (the name ``quantize_per_group`` took first).
     """
+    if dtype is not None:
+        int_dtype, name = _storage_argument(int_dtype, dtype, None)
+    else:
+        name = "int_dtype"
     q2, s2 = rows(q, "q"), rows(scale, "scale")
     desc = _descriptor(_dequantize_descriptor, q2.shape[0], q2.shape[1], group_size, s2.dtype,
-                       q2.dtype, int_dtype)
+                       q2.dtype, int_dtype, name)
     outer, axis = desc.outer, desc.axis
+    if s2.shape != (outer, desc.num_groups):
+        error = _scale_shape_error(q2.shape, s2.shape, desc.group_size, desc.int_dtype)
+        if error is not None and (desc.int_dtype.is_packed
+                                  or str(q2.dtype).removeprefix("torch.") == "uint8"):
+            raise error
     plan = plans.DequantizePerGroupPlan.select(desc, device=_where(q2, device))
     shape = (*np.shape(q)[:-1], axis)
     y, user_out = _output(out, (outer, axis), desc.float_dtype.np_dtype, shape, like=q2)
@@ -150,16 +209,21 @@ def dequantize_per_group(q, scale, zero_point, group_size: int, out=None, device
     return _finish(y, out, q, shape)
 
 
-def quantize_per_group(x, scale, zero_point, group_size: int, dtype="s8", q_min=None,
-                       q_max=None, out=None, device=None):
-    """``q = clamp(rint(x / scale) + zero_point, q_min, q_max)`` stored as ``dtype``.
+def quantize_per_group(x, scale, zero_point, group_size: int, int_dtype=None, q_min=None,
+                       q_max=None, out=None, device=None, *, dtype=None):
+    """``q = clamp(rint(x / scale) + zero_point, q_min, q_max)`` stored as ``int_dtype``.
 
-    ``dtype`` is s8, u8, or packed ``u4``/``s4`` (a uint8 array of two values a byte,
-    its last axis half of ``x``'s).
+    ``int_dtype`` is s8 (the default), u8, or packed ``u4``/``s4`` (a uint8 array of two
+    values a byte, its last axis half of ``x``'s); ``dtype`` is its alias.
     """
+    if dtype is None and int_dtype is None:
+        int_dtype, name = "s8", "int_dtype"
+    else:
+        int_dtype, name = _storage_argument(int_dtype, dtype, "s8")
     x2, s2 = rows(x, "x"), rows(scale, "scale")
     outer, axis = x2.shape
-    desc = _descriptor(_quantize_descriptor, outer, axis, group_size, x2.dtype, dtype, q_min, q_max)
+    desc = _descriptor(_quantize_descriptor, outer, axis, group_size, x2.dtype, int_dtype, q_min,
+                       q_max, name)
     plan = plans.QuantizePerGroupPlan.select(desc, device=_where(x2, device))
     storage_shape = desc.int_dtype.storage_shape(outer, axis)
     shape = (*np.shape(x)[:-1], storage_shape[1])
@@ -207,9 +271,21 @@ def _round_up(value: np.ndarray, float_dtype: DType) -> np.ndarray:
     return rounded
 
 
-def choose_qparams_per_group(x, group_size: int, dtype="s8", symmetric: bool = False,
-                             q_min=None, q_max=None):
+def _zero_point_domain(value) -> str:
+    """``"int"`` or ``"float"``; torchao's ``ZeroPointDomain.INT``/``.FLOAT`` by name."""
+    name = str(getattr(value, "name", value)).lower()
+    if name not in ZERO_POINT_DOMAINS:
+        raise UnsupportedError(f"zero_point_domain={value!r} is not supported; expected one of: "
+                               f"{', '.join(ZERO_POINT_DOMAINS)}")
+    return name
+
+
+def choose_qparams_per_group(x, group_size: int, int_dtype=None, symmetric: bool = False,
+                             q_min=None, q_max=None, *, zero_point_domain="int", dtype=None):
     """Per-group ``(scale, zero_point)`` from min/max, as GPTQ and torchao compute them.
+
+    ``int_dtype`` (alias ``dtype``): the storage the values are chosen for, s8 (default),
+    u8, or packed u4/s4, whose range ``[q_min, q_max]`` defaults to.
 
     Asymmetric: the range ``[min(x, 0), max(x, 0)]`` maps onto ``[q_min, q_max]`` and the
     zero point, ``q_min - rint(min / scale)``, is clamped into ``[q_min, q_max]``.
@@ -230,15 +306,30 @@ def choose_qparams_per_group(x, group_size: int, dtype="s8", symmetric: bool = F
     ``(q_max - q_min) * 2**-p`` steps more (``p`` significand bits: for bf16 and 8 bits
     almost a whole step, not half). Rounded up, every finite value of a group comes back
     within half a step. f32 and f64 scales need no rounding and equal torchao's.
+
+    ``zero_point_domain="float"`` (torchao's ``ZeroPointDomain.FLOAT``, tinygemm; for
+    ``formats.floatzp``): asymmetric only, and torchao's ``_choose_qparams_affine_tinygemm``
+    bit for bit: in ``x``'s dtype F, ``scale = max(F(F(max - min) / (q_max - q_min)),
+    smallest normal)`` over ``[min, max]`` of the group (0 need not be in it) and the float
+    zero point ``F(min + F(scale * mid))``, ``mid = (q_max + q_min + 1) / 2``, both in F.
+    Non-finite values are ignored here too (torchao's would be NaN).
     """
     arr = to_numpy(x, "x")
     float_dtype = _float_dtype(arr.dtype, "x")
-    storage = parse_dtype(dtype, "dtype", INT_DTYPES)
+    value, name = _storage_argument(int_dtype, dtype, "s8")
+    storage = parse_dtype(value, name, STORAGE_DTYPES)
     lo, hi = resolve_q_range(q_min, q_max, *storage.int_range, storage.value)
     group_size = check_int(group_size, "group_size", minimum=1)
+    domain = _zero_point_domain(zero_point_domain)
     if arr.ndim == 0 or arr.shape[-1] % group_size:
         raise InvalidProblemError(f"the last axis ({arr.shape[-1] if arr.ndim else 0}) is not a "
                                   f"multiple of group_size={group_size}")
+    if domain == "float":
+        if symmetric:
+            raise UnsupportedError("zero_point_domain='float' is asymmetric (torchao's tinygemm "
+                                   "rule); symmetric=True needs integer zero points")
+        scale, zero = _float_zero_qparams(arr, group_size, float_dtype, lo, hi)
+        return from_numpy_like(scale, x), from_numpy_like(zero, x)
     compute = np.float64 if float_dtype is DType.F64 else np.float32
     groups = arr.astype(compute).reshape(*arr.shape[:-1], arr.shape[-1] // group_size, group_size)
     finite = np.where(np.isfinite(groups), groups, 0)
@@ -256,3 +347,27 @@ def choose_qparams_per_group(x, group_size: int, dtype="s8", symmetric: bool = F
             zero = np.clip(np.nan_to_num(zero, nan=lo), lo, hi).astype(np.int64)
     return (from_numpy_like(np.ascontiguousarray(scale), x),
             from_numpy_like(zero.astype(np.int32), x))
+
+
+def _float_zero_qparams(arr: np.ndarray, group_size: int, float_dtype: DType, lo: int,
+                        hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """torchao's tinygemm qparams, each operation rounded to F as torch computes it on F
+    tensors: in f32 (f64 for f64) from F operands and Python scalars, then rounded."""
+    f = float_dtype.np_dtype
+    c = np.dtype(np.float64) if float_dtype is DType.F64 else np.dtype(np.float32)
+    groups = arr.reshape(*arr.shape[:-1], arr.shape[-1] // group_size, group_size)
+    finite = np.isfinite(groups)
+    min_val = np.where(finite, groups, np.inf).min(axis=-1, initial=np.inf)
+    max_val = np.where(finite, groups, -np.inf).max(axis=-1, initial=-np.inf)
+    empty = ~finite.any(axis=-1)
+    min_val = np.where(empty, 0, min_val).astype(f).astype(c)
+    max_val = np.where(empty, 0, max_val).astype(f).astype(c)
+
+    def rounded(value):
+        return value.astype(f).astype(c)
+
+    with np.errstate(all="ignore"):
+        scale = rounded(rounded(max_val - min_val) / c.type(hi - lo))
+        scale = np.maximum(scale, c.type(np.finfo(f).smallest_normal))
+        zero = min_val + rounded(scale * c.type((hi + lo + 1) / 2))
+    return np.ascontiguousarray(scale.astype(f)), np.ascontiguousarray(zero.astype(f))
