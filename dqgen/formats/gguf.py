@@ -1,13 +1,15 @@
 """GGUF files (llama.cpp): open one memory-mapped, list its tensors and metadata, and
 dequantize one tensor at a time.
 
-llama.cpp's own ``gguf`` package parses the file (the optional dependency
-``dqgen[gguf]``). What that parser takes on trust is checked here before any tensor is
-touched: every tensor's type is known, its rows hold whole blocks, and its bytes lie
-inside the file and before the next tensor's. So a damaged or truncated file fails naming
-the file, the tensor and its type, never with a numpy error or a wrong value. A quantized
-tensor's mapped block bytes go to ``dqgen.formats.ggml.dequantize`` as they are (no
-copy), F32/F16/BF16 tensors' bytes too (cast, rounded once to nearest even).
+dqgen reads the container itself (``gguf_reader``): the header and the tensor table at
+open, metadata values when asked for, so a file with a 262k-token vocabulary opens in
+milliseconds, and without llama.cpp's ``gguf`` package. What the tensor table says is
+checked here before any tensor is touched: every tensor's type is known, its rows hold
+whole blocks, and its bytes lie inside the file and before the next tensor's. So a
+damaged or truncated file fails naming the file, the tensor and its type, never with a
+numpy error or a wrong value. A quantized tensor's mapped block bytes go to
+``dqgen.formats.ggml.dequantize`` as they are (no copy), F32/F16/BF16 tensors' bytes too
+(cast, rounded once to nearest even).
 
 GGUF lists a tensor's dimensions innermost first; shapes here are in PyTorch's order.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +27,10 @@ import numpy as np
 from ..errors import InvalidProblemError, UnsupportedError
 from ..ir import GGML_FLOAT_DTYPES, DType, parse_dtype
 from . import ggml
+from .gguf_reader import GGML_TYPES, GgufFileError, GGUFReader
+
+__all__ = ["GGUFFile", "GgufFileError", "Metadata", "TensorInfo", "block_size", "open",
+           "supported_types", "supports"]
 
 #: Float tensor types dequantize casts; numpy dtype of their values.
 FLOAT_TYPES = {"F32": DType.F32.np_dtype, "F16": DType.F16.np_dtype,
@@ -32,21 +39,8 @@ FLOAT_TYPES = {"F32": DType.F32.np_dtype, "F16": DType.F16.np_dtype,
 VALUE_TYPES = {"F64": np.dtype(np.float64), "I8": np.dtype(np.int8),
                "I16": np.dtype(np.int16), "I32": np.dtype(np.int32),
                "I64": np.dtype(np.int64)}
-INSTALL_HINT = "pip install 'dqgen[gguf]'"
-
-
-class GgufFileError(InvalidProblemError):
-    """A GGUF file is damaged: truncated, or a tensor's type, shape or bytes do not fit."""
-
-
-def _gguf():
-    """The ``gguf`` package, imported on first use (it is an optional dependency)."""
-    try:
-        import gguf
-    except ImportError:
-        raise UnsupportedError("reading GGUF files needs llama.cpp's gguf package: "
-                               f"{INSTALL_HINT}") from None
-    return gguf
+#: GGML type name -> (values, bytes) of one block, for every type a GGUF file may hold.
+BLOCK_SIZES = {name: (values, nbytes) for name, values, nbytes in GGML_TYPES.values()}
 
 
 def supports(qtype: str) -> bool:
@@ -55,14 +49,17 @@ def supports(qtype: str) -> bool:
 
 
 def block_size(qtype: str) -> tuple[int, int]:
-    """(values, bytes) of one block of GGML type ``qtype``, from the gguf package's table."""
-    gguf = _gguf()
-    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    """(values, bytes) of one block of GGML type ``qtype``."""
+    try:
+        return BLOCK_SIZES[qtype]
+    except KeyError:
+        raise UnsupportedError(f"qtype={qtype!r} is not a GGML type; expected one of: "
+                               f"{', '.join(BLOCK_SIZES)}") from None
 
 
 def supported_types() -> tuple[str, ...]:
-    """Every GGML type name of the installed gguf package that dequantize reads."""
-    return tuple(t.name for t in _gguf().GGMLQuantizationType if supports(t.name))
+    """Every GGML type name a GGUF file may hold that dequantize reads, in GGML's order."""
+    return tuple(name for name, _, _ in GGML_TYPES.values() if supports(name))
 
 
 @dataclass(frozen=True)
@@ -84,59 +81,28 @@ class TensorInfo:
         return f"tensor {self.name!r} ({self.type}, shape {list(self.shape)})"
 
 
-@functools.cache
-def _reader_class():
-    """``gguf.GGUFReader`` with the tensor table checked before it maps each tensor."""
-    gguf = _gguf()
-
-    class CheckedReader(gguf.GGUFReader):
-        # The parser slices its map once or twice per metadata element (a 128k-token
-        # vocabulary is ~10^6 slices); a plain ndarray view of the np.memmap slices
-        # several times faster than the memmap subclass (4.6 s instead of 16.5 s to open
-        # a llama-3-sized tokenizer under load). The view keeps the map alive.
-        data = property(lambda self: self._map,
-                        lambda self, value: setattr(self, "_map", value.view(np.ndarray)))
-
-        def __init__(self, path: Path) -> None:
-            self.checked_path = path
-            super().__init__(path, "r")
-
-        def _build_tensors(self, start_offs: int, fields) -> None:
-            _check_tensor_table(self, start_offs, fields)
-            super()._build_tensors(start_offs, fields)
-
-    return CheckedReader
-
-
-def _check_tensor_table(reader, start: int, fields) -> None:
-    """Each tensor's type known, rows of whole blocks, bytes inside the file and before the
-    next tensor's; raises naming the first tensor that is not."""
-    gguf = _gguf()
-    path, size = reader.checked_path, len(reader.data)
-    spans = []
-    for i, field in enumerate(fields):
-        name_len, name_data, n_dims, dims, raw_type, rel = field.parts
-        if (len(name_data) != int(name_len[0]) or len(dims) != int(n_dims[0])
-                or len(raw_type) != 1 or len(rel) != 1):
-            raise GgufFileError(f"{path}: not a valid GGUF file: the tensor table is cut short "
-                                f"at tensor {i} of {len(fields)} (truncated file?)")
-        name = bytes(name_data).decode("utf-8", "replace")
-        try:
-            qtype = gguf.GGMLQuantizationType(int(raw_type[0]))
-        except ValueError:
-            raise UnsupportedError(f"{path}: tensor {name!r} has GGML type {int(raw_type[0])}, "
-                                   f"unknown to gguf {_version()} (a newer llama.cpp type? "
-                                   "try a newer gguf package)") from None
-        values_per_block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
-        ne = [int(d) for d in dims]
-        info = TensorInfo(name, qtype.name, tuple(reversed(ne)), 0, start + int(rel[0]))
+def _tensor_table(reader: GGUFReader) -> dict[str, TensorInfo]:
+    """name -> TensorInfo in file order: each tensor's type known, rows of whole blocks,
+    bytes inside the file and before the next tensor's; raises naming the first tensor
+    that is not."""
+    path, size = reader.path, reader.size
+    infos, spans = {}, []
+    for entry in reader.tensors:
+        name, ne = entry.name, list(entry.dims)
+        known = GGML_TYPES.get(entry.type_id)
+        if known is None:
+            raise UnsupportedError(f"{path}: tensor {name!r} has GGML type {entry.type_id}, "
+                                   f"unknown to dqgen {_version()} (a newer llama.cpp type? "
+                                   "try a newer dqgen)")
+        qtype, values_per_block, block_bytes = known
+        begin = reader.data_offset + entry.offset
+        nbytes = math.prod(ne) // values_per_block * block_bytes
+        info = TensorInfo(name, qtype, tuple(reversed(ne)), nbytes, begin)
         if not ne:
             raise GgufFileError(f"{path}: {info.describe()} has no dimensions")
         if ne[0] % values_per_block:
             raise GgufFileError(f"{path}: {info.describe()} has rows of {ne[0]} values, not a "
-                                f"multiple of the {values_per_block}-value {qtype.name} block")
-        nbytes = math.prod(ne) // values_per_block * block_bytes
-        begin = info.offset
+                                f"multiple of the {values_per_block}-value {qtype} block")
         if begin > size:
             raise GgufFileError(f"{path}: {info.describe()} starts at byte {begin}, past the "
                                 f"end of the {size}-byte file (truncated?)")
@@ -144,6 +110,7 @@ def _check_tensor_table(reader, start: int, fields) -> None:
             raise GgufFileError(f"{path}: {info.describe()} needs bytes [{begin}, "
                                 f"{begin + nbytes}) but the file ends at byte {size} "
                                 "(truncated?)")
+        infos[name] = info
         spans.append((begin, begin + nbytes, info))
     spans.sort(key=lambda s: (s[0], s[1]))
     for (b0, e0, a), (b1, _, b) in zip(spans, spans[1:]):
@@ -151,14 +118,40 @@ def _check_tensor_table(reader, start: int, fields) -> None:
             raise GgufFileError(f"{path}: {a.describe()} needs {e0 - b0} bytes but "
                                 f"{b.describe()} starts {b1 - b0} bytes after it: the bytes "
                                 "do not match its type and shape")
+    return infos
 
 
 def _version() -> str:
-    from importlib import metadata
-    try:
-        return metadata.version("gguf")
-    except metadata.PackageNotFoundError:
-        return "(unknown version)"
+    from ..version import __version__
+    return __version__
+
+
+class Metadata(Mapping):
+    """Key -> value of a GGUF file's metadata (file order; the container's own ``GGUF.*``
+    keys left out), each value read from the map when first asked for and kept: a
+    262k-entry token list costs nothing until it is used. ``dict(f.metadata)`` reads all."""
+
+    def __init__(self, reader: GGUFReader) -> None:
+        self._reader = reader
+        self._fields = {k: f for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+        self._values: dict = {}
+
+    def __getitem__(self, key):
+        try:
+            return self._values[key]
+        except KeyError:
+            field = self._fields[key]  # a missing key: KeyError, as a dict's
+        value = self._values[key] = self._reader.value(field)
+        return value
+
+    def __iter__(self):
+        return iter(self._fields)
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def __repr__(self) -> str:
+        return f"<GGUF metadata of {str(self._reader.path)!r}: {len(self)} keys>"
 
 
 class GGUFFile:
@@ -167,47 +160,22 @@ class GGUFFile:
 
     def __init__(self, path) -> None:
         self.path = Path(path)
-        try:
-            reader = _reader_class()(self.path)
-        except (InvalidProblemError, UnsupportedError):  # ours, already naming the tensor
-            raise
-        except OSError as exc:
-            raise InvalidProblemError(f"{self.path}: cannot read: {exc.strerror or exc}") from None
-        except (ValueError, IndexError, KeyError, OverflowError, TypeError) as exc:
-            raise GgufFileError(f"{self.path}: not a valid GGUF file "
-                                f"({type(exc).__name__}: {exc})") from None
-        if reader.byte_order != "I":
-            raise UnsupportedError(f"{self.path}: the file's byte order is not this machine's "
-                                   "(a big-endian GGUF file); dqgen reads little-endian files")
+        reader = GGUFReader(self.path)
+        self.tensors: dict[str, TensorInfo] = _tensor_table(reader)
         self._reader = reader
-        self.version = int(reader.fields["GGUF.version"].parts[0][0])
-        self.alignment = int(reader.alignment)
-        self._tensors = {t.name: t for t in reader.tensors}
-        self.tensors: dict[str, TensorInfo] = {
-            t.name: TensorInfo(t.name, t.tensor_type.name,
-                               tuple(int(d) for d in reversed(t.shape.tolist())),
-                               int(t.n_bytes), int(t.data_offset))
-            for t in reader.tensors}
+        self.version = reader.version
+        self.alignment = reader.alignment
 
-    def _live(self):
+    def _live(self) -> GGUFReader:
         if self._reader is None:
             raise InvalidProblemError(f"{self.path} is closed")
         return self._reader
 
     @functools.cached_property
-    def metadata(self) -> dict:
-        """Key -> value of every metadata field (the parser's own ``GGUF.*`` counts left
-        out), as str, int, float, bool or a list of them."""
-        out = {}
-        for key, field in self._live().fields.items():
-            if key.startswith("GGUF."):
-                continue
-            try:
-                out[key] = field.contents()
-            except (UnicodeDecodeError, ValueError, IndexError) as exc:
-                raise GgufFileError(f"{self.path}: metadata {key!r} cannot be read "
-                                    f"({type(exc).__name__}: {exc})") from None
-        return out
+    def metadata(self) -> Metadata:
+        """Key -> value of every metadata field, as str, int, float, bool or a list of
+        them (an array of arrays as nested lists), each read when first asked for."""
+        return Metadata(self._live())
 
     def __repr__(self) -> str:
         return f"GGUFFile({str(self.path)!r}, {len(self.tensors)} tensors)"
@@ -230,7 +198,6 @@ class GGUFFile:
     def close(self) -> None:
         """Drop this object's hold on the map (arrays from ``array`` keep theirs)."""
         self._reader = None
-        self._tensors = {}
 
     def info(self, name: str) -> TensorInfo:
         try:
@@ -244,11 +211,12 @@ class GGUFFile:
         """The tensor's data as stored, mapped read-only (no copy): values for float and
         integer types, uint8 block bytes ``[..., bytes_per_row]`` for block types."""
         info = self.info(name)
-        self._live()
-        data = self._tensors[name].data
-        if info.type == "BF16":  # the parser maps BF16 as bytes
-            return data.view(FLOAT_TYPES["BF16"]).reshape(info.shape)
-        return data
+        data = self._live().data[info.offset:info.offset + info.nbytes]
+        dtype = FLOAT_TYPES.get(info.type, VALUE_TYPES.get(info.type))
+        if dtype is not None:
+            return data.view(dtype).reshape(info.shape)
+        values, nbytes = BLOCK_SIZES[info.type]
+        return data.reshape(*info.shape[:-1], info.shape[-1] // values * nbytes)
 
     def dequantize(self, name: str, dtype="f16", out=None):
         """Tensor ``name`` as floats of ``dtype`` (f16 default, bf16 or f32) in PyTorch's
