@@ -170,25 +170,44 @@ def _storage(int_dtype: Optional[str], q: Tensor) -> DType:
 
 @_op("dequantize_per_group")
 def dequantize_per_group(q: Tensor, scale: Tensor, zero_point: Tensor, group_size: int,
-                         int_dtype: Optional[str] = None) -> Tensor:
+                         int_dtype: Optional[str] = None,
+                         output_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``y = scale * (q - zero_point)`` per group (``dqgen.dequantize_per_group``).
 
     ``q`` is int8/uint8, or packed 4-bit bytes when ``int_dtype`` is ``"u4"``/``"s4"``.
+    ``output_dtype`` (default: ``scale``'s dtype): the kernel runs in the wider of the two
+    (``scale`` widened exactly; f32 for f16 and bf16) and its result is converted, as
+    torchao's ``dequantize_affine(..., output_dtype=)`` computes it.
     Differentiable in ``scale`` (the per-group sum of ``dy * (q - zero_point)``).
     """
-    return api.dequantize_per_group(q, scale, zero_point, group_size, int_dtype=int_dtype)
+    if output_dtype is None or output_dtype == scale.dtype:
+        return api.dequantize_per_group(q, scale, zero_point, group_size, int_dtype=int_dtype)
+    wide = _wide_dtype(scale, output_dtype)
+    y = api.dequantize_per_group(q, scale.to(wide), zero_point, group_size, int_dtype=int_dtype)
+    return y if wide == output_dtype else y.to(output_dtype)
+
+
+def _wide_dtype(scale: Tensor, output_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the dequantize kernel runs in for ``output_dtype`` results: torch's
+    promotion of the two float dtypes (both checked to be dqgen's)."""
+    _float(scale, "scale")
+    parse_dtype(output_dtype, "output_dtype", FLOAT_DTYPES)
+    return torch.promote_types(scale.dtype, output_dtype)
 
 
 @dequantize_per_group.register_fake
-def _(q, scale, zero_point, group_size, int_dtype=None):
+def _(q, scale, zero_point, group_size, int_dtype=None, output_dtype=None):
     _rank(q, "q")
     storage = _storage(int_dtype, q)
-    return _with_last(q, q.shape[-1] * (2 if storage.is_packed else 1),
-                      _TORCH_DTYPE[_float(scale, "scale")])
+    dtype = _TORCH_DTYPE[_float(scale, "scale")]
+    if output_dtype is not None:
+        _wide_dtype(scale, output_dtype)
+        dtype = output_dtype
+    return _with_last(q, q.shape[-1] * (2 if storage.is_packed else 1), dtype)
 
 
 def _dequantize_setup(ctx, inputs, output):
-    q, scale, zero_point, group_size, int_dtype = inputs
+    q, scale, zero_point, group_size, int_dtype, _ = inputs
     ctx.group_size, ctx.int_dtype = group_size, int_dtype
     ctx.save_for_backward(q, scale, zero_point)
 
@@ -202,7 +221,7 @@ def _dequantize_grad(ctx, grad):
         diff = dequantize_per_group(q, torch.ones_like(scale, dtype=c), zero_point,
                                     ctx.group_size, ctx.int_dtype)
         grad_scale = _per_group_sum(grad.to(c) * diff, scale, ctx.group_size).to(scale.dtype)
-    return None, grad_scale, None, None, None
+    return None, grad_scale, None, None, None, None
 
 
 dequantize_per_group.register_autograd(_dequantize_grad, setup_context=_dequantize_setup)
@@ -336,7 +355,16 @@ def fake_quantize_per_group(x: Tensor, scale: Tensor, zero_point: Tensor, group_
     ``1 / sqrt(numel * q_max)`` yourself if you want it): per group, the sum of
     ``dy * (q - zp - x / scale)`` over in-range values and ``dy * (q - zp)`` over the
     others, computed in torch in the compute type. ``zero_point`` has no gradient.
+
+    A float ``zero_point`` (``x``'s dtype, as ``scale``) selects torchao's FLOAT domain
+    (tinygemm, ``ZeroPointDomain.FLOAT``): ``dqgen.formats.floatzp.fake_quantize``,
+    torchao's ``_fake_quantize_affine`` bit for bit, and its straight-through gradient
+    for ``x`` as torch's autograd computes it through torchao's expression,
+    ``F(where(q_min <= rint(t) <= q_max, F(dy * scale), 0) / scale)``; ``scale`` and
+    ``zero_point`` get none there (compute them without gradient, as torchao does).
     """
+    if zero_point.is_floating_point():
+        return floatzp.fake_quantize(x, scale, zero_point, group_size, q_min, q_max)
     storage = _fake_quant_storage(q_min, q_max)
     q = api.quantize_per_group(x, scale, zero_point, group_size, dtype=storage, q_min=q_min,
                                q_max=q_max)
@@ -348,7 +376,26 @@ def _(x, scale, zero_point, group_size, q_min, q_max):
     _rank(x, "x")
     _float(x, "x")
     _fake_quant_storage(q_min, q_max)
+    if zero_point.is_floating_point():
+        _float_zero_params(x, scale, zero_point, group_size)
+        return x.new_empty(x.shape)
     return x.new_empty(x.shape, dtype=_TORCH_DTYPE[_float(scale, "scale")])
+
+
+def _float_zero_params(x: Tensor, scale: Tensor, zero_point: Tensor, group_size: int) -> None:
+    """``floatzp.check_params`` on (fake) tensors: x's dtype, one value a group."""
+    group_size = check_int(group_size, "group_size", minimum=1, maximum=2**31 - 1)
+    if x.shape[-1] % group_size:
+        raise InvalidProblemError(f"x's last axis ({x.shape[-1]}) is not a multiple of "
+                                  f"group_size={group_size}")
+    want = (*x.shape[:-1], x.shape[-1] // group_size)
+    for name, t in (("scale", scale), ("zero_point", zero_point)):
+        if t.dtype != x.dtype:
+            raise InvalidProblemError(f"{name} has dtype {t.dtype}; float zero points work in "
+                                      f"x's dtype ({x.dtype}): convert it")
+        if tuple(t.shape) != want:
+            raise InvalidProblemError(f"{name} has shape {tuple(t.shape)}, expected {want}: "
+                                      f"one value a group of {group_size}")
 
 
 def _fake_quantize_setup(ctx, inputs, output):
@@ -374,10 +421,30 @@ def _lsq_scale_grad(grad, x, scale, zero_point, group_size, q_min, q_max):
     return total.reshape(scale.shape).to(scale.dtype)
 
 
+def _float_zero_x_grad(grad, x, scale, zero_point, group_size, q_min, q_max):
+    """torch's autograd through torchao's FLOAT-domain fake quantize: the clamp passes
+    ``F(dy * scale)`` where ``q_min <= round(t) <= q_max``, the division divides it by
+    ``scale`` again (0 / 0 is NaN there too, as in torch)."""
+    t = floatzp.quotient(x, scale, zero_point, group_size, q_min, q_max)
+    r = torch.round(t)
+    inside = (r >= q_min) & (r <= q_max)
+    s = scale.reshape(-1, scale.shape[-1], 1)
+    shape = (-1, scale.shape[-1], group_size)
+    through = torch.where(inside.reshape(shape), grad.reshape(shape) * s, 0)
+    return (through / s).reshape(x.shape)
+
+
 def _fake_quantize_grad(ctx, grad):
     x, scale, zero_point = ctx.saved_tensors
     group_size, q_min, q_max = ctx.args
     grad_x = grad_scale = None
+    if zero_point.is_floating_point():
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            raise UnsupportedError("fake_quantize_per_group with float zero points has no "
+                                   "gradient for scale or zero_point; detach them")
+        if ctx.needs_input_grad[0]:
+            grad_x = _float_zero_x_grad(grad, x, scale, zero_point, group_size, q_min, q_max)
+        return grad_x, None, None, None, None, None
     if ctx.needs_input_grad[0]:
         dq = dequantize_per_group_backward(grad, scale, group_size)
         grad_x = quantize_per_group_backward(dq, x, scale, zero_point, group_size, q_min, q_max)

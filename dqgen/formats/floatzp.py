@@ -139,8 +139,9 @@ def _described(obj, name: str) -> tuple[tuple[int, ...], np.dtype]:
     return arr.shape, arr.dtype
 
 
-def _check_params(x, scale, zero_point, group_size: int) -> None:
-    """``scale`` and ``zero_point``: x's float dtype, one value a group of x's last axis."""
+def check_params(x, scale, zero_point, group_size: int) -> None:
+    """``scale`` and ``zero_point`` of ``quantize``/``fake_quantize``: x's float dtype, one
+    value a group of x's last axis (CUDA and fake tensors are read by shape and dtype)."""
     shape, x_dtype = _described(x, "x")
     parse_dtype(x_dtype, "x.dtype", FLOAT_DTYPES)
     if not shape or shape[-1] % group_size:
@@ -214,8 +215,51 @@ def quantize(x, scale, zero_point, group_size: int, int_dtype="u4", q_min=None, 
     storage = parse_dtype(int_dtype, "int_dtype", STORAGE_DTYPES)
     q_min, q_max = resolve_q_range(q_min, q_max, *storage.int_range, storage.value)
     group_size = check_int(group_size, "group_size", minimum=1, maximum=2**31 - 1)
-    _check_params(x, scale, zero_point, group_size)
+    check_params(x, scale, zero_point, group_size)
     t = quotient(x, scale, zero_point, group_size, q_min, q_max)
     ones, zeros = _unit_params(scale)
     return api.quantize_per_group(t, ones, zeros, group_size, int_dtype=storage.value,
                                   q_min=q_min, q_max=q_max, out=out, device=device)
+
+
+def _nan_where(t, y):
+    """``y`` with ``t``'s NaNs, which torchao carries through its round and clamp."""
+    if arrays.is_torch(t):
+        import torch
+        return torch.where(torch.isnan(t), t.to(y.dtype), y)
+    t = arrays.to_numpy(t, "x")
+    return arrays.from_numpy_like(np.where(np.isnan(t), t, arrays.to_numpy(y, "y")), y)
+
+
+def fake_quantize(x, scale, zero_point, group_size: int, q_min: int, q_max: int):
+    """``dequantize(quantize(x))`` in ``x``'s dtype, without the integer storage's limits:
+    torchao's ``_fake_quantize_affine(..., zero_point_domain=ZeroPointDomain.FLOAT)`` bit
+    for bit (NaN where the quotient is NaN, as torchao's). ``[q_min, q_max]`` lies inside
+    s8 or u8 (the values pass through that storage); ``mid`` is computed from it.
+
+    Three steps: torchao's float quotient (``quotient``), the family's quantize kernel
+    (round and clamp, unit scales) and the float-zero dequantize kernel.
+    """
+    storage = _fake_storage(q_min, q_max)
+    group_size = check_int(group_size, "group_size", minimum=1, maximum=2**31 - 1)
+    check_params(x, scale, zero_point, group_size)
+    t = quotient(x, scale, zero_point, group_size, q_min, q_max)
+    ones, zeros = _unit_params(scale)
+    q = api.quantize_per_group(t, ones, zeros, group_size, int_dtype=storage, q_min=q_min,
+                               q_max=q_max)
+    y = dequantize(q, scale, zero_point, group_size, int_dtype=storage, q_min=q_min,
+                   q_max=q_max)
+    return _nan_where(t, y)
+
+
+def _fake_storage(q_min, q_max) -> str:
+    """The one-byte storage (s8, else u8) holding ``[q_min, q_max]``."""
+    q_min = check_int(q_min, "q_min", minimum=-2**63)
+    q_max = check_int(q_max, "q_max", minimum=-2**63)
+    for storage in INT_DTYPES:
+        lo, hi = storage.int_range
+        if lo <= q_min and q_max <= hi:
+            resolve_q_range(q_min, q_max, lo, hi, storage.value)  # q_min <= q_max
+            return storage.value
+    raise InvalidProblemError(f"q_min={q_min}, q_max={q_max}: the range must lie inside s8 "
+                              "[-128, 127] or u8 [0, 255]")

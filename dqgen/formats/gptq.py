@@ -55,6 +55,18 @@ def _in_row_order(g_idx: np.ndarray, group_size: int) -> bool:
     return bool(np.array_equal(g_idx, np.arange(g_idx.size, dtype=np.int64) // group_size))
 
 
+def _check_not_awq(qweight: tuple, qzeros: tuple, scales: tuple) -> None:
+    """A clear error for AWQ arrays handed to GPTQ: scales of ``[groups, N]`` against a
+    ``qweight`` of ``[K, N / 8]`` (packed along N) rather than ``[K * bits / 32, N]``."""
+    if scales[1] == qweight[1]:
+        return
+    if scales[1] == qweight[1] * 8 and tuple(qzeros) == (scales[0], qweight[1]):
+        raise InvalidProblemError(
+            f"scales has shape {tuple(scales)}, expected (groups, {qweight[1]}) for GPTQ, "
+            f"whose qweight {tuple(qweight)} is [K * bits / 32, N]; these arrays are in AWQ's "
+            "layout (qweight [K, N / 8], packed along N): use awq.dequantize")
+
+
 def dequantize(qweight, qzeros, scales, g_idx=None, bits: int = 4,
                checkpoint_format: str = "gptq", dtype="f16", group_size=None,
                device=None, out=None, v1_zeros: str = GPTQ_V1_ZEROS[0]):
@@ -78,6 +90,7 @@ def dequantize(qweight, qzeros, scales, g_idx=None, bits: int = 4,
     qz = _inputs.words(qzeros, "qzeros")
     sc, scale_dtype = _inputs.float_array(scales, "scales")
     rows, cols = qw.shape[0] * (32 // bits), qw.shape[1]
+    _check_not_awq(_inputs.shape_of(qw), _inputs.shape_of(qz), _inputs.shape_of(sc))
     groups = sc.shape[0]
     act_order = g_idx is not None
     size = infer_group_size(rows, groups, group_size, act_order)
