@@ -1,7 +1,6 @@
 """The lowered kernel's data: ``KernelSpec``, its ``Param``s, and the storage tables
-and thresholds that every lowerer (the family's in ``lower.py``, the checkpoint layouts'
-in ``formats/schedule.py``) shares. It sits below both, so neither imports the other
-for data, and everything downstream (render, build, runtime, bundle) reads only this.
+and thresholds that every format's schedule (``layouts/``) shares. It sits below them,
+so no schedule imports another for data, and everything downstream (render, build, runtime, bundle) reads only this.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ def cuda_float_headers(helpers: tuple[str, ...]) -> tuple[str, ...]:
 
 
 # CUDA: the grid fills every SM this many times at the kernel's occupancy and strides
-# over the rest (see lower.py's CUDA_* for the family's vector width).
+# over the rest (see layouts/per_group.py's CUDA_* for the family's vector width).
 CUDA_GRID_WAVES = 4
 
 
@@ -157,7 +156,7 @@ class KernelSpec:
     float_helpers: tuple[str, ...] = ()  # 16-bit types whose load/store the prelude defines
     staged_load: str = ""           # C layouts: the conversion of a staged array's loads
     staged_load_f16c: bool = False  # ... done eight lanes an instruction with F16C
-    ggml: object = None             # GGML: the block type's knobs (formats/ggml_layouts.py)
+    ggml: object = None             # GGML: the block type's knobs (layouts/ggml_knobs.py)
     # C register path: its vectors (types and intrinsic prefix from the table in _cpu_simd)
     vector_bits: int = 256
     vec_float: str = "__m256"       # the compute-type vector

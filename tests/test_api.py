@@ -116,7 +116,7 @@ def test_runs_are_deterministic_to_the_byte(float_name, isa):
 @pytest.mark.parametrize("float_name", S.FLOAT_NAMES)
 def test_thread_count_does_not_change_a_bit(float_name, isa, monkeypatch):
     """300 x 256 elements is above the parallel threshold: 1, 2 and 3 threads agree."""
-    from dqgen.lower import PARALLEL_MIN_ELEMENTS
+    from dqgen.spec import PARALLEL_MIN_ELEMENTS
     assert 300 * 256 >= PARALLEL_MIN_ELEMENTS  # else the kernels would not go parallel
     results = {}
     for threads in (1, 2, 3):

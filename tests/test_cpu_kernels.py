@@ -26,7 +26,8 @@ import dqgen
 from dqgen import isa as isa_module
 from dqgen import reference
 from dqgen.isa import ISA_LEVELS, isa_features, march_flags
-from dqgen.lower import FP16_ZERO_POINT_LIMIT, lower
+from dqgen.layouts.per_group import FP16_ZERO_POINT_LIMIT
+from dqgen.lower import lower
 from dqgen.render import render
 import strategies as S
 

@@ -15,7 +15,8 @@ import pytest
 
 from dqgen import InvalidProblemError, UnsupportedError
 from dqgen.formats import ggml
-from dqgen.formats.ggml_layouts import IQ4_CODEBOOK, LAYOUTS, MXFP4_CODEBOOK, SCALE_TABLES
+from dqgen.layouts.ggml_blocks import IQ4_CODEBOOK, LAYOUTS, MXFP4_CODEBOOK
+from dqgen.layouts.ggml_knobs import SCALE_TABLES
 from dqgen.ir import GgmlDequantizeDescriptor, ggml_type_name
 from formats_util import FLOATS, assert_bits_equal
 

@@ -320,8 +320,8 @@ def test_act_order_goes_tile_by_tile_when_the_whole_table_is_too_large(monkeypat
     instead of one for whole rows; same bits. (Empty kernel and plan memos for the test,
     so the kernel is lowered under the lowered limit.)"""
     from dqgen import jit, plans
-    from dqgen.formats import schedule
-    monkeypatch.setattr(schedule, "MATRIX_TABLE_MAX_BYTES", 1)
+    from dqgen.layouts import matrix
+    monkeypatch.setattr(matrix, "MATRIX_TABLE_MAX_BYTES", 1)
     monkeypatch.setattr(jit, "_memo", {})
     monkeypatch.setattr(plans, "_plan_memo", {})
     monkeypatch.setenv("DQGEN_NUM_THREADS", "2")

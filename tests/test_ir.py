@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 import dqgen
 from dqgen.errors import InvalidProblemError, UnsupportedError
 from dqgen.ir import DType, Op
-from dqgen.lower import KernelSpec, lower
+from dqgen.lower import lower
+from dqgen.spec import KernelSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

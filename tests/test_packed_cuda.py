@@ -29,7 +29,7 @@ import dqgen
 from dqgen import reference
 from dqgen.ir import (DequantizeFloatZeroDescriptor, DequantizePerGroupDescriptor, Op,
                       QuantizePerGroupDescriptor)
-from dqgen.lower import Layout
+from dqgen.ir import Layout
 from dqgen.render import render
 from dqgen.runtime import cuda as rt
 from tests import strategies as S

@@ -22,7 +22,8 @@ from dqgen import __version__
 from dqgen.build import cc
 from dqgen.ir import DType, Op
 from dqgen.isa import ISA_LEVELS, march_flags
-from dqgen.lower import FORMULAS, lower
+from dqgen.layouts.per_group import FORMULAS
+from dqgen.lower import lower
 from dqgen.render import environment, render
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -239,7 +239,7 @@ GGUF_SHAPE = (4096, 4096)
 def gguf_blocks(rng, qtype: str, shape=GGUF_SHAPE) -> np.ndarray:
     """A [rows, row_bytes] tensor of ``qtype``: random bytes whose f16 d/dmin fields are
     small normal numbers (as a quantizer writes), float tensors of normal values."""
-    from dqgen.formats.ggml_layouts import LAYOUTS
+    from dqgen.layouts.ggml_blocks import LAYOUTS
     from dqgen.ir import parse_ggml_type
     layout = LAYOUTS[parse_ggml_type(qtype)]
     if layout.q is None and layout.grid is None:  # a float tensor

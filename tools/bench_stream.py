@@ -41,7 +41,7 @@ class Stream:
         self.nt_available = bool(self.lib.stream_nt_available())
         self.floor_available = bool(self.lib.stream_floor_available())
         try:  # the same size below which dqgen's kernels stay on one thread
-            from dqgen.lower import PARALLEL_MIN_ELEMENTS
+            from dqgen.spec import PARALLEL_MIN_ELEMENTS
             self.parallel_min = int(PARALLEL_MIN_ELEMENTS)
         except ImportError:
             self.parallel_min = 1 << 15

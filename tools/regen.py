@@ -92,7 +92,7 @@ def _index(rows: list, with_cuda: bool) -> str:
     lines = [
         "# generated/: the canonical emitted kernel sources",
         "",
-        "Written by `python tools/regen.py` from `templates/` and `dqgen/lower.py`; do not",
+        "Written by `python tools/regen.py` from `templates/` and `dqgen/layouts/`; do not",
         "edit by hand. CI runs `python tools/regen.py --check`, which fails on any byte",
         "difference, so a change that alters emitted code shows up here as a diff in review.",
         "These are exactly the texts `dqgen emit` prints and `plan.source()` returns.",

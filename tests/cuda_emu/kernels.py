@@ -14,7 +14,8 @@ import numpy as np
 
 from dqgen.ir import (DequantizePerGroupBackwardDescriptor, DequantizePerGroupDescriptor,
                       QuantizePerGroupBackwardDescriptor, QuantizePerGroupDescriptor)
-from dqgen.lower import KernelSpec, lower
+from dqgen.lower import lower
+from dqgen.spec import KernelSpec
 from dqgen.render import render
 
 from . import emu

@@ -1,0 +1,82 @@
+"""The per-group family as a format: quantize, dequantize and their backwards on s8/u8
+and packed u4/s4 storage (SPEC.md §1-4), with ``dqgen.reference`` as the oracle."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import reference
+from ..ir import DESCRIPTORS, DType, Op, PerGroupDescriptor
+from ..spec import Param
+from .per_group import lower_per_group
+from .registry import FormatKind, register
+
+
+def unpack_nibbles(packed: np.ndarray, signed: bool) -> np.ndarray:
+    """[..., n/2] bytes -> [..., n]: element 2k in the low nibble of byte k (FORMATS.md)."""
+    b = packed.astype(np.int64)
+    out = np.stack([b & 15, b >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+    return np.where(out >= 8, out - 16, out) if signed else out
+
+
+def stored_values(desc, q: np.ndarray) -> np.ndarray:
+    """The integer values of ``q`` as int64, unpacked where the storage is packed."""
+    t = desc.int_dtype
+    return unpack_nibbles(q, t is DType.S4) if t.is_packed else q.astype(np.int64)
+
+
+class PerGroupKind(FormatKind):
+    """``[outer, axis]`` problems in groups along the axis: scales and zero points
+    ``[outer, groups]``; the family's schedule lowers every one of them."""
+
+    descriptors = (PerGroupDescriptor,)
+    aot_ops = ("dequantize", "quantize", "dequantize-backward", "quantize-backward", "packed")
+
+    def lower(self, desc, target, arch, storage):
+        return lower_per_group(desc, target, arch, storage)
+
+    def array_shape(self, desc, param: Param) -> tuple[int, ...]:
+        if param.name in ("scale", "zero_point"):
+            return (desc.outer, desc.num_groups)
+        return param.dtype.storage_shape(desc.outer, desc.axis)  # packed q: axis / 2 bytes
+
+    def launch_elements(self, desc) -> int:
+        return desc.outer * desc.axis
+
+    def small_problem(self, desc, remake):
+        g = desc.group_size
+        # two groups a row, and at least 32 values (the vector steps of small groups run)
+        return remake(outer=3, axis=g * max(2, -(-32 // g)) if g <= 1 << 15 else g,
+                      **self.extra_sizes(desc))
+
+    def extra_sizes(self, desc) -> dict:
+        """Run-time arguments beyond the shape a small problem sets (none here)."""
+        return {}
+
+    def random_input(self, desc, name, shape, rng):
+        if name == "zero_point" and getattr(desc, "zero_kind", "int") == "int":
+            return rng.integers(-300, 300, shape).astype(np.int32)
+        return None
+
+    def oracle(self, desc, arrays: dict) -> np.ndarray:
+        if type(desc) not in DESCRIPTORS:
+            raise LookupError(f"no oracle for {type(desc).__name__}")
+        g = desc.group_size
+        if desc.op is Op.DEQUANTIZE:
+            return reference.dequantize_per_group(stored_values(desc, arrays["q"]),
+                                                  arrays["scale"], arrays["zero_point"], g)
+        if desc.op is Op.QUANTIZE:
+            q = reference.quantize_per_group(arrays["x"], arrays["scale"], arrays["zero_point"],
+                                             g, np.int64, desc.q_min, desc.q_max)
+            if desc.int_dtype.is_packed:
+                v = q & 15
+                return (v[:, 0::2] | (v[:, 1::2] << 4)).astype(np.uint8)
+            return q.astype(desc.int_dtype.np_dtype)
+        if desc.op is Op.DEQUANTIZE_BACKWARD:
+            return reference.dequantize_per_group_backward(arrays["d_output"], arrays["scale"], g)
+        return reference.quantize_per_group_backward(arrays["d_output"], arrays["x"],
+                                                     arrays["scale"], arrays["zero_point"], g,
+                                                     desc.q_min, desc.q_max)
+
+
+FAMILY = register(PerGroupKind())

@@ -1,0 +1,61 @@
+"""GPTQ as a format: ``W[k, n] = F(C(q[k, n] - z[g, n]) * C(scales[g, n]))``, ``g =
+g_idx[k]``, values packed along K, zero points along N, v1 zeros decoded by the rule of
+the tool that wrote them (FORMATS.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..ir import GptqDequantizeDescriptor, gptq_v1_word_offset
+from .matrix import MatrixKind, fields_of, matrix_oracle
+from .registry import register
+
+
+def gptq_zero_rule(desc) -> tuple[int, int, int]:
+    """``(word_add, field_add, field_mask)``: a zero point is ``((field n of (word +
+    word_add) mod 2^32) + field_add) & field_mask``. GPTQModel's v1 adds a 1 in every
+    field to the whole word (the inverse of its word-wise subtraction on export, borrows
+    and all); AutoGPTQ's adds 1 to the field modulo 2^bits, exllama's without the modulo;
+    v2 stores the zero point itself."""
+    everything = 0xFFFFFFFF
+    if desc.checkpoint_format != "gptq":
+        return 0, 0, everything
+    if desc.v1_zeros == "autogptq":
+        return 0, 1, (1 << desc.bits) - 1
+    if desc.v1_zeros == "exllama":
+        return 0, 1, everything
+    return gptq_v1_word_offset(desc.bits), 0, everything
+
+
+def gptq_zeros(desc, qzeros: np.ndarray) -> np.ndarray:
+    """z[g, n] as numpy computes the rule of ``gptq_zero_rule`` (the oracle's own code)."""
+    bits, words = desc.bits, qzeros
+    if desc.checkpoint_format != "gptq":
+        return fields_of(words, bits).reshape(words.shape[0], -1).astype(np.int64)
+    if desc.v1_zeros == "gptqmodel":
+        ones = sum(1 << (bits * j) for j in range(32 // bits))
+        words = ((words.view(np.uint32).astype(np.uint64) + ones) % 2**32).astype(np.uint32)
+        return fields_of(words.view(np.int32), bits).reshape(words.shape[0], -1).astype(np.int64)
+    z = fields_of(words, bits).reshape(words.shape[0], -1).astype(np.int64) + 1
+    return z % (1 << bits) if desc.v1_zeros == "autogptq" else z
+
+
+class GptqKind(MatrixKind):
+    descriptors = (GptqDequantizeDescriptor,)
+    aot_ops = ("gptq",)
+    along_k = True
+    formula = "W[k, n] = F(C(q[k, n] - z[g, n]) * C(scales[g, n])), g = g_idx[k] (default k / G)"
+
+    def zero_rule(self, desc):
+        return gptq_zero_rule(desc)
+
+    def oracle(self, desc, arrays):
+        f = fields_of(arrays["qweight"], desc.bits)              # [K / per, N, per]
+        q = f.transpose(0, 2, 1).reshape(desc.rows, desc.cols).astype(np.int64)
+        groups = (arrays["g_idx"].astype(np.int64) if desc.act_order
+                  else np.arange(desc.rows) // desc.group_size)
+        return matrix_oracle(q, gptq_zeros(desc, arrays["qzeros"]), arrays["scales"], groups,
+                             desc.float_dtype.np_dtype)
+
+
+GPTQ = register(GptqKind())

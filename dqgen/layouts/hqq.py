@@ -1,0 +1,36 @@
+"""HQQ as a format: a per-group problem over one plane of ``BitPack`` words, the
+``bits``-wide field at a run-time ``shift``, ``W = F(F(W_q - zero) * scale)`` (FORMATS.md)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import reference
+from ..ir import HqqDequantizeDescriptor
+from .family import PerGroupKind
+from .registry import register
+
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+class HqqKind(PerGroupKind):
+    descriptors = (HqqDequantizeDescriptor,)
+    aot_ops = ("hqq",)
+
+    def extra_sizes(self, desc) -> dict:
+        # the plane offset is a run-time argument: the top plane's
+        return {"shift": 27 if desc.bits == 3 else 8 - desc.bits}
+
+    def oracle(self, desc, arrays: dict) -> np.ndarray:
+        f = desc.float_dtype.np_dtype
+        c, g = reference.compute_dtype(f), desc.group_size
+        words = arrays["q"].view(_UINT[arrays["q"].itemsize]).astype(np.uint64)
+        q = (words >> desc.shift) & ((1 << desc.bits) - 1)
+        s = np.repeat(arrays["scale"].astype(c), g, axis=1)
+        z = np.repeat(arrays["zero_point"].astype(c), g, axis=1)
+        with np.errstate(all="ignore"):  # F(F(q - z) * s)
+            diff = (q.astype(c) - z).astype(f)
+            return (diff.astype(c) * s).astype(f)
+
+
+HQQ = register(HqqKind())

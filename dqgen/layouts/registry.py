@@ -1,0 +1,79 @@
+"""The format registry: every descriptor class answers to one ``FormatKind``.
+
+A kind is what the core knows of one format: how its descriptor lowers to a
+``KernelSpec``, the exact shape of each array its kernel takes, how many values a CUDA
+launch covers, a small problem and the oracle ``dqgen verify`` checks a built kernel
+with, and the op names and knobs ``dqgen aot`` enumerates it by. The pipeline (lower,
+arguments, verify, the AOT enumeration) looks a descriptor's kind up here and never
+tests its class, so a new format is one module that registers its kind.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from ..errors import UnsupportedError
+from ..spec import KernelSpec, Param
+
+
+class FormatKind:
+    """One format's answers to the pipeline (subclasses override what applies)."""
+
+    #: The descriptor classes of this kind (a subclass answers to the nearest base).
+    descriptors: tuple[type, ...] = ()
+    #: ``dqgen aot --op`` names that enumerate this kind's kernels.
+    aot_ops: tuple[str, ...] = ()
+
+    def lower(self, desc, target: str, arch: str, storage: dict) -> KernelSpec:
+        """The kernel's spec (target and arch already checked, ``storage`` its C types)."""
+        raise NotImplementedError
+
+    def array_shape(self, desc, param: Param) -> tuple[int, ...]:
+        """The exact shape of ``param``'s array for the problem ``desc`` describes."""
+        raise NotImplementedError
+
+    def launch_elements(self, desc) -> int:
+        """Values a CUDA launch covers (one thread each, grid-striding)."""
+        raise NotImplementedError
+
+    def small_problem(self, desc, remake: Callable[..., object]):
+        """A problem of ``desc``'s kernel small enough to check in milliseconds yet covering
+        every path; ``remake(**sizes)`` rebuilds the descriptor with other run-time sizes."""
+        raise NotImplementedError
+
+    def oracle(self, desc, arrays: dict) -> np.ndarray:
+        """What the kernel of ``desc`` must write for ``arrays``, bit for bit."""
+        raise NotImplementedError
+
+    def random_input(self, desc, name: str, shape: tuple[int, ...], rng) -> np.ndarray | None:
+        """An input for ``dqgen verify`` that must hold valid values (an index table), or
+        None where random bits of the array's dtype will do."""
+        return None
+
+
+_KINDS: dict[type, FormatKind] = {}
+
+
+def register(kind: FormatKind) -> FormatKind:
+    """Make ``kind`` the answer for each of its descriptor classes."""
+    for cls in kind.descriptors:
+        if cls in _KINDS and _KINDS[cls] is not kind:
+            raise RuntimeError(f"{cls.__name__} is registered twice")
+        _KINDS[cls] = kind
+    return kind
+
+
+def kind_of(desc) -> FormatKind:
+    """The kind of ``desc`` (by its class or the nearest registered base class)."""
+    for cls in type(desc).__mro__:
+        kind = _KINDS.get(cls)
+        if kind is not None:
+            return kind
+    raise UnsupportedError(f"{type(desc).__name__} is not a format dqgen knows")
+
+
+def kinds() -> tuple[FormatKind, ...]:
+    """Every registered kind, once, in registration order."""
+    return tuple(dict.fromkeys(_KINDS.values()))
