@@ -5,7 +5,10 @@ plans): a module that imports one above it, even inside a function, couples the 
 both ways and hides the order. These tests parse every module of ``dqgen/`` (imports at
 any depth, ``from . import x`` included) and fail on any cycle, naming it, and on a
 private name (``_x``) imported from another module: an interface gets a public name.
-(A private module, ``formats/_inputs.py``, serves its package's siblings.)
+(A private module, ``formats/_inputs.py``, serves its package's siblings.) Packages are
+layered too: the core (the compiler, the format registry in ``layouts/``, the runtime,
+plans, cache and bundles) never imports the user-facing layer (``dqgen.formats``,
+``api``, ``torch``, ``cli``, the package's ``__init__``).
 """
 
 from __future__ import annotations
@@ -119,6 +122,29 @@ def test_no_private_name_imported_across_modules():
                 if private and f"{stem}.{alias.name}" not in modules:
                     found.append(f"{name} imports {alias.name} from {stem}")
     assert not found, "private names imported across modules:\n  " + "\n  ".join(found)
+
+
+USER_FACING = ("dqgen", "dqgen.api", "dqgen.torch", "dqgen.cli")
+
+
+def is_user_facing(module: str) -> bool:
+    return module in USER_FACING or module.startswith("dqgen.formats")
+
+
+def layering_violations(graph: dict) -> list:
+    return sorted(f"{a} -> {b}" for a, deps in graph.items() if not is_user_facing(a)
+                  for b in deps if is_user_facing(b))
+
+
+def test_core_never_imports_the_user_facing_layer():
+    found = layering_violations(import_graph())
+    assert not found, "core modules importing the user-facing layer:\n  " + "\n  ".join(found)
+
+
+def test_layering_check_sees_a_violation():
+    graph = {"dqgen.lower": {"dqgen.formats.gptq"}, "dqgen.formats.gptq": {"dqgen.lower"},
+             "dqgen.cli": {"dqgen.jit"}}
+    assert layering_violations(graph) == ["dqgen.lower -> dqgen.formats.gptq"]
 
 
 if __name__ == "__main__":
