@@ -377,12 +377,26 @@ def _read_memo(path: Path, key: str) -> str | None:
     return None
 
 
+def root_path() -> Path:
+    """Where the cache root is (or would be), found without creating or checking it."""
+    named = os.environ.get(env.CACHE_DIR) or None
+    with _root_lock:
+        if _root is not None and named == _root_env:
+            return _root
+    if named:
+        return Path(named).expanduser().resolve()
+    return Path(platformdirs.user_cache_dir("dqgen", appauthor=False))
+
+
 def info() -> dict:
-    """Directory, entry count and total size of the cache (for ``dqgen cache info``)."""
-    root = cache_root()
+    """Directory, entry count and total size of the cache (for ``dqgen cache info``),
+    read only: a cache that does not exist yet is reported as empty, not created."""
+    root = root_path()
+    if not root.is_dir():
+        return {"dir": str(root), "exists": False, "entries": 0, "bytes": 0}
     entries = list(root.glob(f"*/*/??/*/{META}"))
     size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-    return {"dir": str(root), "entries": len(entries), "bytes": size}
+    return {"dir": str(root), "exists": True, "entries": len(entries), "bytes": size}
 
 
 def clear() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -13,17 +14,37 @@ import numpy as np
 from .version import __version__
 
 
+def _positive(text: str) -> int:
+    """An argparse type: a whole number >= 1 (argparse names the option it was given)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def _demo(args: argparse.Namespace) -> int:
     """Quantize a real-sized weight, JIT-build the dequantize kernel and check it."""
     import ml_dtypes
 
     from . import cache, dequantize_per_group, plans, quantize_per_group, reference
     from .api import choose_qparams_per_group
+    from .errors import InvalidProblemError
     from .ir import DequantizePerGroupDescriptor
 
     rows, cols, group = args.rows, args.cols, args.group_size
-    rng = np.random.default_rng(0)
-    weight = rng.standard_normal((rows, cols), dtype=np.float32)
+    if cols % group:
+        raise InvalidProblemError(f"--cols {cols} is not a multiple of --group-size {group}")
+    # bytes a value takes: the f32 weight, its s8 q, the bf16 result, an f32 temporary
+    need = rows * cols * (4 + 2 + 1 + 4)
+    try:
+        rng = np.random.default_rng(0)
+        weight = rng.standard_normal((rows, cols), dtype=np.float32)
+    except (MemoryError, ValueError):  # ValueError: more bytes than numpy can index
+        raise InvalidProblemError(f"--rows {rows} --cols {cols} needs about "
+                                  f"{need / 2**30:.1f} GiB of memory") from None
     scale, zero_point = choose_qparams_per_group(weight, group, dtype="s8")
     q = quantize_per_group(weight, scale, zero_point, group, dtype="s8")
     scale_bf16 = scale.astype(ml_dtypes.bfloat16)
@@ -61,8 +82,36 @@ def _demo(args: argparse.Namespace) -> int:
 
 # --- emit ---------------------------------------------------------------------------
 
-def _emit_spec(args: argparse.Namespace):
-    """The descriptor and KernelSpec the emit flags name (validated like any request)."""
+# The selection flags each format op's kernels take (besides --float, --target, --arch
+# and --filter), as ``dqgen aot`` spells them; a flag an op does not take is refused.
+EMIT_FORMAT_FLAGS = {
+    "gptq": ("group_size", "bits", "checkpoint_format", "act_order", "scale", "v1_zeros"),
+    "awq": ("group_size", "scale"),
+    "ggml": ("ggml_type",),
+    "packed": ("int", "group_size"),
+    "floatzp": ("int", "group_size"),
+    "hqq": ("group_size", "bits"),
+}
+_FORMAT_FLAG_KEYS = ("int", "group_size", "bits", "checkpoint_format", "act_order", "scale",
+                     "v1_zeros", "ggml_type")
+# A request's fields and knobs, and the flag that chooses each (for "name one kernel").
+_CHOOSING_FLAGS = (("int_dtype", "--int"), ("float_dtype", "--float"),
+                   ("group_size", "--group-size"), ("bits", "--bits"),
+                   ("checkpoint_format", "--checkpoint-format"), ("act_order", "--act-order"),
+                   ("scale_dtype", "--scale"), ("v1_zeros", "--v1-zeros"),
+                   ("qtype", "--ggml-type"), ("op", "--filter"))
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _target_text(args: argparse.Namespace) -> str:
+    return args.target if args.arch is None else f"{args.target}:{args.arch}"
+
+
+def _family_spec(args: argparse.Namespace):
+    """The descriptor and KernelSpec of one of the family's four ops."""
     from .aot import make_descriptor, op_class, parse_target
     from .errors import InvalidProblemError
     from .ir import DequantizePerGroupDescriptor, QuantizePerGroupDescriptor
@@ -74,22 +123,104 @@ def _emit_spec(args: argparse.Namespace):
     if not takes_int and args.int is not None:
         raise InvalidProblemError(f"{args.op} takes no --int (it reads and writes only "
                                   "floating point)")
+    extra = [_flag(k) for k in _FORMAT_FLAG_KEYS
+             if k not in ("int", "group_size") and getattr(args, k) is not None]
+    if extra or args.filter:
+        raise InvalidProblemError(f"{args.op} takes no {(extra or ['--filter'])[0]} (a "
+                                  "checkpoint format's knob)")
+    for key in ("float", "group_size"):
+        if getattr(args, key) is None:
+            raise InvalidProblemError(f"{args.op} needs {_flag(key)}")
     desc = make_descriptor(args.op, args.int, args.float, args.group_size)
-    target, arch = parse_target(args.target if args.arch is None else f"{args.target}:{args.arch}")
+    target, arch = parse_target(_target_text(args))
     return desc, lower(desc, target, arch)
+
+
+def _one_kernel(op: str, requests: list):
+    """The single request a format op's emit flags name, or an error saying which flags
+    tell the candidates apart."""
+    from .errors import InvalidProblemError
+    if len(requests) == 1:
+        return requests[0]
+    if not requests:
+        raise InvalidProblemError(f"--filter matches none of the {op} kernels these flags name")
+
+    def values(field):  # an act-order kernel's group size (0) is any group size
+        return {getattr(r, field) if hasattr(r, field) else dict(r.knobs).get(field)
+                for r in requests if not (field == "group_size" and r.group_size == 0)}
+    choosing = [flag for field, flag in _CHOOSING_FLAGS if len(values(field)) > 1]
+    choosing = [f"--filter (e.g. --filter {requests[0].uri})" if flag == "--filter" else flag
+                for flag in choosing or ["--filter"]]
+    uris = ", ".join(r.uri for r in requests[:6]) + (", ..." if len(requests) > 6 else "")
+    raise InvalidProblemError(f"emit prints one kernel, and these {op} flags name "
+                              f"{len(requests)} ({uris}): choose with "
+                              f"{' and '.join(choosing)}")
+
+
+def _format_spec(args: argparse.Namespace):
+    """The descriptor and KernelSpec of the one format kernel the flags name, found as
+    ``dqgen aot`` enumerates (same knobs, same per-op defaults)."""
+    from .errors import InvalidProblemError
+    from .selection import expand
+
+    takes = EMIT_FORMAT_FLAGS[args.op]
+    refused = [_flag(k) for k in _FORMAT_FLAG_KEYS if getattr(args, k) is not None
+               and k not in takes]
+    if refused:
+        raise InvalidProblemError(f"{args.op} takes no {refused[0]}; its kernels' flags: "
+                                  f"{', '.join(_flag(k) for k in ('float',) + takes)}")
+    selection = {k: getattr(args, k) for k in ("float",) + takes if getattr(args, k) is not None}
+    selection.update(op=args.op, target=_target_text(args))
+    if args.filter:
+        selection["filter"] = args.filter
+    request = _one_kernel(args.op, expand(selection))
+    return request.descriptor(), request.spec()
+
+
+def _emit_spec(args: argparse.Namespace):
+    """The descriptor and KernelSpec the emit flags name (validated like any request)."""
+    from .selection import FORMAT_OPS
+    return _format_spec(args) if args.op in FORMAT_OPS else _family_spec(args)
+
+
+# KernelSpec fields only one target's schedule fills and reads: the C ones (SIMD paths,
+# OpenMP threshold, streaming stores, the C prelude's helpers) and the CUDA ones (launch
+# shape, vector streams, CUDA headers). ``emit --ir`` prints a kernel's own target's.
+C_ONLY_KNOBS = frozenset({
+    "simd_convert", "simd_block", "simd_blocks", "simd_inputs", "simd_output",
+    "simd_stage_int", "register_lanes", "int_c_type", "scalar_tail", "fast_zero_point_limit",
+    "needs_scalar_store", "fast_needs_finite_scale", "streaming_min_bytes", "streaming_align",
+    "parallel_min_elements", "group_batch", "fma_zero_point_limit", "fma_scale_max_bits",
+    "fma_scale_min_bits", "fma_scale_note", "scalar_f16c", "zero_round_vector", "register_q",
+    "register_q_kind", "group_lanes", "register_store_round", "table_max_bytes",
+    "staged_load", "staged_load_f16c", "vector_bits", "vec_float", "vec_int", "vec_prefix",
+    "vec_broadcast", "int_widen", "register_split", "half_path", "store_pairs",
+    "simd_headers", "tail_mask", "needs_f16", "needs_bf16"})
+CUDA_ONLY_KNOBS = frozenset({
+    "threads_per_block", "vector_bytes", "vector_elems", "vector_streams",
+    "vector_align_check", "grid_waves", "group_per_element", "cuda_float_headers",
+    "int_to_compute"})
+
+
+def target_knobs(spec) -> dict:
+    """``spec.to_json()`` without the other target's schedule knobs."""
+    other = CUDA_ONLY_KNOBS if spec.target == "c" else C_ONLY_KNOBS
+    return {k: v for k, v in spec.to_json().items() if k not in other}
 
 
 def _emit(args: argparse.Namespace) -> int:
     """Print (or write) a kernel's exact source, its IR levels, or its PTX."""
+    import json
+
     from .errors import InvalidProblemError
     from .jit import render_source
-    from .lower import describe
 
     desc, spec = _emit_spec(args)
     if args.ir:
-        text = (f"# descriptor (verified; outer and axis are runtime arguments)\n"
-                f"{describe(desc)}\nuri: {desc.uri}\n\n"
-                f"# KernelSpec ({spec.target}, {spec.arch})\n{spec.pretty()}\n")
+        text = (f"# descriptor (verified; its sizes are runtime arguments)\n"
+                f"{spec.descriptor}\nuri: {desc.uri}\n\n"
+                f"# KernelSpec ({spec.target}, {spec.arch}: this target's knobs)\n"
+                f"{json.dumps(target_knobs(spec), indent=2)}\n")
     elif args.ptx:
         if spec.target != "cuda":
             raise InvalidProblemError("--ptx needs --target cuda")
@@ -99,10 +230,24 @@ def _emit(args: argparse.Namespace) -> int:
     else:
         text = render_source(spec).text
     if args.out:
-        Path(args.out).write_text(text)
+        _write_atomically(Path(args.out), text)
     else:
         sys.stdout.write(text)
     return 0
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """``path`` holds all of ``text`` or is left as it was (temp file + rename)."""
+    import tempfile
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 # --- aot -----------------------------------------------------------------------------
@@ -244,7 +389,7 @@ def _verify(args: argparse.Namespace) -> int:
                                       "--cache to verify the kernel cache)")
         groups = [(f"bundle {b.path}", lambda b=b: verify.verify_bundle(b, args.seed))
                   for b in bundles]
-    failed = 0
+    failed = ran = total = 0
     for title, run in groups:
         outcomes = run()
         print(f"{title}: {len(outcomes)} kernels")
@@ -256,6 +401,13 @@ def _verify(args: argparse.Namespace) -> int:
                   (verify.OK, verify.MISMATCH, verify.FAILED, verify.SKIPPED)}
         print("  " + ", ".join(f"{n} {s}" for s, n in counts.items()))
         failed += bad
+        ran += len(outcomes) - counts[verify.SKIPPED]
+        total += len(outcomes)
+    if not ran:  # a gate that checked nothing must not pass
+        what = f"all {total} kernels were skipped" if total else "there are no kernels"
+        print(f"dqgen: error: nothing was verified: {what} (run it where they can run: "
+              "this CPU's ISA, a CUDA GPU)", file=sys.stderr)
+        return 1
     return 1 if failed else 0
 
 
@@ -265,7 +417,7 @@ def _cache_info(args: argparse.Namespace) -> int:
     """Print the cache directory, its entry count and size."""
     from . import cache
     info = cache.info()
-    print(f"dir      {info['dir']}")
+    print(f"dir      {info['dir']}" + ("" if info["exists"] else " (does not exist yet)"))
     print(f"entries  {info['entries']}")
     print(f"size     {info['bytes'] / 2**20:.1f} MiB ({info['bytes']} bytes)")
     return 0
@@ -289,29 +441,37 @@ def _add_kernel_flags(p: argparse.ArgumentParser, *, many: bool) -> None:
     plural = " (comma-separated or repeated)" if many else ""
     ints = ", ".join(d.value for d in INT_DTYPES)
     p.add_argument("--int", metavar="DTYPE", help=f"integer storage dtype: {ints}" + plural
-                   + (" [default: s8,u8]" if many else ""), **kw)
-    p.add_argument("--float", metavar="DTYPE", required=not many,
+                   + (" [default: s8,u8; packed: u4,s4; floatzp: u4,u8]" if many else
+                      " (dequantize, quantize, packed, floatzp)"), **kw)
+    p.add_argument("--float", metavar="DTYPE",
                    help="float dtype: f32, f64, f16 or bf16" + plural
-                   + (" [default: all four]" if many else ""), **kw)
-    p.add_argument("--group-size", metavar="N", required=not many,
-                   type=str if many else int,
-                   help="group size" + plural + (" [default: 128]" if many else ""), **kw)
+                   + (" [default: all four; gptq, awq, floatzp, hqq: f16,bf16; ggml: "
+                      "f32,f16,bf16]" if many else ""), **kw)
+    p.add_argument("--group-size", metavar="N", type=str if many else int,
+                   help="group size" + plural + " [default: 128; hqq: 64]", **kw)
 
 
-def _add_format_flags(p: argparse.ArgumentParser) -> None:
-    """The checkpoint formats' knobs for aot (lists, comma-separated or repeated)."""
+def _add_format_flags(p: argparse.ArgumentParser, *, many: bool) -> None:
+    """The checkpoint formats' knobs: lists for aot (comma-separated or repeated), one
+    value each for emit; the defaults are the same."""
     from .aot import ggml_types
-    p.add_argument("--bits", action="append", metavar="N",
-                   help="GPTQ bits: 2, 4, 8; HQQ bits: 8, 4, 3, 2, 1 [default: 4]")
-    p.add_argument("--checkpoint-format", action="append", metavar="NAME",
-                   help="GPTQ: gptq (v1) or gptq_v2 [default: gptq]")
-    p.add_argument("--act-order", action="append", metavar="yes|no|both",
-                   help="GPTQ kernels reading g_idx (yes), in row order (no) [default: both]")
-    p.add_argument("--scale", action="append", metavar="DTYPE",
-                   help="GPTQ/AWQ scales' dtype [default: f16]")
-    p.add_argument("--ggml-type", action="append", metavar="TYPE",
+    from .ir import GPTQ_V1_ZEROS
+    kw = {"action": "append"} if many else {}
+    p.add_argument("--bits", metavar="N",
+                   help="GPTQ bits: 2, 4, 8; HQQ bits: 8, 4, 3, 2, 1 [default: 4]", **kw)
+    p.add_argument("--checkpoint-format", metavar="NAME",
+                   help="GPTQ: gptq (v1) or gptq_v2 [default: gptq]", **kw)
+    p.add_argument("--act-order", metavar="yes|no" + ("|both" if many else ""),
+                   help="GPTQ kernels reading g_idx (yes), in row order (no) [default: both]",
+                   **kw)
+    p.add_argument("--scale", metavar="DTYPE", help="GPTQ/AWQ scales' dtype [default: f16]",
+                   **kw)
+    p.add_argument("--v1-zeros", metavar="RULE",
+                   help=f"GPTQ v1 zero points: {', '.join(GPTQ_V1_ZEROS)} (see dqgen convert "
+                   f"--help) [default: {GPTQ_V1_ZEROS[0]}]", **kw)
+    p.add_argument("--ggml-type", metavar="TYPE",
                    help=f"GGML block types: {', '.join(ggml_types())} [default: every one "
-                   "this dqgen builds]")
+                   "this dqgen builds]", **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -327,19 +487,33 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Quantize a 4096x4096 f32 weight to s8, JIT-build (or "
                           "load) the s8 -> bf16 dequantize kernel, run it, check it bit for "
                           "bit against the reference and show timing and cache location.")
-    demo.add_argument("--rows", type=int, default=4096)
-    demo.add_argument("--cols", type=int, default=4096)
-    demo.add_argument("--group-size", type=int, default=128)
-    demo.add_argument("--repeat", type=int, default=20)
+    demo.add_argument("--rows", type=_positive, default=4096, metavar="N",
+                      help="rows of the weight [default: 4096]")
+    demo.add_argument("--cols", type=_positive, default=4096, metavar="N",
+                      help="columns of the weight, a multiple of --group-size [default: 4096]")
+    demo.add_argument("--group-size", type=_positive, default=128, metavar="N",
+                      help="values that share a scale and zero point, along a row "
+                      "[default: 128]")
+    demo.add_argument("--repeat", type=_positive, default=20, metavar="N",
+                      help="timed runs; the best is reported [default: 20]")
     demo.set_defaults(func=_demo)
 
     emit = sub.add_parser(
         "emit", help="print a kernel's exact source, its IR (--ir) or its PTX (--ptx)",
         description="Print the exact source dqgen compiles for one kernel (the same text as "
-        "plan.source()), or with --ir the verified descriptor and its KernelSpec, or with "
-        "--ptx the PTX NVRTC makes of a CUDA kernel.")
-    emit.add_argument("op", choices=list(OPS), help="the op")
+        "plan.source()), or with --ir the verified descriptor and its KernelSpec (the "
+        "target's knobs), or with --ptx the PTX NVRTC makes of a CUDA kernel. The family's "
+        "ops take --int (dequantize, quantize), --float and --group-size; a checkpoint "
+        "format takes the knobs dqgen aot takes for it, with the same defaults, and must "
+        "name one kernel (e.g. emit gptq --float f16 --act-order no --v1-zeros autogptq; "
+        "emit ggml --ggml-type Q4_K --float f32; emit packed --int u4 --float f16 "
+        "--group-size 32 --filter 'dequant_*').")
+    emit.add_argument("op", choices=list(ALL_OPS), help="the op")
     _add_kernel_flags(emit, many=False)
+    _add_format_flags(emit, many=False)
+    emit.add_argument("--filter", metavar="GLOB", action="append",
+                      help="keep the kernel whose URI matches GLOB (e.g. packed: "
+                      "'dequant_*' or 'quant_*')")
     emit.add_argument("--target", choices=["c", "cuda"], default="c", help="[default: c]")
     emit.add_argument("--arch", help="C ISA (generic, avx2, avx512, avx512_bf16, avx512_fp16) [default: this machine's] "
                       f"or CUDA arch (sm_XX) [default: {DEFAULT_CUDA_ARCH}]")
@@ -359,13 +533,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(DQGEN_DISABLE_JIT=1 to never compile); check it with dqgen verify.")
     aot.add_argument("--manifest", "-m", metavar="FILE",
                      help="TOML or JSON file with keys op, int, float, group_size, target, "
-                     "bits, checkpoint_format, act_order, scale, ggml_type, filter (and "
-                     "[[kernels]] tables of the same keys)")
+                     "bits, checkpoint_format, act_order, scale, v1_zeros, ggml_type, filter "
+                     "(and [[kernels]] tables of the same keys)")
     aot.add_argument("--op", action="append", metavar="OP",
                      help=f"ops: {', '.join(ALL_OPS)} (comma-separated or repeated) "
                      f"[default: the family's {len(OPS)}]")
     _add_kernel_flags(aot, many=True)
-    _add_format_flags(aot)
+    _add_format_flags(aot, many=True)
     aot.add_argument("--target", action="append", metavar="TARGET",
                      help="c (this machine's ISA), c:ISA, cuda (sm_90) or cuda:sm_XX "
                      "(comma-separated or repeated) [default: c]")

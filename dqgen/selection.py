@@ -59,9 +59,11 @@ DEFAULTS = {"op": tuple(OPS), "int": ("s8", "u8"),
             "float": tuple(d.value for d in FLOAT_DTYPES), "group_size": (128,),
             "target": ("c",)}
 # The formats' knobs. GPTQ checkpoints are mostly 4-bit v1 files with f16 scales, with
-# and without act-order (g_idx in row order runs the plain kernel, so both are used).
+# and without act-order (g_idx in row order runs the plain kernel, so both are used),
+# read as GPTQModel (and so transformers) reads v1 zeros.
 FORMAT_DEFAULTS = {"bits": (4,), "checkpoint_format": ("gptq",), "act_order": (False, True),
-                   "scale": ("f16",), "ggml_type": None}  # ggml_type: every supported type
+                   "scale": ("f16",), "v1_zeros": (ir.GPTQ_V1_ZEROS[0],),
+                   "ggml_type": None}  # ggml_type: every supported type
 # Per-op defaults of the shared keys where the family's would not fit: models run in
 # f16/bf16, GGML blocks dequantize to f32/f16/bf16, packed storage is u4/s4.
 OP_DEFAULTS = {
@@ -247,6 +249,16 @@ def _act_orders(values: list) -> list[bool]:
     return sorted(set(out))
 
 
+def _v1_zeros(values: list) -> list[str]:
+    """GPTQ v1 zero-point rules, each one of ``GPTQ_V1_ZEROS``."""
+    out = [str(v).strip().lower() for v in values]
+    for v, text in zip(values, out):
+        if text not in ir.GPTQ_V1_ZEROS:
+            raise InvalidProblemError(f"v1_zeros {v!r} is not one of "
+                                      f"{', '.join(ir.GPTQ_V1_ZEROS)}")
+    return list(dict.fromkeys(out))
+
+
 def _dtypes(values: list, key: str) -> list[str]:
     """Dtype names, each one dqgen knows (which op takes it is checked per op)."""
     out = []
@@ -274,6 +286,8 @@ def _pick(selection: dict) -> dict:
         pick["bits"] = [check_int(int(b) if str(b).isdigit() else b, "bits") for b in pick["bits"]]
     if pick.get("act_order"):
         pick["act_order"] = _act_orders(pick["act_order"])
+    if pick.get("v1_zeros"):
+        pick["v1_zeros"] = _v1_zeros(pick["v1_zeros"])
     if pick.get("ggml_type"):
         pick["ggml_type"] = [ir.parse_ggml_type(t).value[len("ggml_"):].upper()
                              for t in pick["ggml_type"]]
@@ -306,13 +320,14 @@ def _candidates(op: str, pick: dict):
                     raise UnsupportedError(f"int={i} is not a packed 4-bit type (u4, s4)")
                 return make_descriptor(name, i, f, g)
             yield make
-    elif op == "gptq":
-        for b, fmt, act, s, f, g in itertools.product(
+    elif op == "gptq":  # a v2 kernel takes no v1 rule: each names the same kernel
+        for b, fmt, act, s, z, f, g in itertools.product(
                 _value(pick, op, "bits"), _value(pick, op, "checkpoint_format"),
-                _value(pick, op, "act_order"), _value(pick, op, "scale"), floats, groups):
-            yield lambda b=b, fmt=fmt, act=act, s=s, f=f, g=g: _format_descriptor(
+                _value(pick, op, "act_order"), _value(pick, op, "scale"),
+                _value(pick, op, "v1_zeros"), floats, groups):
+            yield lambda b=b, fmt=fmt, act=act, s=s, z=z, f=f, g=g: _format_descriptor(
                 op, None, f, g, dict(bits=b, checkpoint_format=fmt, act_order=act,
-                                     scale_dtype=s))
+                                     scale_dtype=s, v1_zeros=z))
     elif op == "awq":
         for s, f, g in itertools.product(_value(pick, op, "scale"), floats, groups):
             yield lambda s=s, f=f, g=g: _format_descriptor(op, None, f, g, dict(scale_dtype=s))
@@ -384,7 +399,8 @@ def read_manifest(path: str | Path) -> tuple[list[dict], list[str]]:
 
     Selections are the top level and each ``[[kernels]]`` table, with the keys (all
     optional, scalars or lists) of ``SELECTION_KEYS``: op, int, float, group_size, target,
-    the formats' bits, checkpoint_format, act_order, scale and ggml_type, and filter. A
+    the formats' bits, checkpoint_format, act_order, scale, v1_zeros and ggml_type, and
+    filter. A
     top-level ``filter`` narrows the union of all selections.
     """
     path = Path(path)
@@ -441,7 +457,8 @@ def command_for_record(record: dict, target: str, arch: str) -> str:
              "checkpoint_format": knobs.get("checkpoint_format"),
              "act_order": {True: "yes", False: "no"}.get(knobs.get("act_order")),
              "scale": knobs.get("scale_dtype"), "ggml_type": knobs.get("qtype"),
-             "target": f"{target}:{arch}"}
+             "v1_zeros": None if knobs.get("v1_zeros") in (None, *FORMAT_DEFAULTS["v1_zeros"])
+             else knobs["v1_zeros"], "target": f"{target}:{arch}"}
     flags = {k: v for k, v in flags.items() if v is not None}
     if request.op == "ggml":
         flags.pop("group_size", None)

@@ -122,6 +122,18 @@ def test_damaged_files_and_edited_sources_are_reported(built, tmp_path):
     assert cli.main(["verify", str(copy)]) == 1
 
 
+def test_verifying_nothing_fails_the_gate(built, monkeypatch, capsys):
+    """Every kernel skipped (a CPU without the bundle's ISA, CUDA without a GPU): exit 1
+    and one line saying nothing was verified, not a pass."""
+    monkeypatch.setattr(verify, "supported_isas", lambda: ())
+    assert cli.main(["verify", "-q", str(built)]) == 1
+    captured = capsys.readouterr()
+    assert f"0 ok, 0 mismatch, 0 could not run, {len(aot.enumerate_kernels(SELECTIONS))} " \
+        "skipped" in captured.out
+    (line,) = captured.err.splitlines()
+    assert line.startswith("dqgen: error: nothing was verified: all ") and "skipped" in line
+
+
 def test_a_kernel_without_a_descriptor_record_is_skipped(built, tmp_path):
     copy = _copy(built, tmp_path / "old")
     manifest = json.loads((copy / bundle.MANIFEST).read_text())

@@ -10,6 +10,13 @@ AutoAWQ), in the checkpoint's directory. Keys: ``quant_method`` (``gptq`` | ``aw
 ``bits`` (``w_bit``), ``group_size`` (``q_group_size``; -1 is one group), ``desc_act``,
 ``sym``, ``checkpoint_format`` (GPTQModel also writes ``format``; ``gptq`` is v1,
 ``gptq_v2``) and AWQ's ``version`` (only ``gemm`` is this layout).
+
+A GPTQ v1 file's zero points decode as its producer's loader reads them
+(``v1_zeros_rule``): GPTQModel lists itself in ``meta.quantizer``; AutoGPTQ writes no
+``meta`` but always a ``model_file_base_name`` key (and ``auto_gptq_version`` in the
+safetensors metadata), and loads ``qlinear_cuda_old`` (``autogptq``) unless the layers
+have act-order, when it loads ``qlinear_cuda`` (``exllama``: an all-ones field reads
+2^bits).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InvalidProblemError, UnsupportedError
-from ..ir import GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS
+from ..ir import GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS, GPTQ_V1_ZEROS
 
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_FILES = ("config.json", "quantize_config.json", "quant_config.json")
@@ -39,6 +46,7 @@ class QuantConfig:
     checkpoint_format: str | None = None
     desc_act: bool | None = None
     sym: bool | None = None
+    producer: str | None = None        # "gptqmodel" | "autogptq" (None: not said)
     extra: dict = field(default_factory=dict, compare=False)
 
 
@@ -87,6 +95,37 @@ def _int(value, key: str, where: str):
     return value
 
 
+# GPTQ layouts' names, as GPTQModel writes them in checkpoint_format/format.
+_GPTQ_LAYOUTS = GPTQ_CHECKPOINT_FORMATS + ("gptq_p", "marlin")
+# The key AutoGPTQ's BaseQuantizeConfig.to_dict always writes (set or null), which
+# GPTQModel's config does not; and the safetensors metadata key of its save_quantized.
+AUTOGPTQ_CONFIG_KEY = "model_file_base_name"
+AUTOGPTQ_METADATA_KEY = "auto_gptq_version"
+
+
+def _layout_key(config: dict, method: str) -> str | None:
+    """The key that names the checkpoint's layout: AWQ's ``version`` first, else
+    ``checkpoint_format``, else ``format`` (GPTQModel writes both for either method)."""
+    keys = (("version",) if method == "awq" else ()) + ("checkpoint_format", "format")
+    return next((k for k in keys if config.get(k) is not None), None)
+
+
+def producer_of(config: dict) -> str | None:
+    """``"gptqmodel"`` when ``meta.quantizer`` lists ``gptqmodel:<version>`` (GPTQModel's
+    writer), ``"autogptq"`` for AutoGPTQ's config (``model_file_base_name``, no
+    ``meta.quantizer``), else None: the config does not say."""
+    meta = config.get("meta")
+    quantizers = meta.get("quantizer") if isinstance(meta, dict) else None
+    if isinstance(quantizers, str):
+        quantizers = [quantizers]
+    if isinstance(quantizers, list) and quantizers:
+        names = {str(q).split(":")[0].strip().lower() for q in quantizers}
+        return "gptqmodel" if "gptqmodel" in names else None
+    if AUTOGPTQ_CONFIG_KEY in config:
+        return "autogptq"
+    return None
+
+
 def parse_quant_config(config: dict, where: str) -> QuantConfig:
     """A ``quantization_config`` / ``quantize_config.json`` object, its keys checked."""
     method = str(config.get("quant_method") or "gptq").lower()
@@ -95,22 +134,28 @@ def parse_quant_config(config: dict, where: str) -> QuantConfig:
                                "one dqgen converts; it reads gptq and awq")
     bits = _int(config.get("bits", config.get("w_bit")), "bits", where)
     group = _int(config.get("group_size", config.get("q_group_size")), "group_size", where)
-    fmt = config.get("checkpoint_format", config.get("format"))
-    if method == "awq":
-        fmt = config.get("version", fmt)
-    fmt = None if fmt is None else str(fmt).lower()
+    key = _layout_key(config, method)
+    fmt = None if key is None else str(config[key]).lower()
     if config.get("is_marlin_format"):
-        fmt = "marlin"
+        key, fmt = "is_marlin_format", "marlin"
     if method == "gptq":
+        if key == "is_marlin_format":
+            raise UnsupportedError(f"{where}: GPTQ is_marlin_format=true: Marlin's repacked "
+                                   "layout is not one dqgen reads")
         if fmt is not None and fmt not in GPTQ_CHECKPOINT_FORMATS:
-            raise UnsupportedError(f"{where}: GPTQ checkpoint_format={fmt!r} is not one dqgen "
+            raise UnsupportedError(f"{where}: GPTQ {key}={fmt!r} is not one dqgen "
                                    f"reads ({', '.join(GPTQ_CHECKPOINT_FORMATS)})")
         if bits is not None and bits not in GPTQ_BITS:
             raise UnsupportedError(f"{where}: GPTQ bits={bits} is not supported; expected one "
                                    f"of {', '.join(map(str, GPTQ_BITS))}")
     else:
+        if fmt in _GPTQ_LAYOUTS:
+            raise InvalidProblemError(
+                f"{where}: quant_method='awq', but {key}={config[key]!r} names a GPTQ "
+                "layout: the config contradicts itself. Fix quant_method (\"gptq\") or "
+                f"{key} (AWQ's GEMM layout is version=\"gemm\") there")
         if fmt is not None and fmt != "gemm":
-            raise UnsupportedError(f"{where}: AWQ version={fmt!r} is not the GEMM layout, the "
+            raise UnsupportedError(f"{where}: AWQ {key}={fmt!r} is not the GEMM layout, the "
                                    "one dqgen reads")
         if bits not in (None, 4):
             raise UnsupportedError(f"{where}: AWQ bits={bits}; dqgen reads 4-bit AWQ")
@@ -121,8 +166,37 @@ def parse_quant_config(config: dict, where: str) -> QuantConfig:
     if group is not None and group != -1 and group < 1:
         raise InvalidProblemError(f"{where}: group_size={group} must be positive or -1")
     flags = {k: config.get(k) for k in ("desc_act", "sym")}
+    producer = producer_of(config) if method == "gptq" else None
     return QuantConfig(where, method, bits, None if group == -1 else group, fmt,
-                       flags["desc_act"], flags["sym"], dict(config))
+                       flags["desc_act"], flags["sym"], producer, dict(config))
+
+
+def v1_zeros_rule(quant: QuantConfig, metadata: dict | None = None) -> tuple[str, str]:
+    """How a GPTQ v1 checkpoint's zero points decode when ``--v1-zeros`` is not given:
+    the rule of its producer's own loader, and why (for a note to the user).
+
+    GPTQModel (``meta.quantizer``) reads v1 word-wise (``gptqmodel``), as transformers
+    and optimum do through it. AutoGPTQ (its config, or ``auto_gptq_version`` in the
+    file's ``metadata``) picks its kernel by the config's ``desc_act`` and group size:
+    ``qlinear_cuda_old`` (``autogptq``) without act-order or with one group, else
+    ``qlinear_cuda`` (``exllama``). Otherwise the default, ``gptqmodel``.
+    """
+    producer = quant.producer
+    if producer is None and AUTOGPTQ_METADATA_KEY in (metadata or {}) and \
+            quant.method in (None, "gptq"):
+        producer, said = "autogptq", f"the safetensors metadata's {AUTOGPTQ_METADATA_KEY}"
+    else:
+        said = quant.source
+    if producer == "autogptq":
+        one_group = quant.extra.get("group_size") == -1
+        if quant.desc_act and not one_group:
+            return "exllama", (f"{said}: written by AutoGPTQ with desc_act, which loads "
+                               "qlinear_cuda (each field + 1)")
+        return "autogptq", (f"{said}: written by AutoGPTQ, which loads qlinear_cuda_old "
+                            "(each field + 1, modulo 2^bits)")
+    if producer == "gptqmodel":
+        return "gptqmodel", f"{said}: meta.quantizer names GPTQModel (word-wise)"
+    return GPTQ_V1_ZEROS[0], "the default (GPTQModel's and transformers' reading)"
 
 
 def read_quant_config(directory: Path) -> tuple[QuantConfig, dict | None]:
