@@ -89,17 +89,18 @@ EMIT_FORMAT_FLAGS = {
     "awq": ("group_size", "scale"),
     "ggml": ("ggml_type",),
     "packed": ("int", "group_size"),
-    "floatzp": ("int", "group_size"),
+    "floatzp": ("int", "group_size", "q_min", "q_max"),
     "hqq": ("group_size", "bits"),
 }
 _FORMAT_FLAG_KEYS = ("int", "group_size", "bits", "checkpoint_format", "act_order", "scale",
-                     "v1_zeros", "ggml_type")
+                     "v1_zeros", "ggml_type", "q_min", "q_max")
 # A request's fields and knobs, and the flag that chooses each (for "name one kernel").
 _CHOOSING_FLAGS = (("int_dtype", "--int"), ("float_dtype", "--float"),
                    ("group_size", "--group-size"), ("bits", "--bits"),
                    ("checkpoint_format", "--checkpoint-format"), ("act_order", "--act-order"),
                    ("scale_dtype", "--scale"), ("v1_zeros", "--v1-zeros"),
-                   ("qtype", "--ggml-type"), ("op", "--filter"))
+                   ("qtype", "--ggml-type"), ("q_min", "--q-min"), ("q_max", "--q-max"),
+                   ("op", "--filter"))
 
 
 def _flag(key: str) -> str:
@@ -472,6 +473,10 @@ def _add_format_flags(p: argparse.ArgumentParser, *, many: bool) -> None:
     p.add_argument("--ggml-type", metavar="TYPE",
                    help=f"GGML block types: {', '.join(ggml_types())} [default: every one "
                    "this dqgen builds]", **kw)
+    p.add_argument("--q-min", metavar="N", help="floatzp: the smallest q of the range whose "
+                   "midpoint is subtracted [default: the int dtype's]", **kw)
+    p.add_argument("--q-max", metavar="N", help="floatzp: the largest q of that range "
+                   "[default: the int dtype's]", **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -533,8 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(DQGEN_DISABLE_JIT=1 to never compile); check it with dqgen verify.")
     aot.add_argument("--manifest", "-m", metavar="FILE",
                      help="TOML or JSON file with keys op, int, float, group_size, target, "
-                     "bits, checkpoint_format, act_order, scale, v1_zeros, ggml_type, filter "
-                     "(and [[kernels]] tables of the same keys)")
+                     "bits, checkpoint_format, act_order, scale, v1_zeros, ggml_type, q_min, "
+                     "q_max, filter (and [[kernels]] tables of the same keys)")
     aot.add_argument("--op", action="append", metavar="OP",
                      help=f"ops: {', '.join(ALL_OPS)} (comma-separated or repeated) "
                      f"[default: the family's {len(OPS)}]")

@@ -63,7 +63,10 @@ DEFAULTS = {"op": tuple(OPS), "int": ("s8", "u8"),
 # read as GPTQModel (and so transformers) reads v1 zeros.
 FORMAT_DEFAULTS = {"bits": (4,), "checkpoint_format": ("gptq",), "act_order": (False, True),
                    "scale": ("f16",), "v1_zeros": (ir.GPTQ_V1_ZEROS[0],),
-                   "ggml_type": None}  # ggml_type: every supported type
+                   "ggml_type": None,  # ggml_type: every supported type
+                   # floatzp: the q range whose midpoint the kernel subtracts (None: the
+                   # int dtype's whole range)
+                   "q_min": (None,), "q_max": (None,)}
 # Per-op defaults of the shared keys where the family's would not fit: models run in
 # f16/bf16, GGML blocks dequantize to f32/f16/bf16, packed storage is u4/s4.
 OP_DEFAULTS = {
@@ -220,6 +223,13 @@ def _as_list(value, key: str) -> list:
     return out
 
 
+def _integer(value, key: str) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise InvalidProblemError(f"{key} {value!r} is not an integer") from None
+
+
 def _group_sizes(values: list) -> list[int]:
     sizes = []
     for v in values:
@@ -288,6 +298,9 @@ def _pick(selection: dict) -> dict:
         pick["act_order"] = _act_orders(pick["act_order"])
     if pick.get("v1_zeros"):
         pick["v1_zeros"] = _v1_zeros(pick["v1_zeros"])
+    for key in ("q_min", "q_max"):
+        if pick.get(key):
+            pick[key] = [_integer(v, key) for v in pick[key]]
     if pick.get("ggml_type"):
         pick["ggml_type"] = [ir.parse_ggml_type(t).value[len("ggml_"):].upper()
                              for t in pick["ggml_type"]]
@@ -339,8 +352,11 @@ def _candidates(op: str, pick: dict):
         for b, f, g in itertools.product(_value(pick, op, "bits"), floats, groups):
             yield lambda b=b, f=f, g=g: _format_descriptor(op, None, f, g, dict(bits=b))
     else:  # floatzp
-        for i, f, g in itertools.product(_value(pick, op, "int"), floats, groups):
-            yield lambda i=i, f=f, g=g: _format_descriptor(op, i, f, g, {})
+        for i, f, g, lo, hi in itertools.product(_value(pick, op, "int"), floats, groups,
+                                                 _value(pick, op, "q_min"),
+                                                 _value(pick, op, "q_max")):
+            yield lambda i=i, f=f, g=g, lo=lo, hi=hi: _format_descriptor(
+                op, i, f, g, dict(q_min=lo, q_max=hi))
 
 
 def _lowerable(desc):
@@ -399,8 +415,8 @@ def read_manifest(path: str | Path) -> tuple[list[dict], list[str]]:
 
     Selections are the top level and each ``[[kernels]]`` table, with the keys (all
     optional, scalars or lists) of ``SELECTION_KEYS``: op, int, float, group_size, target,
-    the formats' bits, checkpoint_format, act_order, scale, v1_zeros and ggml_type, and
-    filter. A
+    the formats' bits, checkpoint_format, act_order, scale, v1_zeros, ggml_type, q_min
+    and q_max, and filter. A
     top-level ``filter`` narrows the union of all selections.
     """
     path = Path(path)
@@ -452,13 +468,19 @@ def command_for_record(record: dict, target: str, arch: str) -> str:
     except (DqgenError, TypeError, ValueError):
         return ""
     knobs = dict(request.knobs)
+    if request.op == "floatzp":  # the range only where it is not the int dtype's own
+        whole = _format_descriptor("floatzp", request.int_dtype, request.float_dtype,
+                                   request.group_size, {})
+        if (knobs.get("q_min"), knobs.get("q_max")) == (whole.q_min, whole.q_max):
+            knobs = {k: v for k, v in knobs.items() if k not in ("q_min", "q_max")}
     flags = {"op": request.op, "int": request.int_dtype, "float": request.float_dtype,
              "group_size": request.group_size or None, "bits": knobs.get("bits"),
              "checkpoint_format": knobs.get("checkpoint_format"),
              "act_order": {True: "yes", False: "no"}.get(knobs.get("act_order")),
              "scale": knobs.get("scale_dtype"), "ggml_type": knobs.get("qtype"),
              "v1_zeros": None if knobs.get("v1_zeros") in (None, *FORMAT_DEFAULTS["v1_zeros"])
-             else knobs["v1_zeros"], "target": f"{target}:{arch}"}
+             else knobs["v1_zeros"], "q_min": knobs.get("q_min"), "q_max": knobs.get("q_max"),
+             "target": f"{target}:{arch}"}
     flags = {k: v for k, v in flags.items() if v is not None}
     if request.op == "ggml":
         flags.pop("group_size", None)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from dqgen import aot, bundle, cli, jit
+from dqgen import errors as dqgen_errors
 from dqgen.formats import pack
 from dqgen.ir import (AwqDequantizeDescriptor, DequantizeFloatZeroDescriptor,
                       DequantizePerGroupDescriptor, GgmlDequantizeDescriptor,
@@ -89,6 +90,8 @@ FORMAT_KERNELS = [
     (["floatzp", "--int", "u4", "--float", "bf16", "--group-size", "32"],
      DequantizeFloatZeroDescriptor(2, 64, 32, "bf16", "u4")),
     (["hqq", "--bits", "3", "--float", "f16"], HqqDequantizeDescriptor(4, 64, 64, "f16", 3, 24)),
+    (["floatzp", "--int", "u4", "--float", "f16", "--group-size", "32", "--q-min", "0",
+      "--q-max", "14"], DequantizeFloatZeroDescriptor(2, 64, 32, "f16", "u4", 0, 14)),
 ]
 
 
@@ -164,6 +167,30 @@ def test_aot_builds_every_v1_rule(capsys, tmp_path):
     manifest.write_text('op = "gptq"\nfloat = "f16"\nact_order = "yes"\nv1_zeros = "exllama"\n')
     assert [r.uri for r in aot.enumerate_kernels(aot.read_manifest(manifest)[0])] == [
         "dequant_gptq4_v1_exllama_f16_f16_gidx"]
+
+
+@pytest.mark.parametrize("desc, flags", [
+    (GptqDequantizeDescriptor(64, 32, 16, v1_zeros="autogptq"), "--v1-zeros autogptq"),
+    (GptqDequantizeDescriptor(64, 32, 16, act_order=True, v1_zeros="exllama"),
+     "--act-order yes --scale f16 --v1-zeros exllama"),
+    (DequantizeFloatZeroDescriptor(2, 64, 32, "f16", "u4", q_min=0, q_max=7),
+     "--q-min 0 --q-max 7"),
+])
+def test_every_missing_format_kernel_names_the_command_that_builds_it(monkeypatch, tmp_path,
+                                                                       desc, flags):
+    """JIT off, nothing cached: the error's dqgen aot command selects exactly this kernel."""
+    monkeypatch.setenv("DQGEN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("DQGEN_DISABLE_JIT", "1")
+    monkeypatch.delenv("DQGEN_BUNDLE", raising=False)
+    monkeypatch.setattr(jit, "_memo", {})
+    with pytest.raises(dqgen_errors.MissingKernelError, match=desc.uri) as info:
+        jit.get_kernel(desc, "c", "generic")
+    hint = str(info.value).split("Build it ahead of time with: ")[1]
+    assert flags in hint
+    args = hint.split()[2:-2]  # drop "dqgen aot" and "-o BUNDLE"
+    selection = {k[2:].replace("-", "_"): v for k, v in zip(args[0::2], args[1::2])}
+    assert [r.descriptor().key() for r in aot.expand(selection)] == [
+        aot.request_of(desc, "c", "generic").descriptor().key()]
 
 
 def test_convert_without_jit_names_the_aot_command_for_autogptqs_rule(capsys, tmp_path,
