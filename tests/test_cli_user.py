@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from dqgen import aot, bundle, cli, jit
+from dqgen import aot, bundle, cli, jit, plans
 from dqgen import errors as dqgen_errors
 from dqgen.formats import pack
 from dqgen.ir import (AwqDequantizeDescriptor, DequantizeFloatZeroDescriptor,
@@ -36,6 +36,12 @@ def run(capsys, *argv):
 def _no_bundles_leak():
     yield
     bundle.unload_all()
+
+
+def forget_loaded_kernels(monkeypatch):
+    """Kernels this process loaded earlier are not looked up again (as in a new process)."""
+    monkeypatch.setattr(jit, "_memo", {})
+    monkeypatch.setattr(plans, "_plan_memo", {})
 
 
 # --- demo ------------------------------------------------------------------------------
@@ -182,7 +188,7 @@ def test_every_missing_format_kernel_names_the_command_that_builds_it(monkeypatc
     monkeypatch.setenv("DQGEN_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("DQGEN_DISABLE_JIT", "1")
     monkeypatch.delenv("DQGEN_BUNDLE", raising=False)
-    monkeypatch.setattr(jit, "_memo", {})
+    forget_loaded_kernels(monkeypatch)
     with pytest.raises(dqgen_errors.MissingKernelError, match=desc.uri) as info:
         jit.get_kernel(desc, "c", "generic")
     hint = str(info.value).split("Build it ahead of time with: ")[1]
@@ -209,7 +215,7 @@ def test_convert_without_jit_names_the_aot_command_for_autogptqs_rule(capsys, tm
     monkeypatch.setenv("DQGEN_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("DQGEN_DISABLE_JIT", "1")
     monkeypatch.delenv("DQGEN_BUNDLE", raising=False)
-    monkeypatch.setattr(jit, "_memo", {})
+    forget_loaded_kernels(monkeypatch)
     convert = ["convert", str(src), str(tmp_path / "out.safetensors"), "--quiet",
                "--format", "gptq", "--group-size", "32", "--v1-zeros", "autogptq"]
     status, _, err = run(capsys, *convert)
@@ -224,7 +230,7 @@ def test_convert_without_jit_names_the_aot_command_for_autogptqs_rule(capsys, tm
     monkeypatch.setenv("DQGEN_DISABLE_JIT", "1")
     monkeypatch.setenv("DQGEN_CACHE_DIR", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("DQGEN_BUNDLE", str(tmp_path / "bundle"))
-    monkeypatch.setattr(jit, "_memo", {})
+    forget_loaded_kernels(monkeypatch)
     status, _, err = run(capsys, *convert)
     assert status == 0, err
     got = st.load_file(str(tmp_path / "out.safetensors"))["layer.weight"]
