@@ -5,9 +5,10 @@ keeps (``jit.descriptor_record``), given a small problem of its own, and fed ran
 inputs with the values that matter for bit-exactness (zeros of both signs, subnormals,
 infinities, NaN, extreme zero points); its output, written over a filled buffer so that
 a skipped element shows, must equal the oracle bit for bit (NaN equals any NaN). The
-oracles: ``dqgen.reference`` for the family, the formulas of FORMATS.md written out in
-numpy here for GPTQ, AWQ, packed storage, float zero points and HQQ (sharing no code
-with the generator), and the ``gguf`` package for GGML blocks. The binary run is the one
+oracle and the small problem are the format's (``layouts.kind_of``): ``dqgen.reference``
+for the family, the formulas of FORMATS.md written out in numpy for GPTQ, AWQ, packed
+storage, float zero points and HQQ (sharing no code with the templates), and the
+``gguf`` package for GGML blocks. The binary run is the one
 on disk (hash-checked), not a rebuild: a damaged or mislabelled kernel is reported, never
 hidden.
 """
@@ -21,20 +22,15 @@ from pathlib import Path
 import numpy as np
 
 from . import bundle as bundle_mod
-from . import cache, jit, reference
+from . import cache, jit
 from .aot import descriptor_from_record
 from .errors import DqgenError
-from .ir import (DESCRIPTORS, AwqDequantizeDescriptor, DequantizeFloatZeroDescriptor, DType,
-                 GgmlDequantizeDescriptor, GptqDequantizeDescriptor, HqqDequantizeDescriptor,
-                 Op, PerGroupDescriptor)
 from .isa import supported_isas
+from .layouts import kind_of
+from .layouts.registry import descriptor_classes
 from .lower import lower
 
 OK, MISMATCH, FAILED, SKIPPED = "ok", "mismatch", "could not run", "skipped"
-# The kinds ``expected`` has an oracle for (others are reported as skipped).
-ORACLES = DESCRIPTORS + (GptqDequantizeDescriptor, AwqDequantizeDescriptor,
-                         GgmlDequantizeDescriptor, DequantizeFloatZeroDescriptor,
-                         HqqDequantizeDescriptor)
 FAILURES = (MISMATCH, FAILED)
 FILL = 0x5A  # the output's bytes before a run: an element the kernel skips differs
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -60,23 +56,10 @@ class Outcome:
 
 def small_problem(record: dict):
     """The descriptor of ``record`` with sizes small enough to check in milliseconds yet
-    covering several groups (an act-order kernel, which takes any group size, gets 16)."""
+    covering several groups (its format's choice)."""
     desc = descriptor_from_record(record)
-    if isinstance(desc, GgmlDequantizeDescriptor):
-        return descriptor_from_record(record, blocks=7)
-    if isinstance(desc, PerGroupDescriptor):
-        g = desc.group_size
-        # two groups a row, and at least 32 values (the vector steps of small groups run)
-        sizes = dict(outer=3, axis=g * max(2, -(-32 // g)) if g <= 1 << 15 else g)
-        if isinstance(desc, HqqDequantizeDescriptor):  # the plane offset is a run-time
-            sizes["shift"] = 27 if desc.bits == 3 else 8 - desc.bits  # argument: the top one
-        return descriptor_from_record(record, **sizes)
-    per = 32 // desc.bits if isinstance(desc, GptqDequantizeDescriptor) else 1
-    if getattr(desc, "act_order", False):
-        return descriptor_from_record(record, rows=64, cols=64, group_size=16)
-    g = desc.group_size
-    rows = math.lcm(per, g) * (2 if g <= 1 << 14 else 1)
-    return descriptor_from_record(record, rows=rows, cols=64)
+    return kind_of(desc).small_problem(
+        desc, lambda **sizes: descriptor_from_record(record, **sizes))
 
 
 def _floats(rng, shape, dtype: np.dtype) -> np.ndarray:
@@ -91,18 +74,18 @@ def _floats(rng, shape, dtype: np.dtype) -> np.ndarray:
 
 
 def random_inputs(desc, arguments, rng) -> dict:
-    """An array for every argument: inputs random, the output filled with ``FILL``."""
-    arrays = {}
+    """An array for every argument: inputs random (or what the format needs valid, an
+    index table), the output filled with ``FILL``."""
+    arrays, kind = {}, kind_of(desc)
     for arg in arguments:
-        if arg.is_out:
+        special = None if arg.is_out else kind.random_input(desc, arg.name, arg.shape, rng)
+        if special is not None:
+            arrays[arg.name] = special
+        elif arg.is_out:
             raw = np.full(math.prod(arg.shape) * arg.dtype.itemsize, FILL, np.uint8)
             arrays[arg.name] = raw.view(arg.dtype).reshape(arg.shape)
         elif arg.dtype.kind == "f" or arg.dtype.name == "bfloat16":
             arrays[arg.name] = _floats(rng, arg.shape, arg.dtype)
-        elif arg.name == "g_idx":
-            arrays[arg.name] = rng.integers(0, desc.num_groups, arg.shape).astype(np.int32)
-        elif arg.name == "zero_point":
-            arrays[arg.name] = rng.integers(-300, 300, arg.shape).astype(np.int32)
         else:  # packed words, block bytes, stored values: any bits
             info = np.iinfo(arg.dtype)
             arrays[arg.name] = rng.integers(info.min, info.max, arg.shape, dtype=arg.dtype,
@@ -112,118 +95,9 @@ def random_inputs(desc, arguments, rng) -> dict:
 
 # --- the oracles ----------------------------------------------------------------------
 
-def _compute(out: np.dtype) -> np.dtype:
-    return reference.compute_dtype(out)
-
-
-def _unpack_nibbles(packed: np.ndarray, signed: bool) -> np.ndarray:
-    """[..., n/2] bytes -> [..., n]: element 2k in the low nibble of byte k (FORMATS.md)."""
-    b = packed.astype(np.int64)
-    out = np.stack([b & 15, b >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
-    return np.where(out >= 8, out - 16, out) if signed else out
-
-
-def _stored(desc, q: np.ndarray) -> np.ndarray:
-    t = desc.int_dtype
-    return _unpack_nibbles(q, t is DType.S4) if t.is_packed else q.astype(np.int64)
-
-
-def _fields(words: np.ndarray, bits: int) -> np.ndarray:
-    """[..., W] int32 -> [..., W, 32 / bits]: field j of a word at bit bits * j."""
-    shifts = np.arange(32 // bits, dtype=np.uint64) * bits
-    return (words.view(np.uint32).astype(np.uint64)[..., None] >> shifts) & ((1 << bits) - 1)
-
-
-def _gptq_zeros(desc, qzeros: np.ndarray) -> np.ndarray:
-    """z[g, n]: v2 stores z; v1 stores z - 1, decoded as ``desc.v1_zeros`` says (a 1 in
-    every field added to the whole word, carries crossing fields, or 1 added to each
-    field, wrapping or not)."""
-    bits, words = desc.bits, qzeros
-    if desc.checkpoint_format != "gptq":
-        return _fields(words, bits).reshape(words.shape[0], -1).astype(np.int64)
-    rule = getattr(desc, "v1_zeros", None)
-    if rule == "gptqmodel":
-        ones = sum(1 << (bits * j) for j in range(32 // bits))
-        words = ((words.view(np.uint32).astype(np.uint64) + ones) % 2**32).astype(np.uint32)
-        return _fields(words.view(np.int32), bits).reshape(words.shape[0], -1).astype(np.int64)
-    z = _fields(words, bits).reshape(words.shape[0], -1).astype(np.int64) + 1
-    return z % (1 << bits) if rule == "autogptq" else z
-
-
-def _matrix(q, z, scales, groups, out):
-    c = _compute(out)
-    with np.errstate(all="ignore"):
-        return ((q - z[groups]).astype(c) * scales[groups].astype(c)).astype(out)
-
-
 def expected(desc, arrays: dict) -> np.ndarray:
-    """What the kernel of ``desc`` must write, from the oracle of its kind."""
-    if isinstance(desc, DequantizeFloatZeroDescriptor):
-        f = desc.float_dtype.np_dtype
-        c, g = _compute(f), desc.group_size
-        s = np.repeat(arrays["scale"].astype(c), g, axis=1)
-        z = np.repeat(arrays["zero_point"].astype(c), g, axis=1)
-        with np.errstate(all="ignore"):  # F(F(F(q - mid) * s) + z), q - mid exact in f64
-            diff = (_stored(desc, arrays["q"]).astype(np.float64) - desc.mid).astype(f)
-            prod = (diff.astype(c) * s).astype(f)
-            return (prod.astype(c) + z).astype(f)
-    if isinstance(desc, HqqDequantizeDescriptor):
-        f = desc.float_dtype.np_dtype
-        c, g = _compute(f), desc.group_size
-        words = arrays["q"].view(_UINT[arrays["q"].itemsize]).astype(np.uint64)
-        q = (words >> desc.shift) & ((1 << desc.bits) - 1)
-        s = np.repeat(arrays["scale"].astype(c), g, axis=1)
-        z = np.repeat(arrays["zero_point"].astype(c), g, axis=1)
-        with np.errstate(all="ignore"):  # F(F(q - z) * s)
-            diff = (q.astype(c) - z).astype(f)
-            return (diff.astype(c) * s).astype(f)
-    if type(desc) in DESCRIPTORS:
-        g = desc.group_size
-        if desc.op is Op.DEQUANTIZE:
-            return reference.dequantize_per_group(_stored(desc, arrays["q"]), arrays["scale"],
-                                                  arrays["zero_point"], g)
-        if desc.op is Op.QUANTIZE:
-            q = reference.quantize_per_group(arrays["x"], arrays["scale"], arrays["zero_point"],
-                                             g, np.int64, desc.q_min, desc.q_max)
-            if desc.int_dtype.is_packed:
-                v = q & 15
-                return (v[:, 0::2] | (v[:, 1::2] << 4)).astype(np.uint8)
-            return q.astype(desc.int_dtype.np_dtype)
-        if desc.op is Op.DEQUANTIZE_BACKWARD:
-            return reference.dequantize_per_group_backward(arrays["d_output"], arrays["scale"], g)
-        return reference.quantize_per_group_backward(arrays["d_output"], arrays["x"],
-                                                     arrays["scale"], arrays["zero_point"], g,
-                                                     desc.q_min, desc.q_max)
-    out = desc.float_dtype.np_dtype
-    if isinstance(desc, GptqDequantizeDescriptor):
-        f = _fields(arrays["qweight"], desc.bits)              # [K / per, N, per]
-        q = f.transpose(0, 2, 1).reshape(desc.rows, desc.cols).astype(np.int64)
-        groups = (arrays["g_idx"].astype(np.int64) if desc.act_order
-                  else np.arange(desc.rows) // desc.group_size)
-        return _matrix(q, _gptq_zeros(desc, arrays["qzeros"]), arrays["scales"], groups, out)
-    if isinstance(desc, AwqDequantizeDescriptor):
-        order = [0, 2, 4, 6, 1, 3, 5, 7]  # nibble i holds column order[i] of its eight
-
-        def unpack(words):
-            cols = np.empty((*words.shape, 8), np.int64)
-            cols[..., order] = _fields(words, 4)
-            return cols.reshape(words.shape[0], -1)
-        groups = np.arange(desc.rows) // desc.group_size
-        return _matrix(unpack(arrays["qweight"]), unpack(arrays["qzeros"]), arrays["scales"],
-                       groups, out)
-    if isinstance(desc, GgmlDequantizeDescriptor):
-        try:
-            import gguf.quants
-        except ImportError:
-            raise LookupError("the gguf package (the GGML oracle) is not installed") from None
-        name = desc.qtype.value[len("ggml_"):].upper()
-        with np.errstate(all="ignore"):
-            try:
-                values = gguf.quants.dequantize(arrays["data"], gguf.GGMLQuantizationType[name])
-            except (NotImplementedError, KeyError) as exc:
-                raise LookupError(f"the gguf package cannot dequantize {name}: {exc}") from None
-            return np.asarray(values).reshape(arrays["y"].shape).astype(out)
-    raise LookupError(f"no oracle for {type(desc).__name__}")
+    """What the kernel of ``desc`` must write, from its format's oracle."""
+    return kind_of(desc).oracle(desc, arrays)
 
 
 def first_difference(got: np.ndarray, want: np.ndarray) -> str:
@@ -284,7 +158,7 @@ def check_kernel(record: dict, target: str, arch: str, binary: Path | bytes, lab
     if record is None:
         return Outcome(label, SKIPPED, "no descriptor recorded (built by an older dqgen: "
                        "rebuild it to verify it)")
-    if record.get("class") not in {cls.__name__ for cls in ORACLES}:
+    if record.get("class") not in descriptor_classes():
         return Outcome(label, SKIPPED, f"no oracle here for {record.get('class')} kernels")
     try:
         desc = small_problem(record)

@@ -77,3 +77,16 @@ def kind_of(desc) -> FormatKind:
 def kinds() -> tuple[FormatKind, ...]:
     """Every registered kind, once, in registration order."""
     return tuple(dict.fromkeys(_KINDS.values()))
+
+
+def descriptor_classes() -> dict[str, type]:
+    """Every registered descriptor class and its subclasses, by the name kernel records
+    (bundle manifests, cache entries) give them."""
+    found: dict[str, type] = {}
+    for cls in _KINDS:
+        stack = [cls]
+        while stack:
+            c = stack.pop()
+            found.setdefault(c.__name__, c)
+            stack.extend(c.__subclasses__())
+    return found
