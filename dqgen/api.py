@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 
+import ml_dtypes
 import numpy as np
 
 from . import outputs, plans
@@ -258,6 +259,11 @@ def quantize_per_group_backward(dy, x, scale, zero_point, group_size: int, q_min
     return _finish(dx, out, dy, np.shape(dy))
 
 
+def _smallest_normal(float_dtype: DType) -> float:
+    """torchao's floor for scales; ml_dtypes' finfo knows bf16 where numpy's may not."""
+    return float(ml_dtypes.finfo(float_dtype.np_dtype).smallest_normal)
+
+
 def _round_up(value: np.ndarray, float_dtype: DType) -> np.ndarray:
     """The smallest ``float_dtype`` value >= each positive ``value``.
 
@@ -335,7 +341,7 @@ def choose_qparams_per_group(x, group_size: int, int_dtype=None, symmetric: bool
     finite = np.where(np.isfinite(groups), groups, 0)
     min_val = np.minimum(finite.min(axis=-1, initial=0), 0).astype(compute)
     max_val = np.maximum(finite.max(axis=-1, initial=0), 0).astype(compute)
-    eps = compute(np.finfo(float_dtype.np_dtype).smallest_normal)
+    eps = compute(_smallest_normal(float_dtype))
     with np.errstate(all="ignore"):
         if symmetric:
             amax = np.maximum(-min_val, max_val)
@@ -368,6 +374,6 @@ def _float_zero_qparams(arr: np.ndarray, group_size: int, float_dtype: DType, lo
 
     with np.errstate(all="ignore"):
         scale = rounded(rounded(max_val - min_val) / c.type(hi - lo))
-        scale = np.maximum(scale, c.type(np.finfo(f).smallest_normal))
+        scale = np.maximum(scale, c.type(_smallest_normal(float_dtype)))
         zero = min_val + rounded(scale * c.type((hi + lo + 1) / 2))
     return np.ascontiguousarray(scale.astype(f)), np.ascontiguousarray(zero.astype(f))

@@ -5,6 +5,7 @@ torchao hands it over, and ``output_dtype`` on the torch dequantize op."""
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -63,6 +64,23 @@ def test_choose_qparams_for_4_bit_storage(storage, lo, hi):
     assert np.all(np.abs(y - w) <= np.repeat(scale, G, axis=1) / 2 * (1 + 1e-6))
     sym_scale, sym_zp = dqgen.choose_qparams_per_group(w, G, int_dtype=storage, symmetric=True)
     assert np.all(sym_zp == (hi + lo + 1) // 2)
+
+
+@pytest.mark.parametrize("domain", ["int", "float"])
+def test_choose_qparams_bf16_needs_no_numpy_finfo(monkeypatch, domain):
+    """numpy 2.5's finfo refuses ml_dtypes' bfloat16 (seen on a GPU image): the scale
+    floor comes from ml_dtypes.finfo, which knows every float dtype."""
+    real = np.finfo
+
+    def finfo(dtype):
+        if np.dtype(dtype) == np.dtype(ml_dtypes.bfloat16):
+            raise ValueError("data type dtype(bfloat16) not compatible with finfo")
+        return real(dtype)
+
+    monkeypatch.setattr(np, "finfo", finfo)
+    scale, _ = dqgen.choose_qparams_per_group(np.zeros((2, 64), ml_dtypes.bfloat16), G,
+                                              int_dtype="u4", zero_point_domain=domain)
+    assert np.all(scale.astype(np.float32) == np.float32(2.0 ** -126))
 
 
 # --------------------------------------------------------------------------- shape hints
