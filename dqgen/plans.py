@@ -13,7 +13,7 @@ import numpy as np
 
 from . import env
 from .arguments import arguments, launch_elements
-from .arrays import check_array, check_no_overlap, to_numpy
+from .arrays import check_array, check_no_overlap, shape_of, to_numpy
 from .errors import UnsupportedError
 from .ir import (DequantizePerGroupBackwardDescriptor, DequantizePerGroupDescriptor,
                  QuantizePerGroupBackwardDescriptor, QuantizePerGroupDescriptor)
@@ -242,35 +242,50 @@ class _PerGroupPlan(Plan):
                                    f"got {type(desc).__name__}")
         return memoized_select(cls, desc, device, preference)
 
-    def _arrays(self, args) -> list[np.ndarray]:
+    def _check_args_type(self, args) -> None:
         if not isinstance(args, self.args_type):
             raise UnsupportedError(f"{type(self).__name__} needs {self.args_type.__name__}, "
                                    f"got {type(args).__name__}")
+
+    def _terms(self, caller) -> list[tuple[str, tuple | None]]:
+        """Each argument's name and ``(shape the caller passed, caller's leading dims)`` for
+        messages: the plan's own field names, or the caller's (see ``run``)."""
+        if not caller:
+            return [(item[0], None) for item in self._layout]
+        first = caller.get(self._layout[0][0], (None, None))[1]
+        lead = shape_of(first)[:-1] if first is not None else None
+        terms = []
+        for field, *_ in self._layout:
+            name, obj = caller.get(field, (field, None))
+            terms.append((name, None if obj is None else (shape_of(obj), lead)))
+        return terms
+
+    def _arrays(self, args, caller=None) -> list[np.ndarray]:
+        self._check_args_type(args)
         arrays = []
-        for name, dtype, shape, is_out in self._layout:
-            arr = to_numpy(getattr(args, name), name)
-            check_array(arr, name, dtype, shape, writable=is_out)
+        for (name, shown), (field, dtype, shape, is_out) in zip(self._terms(caller),
+                                                                  self._layout):
+            arr = to_numpy(getattr(args, field), name)
+            check_array(arr, name, dtype, shape, writable=is_out, caller=shown)
             arrays.append(arr)
         return arrays
 
-    def _cuda_views(self, args) -> list:
+    def _cuda_views(self, args, caller=None) -> list:
         """The device views of ``args`` for a CUDA plan, each checked (``can_implement``)."""
-        if not isinstance(args, self.args_type):
-            raise UnsupportedError(f"{type(self).__name__} needs {self.args_type.__name__}, "
-                                   f"got {type(args).__name__}")
+        self._check_args_type(args)
+        terms = self._terms(caller)
         views = []
-        for name, dtype, shape, is_out in self._layout:
-            view = cuda_runtime.device_view(getattr(args, name), name, self._ordinal)
+        for (name, _), (field, dtype, shape, is_out) in zip(terms, self._layout):
+            view = cuda_runtime.device_view(getattr(args, field), name, self._ordinal)
             cuda_runtime.check_device_array(view, name, dtype, shape, self._ordinal,
                                             writable=is_out)
             views.append(view)
         out = self._out_index
         cuda_runtime.check_device_no_overlap(
-            views[out], self._layout[out][0],
-            {self._layout[i][0]: v for i, v in enumerate(views) if i != out})
+            views[out], terms[out][0], {terms[i][0]: v for i, v in enumerate(views) if i != out})
         return views
 
-    def _run_cuda(self, args, stream) -> None:
+    def _run_cuda(self, args, stream, caller=None) -> None:
         """Check ``args`` and launch on ``stream`` (None: the legacy default stream);
         asynchronous, like any CUDA launch."""
         ptrs = None
@@ -278,22 +293,24 @@ class _PerGroupPlan(Plan):
             ptrs = cuda_runtime.torch_pointers([getattr(args, item[0]) for item in self._layout],
                                                self._layout, self._ordinal)
         if ptrs is None:
-            ptrs = [v.ptr for v in self._cuda_views(args)]
+            ptrs = [v.ptr for v in self._cuda_views(args, caller)]
         cuda_runtime.stream_handle(stream)  # reject a bad stream even for an empty problem
         self._kernel.runner.launch(ptrs + list(self._scalars), self._elements, self._ordinal,
                                    stream)
 
-    def can_implement(self, args) -> None:
-        """Raise naming the first argument that does not fit the descriptor."""
+    def can_implement(self, args, caller=None) -> None:
+        """Raise naming the first argument that does not fit the descriptor (``caller``:
+        as ``run``)."""
         if self._ordinal is not None:
-            self._cuda_views(args)
+            self._cuda_views(args, caller)
             return
-        arrays = self._arrays(args)
+        arrays = self._arrays(args, caller)
         out_index = self._out_index
-        check_no_overlap(arrays[out_index], self._layout[out_index][0],
-                         {self._layout[i][0]: a for i, a in enumerate(arrays) if i != out_index})
+        names = [name for name, _ in self._terms(caller)]
+        check_no_overlap(arrays[out_index], names[out_index],
+                         {names[i]: a for i, a in enumerate(arrays) if i != out_index})
 
-    def run(self, args, workspace=None, stream=None) -> None:
+    def run(self, args, workspace=None, stream=None, caller=None) -> None:
         """Check ``args`` (as ``can_implement``) and run the kernel; the GIL is released.
 
         The checks are the same as ``can_implement``'s, written for the common case (numpy
@@ -302,13 +319,18 @@ class _PerGroupPlan(Plan):
         (torch, CuPy, ``__cuda_array_interface__``, DLPack) and launches asynchronously on
         ``stream``: None is the legacy default stream; a ``torch.cuda.Stream``, a CuPy
         stream or a raw ``CUstream`` handle (int) name another.
+
+        ``caller``: for a plain function that reshaped its caller's arrays into ``args``,
+        ``{field: (the caller's name, the object the caller passed)}`` (the object None
+        for one the function made): errors then name the arguments and show the shapes
+        as the caller passed them (``q``, ``out``, a 1-D ``scale``), not ``args``'.
         """
         if self._ordinal is not None:
-            return self._run_cuda(args, stream)
+            return self._run_cuda(args, stream, caller)
         if stream is not None:
             raise UnsupportedError("stream= applies to CUDA plans; this plan runs on the CPU")
         if type(args) is not self.args_type:
-            self.can_implement(args)
+            self.can_implement(args, caller)
         remembered = self._pointers
         if remembered is None:
             remembered = self._pointers = cpu_runtime.ArgumentPointers(self._kernel.runner,
@@ -326,7 +348,7 @@ class _PerGroupPlan(Plan):
             # full check, which accepts it)
             if not (type(arr) is np.ndarray and arr.dtype is dtype and arr.shape == shape
                     and (flags := arr.flags).carray):
-                self.can_implement(args)
+                self.can_implement(args, caller)
                 arr = to_numpy(arr, name)
                 flags = arr.flags
             if not flags.owndata:
@@ -343,8 +365,9 @@ class _PerGroupPlan(Plan):
                 if arrays[i] is out:
                     all_own = False
         if not all_own:  # every array already checked above: only the overlap is left
-            check_no_overlap(out, self._layout[self._out_index][0],
-                             {self._layout[i][0]: arrays[i] for i in self._in_indices})
+            names = [name for name, _ in self._terms(caller)]
+            check_no_overlap(out, names[self._out_index],
+                             {names[i]: arrays[i] for i in self._in_indices})
         if self._elements:
             threads = 1 if cpu_runtime.forked_child else self._threads
             self._kernel.runner.function(*pointers, *self._scalars, threads)

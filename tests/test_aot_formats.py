@@ -208,7 +208,8 @@ FRESH_PROCESS = textwrap.dedent("""\
     # GGML Q4_0 and Q8_0 to f32
     for qtype in ("Q4_0", "Q8_0"):
         data = random_blocks(rng, qtype, (3, 4))
-        assert_bits_equal(ggml.dequantize(data, qtype), ggml_oracle(data, qtype, "f32"))
+        assert_bits_equal(ggml.dequantize(data, qtype, dtype="f32"),
+                          ggml_oracle(data, qtype, "f32"))
 
     # HQQ 3-bit, every plane of int32 words through the one kernel
     W_q = rng.integers(-2**31, 2**31, (2, 64), dtype=np.int64).astype(np.int32)
@@ -221,7 +222,7 @@ FRESH_PROCESS = textwrap.dedent("""\
                  GgmlDequantizeDescriptor(2, "Q8_0")):
         assert FormatPlan.select(desc)._kernel.origin == "bundle"
     try:
-        ggml.dequantize(random_blocks(rng, "Q5_0", (1, 2)), "Q5_0")
+        ggml.dequantize(random_blocks(rng, "Q5_0", (1, 2)), "Q5_0", dtype="f32")
         raise SystemExit("a kernel missing from the bundle did not raise")
     except dqgen.MissingKernelError as exc:
         text = str(exc)

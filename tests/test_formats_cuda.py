@@ -405,7 +405,7 @@ def test_format_functions_on_the_gpu_match_the_cpu():
     data = random_blocks(rng, "Q4_K", (3, 2)) if "Q4_K" in ggml.TYPES else \
         random_blocks(rng, "Q4_0", (3, 8))
     qtype = "Q4_K" if "Q4_K" in ggml.TYPES else "Q4_0"
-    cpu = ggml.dequantize(data, qtype)
-    gpu = ggml.dequantize(torch.from_numpy(data).cuda(), qtype)
+    cpu = ggml.dequantize(data, qtype, dtype="f32")
+    gpu = ggml.dequantize(torch.from_numpy(data).cuda(), qtype, dtype="f32")
     assert gpu.shape == cpu.shape and np.array_equal(gpu.cpu().numpy().view(np.uint32),
                                                      cpu.view(np.uint32))

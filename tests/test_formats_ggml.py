@@ -45,11 +45,11 @@ def test_large_and_shapes(qtype):
     """Multithreaded sizes, and gguf's shape convention for 1-D and 3-D byte arrays."""
     rng = np.random.default_rng(20)
     data = random_blocks(rng, qtype, (2, 3, 400), extreme=False)
-    got = ggml.dequantize(data, gguf.GGMLQuantizationType[qtype])
+    got = ggml.dequantize(data, gguf.GGMLQuantizationType[qtype], dtype="f32")
     assert got.shape == (2, 3, 400 * 32)
     assert_bits_equal(got, oracle(data, qtype, "f32"))
     flat = data.reshape(-1)
-    assert_bits_equal(ggml.dequantize(flat, qtype), oracle(flat, qtype, "f32"))
+    assert_bits_equal(ggml.dequantize(flat, qtype, dtype="f32"), oracle(flat, qtype, "f32"))
 
 
 @pytest.mark.parametrize("qtype,out", [("Q4_0", "f32"), ("Q8_0", "f16"), ("Q4_1", "f32")])
@@ -74,7 +74,7 @@ def test_quantized_by_gguf_round_trip():
     w = rng.standard_normal((16, 256)).astype(np.float32)
     for qtype in QTYPES:
         data = gguf.quants.quantize(w, gguf.GGMLQuantizationType[qtype])
-        got = ggml.dequantize(data, qtype)
+        got = ggml.dequantize(data, qtype, dtype="f32")
         assert_bits_equal(got, oracle(data, qtype, "f32"))
         assert np.abs(got - w).max() < 0.5
 

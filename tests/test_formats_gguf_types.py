@@ -147,8 +147,9 @@ def test_rows_of_one_block_and_of_many(qtype):
     rng = np.random.default_rng(40 + TYPES.index(qtype))
     bb, bv = ggml.block_bytes(qtype), ggml.block_values(qtype)
     one = random_blocks(rng, qtype, blocks=1)
-    assert_bits_equal(ggml.dequantize(one.reshape(-1), qtype), oracle(one.reshape(-1), qtype, "f32"))
-    assert_bits_equal(ggml.dequantize(one, qtype), oracle(one, qtype, "f32"))
+    assert_bits_equal(ggml.dequantize(one.reshape(-1), qtype, dtype="f32"),
+                      oracle(one.reshape(-1), qtype, "f32"))
+    assert_bits_equal(ggml.dequantize(one, qtype, dtype="f32"), oracle(one, qtype, "f32"))
     rows = random_blocks(rng, qtype, blocks=15).reshape(3, 5 * bb)
     got = ggml.dequantize(rows, qtype, dtype="bf16")
     assert got.shape == (3, 5 * bv)
@@ -187,18 +188,19 @@ def test_read_only_bytes_without_a_copy(tmp_path):
     rng = np.random.default_rng(50)
     data = random_blocks(rng, "Q6_K", blocks=12)
     want = oracle(data, "Q6_K", "f32").reshape(-1)
-    assert_bits_equal(ggml.dequantize(memoryview(data.tobytes()), "Q6_K"), want)
+    assert_bits_equal(ggml.dequantize(memoryview(data.tobytes()), "Q6_K", dtype="f32"), want)
     odd = memoryview(b"\0" + data.tobytes())[1:]  # blocks at an odd address
-    assert_bits_equal(ggml.dequantize(odd, "Q6_K"), want)
+    assert_bits_equal(ggml.dequantize(odd, "Q6_K", dtype="f32"), want)
     for qtype in ("F16", "IQ2_XS"):  # 2-byte loads, a 16-bit word plane
         blocks = random_blocks(rng, qtype, blocks=64 // ggml.block_values(qtype) + 3)
         odd = memoryview(b"\0" + blocks.tobytes())[1:]
-        assert_bits_equal(ggml.dequantize(odd, qtype), oracle(blocks, qtype, "f32").reshape(-1))
+        assert_bits_equal(ggml.dequantize(odd, qtype, dtype="f32"),
+                          oracle(blocks, qtype, "f32").reshape(-1))
     path = tmp_path / "blocks.bin"
     data.tofile(path)
     mapped = np.memmap(path, np.uint8, mode="r", shape=data.shape)
     assert np.shares_memory(ggml._bytes(mapped), mapped)
-    assert_bits_equal(ggml.dequantize(mapped, "Q6_K"), want.reshape(12, 256))
+    assert_bits_equal(ggml.dequantize(mapped, "Q6_K", dtype="f32"), want.reshape(12, 256))
 
 
 def test_types_named_in_errors():

@@ -54,7 +54,7 @@ def test_ggml_writes_out_of_the_result_shape(qtype):
     x = np.random.default_rng(3).standard_normal((3, 4, 64)).astype(np.float32)
     data = gguf.quants.quantize(x, getattr(gguf.GGMLQuantizationType, qtype))
     out = garbage((3, 4, 64), np.float32)
-    assert ggml.dequantize(data, qtype, out=out) is out
+    assert ggml.dequantize(data, qtype, dtype="f32", out=out) is out
     assert_bits_equal(out, gguf.quants.dequantize(data, getattr(gguf.GGMLQuantizationType, qtype)))
 
 
@@ -100,7 +100,7 @@ def test_out_overlapping_an_input_is_refused():
     arena[:data.nbytes] = data.reshape(-1)
     blocks = arena[:data.nbytes].reshape(data.shape)
     with pytest.raises(InvalidProblemError, match="overlaps"):
-        ggml.dequantize(blocks, "Q8_0", out=arena.view(np.float32).reshape(4, 64))
+        ggml.dequantize(blocks, "Q8_0", dtype="f32", out=arena.view(np.float32).reshape(4, 64))
 
 
 @pytest.mark.parametrize("bad", [-1, 4, 2**31 - 1])

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import outputs
-from ..arrays import from_numpy_like, to_numpy
+from ..arrays import (check_array, check_no_overlap, from_numpy_like, readable, shape_of,
+                      to_numpy)
 from ..errors import InvalidProblemError
 from ..ir import FLOAT_DTYPES, DType, parse_dtype
 from ..runtime import cuda as cuda_runtime
@@ -58,17 +59,58 @@ def host(arr) -> np.ndarray:
     return cuda_runtime.copy_to_host(cuda_runtime.device_pointer(arr))
 
 
-def run(plan_type, desc, arrays: dict, like, device) -> None:
+def run(plan_type, desc, arrays: dict, like, device, caller: dict | None = None) -> None:
     """Select ``desc``'s plan where ``like`` lives (``device``, when given, decides) and
-    run it there: on a CUDA device, on the caller's current stream."""
+    run it there: on a CUDA device, on the caller's current stream.
+
+    ``caller``: ``{kernel argument: (the caller's name, the object the caller passed or
+    None)}`` for arguments the caller knows by another name or shape (the kernel's ``y`` is
+    always the caller's ``out``): a refusal then names them as the caller did."""
     if device is None:
         device = (f"cuda:{cuda_runtime.device_pointer(like).device}"
                   if cuda_runtime.is_cuda_array(like) else "cpu")
     plan = plan_type.select(desc, device=device)
+    try:
+        if plan.device == "cpu":
+            plan.run(arrays)
+        else:
+            plan.run(arrays, stream=cuda_runtime.current_stream(like))
+    except InvalidProblemError:
+        if isinstance(arrays, dict):
+            check_in_callers_terms(plan, arrays, {"y": ("out", None), **(caller or {})})
+        raise
+
+
+def check_in_callers_terms(plan, arrays: dict, caller: dict) -> None:
+    """Check ``arrays`` against ``plan``'s arguments as ``plan.can_implement`` does, naming
+    each as ``caller`` says (its shape too, where the caller's object is given); returns
+    when they fit (the plan's own refusal was about something else: a g_idx range)."""
+    first = caller.get(plan.arguments[0].name, (None, None))[1]
+    lead = shape_of(first)[:-1] if first is not None else None
+    names, views = {}, {}
+    for arg in plan.arguments:
+        name, obj = caller.get(arg.name, (arg.name, None))
+        names[arg.name] = name
+        arr = arrays.get(arg.name)
+        if arr is None:
+            return
+        if plan.device == "cpu":
+            if not isinstance(arr, np.ndarray):
+                return
+            shown = None if obj is None else (shape_of(obj), lead)
+            check_array(arr, name, arg.dtype, arg.shape, writable=arg.is_out, caller=shown)
+        else:
+            ordinal = int(plan.device[5:])
+            views[arg.name] = cuda_runtime.device_view(arr, name, ordinal)
+            cuda_runtime.check_device_array(views[arg.name], name, arg.dtype, arg.shape,
+                                            ordinal, writable=arg.is_out)
+    out = next(a.name for a in plan.arguments if a.is_out)
+    inputs = {a.name for a in plan.arguments if not a.is_out}
     if plan.device == "cpu":
-        plan.run(arrays)
+        check_no_overlap(arrays[out], names[out], {names[k]: arrays[k] for k in inputs})
     else:
-        plan.run(arrays, stream=cuda_runtime.current_stream(like))
+        cuda_runtime.check_device_no_overlap(views[out], names[out],
+                                             {names[k]: views[k] for k in inputs})
 
 
 def reshaped(arr, shape: tuple[int, ...]):
@@ -88,16 +130,15 @@ def reshaped(arr, shape: tuple[int, ...]):
 
 
 def array(obj, name: str, ndim: int) -> np.ndarray:
-    """A C-contiguous numpy view of ``obj`` (a copy only when it is strided); a CUDA array
-    stays on its device (``_device_array``)."""
+    """A C-contiguous, aligned, native-order numpy view of ``obj`` (a copy only when it is
+    not: ``arrays.readable``); a CUDA array stays on its device (``_device_array``)."""
     if cuda_runtime.is_cuda_array(obj):
         return _device_array(obj, name, ndim)
     arr = to_numpy(obj, name)
     if arr.ndim != ndim:
         raise InvalidProblemError(f"{name} must have {ndim} dimension{'s' * (ndim > 1)}, "
                                   f"got shape {arr.shape}")
-    arr = np.ascontiguousarray(arr)
-    return arr if arr.flags.aligned else arr.copy()  # e.g. a tensor mapped from a file
+    return readable(arr)  # e.g. a tensor mapped from a file at an odd offset
 
 
 def words(obj, name: str) -> np.ndarray:
@@ -165,16 +206,12 @@ def output(shape: tuple[int, ...], dtype: DType, like, out=None,
         raise InvalidProblemError(f"out has shape {arr.shape}, expected {expected}")
     if not arr.flags.c_contiguous:
         raise InvalidProblemError("out must be C-contiguous")
+    if not arr.flags.aligned:
+        raise InvalidProblemError(f"out is not aligned to its {arr.itemsize}-byte elements")
     if not arr.flags.writeable:
         raise InvalidProblemError("out is read-only")
     return arr.reshape(shape), (lambda: out)
 
-
-def shape_of(obj) -> tuple[int, ...]:
-    """The shape of a host or CUDA array (one known only by its CUDA array interface too)."""
-    if cuda_runtime.is_cuda_array(obj):
-        return tuple(cuda_runtime.device_pointer(obj).shape)
-    return tuple(np.shape(obj))
 
 
 def view_as(arr, dtype: np.dtype, name: str):

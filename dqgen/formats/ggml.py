@@ -2,7 +2,9 @@
 
 Shapes follow the gguf package: ``data`` is uint8 ``[..., bytes_per_row]`` and the result
 ``[..., bytes_per_row // block_bytes * block_values]``. The blocks' math is f32
-(FORMATS.md); f16 and bf16 results are the f32 values rounded once. The layouts
+(FORMATS.md); f16 and bf16 results are the f32 values rounded once. The result is f16
+unless asked otherwise, as ``GGUFFile.dequantize`` and ``convert`` make it (the GGUF
+convention), so one bundle serves all three. The layouts
 themselves are data (``ggml_layouts.py``) run by one kernel template.
 """
 
@@ -12,7 +14,7 @@ import math
 
 import numpy as np
 
-from ..arrays import to_numpy
+from ..arrays import refuse_unpacked, to_numpy
 from ..errors import InvalidProblemError
 from ..ir import (GGML_BLOCK_BYTES, GGML_BLOCK_VALUES, GGML_FLOAT_DTYPES,
                   GgmlDequantizeDescriptor, ggml_type_name, parse_dtype, parse_ggml_type)
@@ -35,11 +37,10 @@ def block_values(qtype) -> int:
 
 
 def _bytes(data) -> np.ndarray:
-    """The block bytes as a uint8 array, without a copy where they are contiguous (a
-    read-only memoryview or an np.memmap of a file stays a view of it)."""
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        raw = np.frombuffer(data, np.uint8)
-    elif cuda_runtime.is_cuda_array(data):  # stays on its device
+    """The block bytes as a uint8 array of ``data``'s shape, without a copy where they are
+    contiguous (a read-only memoryview or an np.memmap of a file stays a view of it;
+    ``bytes`` are one row)."""
+    if cuda_runtime.is_cuda_array(data):  # stays on its device
         ndim = len(cuda_runtime.device_pointer(data).shape)
         raw = _inputs.array(data, "data", ndim) if ndim else data
     else:
@@ -47,6 +48,7 @@ def _bytes(data) -> np.ndarray:
     if len(raw.shape) == 0:
         raise InvalidProblemError("data must have at least one dimension")
     dtype = _inputs.dtype_of(raw)
+    refuse_unpacked(dtype, "data", "uint8 block bytes")
     if dtype != np.uint8:
         if dtype.kind in "iu" and dtype.itemsize == 1:
             raw = raw.view(np.uint8) if isinstance(raw, np.ndarray) else \
@@ -56,9 +58,10 @@ def _bytes(data) -> np.ndarray:
     return raw
 
 
-def dequantize(data, qtype, dtype="f32", device=None, out=None):
+def dequantize(data, qtype, dtype="f16", device=None, out=None):
     """Dequantize GGML blocks of ``qtype`` (a name in ``TYPES`` such as "Q4_K", or a gguf
-    ``GGMLQuantizationType``) to ``dtype`` (f32 default, f16 or bf16), into ``out`` when
+    ``GGMLQuantizationType``) to ``dtype`` (f16 default, as ``GGUFFile.dequantize`` and
+    ``convert``; f32 is the blocks' own math, gguf-py's result; or bf16), into ``out`` when
     given (an array of that dtype and the result's shape, reused instead of allocated).
 
     ``data`` is uint8 ``[..., row_bytes]`` (numpy, a CPU tensor, bytes or a memoryview,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..arrays import refuse_unpacked
 from ..errors import InvalidProblemError, UnsupportedError
 from ..ir import HQQ_BITS, HqqDequantizeDescriptor, check_int
 from . import _inputs
@@ -34,6 +35,7 @@ def _words(W_q, bits: int) -> np.ndarray:
     arr = _inputs.array(W_q, "W_q", 2)
     dtype, shape = _inputs.dtype_of(arr), tuple(arr.shape)
     want = np.dtype(np.int32 if bits == 3 else np.uint8)
+    refuse_unpacked(dtype, "W_q", f"HQQ's packed {want} words")
     if dtype.kind in "fV" or (dtype.kind in "iu" and dtype.itemsize == want.itemsize):
         if (shape[1] * dtype.itemsize) % want.itemsize:
             raise InvalidProblemError(f"W_q of dtype {dtype} and shape {shape} cannot "
@@ -99,6 +101,7 @@ def dequantize(W_q, scale, zero, nbits: int, shape, group_size=None, axis: int =
                                   f"must share the compute dtype (scale is {_inputs.dtype_of(s)})")
     y, result = _inputs.output((rows, cols), float_dtype, scale, out, result_shape=shape)
     part = _inputs.row_range
+    caller = {"q": ("W_q", None), "zero_point": ("zero", None), "y": ("out", None)}
     for j in range(planes):
         first, last = j * step, min(rows, (j + 1) * step)
         if first >= last:
@@ -109,12 +112,12 @@ def dequantize(W_q, scale, zero, nbits: int, shape, group_size=None, axis: int =
             _inputs.run(FormatPlan, desc, {"q": part(words, 0, last - first),
                                            "scale": part(s, first, last),
                                            "zero_point": part(z, first, last),
-                                           "y": part(y, first, last)}, W_q, device)
+                                           "y": part(y, first, last)}, W_q, device, caller)
             continue
         # axis=0: every column is a group, so a row of the plane is a problem of groups of 1
         desc = HqqDequantizeDescriptor(1, cols, 1, float_dtype, bits, shift)
         for r in range(first, last):
             _inputs.run(FormatPlan, desc, {"q": part(words, r - first, r - first + 1),
                                            "scale": s, "zero_point": z,
-                                           "y": part(y, r, r + 1)}, W_q, device)
+                                           "y": part(y, r, r + 1)}, W_q, device, caller)
     return result() if out is not None else result().reshape(shape)

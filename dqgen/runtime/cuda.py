@@ -339,7 +339,13 @@ def _from_dlpack(obj) -> DevicePointer:
 _TORCH_DTYPES = {
     "torch.int8": "i1", "torch.uint8": "u1", "torch.int16": "i2", "torch.int32": "i4",
     "torch.int64": "i8", "torch.float16": "f2", "torch.float32": "f4", "torch.float64": "f8",
-    "torch.bfloat16": "bfloat16",
+}
+
+#: torch dtypes numpy lacks, read through ml_dtypes (torch's CAI refuses them).
+_TORCH_ML_DTYPES = {
+    "torch.bfloat16": "bfloat16", "torch.float8_e4m3fn": "float8_e4m3fn",
+    "torch.float8_e5m2": "float8_e5m2", "torch.float8_e4m3fnuz": "float8_e4m3fnuz",
+    "torch.float8_e5m2fnuz": "float8_e5m2fnuz", "torch.float8_e8m0fnu": "float8_e8m0fnu",
 }
 
 
@@ -348,17 +354,26 @@ def is_torch_cuda(obj) -> bool:
     return type(obj).__module__.startswith("torch") and getattr(obj, "is_cuda", False) is True
 
 
+def _torch_numpy_dtype(torch_dtype) -> np.dtype | None:
+    """The numpy (or ml_dtypes) dtype of a torch dtype; None where neither has it."""
+    name = str(torch_dtype)
+    code = _TORCH_DTYPES.get(name)
+    if code is not None:
+        return np.dtype(code)
+    ml_name = _TORCH_ML_DTYPES.get(name)
+    if ml_name is None:
+        return None
+    import ml_dtypes
+    return np.dtype(getattr(ml_dtypes, ml_name)) if hasattr(ml_dtypes, ml_name) else None
+
+
 def _from_torch(t) -> DevicePointer | None:
     """A torch CUDA tensor's view from its own accessors: faster than the CAI property,
-    and it covers bfloat16, which torch's CAI refuses. None for other dtypes."""
-    code = _TORCH_DTYPES.get(str(t.dtype))
-    if code is None:
+    and it covers bfloat16 and the float8 types, which torch's CAI refuses. None for other
+    dtypes."""
+    dtype = _torch_numpy_dtype(t.dtype)
+    if dtype is None:
         return None
-    if code == "bfloat16":
-        import ml_dtypes
-        dtype = np.dtype(ml_dtypes.bfloat16)
-    else:
-        dtype = np.dtype(code)
     shape = tuple(t.shape)
     strides = tuple(st * dtype.itemsize for st in t.stride())
     return DevicePointer(int(t.data_ptr()), int(t.device.index), _extent(shape, strides, dtype.itemsize),
@@ -451,10 +466,15 @@ def is_cuda_array(obj) -> bool:
 
 
 def device_view(obj, name: str, ordinal: int) -> DevicePointer:
-    """``device_pointer(obj)``, with a host array named as the argument that is wrong."""
+    """``device_pointer(obj)``, with a host array, or a CUDA array of a dtype dqgen cannot
+    read, named as the argument that is wrong."""
     try:
         return device_pointer(obj)
-    except UnsupportedError:
+    except UnsupportedError as exc:
+        if is_cuda_array(obj):
+            dtype = getattr(obj, "dtype", None)
+            raise UnsupportedError(f"{name} has dtype {dtype}, which dqgen cannot read ({exc})"
+                                   ) from None
         raise UnsupportedError(
             f"{name} is a {type(obj).__module__}.{type(obj).__name__} in host memory; this "
             f"plan runs on cuda:{ordinal} and needs a CUDA array (torch CUDA tensor, CuPy "
