@@ -14,6 +14,7 @@ bundle that other users may write into is refused as well.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -356,6 +357,18 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
+@contextlib.contextmanager
+def _writing(out: Path):
+    """An ``OSError`` while writing the bundle as a ``BundleError`` naming ``out`` (the
+    directory the user gave, not the temporary one beside it)."""
+    try:
+        yield
+    except BundleError:
+        raise
+    except OSError as exc:
+        raise BundleError(f"cannot write bundle {out}: {exc.strerror or exc}") from None
+
+
 def write_bundle(out: Path, items: list[BundleItem], version: str) -> Path:
     """Write ``items`` as a bundle at ``out`` (built aside, then moved into place).
 
@@ -364,8 +377,9 @@ def write_bundle(out: Path, items: list[BundleItem], version: str) -> Path:
     same bytes.
     """
     out = Path(out).expanduser().absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    with _writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         records = []
         for item in sorted(items, key=lambda i: (i.entry.spec.uri, i.entry.spec.target,
@@ -373,22 +387,25 @@ def write_bundle(out: Path, items: list[BundleItem], version: str) -> Path:
             spec, entry = item.entry.spec, item.entry
             stem = f"{kernel_dir(spec.target, spec.arch)}/{spec.uri}"
             lang = "c" if spec.target == "c" else "cu"
-            source = _write(tmp, stem + EXTENSIONS[lang], entry.source.text.encode(), 0o644)
+            with _writing(out):
+                source = _write(tmp, stem + EXTENSIONS[lang], entry.source.text.encode(), 0o644)
             files = {}
             for kind, name in sorted(entry.files.items()):
                 data = (entry.entry_dir / name).read_bytes()
-                files[kind] = _write(tmp, stem + EXTENSIONS[kind], data,
-                                     0o755 if kind == "so" else 0o644)
+                with _writing(out):
+                    files[kind] = _write(tmp, stem + EXTENSIONS[kind], data,
+                                         0o755 if kind == "so" else 0o644)
             records.append(_kernel_record(item, files, source))
-        header = _write(tmp, HEADER, header_text([i.entry.spec for i in items], version).encode(),
-                        0o644)
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "dqgen_version": version,
-                    "header": header, "kernels": records}
-        _write(tmp, MANIFEST, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode(),
-               0o644)
-        for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
-            os.chmod(d, 0o755)
-        _replace_dir(tmp, out)
+        header_bytes = header_text([i.entry.spec for i in items], version).encode()
+        with _writing(out):
+            header = _write(tmp, HEADER, header_bytes, 0o644)
+            manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                        "dqgen_version": version, "header": header, "kernels": records}
+            _write(tmp, MANIFEST,
+                   (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode(), 0o644)
+            for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+                os.chmod(d, 0o755)
+            _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

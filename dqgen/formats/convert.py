@@ -25,6 +25,7 @@ A ``.gguf`` input (llama.cpp) needs no ``--format``: every tensor is converted
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -33,10 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import env
 from ..errors import InvalidProblemError, UnsupportedError
 from ..ir import GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS, GPTQ_V1_ZEROS
 from . import awq, gptq
 from .checkpoint import INDEX_NAME, NOT_COPIED, Checkpoint, open_checkpoint
+from .convert_output import Destination, kernel_jobs
 from .progress import Progress
 from .safetensors_io import DTYPES, PendingFile, Reader, Writer, parse_size, shard_paths
 
@@ -45,8 +48,44 @@ OUT_DTYPES = {"f16": "F16", "bf16": "BF16", "f32": "F32"}
 TORCH_DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}
 
 
+DESCRIPTION = """\
+Dequantize a quantized checkpoint into plain float weights.
+
+GPTQ and AWQ checkpoints (safetensors): every quantized linear layer (the
+tensors P.qweight, P.qzeros, P.scales and GPTQ's optional P.g_idx) becomes
+P.weight, shaped [out_features, in_features] as torch.nn.Linear holds it; every
+other tensor is copied unchanged. The format, bits, group size and GPTQ v1/v2
+come from the checkpoint's config.json or quantize_config.json, else from the
+tensor shapes and the file's metadata; the flags below override them.
+
+  IN a directory or a model.safetensors.index.json: OUT is a directory with
+    the same shards (or --max-shard-size ones) and index, config.json without
+    its quantization_config and with the new torch_dtype, and the tokenizer
+    and other files copied.
+  IN one .safetensors file: OUT is one file (or shards of it and an index
+    with --max-shard-size).
+  IN a llama.cpp .gguf file: every tensor is converted (quantized ones
+    dequantized, float ones copied) and the GGUF metadata kept; --format,
+    --bits and --group-size do not apply.
+
+Every shape is checked before anything is written, and the output files appear
+only once all are complete: a failure or Ctrl-C leaves OUT as it was.
+Converting again into the same OUT replaces the earlier output there. A
+directory OUT that holds other files and no checkpoint is refused unless
+--force.
+
+examples:
+  dqgen convert Llama-GPTQ/ llama-f16/
+  dqgen convert model.safetensors out.safetensors --format awq --dtype bf16
+  dqgen convert model-Q4_K_M.gguf out/ --max-shard-size 5GB
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The command's arguments (the CLI wires them to a ``convert`` subcommand)."""
+    """The command's arguments and help text (the CLI wires them to a ``convert``
+    subcommand)."""
+    parser.description = DESCRIPTION
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("input", metavar="IN", help="quantized checkpoint: a .safetensors "
                         "file, a model.safetensors.index.json or a checkpoint directory (or a "
                         "llama.cpp .gguf file: every tensor converted, no --format)")
@@ -72,11 +111,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="group size; default: the config's, else inferred from the shapes")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
     parser.add_argument("-j", "--jobs", type=int, default=None,
-                        help="kernel threads (default: DQGEN_NUM_THREADS, else all cores; "
-                             "for a .gguf all but one, which writes the output)")
+                        help="kernel threads (default: DQGEN_NUM_THREADS, else all CPUs; "
+                             "for a .gguf all but one, which writes the output); at most 4 "
+                             "per CPU")
     parser.add_argument("--max-shard-size", default=None, metavar="SIZE",
                         help="write shards of at most SIZE (5GB, 500MiB, bytes) and an index "
                              "(default: the input's shards; one file for a .gguf or a file)")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a directory OUT even if it holds other files")
 
 
 class Tensors:
@@ -347,10 +389,41 @@ def _same_place(a: Path, b: Path) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Convert ``args.input`` into ``args.output``; raises ``DqgenError`` on bad input."""
-    if str(args.input).lower().endswith(".gguf"):
-        from . import gguf_convert
-        return gguf_convert.run(args)
+    """The ``dqgen convert`` command; raises ``DqgenError`` on bad input. Ctrl-C leaves
+    nothing behind and ends it with one line and status 130."""
+    try:
+        if str(args.input).lower().endswith(".gguf"):
+            from . import gguf_convert
+            return gguf_convert.run(args)
+        return _convert_checkpoint(args)
+    except KeyboardInterrupt:
+        print("dqgen: interrupted", file=sys.stderr)
+        return 130
+
+
+def _base(ckpt: Checkpoint, output: Path) -> Path:
+    """The file shards are named after (``model.safetensors`` in a directory)."""
+    return output / "model.safetensors" if _writes_directory(ckpt) else _file_output(output)
+
+
+@contextlib.contextmanager
+def _kernel_threads(jobs: int | None):
+    """Kernels run on ``jobs`` threads meanwhile (DQGEN_NUM_THREADS, which plans read)."""
+    old = os.environ.get(env.NUM_THREADS)
+    if jobs is not None:
+        os.environ[env.NUM_THREADS] = str(jobs)
+    try:
+        yield
+    finally:
+        if jobs is not None:
+            if old is None:
+                os.environ.pop(env.NUM_THREADS, None)
+            else:
+                os.environ[env.NUM_THREADS] = old
+
+
+def _convert_checkpoint(args: argparse.Namespace) -> int:
+    """Convert the GPTQ/AWQ checkpoint ``args.input`` into ``args.output``."""
     ckpt = open_checkpoint(args.input)
     output = Path(args.output)
     tensors = Tensors(ckpt)
@@ -368,28 +441,28 @@ def run(args: argparse.Namespace) -> int:
     for shard in shards:
         if any(_same_place(shard.path, f) for f in ckpt.files):
             raise InvalidProblemError(f"OUT must differ from IN: it would overwrite {shard.path}")
-    jobs = getattr(args, "jobs", None)
-    if jobs is not None and jobs < 1:
-        raise InvalidProblemError(f"-j/--jobs={jobs} must be >= 1")
+    jobs = kernel_jobs(getattr(args, "jobs", None))
+    where = Destination(_base(ckpt, output), [sh.path for sh in shards], index,
+                        _writes_directory(ckpt) or output.is_dir(),
+                        getattr(args, "force", False), keep=ckpt.files)
     progress = Progress(len(layers), args.quiet)
     pending: list = []
     done = 0
-    old_threads = os.environ.get("DQGEN_NUM_THREADS")
     try:
-        if jobs is not None:
-            os.environ["DQGEN_NUM_THREADS"] = str(jobs)
-        for shard in shards:
-            writer = Writer(shard.path, [item[:3] for item in shard.items], shard.metadata)
-            pending.append(writer)
-            for name, _, _, prefix in shard.items:
-                if prefix is None:
-                    writer.put(name, tensors.raw(name))
-                    continue
-                weight = plans[prefix][2]()  # [K, N]
-                writer.put(name, np.ascontiguousarray(weight.T))
-                done += 1
-                progress.step(done, f"{prefix} [{weight.shape[1]}, {weight.shape[0]}]")
-            writer.finish()
+        where.prepare()
+        with _kernel_threads(jobs):
+            for shard in shards:
+                writer = Writer(shard.path, [item[:3] for item in shard.items], shard.metadata)
+                pending.append(writer)
+                for name, _, _, prefix in shard.items:
+                    if prefix is None:
+                        writer.put(name, tensors.raw(name))
+                        continue
+                    weight = plans[prefix][2]()  # [K, N]
+                    writer.put(name, np.ascontiguousarray(weight.T))
+                    done += 1
+                    progress.step(done, f"{prefix} [{weight.shape[1]}, {weight.shape[0]}]")
+                writer.finish()
         if index is not None:
             pending.append(PendingFile(index, _index_json(shards)))
         if _writes_directory(ckpt):
@@ -399,19 +472,16 @@ def run(args: argparse.Namespace) -> int:
     except BaseException:
         for item in pending:
             item.abort()
+        where.failed()
         raise
     finally:
         progress.finish()
-        if jobs is not None:
-            if old_threads is None:
-                os.environ.pop("DQGEN_NUM_THREADS", None)
-            else:
-                os.environ["DQGEN_NUM_THREADS"] = old_threads
+    where.finished()
     if not args.quiet:
         formats = sorted({plan[0] for plan in plans.values()})
-        where = output if len(shards) == 1 and index is None else (
+        shown = output if len(shards) == 1 and index is None else (
             f"{output} ({len(shards)} shards{' and an index' if index else ''})")
         source = f" (config: {ckpt.quant.source})" if ckpt.quant.source else ""
-        print(f"{where}: {len(layers)} {'/'.join(formats)} layers dequantized to {s.dtype}, "
+        print(f"{shown}: {len(layers)} {'/'.join(formats)} layers dequantized to {s.dtype}, "
               f"{sum(len(sh.items) for sh in shards) - len(layers)} other tensors copied{source}")
     return 0

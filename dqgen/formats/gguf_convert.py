@@ -9,7 +9,8 @@ pt``, which transformers asks for). Every type is checked before a file is creat
 Memory stays small whatever the model: each tensor goes out in pieces of about
 ``CHUNK_BYTES``, dequantized into one of two reused buffers while the other is written,
 so the kernels and the disk overlap. Output goes to hidden temporary files beside the
-destination, renamed into place only once every shard is complete.
+destination, renamed into place only once every shard is complete (``convert_output``:
+what an earlier conversion there left is removed after, a failure leaves nothing).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,10 +30,12 @@ import numpy as np
 
 from ..errors import InvalidProblemError, UnsupportedError
 from ..ir import GGML_FLOAT_DTYPES, parse_dtype
+from ..runtime import cpu as cpu_runtime
 from . import ggml
 from . import gguf as gguf_file
+from .convert_output import Destination, kernel_jobs
 from .progress import Progress
-from .safetensors_io import NAMES, PendingFile, new_file_mode, parse_size, shard_paths
+from .safetensors_io import NAMES, Partial, PendingFile, parse_size, shard_paths
 
 CHUNK_BYTES = 16 << 20
 
@@ -93,21 +95,21 @@ def _shards(items: list[_Item], max_bytes: int | None) -> list[list[_Item]]:
     return shards
 
 
+def _directory_out(dst) -> bool:
+    return Path(dst).is_dir() or str(dst).endswith(os.sep)
+
+
+def _base(dst) -> Path:
+    """The file name shards of ``dst`` are named after (``model.safetensors`` in a
+    directory)."""
+    return Path(dst) / "model.safetensors" if _directory_out(dst) else Path(dst)
+
+
 def output_paths(dst, count: int) -> tuple[list[Path], Path | None]:
     """The shard files and index for ``count`` shards of ``dst`` (``shard_paths``); a
     directory ``dst`` holds ``model.safetensors`` or ``model-*`` shards and
     ``model.safetensors.index.json``."""
-    dst = Path(dst)
-    if dst.is_dir() or str(dst).endswith(os.sep):
-        dst = dst / "model.safetensors"
-    return shard_paths(dst, count)
-
-
-def _temp_beside(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.fchmod(fd, new_file_mode())
-    return os.fdopen(fd, "wb"), Path(tmp)
+    return shard_paths(_base(dst), count)
 
 
 class _ShardWriter:
@@ -126,29 +128,28 @@ class _ShardWriter:
         self.expected, self.written = offset, 0
         text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
         text += b" " * (-len(text) % 8)
-        self._fh, self.tmp = _temp_beside(path)
+        self._partial = Partial(path)
         try:
-            self._fh.write(struct.pack("<Q", len(text)) + text)
+            self._partial.write(struct.pack("<Q", len(text)) + text)
         except BaseException:
             self.abort()
             raise
 
     def write(self, chunk: np.ndarray) -> None:
         view = memoryview(chunk.reshape(-1).view(np.uint8))
-        self._fh.write(view)
+        self._partial.write(view)
         self.written += view.nbytes
 
     def finish(self) -> None:
         if self.written != self.expected:  # a bug, never bad input: the plan fixed the sizes
             raise RuntimeError(f"{self.path}: wrote {self.written} of {self.expected} bytes")
-        self._fh.close()
+        self._partial.close()
 
     def commit(self) -> None:
-        os.replace(self.tmp, self.path)
+        self._partial.commit()
 
     def abort(self) -> None:
-        self._fh.close()
-        self.tmp.unlink(missing_ok=True)
+        self._partial.abort()
 
 
 def _pieces(f: gguf_file.GGUFFile, item: _Item, out_dtype, buffers):
@@ -179,18 +180,17 @@ def default_jobs() -> int | None:
     convert slower than 1: a thread of the kernel waits on the other at every call)."""
     if os.environ.get("DQGEN_NUM_THREADS", "").strip():
         return None
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cpus or 1) - 1)
+    return max(1, cpu_runtime.usable_cpus() - 1)
 
 
 @contextlib.contextmanager
 def _num_threads(jobs: int | None):
-    """Kernels run on ``jobs`` threads meanwhile (DQGEN_NUM_THREADS, which plans read)."""
+    """Kernels run on ``jobs`` threads meanwhile (DQGEN_NUM_THREADS, which plans read),
+    at most ``thread_limit()`` (a warning says so)."""
     if jobs is None:
         yield
         return
-    if jobs < 1:
-        raise InvalidProblemError(f"-j/--jobs={jobs} must be >= 1")
+    jobs = cpu_runtime.bounded_threads(cpu_runtime.check_thread_count(jobs, "jobs"), "jobs")
     old = os.environ.get("DQGEN_NUM_THREADS")
     os.environ["DQGEN_NUM_THREADS"] = str(jobs)
     try:
@@ -203,11 +203,13 @@ def _num_threads(jobs: int | None):
 
 
 def convert_file(src, dst, dtype="f16", jobs: int | None = None,
-                 max_shard_bytes: int | None = None, progress=None) -> list[Path]:
+                 max_shard_bytes: int | None = None, progress=None,
+                 force: bool = False) -> list[Path]:
     """Write every tensor of GGUF file ``src`` to safetensors ``dst`` (sharded above
     ``max_shard_bytes``, with an index) with kernels on ``jobs`` threads (default:
     ``default_jobs()``); ``progress(done_bytes, total_bytes, name)`` is called as output
-    is written. Returns the files written (index last)."""
+    is written. A directory ``dst`` must be empty or hold a checkpoint (an earlier
+    conversion's, replaced) unless ``force``. Returns the files written (index last)."""
     out_dtype = parse_dtype(dtype, "dtype", GGML_FLOAT_DTYPES)
     if max_shard_bytes is not None and max_shard_bytes < 1:
         raise InvalidProblemError(f"max_shard_bytes={max_shard_bytes} must be >= 1")
@@ -217,6 +219,7 @@ def convert_file(src, dst, dtype="f16", jobs: int | None = None,
     paths, index = output_paths(dst, len(shards))
     if any(p.resolve() == f.path.resolve() for p in paths):
         raise InvalidProblemError(f"the output {dst} must differ from the input {src}")
+    where = Destination(_base(dst), paths, index, _directory_out(dst), force, keep=[f.path])
     metadata = safetensors_metadata(f.metadata)
     total = sum(item.nbytes for item in items)
     largest = max((item.nbytes for item in items if item.dequantized), default=0)
@@ -225,6 +228,7 @@ def convert_file(src, dst, dtype="f16", jobs: int | None = None,
     jobs = default_jobs() if jobs is None else jobs
     done = 0
     try:
+        where.prepare()
         with _num_threads(jobs), ThreadPoolExecutor(1, thread_name_prefix="dqgen-write") as io:
             for shard, path in zip(shards, paths):
                 writer = _ShardWriter(path, shard, metadata)
@@ -236,7 +240,7 @@ def convert_file(src, dst, dtype="f16", jobs: int | None = None,
                             done += pending.result()
                             if progress:
                                 progress(done, total, item.info.name)
-                        pending = io.submit(lambda p=piece, w=writer: (w.write(p), p.nbytes)[1])
+                        pending = io.submit(_write_piece, writer, piece)
                 if pending is not None:
                     done += pending.result()
                     if progress:
@@ -249,8 +253,16 @@ def convert_file(src, dst, dtype="f16", jobs: int | None = None,
     except BaseException:
         for writer in writers:
             writer.abort()
+        where.failed()
         raise
+    where.finished()
     return paths + ([index] if index is not None else [])
+
+
+def _write_piece(writer: _ShardWriter, piece: np.ndarray) -> int:
+    """Write one piece (on the writer thread); its size in bytes."""
+    writer.write(piece)
+    return piece.nbytes
 
 
 def _index(path: Path, shards, paths, total: int) -> PendingFile:
@@ -284,10 +296,11 @@ def run(args) -> int:
             last[0] = now
             bar[0].step(-(-done // 10**6), name)
 
+    jobs = kernel_jobs(getattr(args, "jobs", None))
     start = time.perf_counter()
     try:
-        files = convert_file(args.input, args.output, args.dtype, getattr(args, "jobs", None),
-                             max_shard, progress)
+        files = convert_file(args.input, args.output, args.dtype, jobs, max_shard, progress,
+                             force=getattr(args, "force", False))
     finally:
         if bar:
             bar[0].finish()

@@ -8,23 +8,35 @@ huge allocation) and maps the data, so a tensor is read only when used. The writ
 takes the full list of entries first (the header precedes the data) and then the
 tensors one by one, into a temporary file renamed into place at the end (``finish`` then
 ``commit``, so several files can all be complete before any is moved into place).
+
+A temporary file is ``.NAME.<random>.dqgen.partial`` beside its destination, locked
+(``flock``) for as long as its writer lives: a later run removes the partial files that
+a killed run left (``remove_stale_partials``) and never one another process is writing.
+A failure to write names the destination, never the temporary file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import struct
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
-from ..errors import InvalidProblemError
+from ..errors import DqgenError, InvalidProblemError
+
+try:
+    import fcntl
+except ImportError:  # no flock: partial files are never removed by a later run
+    fcntl = None
 
 DTYPES = {
     "BOOL": np.dtype(np.bool_), "U8": np.dtype(np.uint8), "I8": np.dtype(np.int8),
@@ -74,6 +86,123 @@ def new_file_mode() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask
+
+
+class OutputError(DqgenError, OSError):
+    """An output file cannot be written (permissions, a full disk): names the file the
+    user asked for, not the temporary one dqgen writes first (``errno`` is the cause's)."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Turn an ``OSError`` while writing ``path`` into an ``OutputError`` naming ``path``."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise OutputError(exc.errno, f"cannot write {path}: {why}") from None
+
+
+PARTIAL_SUFFIX = ".dqgen.partial"
+_NEW_SUFFIX = ".dqgen.new"   # before its lock is taken: only for an instant
+_STALE_NEW_SECONDS = 3600
+
+
+class Partial:
+    """A new, locked temporary file beside ``path``: ``file`` to write, then ``commit``
+    (moved to ``path``) or ``abort`` (deleted). The lock, held on a descriptor of its own
+    until then, tells a later run the file is alive; a killed process loses it."""
+
+    def __init__(self, path) -> None:
+        self.path = Path(path)
+        with writing(self.path):
+            fd, new = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=_NEW_SUFFIX,
+                                       dir=self.path.parent)
+            try:
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                os.fchmod(fd, new_file_mode())
+                self.tmp = Path(new[:-len(_NEW_SUFFIX)] + PARTIAL_SUFFIX)
+                os.replace(new, self.tmp)  # visible to cleaners only once locked
+            except BaseException:
+                os.close(fd)
+                Path(new).unlink(missing_ok=True)
+                raise
+        self._lock = os.dup(fd)
+        self.file = os.fdopen(fd, "wb")
+
+    def write(self, data) -> None:
+        with writing(self.path):
+            self.file.write(data)
+
+    def close(self) -> None:
+        """All bytes written: the file closed, still locked and not yet in place."""
+        with writing(self.path):
+            self.file.close()
+
+    def commit(self) -> None:
+        with writing(self.path):
+            self.file.close()
+            os.replace(self.tmp, self.path)
+        self._release()
+
+    def abort(self) -> None:
+        try:
+            self.file.close()
+        except OSError:
+            pass  # the write that failed is what is being reported
+        self.tmp.unlink(missing_ok=True)
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+
+def remove_stale_partials(directory) -> list[Path]:
+    """Delete the partial files in ``directory`` that no live process holds (a killed
+    run's); returns them. Another run's live partial keeps its lock and is left alone."""
+    removed = []
+    if fcntl is None:
+        return removed
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        path = Path(directory) / name
+        if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
+            if _remove_if_unlocked(path):
+                removed.append(path)
+        elif name.startswith(".") and name.endswith(_NEW_SUFFIX):
+            with contextlib.suppress(OSError):
+                if time.time() - path.lstat().st_mtime > _STALE_NEW_SECONDS:
+                    path.unlink()
+                    removed.append(path)
+    return removed
+
+
+def _remove_if_unlocked(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.fstat(fd).st_ino != path.lstat().st_ino:
+            return False  # renamed into place meanwhile, and the name reused
+        path.unlink()
+        return True
+    except OSError:
+        return False  # locked: its writer is alive
+    finally:
+        os.close(fd)
 
 
 class CorruptFileError(InvalidProblemError):
@@ -173,12 +302,14 @@ class Writer:
             offset += nbytes
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        os.fchmod(fd, new_file_mode())
-        self._tmp = Path(tmp)
-        self._fh = os.fdopen(fd, "wb")
-        self._fh.write(struct.pack("<Q", len(text)) + text)
+        with writing(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._partial = Partial(self.path)
+        try:
+            self._partial.write(struct.pack("<Q", len(text)) + text)
+        except BaseException:
+            self._partial.abort()
+            raise
         self._next = 0
 
     def put(self, name: str, data: np.ndarray) -> None:
@@ -188,18 +319,18 @@ class Writer:
         if name != want or blob.nbytes != nbytes:
             raise InvalidProblemError(f"writer expected {want} ({nbytes} bytes), got {name} "
                                       f"({blob.nbytes} bytes)")
-        self._fh.write(blob)
+        self._partial.write(blob)
         self._next += 1
 
     def finish(self) -> None:
         """Every tensor written: the temporary file flushed and closed, not yet in place."""
         if self._next != len(self._order):
             raise InvalidProblemError(f"{len(self._order) - self._next} tensors were not written")
-        self._fh.close()
+        self._partial.close()
 
     def commit(self) -> None:
         """Move the finished file into place (after ``finish``)."""
-        os.replace(self._tmp, self.path)
+        self._partial.commit()
 
     def close(self) -> None:
         """``finish`` and ``commit``."""
@@ -207,8 +338,7 @@ class Writer:
         self.commit()
 
     def abort(self) -> None:
-        self._fh.close()
-        self._tmp.unlink(missing_ok=True)
+        self._partial.abort()
 
 
 class PendingFile:
@@ -217,19 +347,18 @@ class PendingFile:
 
     def __init__(self, path, data: bytes) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        os.fchmod(fd, new_file_mode())
-        self._tmp = Path(tmp)
+        with writing(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._partial = Partial(self.path)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
+            self._partial.write(data)
+            self._partial.close()
         except BaseException:
-            self._tmp.unlink(missing_ok=True)
+            self._partial.abort()
             raise
 
     def commit(self) -> None:
-        os.replace(self._tmp, self.path)
+        self._partial.commit()
 
     def abort(self) -> None:
-        self._tmp.unlink(missing_ok=True)
+        self._partial.abort()

@@ -13,8 +13,10 @@ files are never rewritten in place.
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 import threading
+import warnings
 import weakref
 from pathlib import Path
 
@@ -42,16 +44,56 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+def thread_limit() -> int:
+    """The most threads a kernel call runs on: a few per usable CPU. More cannot run at
+    once, and far more exhaust what the process may create (libgomp then fails or
+    crashes); a few more than the CPUs still split the work unevenly, as tests need."""
+    return THREADS_PER_CPU * usable_cpus()
+
+
+THREADS_PER_CPU = 4
+_warned_limits: set[tuple[str, int]] = set()
+
+
+def bounded_threads(requested: int, name: str) -> int:
+    """``requested`` (already checked >= 1), lowered to ``thread_limit()`` with a warning
+    naming ``name`` (the setting it came from), given once per setting and value."""
+    limit = thread_limit()
+    if requested <= limit:
+        return requested
+    if (name, requested) not in _warned_limits:
+        _warned_limits.add((name, requested))
+        warnings.warn(f"dqgen: {name}={requested} is more threads than this machine can use "
+                      f"({usable_cpus()} CPUs); running {limit}", RuntimeWarning, stacklevel=3)
+    return limit
+
+
+def check_thread_count(value, name: str) -> int:
+    """A thread count given by the caller: a whole number >= 1 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidProblemError(f"{name}={value!r} must be a whole number of threads")
+    if value < 1:
+        raise InvalidProblemError(f"{name}={value} must be >= 1")
+    return int(value)
+
+
 def num_threads(requested: int | None = None) -> int:
     """Threads for a call: the request, else ``DQGEN_NUM_THREADS``, else 0 (OpenMP's
-    default); always 1 in a process forked from one that may have used OpenMP."""
+    default), at most ``thread_limit()``; always 1 in a process forked from one that may
+    have used OpenMP."""
     if forked_child:
         return 1
     if requested is None:
-        return env.integer(env.NUM_THREADS, 0, minimum=1)
-    if requested < 1:
-        raise InvalidProblemError(f"num_threads={requested} must be >= 1")
-    return requested
+        from_env = env.integer(env.NUM_THREADS, None, minimum=1)
+        return 0 if from_env is None else bounded_threads(from_env, env.NUM_THREADS)
+    return bounded_threads(check_thread_count(requested, "num_threads"), "num_threads")
 
 
 _ffi = _cffi_backend.FFI()  # types, buffers and casts for every CPU kernel
