@@ -9,7 +9,6 @@ import os
 import sys
 import warnings
 
-import numpy as np
 import pytest
 
 import dqgen
@@ -74,7 +73,6 @@ def test_thread_count_must_be_a_whole_number(value):
 
 CONVERT = """
 import json, sys
-import numpy as np
 import safetensors.numpy as st
 from dqgen import cli
 from dqgen.formats import pack
