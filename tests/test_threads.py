@@ -73,6 +73,7 @@ def test_thread_count_must_be_a_whole_number(value):
 
 CONVERT = """
 import json, sys
+import numpy as np
 import safetensors.numpy as st
 from dqgen import cli
 from dqgen.formats import pack
