@@ -23,34 +23,19 @@ from typing import Iterable
 
 from . import ir
 from .errors import DqgenError, InvalidProblemError, UnsupportedError
-from .ir import (AwqDequantizeDescriptor, DequantizeFloatZeroDescriptor,
-                 DequantizePerGroupBackwardDescriptor, DequantizePerGroupDescriptor,
-                 FLOAT_DTYPES, GgmlDequantizeDescriptor, GptqDequantizeDescriptor,
-                 HqqDequantizeDescriptor, QuantizePerGroupBackwardDescriptor,
-                 QuantizePerGroupDescriptor, check_int)
+from .ir import FLOAT_DTYPES, check_int
 from .isa import host_isa
+from .layouts import aot_ops, kind_for_op, kind_of, kinds
+from .layouts.family import OP_NAMES, OPS, make_descriptor, op_class  # noqa: F401  (dqgen.aot's)
+from .layouts.ggml import ggml_type_names
+from .layouts.registry import descriptor_classes
 from .lower import lower
 from .spec import KernelSpec
 
-# Command-line op names of the family and the descriptor each one builds.
-OPS = {
-    "dequantize": DequantizePerGroupDescriptor,
-    "quantize": QuantizePerGroupDescriptor,
-    "dequantize-backward": DequantizePerGroupBackwardDescriptor,
-    "quantize-backward": QuantizePerGroupBackwardDescriptor,
-}
-OP_NAMES = {cls.op: name for name, cls in OPS.items()}
-# The checkpoint formats' op names and their descriptors. ``packed`` is the family's
-# dequantize and quantize with 4-bit storage (u4/s4), so it has no class of its own.
-FORMAT_OPS = {
-    "gptq": GptqDequantizeDescriptor,
-    "awq": AwqDequantizeDescriptor,
-    "ggml": GgmlDequantizeDescriptor,
-    "packed": None,
-    "floatzp": DequantizeFloatZeroDescriptor,
-    "hqq": HqqDequantizeDescriptor,
-}
-ALL_OPS = tuple(OPS) + tuple(FORMAT_OPS)
+# Every op name: the family's, then each format's (``packed`` is the family's dequantize
+# and quantize on 4-bit storage).
+ALL_OPS = aot_ops()
+FORMAT_OPS = tuple(op for op in ALL_OPS if op not in OPS)
 DEFAULT_CUDA_ARCH = "sm_90"
 _CUDA_ARCH = re.compile(r"^(sm|compute)_\d{2,3}[af]?$")
 # What an unspecified selection key means, for flags and manifests alike. Without an
@@ -67,39 +52,17 @@ FORMAT_DEFAULTS = {"bits": (4,), "checkpoint_format": ("gptq",), "act_order": (F
                    # floatzp: the q range whose midpoint the kernel subtracts (None: the
                    # int dtype's whole range)
                    "q_min": (None,), "q_max": (None,)}
-# Per-op defaults of the shared keys where the family's would not fit: models run in
-# f16/bf16, GGML blocks dequantize to f32/f16/bf16, packed storage is u4/s4.
-OP_DEFAULTS = {
-    "gptq": {"float": ("f16", "bf16")}, "awq": {"float": ("f16", "bf16")},
-    "ggml": {"float": ("f32", "f16", "bf16")},
-    "packed": {"int": ("u4", "s4")},
-    "floatzp": {"int": ("u4", "u8"), "float": ("f16", "bf16")},
-    # HQQ: 4-bit (the shared bits default) in groups of 64, HQQLinear's defaults; an
-    # axis=0 layer (a column a group) runs the group-size-1 kernel (--group-size 1)
-    "hqq": {"float": ("f16", "bf16"), "group_size": (64,)},
-}
+# Per-op defaults of the shared keys where the family's would not fit (models run in
+# f16/bf16, GGML blocks dequantize to f32/f16/bf16, packed storage is u4/s4): each
+# format's own.
+OP_DEFAULTS = {op: dict(values) for kind in kinds() for op, values in kind.aot_defaults.items()}
 SELECTION_KEYS = tuple(DEFAULTS) + tuple(FORMAT_DEFAULTS) + ("filter",)
 
 
 def ggml_types() -> tuple[str, ...]:
-    """Every GGML block type this dqgen dequantizes ("Q4_0", ...), from the IR's registry
-    (whatever ``parse_ggml_type`` accepts), so a new type is built without a change here."""
-    names = []
-    for layout in ir.Layout:
-        if layout.value.startswith("ggml_"):
-            try:
-                ir.parse_ggml_type(layout)
-            except DqgenError:
-                continue
-            names.append(layout.value[len("ggml_"):].upper())
-    return tuple(names)
-
-
-def op_class(name: str) -> type:
-    cls = OPS.get(str(name).strip().lower().replace("_", "-"))
-    if cls is None:
-        raise UnsupportedError(f"op {name!r} is not known; expected one of: {', '.join(OPS)}")
-    return cls
+    """Every GGML block type this dqgen dequantizes ("Q4_0", ...), from the block table, so
+    a new type is built without a change here."""
+    return ggml_type_names()
 
 
 def _op_name(name: str) -> str:
@@ -112,21 +75,6 @@ def _op_name(name: str) -> str:
         raise UnsupportedError(f"op {name!r} is not known; expected one of: "
                                f"{', '.join(ALL_OPS)}")
     return text
-
-
-def make_descriptor(op: str, int_dtype: str | None, float_dtype: str, group_size: int):
-    """The descriptor of one family kernel. ``outer``/``axis`` are runtime arguments (0
-    here); ops without a storage dtype ignore ``int_dtype``; quantize-backward's range is
-    a runtime argument too, so any valid one names the same kernel."""
-    cls = op_class(op)
-    group_size = check_int(group_size, "group_size", minimum=1, maximum=2**31 - 1)
-    if cls is DequantizePerGroupDescriptor or cls is QuantizePerGroupDescriptor:
-        if int_dtype is None:
-            raise InvalidProblemError(f"op {op!r} needs an int dtype (--int s8 or u8)")
-        return cls(0, 0, group_size, float_dtype, int_dtype)
-    if cls is QuantizePerGroupBackwardDescriptor:
-        return cls(0, 0, group_size, float_dtype, -128, 127)
-    return cls(0, 0, group_size, float_dtype)
 
 
 def parse_target(text: str) -> tuple[str, str]:
@@ -167,44 +115,18 @@ class KernelRequest:
         return f"{self.uri} ({self.target}:{self.arch})"
 
     def descriptor(self):
-        if self.op in OPS:
-            return make_descriptor(self.op, self.int_dtype, self.float_dtype, self.group_size)
-        return _format_descriptor(self.op, self.int_dtype, self.float_dtype,
-                                  self.group_size, dict(self.knobs))
+        return kind_for_op(self.op).aot_descriptor(self.op, self.int_dtype, self.float_dtype,
+                                                   self.group_size, dict(self.knobs))
 
     def spec(self) -> KernelSpec:
         return lower(self.descriptor(), self.target, self.arch)
 
 
-def _format_descriptor(op: str, int_dtype, float_dtype, group_size: int, knobs: dict):
-    """A format op's descriptor with its runtime sizes 0."""
-    cls = FORMAT_OPS[op]
-    if cls is GgmlDequantizeDescriptor:
-        return cls(0, float_dtype=float_dtype, **knobs)
-    group_size = max(int(group_size), 1)  # act-order: any size names the same kernel
-    if cls is DequantizeFloatZeroDescriptor:
-        return cls(0, 0, group_size, float_dtype, int_dtype, **knobs)
-    return cls(0, 0, group_size, float_dtype=float_dtype, **knobs)
-
-
 def request_of(desc, target: str, arch: str) -> KernelRequest:
     """The request that builds ``desc``'s kernel (its runtime sizes play no part)."""
-    if type(desc) in OPS.values():
-        int_dtype = desc.int_type.value if desc.int_type is not None else None
-        return KernelRequest(desc.uri, target, arch, OP_NAMES[desc.op], int_dtype,
-                             desc.float_dtype.value, desc.group_size)
-    op = next(name for name, cls in FORMAT_OPS.items() if cls is type(desc))
-    fields = {k: v for k, v in desc.to_json().items()  # HQQ's shift: a run-time argument
-              if k not in ("op", "layout", "rows", "cols", "blocks", "outer", "axis",
-                           "group_size", "float_dtype", "int_dtype", "shift")}
-    act_order = bool(fields.get("act_order"))
-    if "qtype" in fields:
-        fields["qtype"] = fields["qtype"][len("ggml_"):].upper()
-    # a storage dtype the format's knobs imply (HQQ's words, from bits) is no flag of it
-    int_dtype = desc.int_dtype.value if desc.to_json().get("int_dtype") else None
-    group = 0 if act_order or isinstance(desc, GgmlDequantizeDescriptor) else desc.group_size
+    op, int_dtype, group, knobs = kind_of(desc).aot_request(desc)
     return KernelRequest(desc.uri, target, arch, op, int_dtype, desc.float_dtype.value,
-                         group, tuple(sorted(fields.items())))
+                         group, tuple(sorted(knobs.items())))
 
 
 def _as_list(value, key: str) -> list:
@@ -319,56 +241,7 @@ def _value(pick: dict, op: str, key: str) -> list:
 
 def _candidates(op: str, pick: dict):
     """Every descriptor one op's share of a selection names (some may be invalid)."""
-    floats, groups = _value(pick, op, "float"), _value(pick, op, "group_size")
-    if op in OPS:
-        takes_int = OPS[op] in (DequantizePerGroupDescriptor, QuantizePerGroupDescriptor)
-        for i, f, g in itertools.product(_value(pick, op, "int") if takes_int else [None],
-                                         floats, groups):
-            yield lambda i=i, f=f, g=g: make_descriptor(op, i, f, g)
-    elif op == "packed":
-        for name, i, f, g in itertools.product(("dequantize", "quantize"),
-                                               _value(pick, op, "int"), floats, groups):
-            def make(name=name, i=i, f=f, g=g):
-                if not ir.DType(i).is_packed:
-                    raise UnsupportedError(f"int={i} is not a packed 4-bit type (u4, s4)")
-                return make_descriptor(name, i, f, g)
-            yield make
-    elif op == "gptq":  # a v2 kernel takes no v1 rule: each names the same kernel
-        for b, fmt, act, s, z, f, g in itertools.product(
-                _value(pick, op, "bits"), _value(pick, op, "checkpoint_format"),
-                _value(pick, op, "act_order"), _value(pick, op, "scale"),
-                _value(pick, op, "v1_zeros"), floats, groups):
-            yield lambda b=b, fmt=fmt, act=act, s=s, z=z, f=f, g=g: _format_descriptor(
-                op, None, f, g, dict(bits=b, checkpoint_format=fmt, act_order=act,
-                                     scale_dtype=s, v1_zeros=z))
-    elif op == "awq":
-        for s, f, g in itertools.product(_value(pick, op, "scale"), floats, groups):
-            yield lambda s=s, f=f, g=g: _format_descriptor(op, None, f, g, dict(scale_dtype=s))
-    elif op == "ggml":
-        for qt, f in itertools.product(_value(pick, op, "ggml_type"), floats):
-            yield lambda qt=qt, f=f: _lowerable(_format_descriptor(op, None, f, 0,
-                                                                   dict(qtype=qt)))
-    elif op == "hqq":
-        for b, f, g in itertools.product(_value(pick, op, "bits"), floats, groups):
-            yield lambda b=b, f=f, g=g: _format_descriptor(op, None, f, g, dict(bits=b))
-    else:  # floatzp
-        for i, f, g, lo, hi in itertools.product(_value(pick, op, "int"), floats, groups,
-                                                 _value(pick, op, "q_min"),
-                                                 _value(pick, op, "q_max")):
-            yield lambda i=i, f=f, g=g, lo=lo, hi=hi: _format_descriptor(
-                op, i, f, g, dict(q_min=lo, q_max=hi))
-
-
-def _lowerable(desc):
-    """``desc`` if it lowers (a type the IR names may not have its schedule yet)."""
-    try:
-        lower(desc, "c", "generic")
-    except DqgenError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a registry entry without a lowering
-        raise UnsupportedError(f"{desc.uri} has no schedule in this dqgen "
-                               f"({type(exc).__name__}: {exc})") from None
-    return desc
+    return kind_for_op(op).aot_candidates(op, lambda key: _value(pick, op, key))
 
 
 def expand(selection: dict) -> list[KernelRequest]:
@@ -469,8 +342,8 @@ def command_for_record(record: dict, target: str, arch: str) -> str:
         return ""
     knobs = dict(request.knobs)
     if request.op == "floatzp":  # the range only where it is not the int dtype's own
-        whole = _format_descriptor("floatzp", request.int_dtype, request.float_dtype,
-                                   request.group_size, {})
+        whole = kind_for_op("floatzp").aot_descriptor("floatzp", request.int_dtype,
+                                                      request.float_dtype, request.group_size, {})
         if (knobs.get("q_min"), knobs.get("q_max")) == (whole.q_min, whole.q_max):
             knobs = {k: v for k, v in knobs.items() if k not in ("q_min", "q_max")}
     flags = {"op": request.op, "int": request.int_dtype, "float": request.float_dtype,
@@ -493,16 +366,14 @@ def command_for_record(record: dict, target: str, arch: str) -> str:
         + " -o BUNDLE"
 
 
-_RECORD_CLASSES = {cls.__name__: cls for cls in ir.DESCRIPTORS + ir.FORMAT_DESCRIPTORS}
-
-
 def descriptor_from_record(record: dict, **sizes):
     """The descriptor a ``descriptor_record`` describes, with ``sizes`` (e.g. ``outer=4``)
     replacing its runtime sizes; validated like any descriptor."""
     import dataclasses
-    if not isinstance(record, dict) or record.get("class") not in _RECORD_CLASSES:
+    classes = descriptor_classes()
+    if not isinstance(record, dict) or record.get("class") not in classes:
         raise InvalidProblemError(f"descriptor record {record!r} names no descriptor class")
-    cls = _RECORD_CLASSES[record["class"]]
+    cls = classes[record["class"]]
     fields = {f.name: record[f.name] for f in dataclasses.fields(cls) if f.name in record}
     if "qtype" in fields:
         fields["qtype"] = ir.Layout(fields["qtype"])

@@ -7,7 +7,8 @@ user-facing ``dqgen.formats``."""
 
 from __future__ import annotations
 
-from . import awq, family, floatzp, ggml, gptq, hqq  # noqa: F401  (each registers its kind)
-from .registry import FormatKind, kind_of, kinds
+# each registers its kind; the family first, so its ops lead dqgen aot's list
+from . import family, gptq, awq, ggml, floatzp, hqq  # noqa: F401  isort: skip
+from .registry import FormatKind, aot_ops, kind_for_op, kind_of, kinds
 
-__all__ = ["FormatKind", "kind_of", "kinds"]
+__all__ = ["FormatKind", "aot_ops", "kind_for_op", "kind_of", "kinds"]

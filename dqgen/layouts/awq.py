@@ -3,6 +3,8 @@ G, n]))``, values and zero points packed along N in the interleaved order (FORMA
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from ..ir import AwqDequantizeDescriptor
@@ -24,6 +26,12 @@ class AwqKind(MatrixKind):
     aot_ops = ("awq",)
     along_k = False
     formula = "W[k, n] = F(C(q[k, n] - z[k / G, n]) * C(scales[k / G, n]))"
+
+    aot_defaults = {"awq": {"float": ("f16", "bf16")}}
+
+    def aot_candidates(self, op, value):
+        for s, f, g in itertools.product(value("scale"), value("float"), value("group_size")):
+            yield lambda s=s, f=f, g=g: self.aot_descriptor(op, None, f, g, dict(scale_dtype=s))
 
     def oracle(self, desc, arrays):
         groups = np.arange(desc.rows) // desc.group_size

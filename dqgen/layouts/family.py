@@ -3,13 +3,51 @@ and packed u4/s4 storage (SPEC.md §1-4), with ``dqgen.reference`` as the oracle
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from .. import reference
-from ..ir import DESCRIPTORS, DType, Op, PerGroupDescriptor
+from ..errors import InvalidProblemError, UnsupportedError
+from ..ir import (DESCRIPTORS, DequantizePerGroupBackwardDescriptor, DequantizePerGroupDescriptor,
+                  DType, Op, PerGroupDescriptor, QuantizePerGroupBackwardDescriptor,
+                  QuantizePerGroupDescriptor, check_int)
 from ..spec import Param
 from .per_group import lower_per_group
 from .registry import FormatKind, register
+
+# Command-line op names of the family and the descriptor each one builds.
+OPS = {
+    "dequantize": DequantizePerGroupDescriptor,
+    "quantize": QuantizePerGroupDescriptor,
+    "dequantize-backward": DequantizePerGroupBackwardDescriptor,
+    "quantize-backward": QuantizePerGroupBackwardDescriptor,
+}
+OP_NAMES = {cls.op: name for name, cls in OPS.items()}
+# The ops that read or write a storage dtype (the backwards of dequantize take none).
+_STORING = (Op.DEQUANTIZE, Op.QUANTIZE)
+
+
+def op_class(name: str) -> type:
+    cls = OPS.get(str(name).strip().lower().replace("_", "-"))
+    if cls is None:
+        raise UnsupportedError(f"op {name!r} is not known; expected one of: {', '.join(OPS)}")
+    return cls
+
+
+def make_descriptor(op: str, int_dtype: str | None, float_dtype: str, group_size: int):
+    """The descriptor of one family kernel. ``outer``/``axis`` are runtime arguments (0
+    here); ops without a storage dtype ignore ``int_dtype``; quantize-backward's range is
+    a runtime argument too, so any valid one names the same kernel."""
+    cls = op_class(op)
+    group_size = check_int(group_size, "group_size", minimum=1, maximum=2**31 - 1)
+    if cls.op in _STORING:
+        if int_dtype is None:
+            raise InvalidProblemError(f"op {op!r} needs an int dtype (--int s8 or u8)")
+        return cls(0, 0, group_size, float_dtype, int_dtype)
+    if cls.op is Op.QUANTIZE_BACKWARD:
+        return cls(0, 0, group_size, float_dtype, -128, 127)
+    return cls(0, 0, group_size, float_dtype)
 
 
 def unpack_nibbles(packed: np.ndarray, signed: bool) -> np.ndarray:
@@ -30,10 +68,34 @@ class PerGroupKind(FormatKind):
     ``[outer, groups]``; the family's schedule lowers every one of them."""
 
     descriptors = (PerGroupDescriptor,)
-    aot_ops = ("dequantize", "quantize", "dequantize-backward", "quantize-backward", "packed")
+    aot_ops = (*OPS, "packed")
+
+    aot_defaults = {"packed": {"int": ("u4", "s4")}}
 
     def lower(self, desc, target, arch, storage):
         return lower_per_group(desc, target, arch, storage)
+
+    def aot_candidates(self, op, value):
+        floats, groups = value("float"), value("group_size")
+        if op == "packed":  # the family's dequantize and quantize on u4/s4 storage
+            for name, i, f, g in itertools.product(("dequantize", "quantize"), value("int"),
+                                                   floats, groups):
+                def make(name=name, i=i, f=f, g=g):
+                    if not DType(i).is_packed:
+                        raise UnsupportedError(f"int={i} is not a packed 4-bit type (u4, s4)")
+                    return make_descriptor(name, i, f, g)
+                yield make
+            return
+        ints = value("int") if op_class(op).op in _STORING else [None]
+        for i, f, g in itertools.product(ints, floats, groups):
+            yield lambda i=i, f=f, g=g: make_descriptor(op, i, f, g)
+
+    def aot_descriptor(self, op, int_dtype, float_dtype, group_size, knobs):
+        return make_descriptor(op, int_dtype, float_dtype, group_size)
+
+    def aot_request(self, desc):
+        int_dtype = desc.int_type.value if desc.int_type is not None else None
+        return OP_NAMES[desc.op], int_dtype, desc.group_size, {}
 
     def array_shape(self, desc, param: Param) -> tuple[int, ...]:
         if param.name in ("scale", "zero_point"):

@@ -5,9 +5,12 @@ gguf-py's ``gguf.quants.dequantize`` is the oracle."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
-from ..ir import DType, GgmlDequantizeDescriptor, ggml_type_name
+from ..errors import DqgenError, UnsupportedError
+from ..ir import GGML_BLOCK_BYTES, DType, GgmlDequantizeDescriptor, ggml_type_name
 from ..spec import Param, pointer
 from . import ggml_knobs
 from .ggml_blocks import LAYOUTS
@@ -15,9 +18,37 @@ from .own_loop import float_helpers, own_loop_spec
 from .registry import FormatKind, register
 
 
+def ggml_type_names() -> tuple[str, ...]:
+    """Every GGML block type this dqgen dequantizes ("Q4_0", ...): the block table's."""
+    return tuple(ggml_type_name(layout) for layout in GGML_BLOCK_BYTES if layout in LAYOUTS)
+
+
 class GgmlKind(FormatKind):
     descriptors = (GgmlDequantizeDescriptor,)
     aot_ops = ("ggml",)
+    aot_defaults = {"ggml": {"float": ("f32", "f16", "bf16")}}
+
+    def aot_candidates(self, op, value):
+        for qt, f in itertools.product(value("ggml_type"), value("float")):
+            yield lambda qt=qt, f=f: self._lowerable(self.aot_descriptor(
+                op, None, f, 0, dict(qtype=qt)))
+
+    def _lowerable(self, desc):
+        """``desc`` if it lowers (a type the IR names may not have its schedule yet)."""
+        try:
+            ggml_knobs.knobs(desc.layout, "c", desc.float_dtype)
+        except DqgenError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a registry entry without a lowering
+            raise UnsupportedError(f"{desc.uri} has no schedule in this dqgen "
+                                   f"({type(exc).__name__}: {exc})") from None
+        return desc
+
+    def aot_descriptor(self, op, int_dtype, float_dtype, group_size, knobs):
+        return GgmlDequantizeDescriptor(0, float_dtype=float_dtype, **knobs)
+
+    def aot_request(self, desc):
+        return self.aot_ops[0], None, 0, {"qtype": ggml_type_name(desc.qtype)}
 
     def lower(self, desc, target, arch, storage):
         f = desc.float_dtype

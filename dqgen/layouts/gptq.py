@@ -4,6 +4,8 @@ the tool that wrote them (FORMATS.md)."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from ..ir import GptqDequantizeDescriptor, gptq_v1_word_offset
@@ -45,6 +47,22 @@ class GptqKind(MatrixKind):
     aot_ops = ("gptq",)
     along_k = True
     formula = "W[k, n] = F(C(q[k, n] - z[g, n]) * C(scales[g, n])), g = g_idx[k] (default k / G)"
+
+    aot_defaults = {"gptq": {"float": ("f16", "bf16")}}
+
+    def aot_candidates(self, op, value):
+        # a v2 kernel takes no v1 rule: each names the same kernel
+        for b, fmt, act, s, z, f, g in itertools.product(
+                value("bits"), value("checkpoint_format"), value("act_order"), value("scale"),
+                value("v1_zeros"), value("float"), value("group_size")):
+            yield lambda b=b, fmt=fmt, act=act, s=s, z=z, f=f, g=g: self.aot_descriptor(
+                op, None, f, g, dict(bits=b, checkpoint_format=fmt, act_order=act,
+                                     scale_dtype=s, v1_zeros=z))
+
+    def aot_request(self, desc):
+        op, int_dtype, group, knobs = super().aot_request(desc)
+        # act-order reads each row's group from g_idx: one kernel for every group size
+        return op, int_dtype, 0 if desc.act_order else group, knobs
 
     def zero_rule(self, desc):
         return gptq_zero_rule(desc)

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from .. import reference
 from ..ir import HqqDequantizeDescriptor
 from .family import PerGroupKind
-from .registry import register
+from .registry import FormatKind, register
 
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
@@ -16,6 +18,19 @@ _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 class HqqKind(PerGroupKind):
     descriptors = (HqqDequantizeDescriptor,)
     aot_ops = ("hqq",)
+    # HQQLinear's defaults: groups of 64; an axis=0 layer (a column a group) runs the
+    # group-size-1 kernel (--group-size 1)
+    aot_defaults = {"hqq": {"float": ("f16", "bf16"), "group_size": (64,)}}
+
+    def aot_candidates(self, op, value):
+        for b, f, g in itertools.product(value("bits"), value("float"), value("group_size")):
+            yield lambda b=b, f=f, g=g: self.aot_descriptor(op, None, f, g, dict(bits=b))
+
+    def aot_descriptor(self, op, int_dtype, float_dtype, group_size, knobs):
+        return FormatKind.aot_descriptor(self, op, int_dtype, float_dtype, group_size, knobs)
+
+    def aot_request(self, desc):
+        return FormatKind.aot_request(self, desc)
 
     def extra_sizes(self, desc) -> dict:
         # the plane offset is a run-time argument: the top plane's

@@ -10,7 +10,7 @@ tests its class, so a new format is one module that registers its kind.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -47,11 +47,41 @@ class FormatKind:
         """What the kernel of ``desc`` must write for ``arrays``, bit for bit."""
         raise NotImplementedError
 
+    # --- dqgen aot: how a selection's values name this kind's kernels -----------------
+
+    #: Defaults of the shared selection keys for this kind's ops where the global ones do
+    #: not fit: ``{op: {key: values}}``.
+    aot_defaults: dict = {}
+
+    def aot_candidates(self, op: str, value: Callable[[str], list]) -> Iterable[Callable]:
+        """Makers (no-argument callables) of every descriptor ``op`` names for a selection
+        whose values ``value(key)`` gives; a maker raises for a combination not valid."""
+        raise NotImplementedError
+
+    def aot_descriptor(self, op: str, int_dtype, float_dtype, group_size: int, knobs: dict):
+        """The descriptor a request names (run-time sizes 0)."""
+        cls = self.descriptors[0]
+        return cls(0, 0, max(int(group_size), 1), float_dtype=float_dtype, **knobs)
+
+    def aot_request(self, desc) -> tuple[str, str | None, int, dict]:
+        """``(op, int dtype, group size, knobs)`` naming ``desc``'s kernel in a request:
+        the descriptor's fields less its run-time sizes and arguments."""
+        record = desc.to_json()
+        knobs = {k: v for k, v in record.items() if k not in _NOT_KNOBS}
+        # a storage dtype the format's knobs imply (HQQ's words, from bits) is no flag of it
+        int_dtype = desc.int_dtype.value if record.get("int_dtype") else None
+        return self.aot_ops[0], int_dtype, desc.group_size, knobs
+
     def random_input(self, desc, name: str, shape: tuple[int, ...], rng) -> np.ndarray | None:
         """An input for ``dqgen verify`` that must hold valid values (an index table), or
         None where random bits of the array's dtype will do."""
         return None
 
+
+# Descriptor fields that are no knob of a kernel: run-time sizes and arguments, and the
+# fields a request names apart (group size, dtypes).
+_NOT_KNOBS = ("op", "layout", "rows", "cols", "blocks", "outer", "axis", "group_size",
+              "float_dtype", "int_dtype", "shift")
 
 _KINDS: dict[type, FormatKind] = {}
 
@@ -90,3 +120,16 @@ def descriptor_classes() -> dict[str, type]:
             found.setdefault(c.__name__, c)
             stack.extend(c.__subclasses__())
     return found
+
+
+def kind_for_op(op: str) -> FormatKind:
+    """The kind whose kernels ``dqgen aot --op op`` enumerates."""
+    for kind in kinds():
+        if op in kind.aot_ops:
+            return kind
+    raise UnsupportedError(f"op {op!r} is not known; expected one of: {', '.join(aot_ops())}")
+
+
+def aot_ops() -> tuple[str, ...]:
+    """Every ``dqgen aot`` op name, the family's first."""
+    return tuple(op for kind in kinds() for op in kind.aot_ops)
