@@ -287,23 +287,31 @@ def _packed_descriptor(P, uri):
 
 
 def test_gpu_checkpoint_formats_match_their_oracles(monkeypatch, tmp_path):
-    """GPTQ, AWQ, GGML and float zero points: each emulation test of
-    tests/test_formats_cuda.py, with its kernel launched on the device instead."""
+    """GPTQ, AWQ, float zero points, HQQ and every GGML type: each emulation test of
+    tests/test_formats_cuda.py, test_hqq.py and test_formats_gguf_types.py, with its kernel
+    launched on the device instead."""
+    import importlib
+    on_device = lambda desc, arrays, scalars, n, _tmp: _launch_on_device(desc, arrays, scalars, n)  # noqa: E731
+    # the emulation tests import run_emulated by either name of its module
+    for name in ("tests.test_formats_cuda", "test_formats_cuda"):
+        monkeypatch.setattr(importlib.import_module(name), "run_emulated", on_device)
     from tests import test_formats_cuda as F
-    monkeypatch.setattr(F, "run_emulated",
-                        lambda desc, arrays, scalars, n, _tmp: _launch_on_device(desc, arrays, scalars, n))
     for kw in F.GPTQ:
         F.test_emulated_gptq(kw, tmp_path)
     for kw in F.AWQ:
         F.test_emulated_awq(kw, tmp_path)
     for storage, out in F.FLOAT_ZERO:
         F.test_emulated_float_zero_point(storage, out, tmp_path)
+    from tests import test_hqq as H
+    for bits, dtype in ((4, "bf16"), (3, "f16"), (1, "f32"), (8, "bf16")):
+        H.test_cuda_emulated(bits, dtype, tmp_path)  # its g++ check: the emulation's, moot here
     try:
         import gguf  # noqa: F401
     except ImportError:
         return
-    for qtype, out in F.GGML:
-        F.test_emulated_ggml(qtype, out, tmp_path)
+    from tests import test_formats_gguf_types as G
+    for qtype, out in G._cuda_cases():
+        G.test_emulated_cuda(qtype, out, tmp_path)
 
 
 def test_gpu_more_than_2_31_elements():

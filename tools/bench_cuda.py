@@ -208,3 +208,93 @@ def report_lines(result: dict) -> list[str]:
 def print_device(result: dict) -> None:
     print()
     print("\n".join(report_lines(result)))
+
+
+# --------------------------------------------------------------------------- formats
+
+FORMAT_SHAPE = (8192, 8192)
+
+
+def _format_calls(torch, dev, rows: int, cols: int, gen, out):
+    """(name, call, input bytes) of each checkpoint format's dequantize into ``out`` (f16),
+    on random stored bits (every GGML type, GPTQ and AWQ 4-bit g128, HQQ 4-bit g64,
+    float zero point u4 g128)."""
+    from dqgen.formats import awq, floatzp, ggml, gptq, hqq
+    from dqgen.ir import GGML_BLOCK_BYTES, GGML_BLOCK_VALUES, ggml_type_name
+
+    def bits(shape, dtype=torch.int32):
+        info = torch.iinfo(dtype)
+        return torch.randint(info.min, info.max, shape, dtype=dtype, device=dev, generator=gen)
+
+    def halves(shape):
+        return (torch.rand(shape, device=dev, generator=gen) * 0.02 + 1e-3).half()
+
+    n = rows * cols
+    for layout, nbytes in GGML_BLOCK_BYTES.items():
+        name, per = ggml_type_name(layout), GGML_BLOCK_VALUES[layout]
+        data = bits((n // per, nbytes), torch.uint8)
+        if name in ("F16", "BF16", "F32"):  # float tensors: keep the values finite
+            data = halves((n // per * nbytes // 2,)).view(torch.uint8).view(n // per, nbytes)
+        flat = out.view(n // per, per)
+        yield f"GGML {name}", (lambda d=data, q=name, o=flat: ggml.dequantize(d, q, "f16", out=o)), data.nbytes
+    g = 128
+    qw, qz, sc = bits((rows // 8, cols)), bits((rows // g, cols // 8)), halves((rows // g, cols))
+    yield "GPTQ 4-bit g128", (lambda: gptq.dequantize(qw, qz, sc, out=out)), qw.nbytes + qz.nbytes + sc.nbytes
+    aw, az = bits((rows, cols // 8)), bits((rows // g, cols // 8))
+    yield "AWQ 4-bit g128", (lambda: awq.dequantize(aw, az, sc, out=out)), aw.nbytes + az.nbytes + sc.nbytes
+    hq = bits((n // 64 // 2, 64), torch.uint8)
+    hs, hz = halves((n // 64, 1)), halves((n // 64, 1))
+    flat64 = out.view(n // 64, 64)
+    yield "HQQ 4-bit g64", (lambda: hqq.dequantize(hq, hs, hz, 4, (rows, cols), 64, out=out)), \
+        hq.nbytes + hs.nbytes + hz.nbytes
+    del flat64
+    fq = bits((rows, cols // 2), torch.uint8)
+    fs, fz = halves((rows, cols // g)), halves((rows, cols // g))
+    yield "float zero u4 g128", (lambda: floatzp.dequantize(fq, fs, fz, g, "u4", out=out)), \
+        fq.nbytes + fs.nbytes + fz.nbytes
+
+
+def run_formats(torch_device: str = "cuda", shape=FORMAT_SHAPE, repeat: int = 10) -> dict | None:
+    """Each checkpoint format's kernel on the device: effective GB/s (its input bytes and
+    its f16 output once) beside a device-to-device copy that reads and writes as many."""
+    try:
+        import torch
+    except ImportError:
+        print("bench: the formats on --device cuda need torch; torch is not installed. Skipped.")
+        return None
+    dev = torch.device(torch_device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("bench: formats skipped: no usable CUDA device")
+        return None
+    timed = _timer(torch, dev)
+    gen = torch.Generator(device=dev).manual_seed(1)
+    rows, cols = shape
+    out = torch.empty((rows, cols), dtype=torch.float16, device=dev)
+    cases = []
+    for name, call, in_bytes in _format_calls(torch, dev, rows, cols, gen, out):
+        moved = in_bytes + out.nbytes
+        src = torch.empty(moved // 2, dtype=torch.uint8, device=dev)
+        dst = torch.empty_like(src)
+        copy = lambda s=src, d=dst: d.copy_(s)  # noqa: E731
+        call(), copy()  # warm-up: the first launch loads the module
+        times = {"dqgen": [], "d2d_copy": []}
+        for _ in range(repeat):
+            times["dqgen"].append(timed(call))
+            times["d2d_copy"].append(timed(copy))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        case = {"format": name, "shape": [rows, cols], "bytes": moved, "median_s": med,
+                "gbps": {"dqgen": moved / med["dqgen"] / 1e9, "d2d_copy": moved / med["d2d_copy"] / 1e9},
+                "copy_fraction": med["d2d_copy"] / med["dqgen"]}
+        cases.append(case)
+        print(f"  {name}: dqgen {case['gbps']['dqgen']:.0f} GB/s, copy {case['gbps']['d2d_copy']:.0f} GB/s "
+              f"({case['copy_fraction'] * 100:.0f}%)", flush=True)
+        del src, dst
+    return {"date": _now(), "shape": list(shape), "repeat": repeat, "inner": INNER, "cases": cases}
+
+
+def format_lines(result: dict) -> list[str]:
+    lines = [f"{'format [%d, %d] -> f16' % tuple(result['shape']):32s} {'dqgen':>8s} {'d2d copy':>9s}  of copy"]
+    for c in result["cases"]:
+        lines.append(f"{c['format']:32s} {c['gbps']['dqgen']:8.0f} {c['gbps']['d2d_copy']:9.0f}  "
+                     f"{c['copy_fraction'] * 100:6.0f}%")
+    return lines

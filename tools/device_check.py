@@ -48,10 +48,14 @@ NEEDED = {"numpy": "numpy", "jinja2": "jinja2", "cffi": "cffi", "ml_dtypes": "ml
           "platformdirs": "platformdirs", "filelock": "filelock", "cuda.bindings": "cuda-bindings",
           "pytest": "pytest", "hypothesis": "hypothesis", "gguf": "gguf"}
 EMULATION_TESTS = ("tests/test_cuda_kernels.py", "tests/test_cuda_infra.py", "tests/test_cuda_plans.py",
-                   "tests/test_packed_cuda.py", "tests/test_formats_cuda.py")
-DEVICE_TESTS = ("tests/test_cuda_gpu.py",)
-LIMITS_S = {"emulation": 150, "device": 150, "bench": 120}  # each step's own limit
-TOTAL_S = 340  # and all of them together (set-up included): under 6 minutes
+                   "tests/test_packed_cuda.py", "tests/test_formats_cuda.py",
+                   "tests/test_floatzp_hqq_cuda.py")
+# The device tests: every kernel against its oracle (tests/test_cuda_gpu.py), and torch CUDA
+# tensors through the registered ops (dqgen.torch) against the same ops on the CPU.
+DEVICE_TESTS = ("tests/test_cuda_gpu.py", "tests/test_torch_ops.py::test_cuda_ops_match_cpu",
+                "tests/test_torch_ops.py::test_cuda_format_ops_match_cpu")
+LIMITS_S = {"emulation": 120, "device": 150, "bench": 150}  # each step's own limit
+TOTAL_S = 400  # and all of them together (set-up included): under 7 minutes
 _START = time.monotonic()
 
 
@@ -234,7 +238,17 @@ sys.path[:0] = ["tools"]
 import bench_cuda
 r = bench_cuda.run_device(shapes=((64, 1024),), floats=("f16", "bf16", "f32", "f64"), repeat=3,
                           torch_device="cpu", groups=(128,))
-print("DRYRUN " + json.dumps({"cases": len(r["cases"]) if r else 0}))
+f = bench_cuda.run_formats("cpu", shape=(64, 1024), repeat=1)
+print("DRYRUN " + json.dumps({"cases": (len(r["cases"]) if r else 0) + (len(f["cases"]) if f else 0)}))
+"""
+# Every checkpoint format's kernel on the device, beside a copy of as many bytes.
+BENCH_FORMATS = r"""
+import json, sys
+sys.path[:0] = ["tools"]
+import bench_cuda
+r = bench_cuda.run_formats("cuda")
+if r is not None:
+    open(sys.argv[1], "w").write(json.dumps(r, indent=1) + "\n")
 """
 
 
@@ -242,16 +256,19 @@ def run_bench(python: Path, env: dict, outdir: Path, gpu: bool) -> dict:
     """tools/bench.py --device cuda on a GPU; else the bench's own code on the CPU, tiny."""
     t0 = time.monotonic()
     if gpu:
-        cmd = [str(python), "tools/bench.py", "--device", "cuda", "--shapes", BENCH_SHAPES,
-               "--out", str(outdir / "bench-cuda")]
+        cmds = [[str(python), "tools/bench.py", "--device", "cuda", "--shapes", BENCH_SHAPES,
+                 "--out", str(outdir / "bench-cuda")],
+                [str(python), "-c", BENCH_FORMATS, str(outdir / "bench-cuda-formats.json")]]
     else:
-        cmd = [str(python), "-c", BENCH_DRY]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT,
-                              timeout=_limit("bench"))
-        text, status = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as exc:
-        text, status = f"{exc.stdout or ''}{exc.stderr or ''}\ntimed out", -1
+        cmds = [[str(python), "-c", BENCH_DRY]]
+    text, status = "", 0
+    for cmd in cmds:
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT,
+                                  timeout=_limit("bench"))
+            text, status = text + proc.stdout + proc.stderr, status or proc.returncode
+        except subprocess.TimeoutExpired as exc:
+            text, status = f"{text}{exc.stdout or ''}{exc.stderr or ''}\ntimed out", -1
     (outdir / "bench.log").write_text(str(text))
     result = {"status": status, "seconds": round(time.monotonic() - t0, 1), "log": "bench.log",
               "dry_run_on_cpu": not gpu}
@@ -263,8 +280,11 @@ def run_bench(python: Path, env: dict, outdir: Path, gpu: bool) -> dict:
         data = json.loads(saved.read_text())
         result.update(device=data.get("device"), targets=data.get("targets"), json=saved.name)
         sys.path.insert(0, str(ROOT / "tools"))
-        from bench_cuda import report_lines
+        from bench_cuda import format_lines, report_lines
         result["table"] = report_lines(data)
+        formats = outdir / "bench-cuda-formats.json"
+        if formats.exists():
+            result["table"] += format_lines(json.loads(formats.read_text()))
     return result
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import platform
 import re
 from pathlib import Path
 
@@ -149,7 +150,9 @@ def _install_bundled_headers() -> Path | None:
     try:
         # Returns (result, info, error_log).
         info = _call(nvrtc.nvrtcGetBundledHeadersInfo, what="nvrtcGetBundledHeadersInfo")[0]
-    except CompileError:
+    except (CompileError, TypeError):
+        # TypeError: a cuda-bindings release whose wrapper takes the info struct as an
+        # argument; the headers then come from a wheel or toolkit directory instead
         return None
     if not info.available:
         return None
@@ -171,7 +174,8 @@ def _header_dir_fallback() -> str | None:
                  "/usr/local/cuda"):
         if not cand:
             continue
-        for inc in (Path(cand), Path(cand) / "include"):
+        for inc in (Path(cand), Path(cand) / "include",
+                    Path(cand) / "targets" / f"{platform.machine()}-linux" / "include"):
             if (inc / "cuda_fp16.h").is_file():
                 return str(inc)
     return None
