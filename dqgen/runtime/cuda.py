@@ -412,7 +412,7 @@ def device_pointer(obj) -> DevicePointer:
             return view
     try:
         cai = obj.__cuda_array_interface__
-    except (AttributeError, TypeError, ValueError):
+    except (AttributeError, TypeError, ValueError, KeyError):  # torch: KeyError for complex32
         cai = None
     if cai is not None:
         return _from_cai(obj, cai)
@@ -420,7 +420,10 @@ def device_pointer(obj) -> DevicePointer:
     if dl_device is not None:
         kind, _ = dl_device()
         if int(kind) in _DLPACK_CUDA:
-            return _from_dlpack(obj)
+            try:
+                return _from_dlpack(obj)
+            except (BufferError, RuntimeError, TypeError, ValueError) as exc:
+                raise UnsupportedError(f"its DLPack export failed: {exc}") from None
     raise UnsupportedError(f"{type(obj).__name__} is not a CUDA array (it exposes neither "
                            "__cuda_array_interface__ nor a CUDA __dlpack_device__)")
 
