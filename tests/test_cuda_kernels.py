@@ -123,15 +123,19 @@ def _instructions(ptx: str) -> set[str]:
 
 @pytest.mark.parametrize("desc", G128[::2], ids=lambda d: d.uri)
 def test_ptx_keeps_the_design_promises(desc):
-    """128-bit loads and stores on the aligned path, no FMA, no flush-to-zero, no
-    approximate division, no shared memory, and 64-bit element indices."""
+    """The widest per-element array moves in 128-bit accesses on the aligned path (so a
+    warp's accesses to it are contiguous), no FMA, no flush-to-zero, no approximate
+    division, no shared memory, and 64-bit element indices."""
     _nvrtc()
     (k,) = _build_all([desc], "sm_90")
     ptx = k.runner.asm["ptx"]
     ops = _instructions(ptx)
     wide = re.compile(r"\.(v4\.[buf]32|v2\.[buf]64)$")  # 128 bits an access
-    assert any(o.startswith("ld.global.nc.") and wide.search(o) for o in ops), sorted(ops)
-    assert any(o.startswith("st.global.") and wide.search(o) for o in ops), sorted(ops)
+    streams = K.spec_of(desc).vector_streams
+    widest = max(streams, key=lambda v: v.vector_bytes)
+    access = "ld.global.nc." if widest.role == "in" else "st.global."
+    assert widest.vector_bytes == 16, streams
+    assert any(o.startswith(access) and wide.search(o) for o in ops), sorted(ops)
     assert not any(o.startswith("fma") for o in ops), "FMA contraction"
     assert not any(".ftz" in o or ".approx" in o for o in ops), "flush-to-zero or approx"
     assert ".shared" not in ptx and "bar.sync" not in ptx
@@ -139,14 +143,14 @@ def test_ptx_keeps_the_design_promises(desc):
 
 
 def test_schedule_decides_vector_width_and_launch_shape():
-    """VEC fills 128 bits of the narrowest per-element array and divides the group."""
+    """VEC fills 128 bits of the widest per-element array and divides the group."""
     def spec(op, i, f, g):
         return K.spec_of(K.descriptor(op, i, f, g))
 
     s = spec("dequant", "s8", "f32", 128)
-    assert (s.vector_elems, s.threads_per_block, s.grid_waves) == (16, 256, 4)
+    assert (s.vector_elems, s.threads_per_block, s.grid_waves) == (4, 256, 4)
     assert [(v.name, v.vector_bytes, v.align_bytes) for v in s.vector_streams] == [
-        ("q", 16, 16), ("y", 64, 16)]
+        ("q", 4, 4), ("y", 16, 16)]
     assert spec("dequant_bwd", None, "f64", 128).vector_elems == 2
     assert spec("quant_bwd", None, "bf16", 64).vector_elems == 8
     assert spec("dequant", "u8", "f16", 12).vector_elems == 4
@@ -155,8 +159,8 @@ def test_schedule_decides_vector_width_and_launch_shape():
     assert spec("quant", "s8", "f32", 8).vector_align_check
     # The grid: one thread a vector, at most grid_waves waves of resident blocks, >= 1.
     assert rt.launch_grid(s, 0, 132 * 8) == 1
-    assert rt.launch_grid(s, 16 * 256 * 3, 132 * 8) == 3
-    assert rt.launch_grid(s, 16 * 256 * 3 + 1, 132 * 8) == 4
+    assert rt.launch_grid(s, 4 * 256 * 3, 132 * 8) == 3
+    assert rt.launch_grid(s, 4 * 256 * 3 + 1, 132 * 8) == 4
     assert rt.launch_grid(s, 1 << 40, 132 * 8) == 132 * 8 * 4
 
 

@@ -503,8 +503,8 @@ def test_cuda_format_ops_match_cpu():
     blocks = _ggml_blocks("Q4_K", blocks=1)
     assert torch.equal(dt.ggml_dequantize(blocks.cuda(), "Q4_K").cpu(),
                        dt.ggml_dequantize(blocks, "Q4_K"))
-    q = torch.randint(0, 256, (2, 32), dtype=torch.uint8)
-    scale, zero = torch.rand(2, 2, dtype=torch.float16), torch.rand(2, 2, dtype=torch.float16)
+    q = torch.randint(0, 256, (2, 32), dtype=torch.uint8)  # u8: one group of 32 a row
+    scale, zero = torch.rand(2, 1, dtype=torch.float16), torch.rand(2, 1, dtype=torch.float16)
     assert torch.equal(dt.floatzp_dequantize(q.cuda(), scale.cuda(), zero.cuda(), 32).cpu(),
                        dt.floatzp_dequantize(q, scale, zero, 32))
     w_q = torch.randint(0, 256, (4, 64), dtype=torch.uint8)   # 4-bit HQQ: two planes of 4 rows

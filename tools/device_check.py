@@ -279,7 +279,7 @@ def run_bench(python: Path, env: dict, outdir: Path, gpu: bool) -> dict:
     if gpu and saved.exists():
         data = json.loads(saved.read_text())
         result.update(device=data.get("device"), targets=data.get("targets"), json=saved.name)
-        sys.path.insert(0, str(ROOT / "tools"))
+        sys.path[:0] = [str(ROOT / "tools"), str(ROOT)]  # bench_cuda imports dqgen
         from bench_cuda import format_lines, report_lines
         result["table"] = report_lines(data)
         formats = outdir / "bench-cuda-formats.json"

@@ -78,9 +78,10 @@ _ROUND_TO_FLOAT = {DType.F16: "round_f16", DType.BF16: "round_bf16"}
 # Packed quantize with an odd group size: neighbouring groups share a byte, so the
 # kernel stays on one thread (no two threads ever write the same byte).
 SERIAL = 1 << 62
-# CUDA: each thread moves one vector of VEC elements a step, VEC chosen so the narrowest
-# per-element array moves in 128-bit accesses (wider ones in several); VEC divides the group
-# so one scale/zero point serves the whole vector. The grid fills every SM GRID_WAVES times
+# CUDA: each thread moves one vector of VEC elements a step, VEC chosen so the widest
+# per-element array moves in one 128-bit access a thread (narrower ones in shorter
+# accesses), so that the threads of a warp touch consecutive bytes of every array
+# (coalesced); VEC divides the group so one scale/zero point serves the whole vector. The grid fills every SM GRID_WAVES times
 # at the kernel's occupancy and strides over the rest.
 CUDA_THREADS_PER_BLOCK = 256
 CUDA_VECTOR_BYTES = 16
@@ -127,7 +128,7 @@ def _schedule_cuda(spec: KernelSpec, desc: PerGroupDescriptor) -> KernelSpec:
                if p.role != "scalar" and p.name not in ("scale", "zero_point")]
     packed = spec.layout is Layout.PACKED4
     widths = [p.dtype.itemsize for p in streams if not (packed and p.name == "q")]
-    vec = CUDA_VECTOR_BYTES // min(widths)
+    vec = max(1, CUDA_VECTOR_BYTES // max(widths))
     smallest = 1
     if packed:
         vec, smallest = min(vec, 2 * CUDA_VECTOR_BYTES), 2

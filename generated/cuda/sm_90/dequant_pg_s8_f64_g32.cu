@@ -8,7 +8,7 @@
  * layout:     C-contiguous [outer, axis]; scale and zero_point are [outer, axis / 32],
  *             so element e belongs to group e / 32.
  */
-/* schedule:   256 threads a block, grid-stride over vectors of 16 elements
+/* schedule:   256 threads a block, grid-stride over vectors of 2 elements
  *             (one group per vector, 128-bit accesses when every pointer is aligned),
  *             64-bit indices, no shared memory. */
 #include <stdint.h>
@@ -16,12 +16,12 @@
 namespace {
 
 constexpr int64_t GROUP_SIZE = 32;
-constexpr int VEC = 16;
+constexpr int VEC = 2;
 /* outer * axis is a multiple of GROUP_SIZE, hence of VEC: there is no partial vector. */
 static_assert(GROUP_SIZE % VEC == 0, "a vector must not straddle a group");
 
 /* One vector of each per-element array, aligned so that it moves in 128-bit accesses. */
-struct __align__(16) vec_q { int8_t v[VEC]; };
+struct __align__(2) vec_q { int8_t v[VEC]; };
 struct __align__(16) vec_y { double v[VEC]; };
 
 /* C(q - zero_point): the difference is exact in 64-bit integers; the conversion rounds it
@@ -43,7 +43,7 @@ dqgen_dequant_pg_s8_f64_g32(const int8_t *__restrict__ q, const double *__restri
     const int64_t stride = (int64_t)gridDim.x * blockDim.x;
     /* Wide accesses need every per-element pointer aligned to its access width; a view that
      * starts mid-vector takes the element-by-element loop (same math, same result). */
-    const bool aligned = ((reinterpret_cast<unsigned long long>(q) % 16u) | (reinterpret_cast<unsigned long long>(y) % 16u)) == 0;
+    const bool aligned = ((reinterpret_cast<unsigned long long>(q) % 2u) | (reinterpret_cast<unsigned long long>(y) % 16u)) == 0;
     if (aligned) {
         for (int64_t vec = first; vec < n_vec; vec += stride) {
             const int64_t e0 = vec * VEC;
