@@ -144,6 +144,9 @@ class Metadata(Mapping):
         value = self._values[key] = self._reader.value(field)
         return value
 
+    def __contains__(self, key) -> bool:  # without reading the value, as Mapping's would
+        return key in self._fields
+
     def __iter__(self):
         return iter(self._fields)
 

@@ -79,7 +79,7 @@ SCALAR_DTYPES = {ValueType.UINT8: np.dtype("u1"), ValueType.INT8: np.dtype("i1")
                  ValueType.FLOAT32: np.dtype("<f4"), ValueType.BOOL: np.dtype("?"),
                  ValueType.UINT64: np.dtype("<u8"), ValueType.INT64: np.dtype("<i8"),
                  ValueType.FLOAT64: np.dtype("<f8")}
-_SCALAR_STRUCTS = {t: struct.Struct("<" + d.char) for t, d in SCALAR_DTYPES.items()}
+_SCALAR_STRUCTS = {t: struct.Struct("<" + c) for t, c in zip(SCALAR_DTYPES, "BbHhIif?Qqd")}
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _ARRAY_HEAD = struct.Struct("<IQ")  # element type, element count
@@ -187,18 +187,20 @@ class _Walker:
 def _skip_strings(walker: _Walker, key: str, count: int) -> int:
     """Position past ``count`` length-prefixed strings: one read of each length (the hot
     loop of opening a file with a large vocabulary; ~50 ns a string)."""
-    buf, pos, limit = walker.buf, walker.pos, walker.size - 8
+    buf, pos, size = walker.buf, walker.pos, walker.size
+    limit = size - 8
     unpack = _U64.unpack_from
     for i in range(count):
-        if pos > limit:
+        if pos > limit:  # string i's length is cut short, or string i - 1 ran past the end
+            bad = i - 1 if pos > size else i
             break
         pos += 8 + unpack(buf, pos)[0]
     else:
-        if pos <= walker.size:
+        if pos <= size:
             return pos
-        i = count - 1
-    raise walker.fail(f"metadata {key!r}: string {i} of its {count} runs past the end of "
-                      f"the file at byte {walker.size} (truncated?)")
+        bad = count - 1
+    raise walker.fail(f"metadata {key!r}: string {bad} of its {count} runs past the end of "
+                      f"the file at byte {size} (truncated?)")
 
 
 def _decode(buf, start: int, n: int) -> str:
