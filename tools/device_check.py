@@ -52,7 +52,8 @@ EMULATION_TESTS = ("tests/test_cuda_kernels.py", "tests/test_cuda_infra.py", "te
                    "tests/test_floatzp_hqq_cuda.py")
 # The device tests: every kernel against its oracle (tests/test_cuda_gpu.py), and torch CUDA
 # tensors through the registered ops (dqgen.torch) against the same ops on the CPU.
-DEVICE_TESTS = ("tests/test_cuda_gpu.py", "tests/test_torch_ops.py::test_cuda_ops_match_cpu",
+DEVICE_TESTS = ("tests/test_cuda_gpu.py", "tests/test_interop_gpu.py",
+                "tests/test_torch_ops.py::test_cuda_ops_match_cpu",
                 "tests/test_torch_ops.py::test_cuda_format_ops_match_cpu")
 LIMITS_S = {"emulation": 120, "device": 150, "bench": 150}  # each step's own limit
 TOTAL_S = 400  # and all of them together (set-up included): under 7 minutes
