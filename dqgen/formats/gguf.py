@@ -3,7 +3,8 @@ dequantize one tensor at a time.
 
 dqgen reads the container itself (``gguf_reader``): the header and the tensor table at
 open, metadata values when asked for, so a file with a 262k-token vocabulary opens in
-milliseconds, and without llama.cpp's ``gguf`` package. What the tensor table says is
+milliseconds, and without llama.cpp's ``gguf`` package (kernels of the IQ1/IQ2/IQ3
+types still read their grids from it). What the tensor table says is
 checked here before any tensor is touched: every tensor's type is known, its rows hold
 whole blocks, and its bytes lie inside the file and before the next tensor's. So a
 damaged or truncated file fails naming the file, the tensor and its type, never with a
@@ -28,9 +29,6 @@ from ..errors import InvalidProblemError, UnsupportedError
 from ..ir import GGML_FLOAT_DTYPES, DType, parse_dtype
 from . import ggml
 from .gguf_reader import GGML_TYPES, GgufFileError, GGUFReader
-
-__all__ = ["GGUFFile", "GgufFileError", "Metadata", "TensorInfo", "block_size", "open",
-           "supported_types", "supports"]
 
 #: Float tensor types dequantize casts; numpy dtype of their values.
 FLOAT_TYPES = {"F32": DType.F32.np_dtype, "F16": DType.F16.np_dtype,
