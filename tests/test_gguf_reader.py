@@ -86,7 +86,8 @@ ALL_VALUES = [
     ("i16", V.INT16, None, -32768), ("u32", V.UINT32, None, 2**32 - 1),
     ("i32", V.INT32, None, -2**31), ("u64", V.UINT64, None, 2**64 - 1),
     ("i64", V.INT64, None, -2**63), ("f32", V.FLOAT32, None, 0.1), ("f64", V.FLOAT64, None, 0.1),
-    ("bool", V.BOOL, None, True), ("str", V.STRING, None, "é ✓ 😀"), ("empty", V.STRING, None, ""),
+    ("bool", V.BOOL, None, True), ("str", V.STRING, None, "é ✓ 😀"),
+    ("empty", V.STRING, None, ""),
     ("tokens", V.ARRAY, V.STRING, ["<s>", "", "é", "a" * 300]),
     ("scores", V.ARRAY, V.FLOAT32, [0.5, -1.25, 3e38]),
     ("types", V.ARRAY, V.INT32, [1, 2, 3]), ("flags", V.ARRAY, V.BOOL, [True, False]),
@@ -97,7 +98,8 @@ ALL_VALUES = [
 ALL_TENSORS = [("w.f32", "F32", (64, 3), 1), ("w.f16", "F16", (32,), 2),
                ("w.bf16", "BF16", (16, 2), 3), ("w.q8_0", "Q8_0", (64, 3, 2), 4),
                ("w.q4_k", "Q4_K", (256, 2), 5), ("w.i8", "I8", (8,), 6),
-               ("w.i32", "I32", (4, 2), 7), ("w.f64", "F64", (2,), 8), ("w.q1_0", "Q1_0", (128,), 9)]
+               ("w.i32", "I32", (4, 2), 7), ("w.f64", "F64", (2,), 8),
+               ("w.q1_0", "Q1_0", (128,), 9)]
 
 
 @pytest.fixture(scope="module")
@@ -311,7 +313,8 @@ LIES = {
                       r"metadata key 0 of 1 is not UTF-8"),
     "tensor name not utf-8": (build([], [text(b"\xc3") + struct.pack("<IQIQ", 1, 4, 0, 0)]),
                               r"the name of tensor 0 of 1 is not UTF-8"),
-    "bad magic": (b"GGML" + bytes(60), r"not a valid GGUF file: it starts with b'GGML', not b'GGUF'"),
+    "bad magic": (b"GGML" + bytes(60),
+                  r"not a valid GGUF file: it starts with b'GGML', not b'GGUF'"),
     "empty": (b"", r"not a valid GGUF file: the file is empty"),
     "header cut short": (b"GGUF\x03\0\0\0\0", r"the tensor count needs 8 bytes at byte 8 but "
                          r"the file ends at byte 9"),

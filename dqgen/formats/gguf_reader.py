@@ -173,8 +173,9 @@ class _Walker:
             raise self.fail(f"metadata {key!r} is an array of value type {element_type}, not "
                             f"one of GGUF's ({len(ValueType)} types, 0-{len(ValueType) - 1})")
         if count * least > self.size - self.pos:
-            raise self.fail(f"metadata {key!r} claims {count} elements ({_type_name(element_type)}) "
-                            f"but the file has room for at most {(self.size - self.pos) // least}")
+            raise self.fail(f"metadata {key!r} claims {count} elements "
+                            f"({_type_name(element_type)}) but the file has room for at most "
+                            f"{(self.size - self.pos) // least}")
         if scalar is not None:
             self.pos += count * least
         elif element_type == ValueType.STRING:
