@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -201,7 +202,8 @@ def run_pytest(python: Path, env: dict, files: tuple[str, ...], name: str, outdi
                limit: float) -> dict:
     """One pytest run: counts from its JUnit XML, the log in OUTDIR."""
     xml, log = outdir / f"{name}.xml", outdir / f"{name}.log"
-    args = [str(python), "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", f"--junitxml={xml}", *files]
+    args = [str(python), "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "-p", "no:benchmark",
+            f"--junitxml={xml}", *files]
     if _has_xdist(python, env):
         args += ["-n", str(min(8, os.cpu_count() or 1))]
     t0 = time.monotonic()
@@ -212,7 +214,8 @@ def run_pytest(python: Path, env: dict, files: tuple[str, ...], name: str, outdi
         text, status = f"{exc.stdout or ''}{exc.stderr or ''}\ntimed out after {limit:.0f} s", -1
     log.write_text(text if isinstance(text, str) else text.decode(errors="replace"))
     counts = _junit_counts(xml)
-    tail = [ln for ln in str(text).splitlines() if ln.strip()][-1:] or [""]
+    # pytest's own summary line (plugins may print after it)
+    tail = [ln for ln in str(text).splitlines() if re.search(r"\d+ (passed|failed|error)", ln)][-1:] or [""]
     return {"files": list(files), "status": status, "seconds": round(time.monotonic() - t0, 1),
             **counts, "summary": tail[0], "log": log.name}
 
