@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 
 from . import outputs, plans
-from .arrays import from_numpy_like, rows, to_numpy
+from .arrays import from_numpy_like, q_rows, rows, shape_of, to_numpy
 from .errors import InvalidProblemError, UnsupportedError
 from .ir import (DequantizePerGroupBackwardDescriptor, DequantizePerGroupDescriptor, DType,
                  FLOAT_DTYPES, INT_DTYPES, STORAGE_DTYPES, QuantizePerGroupBackwardDescriptor,
@@ -193,7 +193,7 @@ def dequantize_per_group(q, scale, zero_point, group_size: int, out=None, device
         int_dtype, name = _storage_argument(int_dtype, dtype, None)
     else:
         name = "int_dtype"
-    q2, s2 = rows(q, "q"), rows(scale, "scale")
+    (q2, int_dtype), s2 = q_rows(q, "q", int_dtype), rows(scale, "scale")
     desc = _descriptor(_dequantize_descriptor, q2.shape[0], q2.shape[1], group_size, s2.dtype,
                        q2.dtype, int_dtype, name)
     outer, axis = desc.outer, desc.axis
@@ -203,10 +203,12 @@ def dequantize_per_group(q, scale, zero_point, group_size: int, out=None, device
                                   or str(q2.dtype).removeprefix("torch.") == "uint8"):
             raise error
     plan = plans.DequantizePerGroupPlan.select(desc, device=_where(q2, device))
-    shape = (*np.shape(q)[:-1], axis)
+    shape = (*shape_of(q)[:-1], axis)
     y, user_out = _output(out, (outer, axis), desc.float_dtype.np_dtype, shape, like=q2)
     plan.run(plans.DequantizePerGroupArgs(q2, s2, _zero_point(zero_point), y),
-             stream=_stream(plan, q2))
+             stream=_stream(plan, q2),
+             caller={"input": ("q", q), "scale": ("scale", scale),
+                     "zero_point": ("zero_point", zero_point), "output": ("out", out)})
     return _finish(y, out, q, shape)
 
 
@@ -227,10 +229,12 @@ def quantize_per_group(x, scale, zero_point, group_size: int, int_dtype=None, q_
                        q_max, name)
     plan = plans.QuantizePerGroupPlan.select(desc, device=_where(x2, device))
     storage_shape = desc.int_dtype.storage_shape(outer, axis)
-    shape = (*np.shape(x)[:-1], storage_shape[1])
+    shape = (*shape_of(x)[:-1], storage_shape[1])
     q, _ = _output(out, storage_shape, desc.int_dtype.np_dtype, shape, like=x2)
     plan.run(plans.QuantizePerGroupArgs(x2, s2, _zero_point(zero_point), q),
-             stream=_stream(plan, x2))
+             stream=_stream(plan, x2),
+             caller={"input": ("x", x), "scale": ("scale", scale),
+                     "zero_point": ("zero_point", zero_point), "output": ("out", out)})
     return _finish(q, out, x, shape)
 
 
@@ -240,9 +244,10 @@ def dequantize_per_group_backward(dy, scale, group_size: int, out=None, device=N
     outer, axis = dy2.shape
     desc = _descriptor(_dequantize_backward_descriptor, outer, axis, group_size, dy2.dtype)
     plan = plans.DequantizePerGroupBackwardPlan.select(desc, device=_where(dy2, device))
-    dq, _ = _output(out, (outer, axis), desc.float_dtype.np_dtype, np.shape(dy), like=dy2)
-    plan.run(plans.DequantizePerGroupBackwardArgs(dy2, s2, dq), stream=_stream(plan, dy2))
-    return _finish(dq, out, dy, np.shape(dy))
+    dq, _ = _output(out, (outer, axis), desc.float_dtype.np_dtype, shape_of(dy), like=dy2)
+    plan.run(plans.DequantizePerGroupBackwardArgs(dy2, s2, dq), stream=_stream(plan, dy2),
+             caller={"d_output": ("dy", dy), "scale": ("scale", scale), "d_input": ("out", out)})
+    return _finish(dq, out, dy, shape_of(dy))
 
 
 def quantize_per_group_backward(dy, x, scale, zero_point, group_size: int, q_min: int,
@@ -253,10 +258,12 @@ def quantize_per_group_backward(dy, x, scale, zero_point, group_size: int, q_min
     desc = _descriptor(_quantize_backward_descriptor, outer, axis, group_size, dy2.dtype, q_min,
                        q_max)
     plan = plans.QuantizePerGroupBackwardPlan.select(desc, device=_where(dy2, device))
-    dx, _ = _output(out, (outer, axis), desc.float_dtype.np_dtype, np.shape(dy), like=dy2)
+    dx, _ = _output(out, (outer, axis), desc.float_dtype.np_dtype, shape_of(dy), like=dy2)
     plan.run(plans.QuantizePerGroupBackwardArgs(dy2, x2, s2, _zero_point(zero_point), dx),
-             stream=_stream(plan, dy2))
-    return _finish(dx, out, dy, np.shape(dy))
+             stream=_stream(plan, dy2),
+             caller={"d_output": ("dy", dy), "input": ("x", x), "scale": ("scale", scale),
+                     "zero_point": ("zero_point", zero_point), "d_input": ("out", out)})
+    return _finish(dx, out, dy, shape_of(dy))
 
 
 def _smallest_normal(float_dtype: DType) -> float:

@@ -304,6 +304,11 @@ def _aot(args: argparse.Namespace) -> int:
         return 0
     if args.jobs < 1:
         raise InvalidProblemError(f"--jobs={args.jobs} must be >= 1")
+    from .runtime.cpu import usable_cpus
+    if args.jobs > usable_cpus():  # each job is a compiler process: more only wait
+        print(f"dqgen aot: --jobs {args.jobs} lowered to {usable_cpus()}, the CPUs this "
+              "process may use", file=sys.stderr)
+        args.jobs = usable_cpus()
     start = time.perf_counter()
     progress = None if args.quiet else _Progress(sys.stderr)
     out, results = aot.build_bundle(requests, args.out, args.jobs, progress)
@@ -552,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep kernels whose URI (e.g. dequant_pg_s8_bf16_g128) matches "
                      "any GLOB")
     aot.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 1,
-                     help="parallel builds [default: CPU count]")
+                     help="parallel builds, at most the CPU count [default: CPU count]")
     aot.add_argument("--out", "-o", metavar="DIR", required=True,
                      help="the bundle directory (an existing bundle there is replaced)")
     aot.add_argument("--dry-run", action="store_true",
@@ -588,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert_p = sub.add_parser(
         "convert", help="dequantize every GPTQ/AWQ layer of a safetensors checkpoint into "
         "plain float weights, copying other tensors unchanged, or every tensor of a .gguf file",
-        description=convert.__doc__)
+        description=convert.DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     convert.add_arguments(convert_p)
     convert_p.set_defaults(func=convert.run)
 
@@ -619,6 +624,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"dqgen: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("dqgen: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -498,7 +498,7 @@ def _(qweight, qzeros, scales, dtype=torch.float16, group_size=None):
 
 
 @_op("ggml_dequantize")
-def ggml_dequantize(data: Tensor, qtype: str, dtype: torch.dtype = torch.float32) -> Tensor:
+def ggml_dequantize(data: Tensor, qtype: str, dtype: torch.dtype = torch.float16) -> Tensor:
     """GGML blocks (uint8 ``[..., row_bytes]``) of ``qtype`` (a name in
     ``dqgen.formats.ggml.TYPES``: "Q4_0", "Q4_K", ...) to
     ``[..., row_bytes / block_bytes * block_values]`` (``dqgen.formats.ggml.dequantize``)."""
@@ -506,7 +506,7 @@ def ggml_dequantize(data: Tensor, qtype: str, dtype: torch.dtype = torch.float32
 
 
 @ggml_dequantize.register_fake
-def _(data, qtype, dtype=torch.float32):
+def _(data, qtype, dtype=torch.float16):
     _rank(data, "data")
     out = _TORCH_DTYPE[parse_dtype(dtype, "dtype", FLOAT_DTYPES)]
     return _with_last(data, data.shape[-1] // ggml.block_bytes(qtype) * ggml.block_values(qtype),

@@ -237,3 +237,33 @@ def test_convert_without_jit_names_the_aot_command_for_autogptqs_rule(capsys, tm
     want = oracle.gptq_dequantize(qweight, qzeros, scales, None, 4, "gptq", np.float16, 32,
                                   "autogptq")
     assert np.array_equal(got.view(np.uint16), np.ascontiguousarray(want.T).view(np.uint16))
+
+
+def test_ctrl_c_in_any_command_is_one_line_and_exit_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+    parser = cli.build_parser()
+    args = parser.parse_args(["cache", "info"])
+    monkeypatch.setattr(cli, "build_parser", lambda: _Fixed(parser, args, interrupted))
+    assert cli.main(["cache", "info"]) == 130
+    err = capsys.readouterr().err
+    assert err == "dqgen: interrupted\n"
+
+
+class _Fixed:
+    """A parser that hands back ``args`` whose command raises."""
+
+    def __init__(self, parser, args, func):
+        self.parser, self.args = parser, args
+        self.args.func = func
+
+    def parse_args(self, argv):
+        return self.args
+
+
+def test_aot_jobs_are_bounded_by_the_cpus(tmp_path, capsys):
+    out = tmp_path / "bundle"
+    status = cli.main(["aot", "--op", "dequantize", "--int", "s8", "--float", "f32",
+                       "--group-size", "128", "-j", "100000", "-o", str(out), "-q"])
+    assert status == 0 and (out / "manifest.json").is_file()
+    assert "--jobs 100000 lowered to" in capsys.readouterr().err

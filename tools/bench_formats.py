@@ -102,11 +102,11 @@ def bench_ggml(repeat: int, stream: Stream) -> list[dict]:
         for name in ("Q4_0", "Q8_0"):
             qtype = getattr(gguf.GGMLQuantizationType, name)
             data = gguf.quants.quantize(x, qtype)
-            ours, theirs = ggml.dequantize(data, name), gguf.quants.dequantize(data, qtype)
+            ours, theirs = ggml.dequantize(data, name, "f32"), gguf.quants.dequantize(data, qtype)
             if not np.array_equal(ours.view(np.uint32), theirs.view(np.uint32)):
                 raise SystemExit(f"GGML {name}: dqgen and gguf disagree")
-            calls = _contenders(stream, lambda: ggml.dequantize(data, name),
-                                lambda out: ggml.dequantize(data, name, out=out), "gguf",
+            calls = _contenders(stream, lambda: ggml.dequantize(data, name, "f32"),
+                                lambda out: ggml.dequantize(data, name, "f32", out=out), "gguf",
                                 lambda: gguf.quants.dequantize(data, qtype), x.size, ours)
             times = interleaved(calls, repeat=repeat, warmup=1)
             rows.append(_row(f"GGML {name} {list(shape)} -> f32", times, "gguf"))

@@ -38,7 +38,7 @@ from .. import env
 from ..errors import InvalidProblemError, UnsupportedError
 from ..ir import GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS, GPTQ_V1_ZEROS
 from . import awq, gptq
-from .checkpoint import INDEX_NAME, NOT_COPIED, Checkpoint, open_checkpoint
+from .checkpoint import INDEX_NAME, NOT_COPIED, Checkpoint, open_checkpoint, v1_zeros_rule
 from .convert_output import Destination, kernel_jobs
 from .progress import Progress
 from .safetensors_io import DTYPES, PendingFile, Reader, Writer, parse_size, shard_paths
@@ -103,10 +103,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="GPTQ zero-point convention; default: the config's, else the "
                              "file's metadata 'checkpoint_format', else 'gptq' (v1, zeros "
                              "stored minus one)")
-    parser.add_argument("--v1-zeros", choices=GPTQ_V1_ZEROS, default=GPTQ_V1_ZEROS[0],
-                        help="how GPTQ v1 zeros decode: gptqmodel (word-wise, what GPTQModel "
-                             "and so transformers/optimum write and load; default), autogptq "
-                             "(AutoGPTQ's torch dequant) or exllama (exllama, vLLM kernels)")
+    parser.add_argument("--v1-zeros", choices=GPTQ_V1_ZEROS, default=None,
+                        help="how GPTQ v1 zeros decode: gptqmodel (word-wise: GPTQModel, and "
+                             "so transformers/optimum), autogptq (AutoGPTQ's qlinear_cuda_old) "
+                             "or exllama (AutoGPTQ's qlinear_cuda for act-order, exllama, "
+                             "vLLM); default: the loader of the checkpoint's producer, as its "
+                             "config says (GPTQModel's meta.quantizer, AutoGPTQ's "
+                             "quantize_config), else gptqmodel")
     parser.add_argument("--group-size", type=int, default=None,
                         help="group size; default: the config's, else inferred from the shapes")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
@@ -226,8 +229,14 @@ def settings(args, ckpt: Checkpoint, tensors: Tensors) -> Settings:
                                   f"{', '.join(GPTQ_CHECKPOINT_FORMATS)}")
     group = args.group_size if args.group_size is not None else q.group_size
     said_by = "--format" if args.format else f"{q.source}: quant_method"
+    v1_zeros = getattr(args, "v1_zeros", None)
+    if v1_zeros is None:  # the rule of the loader of the checkpoint's producer
+        v1_zeros, why = v1_zeros_rule(q, metadata)
+        if version == "gptq" and v1_zeros != GPTQ_V1_ZEROS[0]:
+            print(f"dqgen convert: GPTQ v1 zero points read with --v1-zeros {v1_zeros}: "
+                  f"{why}", file=sys.stderr)
     return Settings(args.format or q.method, said_by, args.bits or q.bits, version,
-                    getattr(args, "v1_zeros", GPTQ_V1_ZEROS[0]), group, args.dtype)
+                    v1_zeros, group, args.dtype)
 
 
 def _gptq_bits(tensors, parts: dict[str, str], requested) -> int:

@@ -107,7 +107,7 @@ def dequantize(q, scale, zero_point, group_size: int, int_dtype=None, q_min=None
     the current stream (``device``: where, when the arrays do not say it; default: where
     they live).
     """
-    q2 = arrays.rows(q, "q")
+    q2, int_dtype = arrays.q_rows(q, "q", int_dtype)  # ml_dtypes int4/uint4: s4/u4 values
     s2, float_dtype = _inputs.float_array(arrays.rows(scale, "scale"), "scale")
     group_size = check_int(group_size, "group_size", minimum=1, maximum=2**31 - 1)
     declared = None if int_dtype is None else parse_dtype(int_dtype, "int_dtype", STORAGE_DTYPES)
@@ -124,7 +124,9 @@ def dequantize(q, scale, zero_point, group_size: int, int_dtype=None, q_min=None
                                          q_min, q_max)
     shape = (*_inputs.shape_of(q)[:-1], axis)
     y, result = _inputs.output((rows, axis), float_dtype, q, out, result_shape=shape)
-    _inputs.run(FormatPlan, desc, {"q": q2, "scale": s2, "zero_point": z2, "y": y}, q, device)
+    _inputs.run(FormatPlan, desc, {"q": q2, "scale": s2, "zero_point": z2, "y": y}, q, device,
+                caller={"q": ("q", q), "scale": ("scale", scale),
+                        "zero_point": ("zero_point", zero_point)})
     return result() if out is not None else result().reshape(shape)
 
 
