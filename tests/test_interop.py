@@ -233,3 +233,24 @@ def test_ggml_dequantize_defaults_to_f16_like_gguf_files():
     got = ggml.dequantize(blocks, "Q8_0")
     assert got.dtype == np.float16 and got.shape == (2, 96)
     assert_bits_equal(got, ggml.dequantize(blocks, "Q8_0", dtype="f32").astype(np.float16))
+
+
+def test_format_plans_take_cpu_tensors_and_buffers_like_the_family_plans():
+    """One rule for every plan: a FormatPlan takes CPU torch tensors and buffers as the
+    family's plans do (views, never copies), and writes into a tensor output in place."""
+    torch = pytest.importorskip("torch")
+    from dqgen.formats import ggml
+    from dqgen.formats.plan import FormatPlan
+    from dqgen.ir import GgmlDequantizeDescriptor
+    blocks = np.zeros((2, 34), np.uint8)
+    blocks[:, 0:2] = np.frombuffer(np.float16(0.5).tobytes(), np.uint8)
+    blocks[:, 2:] = np.arange(32, dtype=np.int8).view(np.uint8)
+    plan = FormatPlan.select(GgmlDequantizeDescriptor(2, "Q8_0", "f32"))
+    out = torch.zeros((2, 32), dtype=torch.float32)
+    plan.run({"data": memoryview(blocks), "y": out})
+    assert torch.equal(out, torch.from_numpy(ggml.dequantize(blocks, "Q8_0", "f32")))
+    out2 = np.zeros((2, 32), np.float32)
+    plan.run({"data": torch.from_numpy(blocks), "y": out2})
+    assert np.array_equal(out2, out.numpy())
+    with pytest.raises(dqgen.UnsupportedError, match="data"):
+        plan.run({"data": [1, 2, 3], "y": out2})

@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from ..arguments import Argument
-from ..arrays import check_no_overlap
+from ..arrays import check_no_overlap, to_numpy
 from ..errors import InvalidProblemError, UnsupportedError
 from ..plans import Plan
 from ..runtime import cpu as cpu_runtime
@@ -92,12 +92,18 @@ class FormatPlan(Plan):
                 _device_group_range(arrays["g_idx"], view, self.descriptor.num_groups)
         return views
 
+    def _host_arrays(self, arrays: dict) -> dict:
+        """numpy views of a CPU plan's arrays (CPU torch tensors and buffers too, as every
+        plan takes them; never a copy)."""
+        self._check_names(arrays)
+        return {a.name: to_numpy(arrays[a.name], a.name) for a in self.arguments}
+
     def can_implement(self, arrays: dict) -> None:
         """Raise naming the first array that does not fit, or an output alias."""
         if self._ordinal is not None:
             self._device_views(arrays)
             return
-        self._check_names(arrays)
+        arrays = self._host_arrays(arrays)
         for arg in self.arguments:
             check_argument(arrays[arg.name], arg)
         if "g_idx" in arrays and any(a.name == "g_idx" for a in self.arguments):
@@ -120,6 +126,7 @@ class FormatPlan(Plan):
             return
         if stream is not None:
             raise UnsupportedError("stream= applies to CUDA plans; this plan runs on the CPU")
+        arrays = self._host_arrays(arrays)
         self.can_implement(arrays)
         runner = self._kernel.runner
         if all(math.prod(a.shape) for a in self.arguments if a.is_out):
