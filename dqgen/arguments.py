@@ -2,8 +2,8 @@
 
 Every plan (the family's and the formats', on the CPU and on CUDA) and ``dqgen verify``
 check and pass arguments in the order of ``spec.params``, with each array's dtype from
-its parameter; only an array's shape depends on the layout, and ``array_shape`` is the
-one table of those. Scalars are the descriptor's fields of the parameters' names
+its parameter; only an array's shape depends on the layout, which the format's kind
+(``layouts``) gives. Scalars are the descriptor's fields of the parameters' names
 (``outer``, ``axis``, ``q_min``, ``rows``, ``blocks``, ``shift``, ...).
 """
 
@@ -13,9 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UnsupportedError
-from .ir import (AwqDequantizeDescriptor, GgmlDequantizeDescriptor, GptqDequantizeDescriptor,
-                 PerGroupDescriptor)
+from .layouts import kind_of
 from .spec import KernelSpec, Param
 
 
@@ -30,22 +28,9 @@ class Argument:
 
 
 def array_shape(desc, param: Param) -> tuple[int, ...]:
-    """The exact shape of ``param``'s array for the problem ``desc`` describes."""
-    name = param.name
-    if isinstance(desc, PerGroupDescriptor):
-        if name in ("scale", "zero_point"):
-            return (desc.outer, desc.num_groups)
-        return param.dtype.storage_shape(desc.outer, desc.axis)  # packed q: axis / 2 bytes
-    if isinstance(desc, GgmlDequantizeDescriptor):
-        return {"data": (desc.blocks, desc.block_bytes), "y": (desc.blocks, desc.group_size)}[name]
-    if isinstance(desc, (GptqDequantizeDescriptor, AwqDequantizeDescriptor)):
-        k, n, groups = desc.rows, desc.cols, desc.num_groups
-        gptq = isinstance(desc, GptqDequantizeDescriptor)
-        per_word = 32 // desc.bits if gptq else 8  # GPTQ packs along K, AWQ along N
-        return {"qweight": (k // per_word, n) if gptq else (k, n // per_word),
-                "qzeros": (groups, n // per_word), "scales": (groups, n), "g_idx": (k,),
-                "y": (k, n)}[name]
-    raise UnsupportedError(f"{type(desc).__name__} has no argument shapes")
+    """The exact shape of ``param``'s array for the problem ``desc`` describes (its
+    format's answer)."""
+    return kind_of(desc).array_shape(desc, param)
 
 
 def arguments(desc, spec: KernelSpec) -> tuple[tuple[Argument, ...], tuple[int, ...]]:
@@ -60,8 +45,4 @@ def arguments(desc, spec: KernelSpec) -> tuple[tuple[Argument, ...], tuple[int, 
 
 def launch_elements(desc) -> int:
     """Values a CUDA launch covers (one thread each, grid-striding): the unpacked problem."""
-    if isinstance(desc, PerGroupDescriptor):
-        return desc.outer * desc.axis
-    if isinstance(desc, GgmlDequantizeDescriptor):
-        return desc.blocks * desc.group_size
-    return desc.rows * desc.cols
+    return kind_of(desc).launch_elements(desc)

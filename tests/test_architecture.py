@@ -147,6 +147,40 @@ def test_layering_check_sees_a_violation():
     assert layering_violations(graph) == ["dqgen.lower -> dqgen.formats.gptq"]
 
 
+def descriptor_class_tests(path: Path, names: set) -> list:
+    """``isinstance(x, <descriptor class>)`` and ``type(x) is/in ...`` over descriptor
+    classes in ``path``: what the format registry answers instead."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "isinstance":
+            classes = node.args[1:2]
+            if classes and isinstance(classes[0], ast.Tuple):
+                classes = classes[0].elts
+            hits = [c.id for c in classes if isinstance(c, ast.Name) and c.id in names]
+            if hits:
+                found.append(f"{path.name}:{node.lineno} isinstance(..., {', '.join(hits)})")
+    return found
+
+
+def test_no_chain_of_descriptor_classes_outside_the_registry():
+    """Formats are looked up in the registry (dqgen/layouts/), never told apart by class."""
+    import dqgen.ir as ir
+    names = {n for n in dir(ir) if n.endswith("Descriptor")}
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if "layouts" in path.relative_to(PACKAGE).parts or path.name == "ir.py":
+            continue
+        found += descriptor_class_tests(path, names)
+    assert not found, "descriptor classes told apart outside the registry:\n  " + "\n  ".join(found)
+
+
+def test_descriptor_class_check_sees_one(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f(d):\n    return isinstance(d, (GptqDequantizeDescriptor, int))\n")
+    assert descriptor_class_tests(probe, {"GptqDequantizeDescriptor"}) == [
+        "probe.py:2 isinstance(..., GptqDequantizeDescriptor)"]
+
+
 if __name__ == "__main__":
     g = import_graph()
     for c in cycles(g):
