@@ -658,7 +658,3 @@ class HqqDequantizeDescriptor(PerGroupDescriptor):
     @property
     def uri(self) -> str:
         return f"dequant_hqq{self.bits}_{self.float_dtype.value}_g{self.group_size}"
-
-FORMAT_DESCRIPTORS = (GptqDequantizeDescriptor, AwqDequantizeDescriptor,
-                      GgmlDequantizeDescriptor, DequantizeFloatZeroDescriptor,
-                      HqqDequantizeDescriptor)

@@ -70,7 +70,9 @@ class KernelSku:
                 f"key={self.cache_key[:16]} templates={self.template_hash[:12]} dqgen={self.__dict__['dqgen_version']}")
 
 
-@dataclass(frozen=True)
+# A plan's arguments: plain records (a frozen one costs three times as much to build,
+# and a plain function builds one every call).
+@dataclass
 class DequantizePerGroupArgs:
     input: Any
     scale: Any
@@ -78,7 +80,7 @@ class DequantizePerGroupArgs:
     output: Any
 
 
-@dataclass(frozen=True)
+@dataclass
 class QuantizePerGroupArgs:
     input: Any
     scale: Any
@@ -86,14 +88,14 @@ class QuantizePerGroupArgs:
     output: Any
 
 
-@dataclass(frozen=True)
+@dataclass
 class DequantizePerGroupBackwardArgs:
     d_output: Any
     scale: Any
     d_input: Any
 
 
-@dataclass(frozen=True)
+@dataclass
 class QuantizePerGroupBackwardArgs:
     d_output: Any
     input: Any
@@ -163,6 +165,18 @@ class Plan:
         self._ordinal = int(device[5:]) if device.startswith("cuda:") else None
         self.arguments, self._scalars = arguments(desc, kernel.spec)
         self._elements = launch_elements(desc)
+        names = self._argument_names()
+        # (name the caller's arguments use, numpy dtype, shape, is output) in the kernel's
+        # parameter order; the dtype object numpy arrays carry, so run() tests it by identity
+        self._layout = tuple((names[i], np.empty(0, a.dtype).dtype, a.shape, a.is_out)
+                             for i, a in enumerate(self.arguments))
+        self._out_index = next(i for i, item in enumerate(self._layout) if item[3])
+        self._in_indices = tuple(i for i, item in enumerate(self._layout) if not item[3])
+        self._pointers = None  # ArgumentPointers, made at the first CPU run
+
+    def _argument_names(self) -> list[str]:
+        """What the caller's arguments are called, in the kernel's parameter order."""
+        return [a.name for a in self.arguments]
 
     @classmethod
     def select(cls, desc, device: str = "cpu", preference: PlanPreference | None = None):
@@ -170,6 +184,67 @@ class Plan:
         CPU, or for ``cuda[:N]`` the cubin of that device's architecture (a repeated
         select returns the same plan)."""
         return memoized_select(cls, desc, device, preference)
+
+    def _launch_cpu(self, get, args, caller=None) -> None:
+        """Run the CPU kernel over the arrays ``get(args, name)`` gives, in kernel order;
+        the GIL is released.
+
+        The checks are ``can_implement``'s, written for the common case (numpy arrays that
+        fit, each owning its memory) so a reused plan costs a few microseconds; anything
+        else takes ``can_implement``, which raises naming the problem.
+        """
+        remembered = self._pointers
+        if remembered is None:
+            remembered = self._pointers = cpu_runtime.ArgumentPointers(self._kernel.runner,
+                                                                       len(self._layout))
+        slots = remembered.slots
+        pointers = []
+        arrays = []
+        i = 0
+        # Arrays whose memory belongs to distinct arrays (themselves, or the base of a view
+        # that owns its memory) cannot overlap; anything else (a view of a view, two views
+        # of one array, a repeated array) takes the exact overlap check.
+        all_own = True
+        owners = []
+        for name, dtype, shape, is_out in self._layout:
+            arr = get(args, name)
+            # carray: C-contiguous, aligned and writeable (a read-only input takes the
+            # full check, which accepts it)
+            if not (type(arr) is np.ndarray and arr.dtype is dtype and arr.shape == shape
+                    and (flags := arr.flags).carray):
+                self.can_implement(args, caller)
+                arr = to_numpy(arr, name)
+                flags = arr.flags
+            if flags.owndata:
+                owners.append(arr)
+            else:
+                base = arr.base
+                if type(base) is np.ndarray and base.flags.owndata:
+                    owners.append(base)
+                else:
+                    all_own = False
+            ref, pointer = slots[i]
+            if ref() is not arr:
+                pointer = remembered.remember(i, arr)
+            pointers.append(pointer)
+            arrays.append(arr)
+            i += 1
+        if all_own:
+            out = owners[self._out_index]
+            for i in self._in_indices:
+                if owners[i] is out:
+                    all_own = False
+        if not all_own:  # every array already checked above: only the overlap is left
+            self._check_overlap(arrays, caller)
+        if self._elements:
+            threads = 1 if cpu_runtime.forked_child else self._threads
+            self._kernel.runner.function(*pointers, *self._scalars, threads)
+
+    def _check_overlap(self, arrays: list, caller=None) -> None:
+        """The output must not share memory with an input (kernels are not in-place)."""
+        names = [item[0] for item in self._layout]
+        out = self._out_index
+        check_no_overlap(arrays[out], names[out], {names[i]: arrays[i] for i in self._in_indices})
 
     @classmethod
     def _build(cls, desc, device, preference):
@@ -222,17 +297,8 @@ class _PerGroupPlan(Plan):
     descriptor_type: ClassVar[type]
     args_type: ClassVar[type]
 
-    def __init__(self, desc, device: str, preference: PlanPreference, kernel: Kernel) -> None:
-        super().__init__(desc, device, preference, kernel)
-        # (args field, numpy dtype, shape, is output) in the kernel's parameter order.
-        arg_names = [f.name for f in fields(self.args_type)]
-        self._layout = tuple(
-            # the dtype object numpy arrays carry, so that run() can test it by identity
-            (arg_names[i], np.empty(0, a.dtype).dtype, a.shape, a.is_out)
-            for i, a in enumerate(self.arguments))
-        self._out_index = next(i for i, item in enumerate(self._layout) if item[3])
-        self._in_indices = tuple(i for i, item in enumerate(self._layout) if not item[3])
-        self._pointers = None  # ArgumentPointers, made at the first CPU run
+    def _argument_names(self) -> list[str]:
+        return [f.name for f in fields(self.args_type)]  # the dataclass follows the kernel
 
     @classmethod
     def select(cls, desc, device: str = "cpu", preference: PlanPreference | None = None):
@@ -331,46 +397,12 @@ class _PerGroupPlan(Plan):
             raise UnsupportedError("stream= applies to CUDA plans; this plan runs on the CPU")
         if type(args) is not self.args_type:
             self.can_implement(args, caller)
-        remembered = self._pointers
-        if remembered is None:
-            remembered = self._pointers = cpu_runtime.ArgumentPointers(self._kernel.runner,
-                                                                       len(self._layout))
-        slots = remembered.slots
-        pointers = []
-        arrays = []
-        i = 0
-        # Arrays that each own their memory and are distinct cannot overlap; anything
-        # else (views, a repeated array) takes can_implement's exact overlap check.
-        all_own = True
-        for name, dtype, shape, is_out in self._layout:
-            arr = getattr(args, name)
-            # carray: C-contiguous, aligned and writeable (a read-only input takes the
-            # full check, which accepts it)
-            if not (type(arr) is np.ndarray and arr.dtype is dtype and arr.shape == shape
-                    and (flags := arr.flags).carray):
-                self.can_implement(args, caller)
-                arr = to_numpy(arr, name)
-                flags = arr.flags
-            if not flags.owndata:
-                all_own = False
-            ref, pointer = slots[i]
-            if ref() is not arr:
-                pointer = remembered.remember(i, arr)
-            pointers.append(pointer)
-            arrays.append(arr)
-            i += 1
-        out = arrays[self._out_index]
-        if all_own:
-            for i in self._in_indices:
-                if arrays[i] is out:
-                    all_own = False
-        if not all_own:  # every array already checked above: only the overlap is left
-            names = [name for name, _ in self._terms(caller)]
-            check_no_overlap(out, names[self._out_index],
-                             {names[i]: arrays[i] for i in self._in_indices})
-        if self._elements:
-            threads = 1 if cpu_runtime.forked_child else self._threads
-            self._kernel.runner.function(*pointers, *self._scalars, threads)
+        self._launch_cpu(getattr, args, caller)
+
+    def _check_overlap(self, arrays: list, caller=None) -> None:
+        names = [name for name, _ in self._terms(caller)]
+        out = self._out_index
+        check_no_overlap(arrays[out], names[out], {names[i]: arrays[i] for i in self._in_indices})
 
 
 class DequantizePerGroupPlan(_PerGroupPlan):

@@ -59,9 +59,9 @@ def host(arr) -> np.ndarray:
     return cuda_runtime.copy_to_host(cuda_runtime.device_pointer(arr))
 
 
-def run(plan_type, desc, arrays: dict, like, device, caller: dict | None = None) -> None:
-    """Select ``desc``'s plan where ``like`` lives (``device``, when given, decides) and
-    run it there: on a CUDA device, on the caller's current stream.
+def run(plan_type, desc, arrays: dict, like, device, caller: dict | None = None):
+    """Select ``desc``'s plan where ``like`` lives (``device``, when given, decides), run
+    it there (on a CUDA device, on the caller's current stream) and return it.
 
     ``caller``: ``{kernel argument: (the caller's name, the object the caller passed or
     None)}`` for arguments the caller knows by another name or shape (the kernel's ``y`` is
@@ -79,6 +79,7 @@ def run(plan_type, desc, arrays: dict, like, device, caller: dict | None = None)
         if isinstance(arrays, dict):
             check_in_callers_terms(plan, arrays, {"y": ("out", None), **(caller or {})})
         raise
+    return plan
 
 
 def check_in_callers_terms(plan, arrays: dict, caller: dict) -> None:

@@ -10,7 +10,7 @@ differs is only how arrays come in (a dict by name) and the GPTQ ``g_idx`` range
 
 from __future__ import annotations
 
-import math
+import operator
 
 import numpy as np
 
@@ -18,7 +18,6 @@ from ..arguments import Argument
 from ..arrays import check_no_overlap, to_numpy
 from ..errors import InvalidProblemError, UnsupportedError
 from ..plans import Plan
-from ..runtime import cpu as cpu_runtime
 from ..runtime import cuda as cuda_runtime
 
 
@@ -65,6 +64,10 @@ class FormatPlan(Plan):
     """A checkpoint-layout kernel, selected once (built or loaded) and run many times,
     its arrays passed as a dict by argument name."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._checks_g_idx = any(a.name == "g_idx" for a in self.arguments)
+
     def _check_names(self, arrays: dict) -> None:
         if not isinstance(arrays, dict):
             raise UnsupportedError(f"{type(self).__name__} takes a dict of arrays by argument "
@@ -98,7 +101,7 @@ class FormatPlan(Plan):
         self._check_names(arrays)
         return {a.name: to_numpy(arrays[a.name], a.name) for a in self.arguments}
 
-    def can_implement(self, arrays: dict) -> None:
+    def can_implement(self, arrays: dict, caller=None) -> None:
         """Raise naming the first array that does not fit, or an output alias."""
         if self._ordinal is not None:
             self._device_views(arrays)
@@ -126,13 +129,11 @@ class FormatPlan(Plan):
             return
         if stream is not None:
             raise UnsupportedError("stream= applies to CUDA plans; this plan runs on the CPU")
-        arrays = self._host_arrays(arrays)
-        self.can_implement(arrays)
-        runner = self._kernel.runner
-        if all(math.prod(a.shape) for a in self.arguments if a.is_out):
-            threads = 1 if cpu_runtime.forked_child else self._threads
-            runner.function(*[runner.pointer(arrays[a.name]) for a in self.arguments],
-                            *self._scalars, threads)
+        if type(arrays) is not dict or len(arrays) != len(self._layout):
+            self.can_implement(arrays)  # names what is missing or what is not a dict
+        if self._checks_g_idx:  # the kernel indexes by its values: checked every call
+            _check_group_range(to_numpy(arrays["g_idx"], "g_idx"), self.descriptor.num_groups)
+        self._launch_cpu(operator.getitem, arrays)
 
     def _sku_op(self) -> str:
         s = self._kernel.spec
