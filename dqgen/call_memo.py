@@ -14,8 +14,6 @@ its full path, which names the problem in the caller's terms.
 
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
 
 #: Signatures remembered per function: enough for a model's layer shapes, bounded.
@@ -61,27 +59,3 @@ class CallMemo:
         except TypeError:  # an unhashable argument: such calls are never remembered
             pass
 
-
-#: Views of arrays up to this size are kept between calls (``Views``); larger ones are
-#: made anew, so the memo never keeps a large array alive.
-VIEW_MAX_BYTES = 64 << 10
-
-
-class Views:
-    """The kernel's view (another shape of the same memory) of the array last passed in
-    each place: a loop over the same small arrays makes each view once, and the plan then
-    sees the same object and keeps its exported pointer."""
-
-    def __init__(self, places: int) -> None:
-        self._last = [(None, None)] * places
-
-    def view(self, place: int, arr: np.ndarray, shape: tuple) -> np.ndarray:
-        if arr.shape == shape:
-            return arr
-        ref, view = self._last[place]
-        if ref is not None and ref() is arr:
-            return view
-        view = arr.reshape(shape)
-        if arr.nbytes <= VIEW_MAX_BYTES:
-            self._last[place] = (weakref.ref(arr), view)
-        return view

@@ -55,12 +55,14 @@ def main() -> int:
     block = np.zeros(34, np.uint8)
     block[:2] = np.frombuffer(np.float16(0.5).tobytes(), np.uint8)
     block_out = np.empty(32, np.float32)
+    row, row_out = block.reshape(1, 34).copy(), np.empty((1, 32), np.float32)
     cases = {
         "plan.run, [1, 128] s8->f32": lambda: plan.run(run_args),
         "dequantize_per_group, out=": lambda: dqgen.dequantize_per_group(q, scale, zp, 128, out=out),
         "dequantize_per_group": lambda: dqgen.dequantize_per_group(q, scale, zp, 128),
-        "ggml.dequantize Q8_0 block, out=": lambda: ggml.dequantize(block, "Q8_0", "f32", out=block_out),
-        "ggml.dequantize Q8_0 block": lambda: ggml.dequantize(block, "Q8_0", "f32"),
+        "ggml.dequantize Q8_0 [34], out=": lambda: ggml.dequantize(block, "Q8_0", "f32", out=block_out),
+        "ggml.dequantize Q8_0 [1, 34], out=": lambda: ggml.dequantize(row, "Q8_0", "f32", out=row_out),
+        "ggml.dequantize Q8_0 [34]": lambda: ggml.dequantize(block, "Q8_0", "f32"),
     }
     times = {name: per_call_us(fn, args.calls, args.repeat) for name, fn in cases.items()}
     base = times["plan.run, [1, 128] s8->f32"]

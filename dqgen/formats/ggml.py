@@ -75,11 +75,11 @@ def dequantize(data, qtype, dtype="f16", device=None, out=None):
     key = call_memo.signature((data, out), (qtype, dtype, device))
     known = _CALLS.get(key)
     if known is not None:
-        plan, flat_shape, y_shape, result_shape, out_dtype, views = known
+        plan, flat_shape, y_shape, result_shape, out_dtype = known
         result = out if out is not None else outputs.empty(result_shape, out_dtype)
         try:
-            plan.run({"data": views.view(0, data, flat_shape),
-                      "y": views.view(1, result, y_shape)})
+            plan.run({"data": data if data.shape == flat_shape else data.reshape(flat_shape),
+                      "y": result if result.shape == y_shape else result.reshape(y_shape)})
             return result
         except DqgenError:
             pass  # not as remembered (strides, alignment, overlap): the full path says why
@@ -99,6 +99,5 @@ def dequantize(data, qtype, dtype="f16", device=None, out=None):
     y, result = _inputs.output((blocks, bv), out_dtype, data, out, result_shape=shape)
     plan = _inputs.run(FormatPlan, desc, {"data": flat, "y": y}, data, device)
     if plan.device == "cpu" and raw is data and (out is None or out.shape == shape):
-        _CALLS.remember(key, (plan, flat.shape, y.shape, shape, y.dtype,  # nothing converted
-                              call_memo.Views(2)))
+        _CALLS.remember(key, (plan, flat.shape, y.shape, shape, y.dtype))  # nothing converted
     return result() if out is not None else result().reshape(shape)
