@@ -248,6 +248,20 @@ def resolve_q_range(q_min: Any, q_max: Any, lo: int, hi: int, storage: str) -> t
     return q_min, q_max
 
 
+def byte_storage_for(q_min: Any, q_max: Any) -> str:
+    """The one-byte storage (s8, else u8) that holds ``[q_min, q_max]``: what a fake
+    quantize over that range stores its values in."""
+    q_min = check_int(q_min, "q_min", minimum=-2**63)
+    q_max = check_int(q_max, "q_max", minimum=-2**63)
+    for storage in INT_DTYPES:
+        lo, hi = storage.int_range
+        if lo <= q_min and q_max <= hi:
+            resolve_q_range(q_min, q_max, lo, hi, storage.value)  # q_min <= q_max
+            return storage.value
+    raise InvalidProblemError(f"q_min={q_min}, q_max={q_max}: the range must lie inside s8 "
+                              "[-128, 127] or u8 [0, 255]")
+
+
 @dataclass(frozen=True)
 class _RangedDescriptor(PerGroupDescriptor):
     """A per-group problem with a storage range: ``q_min``/``q_max`` default to the int

@@ -13,7 +13,6 @@ enumerates.
 from __future__ import annotations
 
 import fnmatch
-import itertools
 import json
 import re
 import tomllib

@@ -39,7 +39,7 @@ except ImportError as exc:  # dqgen itself needs no torch; only this module does
 from dqgen import api
 from dqgen.errors import InvalidProblemError, UnsupportedError
 from dqgen.formats import awq, floatzp, ggml, gptq, hqq, packed
-from dqgen.ir import (FLOAT_DTYPES, GPTQ_BITS, GPTQ_V1_ZEROS, HQQ_BITS, INT_DTYPES,
+from dqgen.ir import (FLOAT_DTYPES, byte_storage_for, GPTQ_BITS, GPTQ_V1_ZEROS, HQQ_BITS, INT_DTYPES,
                       PACKED_DTYPES, STORAGE_DTYPES, DType, check_int, parse_dtype,
                       resolve_q_range)
 
@@ -327,19 +327,6 @@ quantize_per_group_backward.register_autograd(_quantize_backward_grad,
 
 # --------------------------------------------------------------------------- fake quantize
 
-def _fake_quant_storage(q_min: int, q_max: int) -> str:
-    """The narrowest storage holding ``[q_min, q_max]``: s8, else u8."""
-    q_min = check_int(q_min, "q_min", minimum=-2**63)
-    q_max = check_int(q_max, "q_max", minimum=-2**63)
-    for storage in INT_DTYPES:
-        lo, hi = storage.int_range
-        if lo <= q_min and q_max <= hi:
-            resolve_q_range(q_min, q_max, lo, hi, storage.value)  # q_min <= q_max
-            return storage.value
-    raise InvalidProblemError(f"q_min={q_min}, q_max={q_max}: the range must lie inside s8 "
-                              "[-128, 127] or u8 [0, 255]")
-
-
 @_op("fake_quantize_per_group")
 def fake_quantize_per_group(x: Tensor, scale: Tensor, zero_point: Tensor, group_size: int,
                             q_min: int, q_max: int) -> Tensor:
@@ -365,7 +352,7 @@ def fake_quantize_per_group(x: Tensor, scale: Tensor, zero_point: Tensor, group_
     """
     if zero_point.is_floating_point():
         return floatzp.fake_quantize(x, scale, zero_point, group_size, q_min, q_max)
-    storage = _fake_quant_storage(q_min, q_max)
+    storage = byte_storage_for(q_min, q_max)
     q = api.quantize_per_group(x, scale, zero_point, group_size, dtype=storage, q_min=q_min,
                                q_max=q_max)
     return api.dequantize_per_group(q, scale, zero_point, group_size)
@@ -375,7 +362,7 @@ def fake_quantize_per_group(x: Tensor, scale: Tensor, zero_point: Tensor, group_
 def _(x, scale, zero_point, group_size, q_min, q_max):
     _rank(x, "x")
     _float(x, "x")
-    _fake_quant_storage(q_min, q_max)
+    byte_storage_for(q_min, q_max)
     if zero_point.is_floating_point():
         _float_zero_params(x, scale, zero_point, group_size)
         return x.new_empty(x.shape)

@@ -22,8 +22,8 @@ import numpy as np
 
 from .. import api, arrays
 from ..errors import InvalidProblemError
-from ..ir import (FLOAT_DTYPES, INT_DTYPES, STORAGE_DTYPES, DequantizeFloatZeroDescriptor, DType, check_int,
-                  parse_dtype, resolve_q_range)
+from ..ir import (FLOAT_DTYPES, INT_DTYPES, STORAGE_DTYPES, DequantizeFloatZeroDescriptor, DType,
+                  byte_storage_for, check_int, parse_dtype, resolve_q_range)
 from ..runtime import cuda as cuda_runtime
 from . import _inputs
 from .plan import FormatPlan
@@ -242,7 +242,7 @@ def fake_quantize(x, scale, zero_point, group_size: int, q_min: int, q_max: int)
     Three steps: torchao's float quotient (``quotient``), the family's quantize kernel
     (round and clamp, unit scales) and the float-zero dequantize kernel.
     """
-    storage = _fake_storage(q_min, q_max)
+    storage = byte_storage_for(q_min, q_max)
     group_size = check_int(group_size, "group_size", minimum=1, maximum=2**31 - 1)
     check_params(x, scale, zero_point, group_size)
     t = quotient(x, scale, zero_point, group_size, q_min, q_max)
@@ -254,14 +254,3 @@ def fake_quantize(x, scale, zero_point, group_size: int, q_min: int, q_max: int)
     return _nan_where(t, y)
 
 
-def _fake_storage(q_min, q_max) -> str:
-    """The one-byte storage (s8, else u8) holding ``[q_min, q_max]``."""
-    q_min = check_int(q_min, "q_min", minimum=-2**63)
-    q_max = check_int(q_max, "q_max", minimum=-2**63)
-    for storage in INT_DTYPES:
-        lo, hi = storage.int_range
-        if lo <= q_min and q_max <= hi:
-            resolve_q_range(q_min, q_max, lo, hi, storage.value)  # q_min <= q_max
-            return storage.value
-    raise InvalidProblemError(f"q_min={q_min}, q_max={q_max}: the range must lie inside s8 "
-                              "[-128, 127] or u8 [0, 255]")
