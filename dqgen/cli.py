@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .layouts import kinds
 from .version import __version__
 
 
@@ -83,15 +84,8 @@ def _demo(args: argparse.Namespace) -> int:
 # --- emit ---------------------------------------------------------------------------
 
 # The selection flags each format op's kernels take (besides --float, --target, --arch
-# and --filter), as ``dqgen aot`` spells them; a flag an op does not take is refused.
-EMIT_FORMAT_FLAGS = {
-    "gptq": ("group_size", "bits", "checkpoint_format", "act_order", "scale", "v1_zeros"),
-    "awq": ("group_size", "scale"),
-    "ggml": ("ggml_type",),
-    "packed": ("int", "group_size"),
-    "floatzp": ("int", "group_size", "q_min", "q_max"),
-    "hqq": ("group_size", "bits"),
-}
+# and --filter), as its kind in layouts/ names them; a flag an op does not take is refused.
+EMIT_FORMAT_FLAGS = {op: keys for kind in kinds() for op, keys in kind.aot_keys.items()}
 _FORMAT_FLAG_KEYS = ("int", "group_size", "bits", "checkpoint_format", "act_order", "scale",
                      "v1_zeros", "ggml_type", "q_min", "q_max")
 # A request's fields and knobs, and the flag that chooses each (for "name one kernel").

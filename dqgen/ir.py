@@ -433,7 +433,7 @@ def ggml_type_name(layout: Layout) -> str:
 
 
 @dataclass(frozen=True)
-class _FormatDescriptor:
+class FormatDescriptor:
     """Shared by the checkpoint-format descriptors: dtype parsing, identities.
 
     Fields named ``*dtype`` are parsed as float dtypes (the allowed set per class in
@@ -474,7 +474,7 @@ class _FormatDescriptor:
 
 
 @dataclass(frozen=True)
-class _MatrixDescriptor(_FormatDescriptor):
+class _MatrixDescriptor(FormatDescriptor):
     """A ``[rows=K, cols=N]`` weight of int32-packed values, grouped along K."""
 
     rows: int
@@ -565,7 +565,7 @@ class AwqDequantizeDescriptor(_MatrixDescriptor):
 
 
 @dataclass(frozen=True)
-class GgmlDequantizeDescriptor(_FormatDescriptor):
+class GgmlDequantizeDescriptor(FormatDescriptor):
     """``blocks`` GGML blocks of one ``qtype`` (any of ``GGML_BLOCK_BYTES``) -> floats."""
 
     blocks: int

@@ -28,6 +28,7 @@ class AwqKind(MatrixKind):
     formula = "W[k, n] = F(C(q[k, n] - z[k / G, n]) * C(scales[k / G, n]))"
 
     aot_defaults = {"awq": {"float": ("f16", "bf16")}}
+    aot_keys = {"awq": ("group_size", "scale")}
 
     def aot_candidates(self, op, value):
         for s, f, g in itertools.product(value("scale"), value("float"), value("group_size")):

@@ -71,6 +71,7 @@ class PerGroupKind(FormatKind):
     aot_ops = (*OPS, "packed")
 
     aot_defaults = {"packed": {"int": ("u4", "s4")}}
+    aot_keys = {"packed": ("int", "group_size")}
 
     def lower(self, desc, target, arch, storage):
         return lower_per_group(desc, target, arch, storage)

@@ -17,6 +17,7 @@ class FloatZeroKind(PerGroupKind):
     descriptors = (DequantizeFloatZeroDescriptor,)
     aot_ops = ("floatzp",)
     aot_defaults = {"floatzp": {"int": ("u4", "u8"), "float": ("f16", "bf16")}}
+    aot_keys = {"floatzp": ("int", "group_size", "q_min", "q_max")}
 
     def aot_candidates(self, op, value):
         for i, f, g, lo, hi in itertools.product(value("int"), value("float"),

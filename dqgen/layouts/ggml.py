@@ -27,6 +27,7 @@ class GgmlKind(FormatKind):
     descriptors = (GgmlDequantizeDescriptor,)
     aot_ops = ("ggml",)
     aot_defaults = {"ggml": {"float": ("f32", "f16", "bf16")}}
+    aot_keys = {"ggml": ("ggml_type",)}
 
     def aot_candidates(self, op, value):
         for qt, f in itertools.product(value("ggml_type"), value("float")):

@@ -49,6 +49,8 @@ class GptqKind(MatrixKind):
     formula = "W[k, n] = F(C(q[k, n] - z[g, n]) * C(scales[g, n])), g = g_idx[k] (default k / G)"
 
     aot_defaults = {"gptq": {"float": ("f16", "bf16")}}
+    aot_keys = {"gptq": ("group_size", "bits", "checkpoint_format", "act_order", "scale",
+                         "v1_zeros")}
 
     def aot_candidates(self, op, value):
         # a v2 kernel takes no v1 rule: each names the same kernel

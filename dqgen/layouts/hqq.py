@@ -21,6 +21,7 @@ class HqqKind(PerGroupKind):
     # HQQLinear's defaults: groups of 64; an axis=0 layer (a column a group) runs the
     # group-size-1 kernel (--group-size 1)
     aot_defaults = {"hqq": {"float": ("f16", "bf16"), "group_size": (64,)}}
+    aot_keys = {"hqq": ("group_size", "bits")}
 
     def aot_candidates(self, op, value):
         for b, f, g in itertools.product(value("bits"), value("float"), value("group_size")):

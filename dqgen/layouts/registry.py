@@ -52,6 +52,9 @@ class FormatKind:
     #: Defaults of the shared selection keys for this kind's ops where the global ones do
     #: not fit: ``{op: {key: values}}``.
     aot_defaults: dict = {}
+    #: The selection keys (``dqgen aot``/``emit`` flags) each of this kind's ops takes
+    #: beyond ``float`` and ``target``: ``{op: keys}``.
+    aot_keys: dict = {}
 
     def aot_candidates(self, op: str, value: Callable[[str], list]) -> Iterable[Callable]:
         """Makers (no-argument callables) of every descriptor ``op`` names for a selection
