@@ -376,6 +376,7 @@ class Layout(enum.Enum):
     GGML_F32 = "ggml_f32"    # float tensors, passed through (one value a "block")
     GGML_F16 = "ggml_f16"
     GGML_BF16 = "ggml_bf16"
+    MLX = "mlx"              # MLX affine: a bit stream of b-bit values a row, scales and biases
 
 
 #: Bytes and values of one GGML block, by layout (gguf's GGML_QUANT_SIZES).
