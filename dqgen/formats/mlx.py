@@ -3,8 +3,6 @@ along a row, bit for bit what ``mlx.core.dequantize`` returns (FORMATS.md)."""
 
 from __future__ import annotations
 
-import math
-
 from ..arrays import rows, shape_of
 from ..errors import InvalidProblemError
 from ..layouts.mlx import MLX_BITS, MlxDequantizeDescriptor
@@ -51,7 +49,3 @@ def dequantize(w_q, scales, biases, group_size: int = 64, bits: int = 4, device=
                 caller={"q": ("w_q", w_q)})
     return result() if out is not None else result().reshape(shape)
 
-
-def values_per_row(words: int, bits: int) -> int:
-    """The values a row of ``words`` uint32 words holds at ``bits`` bits."""
-    return math.floor(words * 32 / bits)
