@@ -169,3 +169,73 @@ def test_oracle_catches_a_broken_formula(monkeypatch):
         b = np.repeat(arrays["biases"].astype(np.float32), desc.group_size, axis=1)
         return (q * s + b).astype(np.float16)
     assert not np.array_equal(fused(desc, arrays).view(np.uint16), good.view(np.uint16))
+
+
+def _mlx_checkpoint(path, dtype=None):
+    """A small mlx_lm-style checkpoint in two shards: three quantized linears (one with its
+    own bits and group size in the config), a float norm and a float layer the config
+    leaves unquantized (false)."""
+    dtype = dtype or mx.bfloat16
+    rng = np.random.default_rng(21)
+    path.mkdir()
+    weights = {}
+    for name, shape, bits, group in (("model.layers.0.self_attn.q_proj", (64, 256), 4, 64),
+                                     ("model.layers.0.mlp.down_proj", (32, 512), 3, 32),
+                                     ("lm_head", (48, 128), 6, 64)):
+        w = mx.array(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
+        q, s, b = mx.quantize(w, group_size=group, bits=bits)
+        weights.update({f"{name}.weight": q, f"{name}.scales": s, f"{name}.biases": b})
+    weights["model.norm.weight"] = mx.array(rng.standard_normal(64).astype(np.float32)).astype(dtype)
+    weights["model.layers.0.mlp.gate.weight"] = mx.zeros((8, 64), dtype=dtype)
+    names = sorted(weights)
+    mx.save_safetensors(str(path / "model-00001-of-00002.safetensors"),
+                        {n: weights[n] for n in names[:4]})
+    mx.save_safetensors(str(path / "model-00002-of-00002.safetensors"),
+                        {n: weights[n] for n in names[4:]})
+    index = {"metadata": {}, "weight_map": {n: f"model-0000{1 + (i >= 4)}-of-00002.safetensors"
+                                            for i, n in enumerate(names)}}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    quantization = {"group_size": 64, "bits": 4,
+                    "model.layers.0.mlp.down_proj": {"group_size": 32, "bits": 3},
+                    "lm_head": {"group_size": 64, "bits": 6},
+                    "model.layers.0.mlp.gate": False}
+    config = {"model_type": "llama", "quantization": quantization,
+              "quantization_config": quantization}
+    (path / "config.json").write_text(json.dumps(config))
+    return weights
+
+
+def test_convert_reads_an_mlx_lm_checkpoint_with_no_flags(tmp_path):
+    """Per-layer bits and group sizes from the config, every quantized weight equal to
+    mlx.core.dequantize, the other tensors copied, the config's quantization dropped."""
+    safetensors = pytest.importorskip("safetensors.numpy")
+    weights = _mlx_checkpoint(tmp_path / "in")
+    out = tmp_path / "out"
+    assert cli.main(["convert", str(tmp_path / "in"), str(out), "--dtype", "bf16", "--quiet"]) == 0
+    got = {}
+    for shard in sorted(out.glob("*.safetensors")):
+        got.update(safetensors.load_file(str(shard)))
+    for name, bits, group in (("model.layers.0.self_attn.q_proj", 4, 64),
+                              ("model.layers.0.mlp.down_proj", 3, 32), ("lm_head", 6, 64)):
+        want = mx.dequantize(weights[f"{name}.weight"], weights[f"{name}.scales"],
+                             weights[f"{name}.biases"], group_size=group, bits=bits)
+        want = np.array(want.astype(mx.float32))
+        assert np.array_equal(got[f"{name}.weight"].astype(np.float32), want), name
+        assert f"{name}.scales" not in got and f"{name}.biases" not in got
+    assert got["model.layers.0.mlp.gate.weight"].shape == (8, 64)
+    assert np.array_equal(got["model.norm.weight"].astype(np.float32),
+                          np.array(weights["model.norm.weight"].astype(mx.float32)))
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization" not in config and "quantization_config" not in config
+    assert config["torch_dtype"] == "bfloat16"
+
+
+def test_convert_names_a_bad_mlx_config(tmp_path, capsys):
+    _mlx_checkpoint(tmp_path / "in")
+    config = json.loads((tmp_path / "in" / "config.json").read_text())
+    config["quantization"]["lm_head"] = {"group_size": 64, "bits": 7}
+    (tmp_path / "in" / "config.json").write_text(json.dumps(config))
+    assert cli.main(["convert", str(tmp_path / "in"), str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "config.json quantization: lm_head has bits=7" in err
+    assert not (tmp_path / "out").exists()

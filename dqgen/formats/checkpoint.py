@@ -40,7 +40,7 @@ class QuantConfig:
     """What a checkpoint's config says (None: not said)."""
 
     source: str | None = None          # the file it came from
-    method: str | None = None          # "gptq" | "awq"
+    method: str | None = None          # "gptq" | "awq" | "mlx"
     bits: int | None = None
     group_size: int | None = None      # None: inferred from the shapes
     checkpoint_format: str | None = None
@@ -199,12 +199,45 @@ def v1_zeros_rule(quant: QuantConfig, metadata: dict | None = None) -> tuple[str
     return GPTQ_V1_ZEROS[0], "the default (GPTQModel's and transformers' reading)"
 
 
+MLX_BITS = (2, 3, 4, 5, 6, 8)
+
+
+def parse_mlx_quantization(quant: dict, where: str) -> QuantConfig:
+    """mlx_lm's ``quantization`` object: the default ``group_size`` and ``bits``, and an
+    entry per layer that differs (its module path -> ``{group_size, bits}``, or false for
+    a layer left in floats), kept in ``extra["layers"]`` as path -> (bits, group_size)."""
+    mode = quant.get("mode", "affine")
+    if mode != "affine":
+        raise UnsupportedError(f"{where}: MLX mode={mode!r} is not one dqgen reads (affine)")
+    bits = _int(quant.get("bits"), "bits", where)
+    group = _int(quant.get("group_size"), "group_size", where)
+    if bits is None or group is None:
+        raise InvalidProblemError(f"{where}: MLX quantization needs group_size and bits")
+    layers = {}
+    for key, value in quant.items():
+        if key in ("group_size", "bits", "mode", "quant_method") or value is False:
+            continue
+        if not isinstance(value, dict):
+            raise InvalidProblemError(f"{where}: {key}={value!r}: a layer's entry is "
+                                      "{group_size, bits} or false")
+        layers[key] = (_int(value.get("bits", bits), f"{key}.bits", where),
+                       _int(value.get("group_size", group), f"{key}.group_size", where))
+    for key, (b, _) in [("bits", (bits, group)), *layers.items()]:
+        if b not in MLX_BITS:
+            raise UnsupportedError(f"{where}: {key} has bits={b}; MLX writes "
+                                   f"{', '.join(map(str, MLX_BITS))}")
+    return QuantConfig(where, "mlx", bits, group, extra={"layers": layers})
+
+
 def read_quant_config(directory: Path) -> tuple[QuantConfig, dict | None]:
     """The quantization config in ``directory`` and its ``config.json`` (or None)."""
     config = None
     path = directory / "config.json"
     if path.is_file():
         config = _read_json(path)
+        mlx = config.get("quantization")  # mlx_lm's (its quantization_config repeats it)
+        if isinstance(mlx, dict):
+            return parse_mlx_quantization(mlx, f"{path} quantization"), config
         quant = config.get("quantization_config")
         if isinstance(quant, dict):
             return parse_quant_config(quant, f"{path} quantization_config"), config

@@ -32,13 +32,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 from .. import env
 from ..errors import InvalidProblemError, UnsupportedError
 from ..ir import GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS, GPTQ_V1_ZEROS
-from . import awq, gptq
-from .checkpoint import INDEX_NAME, NOT_COPIED, Checkpoint, open_checkpoint, v1_zeros_rule
+from . import awq, gptq, mlx
+from .checkpoint import (INDEX_NAME, MLX_BITS, NOT_COPIED, Checkpoint, open_checkpoint,
+                         v1_zeros_rule)
 from .convert_output import Destination, kernel_jobs
 from .progress import Progress
 from .safetensors_io import DTYPES, PendingFile, Reader, Writer, parse_size, shard_paths
@@ -46,6 +48,8 @@ from .safetensors_io import DTYPES, PendingFile, Reader, Writer, parse_size, sha
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
 OUT_DTYPES = {"f16": "F16", "bf16": "BF16", "f32": "F32"}
 TORCH_DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}
+OUT_DTYPES_NP = {"f16": np.dtype(np.float16), "bf16": np.dtype(ml_dtypes.bfloat16),
+                 "f32": np.dtype(np.float32)}
 
 
 DESCRIPTION = """\
@@ -91,13 +95,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "llama.cpp .gguf file: every tensor converted, no --format)")
     parser.add_argument("output", metavar="OUT", help="file to write (a directory for a "
                         "directory or index IN)")
-    parser.add_argument("--format", choices=("gptq", "awq"), default=None,
+    parser.add_argument("--format", choices=("gptq", "awq", "mlx"), default=None,
                         help="how the layers are packed; default: the config's quant_method, "
                              "else read from the shapes")
     parser.add_argument("--dtype", default="f16", choices=tuple(OUT_DTYPES),
                         help="dtype of the dequantized weights (default f16)")
-    parser.add_argument("--bits", type=int, choices=GPTQ_BITS, default=None,
-                        help="GPTQ bits; default: the config's, else inferred from qzeros "
+    parser.add_argument("--bits", type=int, choices=sorted(set(GPTQ_BITS) | set(MLX_BITS)),
+                        default=None,
+                        help="bits; default: the config's, else (GPTQ) inferred from qzeros "
                              "and scales")
     parser.add_argument("--checkpoint-format", choices=GPTQ_CHECKPOINT_FORMATS, default=None,
                         help="GPTQ zero-point convention; default: the config's, else the "
@@ -265,17 +270,75 @@ def _plan_layer(tensors, parts: dict[str, str], s: Settings) -> tuple:
 
         def run():
             g_idx = get(parts["g_idx"]) if "g_idx" in parts else None
-            return gptq.dequantize(get(parts["qweight"]), get(parts["qzeros"]),
-                                   get(parts["scales"]), g_idx, bits=bits,
-                                   checkpoint_format=s.checkpoint_format, dtype=s.dtype,
-                                   group_size=s.group_size, v1_zeros=s.v1_zeros)
+            return np.ascontiguousarray(gptq.dequantize(
+                get(parts["qweight"]), get(parts["qzeros"]), get(parts["scales"]), g_idx,
+                bits=bits, checkpoint_format=s.checkpoint_format, dtype=s.dtype,
+                group_size=s.group_size, v1_zeros=s.v1_zeros).T)  # [N, K], as torch stores it
     else:
         shape = (qw[1] * 8, qw[0])
 
         def run():
-            return awq.dequantize(get(parts["qweight"]), get(parts["qzeros"]),
-                                  get(parts["scales"]), dtype=s.dtype, group_size=s.group_size)
+            return np.ascontiguousarray(awq.dequantize(
+                get(parts["qweight"]), get(parts["qzeros"]), get(parts["scales"]), dtype=s.dtype,
+                group_size=s.group_size).T)
     return fmt, shape, _naming(parts["qweight"].rpartition(".")[0] or "(top level)", run)
+
+
+MLX_PARTS = ("weight", "scales", "biases")
+
+
+def main_part(parts: dict[str, str]) -> str:
+    """The tensor a quantized layer's float weight takes the place of."""
+    return parts["qweight"] if "qweight" in parts else parts["weight"]
+
+
+def find_mlx_layers(tensors) -> dict[str, dict[str, str]]:
+    """Prefix -> {part: tensor name} for every MLX-quantized layer: a ``weight`` of uint32
+    words with its ``scales`` and ``biases`` (a layer left in floats has neither)."""
+    layers: dict[str, dict[str, str]] = {}
+    for name in tensors.entries:
+        prefix, _, part = name.rpartition(".")
+        if part in ("scales", "biases"):
+            layers.setdefault(prefix, {})[part] = name
+    for prefix, parts in layers.items():
+        label = prefix or "(top level)"
+        weight = f"{prefix}.weight" if prefix else "weight"
+        missing = [p for p in ("scales", "biases") if p not in parts]
+        if missing or weight not in tensors.entries:
+            raise InvalidProblemError(f"layer {label} has {', '.join(sorted(parts))} but no "
+                                      f"{', '.join(missing or ['weight'])}")
+        if tensors.entries[weight].dtype not in ("U32", "I32"):
+            raise InvalidProblemError(f"{weight} has dtype {tensors.entries[weight].dtype}; an "
+                                      "MLX-quantized weight is uint32 words")
+        parts["weight"] = weight
+    if not layers:
+        where = ", ".join(str(r.path) for r in getattr(tensors, "readers", ()))
+        raise InvalidProblemError(f"{where}: no MLX-quantized layers (no *.scales and "
+                                  "*.biases beside a uint32 *.weight)")
+    return layers
+
+
+def _plan_mlx_layer(tensors, prefix: str, parts: dict[str, str], s, quant) -> tuple:
+    """(format, output shape, dequantize callable) of one MLX layer: its bits and group
+    size from its own config entry, else the flags', else the config's defaults."""
+    bits, group = quant.extra.get("layers", {}).get(
+        prefix, (s.bits or quant.bits, s.group_size or quant.group_size))
+    if bits is None or group is None:
+        raise InvalidProblemError(f"layer {prefix}: no bits or group_size (the config's "
+                                  "quantization has none; pass --bits and --group-size)")
+    words = tensors.entries[parts["weight"]].shape
+    if (words[-1] * 32) % bits:
+        raise InvalidProblemError(f"{parts['weight']} {list(words)}: rows of {words[-1]} words "
+                                  f"are not a whole number of {bits}-bit values")
+    shape = (*words[:-1], words[-1] * 32 // bits)
+    get = tensors.array
+
+    def run():
+        w = mlx.dequantize(get(parts["weight"]), get(parts["scales"]), get(parts["biases"]),
+                           group, bits)
+        want = OUT_DTYPES_NP[s.dtype]
+        return w if w.dtype == want else w.astype(want)  # the library's values, then --dtype
+    return "mlx", shape, _naming(prefix or "(top level)", run)
 
 
 def _check_gptq_shapes(tensors, parts: dict[str, str], bits: int) -> None:
@@ -322,7 +385,7 @@ def _output_items(tensors: Tensors, layers, plans, dtype: str) -> list[tuple[Rea
             prefix = owned.get(name)
             if prefix is None:
                 items.append((name, entry.dtype, entry.shape, None))
-            elif name == layers[prefix]["qweight"]:
+            elif name == main_part(layers[prefix]):
                 items.append((f"{prefix}.weight", OUT_DTYPES[dtype], plans[prefix][1], prefix))
         out.append((reader, items))
     return out
@@ -381,7 +444,8 @@ def _side_files(ckpt: Checkpoint, output: Path, dtype: str) -> list[PendingFile]
                 (".safetensors", ".index.json")) or path.name.startswith("."):
             continue
         if path.name == "config.json" and ckpt.config is not None:
-            config = {k: v for k, v in ckpt.config.items() if k != "quantization_config"}
+            config = {k: v for k, v in ckpt.config.items()
+                      if k not in ("quantization_config", "quantization")}
             config["torch_dtype"] = TORCH_DTYPES[dtype]
             data = json.dumps(config, indent=2, ensure_ascii=False).encode() + b"\n"
         else:
@@ -437,8 +501,13 @@ def _convert_checkpoint(args: argparse.Namespace) -> int:
     output = Path(args.output)
     tensors = Tensors(ckpt)
     s = settings(args, ckpt, tensors)
-    layers = find_layers(tensors, s.format)
-    plans = {prefix: _plan_layer(tensors, parts, s) for prefix, parts in layers.items()}
+    if s.format == "mlx":
+        layers = find_mlx_layers(tensors)
+        plans = {prefix: _plan_mlx_layer(tensors, prefix, parts, s, ckpt.quant)
+                 for prefix, parts in layers.items()}
+    else:
+        layers = find_layers(tensors, s.format)
+        plans = {prefix: _plan_layer(tensors, parts, s) for prefix, parts in layers.items()}
     max_bytes = None
     if getattr(args, "max_shard_size", None) is not None:
         max_bytes = parse_size(args.max_shard_size)
@@ -467,10 +536,10 @@ def _convert_checkpoint(args: argparse.Namespace) -> int:
                     if prefix is None:
                         writer.put(name, tensors.raw(name))
                         continue
-                    weight = plans[prefix][2]()  # [K, N]
-                    writer.put(name, np.ascontiguousarray(weight.T))
+                    weight = plans[prefix][2]()  # the output's shape and dtype
+                    writer.put(name, weight)
                     done += 1
-                    progress.step(done, f"{prefix} [{weight.shape[1]}, {weight.shape[0]}]")
+                    progress.step(done, f"{prefix} {list(weight.shape)}")
                 writer.finish()
         if index is not None:
             pending.append(PendingFile(index, _index_json(shards)))
