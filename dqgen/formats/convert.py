@@ -1,5 +1,5 @@
-"""``dqgen convert IN OUT``: dequantize every quantized linear layer of a GPTQ or AWQ
-checkpoint into a plain float ``*.weight``.
+"""``dqgen convert IN OUT``: dequantize every quantized linear layer of a GPTQ, AWQ or
+MLX checkpoint into a plain float ``*.weight``.
 
 IN is a ``.safetensors`` file, a ``*.safetensors.index.json`` or a checkpoint directory
 (``checkpoint.py``). The format, bits, group size and GPTQ v1/v2 come from the
@@ -17,6 +17,9 @@ A layer is the tensors ``P.qweight``, ``P.qzeros``, ``P.scales`` (and GPTQ's opt
 each file's metadata are copied unchanged. One layer is in memory at a time; every shape
 is checked before a file is created, and the output files appear only once all are
 complete.
+
+An MLX layer (mlx_lm) is ``P.weight`` (uint32 words), ``P.scales`` and ``P.biases``; its
+bits and group size come from ``config.json``'s ``quantization``, per layer.
 
 A ``.gguf`` input (llama.cpp) needs no ``--format``: every tensor is converted
 (``gguf_convert``).
@@ -62,9 +65,13 @@ other tensor is copied unchanged. The format, bits, group size and GPTQ v1/v2
 come from the checkpoint's config.json or quantize_config.json, else from the
 tensor shapes and the file's metadata; the flags below override them.
 
+MLX checkpoints (mlx_lm): every layer with P.scales and P.biases beside a uint32
+P.weight becomes a float P.weight; each layer's bits and group size come from
+config.json's quantization (the default, or the layer's own entry).
+
   IN a directory or a model.safetensors.index.json: OUT is a directory with
     the same shards (or --max-shard-size ones) and index, config.json without
-    its quantization_config and with the new torch_dtype, and the tokenizer
+    its quantization config and with the new torch_dtype, and the tokenizer
     and other files copied.
   IN one .safetensors file: OUT is one file (or shards of it and an index
     with --max-shard-size).
@@ -81,6 +88,7 @@ directory OUT that holds other files and no checkpoint is refused unless
 examples:
   dqgen convert Llama-GPTQ/ llama-f16/
   dqgen convert model.safetensors out.safetensors --format awq --dtype bf16
+  dqgen convert Qwen3-4B-4bit-mlx/ qwen3-bf16/ --dtype bf16
   dqgen convert model-Q4_K_M.gguf out/ --max-shard-size 5GB
 """
 
