@@ -87,13 +87,14 @@ def _demo(args: argparse.Namespace) -> int:
 # and --filter), as its kind in layouts/ names them; a flag an op does not take is refused.
 EMIT_FORMAT_FLAGS = {op: keys for kind in kinds() for op, keys in kind.aot_keys.items()}
 _FORMAT_FLAG_KEYS = ("int", "group_size", "bits", "checkpoint_format", "act_order", "scale",
-                     "v1_zeros", "ggml_type", "q_min", "q_max")
+                     "v1_zeros", "ggml_type", "q_min", "q_max", "block", "fp8")
 # A request's fields and knobs, and the flag that chooses each (for "name one kernel").
 _CHOOSING_FLAGS = (("int_dtype", "--int"), ("float_dtype", "--float"),
                    ("group_size", "--group-size"), ("bits", "--bits"),
                    ("checkpoint_format", "--checkpoint-format"), ("act_order", "--act-order"),
                    ("scale_dtype", "--scale"), ("v1_zeros", "--v1-zeros"),
                    ("qtype", "--ggml-type"), ("q_min", "--q-min"), ("q_max", "--q-max"),
+                   ("block_rows", "--block"), ("block_cols", "--block"), ("fp8", "--fp8"),
                    ("op", "--filter"))
 
 
@@ -464,8 +465,8 @@ def _add_format_flags(p: argparse.ArgumentParser, *, many: bool) -> None:
     p.add_argument("--act-order", metavar="yes|no" + ("|both" if many else ""),
                    help="GPTQ kernels reading g_idx (yes), in row order (no) [default: both]",
                    **kw)
-    p.add_argument("--scale", metavar="DTYPE", help="GPTQ/AWQ scales' dtype [default: f16]",
-                   **kw)
+    p.add_argument("--scale", metavar="DTYPE", help="GPTQ/AWQ scales' dtype [default: f16]; "
+                   "FP8's [default: f32]", **kw)
     p.add_argument("--v1-zeros", metavar="RULE",
                    help=f"GPTQ v1 zero points: {', '.join(GPTQ_V1_ZEROS)} (see dqgen convert "
                    f"--help) [default: {GPTQ_V1_ZEROS[0]}]", **kw)
@@ -476,6 +477,10 @@ def _add_format_flags(p: argparse.ArgumentParser, *, many: bool) -> None:
                    "midpoint is subtracted [default: the int dtype's]", **kw)
     p.add_argument("--q-max", metavar="N", help="floatzp: the largest q of that range "
                    "[default: the int dtype's]", **kw)
+    p.add_argument("--block", metavar="RxC", help="FP8: the rows x columns a scale covers "
+                   "(0: the whole axis; 1x0 is one scale a row) [default: 128x128]", **kw)
+    p.add_argument("--fp8", metavar="NAME", help="FP8 encoding: e4m3 (float8_e4m3fn) or e5m2 "
+                   "[default: e4m3]", **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:

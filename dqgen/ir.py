@@ -377,6 +377,7 @@ class Layout(enum.Enum):
     GGML_F16 = "ggml_f16"
     GGML_BF16 = "ggml_bf16"
     MLX = "mlx"              # MLX affine: a bit stream of b-bit values a row, scales and biases
+    FP8_BLOCK = "fp8_block"  # FP8 values, one f32 scale a 2-D block (DeepSeek-V3) or row/tensor
 
 
 #: Bytes and values of one GGML block, by layout (gguf's GGML_QUANT_SIZES).

@@ -50,7 +50,9 @@ FORMAT_DEFAULTS = {"bits": (4,), "checkpoint_format": ("gptq",), "act_order": (F
                    "ggml_type": None,  # ggml_type: every supported type
                    # floatzp: the q range whose midpoint the kernel subtracts (None: the
                    # int dtype's whole range)
-                   "q_min": (None,), "q_max": (None,)}
+                   "q_min": (None,), "q_max": (None,),
+                   # FP8: the block a scale covers (rows x cols, 0 the whole axis), the encoding
+                   "block": ("128x128",), "fp8": ("e4m3",)}
 # Per-op defaults of the shared keys where the family's would not fit (models run in
 # f16/bf16, GGML blocks dequantize to f32/f16/bf16, packed storage is u4/s4): each
 # format's own.
@@ -222,10 +224,25 @@ def _pick(selection: dict) -> dict:
     for key in ("q_min", "q_max"):
         if pick.get(key):
             pick[key] = [_integer(v, key) for v in pick[key]]
+    if pick.get("block"):
+        pick["block"] = [_block(v) for v in pick["block"]]
+    if pick.get("fp8"):
+        pick["fp8"] = [str(v).strip().lower() for v in pick["fp8"]]
     if pick.get("ggml_type"):
         pick["ggml_type"] = [ir.parse_ggml_type(t).value[len("ggml_"):].upper()
                              for t in pick["ggml_type"]]
     return pick
+
+
+def _block(value) -> tuple[int, int]:
+    """``"128x128"`` -> (128, 128): the rows and columns a scale covers (0: all)."""
+    rows, sep, cols = str(value).strip().lower().partition("x")
+    try:
+        if not sep:
+            raise ValueError
+        return int(rows), int(cols)
+    except ValueError:
+        raise InvalidProblemError(f"block {value!r} is not ROWSxCOLS (e.g. 128x128)") from None
 
 
 def _value(pick: dict, op: str, key: str) -> list:
@@ -235,7 +252,8 @@ def _value(pick: dict, op: str, key: str) -> list:
         return list(OP_DEFAULTS[op][key])
     if key == "ggml_type":
         return list(ggml_types())
-    return list(DEFAULTS[key] if key in DEFAULTS else FORMAT_DEFAULTS[key])
+    values = list(DEFAULTS[key] if key in DEFAULTS else FORMAT_DEFAULTS[key])
+    return [_block(v) for v in values] if key == "block" else values
 
 
 def _candidates(op: str, pick: dict):
@@ -352,6 +370,8 @@ def command_for_record(record: dict, target: str, arch: str) -> str:
              "scale": knobs.get("scale_dtype"), "ggml_type": knobs.get("qtype"),
              "v1_zeros": None if knobs.get("v1_zeros") in (None, *FORMAT_DEFAULTS["v1_zeros"])
              else knobs["v1_zeros"], "q_min": knobs.get("q_min"), "q_max": knobs.get("q_max"),
+             "block": (f"{knobs['block_rows']}x{knobs['block_cols']}"
+                       if "block_rows" in knobs else None), "fp8": knobs.get("fp8"),
              "target": f"{target}:{arch}"}
     flags = {k: v for k, v in flags.items() if v is not None}
     if request.op == "ggml":

@@ -157,6 +157,7 @@ class KernelSpec:
     staged_load: str = ""           # C layouts: the conversion of a staged array's loads
     staged_load_f16c: bool = False  # ... done eight lanes an instruction with F16C
     ggml: object = None             # GGML: the block type's knobs (layouts/ggml_knobs.py)
+    layout_knobs: object = None     # a layout's own knob record (layouts/fp8.py's Fp8Knobs)
     # C register path: its vectors (types and intrinsic prefix from the table in _cpu_simd)
     vector_bits: int = 256
     vec_float: str = "__m256"       # the compute-type vector

@@ -40,7 +40,7 @@ class QuantConfig:
     """What a checkpoint's config says (None: not said)."""
 
     source: str | None = None          # the file it came from
-    method: str | None = None          # "gptq" | "awq" | "mlx"
+    method: str | None = None          # "gptq" | "awq" | "mlx" | "fp8"
     bits: int | None = None
     group_size: int | None = None      # None: inferred from the shapes
     checkpoint_format: str | None = None
@@ -126,12 +126,32 @@ def producer_of(config: dict) -> str | None:
     return None
 
 
+def parse_fp8_config(config: dict, where: str) -> QuantConfig:
+    """``quant_method: "fp8"`` (DeepSeek-V3, Qwen3-FP8): ``fmt`` (e4m3) and
+    ``weight_block_size`` ([rows, cols]; absent: a scale a tensor or a row, from its
+    shape), kept in ``extra["block"]`` and ``extra["fp8"]``."""
+    fmt = str(config.get("fmt", "e4m3")).lower()
+    if fmt not in ("e4m3", "e5m2"):
+        raise UnsupportedError(f"{where}: fmt={config.get('fmt')!r} is not an FP8 encoding "
+                               "dqgen reads (e4m3, e5m2)")
+    block = config.get("weight_block_size")
+    if block is not None:
+        if (not isinstance(block, list) or len(block) != 2
+                or not all(isinstance(b, int) and b > 0 for b in block)):
+            raise InvalidProblemError(f"{where}: weight_block_size={block!r} is not [rows, "
+                                      "columns] of positive integers")
+        block = tuple(block)
+    return QuantConfig(where, "fp8", extra={"block": block, "fp8": fmt})
+
+
 def parse_quant_config(config: dict, where: str) -> QuantConfig:
     """A ``quantization_config`` / ``quantize_config.json`` object, its keys checked."""
     method = str(config.get("quant_method") or "gptq").lower()
+    if method == "fp8":
+        return parse_fp8_config(config, where)
     if method not in ("gptq", "awq"):
         raise UnsupportedError(f"{where}: quant_method={config.get('quant_method')!r} is not "
-                               "one dqgen converts; it reads gptq and awq")
+                               "one dqgen converts; it reads gptq, awq, fp8 and mlx_lm's")
     bits = _int(config.get("bits", config.get("w_bit")), "bits", where)
     group = _int(config.get("group_size", config.get("q_group_size")), "group_size", where)
     key = _layout_key(config, method)

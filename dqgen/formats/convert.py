@@ -41,7 +41,7 @@ import numpy as np
 from .. import env
 from ..errors import InvalidProblemError, UnsupportedError
 from ..ir import GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS, GPTQ_V1_ZEROS
-from . import awq, gptq, mlx
+from . import awq, fp8, gptq, mlx
 from .checkpoint import (INDEX_NAME, MLX_BITS, NOT_COPIED, Checkpoint, open_checkpoint,
                          v1_zeros_rule)
 from .convert_output import Destination, kernel_jobs
@@ -69,6 +69,10 @@ MLX checkpoints (mlx_lm): every layer with P.scales and P.biases beside a uint32
 P.weight becomes a float P.weight; each layer's bits and group size come from
 config.json's quantization (the default, or the layer's own entry).
 
+FP8 checkpoints (DeepSeek-V3, Qwen3-FP8; quant_method "fp8"): every F8_E4M3 or
+F8_E5M2 P.weight with its P.weight_scale_inv (or P.weight_scale) becomes a float
+P.weight, in the config's weight_block_size blocks.
+
   IN a directory or a model.safetensors.index.json: OUT is a directory with
     the same shards (or --max-shard-size ones) and index, config.json without
     its quantization config and with the new torch_dtype, and the tokenizer
@@ -89,6 +93,7 @@ examples:
   dqgen convert Llama-GPTQ/ llama-f16/
   dqgen convert model.safetensors out.safetensors --format awq --dtype bf16
   dqgen convert Qwen3-4B-4bit-mlx/ qwen3-bf16/ --dtype bf16
+  dqgen convert DeepSeek-V3/ deepseek-v3-bf16/ --dtype bf16
   dqgen convert model-Q4_K_M.gguf out/ --max-shard-size 5GB
 """
 
@@ -103,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "llama.cpp .gguf file: every tensor converted, no --format)")
     parser.add_argument("output", metavar="OUT", help="file to write (a directory for a "
                         "directory or index IN)")
-    parser.add_argument("--format", choices=("gptq", "awq", "mlx"), default=None,
+    parser.add_argument("--format", choices=("gptq", "awq", "mlx", "fp8"), default=None,
                         help="how the layers are packed; default: the config's quant_method, "
                              "else read from the shapes")
     parser.add_argument("--dtype", default="f16", choices=tuple(OUT_DTYPES),
@@ -349,6 +354,53 @@ def _plan_mlx_layer(tensors, prefix: str, parts: dict[str, str], s, quant) -> tu
     return "mlx", shape, _naming(prefix or "(top level)", run)
 
 
+FP8_SCALES = ("weight_scale_inv", "weight_scale")  # DeepSeek's name, then AMD Quark's
+FP8_DTYPES = {"F8_E4M3": "e4m3", "F8_E5M2": "e5m2"}
+
+
+def find_fp8_layers(tensors) -> dict[str, dict[str, str]]:
+    """Prefix -> {part: tensor name} for every FP8 weight with its scale; other tensors
+    (norms, embeddings, activation scales) are copied as they are."""
+    layers: dict[str, dict[str, str]] = {}
+    for name, entry in tensors.entries.items():
+        prefix, _, part = name.rpartition(".")
+        if part != "weight" or entry.dtype not in FP8_DTYPES:
+            continue
+        scales = [f"{prefix}.{s}" for s in FP8_SCALES if f"{prefix}.{s}" in tensors.entries]
+        if not scales:
+            raise InvalidProblemError(f"{name} is {entry.dtype} but has no {prefix}."
+                                      f"{FP8_SCALES[0]} (or .{FP8_SCALES[1]}) beside it")
+        layers[prefix] = {"weight": name, "scale": scales[0]}
+    if not layers:
+        where = ", ".join(str(r.path) for r in getattr(tensors, "readers", ()))
+        raise InvalidProblemError(f"{where}: no FP8 weights (F8_E4M3 or F8_E5M2 *.weight)")
+    return layers
+
+
+def _plan_fp8_layer(tensors, prefix: str, parts: dict[str, str], s, quant) -> tuple:
+    """(format, output shape, dequantize callable) of one FP8 weight: its block from the
+    config's weight_block_size, else (one scale a tensor or a row) from the scale's shape."""
+    entry = tensors.entries[parts["weight"]]
+    shape = tuple(_shape(tensors, parts["weight"], 2))
+    encoding = FP8_DTYPES[entry.dtype]
+    if quant.extra.get("fp8", encoding) != encoding:
+        raise InvalidProblemError(f"{parts['weight']} is {entry.dtype} but {quant.source} says "
+                                  f"fmt={quant.extra['fp8']!r}")
+    block = quant.extra.get("block")
+    if block is not None:
+        want = tuple(-(-n // b) for n, b in zip(shape, block))
+        got = tuple(tensors.entries[parts["scale"]].shape)
+        if got != want:
+            raise InvalidProblemError(f"{parts['scale']} has shape {list(got)}, expected "
+                                      f"{list(want)} for {list(shape)} in {block[0]} x "
+                                      f"{block[1]} blocks ({quant.source}: weight_block_size)")
+    get = tensors.array
+
+    def run():
+        return fp8.dequantize(get(parts["weight"]), get(parts["scale"]), block, s.dtype)
+    return "fp8", shape, _naming(prefix, run)
+
+
 def _check_gptq_shapes(tensors, parts: dict[str, str], bits: int) -> None:
     """qzeros [groups, N * bits / 32] and scales [groups, N] for qweight [K * bits / 32, N]."""
     qw, qz = tensors.entries[parts["qweight"]].shape, tensors.entries[parts["qzeros"]].shape
@@ -512,6 +564,10 @@ def _convert_checkpoint(args: argparse.Namespace) -> int:
     if s.format == "mlx":
         layers = find_mlx_layers(tensors)
         plans = {prefix: _plan_mlx_layer(tensors, prefix, parts, s, ckpt.quant)
+                 for prefix, parts in layers.items()}
+    elif s.format == "fp8":
+        layers = find_fp8_layers(tensors)
+        plans = {prefix: _plan_fp8_layer(tensors, prefix, parts, s, ckpt.quant)
                  for prefix, parts in layers.items()}
     else:
         layers = find_layers(tensors, s.format)
