@@ -273,5 +273,5 @@ def dqgen_missing():
 
 
 def test_unsupported_op_name_lists_the_formats():
-    with pytest.raises(UnsupportedError, match="packed, awq, floatzp, ggml, gptq, hqq, mlx"):
+    with pytest.raises(UnsupportedError, match="packed, awq, floatzp, fp8, ggml, gptq, hqq, mlx"):
         aot.expand({"op": "exl2"})

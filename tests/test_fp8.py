@@ -139,7 +139,7 @@ def test_aot_emit_and_verify(tmp_path, capsys):
     assert "dqgen_dequant_fp8_e5m2_b1x0_f32_f16" in capsys.readouterr().out
     out = tmp_path / "bundle"
     assert cli.main(["aot", "--op", "fp8", "--float", "bf16", "-o", str(out), "-q"]) == 0
-    outcomes = verify.verify_bundle(bundle.load_bundle(out))
+    outcomes = verify.verify_bundle(bundle.Bundle.open(out))
     assert outcomes and all(o.status == verify.OK for o in outcomes), [str(o) for o in outcomes]
     assert json.loads((out / "manifest.json").read_text())["kernels"]
 

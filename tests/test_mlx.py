@@ -148,7 +148,7 @@ def test_aot_emit_and_verify(tmp_path, capsys):
                      "-q"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert any("mlx3" in k["uri"] for k in manifest["kernels"])
-    outcomes = verify.verify_bundle(__import__("dqgen").bundle.load_bundle(out))
+    outcomes = verify.verify_bundle(__import__("dqgen").bundle.Bundle.open(out))
     assert outcomes and all(o.status == verify.OK for o in outcomes), [str(o) for o in outcomes]
 
 

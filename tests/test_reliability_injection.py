@@ -291,7 +291,8 @@ def test_plain_function_scalars(group_size, dtype, q_min, q_max):
         dqgen.quantize_per_group(x, scale, zp, group_size, dtype=dtype, q_min=q_min, q_max=q_max)
     except ReachedCompiler as reached:
         counts["accepted"] += 1
-        desc = dqgen.QuantizePerGroupDescriptor(4, 128, group_size, "f32", dtype, q_min, q_max)
+        storage = "s8" if dtype is None else dtype  # None: not given, the default storage
+        desc = dqgen.QuantizePerGroupDescriptor(4, 128, group_size, "f32", storage, q_min, q_max)
         assert reached.source == render(lower(canonical(desc), "c", host_isa())).text
     except dqgen.DqgenError:
         counts["refused"] += 1
