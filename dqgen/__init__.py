@@ -17,7 +17,7 @@ from .plans import (DequantizePerGroupArgs, DequantizePerGroupBackwardArgs,  # n
                     QuantizePerGroupBackwardArgs, QuantizePerGroupBackwardPlan,
                     QuantizePerGroupPlan)
 from .bundle import BundleError, load_bundle  # noqa: E402
-from .outputs import release_cached_outputs  # noqa: E402
+from .output_pool import release_cached_outputs  # noqa: E402
 from .api import (choose_qparams_per_group, dequantize_per_group,  # noqa: E402
                   dequantize_per_group_backward, quantize_per_group,
                   quantize_per_group_backward)

@@ -1,6 +1,6 @@
 """Ahead-of-time builds: enumerate kernels, build them in parallel, write a bundle.
 
-What a selection (flags or a manifest, TOML or JSON) names is ``dqgen.selection``'s job
+What a selection (flags or a manifest, TOML or JSON) names is ``dqgen.aot_selection``'s job
 (re-exported here): the ops are the family's four and the checkpoint formats (``gptq``,
 ``awq``, ``ggml``, ``packed``, ``floatzp``, ``hqq``). Builds go through the disk cache
 exactly as JIT builds do (``jit.ensure_cpu_binary`` / ``jit.ensure_cuda_binary``), in
@@ -23,7 +23,7 @@ from .errors import CompileError, DqgenError, InvalidProblemError
 from .version import __version__
 
 # The selection's names, which ``dqgen.aot`` has always offered.
-from .selection import (  # noqa: F401
+from .aot_selection import (  # noqa: F401
     OPS, OP_NAMES, FORMAT_OPS, ALL_OPS, DEFAULT_CUDA_ARCH, DEFAULTS, FORMAT_DEFAULTS,
     OP_DEFAULTS, SELECTION_KEYS, KernelRequest, command_for_record, descriptor_from_record,
     enumerate_kernels, expand, ggml_types, make_descriptor, narrow, op_class, parse_target,

@@ -14,7 +14,7 @@ import functools
 import ml_dtypes
 import numpy as np
 
-from . import call_memo, outputs, plans
+from . import call_memo, output_pool, plans
 from .arrays import from_numpy_like, q_rows, rows, shape_of, to_numpy
 from .errors import DqgenError, InvalidProblemError, UnsupportedError
 from .ir import (DequantizePerGroupBackwardDescriptor, DequantizePerGroupDescriptor, DType,
@@ -134,7 +134,7 @@ def _output(out, shape, dtype: np.dtype, like_shape, like=None) -> tuple[np.ndar
     if cuda_runtime.is_cuda_array(out if out is not None else like):
         return cuda_runtime.output_like(out, shape, dtype, like_shape, like)
     if out is None:
-        arr = outputs.empty(shape, dtype)
+        arr = output_pool.empty(shape, dtype)
         return arr, arr
     arr = to_numpy(out, "out")
     if arr.dtype != dtype:
@@ -196,7 +196,7 @@ def dequantize_per_group(q, scale, zero_point, group_size: int, out=None, device
     known = _DEQUANTIZE_CALLS.get(key)
     if known is not None:
         plan, shape, out_dtype = known
-        y = out if out is not None else outputs.empty(shape, out_dtype)
+        y = out if out is not None else output_pool.empty(shape, out_dtype)
         try:
             plan.run(plans.DequantizePerGroupArgs(q, scale, zero_point, y))
             return y

@@ -188,7 +188,7 @@ class Bundle:
     def get(self, uri: str, target: str, arch: str) -> BundleKernel | None:
         return self.kernels.get((uri, target, arch))
 
-    def read_verified(self, rel: dict) -> tuple[Path, bytes]:
+    def read_checked(self, rel: dict) -> tuple[Path, bytes]:
         """The bytes of a bundle file, refused unless they match the recorded sha256."""
         path = self.path / rel["path"]
         _check_not_world_writable(self.path)
@@ -203,7 +203,7 @@ class Bundle:
                 f"{actual[:16]}...): it was altered or damaged; refusing to load it")
         return path, data
 
-    def verify(self) -> list[str]:
+    def check_hashes(self) -> list[str]:
         """Every problem with the bundle's files (empty when all match their hashes)."""
         problems = []
         records = [("header", self.manifest.get("header"))] if self.manifest.get("header") else []
@@ -213,7 +213,7 @@ class Bundle:
         for label, rel in records:
             try:
                 rel = _file_record(rel, label)
-                self.read_verified(rel)
+                self.read_checked(rel)
             except (BundleError, OSError) as exc:
                 problems.append(f"{label}: {exc}")
         return problems

@@ -216,7 +216,7 @@ def _problem(entry: Path, meta: dict, required: tuple[str, ...]) -> str | None:
     return None
 
 
-def verify_entry(entry: Path, required: tuple[str, ...] = (), *,
+def check_entry(entry: Path, required: tuple[str, ...] = (), *,
                  quiet: bool = False) -> dict | None:
     """The entry's metadata if every file in it is recorded and matches its hash.
 
@@ -267,7 +267,7 @@ def ensure(target: str, key: str, produce: Callable[[Path], dict],
     """
     root = cache_root()
     entry = entry_dir(target, key, root)
-    meta = verify_entry(entry, required)
+    meta = check_entry(entry, required)
     if meta is not None:
         return entry, meta, False
     write_root = _write_root(root)
@@ -280,7 +280,7 @@ def ensure(target: str, key: str, produce: Callable[[Path], dict],
             write_root = _fallback_root(
                 root, f"the cache dir {root} is not writable ({exc.strerror})")
     fallback_entry = entry_dir(target, key, write_root)
-    meta = verify_entry(fallback_entry, required)
+    meta = check_entry(fallback_entry, required)
     if meta is not None:
         return fallback_entry, meta, False
     return _ensure_in(write_root, target, key, produce, required)
@@ -295,7 +295,7 @@ def _ensure_in(root: Path, target: str, key: str, produce: Callable[[Path], dict
     lock = filelock.FileLock(str(entry.parent / f"{key}.lock"), timeout=timeout)
     try:
         with lock:
-            meta = verify_entry(entry, required, quiet=True)  # built by another process meanwhile?
+            meta = check_entry(entry, required, quiet=True)  # built by another process meanwhile?
             if meta is not None:
                 return entry, meta, False
             _remove_leftovers(entry, key)

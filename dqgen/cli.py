@@ -157,7 +157,7 @@ def _format_spec(args: argparse.Namespace):
     """The descriptor and KernelSpec of the one format kernel the flags name, found as
     ``dqgen aot`` enumerates (same knobs, same per-op defaults)."""
     from .errors import InvalidProblemError
-    from .selection import expand
+    from .aot_selection import expand
 
     takes = EMIT_FORMAT_FLAGS[args.op]
     refused = [_flag(k) for k in _FORMAT_FLAG_KEYS if getattr(args, k) is not None
@@ -175,7 +175,7 @@ def _format_spec(args: argparse.Namespace):
 
 def _emit_spec(args: argparse.Namespace):
     """The descriptor and KernelSpec the emit flags name (validated like any request)."""
-    from .selection import FORMAT_OPS
+    from .aot_selection import FORMAT_OPS
     return _format_spec(args) if args.op in FORMAT_OPS else _family_spec(args)
 
 
@@ -344,7 +344,7 @@ def _list(args: argparse.Namespace) -> int:
     elif _is_bundle(Path(args.path)):
         bundles = [bundle.Bundle.open(args.path)]
     else:
-        if args.verify:
+        if args.check_hashes:
             raise InvalidProblemError("--verify applies to a bundle, not to a manifest")
         from . import aot
         selections, filters = aot.read_manifest(args.path)
@@ -360,8 +360,8 @@ def _list(args: argparse.Namespace) -> int:
             files = ",".join(sorted(k.binaries))
             where = f"{k.target}:{k.arch}"
             print(f"  {k.uri:<32} {where:<12} {files:<10} key={k.cache_key[:16]}")
-        if args.verify:
-            problems = b.verify()
+        if args.check_hashes:
+            problems = b.check_hashes()
             for problem in problems:
                 print(f"  FAILED {problem}")
             print(f"  verify: {'every file matches its sha256' if not problems else f'{len(problems)} problem(s)'}")
@@ -568,9 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
                          description="List the kernels of a bundle directory or of an AOT "
                          "manifest file; without PATH, the bundles in DQGEN_BUNDLE.")
     lst.add_argument("path", nargs="?", metavar="PATH", help="bundle dir or manifest file")
-    lst.add_argument("--verify", action="store_true",
+    lst.add_argument("--check-hashes", "--verify", dest="check_hashes", action="store_true",
                      help="check every bundle file against its recorded sha256 (exit 1 on "
-                     "a mismatch)")
+                     "a mismatch; --verify is its older name)")
     lst.set_defaults(func=_list)
 
     ver = sub.add_parser(

@@ -1,7 +1,7 @@
 """The descriptor IR: what a kernel computes, validated, with stable identities.
 
 A descriptor is a frozen dataclass. Construction normalises dtypes to ``DType`` members
-and runs ``verify()``, so an invalid descriptor cannot exist and nothing unvalidated can
+and runs ``validate()``, so an invalid descriptor cannot exist and nothing unvalidated can
 reach a template. ``uri`` names the kernel (only the fields it is specialised on);
 ``key()`` hashes the whole descriptor.
 """
@@ -177,9 +177,9 @@ class PerGroupDescriptor:
     group_size: int
 
     def __post_init__(self) -> None:
-        self.verify()
+        self.validate()
 
-    def verify(self) -> None:
+    def validate(self) -> None:
         """Raise ``InvalidProblemError`` naming the first field the spec forbids.
 
         Every field is normalised again, so a descriptor whose fields were forced past
@@ -272,8 +272,8 @@ class _RangedDescriptor(PerGroupDescriptor):
     q_min: int | None = None
     q_max: int | None = None
 
-    def verify(self) -> None:
-        super().verify()
+    def validate(self) -> None:
+        super().validate()
         lo, hi = self.int_dtype.int_range
         q_range = resolve_q_range(self.q_min, self.q_max, lo, hi, self.int_dtype.value)
         object.__setattr__(self, "q_min", q_range[0])
@@ -322,8 +322,8 @@ class QuantizePerGroupBackwardDescriptor(PerGroupDescriptor):
     q_min: int
     q_max: int
 
-    def verify(self) -> None:
-        super().verify()
+    def validate(self) -> None:
+        super().validate()
         if self.q_min is None or self.q_max is None:
             raise InvalidProblemError("q_min and q_max are required for quantize backward")
         q_range = resolve_q_range(self.q_min, self.q_max, *_ANY_STORAGE_RANGE, "s8/u8")
@@ -439,7 +439,7 @@ class FormatDescriptor:
     """Shared by the checkpoint-format descriptors: dtype parsing, identities.
 
     Fields named ``*dtype`` are parsed as float dtypes (the allowed set per class in
-    ``float_dtypes``); ``verify()`` raises on anything FORMATS.md forbids.
+    ``float_dtypes``); ``validate()`` raises on anything FORMATS.md forbids.
     """
 
     op: ClassVar[Op] = Op.DEQUANTIZE
@@ -451,9 +451,9 @@ class FormatDescriptor:
             if f.name.endswith("dtype"):
                 object.__setattr__(self, f.name, parse_dtype(getattr(self, f.name), f.name,
                                                              self.float_dtypes))
-        self.verify()
+        self.validate()
 
-    def verify(self) -> None:
+    def validate(self) -> None:
         raise NotImplementedError
 
     def _set_int(self, name: str, **bounds) -> int:
@@ -520,7 +520,7 @@ class GptqDequantizeDescriptor(_MatrixDescriptor):
     act_order: bool = False
     v1_zeros: str = "gptqmodel"
 
-    def verify(self) -> None:
+    def validate(self) -> None:
         bits = self._set_int("bits", minimum=0)
         if bits not in GPTQ_BITS:
             raise UnsupportedError(f"bits={bits} is not supported for GPTQ; expected one of "
@@ -554,7 +554,7 @@ class AwqDequantizeDescriptor(_MatrixDescriptor):
     float_dtype: DType = DType.F16
     scale_dtype: DType = DType.F16
 
-    def verify(self) -> None:
+    def validate(self) -> None:
         self._verify_matrix(1, 8)
         if self.rows % self.group_size:
             raise InvalidProblemError(f"rows (K)={self.rows} is not a multiple of "
@@ -579,7 +579,7 @@ class GgmlDequantizeDescriptor(FormatDescriptor):
         object.__setattr__(self, "qtype", parse_ggml_type(self.qtype))
         super().__post_init__()
 
-    def verify(self) -> None:
+    def validate(self) -> None:
         blocks = self._set_int("blocks")
         if blocks * self.group_size > INT64_MAX:
             raise InvalidProblemError(f"blocks={blocks} is too many for int64 indexing")
@@ -648,8 +648,8 @@ class HqqDequantizeDescriptor(PerGroupDescriptor):
     bits: int = 4
     shift: int = 0
 
-    def verify(self) -> None:
-        super().verify()
+    def validate(self) -> None:
+        super().validate()
         bits = check_int(self.bits, "bits", minimum=0)
         if bits not in HQQ_BITS:
             raise UnsupportedError(f"bits={bits} is not supported for HQQ; expected one of "

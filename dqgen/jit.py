@@ -25,7 +25,7 @@ from .lower import lower
 from .render import Source, render, template_hash
 from .runtime.cpu import CpuKernel
 from .runtime.cuda import CudaKernel
-from .selection import OP_NAMES, command_for_record, make_descriptor
+from .aot_selection import OP_NAMES, command_for_record, make_descriptor
 from .spec import KernelSpec
 from .version import __version__
 
@@ -167,7 +167,7 @@ def _ensure(target_dir: str, key: str, spec: KernelSpec, produce,
     """``cache.ensure``, except that with JIT disabled only a valid entry is accepted."""
     if jit_disabled():
         entry = cache.entry_dir(target_dir, key)
-        meta = cache.verify_entry(entry, required)
+        meta = cache.check_entry(entry, required)
         if meta is None:
             raise missing_kernel(spec, descriptor=descriptor)
         return entry, meta, False
@@ -301,13 +301,13 @@ def _from_bundles(desc, spec: KernelSpec) -> Kernel | None:
             if spec.target == "c":
                 if "so" not in record.binaries:
                     continue
-                path, _ = b.read_verified(record.binaries["so"])
+                path, _ = b.read_checked(record.binaries["so"])
                 return Kernel(cand, source, record.cache_key, record.template_hash,
                               path.parent, False, CpuKernel(cand, path), origin="bundle")
             kind = "cubin" if "cubin" in record.binaries else "ptx"
             if kind not in record.binaries:
                 continue
-            path, image = b.read_verified(record.binaries[kind])
+            path, image = b.read_checked(record.binaries[kind])
             return kernel_from_image(cand, source, image=image, key=record.cache_key,
                                      entry_dir=path.parent)
     return None

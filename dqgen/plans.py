@@ -131,7 +131,7 @@ def memoized_select(cls, desc, device, preference):
     try:
         key = (cls, desc, device, preference, env.text(env.ISA), env.text(env.NUM_THREADS))
         plan = _plan_memo.get(key)
-    except TypeError:  # a field forced to an unhashable value: verify() names it
+    except TypeError:  # a field forced to an unhashable value: validate() names it
         key, plan = None, None
     if plan is None:
         plan = cls._build(desc, device, preference)
@@ -248,7 +248,7 @@ class Plan:
 
     @classmethod
     def _build(cls, desc, device, preference):
-        desc.verify()
+        desc.validate()
         preference = preference or PlanPreference()
         target_device = parse_device(device)
         if target_device.startswith("cuda:"):

@@ -204,7 +204,7 @@ def verify_bundle(b: bundle_mod.Bundle, seed: int = 0) -> list[Outcome]:
             outcomes.append(Outcome(label, FAILED, f"the manifest lists no {kind} binary"))
             continue
         try:
-            path, data = b.read_verified(kernel.binaries[kind])
+            path, data = b.read_checked(kernel.binaries[kind])
         except (DqgenError, OSError) as exc:
             outcomes.append(Outcome(label, FAILED, f"could not load it: {exc}"))
             continue
@@ -221,7 +221,7 @@ def verify_cache(seed: int = 0) -> list[Outcome]:
     root = cache.version_dir()
     for meta_path in sorted(root.glob(f"*/??/*/{cache.META}")):
         entry = meta_path.parent
-        meta = cache.verify_entry(entry, quiet=True)
+        meta = cache.check_entry(entry, quiet=True)
         label = f"{entry.relative_to(root)}"
         if meta is None:
             outcomes.append(Outcome(label, FAILED, "damaged: its files do not match "

@@ -154,7 +154,7 @@ def test_bundle_layout_and_manifest(built):
         assert so.read_bytes() == (result.entry.entry_dir / "kernel.so").read_bytes()
         assert bundle.sha256_bytes(so.read_bytes()) == k["binaries"]["so"]["sha256"]
         assert k["toolchain"]["flags"] and k["toolchain"]["compiler"]
-    assert bundle.Bundle.open(path).verify() == []
+    assert bundle.Bundle.open(path).check_hashes() == []
 
 
 def test_rebuild_in_a_fresh_cache_is_byte_identical(built, tmp_path, monkeypatch):
@@ -302,7 +302,7 @@ def test_tampered_binary_is_refused_and_never_loaded(built, isolated, monkeypatc
     maps = Path("/proc/self/maps")
     assert not maps.exists() or str(so) not in maps.read_text()
     assert isinstance(info.value, DqgenError)
-    problems = bundle.Bundle.open(copy).verify()
+    problems = bundle.Bundle.open(copy).check_hashes()
     assert len(problems) == 1 and str(so) in problems[0]
 
 

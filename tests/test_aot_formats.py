@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from dqgen import aot, bundle, cli, ir, isa, selection
+from dqgen import aot, bundle, cli, ir, isa
+from dqgen import aot_selection as selection
 from dqgen.errors import DqgenError, UnsupportedError
 from dqgen.ir import GgmlDequantizeDescriptor, GptqDequantizeDescriptor
 from dqgen.lower import lower

@@ -149,7 +149,7 @@ def test_aot_builds_a_bundle_and_list_shows_it(capsys, tmp_path):
     assert status == 0, err
     assert f"wrote bundle {out_dir}: 1 kernel" in out
     assert "1/1 dequant_pg_bwd_f32_g32 (c:generic)" in err  # progress
-    status, out, _ = run(capsys, "list", str(out_dir), "--verify")
+    status, out, _ = run(capsys, "list", str(out_dir), "--check-hashes")
     assert status == 0
     assert "dequant_pg_bwd_f32_g32" in out and "c:generic" in out
     assert "every file matches its sha256" in out

@@ -134,10 +134,10 @@ def test_to_json_is_canonical():
 
 def test_verify_catches_a_field_forced_past_the_frozen_dataclass():
     d = dqgen.DequantizePerGroupDescriptor(4, 256, 128, "f32", "s8")
-    assert d.verify() is None
+    assert d.validate() is None
     object.__setattr__(d, "group_size", 100)
     with pytest.raises(InvalidProblemError, match="group_size|axis"):
-        d.verify()
+        d.validate()
 
 
 @given(outer=st.integers(-3, 2**40), axis=st.integers(-3, 2**40), gs=st.integers(-3, 2**33))

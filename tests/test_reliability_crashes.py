@@ -203,4 +203,4 @@ def test_damaged_entry_is_detected_and_rebuilt(built_cache, tmp_path, monkeypatc
         plan, ok = check_here()
     assert ok, "a damaged binary was loaded"
     assert plan._kernel.compiled and cc.compiles == compiles + 1
-    assert cache.verify_entry(entry) is not None
+    assert cache.check_entry(entry) is not None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import outputs
+from .. import output_pool
 from ..arrays import (check_array, check_no_overlap, from_numpy_like, readable, shape_of,
                       to_numpy)
 from ..errors import InvalidProblemError
@@ -197,7 +197,7 @@ def output(shape: tuple[int, ...], dtype: DType, like, out=None,
         arr = reshaped(arr, shape)  # the kernel's view ([blocks, values] for GGML)
         return arr, (lambda: arr if user_out is None else user_out)
     if out is None:
-        arr = outputs.empty(shape, dtype.np_dtype)
+        arr = output_pool.empty(shape, dtype.np_dtype)
         return arr, (lambda: from_numpy_like(arr, like))
     arr = to_numpy(out, "out")
     expected = tuple(result_shape if result_shape is not None else shape)

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from .. import call_memo, outputs
+from .. import call_memo, output_pool
 from ..arrays import refuse_unpacked, to_numpy
 from ..errors import DqgenError, InvalidProblemError
 from ..ir import (GGML_BLOCK_BYTES, GGML_BLOCK_VALUES, GGML_FLOAT_DTYPES,
@@ -76,7 +76,7 @@ def dequantize(data, qtype, dtype="f16", device=None, out=None):
     known = _CALLS.get(key)
     if known is not None:
         plan, flat_shape, y_shape, result_shape, out_dtype = known
-        result = out if out is not None else outputs.empty(result_shape, out_dtype)
+        result = out if out is not None else output_pool.empty(result_shape, out_dtype)
         try:
             plan.run({"data": data if data.shape == flat_shape else data.reshape(flat_shape),
                       "y": result if result.shape == y_shape else result.reshape(y_shape)})

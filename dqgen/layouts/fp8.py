@@ -61,7 +61,7 @@ class Fp8BlockDescriptor(FormatDescriptor):
     scale_dtype: DType = DType.F32
     float_dtype: DType = DType.BF16
 
-    def verify(self) -> None:
+    def validate(self) -> None:
         self._set_int("rows")
         self._set_int("cols")
         self._set_int("block_rows", maximum=2**31 - 1)

@@ -45,7 +45,7 @@ class MlxDequantizeDescriptor(FormatDescriptor):
     bits: int = 4
     float_dtype: DType = DType.F16
 
-    def verify(self) -> None:
+    def validate(self) -> None:
         rows, cols = self._set_int("rows"), self._set_int("cols")
         group = self._set_int("group_size", minimum=1)
         bits = self._set_int("bits", minimum=1)

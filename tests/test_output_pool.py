@@ -1,4 +1,4 @@
-"""Recycled result buffers (dqgen/outputs.py): a dropped result's memory serves the next
+"""Recycled result buffers (dqgen/output_pool.py): a dropped result's memory serves the next
 result of its size, never while any array still views it; the cache is bounded, can be
 turned off and released; results stay bit-exact and independent."""
 
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import dqgen
-from dqgen import InvalidProblemError, outputs, reference
+from dqgen import InvalidProblemError, reference
+from dqgen import output_pool as outputs
 
 ROWS, COLS, GROUP = 256, 2048, 128      # 2 MiB of f32: above outputs.MIN_BYTES
 
