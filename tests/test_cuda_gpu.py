@@ -287,9 +287,9 @@ def _packed_descriptor(P, uri):
 
 
 def test_gpu_checkpoint_formats_match_their_oracles(monkeypatch, tmp_path):
-    """GPTQ, AWQ, float zero points, HQQ and every GGML type: each emulation test of
-    tests/test_formats_cuda.py, test_hqq.py and test_formats_gguf_types.py, with its kernel
-    launched on the device instead."""
+    """GPTQ, AWQ, float zero points, HQQ, FP8 and every GGML type: each emulation test of
+    tests/test_formats_cuda.py, test_hqq.py, test_fp8.py and test_formats_gguf_types.py,
+    with its kernel launched on the device instead."""
     import importlib
     on_device = lambda desc, arrays, scalars, n, _tmp: _launch_on_device(desc, arrays, scalars, n)  # noqa: E731
     # the emulation tests import run_emulated by either name of its module
@@ -305,6 +305,8 @@ def test_gpu_checkpoint_formats_match_their_oracles(monkeypatch, tmp_path):
     from tests import test_hqq as H
     for bits, dtype in ((4, "bf16"), (3, "f16"), (1, "f32"), (8, "bf16")):
         H.test_cuda_emulated(bits, dtype, tmp_path)  # its g++ check: the emulation's, moot here
+    from tests import test_fp8 as P  # FP8 blocks and rows; torch's float8 is the oracle
+    P.test_cuda_text_in_emulation(tmp_path)
     try:
         import gguf  # noqa: F401
     except ImportError:

@@ -50,7 +50,8 @@ NEEDED = {"numpy": "numpy", "jinja2": "jinja2", "cffi": "cffi", "ml_dtypes": "ml
           "pytest": "pytest", "hypothesis": "hypothesis", "gguf": "gguf"}
 EMULATION_TESTS = ("tests/test_cuda_kernels.py", "tests/test_cuda_infra.py", "tests/test_cuda_plans.py",
                    "tests/test_packed_cuda.py", "tests/test_formats_cuda.py",
-                   "tests/test_floatzp_hqq_cuda.py")
+                   "tests/test_floatzp_hqq_cuda.py", "tests/test_fp8.py::test_nvrtc_compiles",
+                   "tests/test_fp8.py::test_cuda_text_in_emulation")
 # The device tests: every kernel against its oracle (tests/test_cuda_gpu.py), and torch CUDA
 # tensors through the registered ops (dqgen.torch) against the same ops on the CPU.
 DEVICE_TESTS = ("tests/test_cuda_gpu.py", "tests/test_interop_gpu.py",
@@ -242,7 +243,7 @@ sys.path[:0] = ["tools"]
 import bench_cuda
 r = bench_cuda.run_device(shapes=((64, 1024),), floats=("f16", "bf16", "f32", "f64"), repeat=3,
                           torch_device="cpu", groups=(128,))
-f = bench_cuda.run_formats("cpu", shape=(64, 1024), repeat=1)
+f = bench_cuda.run_formats("cpu", shape=(256, 1024), repeat=1)
 print("DRYRUN " + json.dumps({"cases": (len(r["cases"]) if r else 0) + (len(f["cases"]) if f else 0)}))
 """
 # Every checkpoint format's kernel on the device, beside a copy of as many bytes.
