@@ -373,6 +373,8 @@ class Layout(enum.Enum):
     GGML_IQ1_S = "ggml_iq1_s"
     GGML_IQ1_M = "ggml_iq1_m"
     GGML_NVFP4 = "ggml_nvfp4"  # 64-value blocks, four E4M3 scales
+    GGML_Q1_0 = "ggml_q1_0"  # 128 sign bits a block (+-d)
+    GGML_Q2_0 = "ggml_q2_0"  # 64 2-bit values a block, q - 1 in {-1, 0, 1, 2}
     GGML_F32 = "ggml_f32"    # float tensors, passed through (one value a "block")
     GGML_F16 = "ggml_f16"
     GGML_BF16 = "ggml_bf16"
@@ -389,12 +391,14 @@ GGML_BLOCK_BYTES = {Layout.GGML_Q4_0: 18, Layout.GGML_Q4_1: 20, Layout.GGML_Q5_0
                     Layout.GGML_MXFP4: 17, Layout.GGML_IQ2_XXS: 66, Layout.GGML_IQ3_XXS: 98,
                     Layout.GGML_IQ2_XS: 74, Layout.GGML_IQ2_S: 82, Layout.GGML_IQ3_S: 110,
                     Layout.GGML_IQ1_S: 50, Layout.GGML_IQ1_M: 56, Layout.GGML_NVFP4: 36,
+                    Layout.GGML_Q1_0: 18, Layout.GGML_Q2_0: 18,
                     Layout.GGML_F32: 4, Layout.GGML_F16: 2, Layout.GGML_BF16: 2}
 _GGML_SMALL = (Layout.GGML_Q4_0, Layout.GGML_Q4_1, Layout.GGML_Q5_0, Layout.GGML_Q8_0,
                Layout.GGML_Q5_1, Layout.GGML_IQ4_NL, Layout.GGML_MXFP4)
 _GGML_FLOATS = (Layout.GGML_F32, Layout.GGML_F16, Layout.GGML_BF16)
+_GGML_OTHER_VALUES = {Layout.GGML_NVFP4: 64, Layout.GGML_Q1_0: 128, Layout.GGML_Q2_0: 64}
 GGML_BLOCK_VALUES = {layout: 32 if layout in _GGML_SMALL else 1 if layout in _GGML_FLOATS
-                     else 64 if layout is Layout.GGML_NVFP4 else 256
+                     else _GGML_OTHER_VALUES.get(layout, 256)
                      for layout in GGML_BLOCK_BYTES}
 GPTQ_BITS = (2, 4, 8)
 GPTQ_CHECKPOINT_FORMATS = ("gptq", "gptq_v2")

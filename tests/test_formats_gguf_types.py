@@ -19,6 +19,7 @@ from dqgen.layouts.ggml_blocks import IQ4_CODEBOOK, LAYOUTS, MXFP4_CODEBOOK
 from dqgen.layouts.ggml_knobs import SCALE_TABLES
 from dqgen.ir import GgmlDequantizeDescriptor, ggml_type_name
 from formats_util import FLOATS, assert_bits_equal
+from oracles.llama_cpp import NEWER_THAN_GGUF_PY, llama_cpp_rows
 
 gguf = pytest.importorskip("gguf", reason="the gguf package (test-only) is the GGML oracle")
 from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
@@ -74,9 +75,12 @@ def random_blocks(rng, qtype: str, blocks: int | None = None, step: int | None =
 
 def oracle(data: np.ndarray, qtype: str, out: str) -> np.ndarray:
     """gguf-py's f32 values rounded once to ``out``; Q8_K (which gguf-py does not
-    dequantize) as ggml's dequantize_row_q8_K: its f32 d times each int8."""
+    dequantize) as ggml's dequantize_row_q8_K: its f32 d times each int8; Q1_0 and Q2_0
+    as llama.cpp's own rows (``llama_cpp_rows``)."""
     with np.errstate(all="ignore"):
-        if qtype == "Q8_K":
+        if qtype in NEWER_THAN_GGUF_PY:
+            y = llama_cpp_rows(data, qtype)
+        elif qtype == "Q8_K":
             rows = data.reshape(-1, 292)
             d = rows[:, :4].copy().view(np.float32)
             y = (d * rows[:, 4:260].view(np.int8).astype(np.float32)).reshape(
@@ -94,7 +98,8 @@ def _step(qtype: str) -> int:
 def test_table_matches_gguf():
     """Block sizes and codebooks are gguf-py's own."""
     for name in TYPES:
-        values, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]
+        values, size = NEWER_THAN_GGUF_PY.get(name) or \
+            gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]
         assert (ggml.block_values(name), ggml.block_bytes(name)) == (values, size), name
     assert IQ4_CODEBOOK == tuple(gguf.quants.IQ4_NL.kvalues)
     assert MXFP4_CODEBOOK == tuple(gguf.quants.MXFP4.kvalues) == tuple(gguf.quants.NVFP4.kvalues)
@@ -159,8 +164,9 @@ def test_rows_of_one_block_and_of_many(qtype):
     buf = np.empty(want.size + 8, np.float16)
     start = next(i for i in range(8) if buf[i:].__array_interface__["data"][0] % 16 == 6)
     misaligned = buf[start:start + want.size].reshape(want.shape)
-    assert ggml.dequantize(many, gguf.GGMLQuantizationType[qtype], dtype="f16",
-                           out=misaligned) is misaligned
+    # a gguf type object names the type too, where gguf-py has one
+    by = gguf.GGMLQuantizationType[qtype] if hasattr(gguf.GGMLQuantizationType, qtype) else qtype
+    assert ggml.dequantize(many, by, dtype="f16", out=misaligned) is misaligned
     assert_bits_equal(misaligned, want)
 
 
@@ -247,3 +253,33 @@ def test_emulated_cuda(qtype, out, tmp_path):
     y = np.zeros((n, ggml.block_values(qtype)), FLOATS[out])
     run_emulated(desc, [data, y], [n], y.size, tmp_path)
     assert_bits_equal(y, oracle(data, qtype, out).reshape(y.shape))
+
+
+def test_llama_cpp_itself():
+    """Q1_0 and Q2_0 against llama.cpp's own to_float (ggml_get_type_traits) in a
+    libggml-base built from the llama-cpp-python sdist's vendor/llama.cpp (cmake, a few
+    minutes): set GGML_BASE_LIB to its path. Every f16 d pattern meets random bits."""
+    import ctypes
+    import os
+    path = os.environ.get("GGML_BASE_LIB")
+    if not path:
+        pytest.skip("GGML_BASE_LIB (a built libggml-base) is not set")
+    lib = ctypes.CDLL(path)
+
+    class Traits(ctypes.Structure):
+        _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
+                    ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
+                    ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p)]
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(Traits)
+    to_float = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(ctypes.c_float),
+                                ctypes.c_int64)
+    rng = np.random.default_rng(41)
+    for type_id, qtype in ((41, "Q1_0"), (42, "Q2_0")):
+        traits = lib.ggml_get_type_traits(type_id).contents
+        assert traits.type_name.decode().upper() == qtype
+        data = random_blocks(rng, qtype, step=1)
+        want = np.empty(data.shape[0] * traits.blck_size, np.float32)
+        to_float(traits.to_float)(data.ctypes.data,
+                                  want.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), want.size)
+        assert_bits_equal(ggml.dequantize(data, qtype, "f32").reshape(-1), want)
+        assert_bits_equal(llama_cpp_rows(data, qtype).reshape(-1), want)

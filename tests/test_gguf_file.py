@@ -22,6 +22,7 @@ from dqgen.cli import main as cli
 from dqgen.errors import InvalidProblemError, UnsupportedError
 from dqgen.formats import ggml
 from formats_util import FLOATS, assert_bits_equal
+from oracles.llama_cpp import NEWER_THAN_GGUF_PY, llama_cpp_rows
 
 gguf = pytest.importorskip("gguf", reason="llama.cpp's gguf package writes the files and is "
                            "the oracle")
@@ -54,6 +55,8 @@ def _tensors(rng) -> dict[str, tuple[str, np.ndarray]]:
     """name -> (type, what GGUFWriter.add_tensor takes) for one tensor of every type."""
     out = {}
     for qtype in gguf_file.supported_types():
+        if not hasattr(T, qtype):  # newer than gguf-py, whose writer cannot name it
+            continue
         values = gguf.GGML_QUANT_SIZES[T[qtype]][0]
         shape = (3, 2 * max(values, 32))
         if qtype == "F32":
@@ -106,6 +109,9 @@ def oracle(path) -> dict[str, np.ndarray]:
     for t in gguf.GGUFReader(str(path)).tensors:
         if t.tensor_type == T.I32:
             out[t.name] = np.array(t.data)
+        elif t.tensor_type.name in NEWER_THAN_GGUF_PY:  # llama.cpp's own rows
+            out[t.name] = llama_cpp_rows(np.asarray(t.data), t.tensor_type.name).astype(
+                np.float32)
         elif t.tensor_type == T.Q8_K:  # gguf-py has no Q8_K dequantize: ggml's f32 d * int8
             rows = np.asarray(t.data).reshape(-1, 292)
             with np.errstate(all="ignore"):

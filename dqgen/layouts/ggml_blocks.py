@@ -239,6 +239,16 @@ LAYOUTS: dict[Layout, BlockLayout] = {
         Scalar("f16", 52), formula="y = F(C(trit - 1) * C(d)), base-3 digits of bytes"),
     Layout.GGML_TQ2_0: BlockLayout(66, 256, Field(256, (_crumbs(256, 0),), offset=1),
                                    Scalar("f16", 64), formula="y = F(C(q - 1) * C(d))"),
+    # Q1_0: bit t % 8 of byte 2 + t / 8 picks +d or -d; Q2_0: the 2-bit field at bit
+    # 2 * (t % 4) of byte 2 + t / 4, minus 1 (llama.cpp's dequantize_row_q1_0 / _q2_0)
+    # (bit strings of at most 64 bits a plane)
+    Layout.GGML_Q1_0: BlockLayout(
+        18, 128, Field(128, (Plane(0, 64, 2, 1, 1, 8), Plane(64, 64, 10, 1, 1, 8)),
+                       codebook=(-1, 1) + (0,) * 14),
+        _F16_AT_0, formula="y = F(C(bit ? 1 : -1) * C(d))"),
+    Layout.GGML_Q2_0: BlockLayout(
+        18, 64, Field(64, (Plane(0, 32, 2, 1, 2, 4), Plane(32, 32, 10, 1, 2, 4)), offset=1),
+        _F16_AT_0, formula="y = F(C(q - 1) * C(d))"),
     Layout.GGML_MXFP4: BlockLayout(
         17, 32, Field(32, (_nibbles(32, 1, 16),), codebook=MXFP4_CODEBOOK),
         Scalar("e8m0_half", 0), formula="y = F(C(e2m1x2[nibble]) * 2^(e - 128)), e8m0 e"),
