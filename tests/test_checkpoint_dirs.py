@@ -317,3 +317,29 @@ def test_a_file_without_flags_and_in_shards(tmp_path, capsys):
     assert "3/3 layers" in capsys.readouterr().err
     with pytest.raises(InvalidProblemError, match="--max-shard-size='big' is not a size"):
         run_convert(str(single), str(tmp_path / "x.safetensors"), "--max-shard-size", "big")
+
+
+@pytest.mark.parametrize("packing", ["auto_round:auto_awq", "auto_awq"])
+def test_auto_round_awq_packing_needs_no_flags(tmp_path, packing):
+    """AutoRound's config names its layout by packing_format: AutoAWQ's GEMM words here."""
+    src, want = awq_checkpoint(tmp_path)
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "intel/auto-round", "bits": 4,
+                                     "group_size": 32, "sym": False, "packing_format": packing}
+    (src / "config.json").write_text(json.dumps(config))
+    assert run_convert(str(src), str(tmp_path / "out"), "--quiet") == 0
+    check_output(tmp_path / "out", want, extra_tensors())
+
+
+def test_auto_round_gptq_packings_name_v1_and_v2(tmp_path):
+    """auto_round:auto_gptq is GPTQ v1 (zeros stored minus one), auto_round and
+    auto_round:gptqmodel v2: the same words read both ways differ by one zero step."""
+    from dqgen.formats import checkpoint
+    for packing, fmt in (("auto_round:auto_gptq", "gptq"), ("auto_round", "gptq_v2"),
+                         ("auto_round:gptqmodel", "gptq_v2")):
+        q = checkpoint.parse_quant_config({"quant_method": "auto-round", "bits": 4,
+                                           "group_size": 128, "packing_format": packing}, "c")
+        assert (q.method, q.checkpoint_format, q.bits, q.group_size) == ("gptq", fmt, 4, 128)
+    with pytest.raises(UnsupportedError, match="packing_format='auto_round:llm_compressor'"):
+        checkpoint.parse_quant_config({"quant_method": "auto-round",
+                                       "packing_format": "auto_round:llm_compressor"}, "c")

@@ -144,14 +144,41 @@ def parse_fp8_config(config: dict, where: str) -> QuantConfig:
     return QuantConfig(where, "fp8", extra={"block": block, "fp8": fmt})
 
 
+AUTO_ROUND_METHODS = ("auto-round", "intel/auto-round", "auto_round")
+# AutoRound's packing_format -> the layout it wrote: (quant_method, checkpoint_format).
+AUTO_ROUND_FORMATS = {
+    "auto_round:auto_gptq": ("gptq", "gptq"), "auto_round:gptq": ("gptq", "gptq"),
+    "auto_round": ("gptq", "gptq_v2"), "auto_round:gptqmodel": ("gptq", "gptq_v2"),
+    "auto_round:auto_awq": ("awq", None), "auto_awq": ("awq", None),
+}
+
+
+def _auto_round(config: dict, where: str) -> dict:
+    """An AutoRound config as the GPTQ or AWQ config its ``packing_format`` names."""
+    packing = str(config.get("packing_format") or config.get("backend") or "auto_round").lower()
+    if packing not in AUTO_ROUND_FORMATS:
+        known = ", ".join(AUTO_ROUND_FORMATS)
+        raise UnsupportedError(f"{where}: AutoRound packing_format={packing!r} is not a layout "
+                               f"dqgen reads ({known})")
+    method, fmt = AUTO_ROUND_FORMATS[packing]
+    out = {k: v for k, v in config.items() if k not in ("packing_format", "backend")}
+    out["quant_method"] = method
+    if fmt is not None:
+        out["checkpoint_format"] = fmt
+    return out
+
+
 def parse_quant_config(config: dict, where: str) -> QuantConfig:
     """A ``quantization_config`` / ``quantize_config.json`` object, its keys checked."""
     method = str(config.get("quant_method") or "gptq").lower()
+    if method in AUTO_ROUND_METHODS:
+        config = _auto_round(config, where)
+        method = config["quant_method"]
     if method == "fp8":
         return parse_fp8_config(config, where)
     if method not in ("gptq", "awq"):
         raise UnsupportedError(f"{where}: quant_method={config.get('quant_method')!r} is not "
-                               "one dqgen converts; it reads gptq, awq, fp8 and mlx_lm's")
+                               "one dqgen converts; it reads gptq, awq, auto-round, fp8 and mlx_lm's")
     bits = _int(config.get("bits", config.get("w_bit")), "bits", where)
     group = _int(config.get("group_size", config.get("q_group_size")), "group_size", where)
     key = _layout_key(config, method)
