@@ -40,7 +40,7 @@ class QuantConfig:
     """What a checkpoint's config says (None: not said)."""
 
     source: str | None = None          # the file it came from
-    method: str | None = None          # "gptq" | "awq" | "mlx" | "fp8"
+    method: str | None = None          # gptq, awq, mlx, fp8, compressed-tensors
     bits: int | None = None
     group_size: int | None = None      # None: inferred from the shapes
     checkpoint_format: str | None = None
@@ -168,9 +168,37 @@ def _auto_round(config: dict, where: str) -> dict:
     return out
 
 
+CT_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantized",
+              "mixed-precision")
+
+
+def parse_compressed_tensors(config: dict, where: str) -> QuantConfig:
+    """``quant_method: "compressed-tensors"``: the top-level ``format`` and each config
+    group's ``format`` must be ones dqgen reads; the groups' weight args (``num_bits``,
+    ``block_structure``) are kept in ``extra["groups"]``."""
+    groups = config.get("config_groups") or {}
+    if not isinstance(groups, dict):
+        raise InvalidProblemError(f"{where}: config_groups is not an object")
+    formats = {str(config.get("format") or "pack-quantized")}
+    kept = []
+    for name, group in groups.items():
+        if not isinstance(group, dict):
+            raise InvalidProblemError(f"{where}: config_groups.{name} is not an object")
+        formats.add(str(group.get("format") or config.get("format") or "pack-quantized"))
+        kept.append(group.get("weights") or {})
+    unknown = sorted(f for f in formats if f not in CT_FORMATS)
+    if unknown:
+        raise UnsupportedError(f"{where}: compressed-tensors format {unknown[0]!r} is not one "
+                               f"dqgen reads ({', '.join(CT_FORMATS[:4])})")
+    return QuantConfig(where, "compressed-tensors", extra={"groups": kept,
+                                                          "formats": sorted(formats)})
+
+
 def parse_quant_config(config: dict, where: str) -> QuantConfig:
     """A ``quantization_config`` / ``quantize_config.json`` object, its keys checked."""
     method = str(config.get("quant_method") or "gptq").lower()
+    if method == "compressed-tensors":
+        return parse_compressed_tensors(config, where)
     if method in AUTO_ROUND_METHODS:
         config = _auto_round(config, where)
         method = config["quant_method"]
@@ -178,7 +206,8 @@ def parse_quant_config(config: dict, where: str) -> QuantConfig:
         return parse_fp8_config(config, where)
     if method not in ("gptq", "awq"):
         raise UnsupportedError(f"{where}: quant_method={config.get('quant_method')!r} is not "
-                               "one dqgen converts; it reads gptq, awq, auto-round, fp8 and mlx_lm's")
+                               "one dqgen converts; it reads gptq, awq, auto-round, compressed-tensors, fp8 and "
+                               "mlx_lm's")
     bits = _int(config.get("bits", config.get("w_bit")), "bits", where)
     group = _int(config.get("group_size", config.get("q_group_size")), "group_size", where)
     key = _layout_key(config, method)

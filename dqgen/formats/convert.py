@@ -41,7 +41,7 @@ import numpy as np
 from .. import env
 from ..errors import InvalidProblemError, UnsupportedError
 from ..ir import GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS, GPTQ_V1_ZEROS
-from . import awq, fp8, gptq, mlx
+from . import awq, compressed_tensors, fp8, gptq, mlx
 from .checkpoint import (INDEX_NAME, MLX_BITS, NOT_COPIED, Checkpoint, open_checkpoint,
                          v1_zeros_rule)
 from .convert_output import Destination, kernel_jobs
@@ -108,7 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "llama.cpp .gguf file: every tensor converted, no --format)")
     parser.add_argument("output", metavar="OUT", help="file to write (a directory for a "
                         "directory or index IN)")
-    parser.add_argument("--format", choices=("gptq", "awq", "mlx", "fp8"), default=None,
+    parser.add_argument("--format", choices=("gptq", "awq", "mlx", "fp8", "compressed-tensors"),
+                        default=None,
                         help="how the layers are packed; default: the config's quant_method, "
                              "else read from the shapes")
     parser.add_argument("--dtype", default="f16", choices=tuple(OUT_DTYPES),
@@ -401,6 +402,74 @@ def _plan_fp8_layer(tensors, prefix: str, parts: dict[str, str], s, quant) -> tu
     return "fp8", shape, _naming(prefix, run)
 
 
+def find_ct_layers(tensors) -> dict[str, dict[str, str]]:
+    """Prefix -> {part: tensor name} for every compressed-tensors layer: pack-quantized
+    (``weight_packed``, ``weight_shape``), int8 or FP8 ``weight``, each with its
+    ``weight_scale`` (and ``weight_zero_point``); other tensors are copied."""
+    layers: dict[str, dict[str, str]] = {}
+    for name, entry in tensors.entries.items():
+        prefix, _, part = name.rpartition(".")
+        if part not in ("weight_packed", "weight") or f"{prefix}.weight_scale" not in tensors.entries:
+            continue
+        if part == "weight" and entry.dtype not in ("I8", *FP8_DTYPES):
+            continue
+        if f"{prefix}.weight_g_idx" in tensors.entries:
+            raise UnsupportedError(f"{prefix}.weight_g_idx: act-order compressed-tensors "
+                                   "layers are not read by dqgen yet")
+        parts = {"weight": name, "scale": f"{prefix}.weight_scale"}
+        for extra in ("weight_shape", "weight_zero_point"):
+            if f"{prefix}.{extra}" in tensors.entries:
+                parts[extra] = f"{prefix}.{extra}"
+        if part == "weight_packed" and "weight_shape" not in parts:
+            raise InvalidProblemError(f"{name} has no {prefix}.weight_shape beside it")
+        layers[prefix] = parts
+    if not layers:
+        where = ", ".join(str(r.path) for r in getattr(tensors, "readers", ()))
+        raise InvalidProblemError(f"{where}: no compressed-tensors layers (*.weight_packed or "
+                                  "an int8/FP8 *.weight, each with *.weight_scale)")
+    return layers
+
+
+def _plan_ct_layer(tensors, prefix: str, parts: dict[str, str], s, quant) -> tuple:
+    """(format, output shape, dequantize callable) of one compressed-tensors layer; bits
+    from the packed width (4 or 8), an FP8 block from the config's block_structure."""
+    entry = tensors.entries[parts["weight"]]
+    get = tensors.array
+    want = OUT_DTYPES_NP[s.dtype]
+    zero = parts.get("weight_zero_point")
+    if parts["weight"].endswith(".weight_packed"):
+        n, k = (int(v) for v in get(parts["weight_shape"]).reshape(-1))
+        words = entry.shape[-1]
+        bits = next((b for b in compressed_tensors.PACKED_BITS if -(-k * b // 32) == words), None)
+        if bits is None:
+            raise UnsupportedError(f"{parts['weight']} has {words} words a row for K={k}: not "
+                                   "4- or 8-bit values, the pack-quantized widths dqgen reads")
+
+        def run():
+            return compressed_tensors.dequantize_packed(
+                get(parts["weight"]), get(parts["scale"]), (n, k),
+                get(zero) if zero else None, bits).astype(want, copy=False)
+        return "compressed-tensors", (n, k), _naming(prefix, run)
+    shape = tuple(_shape(tensors, parts["weight"], 2))
+    if entry.dtype == "I8":
+        def run():
+            return compressed_tensors.dequantize_int8(
+                get(parts["weight"]), get(parts["scale"]),
+                get(zero) if zero else None).astype(want, copy=False)
+        return "compressed-tensors", shape, _naming(prefix, run)
+    blocks = {tuple(g.get("block_structure")) for g in quant.extra.get("groups", ())
+              if g.get("block_structure")}
+    block = blocks.pop() if len(blocks) == 1 else None
+
+    scale_shape = tuple(tensors.entries[parts["scale"]].shape)
+    if block is not None and scale_shape != tuple(-(-n // b) for n, b in zip(shape, block)):
+        block = None  # a tensor's or a row's scale: fp8 reads it from the scale's shape
+
+    def run():
+        return fp8.dequantize(get(parts["weight"]), get(parts["scale"]), block, s.dtype)
+    return "compressed-tensors", shape, _naming(prefix, run)
+
+
 def _check_gptq_shapes(tensors, parts: dict[str, str], bits: int) -> None:
     """qzeros [groups, N * bits / 32] and scales [groups, N] for qweight [K * bits / 32, N]."""
     qw, qz = tensors.entries[parts["qweight"]].shape, tensors.entries[parts["qzeros"]].shape
@@ -564,6 +633,10 @@ def _convert_checkpoint(args: argparse.Namespace) -> int:
     if s.format == "mlx":
         layers = find_mlx_layers(tensors)
         plans = {prefix: _plan_mlx_layer(tensors, prefix, parts, s, ckpt.quant)
+                 for prefix, parts in layers.items()}
+    elif s.format == "compressed-tensors":
+        layers = find_ct_layers(tensors)
+        plans = {prefix: _plan_ct_layer(tensors, prefix, parts, s, ckpt.quant)
                  for prefix, parts in layers.items()}
     elif s.format == "fp8":
         layers = find_fp8_layers(tensors)

@@ -1,0 +1,208 @@
+"""compressed-tensors' integer formats (llm-compressor checkpoints): pack-quantized 4- and
+8-bit (symmetric or with packed zero points; group, channel and tensor scales) and
+int-/naive-quantized int8, bit for bit with the library's own compressors' decompress."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dqgen import InvalidProblemError, UnsupportedError
+from dqgen.formats import compressed_tensors as ct
+from formats_util import assert_bits_equal, random_f16
+
+torch = pytest.importorskip("torch")
+ctc = pytest.importorskip("compressed_tensors.compressors",
+                          reason="compressed-tensors (the oracle) is not installed")
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32  # noqa: E402
+from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme  # noqa: E402
+from compressed_tensors.quantization.utils import calculate_qparams  # noqa: E402
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def compressed(compressor, w, bits, symmetric, strategy, group):
+    """``w`` compressed by the library, its scheme, and the library's decompression."""
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy=strategy,
+                            group_size=group)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    n, k = w.shape
+    if strategy == "group":
+        grouped = w.float().reshape(n, k // group, group)
+        lo, hi = grouped.amin(-1), grouped.amax(-1)
+    elif strategy == "channel":
+        lo, hi = w.float().amin(-1, keepdim=True), w.float().amax(-1, keepdim=True)
+    else:
+        lo, hi = w.float().amin().reshape(1), w.float().amax().reshape(1)
+    scale, zero = calculate_qparams(lo, hi, args)
+    state = compressor.compress({"weight": w, "weight_scale": scale.to(w.dtype),
+                                 "weight_zero_point": zero}, scheme)
+    return state, compressor.decompress(dict(state), scheme)["weight"]
+
+
+def same(got, want):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    bits = {2: torch.int16, 4: torch.int32}[got.element_size()]
+    assert torch.equal(got.view(bits), want.view(bits))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("strategy,group", [("group", 128), ("group", 32), ("channel", None)])
+def test_pack_quantized_matches_the_library(bits, symmetric, strategy, group, dtype):
+    torch.manual_seed(bits + 7 * symmetric)
+    w = torch.randn(48, 256, dtype=dtype)
+    state, want = compressed(ctc.PackedQuantizationCompressor, w, bits, symmetric, strategy,
+                             group)
+    got = ct.dequantize_packed(state["weight_packed"], state["weight_scale"],
+                               state["weight_shape"], state.get("weight_zero_point"), bits)
+    same(got, want)
+
+
+def test_pack_quantized_special_scales_and_every_value():
+    """Scales with NaN, infinities, subnormals and both zeros, every 4-bit value and zero
+    point: the library's dequantize of the library's unpacking."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+    rng = np.random.default_rng(3)
+    n, k, group = 40, 128, 32
+    q = torch.from_numpy(rng.integers(-8, 8, (n, k), dtype=np.int8))
+    z = torch.from_numpy(rng.integers(-8, 8, (n, k // group), dtype=np.int8))
+    scale = torch.from_numpy(random_f16(rng, (n, k // group)).astype(np.float32)).half()
+    packed, packed_z = pack_to_int32(q, 4), pack_to_int32(z, 4, packed_dim=0)
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=False, strategy="group",
+                            group_size=group)
+    want = dequantize(unpack_from_int32(packed, 4, torch.Size((n, k))), scale,
+                      unpack_from_int32(packed_z, 4, torch.Size((n, k // group)), packed_dim=0),
+                      args)
+    got = ct.dequantize_packed(packed, scale, [n, k], packed_z, 4)
+    assert_bits_equal(got.numpy(), want.numpy())
+
+
+@pytest.mark.parametrize("compressor", ["IntQuantizationCompressor", "NaiveQuantizationCompressor"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("strategy,group", [("channel", None), ("group", 64), ("tensor", None)])
+def test_int8_matches_the_library(compressor, symmetric, strategy, group):
+    torch.manual_seed(11)
+    w = torch.randn(32, 128, dtype=torch.bfloat16)
+    state, want = compressed(getattr(ctc, compressor), w, 8, symmetric, strategy, group)
+    same(ct.dequantize_int8(state["weight"], state["weight_scale"],
+                            state.get("weight_zero_point")), want)
+
+
+def test_numpy_in_numpy_out_and_out():
+    torch.manual_seed(5)
+    state, want = compressed(ctc.PackedQuantizationCompressor, torch.randn(16, 64), 4, True,
+                             "group", 32)
+    out = np.empty((16, 64), np.float32)
+    got = ct.dequantize_packed(state["weight_packed"].numpy(), state["weight_scale"].numpy(),
+                               (16, 64), None, 4, out=out)
+    assert got is out and np.array_equal(out, want.numpy())
+
+
+def test_bad_inputs():
+    torch.manual_seed(6)
+    state, _ = compressed(ctc.PackedQuantizationCompressor, torch.randn(16, 64), 4, True,
+                          "group", 32)
+    packed, scale = state["weight_packed"], state["weight_scale"]
+    with pytest.raises(UnsupportedError, match="num_bits=3"):
+        ct.dequantize_packed(packed, scale, (16, 64), None, 3)
+    with pytest.raises(InvalidProblemError, match=r"weight_packed has dtype int32 and shape "
+                       r"\(16, 8\); expected int32 \[16, 16\]"):
+        ct.dequantize_packed(packed, scale, (16, 128), None, 4)
+    with pytest.raises(InvalidProblemError, match=r"weight_scale has shape \(16, 3\)"):
+        ct.dequantize_packed(packed, scale[:, :1].repeat(1, 3), (16, 64), None, 4)
+    with pytest.raises(InvalidProblemError, match="weight_shape"):
+        ct.dequantize_packed(packed, scale, "16x64", None, 4)
+    with pytest.raises(InvalidProblemError, match="int-quantized weights are int8"):
+        ct.dequantize_int8(torch.zeros(4, 8), torch.ones(4, 1))
+
+
+def _ct_checkpoint(path):
+    """A small llm-compressor-style checkpoint: config groups of 4-bit asymmetric groups,
+    8-bit symmetric channels, an FP8 block layer (float-quantized), an int8 layer, an
+    ignored float layer; each layer compressed by the library, two shards."""
+    import json
+    st = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(21)
+    path.mkdir()
+    tensors, want = {}, {}
+    specs = {"model.layers.0.self_attn.q_proj": (ctc.PackedQuantizationCompressor, 4, False, "group", 32),
+             "model.layers.0.mlp.up_proj": (ctc.PackedQuantizationCompressor, 8, True, "channel", None),
+             "model.layers.0.mlp.down_proj": (ctc.IntQuantizationCompressor, 8, False, "channel", None)}
+    for name, (compressor, bits, sym, strategy, group) in specs.items():
+        state, weight = compressed(compressor, torch.randn(64, 128, dtype=torch.bfloat16), bits,
+                                   sym, strategy, group)
+        tensors.update({f"{name}.{k}": v for k, v in state.items()})
+        want[f"{name}.weight"] = weight
+    fp8_w = torch.randn(200, 300).to(torch.float8_e4m3fn)
+    fp8_s = torch.rand(2, 3) * 0.01
+    tensors["model.layers.0.self_attn.o_proj.weight"] = fp8_w
+    tensors["model.layers.0.self_attn.o_proj.weight_scale"] = fp8_s
+    rows, cols = torch.arange(200) // 128, torch.arange(300) // 128
+    want["model.layers.0.self_attn.o_proj.weight"] = (
+        fp8_w.to(torch.float32) * fp8_s[rows][:, cols]).to(torch.bfloat16)
+    tensors["lm_head.weight"] = torch.randn(8, 64, dtype=torch.bfloat16)
+    names = sorted(tensors)
+    half = len(names) // 2
+    weight_map = {}
+    for i, part in enumerate((names[:half], names[half:]), 1):
+        file = f"model-0000{i}-of-00002.safetensors"
+        st.save_file({n: tensors[n].contiguous() for n in part}, str(path / file))
+        weight_map.update({n: file for n in part})
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = {"model_type": "llama", "quantization_config": {
+        "quant_method": "compressed-tensors", "format": "mixed-precision", "ignore": ["lm_head"],
+        "config_groups": {
+            "group_0": {"targets": ["re:.*q_proj"], "format": "pack-quantized",
+                        "weights": {"num_bits": 4, "type": "int", "symmetric": False,
+                                    "strategy": "group", "group_size": 32}},
+            "group_1": {"targets": ["re:.*up_proj"], "format": "pack-quantized",
+                        "weights": {"num_bits": 8, "type": "int", "symmetric": True,
+                                    "strategy": "channel"}},
+            "group_2": {"targets": ["re:.*down_proj"], "format": "int-quantized",
+                        "weights": {"num_bits": 8, "type": "int", "symmetric": False,
+                                    "strategy": "channel"}},
+            "group_3": {"targets": ["re:.*o_proj"], "format": "float-quantized",
+                        "weights": {"num_bits": 8, "type": "float", "strategy": "block",
+                                    "block_structure": [128, 128]}}}}}
+    (path / "config.json").write_text(json.dumps(config))
+    return tensors, want
+
+
+def test_convert_reads_a_mixed_checkpoint_with_no_flags(tmp_path):
+    """Layers of four formats in one checkpoint, each as the library decompresses it (the
+    FP8 one as DeepSeek's formula), the ignored layer copied, the quantization config
+    dropped."""
+    import json
+    from dqgen import cli
+    st = pytest.importorskip("safetensors.torch")
+    tensors, want = _ct_checkpoint(tmp_path / "in")
+    out = tmp_path / "out"
+    assert cli.main(["convert", str(tmp_path / "in"), str(out), "--dtype", "bf16", "--quiet"]) == 0
+    got = {}
+    for shard in sorted(out.glob("*.safetensors")):
+        got.update(st.load_file(str(shard)))
+    for name, weight in want.items():
+        assert_bits_equal(got[name].view(torch.int16).numpy(), weight.view(torch.int16).numpy())
+    assert torch.equal(got["lm_head.weight"], tensors["lm_head.weight"])
+    assert not [n for n in got if "weight_scale" in n or "weight_packed" in n or
+                "weight_zero_point" in n or "weight_shape" in n]
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+
+
+def test_convert_refuses_act_order_and_unknown_formats(tmp_path, capsys):
+    import json
+    from dqgen import cli
+    st = pytest.importorskip("safetensors.torch")
+    _ct_checkpoint(tmp_path / "in")
+    config_path = tmp_path / "in" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["format"] = "marlin-24"
+    config_path.write_text(json.dumps(config))
+    assert cli.main(["convert", str(tmp_path / "in"), str(tmp_path / "out"), "--quiet"]) == 2
+    assert "compressed-tensors format 'marlin-24'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
