@@ -1,6 +1,7 @@
 """Checkpoint-format rows of the benchmark: GGML blocks against the gguf package, GPTQ
-4-bit against a numpy unpack-and-scale path, float zero points against torchao and HQQ
-against hqq (where installed); and every GGML type against gguf-py and a
+4-bit against a numpy unpack-and-scale path, float zero points against torchao, HQQ
+against hqq, FP8 blocks against torch, MLX against mlx and compressed-tensors against its
+own decompress (where installed); and every GGML type against gguf-py and a
 stream over its bytes (``--gguf-types``, ``bench_gguf_types``).
 
 Run by ``tools/bench.py`` (or alone: ``python tools/bench_formats.py``). Times are medians
@@ -205,6 +206,96 @@ def bench_zero_points(repeat: int, stream: Stream) -> list[dict]:
     return out_rows
 
 
+NEW_SHAPES = ((4096, 4096), (14336, 4096))
+
+
+def _bf16_numpy(t):
+    import ml_dtypes
+    import torch
+    return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16) if t.dtype == torch.bfloat16 \
+        else t.numpy()
+
+
+def bench_new_formats(repeat: int, stream: Stream, shapes=NEW_SHAPES) -> list[dict]:
+    """FP8 blocks against DeepSeek-V3's formula in torch, MLX 4-bit against
+    ``mlx.core.dequantize`` and compressed-tensors' 4-bit pack-quantized against its own
+    ``decompress``, each to bf16 (a row is skipped where its library is missing)."""
+    import torch
+    from dqgen.formats import compressed_tensors, fp8
+    rng = np.random.default_rng(3)
+    rows = []
+    for n, k in shapes:
+        codes = rng.integers(0, 256, (n, k), dtype=np.uint8)
+        codes[(codes & 0x7F) == 0x7F] = 0  # no NaN codes: the check compares bits
+        w = torch.from_numpy(codes).view(torch.float8_e4m3fn)
+        scale = torch.rand(-(-n // 128), -(-k // 128)) * 0.01
+        r, c = torch.arange(n) // 128, torch.arange(k) // 128
+
+        def theirs(w=w, scale=scale, r=r, c=c):
+            return (w.to(torch.float32) * scale[r][:, c]).to(torch.bfloat16)
+
+        def ours(w=w, scale=scale, out=None):
+            return fp8.dequantize(w, scale, (128, 128), "bf16", out=out)
+        got = _bf16_numpy(ours())
+        _same_bits(got, theirs(), "FP8")
+        times = interleaved(_contenders(stream, ours, lambda out, f=ours: f(out=out), "peer",
+                                        theirs, n * k, got), repeat=repeat, warmup=1)
+        rows.append(_row(f"FP8 e4m3 128x128 blocks {[n, k]} -> bf16 (torch)", times, "peer"))
+        try:
+            import mlx.core as mx
+        except ImportError:
+            print("mlx is not installed: MLX rows skipped", file=sys.stderr)
+        else:
+            from dqgen.formats import mlx as dqgen_mlx
+            q, s, b = mx.quantize(mx.array(rng.standard_normal((n, k), dtype=np.float32))
+                                  .astype(mx.bfloat16), group_size=64, bits=4)
+            qn, sn, bn = (np.array(a.astype(mx.float32)) if a.dtype == mx.bfloat16 else np.array(a)
+                          for a in (q, s, b))
+            import ml_dtypes
+            sn, bn = sn.astype(ml_dtypes.bfloat16), bn.astype(ml_dtypes.bfloat16)
+
+            def theirs_mlx(q=q, s=s, b=b):
+                out = mx.dequantize(q, s, b, group_size=64, bits=4)
+                mx.eval(out)
+                return out
+
+            def ours_mlx(qn=qn, sn=sn, bn=bn, out=None):
+                return dqgen_mlx.dequantize(qn, sn, bn, 64, 4, out=out)
+            got = ours_mlx()
+            want = np.array(theirs_mlx().astype(mx.float32)).astype(ml_dtypes.bfloat16)
+            _same_bits(got, want, "MLX")
+            times = interleaved(_contenders(stream, ours_mlx, lambda out, f=ours_mlx: f(out=out),
+                                            "peer", theirs_mlx, n * k, got),
+                                repeat=repeat, warmup=1)
+            rows.append(_row(f"MLX 4-bit g64 {[n, k]} -> bf16 (mlx)", times, "peer"))
+        try:
+            from compressed_tensors.compressors import PackedQuantizationCompressor as P
+            from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+            from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+        except ImportError:
+            print("compressed-tensors is not installed: its rows skipped", file=sys.stderr)
+            continue
+        values = torch.from_numpy(rng.integers(-8, 8, (n, k), dtype=np.int8))
+        state = {"weight_packed": pack_to_int32(values, 4), "weight_shape": torch.tensor([n, k]),
+                 "weight_scale": (torch.rand(n, k // 128) * 0.01).to(torch.bfloat16)}
+        scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+            num_bits=4, type="int", symmetric=True, strategy="group", group_size=128))
+
+        def theirs_ct(state=state, scheme=scheme):
+            return P.decompress(dict(state), scheme)["weight"]
+
+        def ours_ct(state=state, out=None):
+            return compressed_tensors.dequantize_packed(
+                state["weight_packed"], state["weight_scale"], (n, k), None, 4, out=out)
+        got = _bf16_numpy(ours_ct())
+        _same_bits(got, theirs_ct(), "compressed-tensors")
+        times = interleaved(_contenders(stream, ours_ct, lambda out, f=ours_ct: f(out=out),
+                                        "peer", theirs_ct, n * k, got), repeat=repeat, warmup=1)
+        rows.append(_row(f"compressed-tensors int4 g128 {[n, k]} -> bf16 (library)", times,
+                         "peer"))
+    return rows
+
+
 class BlockStream:
     """tools/stream_blocks.c: reads a GGML tensor's block bytes and writes its output's
     bytes (a group's XOR spread over its outputs), built with dqgen's compiler and flags."""
@@ -333,6 +424,10 @@ def run(repeat: int = 10) -> list[dict]:
             rows += bench_zero_points(repeat, stream)
         except ImportError as exc:
             print(f"float zero / HQQ rows skipped ({exc})", file=sys.stderr)
+        try:
+            rows += bench_new_formats(repeat, stream)
+        except ImportError as exc:
+            print(f"FP8 / MLX / compressed-tensors rows skipped ({exc})", file=sys.stderr)
     return rows
 
 
@@ -351,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--new-formats", action="store_true",
+                   help="only the FP8, MLX and compressed-tensors rows")
     p.add_argument("--gguf-types", nargs="*", default=None, metavar="TYPE",
                    help="only the per-type GGML rows (every type, or those named), one thread")
     p.add_argument("--gguf-repeat", type=int, default=5,
@@ -358,6 +455,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     print(f"dqgen {dqgen.__version__}, threads: {_threads()}")
     rows = []
+    if args.new_formats:
+        with tempfile.TemporaryDirectory(prefix="dqgen-bench-") as work:
+            stream = Stream(Path(work))
+            stream.check()
+            rows = bench_new_formats(args.repeat, stream)
+        print(table(rows))
+        return 0
     if args.gguf_types is None:
         rows = run(args.repeat)
         print(table(rows))
