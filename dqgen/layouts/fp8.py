@@ -37,13 +37,31 @@ def fp8_bits(fp8: str) -> tuple[int, ...]:
     return tuple(int(v) for v in values.view(np.uint32))
 
 
+def c_float(bits: int) -> str:
+    """An f32 bit pattern as an exact C constant expression (a hex float, or a builtin for
+    NaN and the infinities), so the C table is a plain float array the compiler gathers
+    from."""
+    value = float(np.array([bits], np.uint32).view(np.float32)[0])
+    sign = "-" if bits >> 31 else ""
+    if value != value:
+        return f"{sign}__builtin_nanf(\"\")"
+    if value in (float("inf"), float("-inf")):
+        return f"{sign}__builtin_inff()"
+    return f"{value.hex()}f" if value or not sign else "-0x0p+0f"
+
+
 @dataclass(frozen=True)
 class Fp8Knobs:
-    """What the fp8 templates print: the decode table and the block sizes."""
+    """What the fp8 templates print: the decode table (f32 bit patterns, and as C float
+    constants) and the block sizes."""
 
     table: tuple[int, ...]
     block_rows: int
     block_cols: int
+
+    @property
+    def c_table(self) -> tuple[str, ...]:
+        return tuple(c_float(b) for b in self.table)
 
 
 @dataclass(frozen=True)
