@@ -298,7 +298,10 @@ def _plan_layer(tensors, parts: dict[str, str], s: Settings) -> tuple:
     return fmt, shape, _naming(parts["qweight"].rpartition(".")[0] or "(top level)", run)
 
 
-MLX_PARTS = ("weight", "scales", "biases")
+def _none_found(tensors, what: str) -> InvalidProblemError:
+    """The error for a checkpoint whose shards hold none of a format's layers."""
+    where = ", ".join(str(r.path) for r in getattr(tensors, "readers", ()))
+    return InvalidProblemError(f"{where}: {what}")
 
 
 def main_part(parts: dict[str, str]) -> str:
@@ -326,9 +329,8 @@ def find_mlx_layers(tensors) -> dict[str, dict[str, str]]:
                                       "MLX-quantized weight is uint32 words")
         parts["weight"] = weight
     if not layers:
-        where = ", ".join(str(r.path) for r in getattr(tensors, "readers", ()))
-        raise InvalidProblemError(f"{where}: no MLX-quantized layers (no *.scales and "
-                                  "*.biases beside a uint32 *.weight)")
+        raise _none_found(tensors, "no MLX-quantized layers (no *.scales and *.biases beside "
+                                   "a uint32 *.weight)")
     return layers
 
 
@@ -373,8 +375,7 @@ def find_fp8_layers(tensors) -> dict[str, dict[str, str]]:
                                       f"{FP8_SCALES[0]} (or .{FP8_SCALES[1]}) beside it")
         layers[prefix] = {"weight": name, "scale": scales[0]}
     if not layers:
-        where = ", ".join(str(r.path) for r in getattr(tensors, "readers", ()))
-        raise InvalidProblemError(f"{where}: no FP8 weights (F8_E4M3 or F8_E5M2 *.weight)")
+        raise _none_found(tensors, "no FP8 weights (F8_E4M3 or F8_E5M2 *.weight)")
     return layers
 
 
@@ -424,9 +425,8 @@ def find_ct_layers(tensors) -> dict[str, dict[str, str]]:
             raise InvalidProblemError(f"{name} has no {prefix}.weight_shape beside it")
         layers[prefix] = parts
     if not layers:
-        where = ", ".join(str(r.path) for r in getattr(tensors, "readers", ()))
-        raise InvalidProblemError(f"{where}: no compressed-tensors layers (*.weight_packed or "
-                                  "an int8/FP8 *.weight, each with *.weight_scale)")
+        raise _none_found(tensors, "no compressed-tensors layers (*.weight_packed or an "
+                                   "int8/FP8 *.weight, each with *.weight_scale)")
     return layers
 
 
