@@ -23,16 +23,26 @@ bits and group size come from ``config.json``'s ``quantization``, per layer.
 
 A ``.gguf`` input (llama.cpp) needs no ``--format``: every tensor is converted
 (``gguf_convert``).
+
+``--shards I/N`` converts the I-th (from 1, as a Slurm array's ``--array=1-N`` numbers
+its tasks) of N contiguous runs of the output shards (the input's, or the
+``--max-shard-size`` ones), so N processes on as many machines write one OUT on a shared
+filesystem. Every slice plans the whole conversion from the input's headers (the output
+shards' names, sizes and index depend on no tensor's data), writes its own shards, and
+records itself done in a ledger in OUT; the slice that finds every slice done writes the
+index and side files (``convert_output``). The output is byte for byte one run's.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
+import re
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ml_dtypes
@@ -42,9 +52,9 @@ from .. import env
 from ..errors import InvalidProblemError, UnsupportedError
 from ..ir import GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS, GPTQ_V1_ZEROS
 from . import awq, compressed_tensors, fp8, gptq, mlx
-from .checkpoint import (INDEX_NAME, MLX_BITS, NOT_COPIED, Checkpoint, open_checkpoint,
-                         v1_zeros_rule)
-from .convert_output import Destination, kernel_jobs
+from .checkpoint import (CONFIG_FILES, INDEX_NAME, MLX_BITS, NOT_COPIED, Checkpoint,
+                         open_checkpoint, v1_zeros_rule)
+from .convert_output import Destination, SliceLedger, kernel_jobs
 from .progress import Progress
 from .safetensors_io import DTYPES, PendingFile, Reader, Writer, parse_size, shard_paths
 
@@ -89,12 +99,22 @@ Converting again into the same OUT replaces the earlier output there. A
 directory OUT that holds other files and no checkpoint is refused unless
 --force.
 
+On many machines: --shards I/N converts slice I of N (counted from 1) of the
+output shards (the input's own, or the --max-shard-size ones), so N processes
+(a Slurm array, Ray tasks) write one OUT on a shared filesystem at the same
+time, each checking every layer's shapes first. The last slice to finish
+writes the index and config.json, so no index names a shard not yet written;
+the result is the same bytes as one run. A slice run again is harmless; N
+may exceed the number of shards (the extra slices have nothing to write).
+
 examples:
   dqgen convert Llama-GPTQ/ llama-f16/
   dqgen convert model.safetensors out.safetensors --format awq --dtype bf16
   dqgen convert Qwen3-4B-4bit-mlx/ qwen3-bf16/ --dtype bf16
   dqgen convert DeepSeek-V3/ deepseek-v3-bf16/ --dtype bf16
   dqgen convert model-Q4_K_M.gguf out/ --max-shard-size 5GB
+  sbatch --array=1-16 --wrap \\
+    'dqgen convert DeepSeek-V3/ v3-bf16/ --shards $SLURM_ARRAY_TASK_ID/16'
 """
 
 
@@ -141,6 +161,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the input's shards; one file for a .gguf or a file)")
     parser.add_argument("--force", action="store_true",
                         help="write into a directory OUT even if it holds other files")
+    parser.add_argument("--shards", default=None, metavar="I/N",
+                        help="convert only slice I of N (counted from 1) of the output "
+                             "shards, into the same OUT as the other slices (a Slurm "
+                             "array: --array=1-N, --shards $SLURM_ARRAY_TASK_ID/N); the "
+                             "last slice to finish writes the index and config")
 
 
 class Tensors:
@@ -595,6 +620,9 @@ def run(args: argparse.Namespace) -> int:
     nothing behind and ends it with one line and status 130."""
     try:
         if str(args.input).lower().endswith(".gguf"):
+            if getattr(args, "shards", None) is not None:
+                raise InvalidProblemError("--shards splits a safetensors checkpoint's shards; "
+                                          "a .gguf file converts in one run")
             from . import gguf_convert
             return gguf_convert.run(args)
         return _convert_checkpoint(args)
@@ -624,27 +652,106 @@ def _kernel_threads(jobs: int | None):
                 os.environ[env.NUM_THREADS] = old
 
 
+def parse_slice(text) -> tuple[int, int] | None:
+    """``--shards I/N`` as (I, N), I counted from 1 (a Slurm array's ``--array=1-N``
+    task id as it is; a 0-based index passes I+1); None when not given."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*([0-9]+)\s*/\s*([0-9]+)\s*", str(text))
+    if not m:
+        raise InvalidProblemError(f"--shards {text!r} is not I/N, slice I of N counted from 1 "
+                                  "(1/3, 2/3, 3/3)")
+    index, count = int(m.group(1)), int(m.group(2))
+    if count < 1:
+        raise InvalidProblemError(f"--shards {text}: N={count} must be at least 1")
+    if not 1 <= index <= count:
+        raise InvalidProblemError(f"--shards {text}: I={index} must be 1 to {count} (slices "
+                                  "are counted from 1; with a 0-based task index pass I+1)")
+    return index, count
+
+
+def slice_of(shards: list, index: int, count: int) -> list:
+    """The ``index``-th (from 1) of ``count`` contiguous runs of ``shards``, as even in
+    number as can be (empty where there are fewer shards than slices)."""
+    return shards[(index - 1) * len(shards) // count:index * len(shards) // count]
+
+
+def _plan_layers(tensors: Tensors, s: Settings, ckpt: Checkpoint) -> tuple[dict, dict]:
+    """Every quantized layer (prefix -> parts) and its plan (format, output shape,
+    dequantize callable), every shape checked; nothing is read but headers and the
+    small tensors that give shapes."""
+    find, plan = {"mlx": (find_mlx_layers, _plan_mlx_layer),
+                  "compressed-tensors": (find_ct_layers, _plan_ct_layer),
+                  "fp8": (find_fp8_layers, _plan_fp8_layer)}.get(s.format, (None, None))
+    if find is None:
+        layers = find_layers(tensors, s.format)
+        return layers, {prefix: _plan_layer(tensors, parts, s) for prefix, parts in layers.items()}
+    layers = find(tensors)
+    return layers, {prefix: plan(tensors, prefix, parts, s, ckpt.quant)
+                    for prefix, parts in layers.items()}
+
+
+def _conversion_key(ckpt: Checkpoint, s: Settings, shards: list[_Shard], index,
+                    count: int) -> str:
+    """What makes two slices parts of one conversion: the input (its shards' names and
+    sizes, its index and configs), the settings, the output's layout and the slice
+    count; the same on every machine that sees the same files."""
+    def digest(path: Path) -> str | None:
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    configs = [ckpt.index] if ckpt.index is not None else []
+    configs += [ckpt.directory / name for name in (*CONFIG_FILES, "hf_quant_config.json")]
+    what = {"input": [[f.name, f.stat().st_size] for f in ckpt.files],
+            "configs": [[p.name, digest(p)] for p in configs],
+            "settings": {k: v for k, v in asdict(s).items() if k != "format_source"},
+            "layout": [[sh.path.name, sh.metadata, [list(item[:3]) for item in sh.items]]
+                       for sh in shards],
+            "index": index.name if index is not None else None, "slices": count}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=list).encode()).hexdigest()
+
+
+def _write_shards(shards: list[_Shard], tensors: Tensors, plans: dict, progress: Progress,
+                  pending: list) -> None:
+    """Write ``shards`` (added to ``pending``, finished, not yet in place)."""
+    done = 0
+    for shard in shards:
+        writer = Writer(shard.path, [item[:3] for item in shard.items], shard.metadata)
+        pending.append(writer)
+        for name, _, _, prefix in shard.items:
+            if prefix is None:
+                writer.put(name, tensors.raw(name))
+                continue
+            weight = plans[prefix][2]()  # the output's shape and dtype
+            writer.put(name, weight)
+            done += 1
+            progress.step(done, f"{prefix} {list(weight.shape)}")
+        writer.finish()
+
+
+def _final_files(ckpt: Checkpoint, shards: list[_Shard], index, output: Path,
+                 dtype: str) -> list[PendingFile]:
+    """The index and side files, written once every shard is in place."""
+    pending = []
+    try:
+        if index is not None:
+            pending.append(PendingFile(index, _index_json(shards)))
+        if _writes_directory(ckpt):
+            pending += _side_files(ckpt, output, dtype)
+    except BaseException:
+        for item in pending:
+            item.abort()
+        raise
+    return pending
+
+
 def _convert_checkpoint(args: argparse.Namespace) -> int:
-    """Convert the GPTQ/AWQ checkpoint ``args.input`` into ``args.output``."""
+    """Convert the checkpoint ``args.input`` into ``args.output`` (one slice of it with
+    ``--shards``)."""
+    part = parse_slice(getattr(args, "shards", None))
     ckpt = open_checkpoint(args.input)
     output = Path(args.output)
     tensors = Tensors(ckpt)
     s = settings(args, ckpt, tensors)
-    if s.format == "mlx":
-        layers = find_mlx_layers(tensors)
-        plans = {prefix: _plan_mlx_layer(tensors, prefix, parts, s, ckpt.quant)
-                 for prefix, parts in layers.items()}
-    elif s.format == "compressed-tensors":
-        layers = find_ct_layers(tensors)
-        plans = {prefix: _plan_ct_layer(tensors, prefix, parts, s, ckpt.quant)
-                 for prefix, parts in layers.items()}
-    elif s.format == "fp8":
-        layers = find_fp8_layers(tensors)
-        plans = {prefix: _plan_fp8_layer(tensors, prefix, parts, s, ckpt.quant)
-                 for prefix, parts in layers.items()}
-    else:
-        layers = find_layers(tensors, s.format)
-        plans = {prefix: _plan_layer(tensors, parts, s) for prefix, parts in layers.items()}
+    layers, plans = _plan_layers(tensors, s, ckpt)
     max_bytes = None
     if getattr(args, "max_shard_size", None) is not None:
         max_bytes = parse_size(args.max_shard_size)
@@ -657,31 +764,19 @@ def _convert_checkpoint(args: argparse.Namespace) -> int:
         if any(_same_place(shard.path, f) for f in ckpt.files):
             raise InvalidProblemError(f"OUT must differ from IN: it would overwrite {shard.path}")
     jobs = kernel_jobs(getattr(args, "jobs", None))
+    mine = shards if part is None else slice_of(shards, *part)
     where = Destination(_base(ckpt, output), [sh.path for sh in shards], index,
                         _writes_directory(ckpt) or output.is_dir(),
-                        getattr(args, "force", False), keep=ckpt.files)
-    progress = Progress(len(layers), args.quiet)
+                        getattr(args, "force", False), keep=ckpt.files, sliced=part is not None)
+    mine_layers = sum(1 for sh in mine for item in sh.items if item[3] is not None)
+    progress = Progress(mine_layers, args.quiet)
     pending: list = []
-    done = 0
     try:
         where.prepare()
         with _kernel_threads(jobs):
-            for shard in shards:
-                writer = Writer(shard.path, [item[:3] for item in shard.items], shard.metadata)
-                pending.append(writer)
-                for name, _, _, prefix in shard.items:
-                    if prefix is None:
-                        writer.put(name, tensors.raw(name))
-                        continue
-                    weight = plans[prefix][2]()  # the output's shape and dtype
-                    writer.put(name, weight)
-                    done += 1
-                    progress.step(done, f"{prefix} {list(weight.shape)}")
-                writer.finish()
-        if index is not None:
-            pending.append(PendingFile(index, _index_json(shards)))
-        if _writes_directory(ckpt):
-            pending += _side_files(ckpt, output, s.dtype)
+            _write_shards(mine, tensors, plans, progress, pending)
+        if part is None:
+            pending += _final_files(ckpt, shards, index, output, s.dtype)
         for item in pending:  # shards first, the index and config after: never a dangling name
             item.commit()
     except BaseException:
@@ -691,12 +786,57 @@ def _convert_checkpoint(args: argparse.Namespace) -> int:
         raise
     finally:
         progress.finish()
-    where.finished()
+    if part is None:
+        where.finished()
+        finish = ""
+    else:
+        finish = _finish_slice(ckpt, s, shards, index, output, where, part)
     if not args.quiet:
-        formats = sorted({plan[0] for plan in plans.values()})
-        shown = output if len(shards) == 1 and index is None else (
-            f"{output} ({len(shards)} shards{' and an index' if index else ''})")
-        source = f" (config: {ckpt.quant.source})" if ckpt.quant.source else ""
-        print(f"{shown}: {len(layers)} {'/'.join(formats)} layers dequantized to {s.dtype}, "
-              f"{sum(len(sh.items) for sh in shards) - len(layers)} other tensors copied{source}")
+        _report(args, ckpt, s, plans, shards, index, mine, mine_layers, part, finish)
     return 0
+
+
+def _finish_slice(ckpt: Checkpoint, s: Settings, shards: list[_Shard], index, output: Path,
+                  where: Destination, part: tuple[int, int]) -> str:
+    """Record this slice done; the slice that finds every slice done writes the index
+    and side files and removes the earlier output's leftovers. Returns what to say."""
+    count = part[1]
+    ledger = SliceLedger(_base(ckpt, output))
+    with ledger.record(_conversion_key(ckpt, s, shards, index, count), part[0]) as done:
+        missing = [i for i in range(1, count + 1) if i not in done]
+        if missing:
+            shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+            return (f"; slice{'s' if len(missing) > 1 else ''} {shown} of {count} not done "
+                    "yet (the last to finish writes the index and config)")
+        stale = where.leftovers()
+        pending = _final_files(ckpt, shards, index, output, s.dtype)
+        try:
+            for item in pending:
+                item.commit()
+        except BaseException:
+            for item in pending:
+                item.abort()
+            raise
+        where.finished(stale)
+        ledger.remove()
+    written = [what for what, there in (("index", index is not None),
+                                        ("config", _writes_directory(ckpt))) if there]
+    return f"; all {count} slices done" + (f": {' and '.join(written)} written" if written else "")
+
+
+def _report(args, ckpt: Checkpoint, s: Settings, plans: dict, shards: list[_Shard], index,
+            mine: list[_Shard], mine_layers: int, part, finish: str) -> None:
+    """The line that says what was written."""
+    output = args.output
+    formats = sorted({plan[0] for plan in plans.values()})
+    source = f" (config: {ckpt.quant.source})" if ckpt.quant.source else ""
+    copied = sum(len(sh.items) for sh in mine) - mine_layers
+    if part is not None:
+        print(f"{output}: slice {part[0]}/{part[1]}: {len(mine)} of {len(shards)} shards, "
+              f"{mine_layers} {'/'.join(formats)} layers dequantized to {s.dtype}, {copied} "
+              f"other tensors copied{source}{finish}")
+        return
+    shown = output if len(shards) == 1 and index is None else (
+        f"{output} ({len(shards)} shards{' and an index' if index else ''})")
+    print(f"{shown}: {mine_layers} {'/'.join(formats)} layers dequantized to {s.dtype}, "
+          f"{copied} other tensors copied{source}")

@@ -11,10 +11,20 @@ files, moved into place at the end). Around that, ``Destination``:
   0000n`` shards of the same name): otherwise a loader could pick up the old ones;
 - on failure or Ctrl-C, removes the directories it created, so nothing is left that
   was not there before.
+
+A conversion split with ``--shards I/N`` (slices run at the same time, on other
+machines, into one OUT on a shared filesystem) writes only its slice's shards; each
+slice then records itself done in the slice ledger (``SliceLedger``, a hidden file in OUT,
+held under a POSIX lock while read and written, which NFS honours too), and the slice
+that finds every slice done writes the index and side files, removes the earlier
+conversion's leftovers and the ledger. The index appears only once every shard it
+names is in place; no slice removes another's files or refuses a directory because
+another slice wrote there first (nor does it remove the directories it made).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -24,7 +34,14 @@ from pathlib import Path
 from .. import env
 from ..errors import InvalidProblemError
 from ..runtime import cpu as cpu_runtime
-from .safetensors_io import PARTIAL_SUFFIX, remove_stale_partials, writing
+from .safetensors_io import PARTIAL_SUFFIX, new_file_mode, remove_stale_partials, writing
+
+try:
+    import fcntl
+except ImportError:  # no POSIX locks: --shards is refused
+    fcntl = None
+
+SLICES_SUFFIX = ".dqgen-slices"
 
 
 def index_path(base: Path) -> Path:
@@ -44,12 +61,19 @@ def looks_like_checkpoint(directory: Path) -> bool:
                for p in directory.iterdir())
 
 
+def ledger_path(base: Path) -> Path:
+    """The slice ledger of a conversion split with ``--shards`` whose shards are named
+    after ``base``: a hidden file beside them."""
+    return base.with_name(f".{base.name}{SLICES_SUFFIX}")
+
+
 def check_directory(directory: Path, force: bool) -> None:
     """Refuse to write into a non-empty directory that is not a checkpoint (--force
-    allows it); dead partial files of an earlier run do not count."""
+    allows it); partial files and a slice ledger (another slice's) do not count."""
     if force or not directory.is_dir():
         return
-    entries = [p for p in directory.iterdir() if not p.name.endswith(PARTIAL_SUFFIX)]
+    entries = [p for p in directory.iterdir()
+               if not p.name.endswith((PARTIAL_SUFFIX, SLICES_SUFFIX))]
     if entries and not looks_like_checkpoint(directory):
         shown = ", ".join(sorted(p.name for p in entries)[:3]) + (", ..." if len(entries) > 3
                                                                    else "")
@@ -83,20 +107,28 @@ def _listed_files(index: Path) -> set[str]:
 class Destination:
     """The files one conversion writes (``files`` and ``index``, all in one directory,
     named after ``base``), and what it leaves around them. ``directory_out``: OUT names
-    a directory (checked by ``check_directory``); ``keep``: files never removed (IN)."""
+    a directory (checked by ``check_directory``); ``keep``: files never removed (IN);
+    ``sliced``: one slice of a conversion split with ``--shards`` (``files`` are every
+    slice's), which never removes the directories it made: another slice writes there."""
 
     def __init__(self, base: Path, files: list[Path], index: Path | None,
-                 directory_out: bool, force: bool, keep=()) -> None:
+                 directory_out: bool, force: bool, keep=(), sliced: bool = False) -> None:
         self.directory = base.parent
-        self._created = _missing_dirs(self.directory)
+        self._base, self._keep = base, tuple(keep)
+        self._created = [] if sliced else _missing_dirs(self.directory)
         with writing(self.directory):
             if self.directory.is_dir():
                 remove_stale_partials(self.directory)
             if directory_out:
                 check_directory(self.directory, force)
-        new = {p.name for p in files} | ({index.name} if index is not None else set())
-        self._stale = [p for p in self._previous(base) if p.name not in new
-                       and not any(_same(p, k) for k in keep)]
+        self._new = {p.name for p in files} | ({index.name} if index is not None else set())
+        self._stale = self.leftovers()
+
+    def leftovers(self) -> list[Path]:
+        """What an earlier conversion to the same place wrote and this one does not (read
+        before this one's index replaces the earlier index, which names them)."""
+        return [p for p in self._previous(self._base) if p.name not in self._new
+                and not any(_same(p, k) for k in self._keep)]
 
     def _previous(self, base: Path) -> list[Path]:
         """The files an earlier conversion named like this one left in the directory."""
@@ -115,10 +147,12 @@ class Destination:
         with writing(self.directory):
             self.directory.mkdir(parents=True, exist_ok=True)
 
-    def finished(self) -> None:
-        """Every new file is in place: remove the earlier conversion's leftovers."""
-        for path in self._stale:
+    def finished(self, stale: list[Path] | None = None) -> None:
+        """Every new file is in place: remove the earlier conversion's leftovers (those
+        found when it began, or ``stale``) and any slice ledger left by a split one."""
+        for path in self._stale if stale is None else stale:
             path.unlink(missing_ok=True)
+        ledger_path(self._base).unlink(missing_ok=True)
 
     def failed(self) -> None:
         """Remove the directories this conversion created (only if left empty)."""
@@ -127,6 +161,70 @@ class Destination:
                 d.rmdir()
             except OSError:
                 break
+
+
+class SliceLedger:
+    """Which slices of a conversion split with ``--shards`` are done: ``{"conversion":
+    key, "done": [slices]}`` in ``ledger_path(base)``, read and written in place under a
+    POSIX lock (taking it makes an NFS client read the file afresh). A ledger of another
+    conversion (another key: other input, settings or slice count) or an unreadable one
+    is started over."""
+
+    def __init__(self, base: Path) -> None:
+        self.path = ledger_path(base)
+
+    @contextlib.contextmanager
+    def record(self, key: str, index: int):
+        """Record slice ``index`` done; yields the slices done (sorted), the lock held
+        until the block ends, so the one that finds them all finishes alone."""
+        if fcntl is None:
+            raise InvalidProblemError("--shards needs POSIX file locks, which this system "
+                                      "does not have")
+        with writing(self.path):
+            fd = self._open_locked()
+        try:
+            with writing(self.path):
+                done = self._read(fd, key)
+                done = sorted(set(done) | {index})
+                data = json.dumps({"conversion": key, "done": done}).encode()
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, data, 0)
+                os.fsync(fd)
+            yield done
+        finally:
+            os.close(fd)  # releases the lock
+
+    def remove(self) -> None:
+        """The conversion is finished (called with the lock held)."""
+        self.path.unlink(missing_ok=True)
+
+    def _open_locked(self) -> int:
+        """The ledger, open and locked; opened again if it was removed meanwhile (a
+        finishing slice removes it: a lock on the removed file would guard nothing)."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, new_file_mode())
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX)
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+
+    def _read(self, fd: int, key: str) -> list[int]:
+        """The slices of conversion ``key`` recorded done (none for another's ledger)."""
+        chunks = []
+        while chunk := os.pread(fd, 1 << 16, sum(map(len, chunks))):
+            chunks.append(chunk)
+        try:
+            value = json.loads(b"".join(chunks) or b"{}")
+            done = value.get("done", []) if value.get("conversion") == key else []
+        except (ValueError, AttributeError):
+            done = []
+        return [d for d in done if type(d) is int]
 
 
 def _same(a: Path, b) -> bool:
