@@ -159,12 +159,14 @@ def check_int(value: Any, field: str, *, minimum: int = 0, maximum: int = INT64_
 
 
 class Op(enum.Enum):
-    """The four ops of the per-group family; the value is the URI stem."""
+    """The four ops of the per-group family, and the fused linear over any layout; the
+    value is the URI stem."""
 
     DEQUANTIZE = "dequant_pg"
     QUANTIZE = "quant_pg"
     DEQUANTIZE_BACKWARD = "dequant_pg_bwd"
     QUANTIZE_BACKWARD = "quant_pg_bwd"
+    LINEAR = "linear"
 
 
 @dataclass(frozen=True)
@@ -380,6 +382,7 @@ class Layout(enum.Enum):
     GGML_BF16 = "ggml_bf16"
     MLX = "mlx"              # MLX affine: a bit stream of b-bit values a row, scales and biases
     FP8_BLOCK = "fp8_block"  # FP8 values, one f32 scale a 2-D block (DeepSeek-V3) or row/tensor
+    FP4 = "fp4"              # e2m1 pairs a byte, an E8M0 or E4M3 scale a block of 32 or 16
 
 
 #: Bytes and values of one GGML block, by layout (gguf's GGML_QUANT_SIZES).

@@ -13,6 +13,8 @@ __all__ = [
     "compute_dtype",
     "dequantize_per_group",
     "dequantize_per_group_backward",
+    "fma_f32",
+    "linear",
     "quantize_per_group",
     "quantize_per_group_backward",
 ]
@@ -77,3 +79,49 @@ def quantize_per_group_backward(dy, x, scale, zero_point, group_size: int,
         inside = (shifted >= q_min) & (shifted <= q_max) & (s != 0)
         dx = np.where(inside, dy.astype(c) / np.where(s == 0, c.type(1), s), c.type(0))
         return dx.astype(f)
+
+
+def fma_f32(a, b, c) -> np.ndarray:
+    """``fma(a, b, c)`` in binary32, rounded once, as the hardware instruction: the product
+    of two f32 values is exact in f64, the sum is rounded to odd in f64 (its rounding error
+    recovered exactly by TwoSum, then the last bit forced odd where the sum was inexact),
+    and rounding that to f32 is then correct (53 >= 24 + 2 bits)."""
+    a = np.asarray(a, np.float32).astype(np.float64)
+    b = np.asarray(b, np.float32).astype(np.float64)
+    c = np.asarray(c, np.float32).astype(np.float64)
+    with np.errstate(all="ignore"):
+        p = a * b
+        s = p + c
+        bb = s - p
+        err = (p - (s - bb)) + (c - bb)
+        even = (s.view(np.uint64) & 1) == 0
+        fix = (err != 0) & even & np.isfinite(s)
+        s = np.where(fix, np.nextafter(s, np.where(err > 0, np.inf, -np.inf)), s)
+        return s.astype(np.float32)
+
+
+def linear(x, w, bias, y_dtype, lanes: int = 16) -> np.ndarray:
+    """``y[m, n] = F(sum_k x[m, k] * w[n, k] + bias[n])`` in the fused linear kernel's order
+    (SPEC.md §9): ``x`` and ``w`` widened to f32 exactly; ``k`` padded with zeros to a
+    multiple of ``lanes``; lane ``j`` accumulates ``k = j (mod lanes)`` in ascending ``k``
+    with one fma each, from +0; the lanes are added pairwise, halving (``j`` with
+    ``j + lanes / 2`` ... down to one); then the bias in f32; one rounding to ``y_dtype``."""
+    x = np.asarray(x).astype(np.float32)
+    w = np.asarray(w).astype(np.float32)
+    m, k = x.shape
+    n = w.shape[0]
+    kp = -(-k // lanes) * lanes
+    xp = np.zeros((m, kp), np.float32)
+    wp = np.zeros((n, kp), np.float32)
+    xp[:, :k], wp[:, :k] = x, w
+    acc = np.zeros((m, n, lanes), np.float32)
+    for k0 in range(0, kp, lanes):
+        acc = fma_f32(xp[:, None, k0:k0 + lanes], wp[None, :, k0:k0 + lanes], acc)
+    with np.errstate(all="ignore"):
+        while acc.shape[-1] > 1:
+            half = acc.shape[-1] // 2
+            acc = acc[..., :half] + acc[..., half:]
+        y = acc[..., 0]
+        if bias is not None:
+            y = y + np.asarray(bias).astype(np.float32)[None, :]
+        return y.astype(y_dtype)

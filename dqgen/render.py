@@ -91,6 +91,8 @@ def environment() -> jinja2.Environment:
         bytecode_cache=_bytecode_cache())
     # a global, so imported macro files see it too: the one spelling of the entry point
     env.globals["entry_signature"] = entry_signature
+    # a kernel that contains another's (the fused linear holds its weight's decode)
+    env.globals["render_spec"] = lambda spec: render(spec).text
     return env
 
 

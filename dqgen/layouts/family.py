@@ -14,7 +14,7 @@ from ..ir import (DESCRIPTORS, DequantizePerGroupBackwardDescriptor, DequantizeP
                   QuantizePerGroupDescriptor, check_int)
 from ..spec import Param
 from .per_group import lower_per_group
-from .registry import FormatKind, register
+from .registry import FormatKind, LinearView, RowSlice, register
 
 # Command-line op names of the family and the descriptor each one builds.
 OPS = {
@@ -115,6 +115,21 @@ class PerGroupKind(FormatKind):
     def extra_sizes(self, desc) -> dict:
         """Run-time arguments beyond the shape a small problem sets (none here)."""
         return {}
+
+    def linear_view(self, desc):
+        # the family's dequantize with integer zero points (plain and packed); its
+        # f32 kernel gives the value C(q - zp) * C(scale) before the output's rounding
+        if type(desc) is not DequantizePerGroupDescriptor:
+            return None
+        g, i = desc.group_size, desc.int_dtype
+        packed = 2 if i.is_packed else 1
+        return LinearView(
+            slices={"q": RowSlice(1, 1, packed), "scale": RowSlice(1, 1, g),
+                    "zero_point": RowSlice(1, 1, g)},
+            sizes={"outer": (0, 1), "axis": (1, 1)},
+            k_multiple=g * packed // np.gcd(g, packed),
+            decode=DequantizePerGroupDescriptor(0, 0, g, DType.F32, i),
+            sized=lambda n, k: DequantizePerGroupDescriptor(n, k, g, DType.F32, i))
 
     def random_input(self, desc, name, shape, rng):
         if name == "zero_point" and getattr(desc, "zero_kind", "int") == "int":

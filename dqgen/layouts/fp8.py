@@ -23,7 +23,7 @@ from ..errors import InvalidProblemError, UnsupportedError
 from ..ir import FLOAT_DTYPES, DType, FormatDescriptor, Layout
 from ..spec import CONVERT, Param, pointer
 from .own_loop import float_helpers, own_loop_spec
-from .registry import FormatKind, register
+from .registry import FormatKind, LinearView, RowSlice, register
 
 #: FP8 encodings and their numpy (ml_dtypes) types.
 FP8_TYPES = {"e4m3": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2}
@@ -125,6 +125,17 @@ class Fp8Kind(FormatKind):
             float_helpers=float_helpers(desc), template="fp8",
             layout_knobs=Fp8Knobs(fp8_bits(desc.fp8), desc.block_rows, desc.block_cols),
             load_float=CONVERT.get(desc.scale_dtype, ("", ""))[0])
+
+    def linear_view(self, desc):
+        br, bc = desc.block_rows, desc.block_cols
+        same = dict(block_rows=br, block_cols=bc, fp8=desc.fp8, scale_dtype=desc.scale_dtype,
+                    float_dtype=DType.F32)
+        return LinearView(
+            slices={"w": RowSlice(), "scales": RowSlice(br, 1 if bc else 0, bc or 1,
+                                                        0 if bc else 1)},
+            sizes={"rows": (0, 1), "cols": (1, 1)}, k_multiple=1,
+            decode=Fp8BlockDescriptor(0, 0, **same),
+            sized=lambda n, k: Fp8BlockDescriptor(n, k, **same))
 
     def array_shape(self, desc, param):
         return {"w": (desc.rows, desc.cols), "scales": desc.scale_shape,

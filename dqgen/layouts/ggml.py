@@ -15,7 +15,7 @@ from ..spec import Param, pointer
 from . import ggml_knobs
 from .ggml_blocks import LAYOUTS
 from .own_loop import float_helpers, own_loop_spec
-from .registry import FormatKind, register
+from .registry import FormatKind, LinearView, RowSlice, register
 
 
 def ggml_type_names() -> tuple[str, ...]:
@@ -61,6 +61,13 @@ class GgmlKind(FormatKind):
             float_helpers=float_helpers(desc, "load_f16_bits", *g.float_helpers),
             template="ggml", block_bytes=desc.block_bytes, bits=8, ggml=g,
             zero_kind="float" if g.m else "int", mid=0, load_float="load_f16")
+
+    def linear_view(self, desc):
+        qtype, values = desc.qtype, desc.group_size
+        return LinearView(
+            slices={"data": RowSlice(1, desc.block_bytes, values)}, sizes={"blocks": (1, values)},
+            k_multiple=values, decode=GgmlDequantizeDescriptor(0, qtype, DType.F32),
+            sized=lambda n, k: GgmlDequantizeDescriptor(n * k // values, qtype, DType.F32))
 
     def array_shape(self, desc, param):
         return {"data": (desc.blocks, desc.block_bytes),

@@ -10,12 +10,39 @@ tests its class, so a new format is one module that registers its kind.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
 
 from ..errors import UnsupportedError
 from ..spec import KernelSpec, Param
+
+
+@dataclass(frozen=True)
+class RowSlice:
+    """Where row ``n`` of a weight ``[N, K]`` starts in one of its arrays, in elements:
+    ``(n / row_block) * (const + ceil(K * num / den))`` (``row_block`` 0: every row reads
+    from the start, one value for the tensor)."""
+
+    row_block: int = 1
+    num: int = 1
+    den: int = 1
+    const: int = 0
+
+
+@dataclass(frozen=True)
+class LinearView:
+    """How the fused linear kernel decodes one row of a weight ``[N, K]`` of this format
+    with the format's own dequantize kernel: each input array's ``RowSlice``, each
+    run-time size argument as ``K * num / den`` (``num`` 0: the value 1, one row), the
+    multiple K must be, the descriptor of the decode (f32 out) and of the whole weight."""
+
+    slices: dict                   # input name -> RowSlice
+    sizes: dict                    # scalar name -> (num, den)
+    k_multiple: int
+    decode: object                 # the descriptor of the one-row decode kernel
+    sized: Callable[[int, int], object]  # (N, K) -> the descriptor of the whole weight
 
 
 class FormatKind:
@@ -74,6 +101,11 @@ class FormatKind:
         # a storage dtype the format's knobs imply (HQQ's words, from bits) is no flag of it
         int_dtype = desc.int_dtype.value if record.get("int_dtype") else None
         return self.aot_ops[0], int_dtype, desc.group_size, knobs
+
+    def linear_view(self, desc) -> LinearView | None:
+        """How the fused linear kernel reads a weight of ``desc``'s format (None: it does
+        not yet)."""
+        return None
 
     def random_input(self, desc, name: str, shape: tuple[int, ...], rng) -> np.ndarray | None:
         """An input for ``dqgen verify`` that must hold valid values (an index table), or

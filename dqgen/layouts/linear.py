@@ -1,0 +1,251 @@
+"""The fused linear kernel: ``y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n])`` with ``W`` a
+quantized weight ``[N, K]`` of any format whose kind gives a ``linear_view``.
+
+The weight is never written out: each thread decodes a few rows of ``W`` at a time with the
+format's own dequantize kernel (compiled into the same object, f32 out) into a scratch tile
+that stays in cache, and multiplies them with every row of ``x`` from registers. So the
+decode is the dequantize kernel's, one source of truth. The sum's order is fixed
+(SPEC.md §9): sixteen lanes, lane ``j`` summing the products of ``k = j (mod 16)`` in
+ascending ``k`` with one fused multiply-add each from +0 (``K`` padded with zeros to a
+multiple of 16), then the lanes added pairwise ``(j, j + 8)``, ``(j, j + 4)``,
+``(j, j + 2)``, ``(0, 1)``, then the bias; one rounding to ``y``'s dtype. No thread count,
+ISA level or tiling changes it; ``reference.linear`` computes the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+
+from .. import reference
+from ..errors import InvalidProblemError, UnsupportedError
+from ..ir import DType, Layout, Op, check_int, parse_dtype
+from ..spec import CONVERT, Param, pointer
+from .own_loop import own_loop_spec
+from .registry import FormatKind, descriptor_classes, kind_of, register
+
+LANES = 16
+LINEAR_DTYPES = (DType.F32, DType.F16, DType.BF16)
+FORMULA = ("y[m, n] = F(sum16(fma(x[m, k], W[n, k])) + bias[n]): W as the format's "
+           "dequantize computes it in f32")
+# Register tiles (rows of x, rows of W) of the micro-kernel by how many rows of x a call
+# has, per ISA: 32 vector registers hold a 4 x 4 tile of 16-lane sums on AVX-512, 16 hold
+# 2 x 2 on AVX2 (each sum two registers there).
+MICRO_TILES = {"avx512": ((1, 8), (2, 4), (4, 4)), "avx2": ((1, 4), (2, 2), (4, 1)),
+               "generic": ((1, 1),)}
+# Rows of W decoded a step: a few for short x (the tile stays in L1/L2), more for long x
+# (x is read once per step).
+TILE_ROWS_SHORT = 8
+TILE_ROWS_LONG = 32
+LONG_M = 17
+
+
+def _weight_from(value):
+    """A weight descriptor, or one rebuilt from its record (a kernel record's nested
+    ``weight``)."""
+    if isinstance(value, dict):
+        classes = descriptor_classes()
+        cls = classes.get(value.get("class"))
+        if cls is None:
+            raise InvalidProblemError(f"weight record {value!r} names no descriptor class")
+        fields = {f.name: value[f.name] for f in dataclasses.fields(cls) if f.name in value}
+        if "qtype" in fields:
+            fields["qtype"] = Layout(fields["qtype"])
+        return cls(**fields)
+    return value
+
+
+@dataclass(frozen=True)
+class LinearDescriptor:
+    """``x [m, k]`` times the quantized ``weight [n, k]`` transposed, plus an optional
+    ``bias [n]``; ``y [m, n]`` in ``y_dtype`` (default: x's). ``weight`` is a format
+    descriptor (its sizes are ignored: ``n`` and ``k`` are the weight's)."""
+
+    op: ClassVar[Op] = Op.LINEAR
+    weight: object
+    m: int
+    n: int
+    k: int
+    x_dtype: DType = DType.F32
+    y_dtype: DType | None = None
+    bias: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weight", _weight_from(self.weight))
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("m", "n", "k"):
+            object.__setattr__(self, name, check_int(getattr(self, name), name, minimum=0,
+                                                     maximum=2**40))
+        x = parse_dtype(self.x_dtype, "x_dtype", LINEAR_DTYPES)
+        object.__setattr__(self, "x_dtype", x)
+        y = x if self.y_dtype is None else parse_dtype(self.y_dtype, "y_dtype", LINEAR_DTYPES)
+        object.__setattr__(self, "y_dtype", y)
+        object.__setattr__(self, "bias", bool(self.bias))
+        view = self.view
+        if self.k % view.k_multiple:
+            raise InvalidProblemError(
+                f"k={self.k} is not a multiple of {view.k_multiple}, which a row of this "
+                f"weight's format ({self.weight.layout.value}) must be")
+
+    @property
+    def view(self):
+        view = kind_of(self.weight).linear_view(self.weight)
+        if view is None:
+            raise UnsupportedError(f"the linear kernel does not read {type(self.weight).__name__}"
+                                   " weights yet; dequantize them and use a float matmul")
+        return view
+
+    @property
+    def float_dtype(self) -> DType:
+        return self.y_dtype
+
+    @property
+    def layout(self) -> Layout:
+        layout = getattr(self.weight, "layout", None)
+        if layout is None:  # the family's descriptors: plain or packed storage
+            layout = Layout.PACKED4 if self.weight.int_type.is_packed else Layout.PLAIN
+        return layout
+
+    @property
+    def group_size(self) -> int:
+        return self.weight.group_size
+
+    @property
+    def uri(self) -> str:
+        return (f"linear_{self.view.decode.uri}_x{self.x_dtype.value}_y{self.y_dtype.value}"
+                + ("_bias" if self.bias else ""))
+
+    def to_json(self) -> dict:
+        w = self.view.decode
+        return {"op": "linear", "layout": self.layout.value,
+                "weight": {"class": type(w).__name__, **w.to_json()},
+                "m": self.m, "n": self.n, "k": self.k, "x_dtype": self.x_dtype.value,
+                "y_dtype": self.y_dtype.value, "bias": self.bias}
+
+
+@dataclass(frozen=True)
+class WeightArg:
+    """One argument of the decode call for row ``n``: a pointer into the weight's array
+    (``RowSlice`` numbers), the scratch row (``out``), or a size ``K * num / den``."""
+
+    role: str
+    name: str
+    c_type: str
+    row_block: int = 0
+    num: int = 0
+    den: int = 1
+    const: int = 0
+
+
+@dataclass(frozen=True)
+class LinearKnobs:
+    """What the linear template prints: the weight's decode kernel (its spec, rendered in
+    the same file) and how to call it for one row, the lane vector's registers, the
+    micro-kernel tiles and the decode tile rows, and the 16-bit conversions x, bias and y
+    need (defined under a prefix beside the decode's own)."""
+
+    weight: object
+    weight_entry: str
+    weight_args: tuple[WeightArg, ...]
+    lane_regs: int           # registers a 16-lane vector takes (1, 2), 0: plain floats
+    micro_tiles: tuple[tuple[int, int], ...]
+    tile_rows_short: int
+    tile_rows_long: int
+    long_m: int
+    helpers: tuple[str, ...]
+    x_load: str
+    bias_load: str
+    y_store: str
+    headers: tuple[str, ...]
+
+
+def _isa_class(arch: str) -> str:
+    return "avx512" if arch.startswith("avx512") else arch
+
+
+def _weight_args(view, weight_spec) -> tuple[WeightArg, ...]:
+    args = []
+    for p in weight_spec.params:
+        if p.role == "in":
+            s = view.slices[p.name]
+            args.append(WeightArg("in", p.name, p.c_type, s.row_block, s.num, s.den, s.const))
+        elif p.role == "out":
+            args.append(WeightArg("out", p.name, p.c_type))
+        else:
+            num, den = view.sizes[p.name]
+            args.append(WeightArg("scalar", p.name, p.c_type, num=num, den=den))
+    return tuple(args)
+
+
+class LinearKind(FormatKind):
+    descriptors = (LinearDescriptor,)
+
+    def lower(self, desc, target, arch, storage):
+        if target != "c":
+            raise UnsupportedError("the linear kernel runs on the CPU (target 'c') in this "
+                                   "dqgen; on CUDA, dequantize and use a float matmul")
+        view = desc.view
+        weight_spec = kind_of(view.decode).lower(view.decode, target, arch, storage)
+        isa = _isa_class(arch)
+        inputs = tuple(p for p in weight_spec.params if p.role == "in")
+        params = inputs + (pointer("x", desc.x_dtype, "in", storage),)
+        if desc.bias:
+            params += (pointer("bias", desc.x_dtype, "in", storage),)
+        params += (pointer("y", desc.y_dtype, "out", storage),
+                   Param("m", None, "scalar", "int64_t"), Param("n", None, "scalar", "int64_t"),
+                   Param("k", None, "scalar", "int64_t"))
+        x_load = CONVERT.get(desc.x_dtype, ("", ""))[0]
+        y_store = CONVERT.get(desc.y_dtype, ("", ""))[1]
+        knobs = LinearKnobs(
+            weight=weight_spec, weight_entry=weight_spec.entry,
+            weight_args=_weight_args(view, weight_spec),
+            lane_regs={"avx512": 1, "avx2": 2}.get(isa, 0),
+            micro_tiles=MICRO_TILES[isa], tile_rows_short=TILE_ROWS_SHORT,
+            tile_rows_long=TILE_ROWS_LONG, long_m=LONG_M,
+            helpers=tuple(sorted({h for h in (x_load, y_store) if h})),
+            x_load=f"linear_{x_load}" if x_load else "",
+            bias_load=f"linear_{x_load}" if x_load and desc.bias else "",
+            y_store=f"linear_{y_store}" if y_store else "",
+            headers=("avx512fintrin.h",) if isa == "avx512" else ())
+        spec = own_loop_spec(desc, target, arch, storage, params, FORMULA, float_helpers=(),
+                             template="linear", layout_knobs=knobs, load_float="")
+        return dataclasses.replace(spec, op=Op.LINEAR)
+
+    def array_shape(self, desc, param):
+        if param.name == "x":
+            return (desc.m, desc.k)
+        if param.name == "bias":
+            return (desc.n,)
+        if param.name == "y":
+            return (desc.m, desc.n)
+        weight = desc.view.sized(desc.n, desc.k)
+        return kind_of(weight).array_shape(weight, param)
+
+    def launch_elements(self, desc) -> int:
+        return desc.m * desc.n
+
+    def small_problem(self, desc, remake):
+        # a K tail past the lanes where the format allows one, rows past a decode tile,
+        # and x long enough for the long tile
+        step = desc.view.k_multiple
+        k = step * max(1, -(-(3 * LANES + 5) // step))
+        return remake(m=LONG_M + 2, n=TILE_ROWS_SHORT + 3, k=k)
+
+    def oracle(self, desc, arrays):
+        weight = desc.view.sized(desc.n, desc.k)
+        w = kind_of(weight).oracle(weight, {**arrays, "y": np.empty((desc.n, desc.k), np.float32)})
+        w = np.asarray(w, np.float32).reshape(desc.n, desc.k)
+        bias = arrays.get("bias") if desc.bias else None
+        return reference.linear(arrays["x"], w, bias, desc.y_dtype.np_dtype)
+
+    def random_input(self, desc, name, shape, rng):
+        weight = desc.view.sized(desc.n, desc.k)
+        return kind_of(weight).random_input(weight, name, shape, rng)
+
+
+LINEAR = register(LinearKind())
