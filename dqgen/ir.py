@@ -383,6 +383,7 @@ class Layout(enum.Enum):
     MLX = "mlx"              # MLX affine: a bit stream of b-bit values a row, scales and biases
     FP8_BLOCK = "fp8_block"  # FP8 values, one f32 scale a 2-D block (DeepSeek-V3) or row/tensor
     FP4 = "fp4"              # e2m1 pairs a byte, an E8M0 or E4M3 scale a block of 32 or 16
+    FP4 = "fp4"              # e2m1 pairs a byte, an E8M0 or E4M3 scale a block of 32 or 16
 
 
 #: Bytes and values of one GGML block, by layout (gguf's GGML_QUANT_SIZES).

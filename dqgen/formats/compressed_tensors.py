@@ -1,12 +1,17 @@
 """compressed-tensors checkpoints (llm-compressor, vLLM's default), integer formats:
 ``pack-quantized`` (4- or 8-bit values offset by 2^(bits-1), a dense bit stream of int32
-words a row, zero points packed along N) and ``int-quantized``/``naive-quantized`` (int8).
+words a row, zero points packed along N) and ``int-quantized``/``naive-quantized`` (int8),
+and the FP4 formats ``nvfp4-pack-quantized`` and ``mxfp4-pack-quantized``.
 
 ``W = F(F(F(q) - F(z)) * s)`` in the scale's dtype ``F``, as the library's own dequantize
 computes it; for 4- and 8-bit integers the difference is exact, so this is the family's
 ``F(C(q - z) * C(s))`` (SPEC.md §3) and runs its kernels: a 4-bit row of words is packed
 u4 bytes (value 2k in the low nibble of byte k), an 8-bit one u8 bytes, and the stored
 offset goes into the zero point. Group, channel (``[N, 1]``) and tensor scales.
+
+The FP4 formats (``dequantize_nvfp4``, ``dequantize_mxfp4``) run the FP4 kernels
+(``layouts/fp4.py``): uint8 pairs of e2m1 values, an E4M3 scale a block of 16 divided by
+the global scale, or an E8M0 scale a block of 32.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from .. import api
 from ..arrays import from_numpy_like, is_torch, to_numpy
 from ..errors import InvalidProblemError, UnsupportedError
 from ..ir import check_int
-from . import _inputs
+from . import _inputs, fp4
 
 PACKED_BITS = (4, 8)
 
@@ -122,6 +127,29 @@ def dequantize_int8(weight, weight_scale, weight_zero_point=None, device=None, o
                                       f"weight_scale's ({k // group})")
     return _like(api.dequantize_per_group(w, scale, zp, group, out=out, device=device,
                                           int_dtype="s8"), weight, out)
+
+
+def dequantize_nvfp4(weight_packed, weight_scale, weight_global_scale, dtype="bf16",
+                     device=None, out=None):
+    """``nvfp4-pack-quantized``: ``weight_packed`` uint8 ``[N, K / 2]`` (two e2m1 values a
+    byte, value ``2k`` in the low nibble of byte ``k``), ``weight_scale`` float8_e4m3fn
+    ``[N, K / 16]``, ``weight_global_scale`` f32 (one value) to ``[N, K]`` of ``dtype``:
+    ``F(e2m1 * (scale / global_scale))`` in f32, the global scale dividing; bit for bit
+    what ``NVFP4PackedCompressor.decompress`` gives (bf16, the default)."""
+    return fp4.dequantize_fp4_rows(weight_packed, weight_scale, weight_global_scale, "nvfp4",
+                                   "compressed-tensors", dtype, device, out,
+                                   names=("weight_packed", "weight_scale",
+                                          "weight_global_scale"))
+
+
+def dequantize_mxfp4(weight_packed, weight_scale, dtype="bf16", device=None, out=None):
+    """``mxfp4-pack-quantized``: ``weight_packed`` uint8 ``[N, K / 2]``, ``weight_scale``
+    uint8 ``[N, K / 32]`` (E8M0: ``2.0 ** (s - 127)``, code 255 an infinity) to ``[N, K]``
+    of ``dtype``; bit for bit what ``MXFP4PackedCompressor.decompress`` gives (bf16, the
+    default)."""
+    return fp4.dequantize_fp4_rows(weight_packed, weight_scale, None, "mxfp4",
+                                   "compressed-tensors", dtype, device, out,
+                                   names=("weight_packed", "weight_scale", "weight_global_scale"))
 
 
 def _like(result, given, out):

@@ -1,0 +1,270 @@
+"""FP4 (e2m1) weights with block scales as a format: gpt-oss MXFP4 (transformers'
+``convert_moe_packed_tensors``), ModelOpt NVFP4, and compressed-tensors'
+``mxfp4-pack-quantized`` and ``nvfp4-pack-quantized``.
+
+``W[r, j] = F( e2m1(w[r, j]) * S[r, j / block] )`` in f32: two e2m1 codes a byte (value
+``2k`` in the low nibble of byte ``k``), each decoded exactly by a 16-entry table, times
+its block's f32 scale ``S``, rounded once to F. ``S`` is the scale code decoded by a
+256-entry table (MXFP4: E8M0, ``2^(s - 127)``; NVFP4: E4M3), then for NVFP4 multiplied by
+ModelOpt's ``weight_scale_2`` or divided by compressed-tensors' ``weight_global_scale``
+(one f32 rounding). The checkpoint format fixes those choices, the sign of the zero code
+8 (ModelOpt's table holds +0, the others -0), what E8M0 code 255 means, and the output
+layout. compressed-tensors' scale ``2.0 ** (s - 127)`` is +inf for code 255 (so a zero
+value gives NaN); transformers' ``torch.ldexp(value, s - 127)`` scales exactly (a zero
+stays zero, 0.5 becomes 2^127): its tables hold twice each value and half each scale,
+both exact, so one f32 product is that ldexp. gpt-oss experts ``[E, N, K / 32, 16]``
+come out ``[E, K, N]``, as the library transposes them. The tables are computed here
+from the codes' bit fields and printed into the kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass
+from typing import ClassVar
+
+import ml_dtypes
+import numpy as np
+
+from ..errors import InvalidProblemError, UnsupportedError
+from ..ir import DType, FormatDescriptor, Layout
+from ..spec import Param, pointer
+from .fp8 import c_float, fp8_bits
+from .own_loop import float_helpers, own_loop_spec
+from .registry import FormatKind, register
+
+FORMULA = "W[r, j] = F(e2m1(w[r, j]) * S[r, j / block]), S = C(scale) [* or / global], C = f32"
+# Rows of one expert a C work unit writes as one tile of the transposed output.
+TRANSPOSE_TILE = 32
+
+
+@dataclass(frozen=True)
+class Fp4Producer:
+    """What one tool's checkpoints fix: the scale code, the block, how the global scale
+    enters, the zero code's sign and the output layout."""
+
+    short: str                 # the URI's name of it
+    scale: str                 # "e8m0" or "e4m3"
+    block: int                 # values a scale covers along a row
+    global_scale: str          # "", "multiply" or "divide"
+    negative_zero: bool        # code 8 decodes to -0.0 (else +0.0)
+    transposed: bool           # the output is [experts, cols, rows]
+    ldexp: bool = False        # E8M0 scales by ldexp (no infinite scale for code 255)
+
+
+#: The FP4 schemes and, for each, the checkpoint formats dqgen reads.
+PRODUCERS = {
+    "mxfp4": {"gpt-oss": Fp4Producer("gptoss", "e8m0", 32, "", True, True, ldexp=True),
+              "compressed-tensors": Fp4Producer("ct", "e8m0", 32, "", True, False)},
+    "nvfp4": {"modelopt": Fp4Producer("modelopt", "e4m3", 16, "multiply", False, False),
+              "compressed-tensors": Fp4Producer("ct", "e4m3", 16, "divide", True, False)},
+}
+
+
+def e2m1_bits(negative_zero: bool, factor: int = 1) -> tuple[int, ...]:
+    """The f32 bit pattern of ``factor`` times each e2m1 code's value, from its fields
+    (sign, 2 exponent bits with bias 1, 1 mantissa bit; exponent 0 is subnormal: 0 or
+    0.5); exact for a power-of-two factor."""
+    out = []
+    for code in range(16):
+        sign, exponent, mantissa = code >> 3, (code >> 1) & 3, code & 1
+        magnitude = factor * (mantissa * 0.5 if exponent == 0
+                              else 2.0 ** (exponent - 1) * (1 + mantissa / 2))
+        negative = sign and (magnitude != 0 or negative_zero)
+        value = np.float32(-magnitude if negative else magnitude)
+        if negative and magnitude == 0:
+            value = np.float32(-0.0)
+        out.append(int(np.array([value], np.float32).view(np.uint32)[0]))
+    return tuple(out)
+
+
+def e8m0_bits(bias: int = 127) -> tuple[int, ...]:
+    """The f32 bit pattern of ``2^(s - bias)`` for each E8M0 code (exact, subnormals
+    included; with bias 127, 2^128 overflows to +inf, as torch's ``2.0 ** (s - 127)``
+    gives)."""
+    with np.errstate(over="ignore"):
+        values = np.ldexp(np.float64(1.0), np.arange(256) - bias).astype(np.float32)
+    return tuple(int(v) for v in values.view(np.uint32))
+
+
+def scale_bits(producer: Fp4Producer) -> tuple[int, ...]:
+    """The scale table of ``producer``'s checkpoints (halved where its values are
+    doubled: an ldexp by ``s - 127`` as one exact f32 product)."""
+    if producer.scale == "e4m3":
+        return fp8_bits("e4m3")
+    return e8m0_bits(128 if producer.ldexp else 127)
+
+
+@dataclass(frozen=True)
+class Fp4Knobs:
+    """What the fp4 templates print: both decode tables (f32 bit patterns, and as C float
+    constants), the block, how the global scale enters, the output layout."""
+
+    values: tuple[int, ...]
+    scales: tuple[int, ...]
+    block: int
+    global_multiplies: bool
+    global_divides: bool
+    transposed: bool
+    tile: int
+
+    @property
+    def c_values(self) -> tuple[str, ...]:
+        return tuple(c_float(b) for b in self.values)
+
+    @property
+    def c_scales(self) -> tuple[str, ...]:
+        return tuple(c_float(b) for b in self.scales)
+
+    @property
+    def has_global(self) -> bool:
+        return self.global_multiplies or self.global_divides
+
+
+@dataclass(frozen=True)
+class Fp4DequantizeDescriptor(FormatDescriptor):
+    """``experts`` matrices of ``rows`` x ``cols`` e2m1 values with a scale a block of
+    their format along a row, dequantized to ``float_dtype``."""
+
+    layout: ClassVar[Layout] = Layout.FP4
+    float_dtypes: ClassVar[tuple[DType, ...]] = (DType.F32, DType.F16, DType.BF16)
+    rows: int
+    cols: int
+    experts: int = 1
+    fp4: str = "mxfp4"
+    checkpoint_format: str = "gpt-oss"
+    float_dtype: DType = DType.BF16
+
+    def validate(self) -> None:
+        rows, cols = self._set_int("rows"), self._set_int("cols")
+        experts = self._set_int("experts")
+        if self.fp4 not in PRODUCERS:
+            raise UnsupportedError(f"fp4={self.fp4!r} is not an FP4 scheme dqgen reads; "
+                                   f"expected one of: {', '.join(PRODUCERS)}")
+        formats = PRODUCERS[self.fp4]
+        if self.checkpoint_format not in formats:
+            raise UnsupportedError(f"checkpoint_format={self.checkpoint_format!r} is not a "
+                                   f"{self.fp4} format dqgen reads; expected one of: "
+                                   f"{', '.join(formats)}")
+        if cols % self.group_size:
+            raise InvalidProblemError(f"cols={cols} is not a multiple of {self.group_size}, the "
+                                      f"values a {self.fp4} scale covers")
+        if experts != 1 and not self.producer.transposed:
+            raise InvalidProblemError(f"experts={experts}: {self.checkpoint_format} {self.fp4} "
+                                      "weights are one matrix (fold experts into rows)")
+        if experts * rows * cols > 2**62:
+            raise InvalidProblemError(f"experts*rows*cols={experts * rows * cols} does not fit "
+                                      "int64")
+
+    @property
+    def producer(self) -> Fp4Producer:
+        return PRODUCERS[self.fp4][self.checkpoint_format]
+
+    @property
+    def group_size(self) -> int:  # the sku's: values a scale covers along a row
+        return self.producer.block
+
+    @property
+    def uri(self) -> str:
+        return f"dequant_{self.fp4}_{self.producer.short}_{self.float_dtype.value}"
+
+    def knobs(self) -> Fp4Knobs:
+        p = self.producer
+        return Fp4Knobs(e2m1_bits(p.negative_zero, 2 if p.ldexp else 1), scale_bits(p), p.block,
+                        p.global_scale == "multiply", p.global_scale == "divide",
+                        p.transposed, TRANSPOSE_TILE)
+
+
+def _header_descriptor(desc: Fp4DequantizeDescriptor) -> str:
+    """The header comment's descriptor: the kernel's fields, no run-time size."""
+    return (f"{type(desc).__name__}(fp4={desc.fp4}, checkpoint_format="
+            f"{desc.checkpoint_format}, float_dtype={desc.float_dtype.value})")
+
+
+def _laid_out(desc, y: np.ndarray) -> np.ndarray:
+    """``[experts * rows, cols]`` values in the kernel's output layout."""
+    if not desc.producer.transposed:
+        return y
+    return np.ascontiguousarray(y.reshape(desc.experts, desc.rows, desc.cols).transpose(0, 2, 1))
+
+
+class Fp4Kind(FormatKind):
+    descriptors = (Fp4DequantizeDescriptor,)
+    aot_ops = ("mxfp4", "nvfp4")
+    # what the tools write, to the dtypes models run in
+    aot_defaults = {"mxfp4": {"float": ("bf16", "f16"),
+                              "checkpoint_format": ("gpt-oss", "compressed-tensors")},
+                    "nvfp4": {"float": ("bf16", "f16"),
+                              "checkpoint_format": ("modelopt", "compressed-tensors")}}
+    aot_keys = {"mxfp4": ("checkpoint_format",), "nvfp4": ("checkpoint_format",)}
+
+    def lower(self, desc, target, arch, storage):
+        knobs = desc.knobs()
+        f = desc.float_dtype
+        params = (pointer("w", DType.U8, "in", storage),
+                  pointer("scales", DType.U8, "in", storage),
+                  *((pointer("global_scale", DType.F32, "in", storage),) if knobs.has_global
+                    else ()),
+                  pointer("y", f, "out", storage),
+                  Param("experts", None, "scalar", "int64_t"),
+                  Param("rows", None, "scalar", "int64_t"),
+                  Param("cols", None, "scalar", "int64_t"))
+        spec = own_loop_spec(desc, target, arch, storage, params, FORMULA,
+                             float_helpers=float_helpers(desc), template="fp4",
+                             layout_knobs=knobs, load_float="")
+        return dataclasses.replace(spec, descriptor=_header_descriptor(desc))
+
+    def array_shape(self, desc, param):
+        n = desc.experts * desc.rows
+        y = ((desc.experts, desc.cols, desc.rows) if desc.producer.transposed
+             else (n, desc.cols))
+        return {"w": (n, desc.cols // 2), "scales": (n, desc.cols // desc.group_size),
+                "global_scale": (1,), "y": y}[param.name]
+
+    def launch_elements(self, desc) -> int:
+        return desc.experts * desc.rows * desc.cols // 2  # one thread a byte
+
+    def small_problem(self, desc, remake):
+        if desc.producer.transposed:  # a partial tile, more than one expert and block
+            return remake(experts=2, rows=TRANSPOSE_TILE + 5, cols=3 * desc.group_size)
+        return remake(experts=1, rows=5, cols=3 * desc.group_size)
+
+    def oracle(self, desc, arrays):
+        p = desc.producer
+        w = arrays["w"]
+        codes = np.stack([w & 15, w >> 4], axis=-1).reshape(w.shape[0], -1)
+        values = codes.view(ml_dtypes.float4_e2m1fn).astype(np.float32)
+        if not p.negative_zero:
+            values[codes == 8] = 0.0
+        s = arrays["scales"]
+        with np.errstate(all="ignore"):
+            if p.ldexp:  # exact in f64, rounded once to F
+                y = np.ldexp(values.astype(np.float64).reshape(s.shape[0], -1, desc.group_size),
+                             s.astype(np.int64)[..., None] - 127)
+                return _laid_out(desc, y.reshape(values.shape).astype(desc.float_dtype.np_dtype))
+            if p.scale == "e8m0":
+                scale = np.ldexp(np.float64(1.0), s.astype(np.int64) - 127).astype(np.float32)
+            else:
+                scale = s.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+            if p.global_scale == "multiply":
+                scale = scale * arrays["global_scale"].astype(np.float32)[0]
+            elif p.global_scale == "divide":
+                scale = scale / arrays["global_scale"].astype(np.float32)[0]
+            y = (values * np.repeat(scale, desc.group_size, axis=1)).astype(
+                desc.float_dtype.np_dtype)
+        return _laid_out(desc, y)
+
+    def aot_candidates(self, op, value):
+        for fmt, f in itertools.product(value("checkpoint_format"), value("float")):
+            yield lambda fmt=fmt, f=f: self.aot_descriptor(
+                op, None, f, 0, {"checkpoint_format": fmt})
+
+    def aot_descriptor(self, op, int_dtype, float_dtype, group_size, knobs):
+        return Fp4DequantizeDescriptor(0, 0, 1, op, knobs["checkpoint_format"], float_dtype)
+
+    def aot_request(self, desc):
+        return desc.fp4, None, 0, {"checkpoint_format": desc.checkpoint_format}
+
+
+FP4 = register(Fp4Kind())
