@@ -382,7 +382,8 @@ class Layout(enum.Enum):
     GGML_BF16 = "ggml_bf16"
     MLX = "mlx"              # MLX affine: a bit stream of b-bit values a row, scales and biases
     FP8_BLOCK = "fp8_block"  # FP8 values, one f32 scale a 2-D block (DeepSeek-V3) or row/tensor
-    FP4 = "fp4"              # e2m1 pairs a byte, an E8M0 or E4M3 scale a block of 32 or 16
+    BNB4 = "bnb4"            # bitsandbytes NF4/FP4: indices two a byte, blocks over the flat tensor
+    BNB8 = "bnb8"            # bitsandbytes LLM.int8: int8 values, one f32 SCB a row
     FP4 = "fp4"              # e2m1 pairs a byte, an E8M0 or E4M3 scale a block of 32 or 16
 
 
