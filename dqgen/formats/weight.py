@@ -1,0 +1,189 @@
+"""A quantized weight as one object: its arrays, its format and its logical shape
+``[N, K]``, so readers (a GGUF tensor, checkpoint tensors, the per-format functions' inputs)
+hand one thing to ``dequantize`` and to the fused ``linear``.
+
+The arrays are kept as the format's dequantize kernel reads them (views of the caller's
+arrays where they already are: nothing is copied but what must be converted, such as the
+family's scales widened to f32 once, exactly). ``linear`` multiplies with the weight
+without writing it out (``layouts/linear.py``); each weight keeps the plans of the row
+counts it has seen, so a decode loop pays the plan's own check and launch only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..arguments import arguments as kernel_arguments
+from ..arrays import shape_of, to_numpy
+from ..errors import InvalidProblemError
+from ..ir import (GGML_BLOCK_BYTES, DequantizePerGroupDescriptor, DType,
+                  GgmlDequantizeDescriptor, parse_dtype, parse_ggml_type)
+from ..layouts.fp8 import Fp8BlockDescriptor
+from ..layouts.linear import LINEAR_DTYPES, LinearDescriptor
+from ..lower import lower
+from . import _inputs
+from .plan import FormatPlan
+
+_DTYPE_OF = {np.dtype(d.np_dtype): d for d in LINEAR_DTYPES}
+
+
+class QuantizedWeight:
+    """A weight ``[N, K]`` in a quantized format: ``descriptor`` (the format's f32 decode),
+    ``arrays`` (by the decode kernel's argument names) and ``shape``."""
+
+    def __init__(self, descriptor, arrays: dict, shape) -> None:
+        n, k = (int(v) for v in shape)
+        self.shape = (n, k)
+        self._base = LinearDescriptor(descriptor, 0, n, k)  # the format reads, k fits it
+        self.descriptor = self._base.view.decode
+        sized = self._base.view.sized(n, k)
+        self._sized = sized
+        expected, _ = kernel_arguments(sized, lower(sized, "c", "generic"))
+        self.arrays = {}
+        for arg in expected:
+            if arg.is_out:
+                continue
+            if arg.name not in arrays:
+                raise InvalidProblemError(f"a {self.format} weight needs {arg.name}")
+            arr = to_numpy(arrays[arg.name], arg.name)
+            if arr.shape != arg.shape:
+                raise InvalidProblemError(f"{arg.name} has shape {arr.shape}; a {self.format} "
+                                          f"weight {self.shape} needs {arg.shape}")
+            if arr.dtype != arg.dtype:
+                raise InvalidProblemError(f"{arg.name} has dtype {arr.dtype}; a {self.format} "
+                                          f"weight needs {arg.dtype}")
+            self.arrays[arg.name] = np.ascontiguousarray(arr)
+        self._plans: dict = {}
+
+    # --- readers --------------------------------------------------------------------
+
+    @classmethod
+    def per_group(cls, q, scale, zero_point, group_size: int, int_dtype=None):
+        """The family's ``W = C(q - zero_point) * C(scale)`` (groups along K): ``q [N, K]``
+        s8/u8, or packed ``[N, K / 2]`` bytes with ``int_dtype="u4"|"s4"``; ``scale`` and
+        ``zero_point`` ``[N, K / group_size]``."""
+        q = to_numpy(q, "q")
+        storage = parse_dtype(int_dtype or q.dtype.name.replace("int", "s").replace("us", "u"),
+                              "int_dtype", (DType.S8, DType.U8, DType.U4, DType.S4))
+        if q.ndim != 2:
+            raise InvalidProblemError(f"q must be [N, K], got shape {q.shape}")
+        n, k = q.shape[0], q.shape[1] * (2 if storage.is_packed else 1)
+        if storage.is_packed:
+            q = q.view(np.uint8)
+        desc = DequantizePerGroupDescriptor(0, 0, group_size, DType.F32, storage)
+        scale = to_numpy(scale, "scale").astype(np.float32)
+        zp = to_numpy(zero_point, "zero_point")
+        if zp.dtype.kind not in "iu":
+            raise InvalidProblemError(f"zero_point has dtype {zp.dtype}; the family's zero "
+                                      "points are integers")
+        return cls(desc, {"q": q, "scale": scale, "zero_point": zp.astype(np.int32)}, (n, k))
+
+    @classmethod
+    def ggml(cls, data, qtype, shape):
+        """A GGML tensor of ``qtype`` ("Q4_0", ...) holding ``shape = (N, K)`` values (its
+        raw bytes, as a GGUF file stores them)."""
+        layout = parse_ggml_type(qtype)
+        n, k = (int(v) for v in shape)
+        desc = GgmlDequantizeDescriptor(0, layout, DType.F32)
+        values = desc.group_size
+        if k % values:
+            raise InvalidProblemError(f"shape {tuple(shape)}: K={k} is not a multiple of "
+                                      f"{values}, the values of a {qtype} block")
+        raw = to_numpy(data, "data").reshape(-1).view(np.uint8)
+        want = n * k // values * GGML_BLOCK_BYTES[layout]
+        if raw.size != want:
+            raise InvalidProblemError(f"data holds {raw.size} bytes; {qtype} {n} x {k} is "
+                                      f"{want}")
+        return cls(desc, {"data": raw.reshape(-1, GGML_BLOCK_BYTES[layout])}, (n, k))
+
+    @classmethod
+    def fp8(cls, weight, scale, block_size=(128, 128), fp8=None):
+        """FP8 values ``[N, K]`` with a scale a ``block_size`` block (as
+        ``dqgen.formats.fp8.dequantize`` takes them)."""
+        from .fp8 import _codes, _scale_dtype
+        w, encoding = _codes(weight, fp8)
+        n, k = w.shape
+        rows, cols = (int(b) for b in block_size)
+        desc = Fp8BlockDescriptor(0, 0, rows, cols, encoding, _scale_dtype(scale), DType.F32)
+        s = to_numpy(scale, "scale")
+        sized = Fp8BlockDescriptor(n, k, rows, cols, encoding, desc.scale_dtype, DType.F32)
+        return cls(desc, {"w": w, "scales": s.reshape(sized.scale_shape)}, (n, k))
+
+    # --- what it is -----------------------------------------------------------------
+
+    @property
+    def format(self) -> str:
+        return self._base.layout.value
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the quantized arrays."""
+        return sum(a.nbytes for a in self.arrays.values())
+
+    def __repr__(self) -> str:
+        return f"QuantizedWeight({self.format}, shape={self.shape}, {self.nbytes} bytes)"
+
+    # --- use ------------------------------------------------------------------------
+
+    def dequantize(self, dtype="f32"):
+        """The weight ``[N, K]`` in ``dtype`` (f32, f16, bf16): the format's f32 values,
+        rounded once."""
+        out_dtype = parse_dtype(dtype, "dtype", LINEAR_DTYPES)
+        plan = self._plans.get("dequantize")
+        if plan is None:
+            plan = self._plans["dequantize"] = FormatPlan.select(self._sized, device="cpu")
+        out = next(a for a in plan.arguments if a.is_out)
+        y = np.empty(out.shape, out.dtype)
+        plan.run({**self.arrays, out.name: y})
+        return y.reshape(self.shape).astype(out_dtype.np_dtype)
+
+    def linear(self, x, bias=None, out_dtype=None, out=None):
+        """``x @ W.T (+ bias)``: see ``dqgen.linear``."""
+        return linear(x, self, bias, out_dtype, out)
+
+    def _plan(self, m: int, x_dtype: DType, y_dtype: DType, bias: bool):
+        key = (m, x_dtype, y_dtype, bias)
+        plan = self._plans.get(key)
+        if plan is None:
+            n, k = self.shape
+            desc = LinearDescriptor(self.descriptor, m, n, k, x_dtype, y_dtype, bias)
+            plan = self._plans[key] = FormatPlan.select(desc, device="cpu")
+        return plan
+
+
+def linear(x, weight: QuantizedWeight, bias=None, out_dtype=None, out=None):
+    """``y = x @ W.T (+ bias)`` with ``W`` the quantized ``weight [N, K]``, never written
+    out: ``x [..., K]`` f32, f16 or bf16 (numpy, ml_dtypes or a CPU torch tensor), ``bias
+    [N]`` of x's dtype, ``y [..., N]`` in ``out_dtype`` (default x's). Sums in f32 in the
+    fixed order of SPEC.md §9, bit-identical on every thread count and ISA."""
+    if not isinstance(weight, QuantizedWeight):
+        raise InvalidProblemError(f"weight must be a dqgen QuantizedWeight, got "
+                                  f"{type(weight).__name__}")
+    n, k = weight.shape
+    arr = to_numpy(x, "x")
+    x_dtype = _DTYPE_OF.get(arr.dtype)
+    if x_dtype is None:
+        raise InvalidProblemError(f"x has dtype {arr.dtype}; the linear kernel takes f32, f16 "
+                                  "or bf16")
+    if arr.ndim < 1 or arr.shape[-1] != k:
+        raise InvalidProblemError(f"x has shape {arr.shape}; its last axis must be K={k} "
+                                  f"(the weight is {n} x {k})")
+    lead = arr.shape[:-1]
+    m = int(np.prod(lead, dtype=np.int64))
+    y_dtype = x_dtype if out_dtype is None else parse_dtype(out_dtype, "out_dtype", LINEAR_DTYPES)
+    arrays = dict(weight.arrays)
+    arrays["x"] = np.ascontiguousarray(arr).reshape(m, k)
+    if bias is not None:
+        b = to_numpy(bias, "bias")
+        if b.shape != (n,):
+            raise InvalidProblemError(f"bias has shape {b.shape}, expected ({n},)")
+        arrays["bias"] = b.astype(arr.dtype, copy=False)
+    y, result = _inputs.output((m, n), y_dtype, x, out, lead + (n,))
+    arrays["y"] = y
+    weight._plan(m, x_dtype, y_dtype, bias is not None).run(arrays)
+    out_value = result()
+    return out_value if out is not None else _reshape(out_value, lead + (n,))
+
+
+def _reshape(value, shape):
+    return value.reshape(shape) if tuple(shape_of(value)) != tuple(shape) else value

@@ -1,0 +1,228 @@
+"""The fused linear kernel (``dqgen.linear``, ``QuantizedWeight``): ``x @ W.T (+ bias)``
+with W quantized and never written out, bit for bit ``reference.linear`` (SPEC.md §9) for
+the family (s8/u8/u4/s4), GGML blocks and FP8 blocks, every x dtype, M in {1, 2, 3, 8, 17,
+64}, K not a multiple of the lanes, on every ISA and thread count; the error against an
+f64 matmul within the documented bound; dqgen verify checks a built kernel."""
+
+from __future__ import annotations
+
+import gguf
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dqgen import InvalidProblemError, UnsupportedError, reference, verify
+from dqgen.formats.plan import FormatPlan
+from dqgen.formats.weight import QuantizedWeight, linear
+from dqgen.jit import descriptor_record
+from dqgen.layouts.linear import LinearDescriptor
+from dqgen.plans import PlanPreference
+from formats_util import assert_bits_equal
+from strategies import ISAS
+
+DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": ml_dtypes.bfloat16}
+MS = (1, 2, 3, 8, 17, 64)
+
+
+def ggml_weight(rng, qtype, n, k):
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    t = gguf.GGMLQuantizationType[qtype]
+    try:
+        data = gguf.quants.quantize(w, t)
+    except NotImplementedError:  # types gguf-py cannot write: random valid-ish blocks
+        bb = gguf.GGML_QUANT_SIZES[t][1]
+        data = rng.integers(0, 256, (n * k // gguf.GGML_QUANT_SIZES[t][0], bb), dtype=np.uint8)
+        data[:, :2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)  # a finite d first
+    return QuantizedWeight.ggml(data, qtype, (n, k))
+
+
+def family_weight(rng, storage, n, k, g):
+    packed = storage in ("u4", "s4")
+    lo, hi = {"s8": (-128, 128), "u8": (0, 256), "u4": (0, 16), "s4": (-8, 8)}[storage]
+    values = rng.integers(lo, hi, (n, k))
+    if packed:
+        v = values & 15
+        q = (v[:, 0::2] | (v[:, 1::2] << 4)).astype(np.uint8)
+    else:
+        q = values.astype(np.int8 if storage == "s8" else np.uint8)
+    scale = (rng.random((n, k // g)) * 0.02).astype(np.float32)
+    zp = rng.integers(-4, 12, (n, k // g)).astype(np.int32)
+    return QuantizedWeight.per_group(q, scale, zp, g, storage)
+
+
+def fp8_weight(rng, n, k, block):
+    codes = rng.integers(0, 256, (n, k), dtype=np.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0x3C   # no NaN codes: the sums stay comparable
+    sr = -(-n // block[0]) if block[0] else 1
+    sc = -(-k // block[1]) if block[1] else 1
+    scale = (rng.random((sr, sc)) * 0.01).astype(np.float32)
+    return QuantizedWeight.fp8(codes, scale, block, fp8="e4m3")
+
+
+def expected(weight, x, bias, y_dtype):
+    k = weight.shape[1]
+    return reference.linear(np.asarray(x).reshape(-1, k), weight.dequantize("f32"), bias,
+                            y_dtype).reshape(*np.asarray(x).shape[:-1], weight.shape[0])
+
+
+WEIGHTS = {
+    "q4_0": lambda rng: ggml_weight(rng, "Q4_0", 37, 256),
+    "q8_0": lambda rng: ggml_weight(rng, "Q8_0", 9, 96),
+    "q4_k": lambda rng: ggml_weight(rng, "Q4_K", 11, 512),
+    "q6_k": lambda rng: ggml_weight(rng, "Q6_K", 10, 256),
+    "iq4_xs": lambda rng: ggml_weight(rng, "IQ4_XS", 9, 256),
+    "s8": lambda rng: family_weight(rng, "s8", 13, 200, 40),   # K = 200: a lane tail
+    "u4": lambda rng: family_weight(rng, "u4", 21, 96, 32),
+    "s4": lambda rng: family_weight(rng, "s4", 5, 36, 12),
+    "fp8": lambda rng: fp8_weight(rng, 19, 37, (8, 16)),       # partial blocks both ways
+}
+
+
+@pytest.mark.parametrize("name", sorted(WEIGHTS))
+@pytest.mark.parametrize("x_dtype", sorted(DTYPES))
+def test_bit_exact_every_format_and_x_dtype(name, x_dtype):
+    rng = np.random.default_rng(hash((name, x_dtype)) % 2**32)
+    weight = WEIGHTS[name](rng)
+    n, k = weight.shape
+    bias = rng.standard_normal(n).astype(DTYPES[x_dtype])
+    for m in MS:
+        x = rng.standard_normal((m, k)).astype(DTYPES[x_dtype])
+        got = linear(x, weight, bias if m % 2 else None)
+        assert_bits_equal(got, expected(weight, x, bias if m % 2 else None, DTYPES[x_dtype]))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("name", ["q4_k", "u4", "fp8"])
+def test_every_isa_gives_the_same_bits(isa, name):
+    rng = np.random.default_rng(7)
+    weight = WEIGHTS[name](rng)
+    n, k = weight.shape
+    for m in (1, 3, 17):
+        x = rng.standard_normal((m, k)).astype(ml_dtypes.bfloat16)
+        desc = LinearDescriptor(weight.descriptor, m, n, k, "bf16", "f32")
+        plan = FormatPlan.select(desc, preference=PlanPreference(isa=isa))
+        y = np.empty((m, n), np.float32)
+        plan.run({**weight.arrays, "x": x, "y": y})
+        assert_bits_equal(y, expected(weight, x, None, np.float32))
+
+
+def test_threads_and_runs_give_the_same_bits():
+    """Rows of W split over 1, 2 or 3 threads, and repeated runs: one result."""
+    rng = np.random.default_rng(11)
+    weight = ggml_weight(rng, "Q8_0", 300, 512)
+    x = rng.standard_normal((5, 512)).astype(np.float32)
+    results = []
+    for threads in (1, 2, 3, 2):
+        desc = LinearDescriptor(weight.descriptor, 5, 300, 512)
+        plan = FormatPlan.select(desc, preference=PlanPreference(num_threads=threads))
+        y = np.empty((5, 300), np.float32)
+        plan.run({**weight.arrays, "x": x, "y": y})
+        results.append(y)
+    for y in results[1:]:
+        assert_bits_equal(y, results[0])
+    assert_bits_equal(results[0], expected(weight, x, None, np.float32))
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(0, 20), n=st.integers(1, 40), groups=st.integers(1, 6),
+       special=st.sampled_from([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, 3e38]))
+def test_shapes_and_special_values(m, n, groups, special):
+    """Any M (0 too) and N, K in groups of 12 (tails past 16 lanes), special x values:
+    infinities and NaN propagate as the reference's, subnormals are kept."""
+    rng = np.random.default_rng(m * 1000 + n * 10 + groups)
+    weight = family_weight(rng, "s8", n, 12 * groups, 12)
+    x = rng.standard_normal((m, 12 * groups)).astype(np.float32)
+    if x.size:
+        x.flat[rng.integers(0, x.size)] = special
+    assert_bits_equal(linear(x, weight), expected(weight, x, None, np.float32))
+
+
+def test_error_against_f64_within_the_documented_bound():
+    """|y - sum in f64| <= gamma(ceil(K / 16) + 4) * sum |x w| (SPEC.md §9), u = 2^-24."""
+    rng = np.random.default_rng(5)
+    weight = ggml_weight(rng, "Q8_0", 64, 4096)
+    x = rng.standard_normal((3, 4096)).astype(np.float32)
+    y = linear(x, weight).astype(np.float64)
+    w = weight.dequantize("f32").astype(np.float64)
+    exact = x.astype(np.float64) @ w.T
+    steps = 4096 // 16 + 4
+    gamma = steps * 2.0**-24 / (1 - steps * 2.0**-24)
+    bound = gamma * (np.abs(x.astype(np.float64)) @ np.abs(w).T)
+    err = np.abs(y - exact)
+    assert (err <= bound).all()
+    assert err.max() > 0   # the bound is tested on real rounding, not on exact sums
+
+
+def test_reference_order_is_what_the_kernel_computes():
+    """A reference summing the lanes in another order (sequentially) differs from the
+    kernel somewhere: the test above would catch a kernel that did."""
+    rng = np.random.default_rng(9)
+    weight = ggml_weight(rng, "Q8_0", 32, 1024)
+    x = rng.standard_normal((4, 1024)).astype(np.float32)
+    got = linear(x, weight)
+    w = weight.dequantize("f32")
+    sequential = np.zeros((4, 32), np.float32)
+    for j in range(1024):
+        sequential = reference.fma_f32(x[:, None, j], w[None, :, j], sequential)
+    assert not np.array_equal(got, sequential)
+    assert_bits_equal(got, expected(weight, x, None, np.float32))
+
+
+def test_fma_is_one_rounding():
+    """reference.fma_f32 rounds once: a * b + c where the product's low bits matter."""
+    a = np.float32(1 + 2**-23)
+    c = np.float32(-(1 + 2**-22))
+    assert reference.fma_f32(a, a, c) == np.float32(2**-46)   # a*a - c exactly
+    assert np.float32(a * a) + c == 0                         # two roundings lose it
+
+
+def test_out_and_torch_tensors():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(2)
+    weight = ggml_weight(rng, "Q4_0", 16, 64)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    y = linear(x, weight, out_dtype="f32")
+    assert isinstance(y, torch.Tensor) and y.dtype == torch.float32 and y.shape == (2, 16)
+    out = np.empty((2, 16), np.float32)
+    assert linear(x.float().numpy(), weight, out=out) is out
+
+
+def test_bad_inputs_are_named():
+    rng = np.random.default_rng(3)
+    weight = ggml_weight(rng, "Q4_0", 16, 64)
+    with pytest.raises(InvalidProblemError, match="last axis must be K=64"):
+        linear(np.zeros((2, 32), np.float32), weight)
+    with pytest.raises(InvalidProblemError, match="takes f32, f16 or bf16"):
+        linear(np.zeros((2, 64), np.float64), weight)
+    with pytest.raises(InvalidProblemError, match=r"bias has shape \(8,\)"):
+        linear(np.zeros((2, 64), np.float32), weight, bias=np.zeros(8, np.float32))
+    with pytest.raises(InvalidProblemError, match="QuantizedWeight"):
+        linear(np.zeros((2, 64), np.float32), np.zeros((16, 64)))
+    with pytest.raises(InvalidProblemError, match="not a multiple of 32"):
+        QuantizedWeight.ggml(np.zeros(18, np.uint8), "Q4_0", (1, 48))
+    with pytest.raises(InvalidProblemError, match="holds 18 bytes"):
+        QuantizedWeight.ggml(np.zeros(18, np.uint8), "Q4_0", (2, 32))
+    with pytest.raises(InvalidProblemError, match="scale has shape"):
+        QuantizedWeight.per_group(np.zeros((4, 64), np.int8), np.zeros((4, 3), np.float32),
+                                  np.zeros((4, 2), np.int32), 32)
+    with pytest.raises(UnsupportedError, match="target 'c'"):
+        from dqgen.lower import lower
+        lower(LinearDescriptor(weight.descriptor, 1, 16, 64), "cuda", "sm_90")
+
+
+def test_verify_checks_a_built_linear_kernel():
+    """dqgen verify rebuilds a linear kernel's descriptor (its weight nested) from the
+    cache entry's record, runs it on a small problem and compares with the reference."""
+    from dqgen import jit
+    rng = np.random.default_rng(4)
+    weight = ggml_weight(rng, "Q4_K", 4, 256)
+    desc = LinearDescriptor(weight.descriptor, 1, 4, 256, "f16", "f32", bias=True)
+    plan = FormatPlan.select(desc, device="cpu")
+    kernel = plan._kernel
+    outcome = verify.check_kernel(descriptor_record(desc), "c", kernel.spec.arch,
+                                  kernel.entry_dir / "kernel.so", "linear")
+    assert outcome.status == verify.OK, str(outcome)
+    # the weight's decode is the dequantize kernel's, in the same source
+    assert "void dqgen_dequant_ggml_q4_k_f32(" in jit.render_source(kernel.spec).text
