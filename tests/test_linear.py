@@ -226,3 +226,23 @@ def test_verify_checks_a_built_linear_kernel():
     assert outcome.status == verify.OK, str(outcome)
     # the weight's decode is the dequantize kernel's, in the same source
     assert "void dqgen_dequant_ggml_q4_k_f32(" in jit.render_source(kernel.spec).text
+
+
+@pytest.mark.parametrize("name", ["q4_k", "s8", "u4", "fp8", "q8_0"])
+def test_transposed_product_is_the_gradient_of_x(name):
+    """``transpose``: dx = dy @ W in the same documented order over n (reference.linear of
+    W's transpose), across chunk boundaries of W's columns, on 1 and 2 threads."""
+    rng = np.random.default_rng(13)
+    weight = {"q4_k": lambda: ggml_weight(rng, "Q4_K", 37, 768),
+              "q8_0": lambda: ggml_weight(rng, "Q8_0", 35, 320),
+              "fp8": lambda: fp8_weight(rng, 33, 600, (128, 128))}.get(
+        name, lambda: WEIGHTS[name](rng))()
+    n, k = weight.shape
+    w = weight.dequantize("f32")
+    for m, threads in ((1, 1), (3, 2), (17, 2)):
+        dy = rng.standard_normal((m, n)).astype(ml_dtypes.bfloat16)
+        desc = LinearDescriptor(weight.descriptor, m, n, k, "bf16", "f32", transpose=True)
+        plan = FormatPlan.select(desc, preference=PlanPreference(num_threads=threads))
+        dx = np.empty((m, k), np.float32)
+        plan.run({**weight.arrays, "x": dy, "y": dx})
+        assert_bits_equal(dx, reference.linear(dy, w.T, None, np.float32))

@@ -10,6 +10,10 @@ ascending ``k`` with one fused multiply-add each from +0 (``K`` padded with zero
 multiple of 16), then the lanes added pairwise ``(j, j + 8)``, ``(j, j + 4)``,
 ``(j, j + 2)``, ``(0, 1)``, then the bias; one rounding to ``y``'s dtype. No thread count,
 ISA level or tiling changes it; ``reference.linear`` computes the same.
+
+``transpose`` makes the other product, ``y[m, k] = sum_n x[m, n] * W[n, k]`` (the gradient
+of x: ``dx = dy @ W``), in the same order over ``n``: each thread owns a run of columns of
+``W``, decodes them sixteen rows at a time and keeps a sum a lane per column and row of x.
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ MICRO_TILES = {"avx512": ((1, 8), (2, 4), (4, 4)), "avx2": ((1, 4), (2, 2), (4, 
 TILE_ROWS_SHORT = 8
 TILE_ROWS_LONG = 32
 LONG_M = 17
+# Columns of W a thread decodes and sums at once in the transposed product (rounded to
+# the format's chunk and the lanes): its sixteen lane sums of each row of x stay in L2.
+CHUNK_COLUMNS = 256
 
 
 def _weight_from(value):
@@ -62,7 +69,8 @@ def _weight_from(value):
 class LinearDescriptor:
     """``x [m, k]`` times the quantized ``weight [n, k]`` transposed, plus an optional
     ``bias [n]``; ``y [m, n]`` in ``y_dtype`` (default: x's). ``weight`` is a format
-    descriptor (its sizes are ignored: ``n`` and ``k`` are the weight's)."""
+    descriptor (its sizes are ignored: ``n`` and ``k`` are the weight's). ``transpose``:
+    ``x [m, n]`` times the weight, ``y [m, k]`` (no bias)."""
 
     op: ClassVar[Op] = Op.LINEAR
     weight: object
@@ -72,6 +80,7 @@ class LinearDescriptor:
     x_dtype: DType = DType.F32
     y_dtype: DType | None = None
     bias: bool = False
+    transpose: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weight", _weight_from(self.weight))
@@ -86,6 +95,9 @@ class LinearDescriptor:
         y = x if self.y_dtype is None else parse_dtype(self.y_dtype, "y_dtype", LINEAR_DTYPES)
         object.__setattr__(self, "y_dtype", y)
         object.__setattr__(self, "bias", bool(self.bias))
+        object.__setattr__(self, "transpose", bool(self.transpose))
+        if self.bias and self.transpose:
+            raise InvalidProblemError("the transposed product (x @ W) takes no bias")
         view = self.view
         if self.k % view.k_multiple:
             raise InvalidProblemError(
@@ -117,15 +129,15 @@ class LinearDescriptor:
 
     @property
     def uri(self) -> str:
-        return (f"linear_{self.view.decode.uri}_x{self.x_dtype.value}_y{self.y_dtype.value}"
-                + ("_bias" if self.bias else ""))
+        return (f"linear{'_t' if self.transpose else ''}_{self.view.decode.uri}_"
+                f"x{self.x_dtype.value}_y{self.y_dtype.value}" + ("_bias" if self.bias else ""))
 
     def to_json(self) -> dict:
         w = self.view.decode
         return {"op": "linear", "layout": self.layout.value,
                 "weight": {"class": type(w).__name__, **w.to_json()},
                 "m": self.m, "n": self.n, "k": self.k, "x_dtype": self.x_dtype.value,
-                "y_dtype": self.y_dtype.value, "bias": self.bias}
+                "y_dtype": self.y_dtype.value, "bias": self.bias, "transpose": self.transpose}
 
 
 @dataclass(frozen=True)
@@ -150,6 +162,8 @@ class LinearKnobs:
     need (defined under a prefix beside the decode's own)."""
 
     weight: object
+    transpose: bool
+    chunk_columns: int       # the transposed product: columns of W a step
     weight_entry: str
     weight_args: tuple[WeightArg, ...]
     lane_regs: int           # registers a 16-lane vector takes (1, 2), 0: plain floats
@@ -201,8 +215,11 @@ class LinearKind(FormatKind):
                    Param("k", None, "scalar", "int64_t"))
         x_load = CONVERT.get(desc.x_dtype, ("", ""))[0]
         y_store = CONVERT.get(desc.y_dtype, ("", ""))[1]
+        chunk = int(np.lcm(view.chunk_multiple or view.k_multiple, LANES))
         knobs = LinearKnobs(
-            weight=weight_spec, weight_entry=weight_spec.entry,
+            weight=weight_spec, transpose=desc.transpose,
+            chunk_columns=chunk * max(1, -(-CHUNK_COLUMNS // chunk)),
+            weight_entry=weight_spec.entry,
             weight_args=_weight_args(view, weight_spec),
             lane_regs={"avx512": 1, "avx2": 2}.get(isa, 0),
             micro_tiles=MICRO_TILES[isa], tile_rows_short=TILE_ROWS_SHORT,
@@ -218,28 +235,30 @@ class LinearKind(FormatKind):
 
     def array_shape(self, desc, param):
         if param.name == "x":
-            return (desc.m, desc.k)
+            return (desc.m, desc.n if desc.transpose else desc.k)
         if param.name == "bias":
             return (desc.n,)
         if param.name == "y":
-            return (desc.m, desc.n)
+            return (desc.m, desc.k if desc.transpose else desc.n)
         weight = desc.view.sized(desc.n, desc.k)
         return kind_of(weight).array_shape(weight, param)
 
     def launch_elements(self, desc) -> int:
-        return desc.m * desc.n
+        return desc.m * (desc.k if desc.transpose else desc.n)
 
     def small_problem(self, desc, remake):
         # a K tail past the lanes where the format allows one, rows past a decode tile,
         # and x long enough for the long tile
         step = desc.view.k_multiple
-        k = step * max(1, -(-(3 * LANES + 5) // step))
-        return remake(m=LONG_M + 2, n=TILE_ROWS_SHORT + 3, k=k)
+        want = CHUNK_COLUMNS + 3 * LANES + 5 if desc.transpose else 3 * LANES + 5
+        return remake(m=LONG_M + 2, n=2 * LANES + 3, k=step * max(1, -(-want // step)))
 
     def oracle(self, desc, arrays):
         weight = desc.view.sized(desc.n, desc.k)
         w = kind_of(weight).oracle(weight, {**arrays, "y": np.empty((desc.n, desc.k), np.float32)})
         w = np.asarray(w, np.float32).reshape(desc.n, desc.k)
+        if desc.transpose:
+            return reference.linear(arrays["x"], w.T, None, desc.y_dtype.np_dtype)
         bias = arrays.get("bias") if desc.bias else None
         return reference.linear(arrays["x"], w, bias, desc.y_dtype.np_dtype)
 

@@ -36,13 +36,16 @@ class LinearView:
     """How the fused linear kernel decodes one row of a weight ``[N, K]`` of this format
     with the format's own dequantize kernel: each input array's ``RowSlice``, each
     run-time size argument as ``K * num / den`` (``num`` 0: the value 1, one row), the
-    multiple K must be, the descriptor of the decode (f32 out) and of the whole weight."""
+    multiple K must be, the descriptor of the decode (f32 out) and of the whole weight.
+    A decode may also start at a column ``kb`` of the row (``kb * num / den`` further on):
+    ``kb`` a multiple of ``chunk_multiple`` (0: of ``k_multiple``)."""
 
     slices: dict                   # input name -> RowSlice
     sizes: dict                    # scalar name -> (num, den)
     k_multiple: int
     decode: object                 # the descriptor of the one-row decode kernel
     sized: Callable[[int, int], object]  # (N, K) -> the descriptor of the whole weight
+    chunk_multiple: int = 0
 
 
 class FormatKind:
