@@ -243,7 +243,7 @@ def test_bad_directories(tmp_path):
     with pytest.raises(InvalidProblemError, match="must differ from IN"):
         run_convert(str(src), str(src), "--quiet")
     config = json.loads((src / "config.json").read_text())
-    for bad, match, error in [({"quant_method": "bitsandbytes"}, "quant_method='bitsandbytes'",
+    for bad, match, error in [({"quant_method": "eetq"}, "quant_method='eetq'",
                                UnsupportedError),
                               ({"quant_method": "awq", "version": "gemv"}, "not the GEMM layout",
                                UnsupportedError),

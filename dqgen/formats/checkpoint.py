@@ -30,9 +30,10 @@ from ..ir import GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS, GPTQ_V1_ZEROS
 
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_FILES = ("config.json", "quantize_config.json", "quant_config.json")
+MODELOPT_CONFIG = "hf_quant_config.json"   # NVIDIA ModelOpt's export
 # Files of the input directory the output does not copy: the weights (rewritten), and
 # the quantization configs (the output is not quantized).
-NOT_COPIED = {INDEX_NAME, "quantize_config.json", "quant_config.json"}
+NOT_COPIED = {INDEX_NAME, "quantize_config.json", "quant_config.json", MODELOPT_CONFIG}
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,8 @@ class QuantConfig:
     """What a checkpoint's config says (None: not said)."""
 
     source: str | None = None          # the file it came from
-    method: str | None = None          # gptq, awq, mlx, fp8, compressed-tensors
+    method: str | None = None          # gptq, awq, mlx, fp8, compressed-tensors,
+    #                                    bitsandbytes, mxfp4, modelopt
     bits: int | None = None
     group_size: int | None = None      # None: inferred from the shapes
     checkpoint_format: str | None = None
@@ -169,7 +171,7 @@ def _auto_round(config: dict, where: str) -> dict:
 
 
 CT_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized", "float-quantized",
-              "mixed-precision")
+              "mixed-precision", "nvfp4-pack-quantized", "mxfp4-pack-quantized")
 
 
 def parse_compressed_tensors(config: dict, where: str) -> QuantConfig:
@@ -188,10 +190,70 @@ def parse_compressed_tensors(config: dict, where: str) -> QuantConfig:
         kept.append(group.get("weights") or {})
     unknown = sorted(f for f in formats if f not in CT_FORMATS)
     if unknown:
+        known = ", ".join(f for f in CT_FORMATS if f != "mixed-precision")
         raise UnsupportedError(f"{where}: compressed-tensors format {unknown[0]!r} is not one "
-                               f"dqgen reads ({', '.join(CT_FORMATS[:4])})")
+                               f"dqgen reads ({known})")
     return QuantConfig(where, "compressed-tensors", extra={"groups": kept,
                                                           "formats": sorted(formats)})
+
+
+BNB_QUANT_TYPES = ("nf4", "fp4")
+
+
+def _flag(config: dict, key: str, where: str) -> bool:
+    value = config.get(key, False)
+    if not isinstance(value, bool):
+        raise InvalidProblemError(f"{where}: {key}={value!r} is not true or false")
+    return value
+
+
+def parse_bitsandbytes(config: dict, where: str) -> QuantConfig:
+    """``quant_method: "bitsandbytes"`` (transformers' BitsAndBytesConfig): exactly one
+    of ``load_in_4bit`` (``bnb_4bit_quant_type`` nf4 or fp4, kept in
+    ``extra["quant_type"]`` when said) and ``load_in_8bit`` (LLM.int8) -> bits 4 or 8."""
+    four, eight = _flag(config, "load_in_4bit", where), _flag(config, "load_in_8bit", where)
+    if four and eight:
+        raise InvalidProblemError(f"{where}: load_in_4bit and load_in_8bit are both true: the "
+                                  "config contradicts itself")
+    if not (four or eight):
+        raise InvalidProblemError(f"{where}: quant_method='bitsandbytes' but neither "
+                                  "load_in_4bit nor load_in_8bit is true")
+    quant_type = config.get("bnb_4bit_quant_type")
+    if four and quant_type is not None and str(quant_type).lower() not in BNB_QUANT_TYPES:
+        raise UnsupportedError(f"{where}: bnb_4bit_quant_type={quant_type!r} is not one "
+                               f"bitsandbytes writes ({', '.join(BNB_QUANT_TYPES)})")
+    extra = {"quant_type": str(quant_type).lower() if four and quant_type is not None else None}
+    return QuantConfig(where, "bitsandbytes", 4 if four else 8, extra=extra)
+
+
+MODELOPT_ALGOS = ("NVFP4",)
+
+
+def parse_modelopt(config: dict, where: str, key: str = "quant_algo") -> QuantConfig:
+    """NVIDIA ModelOpt's export: ``hf_quant_config.json``'s ``quantization`` object or
+    config.json's ``quantization_config`` with ``quant_method: "modelopt"``; its
+    ``quant_algo`` must be NVFP4 (blocks of ``group_size`` 16)."""
+    algo = config.get("quant_algo")
+    if algo is None:
+        raise InvalidProblemError(f"{where}: no {key}; ModelOpt's export names its algorithm "
+                                  "there (NVFP4)")
+    if str(algo).upper() not in MODELOPT_ALGOS:
+        raise UnsupportedError(f"{where}: {key}={algo!r} is not a ModelOpt algorithm dqgen "
+                               f"converts ({', '.join(MODELOPT_ALGOS)})")
+    group = _int(config.get("group_size", 16), "group_size", where)
+    if group != 16:
+        raise UnsupportedError(f"{where}: NVFP4 group_size={group}; NVFP4 blocks are 16 values")
+    return QuantConfig(where, "modelopt", 4, 16, extra={"algo": str(algo).upper()})
+
+
+def parse_modelopt_file(path: Path) -> QuantConfig:
+    """``hf_quant_config.json``: ``{"producer": ..., "quantization": {"quant_algo": ...}}``."""
+    value = _read_json(path)
+    quant = value.get("quantization")
+    if not isinstance(quant, dict):
+        raise InvalidProblemError(f"{path}: no 'quantization' object (ModelOpt writes its "
+                                  "quant_algo there)")
+    return parse_modelopt(quant, str(path), "quantization.quant_algo")
 
 
 def parse_quant_config(config: dict, where: str) -> QuantConfig:
@@ -199,6 +261,12 @@ def parse_quant_config(config: dict, where: str) -> QuantConfig:
     method = str(config.get("quant_method") or "gptq").lower()
     if method == "compressed-tensors":
         return parse_compressed_tensors(config, where)
+    if method == "bitsandbytes":
+        return parse_bitsandbytes(config, where)
+    if method == "mxfp4":
+        return QuantConfig(where, "mxfp4", 4, 32)
+    if method == "modelopt":
+        return parse_modelopt(config, where)
     if method in AUTO_ROUND_METHODS:
         config = _auto_round(config, where)
         method = config["quant_method"]
@@ -206,7 +274,8 @@ def parse_quant_config(config: dict, where: str) -> QuantConfig:
         return parse_fp8_config(config, where)
     if method not in ("gptq", "awq"):
         raise UnsupportedError(f"{where}: quant_method={config.get('quant_method')!r} is not "
-                               "one dqgen converts; it reads gptq, awq, auto-round, compressed-tensors, fp8 and "
+                               "one dqgen converts; it reads gptq, awq, auto-round, "
+                               "compressed-tensors, fp8, bitsandbytes, mxfp4, modelopt and "
                                "mlx_lm's")
     bits = _int(config.get("bits", config.get("w_bit")), "bits", where)
     group = _int(config.get("group_size", config.get("q_group_size")), "group_size", where)
@@ -306,7 +375,27 @@ def parse_mlx_quantization(quant: dict, where: str) -> QuantConfig:
 
 
 def read_quant_config(directory: Path) -> tuple[QuantConfig, dict | None]:
-    """The quantization config in ``directory`` and its ``config.json`` (or None)."""
+    """The quantization config in ``directory`` and its ``config.json`` (or None); a
+    ModelOpt ``hf_quant_config.json`` must agree with config.json's."""
+    quant, config = _read_configs(directory)
+    modelopt = directory / MODELOPT_CONFIG
+    if not modelopt.is_file():
+        return quant, config
+    said = parse_modelopt_file(modelopt)
+    if quant.method is None:
+        return said, config
+    if quant.method != "modelopt" or quant.extra.get("algo") != said.extra["algo"]:
+        what = quant.extra.get("algo") if quant.method == "modelopt" else quant.method
+        raise InvalidProblemError(
+            f"{modelopt} says quant_algo={said.extra['algo']!r} but {quant.source} says "
+            f"{'quant_algo' if quant.method == 'modelopt' else 'quant_method'}={what!r}: the "
+            "configs contradict each other")
+    return quant, config
+
+
+def _read_configs(directory: Path) -> tuple[QuantConfig, dict | None]:
+    """config.json's quantization (mlx_lm's, else quantization_config), else
+    quantize_config.json or quant_config.json; and config.json itself."""
     config = None
     path = directory / "config.json"
     if path.is_file():

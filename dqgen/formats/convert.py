@@ -21,6 +21,13 @@ complete.
 An MLX layer (mlx_lm) is ``P.weight`` (uint32 words), ``P.scales`` and ``P.biases``; its
 bits and group size come from ``config.json``'s ``quantization``, per layer.
 
+FP4 layers: gpt-oss MXFP4 experts (``NAME_blocks``, ``NAME_scales`` -> ``NAME``, as
+transformers names the dequantized parameter), ModelOpt NVFP4 (uint8 ``P.weight``,
+``P.weight_scale``, ``P.weight_scale_2``; ``P.input_scale`` dropped; the config is
+``hf_quant_config.json`` or config.json's ``quant_method: "modelopt"``, which must agree)
+and compressed-tensors' ``nvfp4-``/``mxfp4-pack-quantized`` (the scale's dtype tells
+which; the config must name that format).
+
 A ``.gguf`` input (llama.cpp) needs no ``--format``: every tensor is converted
 (``gguf_convert``).
 
@@ -43,6 +50,7 @@ import os
 import re
 import sys
 from dataclasses import asdict, dataclass
+from typing import Callable, NamedTuple
 from pathlib import Path
 
 import ml_dtypes
@@ -51,7 +59,7 @@ import numpy as np
 from .. import env
 from ..errors import InvalidProblemError, UnsupportedError
 from ..ir import GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS, GPTQ_V1_ZEROS
-from . import awq, compressed_tensors, fp8, gptq, mlx
+from . import awq, compressed_tensors, fp4, fp8, gptq, mlx
 from .checkpoint import (CONFIG_FILES, INDEX_NAME, MLX_BITS, NOT_COPIED, Checkpoint,
                          open_checkpoint, v1_zeros_rule)
 from .convert_output import Destination, SliceLedger, kernel_jobs
@@ -59,6 +67,8 @@ from .progress import Progress
 from .safetensors_io import DTYPES, PendingFile, Reader, Writer, parse_size, shard_paths
 
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
+FORMATS = ("gptq", "awq", "mlx", "fp8", "compressed-tensors", "bitsandbytes", "mxfp4",
+           "modelopt")
 OUT_DTYPES = {"f16": "F16", "bf16": "BF16", "f32": "F32"}
 TORCH_DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}
 OUT_DTYPES_NP = {"f16": np.dtype(np.float16), "bf16": np.dtype(ml_dtypes.bfloat16),
@@ -82,6 +92,13 @@ config.json's quantization (the default, or the layer's own entry).
 FP8 checkpoints (DeepSeek-V3, Qwen3-FP8; quant_method "fp8"): every F8_E4M3 or
 F8_E5M2 P.weight with its P.weight_scale_inv (or P.weight_scale) becomes a float
 P.weight, in the config's weight_block_size blocks.
+
+FP4 checkpoints: gpt-oss MXFP4 experts (quant_method "mxfp4"): NAME_blocks and
+NAME_scales become a float NAME ([experts, K, N], as transformers loads it);
+NVIDIA ModelOpt NVFP4 (hf_quant_config.json, or quant_method "modelopt"): a
+uint8 P.weight with P.weight_scale and P.weight_scale_2 becomes a float
+P.weight, its input_scale dropped; compressed-tensors nvfp4-pack-quantized and
+mxfp4-pack-quantized layers as its other formats.
 
   IN a directory or a model.safetensors.index.json: OUT is a directory with
     the same shards (or --max-shard-size ones) and index, config.json without
@@ -128,10 +145,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "llama.cpp .gguf file: every tensor converted, no --format)")
     parser.add_argument("output", metavar="OUT", help="file to write (a directory for a "
                         "directory or index IN)")
-    parser.add_argument("--format", choices=("gptq", "awq", "mlx", "fp8", "compressed-tensors"),
-                        default=None,
-                        help="how the layers are packed; default: the config's quant_method, "
-                             "else read from the shapes")
+    parser.add_argument("--format", choices=FORMATS, default=None, metavar="FORMAT",
+                        help=f"how the layers are packed: {', '.join(FORMATS)}; default: "
+                             "the config's quant_method, else read from the shapes")
     parser.add_argument("--dtype", default="f16", choices=tuple(OUT_DTYPES),
                         help="dtype of the dequantized weights (default f16)")
     parser.add_argument("--bits", type=int, choices=sorted(set(GPTQ_BITS) | set(MLX_BITS)),
@@ -323,6 +339,16 @@ def _plan_layer(tensors, parts: dict[str, str], s: Settings) -> tuple:
     return fmt, shape, _naming(parts["qweight"].rpartition(".")[0] or "(top level)", run)
 
 
+class LayerPlan(NamedTuple):
+    """One quantized layer's conversion: its format, output shape, the callable that
+    dequantizes it, and its output tensor's name (None: ``PREFIX.weight``)."""
+
+    format: str
+    shape: tuple
+    run: Callable
+    name: str | None = None
+
+
 def _none_found(tensors, what: str) -> InvalidProblemError:
     """The error for a checkpoint whose shards hold none of a format's layers."""
     where = ", ".join(str(r.path) for r in getattr(tensors, "readers", ()))
@@ -443,10 +469,11 @@ def find_ct_layers(tensors) -> dict[str, dict[str, str]]:
             raise UnsupportedError(f"{prefix}.weight_g_idx: act-order compressed-tensors "
                                    "layers are not read by dqgen yet")
         parts = {"weight": name, "scale": f"{prefix}.weight_scale"}
-        for extra in ("weight_shape", "weight_zero_point"):
+        for extra in ("weight_shape", "weight_zero_point", *CT_FP4_EXTRA):
             if f"{prefix}.{extra}" in tensors.entries:
                 parts[extra] = f"{prefix}.{extra}"
-        if part == "weight_packed" and "weight_shape" not in parts:
+        fp4_scale = tensors.entries[parts["scale"]].dtype in CT_FP4_SCALES
+        if part == "weight_packed" and "weight_shape" not in parts and not fp4_scale:
             raise InvalidProblemError(f"{name} has no {prefix}.weight_shape beside it")
         layers[prefix] = parts
     if not layers:
@@ -457,11 +484,15 @@ def find_ct_layers(tensors) -> dict[str, dict[str, str]]:
 
 def _plan_ct_layer(tensors, prefix: str, parts: dict[str, str], s, quant) -> tuple:
     """(format, output shape, dequantize callable) of one compressed-tensors layer; bits
-    from the packed width (4 or 8), an FP8 block from the config's block_structure."""
+    from the packed width (4 or 8), an FP8 block from the config's block_structure, FP4
+    (nvfp4-/mxfp4-pack-quantized) from the scale's dtype."""
     entry = tensors.entries[parts["weight"]]
     get = tensors.array
     want = OUT_DTYPES_NP[s.dtype]
     zero = parts.get("weight_zero_point")
+    if tensors.entries[parts["scale"]].dtype in CT_FP4_SCALES and \
+            parts["weight"].endswith("weight_packed"):
+        return _plan_ct_fp4_layer(tensors, prefix, parts, s, quant)
     if parts["weight"].endswith(".weight_packed"):
         n, k = (int(v) for v in get(parts["weight_shape"]).reshape(-1))
         words = entry.shape[-1]
@@ -493,6 +524,141 @@ def _plan_ct_layer(tensors, prefix: str, parts: dict[str, str], s, quant) -> tup
     def run():
         return fp8.dequantize(get(parts["weight"]), get(parts["scale"]), block, s.dtype)
     return "compressed-tensors", shape, _naming(prefix, run)
+
+
+# compressed-tensors' FP4 formats: the scale's dtype says which (E4M3 with a global
+# scale: NVFP4; E8M0 exponents: MXFP4), and the format each needs in the config.
+CT_FP4_SCALES = {"F8_E4M3": "nvfp4", "U8": "mxfp4"}
+CT_FP4_FORMATS = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized"}
+CT_FP4_EXTRA = ("weight_global_scale", "input_global_scale")
+
+
+def _plan_ct_fp4_layer(tensors, prefix: str, parts: dict[str, str], s, quant) -> LayerPlan:
+    """An nvfp4-/mxfp4-pack-quantized layer: uint8 ``weight_packed`` [N, K / 2] and its
+    block scales (NVFP4: E4M3 a block of 16 and ``weight_global_scale``; MXFP4: E8M0 a
+    block of 32); the global and input scales are not copied."""
+    fp4_kind = CT_FP4_SCALES[tensors.entries[parts["scale"]].dtype]
+    fmt = CT_FP4_FORMATS[fp4_kind]
+    formats = quant.extra.get("formats")
+    if formats is not None and fmt not in formats:
+        raise InvalidProblemError(
+            f"{parts['weight']} is {fp4_kind.upper()} ({parts['scale']} is "
+            f"{tensors.entries[parts['scale']].dtype}), but {quant.source} names no {fmt} "
+            f"format (it names {', '.join(formats)})")
+    if fp4_kind == "nvfp4" and "weight_global_scale" not in parts:
+        raise InvalidProblemError(f"{parts['weight']} is NVFP4 but has no "
+                                  f"{prefix}.weight_global_scale beside it")
+    _check_fp4_rows(tensors, parts["weight"], parts["scale"], 16 if fp4_kind == "nvfp4" else 32)
+    n, half = tensors.entries[parts["weight"]].shape
+    get = tensors.array
+
+    def run():
+        if fp4_kind == "nvfp4":
+            return compressed_tensors.dequantize_nvfp4(
+                get(parts["weight"]), get(parts["scale"]), get(parts["weight_global_scale"]),
+                dtype=s.dtype)
+        return compressed_tensors.dequantize_mxfp4(get(parts["weight"]), get(parts["scale"]),
+                                                   dtype=s.dtype)
+    return LayerPlan("compressed-tensors", (n, 2 * half), _naming(prefix, run))
+
+
+def _check_fp4_rows(tensors, weight: str, scale: str, block: int) -> None:
+    """A uint8 ``weight`` [N, K / 2] of e2m1 pairs and its ``scale`` [N, K / block]."""
+    entry = tensors.entries[weight]
+    if entry.dtype != "U8" or len(entry.shape) != 2:
+        raise InvalidProblemError(f"{weight} is {entry.dtype} {list(entry.shape)}; an FP4 "
+                                  "weight is uint8 [N, K / 2], two e2m1 values a byte")
+    n, half = entry.shape
+    got = tuple(tensors.entries[scale].shape)
+    if (2 * half) % block or got != (n, 2 * half // block):
+        raise InvalidProblemError(f"{scale} has shape {list(got)}, expected "
+                                  f"{[n, 2 * half // block]}: one a block of {block} values of "
+                                  f"{weight} {[n, half]} (two values a byte)")
+
+
+def find_mxfp4_layers(tensors) -> dict[str, dict[str, str]]:
+    """gpt-oss MXFP4 experts: ``NAME_blocks`` with ``NAME_scales`` beside it -> the float
+    ``NAME`` (as transformers names it); other tensors (biases, router, attention) are
+    copied."""
+    layers: dict[str, dict[str, str]] = {}
+    for name, entry in tensors.entries.items():
+        if name.endswith("_blocks"):
+            base = name[:-len("_blocks")]
+            if f"{base}_scales" not in tensors.entries:
+                raise InvalidProblemError(f"{name} has no {base}_scales beside it")
+            layers[base] = {"weight": name, "scales": f"{base}_scales"}
+        elif name.endswith("_scales") and entry.dtype == "U8" and \
+                f"{name[:-len('_scales')]}_blocks" not in tensors.entries:
+            raise InvalidProblemError(f"{name} has no {name[:-len('_scales')]}_blocks beside it")
+    if not layers:
+        raise _none_found(tensors, "no MXFP4 experts (*_blocks with *_scales)")
+    return layers
+
+
+def _plan_mxfp4_layer(tensors, base: str, parts: dict[str, str], s, quant) -> LayerPlan:
+    """gpt-oss experts: blocks uint8 [E, N, G, 16] and E8M0 scales [E, N, G] -> [E, G * 32,
+    N], as transformers' convert_moe_packed_tensors returns them."""
+    blocks, scales = (tensors.entries[parts[k]] for k in ("weight", "scales"))
+    if blocks.dtype != "U8" or len(blocks.shape) != 4 or blocks.shape[-1] != 16:
+        raise InvalidProblemError(f"{parts['weight']} is {blocks.dtype} {list(blocks.shape)}; "
+                                  "gpt-oss MXFP4 blocks are uint8 [experts, N, G, 16]")
+    if scales.dtype != "U8" or tuple(scales.shape) != tuple(blocks.shape[:-1]):
+        raise InvalidProblemError(f"{parts['scales']} is {scales.dtype} {list(scales.shape)}, "
+                                  f"expected uint8 {list(blocks.shape[:-1])}: one a block of "
+                                  f"{parts['weight']} {list(blocks.shape)}")
+    experts, rows, groups, _ = blocks.shape
+    get = tensors.array
+
+    def run():
+        return fp4.dequantize_mxfp4(get(parts["weight"]), get(parts["scales"]), s.dtype)
+    return LayerPlan("mxfp4", (experts, groups * 32, rows), _naming(base, run), base)
+
+
+MODELOPT_DROPPED = ("weight_scale", "weight_scale_2", "input_scale")
+
+
+def find_modelopt_layers(tensors) -> dict[str, dict[str, str]]:
+    """ModelOpt NVFP4 layers: a uint8 ``weight`` with its ``weight_scale`` (E4M3) and
+    ``weight_scale_2``; those and ``input_scale`` are not copied, other tensors are."""
+    layers: dict[str, dict[str, str]] = {}
+    for name, entry in tensors.entries.items():
+        prefix, _, part = name.rpartition(".")
+        if part != "weight" or entry.dtype != "U8":
+            continue
+        parts = {"weight": name}
+        for key in MODELOPT_DROPPED:
+            if f"{prefix}.{key}" in tensors.entries:
+                parts[key] = f"{prefix}.{key}"
+        missing = [k for k in MODELOPT_DROPPED[:2] if k not in parts]
+        if missing:
+            raise InvalidProblemError(f"{name} is {entry.dtype} (NVFP4) but has no "
+                                      f"{' or '.join(f'{prefix}.{k}' for k in missing)} "
+                                      "beside it")
+        layers[prefix] = parts
+    if not layers:
+        raise _none_found(tensors, "no NVFP4 layers (a uint8 *.weight with *.weight_scale "
+                                   "and *.weight_scale_2)")
+    return layers
+
+
+def _plan_modelopt_layer(tensors, prefix: str, parts: dict[str, str], s, quant) -> LayerPlan:
+    """NVFP4: ``F(e2m1 * (f32(weight_scale) * weight_scale_2))``, blocks of 16 values."""
+    scale = tensors.entries[parts["weight_scale"]]
+    if scale.dtype != "F8_E4M3":
+        raise InvalidProblemError(f"{parts['weight_scale']} is {scale.dtype}; an NVFP4 block "
+                                  "scale is F8_E4M3")
+    second = tensors.entries[parts["weight_scale_2"]]
+    if second.dtype != "F32" or int(np.prod(second.shape)) != 1:
+        raise InvalidProblemError(f"{parts['weight_scale_2']} is {second.dtype} "
+                                  f"{list(second.shape)}; it is one F32 value for the tensor")
+    _check_fp4_rows(tensors, parts["weight"], parts["weight_scale"], quant.group_size or 16)
+    n, half = tensors.entries[parts["weight"]].shape
+    get = tensors.array
+
+    def run():
+        return fp4.dequantize_nvfp4(get(parts["weight"]), get(parts["weight_scale"]),
+                                    get(parts["weight_scale_2"]), s.dtype)
+    return LayerPlan("nvfp4", (n, 2 * half), _naming(prefix, run))
 
 
 def _check_gptq_shapes(tensors, parts: dict[str, str], bits: int) -> None:
@@ -540,7 +706,10 @@ def _output_items(tensors: Tensors, layers, plans, dtype: str) -> list[tuple[Rea
             if prefix is None:
                 items.append((name, entry.dtype, entry.shape, None))
             elif name == main_part(layers[prefix]):
-                items.append((f"{prefix}.weight", OUT_DTYPES[dtype], plans[prefix][1], prefix))
+                plan = plans[prefix]
+                out_name = plan.name if isinstance(plan, LayerPlan) and plan.name else (
+                    f"{prefix}.weight")
+                items.append((out_name, OUT_DTYPES[dtype], plan[1], prefix))
         out.append((reader, items))
     return out
 
@@ -682,7 +851,10 @@ def _plan_layers(tensors: Tensors, s: Settings, ckpt: Checkpoint) -> tuple[dict,
     small tensors that give shapes."""
     find, plan = {"mlx": (find_mlx_layers, _plan_mlx_layer),
                   "compressed-tensors": (find_ct_layers, _plan_ct_layer),
-                  "fp8": (find_fp8_layers, _plan_fp8_layer)}.get(s.format, (None, None))
+                  "fp8": (find_fp8_layers, _plan_fp8_layer),
+                  "mxfp4": (find_mxfp4_layers, _plan_mxfp4_layer),
+                  "modelopt": (find_modelopt_layers, _plan_modelopt_layer),
+                  }.get(s.format, (None, None))
     if find is None:
         layers = find_layers(tensors, s.format)
         return layers, {prefix: _plan_layer(tensors, parts, s) for prefix, parts in layers.items()}
