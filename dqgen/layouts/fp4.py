@@ -37,6 +37,12 @@ from .registry import FormatKind, register
 FORMULA = "W[r, j] = F(e2m1(w[r, j]) * S[r, j / block]), S = C(scale) [* or / global], C = f32"
 # Rows of one expert a C work unit writes as one tile of the transposed output.
 TRANSPOSE_TILE = 32
+# C: values decoded a step in explicit vectors (GCC vector extensions), by ISA: one
+# AVX-512 permute of the 16-entry table, or two AVX2 ones of its halves; none (a plain
+# loop) where a permute would be emulated lane by lane.
+VECTOR_LANES = {"avx512_fp16": 16, "avx512_bf16": 16, "avx512": 16, "avx2": 8}
+# The unsigned type of the VECTOR_LANES / 2 code bytes of a step.
+_STEP_TYPES = {16: "uint64_t", 8: "uint32_t"}
 
 
 @dataclass(frozen=True)
@@ -108,10 +114,25 @@ class Fp4Knobs:
     global_divides: bool
     transposed: bool
     tile: int
+    lanes: int = 0             # C: VECTOR_LANES of the explicit vectors (0: a plain loop)
 
     @property
     def c_values(self) -> tuple[str, ...]:
         return tuple(c_float(b) for b in self.values)
+
+    @property
+    def c_lane_tables(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The two operands of the vector lookup ``__builtin_shuffle(a, b, index)``: the
+        table's first and second ``lanes`` entries (16 lanes: the table, twice)."""
+        values = self.c_values
+        if self.lanes >= 16:
+            return values[:self.lanes], values[:self.lanes]
+        return values[:self.lanes], values[self.lanes:2 * self.lanes]
+
+    @property
+    def step_type(self) -> str:
+        """The unsigned C type of one vector step's code bytes."""
+        return _STEP_TYPES.get(self.lanes, "")
 
     @property
     def c_scales(self) -> tuple[str, ...]:
@@ -169,11 +190,11 @@ class Fp4DequantizeDescriptor(FormatDescriptor):
     def uri(self) -> str:
         return f"dequant_{self.fp4}_{self.producer.short}_{self.float_dtype.value}"
 
-    def knobs(self) -> Fp4Knobs:
+    def knobs(self, lanes: int = 0) -> Fp4Knobs:
         p = self.producer
         return Fp4Knobs(e2m1_bits(p.negative_zero, 2 if p.ldexp else 1), scale_bits(p), p.block,
                         p.global_scale == "multiply", p.global_scale == "divide",
-                        p.transposed, TRANSPOSE_TILE)
+                        p.transposed, TRANSPOSE_TILE, lanes)
 
 
 def _header_descriptor(desc: Fp4DequantizeDescriptor) -> str:
@@ -200,7 +221,7 @@ class Fp4Kind(FormatKind):
     aot_keys = {"mxfp4": ("checkpoint_format",), "nvfp4": ("checkpoint_format",)}
 
     def lower(self, desc, target, arch, storage):
-        knobs = desc.knobs()
+        knobs = desc.knobs(VECTOR_LANES.get(arch, 0) if target == "c" else 0)
         f = desc.float_dtype
         params = (pointer("w", DType.U8, "in", storage),
                   pointer("scales", DType.U8, "in", storage),
