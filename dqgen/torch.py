@@ -7,7 +7,10 @@ Importing this module registers, under the ``dqgen::`` namespace (``torch.librar
 * ``fake_quantize_per_group``, quantize then dequantize in one op, for quantization-aware
   training (its gradient runs both backward plans);
 * the checkpoint formats: ``gptq_dequantize``, ``awq_dequantize``, ``ggml_dequantize``,
-  ``packed_dequantize``, ``floatzp_dequantize``, ``hqq_dequantize``.
+  ``packed_dequantize``, ``floatzp_dequantize``, ``hqq_dequantize``;
+* ``linear`` (``x @ W.T + bias`` with W quantized, never written out) and its x gradient
+  ``linear_backward``; ``QuantLinear`` and ``quantize_model`` (``dqgen.torch_nn``) build
+  modules on them.
 
 Each op's CPU and CUDA kernels are the plain functions (``dqgen.api``, ``dqgen.formats``),
 which take the tensors without copying (CPU tensors through ``.numpy()`` views, CUDA tensors
@@ -27,8 +30,11 @@ and the backward ops, LSQ's estimator for ``fake_quantize_per_group``. The forma
 no gradient.
 """
 
+import functools
 import inspect
 from typing import List, Optional
+
+import ml_dtypes
 
 try:
     import torch
@@ -37,6 +43,7 @@ except ImportError as exc:  # dqgen itself needs no torch; only this module does
                       "dqgen's kernels as torch operators", name="torch") from exc
 
 from dqgen import api
+from dqgen.formats import weight as weight_mod
 from dqgen.errors import InvalidProblemError, UnsupportedError
 from dqgen.formats import awq, floatzp, ggml, gptq, hqq, packed
 from dqgen.ir import (FLOAT_DTYPES, byte_storage_for, GPTQ_BITS, GPTQ_V1_ZEROS, HQQ_BITS, INT_DTYPES,
@@ -46,7 +53,7 @@ from dqgen.ir import (FLOAT_DTYPES, byte_storage_for, GPTQ_BITS, GPTQ_V1_ZEROS, 
 __all__ = ["dequantize_per_group", "quantize_per_group", "dequantize_per_group_backward",
            "quantize_per_group_backward", "fake_quantize_per_group", "gptq_dequantize",
            "awq_dequantize", "ggml_dequantize", "packed_dequantize", "floatzp_dequantize",
-           "hqq_dequantize"]
+           "hqq_dequantize", "linear", "linear_backward", "QuantLinear", "quantize_model"]
 
 Tensor = torch.Tensor
 _DISPATCH_KEYS = ("CPU", "CUDA")
@@ -549,3 +556,124 @@ def _(W_q, scale, zero, nbits, shape, group_size=None, axis=1):
         raise UnsupportedError(f"nbits={nbits} is not supported for HQQ; expected one of "
                                f"{', '.join(map(str, HQQ_BITS))}")
     return W_q.new_empty(tuple(shape), dtype=_TORCH_DTYPE[_float(scale, "scale")])
+
+
+# --------------------------------------------------------------------------- the fused linear
+# x @ W.T with W quantized and never written out (dqgen.formats.weight); the weight is its
+# arrays in the decode kernel's order and its format's descriptor record as JSON text.
+
+@functools.lru_cache(maxsize=256)
+def _weight_format(fmt: str):
+    """The decode descriptor and input names a format string names (parsed once)."""
+    return weight_mod.format_from_json(fmt)
+
+
+_LINEAR_DTYPES = {torch.float32: DType.F32, torch.float16: DType.F16,
+                  torch.bfloat16: DType.BF16}
+_LINEAR_PLANS: dict = {}
+
+
+def _host(t: Tensor):
+    """A contiguous CPU tensor as a numpy view (bfloat16 through ml_dtypes)."""
+    if t.dtype is torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def _linear_dtype(dtype, name: str) -> DType:
+    found = _LINEAR_DTYPES.get(dtype)
+    if found is None:
+        raise InvalidProblemError(f"{name} is {dtype}; dqgen::linear takes float32, float16 "
+                                  "or bfloat16")
+    return found
+
+
+def _linear_plan(fmt: str, n: int, k: int, m: int, x_dtype, y_dtype, bias: bool,
+                 transpose: bool):
+    """The plan of one problem, by keys that hash fast (a decode loop asks every token)."""
+    key = (fmt, n, k, m, x_dtype, y_dtype, bias, transpose)
+    plan = _LINEAR_PLANS.get(key)
+    if plan is None:
+        descriptor, _ = _weight_format(fmt)
+        plan = weight_mod.linear_plan(descriptor, n, k, m, _linear_dtype(x_dtype, "x"),
+                                      _linear_dtype(y_dtype, "out_dtype"), bias, transpose)
+        if len(_LINEAR_PLANS) >= 1024:
+            _LINEAR_PLANS.clear()
+        _LINEAR_PLANS[key] = plan
+    return plan
+
+
+def _linear_run(x: Tensor, weight: List[Tensor], fmt: str, n: int, k: int,
+                bias: Optional[Tensor], out_dtype: Optional[torch.dtype],
+                transpose: bool) -> Tensor:
+    descriptor, names = _weight_format(fmt)
+    if x.device.type != "cpu":
+        raise UnsupportedError("dqgen::linear runs on the CPU in this dqgen; on CUDA, "
+                               "dequantize the weight and use a float matmul")
+    if len(weight) != len(names):
+        raise InvalidProblemError(f"weight has {len(weight)} tensors; this format takes "
+                                  f"{len(names)} ({', '.join(names)})")
+    last = n if transpose else k
+    if x.dim() < 1 or x.shape[-1] != last:
+        raise InvalidProblemError(f"x has shape {tuple(x.shape)}; its last axis must be {last}")
+    y_dtype = x.dtype if out_dtype is None else out_dtype
+    lead = x.shape[:-1]
+    xs = x.detach().reshape(-1, last)
+    m = xs.shape[0]
+    plan = _linear_plan(fmt, n, k, m, x.dtype, y_dtype, bias is not None, transpose)
+    y = torch.empty((m, k if transpose else n), dtype=y_dtype)
+    # the plan refuses a non-contiguous array by name; buffers and x rows normally are
+    arrays = {name: _host(t.detach()) for name, t in zip(names, weight)}
+    arrays["x"] = _host(xs if xs.is_contiguous() else xs.contiguous())
+    if bias is not None:
+        if tuple(bias.shape) != (n,):
+            raise InvalidProblemError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
+        arrays["bias"] = _host(bias.detach().to(x.dtype).contiguous())
+    arrays["y"] = _host(y)
+    plan.run(arrays)
+    return y if len(lead) == 1 else y.reshape(*lead, y.shape[-1])
+
+
+@_op("linear")
+def linear(x: Tensor, weight: List[Tensor], format: str, n: int, k: int,
+           bias: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``x @ W.T (+ bias)`` with ``W [n, k]`` quantized: ``weight`` its tensors in the
+    decode kernel's order, ``format`` its descriptor record (``QuantizedWeight.format_json``).
+    The sum's order is SPEC.md §9's, the same bits on any thread count."""
+    return _linear_run(x, weight, format, n, k, bias, out_dtype, False)
+
+
+@linear.register_fake
+def _(x, weight, format, n, k, bias=None, out_dtype=None):
+    return x.new_empty((*x.shape[:-1], n), dtype=out_dtype if out_dtype is not None else x.dtype)
+
+
+@_op("linear_backward")
+def linear_backward(dy: Tensor, weight: List[Tensor], format: str, n: int, k: int,
+                    out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``dy @ W`` (the gradient of ``linear``'s x) by the transposed fused kernel, in the
+    same order over n; W is never written out."""
+    return _linear_run(dy, weight, format, n, k, None, out_dtype, True)
+
+
+@linear_backward.register_fake
+def _(dy, weight, format, n, k, out_dtype=None):
+    return dy.new_empty((*dy.shape[:-1], k), dtype=out_dtype if out_dtype is not None else dy.dtype)
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, fmt, n, k, bias, out_dtype = inputs
+    ctx.weight, ctx.fmt, ctx.n, ctx.k = weight, fmt, n, k
+    ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
+
+
+def _linear_grad(ctx, dy):
+    dx = linear_backward(dy.contiguous(), ctx.weight, ctx.fmt, ctx.n, ctx.k, ctx.x_dtype) \
+        if ctx.needs_input_grad[0] else None
+    db = dy.reshape(-1, ctx.n).sum(0) if ctx.has_bias and ctx.needs_input_grad[5] else None
+    return dx, None, None, None, None, db, None
+
+
+linear.register_autograd(_linear_grad, setup_context=_linear_setup)
+
+from dqgen.torch_nn import QuantLinear, quantize_model  # noqa: E402  (uses the ops above)

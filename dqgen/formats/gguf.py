@@ -234,6 +234,21 @@ class GGUFFile:
         data = self.array(name).view(np.uint8)  # float types' values as their bytes
         return ggml.dequantize(data, info.type, dtype=out_dtype.value, out=out)
 
+    def quantized_weight(self, name: str):
+        """Tensor ``name`` (2-D, a block type) as a ``QuantizedWeight`` over the mapped
+        bytes (no copy), for ``dqgen.linear`` and ``QuantLinear``; None for a float or
+        integer tensor (its values are read with ``array``)."""
+        from .weight import QuantizedWeight
+        info = self.info(name)
+        if info.type in FLOAT_TYPES or info.type in VALUE_TYPES:
+            return None
+        if len(info.shape) != 2:
+            raise UnsupportedError(f"{self.path}: {info.describe()} is not a matrix")
+        if not info.supported:
+            raise UnsupportedError(f"{self.path}: {info.describe()}: dqgen does not read "
+                                   f"{info.type}")
+        return QuantizedWeight.ggml(self.array(name), info.type, info.shape)
+
     def items(self, dtype="f16"):
         """(name, array) for every tensor dqgen dequantizes, in file order; each result is
         made only when asked for, so a loop that drops them holds one at a time."""

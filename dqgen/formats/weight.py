@@ -11,15 +11,20 @@ counts it has seen, so a decode loop pays the plan's own check and launch only.
 
 from __future__ import annotations
 
+import functools
+import json
+
 import numpy as np
 
+from ..aot_selection import descriptor_from_record
 from ..arguments import arguments as kernel_arguments
 from ..arrays import shape_of, to_numpy
-from ..errors import InvalidProblemError
+from ..errors import InvalidProblemError, UnsupportedError
 from ..ir import (GGML_BLOCK_BYTES, DequantizePerGroupDescriptor, DType,
                   GgmlDequantizeDescriptor, parse_dtype, parse_ggml_type)
 from ..layouts.fp8 import Fp8BlockDescriptor
 from ..layouts.linear import LINEAR_DTYPES, LinearDescriptor
+from ..jit import descriptor_record
 from ..lower import lower
 from . import _inputs
 from .plan import FormatPlan
@@ -53,7 +58,7 @@ class QuantizedWeight:
                 raise InvalidProblemError(f"{arg.name} has dtype {arr.dtype}; a {self.format} "
                                           f"weight needs {arg.dtype}")
             self.arrays[arg.name] = np.ascontiguousarray(arr)
-        self._plans: dict = {}
+        self._dequantize_plan = None
 
     # --- readers --------------------------------------------------------------------
 
@@ -109,6 +114,23 @@ class QuantizedWeight:
         sized = Fp8BlockDescriptor(n, k, rows, cols, encoding, desc.scale_dtype, DType.F32)
         return cls(desc, {"w": w, "scales": s.reshape(sized.scale_shape)}, (n, k))
 
+    def rows(self, order) -> "QuantizedWeight":
+        """The weight with its rows in ``order`` (row ``i`` of the result is row
+        ``order[i]``): each row's bytes moved whole, for formats whose rows are their own."""
+        order = np.asarray(order, np.int64)
+        n, k = self.shape
+        if order.shape != (n,) or not np.array_equal(np.sort(order), np.arange(n)):
+            raise InvalidProblemError(f"order must be a permutation of the {n} rows")
+        view = self._base.view
+        arrays = {}
+        for name, arr in self.arrays.items():
+            s = view.slices[name]
+            if s.row_block != 1:
+                raise UnsupportedError(f"the rows of a {self.format} weight share {name}: "
+                                       "they cannot be reordered one by one")
+            arrays[name] = arr.reshape(n, -1)[order].reshape(arr.shape)
+        return QuantizedWeight(self.descriptor, arrays, self.shape)
+
     # --- what it is -----------------------------------------------------------------
 
     @property
@@ -120,6 +142,12 @@ class QuantizedWeight:
         """Bytes of the quantized arrays."""
         return sum(a.nbytes for a in self.arrays.values())
 
+    @property
+    def format_json(self) -> str:
+        """The format as text (the decode descriptor's record): what ``dqgen.torch.linear``
+        and ``QuantLinear`` carry to name it."""
+        return json.dumps(descriptor_record(self.descriptor), sort_keys=True)
+
     def __repr__(self) -> str:
         return f"QuantizedWeight({self.format}, shape={self.shape}, {self.nbytes} bytes)"
 
@@ -129,9 +157,9 @@ class QuantizedWeight:
         """The weight ``[N, K]`` in ``dtype`` (f32, f16, bf16): the format's f32 values,
         rounded once."""
         out_dtype = parse_dtype(dtype, "dtype", LINEAR_DTYPES)
-        plan = self._plans.get("dequantize")
+        plan = self._dequantize_plan
         if plan is None:
-            plan = self._plans["dequantize"] = FormatPlan.select(self._sized, device="cpu")
+            plan = self._dequantize_plan = FormatPlan.select(self._sized, device="cpu")
         out = next(a for a in plan.arguments if a.is_out)
         y = np.empty(out.shape, out.dtype)
         plan.run({**self.arrays, out.name: y})
@@ -141,14 +169,34 @@ class QuantizedWeight:
         """``x @ W.T (+ bias)``: see ``dqgen.linear``."""
         return linear(x, self, bias, out_dtype, out)
 
-    def _plan(self, m: int, x_dtype: DType, y_dtype: DType, bias: bool):
-        key = (m, x_dtype, y_dtype, bias)
-        plan = self._plans.get(key)
-        if plan is None:
-            n, k = self.shape
-            desc = LinearDescriptor(self.descriptor, m, n, k, x_dtype, y_dtype, bias)
-            plan = self._plans[key] = FormatPlan.select(desc, device="cpu")
-        return plan
+
+@functools.lru_cache(maxsize=512)
+def linear_plan(descriptor, n: int, k: int, m: int, x_dtype: DType, y_dtype: DType,
+                bias: bool, transpose: bool = False) -> FormatPlan:
+    """The CPU plan of one linear problem (kept: a decode loop asks for the same few)."""
+    return FormatPlan.select(LinearDescriptor(descriptor, m, n, k, x_dtype, y_dtype, bias,
+                                              transpose), device="cpu")
+
+
+def format_from_json(text: str):
+    """The decode descriptor a ``format_json`` text names, and its input arrays' names in
+    the kernel's order."""
+    try:
+        record = json.loads(text)
+    except (TypeError, ValueError) as exc:
+        raise InvalidProblemError(f"format {text!r} is not a weight format record: {exc}") \
+            from None
+    descriptor = descriptor_from_record(record)
+    spec = lower(descriptor, "c", "generic")
+    return descriptor, tuple(p.name for p in spec.params if p.role == "in")
+
+
+def x_dtype_of(arr: np.ndarray, name: str = "x") -> DType:
+    dtype = _DTYPE_OF.get(arr.dtype)
+    if dtype is None:
+        raise InvalidProblemError(f"{name} has dtype {arr.dtype}; the linear kernel takes f32, "
+                                  "f16 or bf16")
+    return dtype
 
 
 def linear(x, weight: QuantizedWeight, bias=None, out_dtype=None, out=None):
@@ -161,10 +209,7 @@ def linear(x, weight: QuantizedWeight, bias=None, out_dtype=None, out=None):
                                   f"{type(weight).__name__}")
     n, k = weight.shape
     arr = to_numpy(x, "x")
-    x_dtype = _DTYPE_OF.get(arr.dtype)
-    if x_dtype is None:
-        raise InvalidProblemError(f"x has dtype {arr.dtype}; the linear kernel takes f32, f16 "
-                                  "or bf16")
+    x_dtype = x_dtype_of(arr)
     if arr.ndim < 1 or arr.shape[-1] != k:
         raise InvalidProblemError(f"x has shape {arr.shape}; its last axis must be K={k} "
                                   f"(the weight is {n} x {k})")
@@ -180,7 +225,7 @@ def linear(x, weight: QuantizedWeight, bias=None, out_dtype=None, out=None):
         arrays["bias"] = b.astype(arr.dtype, copy=False)
     y, result = _inputs.output((m, n), y_dtype, x, out, lead + (n,))
     arrays["y"] = y
-    weight._plan(m, x_dtype, y_dtype, bias is not None).run(arrays)
+    linear_plan(weight.descriptor, n, k, m, x_dtype, y_dtype, bias is not None).run(arrays)
     out_value = result()
     return out_value if out is not None else _reshape(out_value, lead + (n,))
 
