@@ -59,6 +59,12 @@ def dequantize_4bit(weight, absmax, shape, blocksize=64, quant_type="nf4", quant
     rows, cols = math.prod(shape[:-1]), shape[-1]   # leading dimensions are rows
     out_dtype = parse_dtype(dtype, "dtype", BNB_FLOAT_DTYPES)
     nested = nested_absmax is not None
+    if nested and (nested_quant_map is None or offset is None):
+        raise InvalidProblemError("nested_absmax is given: double quantization needs "
+                                  "nested_quant_map and offset too")
+    if not nested and (nested_quant_map is not None or offset is not None):
+        raise InvalidProblemError("nested_quant_map and offset belong to double quantization: "
+                                  "pass nested_absmax too")
     desc = Bnb4bitDescriptor(rows, cols, check_int(blocksize, "blocksize", minimum=1),
                              check_int(nested_blocksize, "nested_blocksize", minimum=1)
                              if nested else 0, out_dtype)
@@ -68,17 +74,11 @@ def dequantize_4bit(weight, absmax, shape, blocksize=64, quant_type="nf4", quant
                                      np.float32, weight),
               "absmax": _absmax(absmax, desc, nested, weight)}
     if nested:
-        if nested_quant_map is None or offset is None:
-            raise InvalidProblemError("nested_absmax is given: double quantization needs "
-                                      "nested_quant_map and offset too")
         arrays["nested_code"] = _small(nested_quant_map, "nested_quant_map", (256,),
                                        np.float32, weight)
         arrays["nested_absmax"] = _small(nested_absmax, "nested_absmax",
                                          (desc.nested_blocks,), np.float32, weight)
         arrays["offset"] = _small(_offset(offset), "offset", (1,), np.float32, weight)
-    elif nested_quant_map is not None or offset is not None:
-        raise InvalidProblemError("nested_quant_map and offset belong to double quantization: "
-                                  "pass nested_absmax too")
     y, result = _inputs.output((rows, cols), out_dtype, weight, out, result_shape=shape)
     arrays["y"] = y
     _inputs.run(FormatPlan, desc, arrays, weight, device, caller={"w": ("weight", weight)})
@@ -227,8 +227,8 @@ def _absmax(absmax, desc: Bnb4bitDescriptor, nested: bool, like):
                                   "nested_quant_map and offset too")
     if math.prod(shape_of(absmax)) != desc.num_blocks:
         raise InvalidProblemError(f"absmax has shape {tuple(shape_of(absmax))}, expected "
-                                  f"({desc.num_blocks},): one a {desc.blocksize} values of "
-                                  f"{desc.elements}")
+                                  f"({desc.num_blocks},): one absmax a {desc.blocksize}-value "
+                                  f"block of the {desc.elements} values")
     return _small(absmax, "absmax", (desc.num_blocks,), np.uint8 if nested else np.float32, like)
 
 
