@@ -257,8 +257,10 @@ def parse_modelopt_file(path: Path) -> QuantConfig:
 
 
 def parse_quant_config(config: dict, where: str) -> QuantConfig:
-    """A ``quantization_config`` / ``quantize_config.json`` object, its keys checked."""
-    method = str(config.get("quant_method") or "gptq").lower()
+    """A ``quantization_config`` / ``quantize_config.json`` object, its keys checked (no
+    quant_method: bitsandbytes' when load_in_4bit/load_in_8bit are there, else GPTQ)."""
+    bnb_keys = any(k in config for k in ("load_in_4bit", "load_in_8bit"))
+    method = str(config.get("quant_method") or ("bitsandbytes" if bnb_keys else "gptq")).lower()
     if method == "compressed-tensors":
         return parse_compressed_tensors(config, where)
     if method == "bitsandbytes":

@@ -21,6 +21,12 @@ complete.
 An MLX layer (mlx_lm) is ``P.weight`` (uint32 words), ``P.scales`` and ``P.biases``; its
 bits and group size come from ``config.json``'s ``quantization``, per layer.
 
+A bitsandbytes layer is 4-bit (``P.weight`` packed, ``P.weight.absmax``,
+``P.weight.quant_state.bitsandbytes__nf4|fp4`` giving its shape, block size and type,
+plus ``quant_map`` and double quantization's ``nested_*``) or LLM.int8 (int8 ``P.weight``,
+``P.SCB``, ``P.weight_format``); the config's ``load_in_4bit``/``load_in_8bit`` and
+``bnb_4bit_quant_type`` must agree with the tensors.
+
 FP4 layers: gpt-oss MXFP4 experts (``NAME_blocks``, ``NAME_scales`` -> ``NAME``, as
 transformers names the dequantized parameter), ModelOpt NVFP4 (uint8 ``P.weight``,
 ``P.weight_scale``, ``P.weight_scale_2``; ``P.input_scale`` dropped; the config is
@@ -49,6 +55,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Callable, NamedTuple
 from pathlib import Path
@@ -59,7 +66,7 @@ import numpy as np
 from .. import env
 from ..errors import InvalidProblemError, UnsupportedError
 from ..ir import GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS, GPTQ_V1_ZEROS
-from . import awq, compressed_tensors, fp4, fp8, gptq, mlx
+from . import awq, bitsandbytes, compressed_tensors, fp4, fp8, gptq, mlx
 from .checkpoint import (CONFIG_FILES, INDEX_NAME, MLX_BITS, NOT_COPIED, Checkpoint,
                          open_checkpoint, v1_zeros_rule)
 from .convert_output import Destination, SliceLedger, kernel_jobs
@@ -92,6 +99,11 @@ config.json's quantization (the default, or the layer's own entry).
 FP8 checkpoints (DeepSeek-V3, Qwen3-FP8; quant_method "fp8"): every F8_E4M3 or
 F8_E5M2 P.weight with its P.weight_scale_inv (or P.weight_scale) becomes a float
 P.weight, in the config's weight_block_size blocks.
+
+bitsandbytes checkpoints (quant_method "bitsandbytes", load_in_4bit or
+load_in_8bit): a 4-bit P.weight (NF4 or FP4, with P.weight.absmax and its
+quant_state) or an LLM.int8 one (with P.SCB) becomes a float P.weight, its
+quant-state tensors dropped.
 
 FP4 checkpoints: gpt-oss MXFP4 experts (quant_method "mxfp4"): NAME_blocks and
 NAME_scales become a float NAME ([experts, K, N], as transformers loads it);
@@ -614,6 +626,139 @@ def _plan_mxfp4_layer(tensors, base: str, parts: dict[str, str], s, quant) -> La
     return LayerPlan("mxfp4", (experts, groups * 32, rows), _naming(base, run), base)
 
 
+class TensorMapping(Mapping):
+    """A checkpoint's tensors as a read-only mapping name -> array, each mapped when
+    asked for (what ``bitsandbytes.from_state_dict`` reads a layer from)."""
+
+    def __init__(self, tensors: Tensors) -> None:
+        self._tensors = tensors
+
+    def __getitem__(self, name: str):
+        if name not in self._tensors.entries:
+            raise KeyError(name)
+        return self._tensors.array(name)
+
+    def __iter__(self):
+        return iter(self._tensors.entries)
+
+    def __len__(self) -> int:
+        return len(self._tensors.entries)
+
+
+BNB_STATE = ".weight.quant_state.bitsandbytes__"
+BNB_4BIT_PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+
+
+def find_bnb_layers(tensors) -> dict[str, dict[str, str]]:
+    """Prefix -> {part: tensor name} for every bitsandbytes layer: 4-bit (``P.weight`` with
+    ``P.weight.absmax``, ``P.weight.quant_state.bitsandbytes__nf4|fp4`` and the optional
+    ``quant_map`` and double-quantization tensors) or LLM.int8 (int8 ``P.weight`` with
+    ``P.SCB`` and ``P.weight_format``); every such tensor is dropped from the output."""
+    layers: dict[str, dict[str, str]] = {}
+    entries = tensors.entries
+    for name, entry in entries.items():
+        if BNB_STATE in name:
+            prefix = name[:name.index(BNB_STATE)]
+            parts = {"weight": f"{prefix}.weight", "state": name}
+            parts.update({k: f"{prefix}.weight.{k}" for k in BNB_4BIT_PARTS
+                          if f"{prefix}.weight.{k}" in entries})
+        elif name.endswith(".SCB"):
+            prefix = name[:-len(".SCB")]
+            parts = {"weight": f"{prefix}.weight", "scb": name}
+            if f"{prefix}.weight_format" in entries:
+                parts["weight_format"] = f"{prefix}.weight_format"
+            if parts["weight"] in entries and entries[parts["weight"]].dtype != "I8":
+                raise InvalidProblemError(f"{parts['weight']} is {entries[parts['weight']].dtype}"
+                                          f" beside {name}; an LLM.int8 weight is I8")
+        else:
+            continue
+        if prefix in layers:
+            raise InvalidProblemError(f"layer {prefix} has both a 4-bit quant_state and an "
+                                      "LLM.int8 SCB")
+        missing = [n for n in (parts["weight"], parts.get("state") and f"{prefix}.weight.absmax")
+                   if n and n not in entries]
+        if missing:
+            raise InvalidProblemError(f"{name} has no {missing[0]} beside it")
+        layers[prefix] = parts
+    owned = {n for parts in layers.values() for n in parts.values()}
+    for name in entries:
+        part = name.rpartition(".weight.")[2]
+        if ".weight." in name and part in BNB_4BIT_PARTS and name not in owned:
+            raise InvalidProblemError(f"{name} has no {name.rpartition('.weight.')[0]}"
+                                      f"{BNB_STATE}nf4 (or fp4) beside it")
+    if not layers:
+        raise _none_found(tensors, "no bitsandbytes layers (no *.weight.quant_state."
+                                   "bitsandbytes__nf4|fp4 or *.SCB)")
+    return layers
+
+
+def _plan_bnb_layer(tensors, prefix: str, parts: dict[str, str], s, quant) -> LayerPlan:
+    """A 4-bit layer (shape, block size, type and double quantization from its packed
+    quant_state) or an LLM.int8 one, checked against the config's load_in_4bit /
+    load_in_8bit and bnb_4bit_quant_type."""
+    named = TensorMapping(tensors)
+    four = "state" in parts
+    bits = 4 if four else 8
+    if quant.method == "bitsandbytes" and quant.bits not in (None, bits):
+        said = "load_in_4bit" if quant.bits == 4 else "load_in_8bit"
+        raise InvalidProblemError(
+            f"{parts['state' if four else 'scb']} is a bitsandbytes {bits}-bit layer, but "
+            f"{quant.source} says {said}: the config contradicts the tensors")
+    if not four:
+        kwargs = _layer_args(prefix, lambda: bitsandbytes.int8_from_state_dict(named, prefix))
+        shape = tuple(tensors.entries[parts["weight"]].shape)
+        if len(shape) != 2 or tuple(tensors.entries[parts["scb"]].shape) not in (
+                shape[:1], (shape[0], 1)):
+            raise InvalidProblemError(f"{parts['scb']} has shape "
+                                      f"{list(tensors.entries[parts['scb']].shape)}, expected "
+                                      f"{list(shape[:1])}: one scale a row of {parts['weight']} "
+                                      f"{list(shape)}")
+
+        def run():
+            args = bitsandbytes.int8_from_state_dict(named, prefix)
+            return bitsandbytes.dequantize_int8(**args, dtype=s.dtype)
+        return LayerPlan("bitsandbytes", shape, _naming(prefix, run), parts["weight"])
+    kwargs = _layer_args(prefix, lambda: bitsandbytes.from_state_dict(named, prefix))
+    _check_bnb_4bit_sizes(tensors, parts, kwargs)
+    said = quant.extra.get("quant_type") if quant.method == "bitsandbytes" else None
+    if said is not None and said != kwargs["quant_type"]:
+        raise InvalidProblemError(f"{parts['state']} says quant_type {kwargs['quant_type']!r} "
+                                  f"but {quant.source} says bnb_4bit_quant_type={said!r}: the "
+                                  "config contradicts the tensors")
+
+    def run():
+        args = bitsandbytes.from_state_dict(named, prefix)
+        return bitsandbytes.dequantize_4bit(**dict(args, dtype=s.dtype))
+    return LayerPlan("bitsandbytes", tuple(kwargs["shape"]), _naming(prefix, run),
+                     parts["weight"])
+
+
+def _check_bnb_4bit_sizes(tensors, parts: dict[str, str], kwargs: dict) -> None:
+    """The packed weight holds two values a byte of the quant_state's shape, and absmax
+    one value a block."""
+    numel = int(np.prod(kwargs["shape"]))
+    entry = tensors.entries[parts["weight"]]
+    nbytes = int(np.prod(entry.shape)) * DTYPES[entry.dtype].itemsize
+    if nbytes != -(-numel // 2):
+        raise InvalidProblemError(f"{parts['weight']} has {nbytes} bytes, expected "
+                                  f"{-(-numel // 2)}: two 4-bit values a byte for shape "
+                                  f"{list(kwargs['shape'])} ({parts['state']})")
+    blocks = int(np.prod(tensors.entries[parts["absmax"]].shape))
+    if blocks != -(-numel // kwargs["blocksize"]):
+        raise InvalidProblemError(f"{parts['absmax']} has {blocks} values, expected "
+                                  f"{-(-numel // kwargs['blocksize'])}: one a block of "
+                                  f"{kwargs['blocksize']} of shape {list(kwargs['shape'])} "
+                                  f"({parts['state']})")
+
+
+def _layer_args(prefix: str, read):
+    """``read()`` (a layer's arguments from its state dict), its errors naming the layer."""
+    try:
+        return read()
+    except (InvalidProblemError, UnsupportedError) as exc:
+        raise type(exc)(f"layer {prefix}: {exc}") from None
+
+
 MODELOPT_DROPPED = ("weight_scale", "weight_scale_2", "input_scale")
 
 
@@ -854,6 +999,7 @@ def _plan_layers(tensors: Tensors, s: Settings, ckpt: Checkpoint) -> tuple[dict,
                   "fp8": (find_fp8_layers, _plan_fp8_layer),
                   "mxfp4": (find_mxfp4_layers, _plan_mxfp4_layer),
                   "modelopt": (find_modelopt_layers, _plan_modelopt_layer),
+                  "bitsandbytes": (find_bnb_layers, _plan_bnb_layer),
                   }.get(s.format, (None, None))
     if find is None:
         layers = find_layers(tensors, s.format)
