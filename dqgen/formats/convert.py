@@ -638,6 +638,9 @@ class TensorMapping(Mapping):
             raise KeyError(name)
         return self._tensors.array(name)
 
+    def __contains__(self, name) -> bool:  # without mapping the tensor
+        return name in self._tensors.entries
+
     def __iter__(self):
         return iter(self._tensors.entries)
 
