@@ -11,6 +11,7 @@ gives x's gradient by the transposed fused kernel (the weight is frozen, as in Q
 from __future__ import annotations
 
 import re
+import warnings
 
 import numpy as np
 import torch
@@ -31,7 +32,9 @@ class QuantLinear(torch.nn.Module):
         self.format = weight.format_json
         self._names = tuple(weight.arrays)
         for name, arr in weight.arrays.items():
-            self.register_buffer(f"weight_{name}", torch.from_numpy(arr))
+            with warnings.catch_warnings():  # a mapped file is read-only; nothing writes it
+                warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+                self.register_buffer(f"weight_{name}", torch.from_numpy(arr))
         if bias is not None:
             bias = torch.as_tensor(bias)
             if tuple(bias.shape) != (self.out_features,):

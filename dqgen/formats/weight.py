@@ -84,6 +84,17 @@ class QuantizedWeight:
         return cls(desc, {"q": q, "scale": scale, "zero_point": zp.astype(np.int32)}, (n, k))
 
     @classmethod
+    def from_tensors(cls, format_json: str, tensors, shape):
+        """The weight a ``format_json`` text and its arrays (in the decode kernel's order,
+        as ``QuantLinear`` holds them) name."""
+        descriptor, names = format_from_json(format_json)
+        tensors = list(tensors)
+        if len(tensors) != len(names):
+            raise InvalidProblemError(f"{len(tensors)} arrays given; this format takes "
+                                      f"{len(names)} ({', '.join(names)})")
+        return cls(descriptor, dict(zip(names, tensors)), shape)
+
+    @classmethod
     def ggml(cls, data, qtype, shape):
         """A GGML tensor of ``qtype`` ("Q4_0", ...) holding ``shape = (N, K)`` values (its
         raw bytes, as a GGUF file stores them)."""
