@@ -191,13 +191,34 @@ def test_4bit_special_nested_statistics():
         assert_bits_equal(want, host(F.dequantize_4bit(packed, state)))
 
 
+SPECIALS = (np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-40, 1.1e-38, 3.4e38, 6e-8)
+
+
 @settings(max_examples=25, deadline=None)
 @given(rows=st.integers(1, 4), cols=st.integers(1, 300), blocksize=st.sampled_from(BNB_BLOCKSIZES[:4]),
        quant_type=st.sampled_from(["nf4", "fp4"]), dtype=st.sampled_from(DTYPES),
-       nested=st.booleans(), scale=st.sampled_from([1.0, 1e-3, 6e4]), seed=st.integers(0, 99))
-def test_4bit_any_shape(rows, cols, blocksize, quant_type, dtype, nested, scale, seed):
+       nested=st.booleans(), scale=st.sampled_from([1.0, 1e-3, 6e4]), seed=st.integers(0, 99),
+       special=st.none() | st.sampled_from(SPECIALS))
+def test_4bit_any_shape(rows, cols, blocksize, quant_type, dtype, nested, scale, seed, special):
+    """Any shape, and a special value in the first block's statistics: its absmax, or
+    with double quantization its nested absmax or the offset."""
+    import torch
     packed, state = quantize((rows, cols), blocksize, quant_type, dtype, nested, seed, scale)
+    if special is not None and not nested:
+        state.absmax[0] = special
+    elif special is not None:
+        state.state2.absmax[0] = special
+        state.offset = torch.tensor(special if seed % 2 else 0.25, dtype=torch.float32)
     assert_bits_equal(dequantize(packed, state), reference_4bit(packed, state))
+
+
+def test_threads(monkeypatch):
+    """More than one thread (blocks split between them) gives the same bits."""
+    monkeypatch.setenv("DQGEN_NUM_THREADS", "2")
+    packed, state = quantize((64, 1001), 64, "nf4", "bf16", True)
+    assert_bits_equal(dequantize(packed, state), reference_4bit(packed, state))
+    cb, scb = int8_layer(64, 1024)
+    assert_bits_equal(host(dq.dequantize_int8(cb, scb, "f16")), reference_int8(cb, scb, "f16"))
 
 
 def test_standard_tables_are_bitsandbytes():

@@ -36,7 +36,8 @@ NESTED_BLOCKSIZE = 256
 BNB_FLOAT_DTYPES = (DType.BF16, DType.F16, DType.F32)
 #: ``int8_vectorwise_dequant``'s multiplier, 1/127 as an f32.
 INT8_SCALE = np.float32(7.874015718698502e-3)
-FORMULA_4BIT = "W[e] = F(code[q(e)] * absmax[e / blocksize]), e the flat index, q(e) the high nibble first"
+FORMULA_4BIT = ("W[e] = F(code[q(e)] * absmax[e / blocksize]), e the flat index, q(e) the high "
+                "nibble first")
 FORMULA_NESTED = ("W[e] = F(code[q(e)] * a(b)), a(b) = f32(f32(nested_code[absmax[b]] * "
                   "nested_absmax[b / nested_blocksize]) + offset), b = e / blocksize")
 FORMULA_INT8 = "W[i, j] = F(f32(f32(q[i, j] * SCB[i]) * C)), C = f32(1/127)"
@@ -246,7 +247,8 @@ class Bnb8bitKind(_BnbKind):
     def lower(self, desc, target, arch, storage):
         params = (pointer("w", DType.S8, "in", storage), pointer("scb", DType.F32, "in", storage),
                   pointer("y", desc.float_dtype, "out", storage),
-                  Param("rows", None, "scalar", "int64_t"), Param("cols", None, "scalar", "int64_t"))
+                  Param("rows", None, "scalar", "int64_t"),
+                  Param("cols", None, "scalar", "int64_t"))
         return own_loop_spec(desc, target, arch, storage, params, FORMULA_INT8,
                              float_helpers=float_helpers(desc), template="bitsandbytes",
                              layout_knobs=Bnb8bitKnobs(), load_float="")
