@@ -38,6 +38,8 @@ def global_scale(obj, name: str, like):
     a float32 ``[1]`` array where ``like`` lives."""
     if isinstance(obj, (float, int)) and not isinstance(obj, bool):
         obj = np.array([obj], np.float32)
+    elif isinstance(obj, np.generic):  # a numpy scalar keeps its dtype
+        obj = np.asarray(obj)
     shape = tuple(shape_of(obj))
     if int(np.prod(shape)) != 1:
         raise InvalidProblemError(f"{name} has shape {shape}; it is one value for the tensor")

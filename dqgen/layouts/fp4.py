@@ -254,14 +254,14 @@ class Fp4Kind(FormatKind):
     def oracle(self, desc, arrays):
         p = desc.producer
         w = arrays["w"]
-        codes = np.stack([w & 15, w >> 4], axis=-1).reshape(w.shape[0], -1)
+        codes = np.stack([w & 15, w >> 4], axis=-1).reshape(w.shape[0], 2 * w.shape[1])
         values = codes.view(ml_dtypes.float4_e2m1fn).astype(np.float32)
         if not p.negative_zero:
             values[codes == 8] = 0.0
         s = arrays["scales"]
         with np.errstate(all="ignore"):
             if p.ldexp:  # exact in f64, rounded once to F
-                y = np.ldexp(values.astype(np.float64).reshape(s.shape[0], -1, desc.group_size),
+                y = np.ldexp(values.astype(np.float64).reshape(*s.shape, desc.group_size),
                              s.astype(np.int64)[..., None] - 127)
                 return _laid_out(desc, y.reshape(values.shape).astype(desc.float_dtype.np_dtype))
             if p.scale == "e8m0":
