@@ -293,6 +293,74 @@ def bench_new_formats(repeat: int, stream: Stream, shapes=NEW_SHAPES) -> list[di
                                         "peer", theirs_ct, n * k, got), repeat=repeat, warmup=1)
         rows.append(_row(f"compressed-tensors int4 g128 {[n, k]} -> bf16 (library)", times,
                          "peer"))
+    return rows + bench_fp4(repeat, stream, shapes)
+
+
+def bench_fp4(repeat: int, stream: Stream, shapes=NEW_SHAPES) -> list[dict]:
+    """FP4: gpt-oss MXFP4 experts (8 of them, [8, N / 8, K] -> [8, K, N / 8]) against
+    transformers' ``convert_moe_packed_tensors``, compressed-tensors' NVFP4 and MXFP4
+    against the library's ``decompress``, each to bf16 (a row is skipped where its library
+    is missing)."""
+    import torch
+    from dqgen.formats import compressed_tensors, fp4
+    rng = np.random.default_rng(4)
+    rows = []
+    for n, k in shapes:
+        packed = torch.from_numpy(rng.integers(0, 256, (n, k // 2), dtype=np.uint8))
+        e8m0 = torch.from_numpy(rng.integers(110, 130, (n, k // 32), dtype=np.uint8))
+        e4m3 = torch.from_numpy(rng.integers(0, 0x7e, (n, k // 16), dtype=np.uint8))
+        try:
+            from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+        except ImportError:
+            print("transformers is not installed: the gpt-oss row skipped", file=sys.stderr)
+        else:
+            blocks, scales = packed.reshape(8, n // 8, k // 32, 16), e8m0.reshape(8, n // 8, -1)
+
+            def theirs_gpt_oss(blocks=blocks, scales=scales):
+                return convert_moe_packed_tensors(blocks, scales)
+
+            def ours_gpt_oss(blocks=blocks, scales=scales, out=None):
+                return fp4.dequantize_mxfp4(blocks, scales, out=out)
+            got = _bf16_numpy(ours_gpt_oss())
+            _same_bits(got, theirs_gpt_oss(), "gpt-oss MXFP4")
+            times = interleaved(_contenders(stream, ours_gpt_oss,
+                                            lambda out, f=ours_gpt_oss: f(out=out), "peer",
+                                            theirs_gpt_oss, n * k, got), repeat=repeat, warmup=1)
+            rows.append(_row(f"gpt-oss MXFP4 experts {[8, n // 8, k]} -> bf16 [E, K, N] "
+                             "(transformers)", times, "peer"))
+        try:
+            from compressed_tensors.compressors import MXFP4PackedCompressor as MX
+            from compressed_tensors.compressors import NVFP4PackedCompressor as NV
+            from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+        except ImportError:
+            print("compressed-tensors is not installed: its FP4 rows skipped", file=sys.stderr)
+            continue
+        for name, compressor, group, state in (
+                ("NVFP4", NV, 16, {"weight_packed": packed,
+                                   "weight_scale": e4m3.view(torch.float8_e4m3fn),
+                                   "weight_global_scale": torch.tensor([448.0 * 6 / 3.5])}),
+                ("MXFP4", MX, 32, {"weight_packed": packed, "weight_scale": e8m0})):
+            scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+                num_bits=4, type="float", symmetric=True, group_size=group,
+                strategy="tensor_group" if group == 16 else "group"))
+
+            def theirs_ct(c=compressor, state=state, scheme=scheme):
+                return c.decompress(dict(state), scheme)["weight"]
+
+            def ours_ct(state=state, group=group, out=None):
+                if group == 16:
+                    return compressed_tensors.dequantize_nvfp4(
+                        state["weight_packed"], state["weight_scale"],
+                        state["weight_global_scale"], out=out)
+                return compressed_tensors.dequantize_mxfp4(state["weight_packed"],
+                                                           state["weight_scale"], out=out)
+            got = _bf16_numpy(ours_ct())
+            _same_bits(got, theirs_ct(), f"compressed-tensors {name}")
+            times = interleaved(_contenders(stream, ours_ct, lambda out, f=ours_ct: f(out=out),
+                                            "peer", theirs_ct, n * k, got), repeat=repeat,
+                                warmup=1)
+            rows.append(_row(f"compressed-tensors {name} {[n, k]} -> bf16 (library)", times,
+                             "peer"))
     return rows
 
 
@@ -447,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--new-formats", action="store_true",
-                   help="only the FP8, MLX and compressed-tensors rows")
+                   help="only the FP8, MLX, compressed-tensors and FP4 rows")
     p.add_argument("--gguf-types", nargs="*", default=None, metavar="TYPE",
                    help="only the per-type GGML rows (every type, or those named), one thread")
     p.add_argument("--gguf-repeat", type=int, default=5,
