@@ -343,3 +343,16 @@ def test_one_kernel_serves_every_expert_count():
     a = render(lower(Fp4DequantizeDescriptor(8, 64, 2, "mxfp4", "gpt-oss"), "c", "generic"))
     b = render(lower(Fp4DequantizeDescriptor(0, 0, 1, "mxfp4", "gpt-oss"), "c", "generic"))
     assert a.text == b.text
+
+
+@pytest.mark.parametrize("fmt", [("mxfp4", "gpt-oss"), ("nvfp4", "modelopt")], ids="-".join)
+def test_two_threads_split_the_same_bits(fmt, monkeypatch):
+    """Past the parallel threshold the work (tiles of an expert's rows, or rows) is split
+    between threads: the same bits as the oracle, rows no tile divides."""
+    monkeypatch.setenv("DQGEN_NUM_THREADS", "2")
+    rng = np.random.default_rng(8)
+    e, n, k = (3, 45, 256) if fmt[1] == "gpt-oss" else (1, 133, 256)
+    w, s, gs = layer(rng, fmt, e, n, k)
+    desc = Fp4DequantizeDescriptor(n, k, e, *fmt, "bf16")
+    want = layout.FP4.oracle(desc, {"w": w, "scales": s, "global_scale": gs})
+    assert_bits_equal(ours(fmt, w, s, gs, e, n, k, "bf16"), want)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..arrays import is_torch, shape_of
+from ..arrays import shape_of
 from ..errors import InvalidProblemError, UnsupportedError
 from ..ir import FLOAT_DTYPES, parse_dtype
 from ..layouts.fp4 import PRODUCERS, Fp4DequantizeDescriptor
@@ -44,9 +44,10 @@ def global_scale(obj, name: str, like):
     if int(np.prod(shape)) != 1:
         raise InvalidProblemError(f"{name} has shape {shape}; it is one value for the tensor")
     on_device = cuda_runtime.is_cuda_array(like)
-    if is_torch(obj) and on_device and obj.device.type != "cuda":
-        obj = obj.to(like.device)  # a CPU scalar beside CUDA weights
     arr = _inputs.reshaped(_inputs.array(obj, name, len(shape)), (1,))
+    if on_device and isinstance(arr, np.ndarray) and cuda_runtime.is_torch_cuda(like):
+        import torch
+        arr = torch.from_numpy(arr).to(like.device)  # a host value beside CUDA weights
     dtype = _inputs.dtype_of(arr)
     if dtype != np.float32:
         raise InvalidProblemError(f"{name} has dtype {dtype}; expected float32, as the "
