@@ -8,7 +8,7 @@ private name (``_x``) imported from another module: an interface gets a public n
 (A private module, ``formats/_inputs.py``, serves its package's siblings.) Packages are
 layered too: the core (the compiler, the format registry in ``layouts/``, the runtime,
 plans, cache and bundles) never imports the user-facing layer (``dqgen.formats``,
-``api``, ``torch``, ``cli``, the package's ``__init__``).
+``api``, ``torch`` and ``torch_nn``, ``cli``, the package's ``__init__``).
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def test_no_private_name_imported_across_modules():
     assert not found, "private names imported across modules:\n  " + "\n  ".join(found)
 
 
-USER_FACING = ("dqgen", "dqgen.api", "dqgen.torch", "dqgen.cli")
+USER_FACING = ("dqgen", "dqgen.api", "dqgen.torch", "dqgen.torch_nn", "dqgen.cli")
 
 
 def is_user_facing(module: str) -> bool:

@@ -15,7 +15,7 @@ from .plan import FormatPlan
 _ENCODING = {np.dtype(t).name: name for name, t in FP8_TYPES.items()}
 
 
-def _codes(weight, fp8):
+def codes(weight, fp8):
     """``weight`` as its uint8 codes and the encoding (ml_dtypes or torch float8 arrays
     say theirs; uint8 codes take ``fp8``)."""
     w = _inputs.array(weight, "weight", 2)
@@ -48,7 +48,7 @@ def dequantize(weight, scale, block_size=(128, 128), dtype="bf16", fp8=None, dev
     shapes need not be multiples of the block. ``out``: an array of the result's dtype and
     shape to write instead of allocating one.
     """
-    w, encoding = _codes(weight, fp8)
+    w, encoding = codes(weight, fp8)
     n, k = w.shape
     out_dtype = parse_dtype(dtype, "dtype", (d for d in FLOAT_DTYPES if d.value != "f64"))
     given = tuple(_inputs.shape_of(scale))
@@ -64,7 +64,7 @@ def dequantize(weight, scale, block_size=(128, 128), dtype="bf16", fp8=None, dev
         rows, cols = (int(b) for b in block_size)
     except (TypeError, ValueError):
         raise InvalidProblemError(f"block_size={block_size!r} is not (rows, columns)") from None
-    desc = Fp8BlockDescriptor(n, k, rows, cols, encoding, _scale_dtype(scale), out_dtype)
+    desc = Fp8BlockDescriptor(n, k, rows, cols, encoding, scale_dtype(scale), out_dtype)
     if int(np.prod(given)) != int(np.prod(desc.scale_shape)) or (
             len(given) == 2 and given != desc.scale_shape):
         raise InvalidProblemError(f"scale has shape {given}, expected {desc.scale_shape}: one "
@@ -76,6 +76,6 @@ def dequantize(weight, scale, block_size=(128, 128), dtype="bf16", fp8=None, dev
     return result()
 
 
-def _scale_dtype(scale):
+def scale_dtype(scale):
     return parse_dtype(_inputs.dtype_of(_inputs.array(scale, "scale", len(_inputs.shape_of(scale)))),
                        "scale.dtype", FLOAT_DTYPES)

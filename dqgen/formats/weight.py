@@ -116,11 +116,11 @@ class QuantizedWeight:
     def fp8(cls, weight, scale, block_size=(128, 128), fp8=None):
         """FP8 values ``[N, K]`` with a scale a ``block_size`` block (as
         ``dqgen.formats.fp8.dequantize`` takes them)."""
-        from .fp8 import _codes, _scale_dtype
-        w, encoding = _codes(weight, fp8)
+        from .fp8 import codes, scale_dtype
+        w, encoding = codes(weight, fp8)
         n, k = w.shape
         rows, cols = (int(b) for b in block_size)
-        desc = Fp8BlockDescriptor(0, 0, rows, cols, encoding, _scale_dtype(scale), DType.F32)
+        desc = Fp8BlockDescriptor(0, 0, rows, cols, encoding, scale_dtype(scale), DType.F32)
         s = to_numpy(scale, "scale")
         sized = Fp8BlockDescriptor(n, k, rows, cols, encoding, desc.scale_dtype, DType.F32)
         return cls(desc, {"w": w, "scales": s.reshape(sized.scale_shape)}, (n, k))
