@@ -605,7 +605,7 @@ def _linear_plan(fmt: str, n: int, k: int, m: int, x_dtype, y_dtype, bias: bool,
 
 def _linear_run(x: Tensor, weight: List[Tensor], fmt: str, n: int, k: int,
                 bias: Optional[Tensor], out_dtype: Optional[torch.dtype],
-                transpose: bool) -> Tensor:
+                transpose: bool, column_order: Optional[Tensor] = None) -> Tensor:
     descriptor, names = _weight_format(fmt)
     if x.device.type != "cpu":
         raise UnsupportedError("dqgen::linear runs on the CPU in this dqgen; on CUDA, "
@@ -618,6 +618,8 @@ def _linear_run(x: Tensor, weight: List[Tensor], fmt: str, n: int, k: int,
         raise InvalidProblemError(f"x has shape {tuple(x.shape)}; its last axis must be {last}")
     y_dtype = x.dtype if out_dtype is None else out_dtype
     lead = x.shape[:-1]
+    if column_order is not None and not transpose:
+        x = x.index_select(-1, column_order)
     xs = x.detach().reshape(-1, last)
     m = xs.shape[0]
     plan = _linear_plan(fmt, n, k, m, x.dtype, y_dtype, bias is not None, transpose)
@@ -631,47 +633,52 @@ def _linear_run(x: Tensor, weight: List[Tensor], fmt: str, n: int, k: int,
         arrays["bias"] = _host(bias.detach().to(x.dtype).contiguous())
     arrays["y"] = _host(y)
     plan.run(arrays)
+    if column_order is not None and transpose:   # stored column j is column_order[j]
+        y = torch.empty_like(y).index_copy_(1, column_order, y)
     return y if len(lead) == 1 else y.reshape(*lead, y.shape[-1])
 
 
 @_op("linear")
 def linear(x: Tensor, weight: List[Tensor], format: str, n: int, k: int,
-           bias: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> Tensor:
+           bias: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None,
+           column_order: Optional[Tensor] = None) -> Tensor:
     """``x @ W.T (+ bias)`` with ``W [n, k]`` quantized: ``weight`` its tensors in the
-    decode kernel's order, ``format`` its descriptor record (``QuantizedWeight.format_json``).
-    The sum's order is SPEC.md §9's, the same bits on any thread count."""
-    return _linear_run(x, weight, format, n, k, bias, out_dtype, False)
+    decode kernel's order, ``format`` its descriptor record (``QuantizedWeight.format_json``),
+    ``column_order`` the stored columns' places (act-order). The sum's order is SPEC.md
+    §9's, the same bits on any thread count."""
+    return _linear_run(x, weight, format, n, k, bias, out_dtype, False, column_order)
 
 
 @linear.register_fake
-def _(x, weight, format, n, k, bias=None, out_dtype=None):
+def _(x, weight, format, n, k, bias=None, out_dtype=None, column_order=None):
     return x.new_empty((*x.shape[:-1], n), dtype=out_dtype if out_dtype is not None else x.dtype)
 
 
 @_op("linear_backward")
 def linear_backward(dy: Tensor, weight: List[Tensor], format: str, n: int, k: int,
-                    out_dtype: Optional[torch.dtype] = None) -> Tensor:
+                    out_dtype: Optional[torch.dtype] = None,
+                    column_order: Optional[Tensor] = None) -> Tensor:
     """``dy @ W`` (the gradient of ``linear``'s x) by the transposed fused kernel, in the
     same order over n; W is never written out."""
-    return _linear_run(dy, weight, format, n, k, None, out_dtype, True)
+    return _linear_run(dy, weight, format, n, k, None, out_dtype, True, column_order)
 
 
 @linear_backward.register_fake
-def _(dy, weight, format, n, k, out_dtype=None):
+def _(dy, weight, format, n, k, out_dtype=None, column_order=None):
     return dy.new_empty((*dy.shape[:-1], k), dtype=out_dtype if out_dtype is not None else dy.dtype)
 
 
 def _linear_setup(ctx, inputs, output):
-    x, weight, fmt, n, k, bias, out_dtype = inputs
-    ctx.weight, ctx.fmt, ctx.n, ctx.k = weight, fmt, n, k
+    x, weight, fmt, n, k, bias, out_dtype, column_order = inputs
+    ctx.weight, ctx.fmt, ctx.n, ctx.k, ctx.order = weight, fmt, n, k, column_order
     ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
 
 
 def _linear_grad(ctx, dy):
-    dx = linear_backward(dy.contiguous(), ctx.weight, ctx.fmt, ctx.n, ctx.k, ctx.x_dtype) \
-        if ctx.needs_input_grad[0] else None
+    dx = linear_backward(dy.contiguous(), ctx.weight, ctx.fmt, ctx.n, ctx.k, ctx.x_dtype,
+                         ctx.order) if ctx.needs_input_grad[0] else None
     db = dy.reshape(-1, ctx.n).sum(0) if ctx.has_bias and ctx.needs_input_grad[5] else None
-    return dx, None, None, None, None, db, None
+    return dx, None, None, None, None, db, None, None
 
 
 linear.register_autograd(_linear_grad, setup_context=_linear_setup)

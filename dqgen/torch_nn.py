@@ -31,6 +31,8 @@ class QuantLinear(torch.nn.Module):
         self.out_features, self.in_features = weight.shape
         self.format = weight.format_json
         self._names = tuple(weight.arrays)
+        order = weight.column_order
+        self.register_buffer("column_order", None if order is None else torch.from_numpy(order))
         for name, arr in weight.arrays.items():
             with warnings.catch_warnings():  # a mapped file is read-only; nothing writes it
                 warnings.filterwarnings("ignore", "The given NumPy array is not writable")
@@ -51,7 +53,7 @@ class QuantLinear(torch.nn.Module):
     def forward(self, x):
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return torch.ops.dqgen.linear(x, self.weight_tensors, self.format, self.out_features,
-                                      self.in_features, bias)
+                                      self.in_features, bias, None, self.column_order)
 
     def extra_repr(self) -> str:
         fmt = self.format.split('"layout": "')[-1].split('"')[0]

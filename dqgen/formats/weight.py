@@ -34,11 +34,20 @@ _DTYPE_OF = {np.dtype(d.np_dtype): d for d in LINEAR_DTYPES}
 
 class QuantizedWeight:
     """A weight ``[N, K]`` in a quantized format: ``descriptor`` (the format's f32 decode),
-    ``arrays`` (by the decode kernel's argument names) and ``shape``."""
+    ``arrays`` (by the decode kernel's argument names) and ``shape``. ``column_order``
+    (act-order GPTQ): the stored column ``j`` is the weight's column ``column_order[j]``,
+    so ``linear`` reads ``x[..., column_order]`` and sums in the stored order."""
 
-    def __init__(self, descriptor, arrays: dict, shape) -> None:
+    def __init__(self, descriptor, arrays: dict, shape, column_order=None) -> None:
         n, k = (int(v) for v in shape)
         self.shape = (n, k)
+        self.column_order = None
+        if column_order is not None:
+            order = np.ascontiguousarray(to_numpy(column_order, "column_order"), np.int64)
+            if order.shape != (k,) or not np.array_equal(np.sort(order), np.arange(k)):
+                raise InvalidProblemError(f"column_order must be a permutation of the {k} "
+                                          "columns")
+            self.column_order = order
         self._base = LinearDescriptor(descriptor, 0, n, k)  # the format reads, k fits it
         self.descriptor = self._base.view.decode
         sized = self._base.view.sized(n, k)
@@ -140,7 +149,7 @@ class QuantizedWeight:
                 raise UnsupportedError(f"the rows of a {self.format} weight share {name}: "
                                        "they cannot be reordered one by one")
             arrays[name] = arr.reshape(n, -1)[order].reshape(arr.shape)
-        return QuantizedWeight(self.descriptor, arrays, self.shape)
+        return QuantizedWeight(self.descriptor, arrays, self.shape, self.column_order)
 
     # --- what it is -----------------------------------------------------------------
 
@@ -174,7 +183,11 @@ class QuantizedWeight:
         out = next(a for a in plan.arguments if a.is_out)
         y = np.empty(out.shape, out.dtype)
         plan.run({**self.arrays, out.name: y})
-        return y.reshape(self.shape).astype(out_dtype.np_dtype)
+        y = y.reshape(self.shape)
+        if self.column_order is not None:
+            stored, y = y, np.empty_like(y)
+            y[:, self.column_order] = stored
+        return y.astype(out_dtype.np_dtype)
 
     def linear(self, x, bias=None, out_dtype=None, out=None):
         """``x @ W.T (+ bias)``: see ``dqgen.linear``."""
@@ -228,6 +241,8 @@ def linear(x, weight: QuantizedWeight, bias=None, out_dtype=None, out=None):
     m = int(np.prod(lead, dtype=np.int64))
     y_dtype = x_dtype if out_dtype is None else parse_dtype(out_dtype, "out_dtype", LINEAR_DTYPES)
     arrays = dict(weight.arrays)
+    if weight.column_order is not None:
+        arr = np.take(arr, weight.column_order, axis=-1)
     arrays["x"] = np.ascontiguousarray(arr).reshape(m, k)
     if bias is not None:
         b = to_numpy(bias, "bias")
