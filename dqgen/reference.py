@@ -102,7 +102,7 @@ def fma_f32(a, b, c) -> np.ndarray:
 
 def linear(x, w, bias, y_dtype, lanes: int = 16) -> np.ndarray:
     """``y[m, n] = F(sum_k x[m, k] * w[n, k] + bias[n])`` in the fused linear kernel's order
-    (SPEC.md §9): ``x`` and ``w`` widened to f32 exactly; ``k`` padded with zeros to a
+    (SPEC.md §8): ``x`` and ``w`` widened to f32 exactly; ``k`` padded with zeros to a
     multiple of ``lanes``; lane ``j`` accumulates ``k = j (mod lanes)`` in ascending ``k``
     with one fma each, from +0; the lanes are added pairwise, halving (``j`` with
     ``j + lanes / 2`` ... down to one); then the bias in f32; one rounding to ``y_dtype``."""

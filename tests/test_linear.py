@@ -1,5 +1,5 @@
 """The fused linear kernel (``dqgen.linear``, ``QuantizedWeight``): ``x @ W.T (+ bias)``
-with W quantized and never written out, bit for bit ``reference.linear`` (SPEC.md §9) for
+with W quantized and never written out, bit for bit ``reference.linear`` (SPEC.md §8) for
 the family (s8/u8/u4/s4), GGML blocks and FP8 blocks, every x dtype, M in {1, 2, 3, 8, 17,
 64}, K not a multiple of the lanes, on every ISA and thread count; the error against an
 f64 matmul within the documented bound; dqgen verify checks a built kernel."""
@@ -140,7 +140,7 @@ def test_shapes_and_special_values(m, n, groups, special):
 
 
 def test_error_against_f64_within_the_documented_bound():
-    """|y - sum in f64| <= gamma(ceil(K / 16) + 4) * sum |x w| (SPEC.md §9), u = 2^-24."""
+    """|y - sum in f64| <= gamma(ceil(K / 16) + 4) * sum |x w| (SPEC.md §8), u = 2^-24."""
     rng = np.random.default_rng(5)
     weight = ggml_weight(rng, "Q8_0", 64, 4096)
     x = rng.standard_normal((3, 4096)).astype(np.float32)

@@ -151,7 +151,7 @@ def test_quantize_model_matches_the_dequantized_model(tmp_path):
     with torch.no_grad():
         got = quantized(ids).logits
         want = reference_model(ids).logits
-    # SPEC.md §9's bound, propagated through two layers: far below the quantization error
+    # SPEC.md §8's bound, propagated through two layers: far below the quantization error
     assert (got - want).abs().max() < 1e-4 * want.abs().max()
     with torch.no_grad():
         a = quantized.generate(ids, max_new_tokens=8, do_sample=False)

@@ -227,7 +227,7 @@ def linear(x, weight: QuantizedWeight, bias=None, out_dtype=None, out=None):
     """``y = x @ W.T (+ bias)`` with ``W`` the quantized ``weight [N, K]``, never written
     out: ``x [..., K]`` f32, f16 or bf16 (numpy, ml_dtypes or a CPU torch tensor), ``bias
     [N]`` of x's dtype, ``y [..., N]`` in ``out_dtype`` (default x's). Sums in f32 in the
-    fixed order of SPEC.md §9, bit-identical on every thread count and ISA."""
+    fixed order of SPEC.md §8, bit-identical on every thread count and ISA."""
     if not isinstance(weight, QuantizedWeight):
         raise InvalidProblemError(f"weight must be a dqgen QuantizedWeight, got "
                                   f"{type(weight).__name__}")

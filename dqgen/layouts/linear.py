@@ -5,7 +5,7 @@ The weight is never written out: each thread decodes a few rows of ``W`` at a ti
 format's own dequantize kernel (compiled into the same object, f32 out) into a scratch tile
 that stays in cache, and multiplies them with every row of ``x`` from registers. So the
 decode is the dequantize kernel's, one source of truth. The sum's order is fixed
-(SPEC.md §9): sixteen lanes, lane ``j`` summing the products of ``k = j (mod 16)`` in
+(SPEC.md §8): sixteen lanes, lane ``j`` summing the products of ``k = j (mod 16)`` in
 ascending ``k`` with one fused multiply-add each from +0 (``K`` padded with zeros to a
 multiple of 16), then the lanes added pairwise ``(j, j + 8)``, ``(j, j + 4)``,
 ``(j, j + 2)``, ``(0, 1)``, then the bias; one rounding to ``y``'s dtype. No thread count,
