@@ -52,7 +52,9 @@ FORMAT_DEFAULTS = {"bits": (4,), "checkpoint_format": ("gptq",), "act_order": (F
                    # int dtype's whole range)
                    "q_min": (None,), "q_max": (None,),
                    # FP8: the block a scale covers (rows x cols, 0 the whole axis), the encoding
-                   "block": ("128x128",), "fp8": ("e4m3",)}
+                   "block": ("128x128",), "fp8": ("e4m3",),
+                   # linear: the format of the weight (an op name: ggml, dequantize, packed, fp8)
+                   "weight": ("ggml",)}
 # Per-op defaults of the shared keys where the family's would not fit (models run in
 # f16/bf16, GGML blocks dequantize to f32/f16/bf16, packed storage is u4/s4): each
 # format's own.
@@ -228,6 +230,8 @@ def _pick(selection: dict) -> dict:
         pick["block"] = [_block(v) for v in pick["block"]]
     if pick.get("fp8"):
         pick["fp8"] = [str(v).strip().lower() for v in pick["fp8"]]
+    if pick.get("weight"):
+        pick["weight"] = list(dict.fromkeys(_op_name(op) for op in pick["weight"]))
     if pick.get("ggml_type"):
         pick["ggml_type"] = [ir.parse_ggml_type(t).value[len("ggml_"):].upper()
                              for t in pick["ggml_type"]]
@@ -257,8 +261,10 @@ def _value(pick: dict, op: str, key: str) -> list:
 
 
 def _candidates(op: str, pick: dict):
-    """Every descriptor one op's share of a selection names (some may be invalid)."""
-    return kind_for_op(op).aot_candidates(op, lambda key: _value(pick, op, key))
+    """Every descriptor one op's share of a selection names (some may be invalid). A kind
+    whose kernels hold another op's (linear: its weight's) asks for that op's values."""
+    return kind_for_op(op).aot_candidates(
+        op, lambda key, for_op=None: _value(pick, for_op or op, key))
 
 
 def expand(selection: dict) -> list[KernelRequest]:
@@ -358,6 +364,8 @@ def command_for_record(record: dict, target: str, arch: str) -> str:
     except (DqgenError, TypeError, ValueError):
         return ""
     knobs = dict(request.knobs)
+    if request.op == "linear":
+        return _linear_command(record, request, target, arch)
     if request.op == "floatzp":  # the range only where it is not the int dtype's own
         whole = kind_for_op("floatzp").aot_descriptor("floatzp", request.int_dtype,
                                                       request.float_dtype, request.group_size, {})
@@ -383,6 +391,41 @@ def command_for_record(record: dict, target: str, arch: str) -> str:
         return ""
     return "dqgen aot " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in flags.items()) \
         + " -o BUNDLE"
+
+
+def _linear_command(record: dict, request: KernelRequest, target: str, arch: str) -> str:
+    """``dqgen aot --op linear --weight OP ...``: the weight's own flags, the x dtype as
+    ``--float`` (a selection's linear kernels take y in x's dtype)."""
+    inner = command_for_record(record["weight"], target, arch)
+    knobs = dict(request.knobs)
+    if not inner or knobs.get("x_dtype") != request.float_dtype:
+        return ""
+    words = inner.split()
+    words[words.index("--op") + 1:words.index("--op") + 2] = ["linear", "--weight",
+                                                             words[words.index("--op") + 1]]
+    if "--float" in words:
+        words[words.index("--float") + 1] = request.float_dtype
+    else:
+        words[words.index("-o"):words.index("-o")] = ["--float", request.float_dtype]
+    command = " ".join(words)
+    flags = _flags_of_command(words)
+    try:
+        return command if request in expand(flags) else ""
+    except DqgenError:
+        return ""
+
+
+def _flags_of_command(words: list) -> dict:
+    """A ``dqgen aot`` command's words back as a selection."""
+    flags, key = {}, None
+    for word in words[2:]:
+        if word.startswith("--"):
+            key = word[2:].replace("-", "_")
+        elif key is not None and word != "BUNDLE":
+            flags[key] = word
+            key = None
+    flags.pop("o", None)
+    return flags
 
 
 def descriptor_from_record(record: dict, **sizes):

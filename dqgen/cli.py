@@ -87,7 +87,7 @@ def _demo(args: argparse.Namespace) -> int:
 # and --filter), as its kind in layouts/ names them; a flag an op does not take is refused.
 EMIT_FORMAT_FLAGS = {op: keys for kind in kinds() for op, keys in kind.aot_keys.items()}
 _FORMAT_FLAG_KEYS = ("int", "group_size", "bits", "checkpoint_format", "act_order", "scale",
-                     "v1_zeros", "ggml_type", "q_min", "q_max", "block", "fp8")
+                     "v1_zeros", "ggml_type", "q_min", "q_max", "block", "fp8", "weight")
 # A request's fields and knobs, and the flag that chooses each (for "name one kernel").
 _CHOOSING_FLAGS = (("int_dtype", "--int"), ("float_dtype", "--float"),
                    ("group_size", "--group-size"), ("bits", "--bits"),
@@ -466,7 +466,8 @@ def _add_format_flags(p: argparse.ArgumentParser, *, many: bool) -> None:
                    help="GPTQ kernels reading g_idx (yes), in row order (no) [default: both]",
                    **kw)
     p.add_argument("--scale", metavar="DTYPE", help="GPTQ/AWQ scales' dtype [default: f16]; "
-                   "FP8's [default: f32]", **kw)
+                   "FP8's [default: f32]; bnb4's absmax: f32, or u8 with double quantization "
+                   "[default: both]", **kw)
     p.add_argument("--v1-zeros", metavar="RULE",
                    help=f"GPTQ v1 zero points: {', '.join(GPTQ_V1_ZEROS)} (see dqgen convert "
                    f"--help) [default: {GPTQ_V1_ZEROS[0]}]", **kw)
@@ -481,6 +482,9 @@ def _add_format_flags(p: argparse.ArgumentParser, *, many: bool) -> None:
                    "(0: the whole axis; 1x0 is one scale a row) [default: 128x128]", **kw)
     p.add_argument("--fp8", metavar="NAME", help="FP8 encoding: e4m3 (float8_e4m3fn) or e5m2 "
                    "[default: e4m3]", **kw)
+    p.add_argument("--weight", metavar="OP", help="linear: the weight's format, as its op "
+                   "(ggml, dequantize, packed, fp8) with that op's flags; --float is x's "
+                   "dtype [default: ggml]", **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -246,3 +246,45 @@ def test_transposed_product_is_the_gradient_of_x(name):
         dx = np.empty((m, k), np.float32)
         plan.run({**weight.arrays, "x": dy, "y": dx})
         assert_bits_equal(dx, reference.linear(dy, w.T, None, np.float32))
+
+
+def test_one_kernel_serves_every_shape():
+    """m, n and k are run-time arguments: the source (and so the cache entry) is the same."""
+    from dqgen.jit import render_source
+    from dqgen.lower import lower
+    weight = ggml_weight(np.random.default_rng(6), "Q8_0", 4, 64)
+    texts = {render_source(lower(LinearDescriptor(weight.descriptor, m, n, k), "c",
+                                 "generic")).text for m, n, k in ((1, 4, 64), (9, 300, 4096))}
+    assert len(texts) == 1
+
+
+def test_aot_emit_and_verify(tmp_path, capsys):
+    """dqgen aot --op linear enumerates a weight's three kernels (with and without a bias,
+    and x's gradient), emit prints one, verify checks the bundle against the reference."""
+    import json
+
+    from dqgen import aot, bundle, cli
+    requests = aot.expand({"op": "linear", "weight": "ggml", "ggml_type": "Q4_K",
+                           "float": "bf16"})
+    assert [r.uri for r in requests] == [
+        "linear_dequant_ggml_q4_k_f32_xbf16_ybf16", "linear_dequant_ggml_q4_k_f32_xbf16_ybf16_bias",
+        "linear_t_dequant_ggml_q4_k_f32_xbf16_ybf16"]
+    assert cli.main(["emit", "linear", "--weight", "dequantize", "--int", "s8", "--float",
+                     "f16", "--group-size", "32", "--filter", "*_bias"]) == 0
+    assert "void dqgen_linear_dequant_pg_s8_f32_g32_xf16_yf16_bias(" in capsys.readouterr().out
+    out = tmp_path / "bundle"
+    assert cli.main(["aot", "--op", "linear", "--weight", "fp8", "--float", "f32", "-o",
+                     str(out), "-q"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["kernels"]) == 3
+    outcomes = verify.verify_bundle(bundle.Bundle.open(out))
+    assert outcomes and all(o.status == verify.OK for o in outcomes), [str(o) for o in outcomes]
+
+
+def test_missing_kernel_names_its_aot_command():
+    from dqgen.aot_selection import command_for_record
+    weight = ggml_weight(np.random.default_rng(8), "Q6_K", 2, 256)
+    record = descriptor_record(LinearDescriptor(weight.descriptor, 1, 2, 256, "bf16"))
+    assert command_for_record(record, "c", "avx2") == (
+        "dqgen aot --op linear --weight ggml --float bf16 --ggml-type Q6_K --target c:avx2 "
+        "-o BUNDLE")

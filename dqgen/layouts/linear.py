@@ -19,6 +19,7 @@ of x: ``dx = dy @ W``), in the same order over ``n``: each thread owns a run of 
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -29,7 +30,7 @@ from ..errors import InvalidProblemError, UnsupportedError
 from ..ir import DType, Layout, Op, check_int, parse_dtype
 from ..spec import CONVERT, Param, pointer
 from .own_loop import own_loop_spec
-from .registry import FormatKind, descriptor_classes, kind_of, register
+from .registry import FormatKind, descriptor_classes, kind_for_op, kind_of, register
 
 LANES = 16
 LINEAR_DTYPES = (DType.F32, DType.F16, DType.BF16)
@@ -198,6 +199,31 @@ def _weight_args(view, weight_spec) -> tuple[WeightArg, ...]:
 
 class LinearKind(FormatKind):
     descriptors = (LinearDescriptor,)
+    aot_ops = ("linear",)
+    # a weight's kernels: with and without a bias, and x's gradient; y in x's dtype
+    aot_defaults = {"linear": {"float": ("bf16", "f16", "f32")}}
+    aot_keys = {"linear": ("weight", "int", "group_size", "ggml_type", "block", "fp8",
+                           "scale")}
+
+    def aot_candidates(self, op, value):
+        for weight_op in value("weight"):
+            kind = kind_for_op(weight_op)
+            for make in kind.aot_candidates(weight_op, lambda key: value(key, weight_op)):
+                for x in value("float"):
+                    for bias, transpose in ((False, False), (True, False), (False, True)):
+                        yield (lambda make=make, x=x, bias=bias, transpose=transpose:
+                               LinearDescriptor(make(), 0, 0, 0, x, x, bias, transpose))
+
+    def aot_request(self, desc):
+        w = desc.view.decode
+        knobs = {"weight": json.dumps({"class": type(w).__name__, **w.to_json()},
+                                      sort_keys=True),
+                 "x_dtype": desc.x_dtype.value, "bias": desc.bias, "transpose": desc.transpose}
+        return "linear", None, 0, knobs
+
+    def aot_descriptor(self, op, int_dtype, float_dtype, group_size, knobs):
+        return LinearDescriptor(json.loads(knobs["weight"]), 0, 0, 0, knobs["x_dtype"],
+                                float_dtype, knobs["bias"], knobs["transpose"])
 
     def lower(self, desc, target, arch, storage):
         if target != "c":
@@ -231,7 +257,10 @@ class LinearKind(FormatKind):
             headers=("avx512fintrin.h",) if isa == "avx512" else ())
         spec = own_loop_spec(desc, target, arch, storage, params, FORMULA, float_helpers=(),
                              template="linear", layout_knobs=knobs, load_float="")
-        return dataclasses.replace(spec, op=Op.LINEAR)
+        # m, n and k are run-time arguments: the text names the kernel, not a problem
+        return dataclasses.replace(spec, op=Op.LINEAR, descriptor=(
+            f"LinearDescriptor(weight={view.decode.uri}, x_dtype={desc.x_dtype.value}, "
+            f"y_dtype={desc.y_dtype.value}, bias={desc.bias}, transpose={desc.transpose})"))
 
     def array_shape(self, desc, param):
         if param.name == "x":
