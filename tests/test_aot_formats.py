@@ -274,5 +274,13 @@ def dqgen_missing():
 
 
 def test_unsupported_op_name_lists_the_formats():
-    with pytest.raises(UnsupportedError, match="packed, awq, floatzp, fp8, ggml, gptq, hqq, mlx"):
+    with pytest.raises(UnsupportedError, match="expected one of: ") as info:
         aot.expand({"op": "exl2"})
+    listed = str(info.value).split("expected one of: ")[1].split(", ")
+    assert listed == list(aot.ALL_OPS)
+    # the family's ops first, then each format module's in registration (import) order:
+    # by module name, except fp8, which bitsandbytes imports, and so registers, first
+    assert listed[:5] == list(aot.OPS) + ["packed"]
+    formats = ["awq", "fp8", "bnb4", "bnb8", "floatzp", "mxfp4", "nvfp4", "ggml", "gptq",
+               "hqq", "mlx"]
+    assert [op for op in listed if op in formats] == formats
