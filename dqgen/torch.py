@@ -562,82 +562,6 @@ def _(W_q, scale, zero, nbits, shape, group_size=None, axis=1):
 # x @ W.T with W quantized and never written out (dqgen.formats.weight); the weight is its
 # arrays in the decode kernel's order and its format's descriptor record as JSON text.
 
-@functools.lru_cache(maxsize=256)
-def _weight_format(fmt: str):
-    """The decode descriptor and input names a format string names (parsed once)."""
-    return weight_mod.format_from_json(fmt)
-
-
-_LINEAR_DTYPES = {torch.float32: DType.F32, torch.float16: DType.F16,
-                  torch.bfloat16: DType.BF16}
-_LINEAR_PLANS: dict = {}
-
-
-def _host(t: Tensor):
-    """A contiguous CPU tensor as a numpy view (bfloat16 through ml_dtypes)."""
-    if t.dtype is torch.bfloat16:
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return t.numpy()
-
-
-def _linear_dtype(dtype, name: str) -> DType:
-    found = _LINEAR_DTYPES.get(dtype)
-    if found is None:
-        raise InvalidProblemError(f"{name} is {dtype}; dqgen::linear takes float32, float16 "
-                                  "or bfloat16")
-    return found
-
-
-def _linear_plan(fmt: str, n: int, k: int, m: int, x_dtype, y_dtype, bias: bool,
-                 transpose: bool):
-    """The plan of one problem, by keys that hash fast (a decode loop asks every token)."""
-    key = (fmt, n, k, m, x_dtype, y_dtype, bias, transpose)
-    plan = _LINEAR_PLANS.get(key)
-    if plan is None:
-        descriptor, _ = _weight_format(fmt)
-        plan = weight_mod.linear_plan(descriptor, n, k, m, _linear_dtype(x_dtype, "x"),
-                                      _linear_dtype(y_dtype, "out_dtype"), bias, transpose)
-        if len(_LINEAR_PLANS) >= 1024:
-            _LINEAR_PLANS.clear()
-        _LINEAR_PLANS[key] = plan
-    return plan
-
-
-def _linear_run(x: Tensor, weight: List[Tensor], fmt: str, n: int, k: int,
-                bias: Optional[Tensor], out_dtype: Optional[torch.dtype],
-                transpose: bool, column_order: Optional[Tensor] = None) -> Tensor:
-    descriptor, names = _weight_format(fmt)
-    if x.device.type != "cpu":
-        raise UnsupportedError("dqgen::linear runs on the CPU in this dqgen; on CUDA, "
-                               "dequantize the weight and use a float matmul")
-    if len(weight) != len(names):
-        raise InvalidProblemError(f"weight has {len(weight)} tensors; this format takes "
-                                  f"{len(names)} ({', '.join(names)})")
-    last = n if transpose else k
-    if x.dim() < 1 or x.shape[-1] != last:
-        raise InvalidProblemError(f"x has shape {tuple(x.shape)}; its last axis must be {last}")
-    y_dtype = x.dtype if out_dtype is None else out_dtype
-    lead = x.shape[:-1]
-    if column_order is not None and not transpose:
-        x = x.index_select(-1, column_order)
-    xs = x.detach().reshape(-1, last)
-    m = xs.shape[0]
-    plan = _linear_plan(fmt, n, k, m, x.dtype, y_dtype, bias is not None, transpose)
-    y = torch.empty((m, k if transpose else n), dtype=y_dtype)
-    # the plan refuses a non-contiguous array by name; buffers and x rows normally are
-    arrays = {name: _host(t.detach()) for name, t in zip(names, weight)}
-    arrays["x"] = _host(xs if xs.is_contiguous() else xs.contiguous())
-    if bias is not None:
-        if tuple(bias.shape) != (n,):
-            raise InvalidProblemError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
-        arrays["bias"] = _host(bias.detach().to(x.dtype).contiguous())
-    arrays["y"] = _host(y)
-    plan.run(arrays)
-    if column_order is not None and transpose:   # stored column j is column_order[j]
-        y = torch.empty_like(y).index_copy_(1, column_order, y)
-    return y if len(lead) == 1 else y.reshape(*lead, y.shape[-1])
-
-
 @_op("linear")
 def linear(x: Tensor, weight: List[Tensor], format: str, n: int, k: int,
            bias: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None,
@@ -646,7 +570,7 @@ def linear(x: Tensor, weight: List[Tensor], format: str, n: int, k: int,
     decode kernel's order, ``format`` its descriptor record (``QuantizedWeight.format_json``),
     ``column_order`` the stored columns' places (act-order). The sum's order is SPEC.md
     §9's, the same bits on any thread count."""
-    return _linear_run(x, weight, format, n, k, bias, out_dtype, False, column_order)
+    return run_linear(x, weight, format, n, k, bias, out_dtype, False, column_order)
 
 
 @linear.register_fake
@@ -660,7 +584,7 @@ def linear_backward(dy: Tensor, weight: List[Tensor], format: str, n: int, k: in
                     column_order: Optional[Tensor] = None) -> Tensor:
     """``dy @ W`` (the gradient of ``linear``'s x) by the transposed fused kernel, in the
     same order over n; W is never written out."""
-    return _linear_run(dy, weight, format, n, k, None, out_dtype, True, column_order)
+    return run_linear(dy, weight, format, n, k, None, out_dtype, True, column_order)
 
 
 @linear_backward.register_fake
@@ -683,4 +607,4 @@ def _linear_grad(ctx, dy):
 
 linear.register_autograd(_linear_grad, setup_context=_linear_setup)
 
-from dqgen.torch_nn import QuantLinear, quantize_model  # noqa: E402  (uses the ops above)
+from dqgen.torch_nn import QuantLinear, quantize_model, run_linear  # noqa: E402

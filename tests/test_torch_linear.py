@@ -19,6 +19,7 @@ transformers = pytest.importorskip("transformers", reason="the end-to-end model 
                                    "transformers Llama")
 
 import dqgen.torch as dqt  # noqa: E402
+import dqgen.torch_nn as dqt_nn  # noqa: E402
 from dqgen import reference  # noqa: E402
 from dqgen.formats.weight import QuantizedWeight  # noqa: E402
 from formats_util import assert_bits_equal  # noqa: E402
@@ -46,11 +47,11 @@ def test_forward_and_x_gradient_are_the_references(dtype):
     np_dtype = {torch.float32: np.float32, torch.bfloat16: __import__("ml_dtypes").bfloat16}[dtype]
     want = reference.linear(_np(x).reshape(6, 96).astype(np_dtype), w,
                             _np(bias).astype(np_dtype), np_dtype)
-    assert_bits_equal(dqt._host(y.detach().reshape(6, 40)), want)
+    assert_bits_equal(dqt_nn.host_view(y.detach().reshape(6, 40)), want)
     dy = torch.randn(2, 3, 40, dtype=dtype)
     y.backward(dy)
     want_dx = reference.linear(_np(dy).reshape(6, 40).astype(np_dtype), w.T, None, np_dtype)
-    assert_bits_equal(dqt._host(x.grad.reshape(6, 96)), want_dx)
+    assert_bits_equal(dqt_nn.host_view(x.grad.reshape(6, 96)), want_dx)
     assert torch.equal(layer.bias.grad, dy.reshape(6, 40).sum(0))
 
 
