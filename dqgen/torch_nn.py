@@ -1,4 +1,5 @@
-"""Modules on ``dqgen::linear``: ``QuantLinear`` (an ``nn.Linear`` whose weight stays
+"""The fused linear's kernel for the ``dqgen::linear`` op (``run_linear``: ``dqgen.torch``
+registers it) and the modules on it: ``QuantLinear`` (an ``nn.Linear`` whose weight stays
 quantized) and ``quantize_model`` (a transformers model's linears swapped for them, read
 from a GGUF file without a float copy of any weight).
 
@@ -10,14 +11,99 @@ gives x's gradient by the transposed fused kernel (the weight is frozen, as in Q
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
+from typing import List, Optional
+
+import ml_dtypes
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import InvalidProblemError, UnsupportedError
+from .formats import weight as weight_mod
 from .formats.weight import QuantizedWeight
+from .ir import DType
+
+
+@functools.lru_cache(maxsize=256)
+def _weight_format(fmt: str):
+    """The decode descriptor and input names a format string names (parsed once)."""
+    return weight_mod.format_from_json(fmt)
+
+
+_LINEAR_DTYPES = {torch.float32: DType.F32, torch.float16: DType.F16,
+                  torch.bfloat16: DType.BF16}
+_LINEAR_PLANS: dict = {}
+
+
+def host_view(t: torch.Tensor):
+    """A contiguous CPU tensor as a numpy view (bfloat16 through ml_dtypes)."""
+    if t.dtype is torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def _linear_dtype(dtype, name: str) -> DType:
+    found = _LINEAR_DTYPES.get(dtype)
+    if found is None:
+        raise InvalidProblemError(f"{name} is {dtype}; dqgen::linear takes float32, float16 "
+                                  "or bfloat16")
+    return found
+
+
+def _linear_plan(fmt: str, n: int, k: int, m: int, x_dtype, y_dtype, bias: bool,
+                 transpose: bool):
+    """The plan of one problem, by keys that hash fast (a decode loop asks every token)."""
+    key = (fmt, n, k, m, x_dtype, y_dtype, bias, transpose)
+    plan = _LINEAR_PLANS.get(key)
+    if plan is None:
+        descriptor, _ = _weight_format(fmt)
+        plan = weight_mod.linear_plan(descriptor, n, k, m, _linear_dtype(x_dtype, "x"),
+                                      _linear_dtype(y_dtype, "out_dtype"), bias, transpose)
+        if len(_LINEAR_PLANS) >= 1024:
+            _LINEAR_PLANS.clear()
+        _LINEAR_PLANS[key] = plan
+    return plan
+
+
+def run_linear(x: torch.Tensor, weight: List[torch.Tensor], fmt: str, n: int, k: int,
+                bias: Optional[torch.Tensor], out_dtype: Optional[torch.dtype],
+                transpose: bool, column_order: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``dqgen::linear``'s kernel (and ``linear_backward``'s with ``transpose``): checks,
+    the plan of this problem, the tensors as numpy views, the run."""
+    descriptor, names = _weight_format(fmt)
+    if x.device.type != "cpu":
+        raise UnsupportedError("dqgen::linear runs on the CPU in this dqgen; on CUDA, "
+                               "dequantize the weight and use a float matmul")
+    if len(weight) != len(names):
+        raise InvalidProblemError(f"weight has {len(weight)} tensors; this format takes "
+                                  f"{len(names)} ({', '.join(names)})")
+    last = n if transpose else k
+    if x.dim() < 1 or x.shape[-1] != last:
+        raise InvalidProblemError(f"x has shape {tuple(x.shape)}; its last axis must be {last}")
+    y_dtype = x.dtype if out_dtype is None else out_dtype
+    lead = x.shape[:-1]
+    if column_order is not None and not transpose:
+        x = x.index_select(-1, column_order)
+    xs = x.detach().reshape(-1, last)
+    m = xs.shape[0]
+    plan = _linear_plan(fmt, n, k, m, x.dtype, y_dtype, bias is not None, transpose)
+    y = torch.empty((m, k if transpose else n), dtype=y_dtype)
+    # the plan refuses a non-contiguous array by name; buffers and x rows normally are
+    arrays = {name: host_view(t.detach()) for name, t in zip(names, weight)}
+    arrays["x"] = host_view(xs if xs.is_contiguous() else xs.contiguous())
+    if bias is not None:
+        if tuple(bias.shape) != (n,):
+            raise InvalidProblemError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
+        arrays["bias"] = host_view(bias.detach().to(x.dtype).contiguous())
+    arrays["y"] = host_view(y)
+    plan.run(arrays)
+    if column_order is not None and transpose:   # stored column j is column_order[j]
+        y = torch.empty_like(y).index_copy_(1, column_order, y)
+    return y if len(lead) == 1 else y.reshape(*lead, y.shape[-1])
 
 
 class QuantLinear(torch.nn.Module):
@@ -51,7 +137,16 @@ class QuantLinear(torch.nn.Module):
         return [getattr(self, f"weight_{name}") for name in self._names]
 
     def forward(self, x):
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        bias = self.bias
+        if bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        if (type(x) is torch.Tensor and not torch.compiler.is_compiling()
+                and not (torch.is_grad_enabled()
+                         and (x.requires_grad or (bias is not None and bias.requires_grad)))):
+            # nothing to trace or differentiate: the op's kernel itself, without the
+            # dispatcher's round trip (a decode step calls this hundreds of times a token)
+            return run_linear(x, self.weight_tensors, self.format, self.out_features,
+                               self.in_features, bias, None, False, self.column_order)
         return torch.ops.dqgen.linear(x, self.weight_tensors, self.format, self.out_features,
                                       self.in_features, bias, None, self.column_order)
 
@@ -93,8 +188,12 @@ def _unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
 def quantize_model(model, source):
     """Swap ``model``'s ``nn.Linear`` layers for ``QuantLinear``s read from ``source``, a
     GGUF file (llama architecture names, as transformers' GGUF loader maps them, the Q/K
-    row permutation undone on the quantized rows). Layers the file holds in a float type
+    row permutation undone on the quantized rows), or a GPTQ or AWQ checkpoint (a
+    directory, index or ``.safetensors`` file: layer ``P.qweight`` is module ``P``,
+    repacked exactly by ``formats.weight_repack``). Layers the file holds in a float type
     or does not hold are left as they are. Returns the model."""
+    if Path(source).is_dir() or Path(source).suffix in (".safetensors", ".json"):
+        return _quantize_from_checkpoint(model, source)
     from .formats import gguf
     file = gguf.open(source)
     heads = _int_field(file, "llama.attention.head_count")
@@ -122,6 +221,26 @@ def quantize_model(model, source):
     if not swapped:
         raise UnsupportedError(f"{source}: no quantized tensor of it matches a linear layer "
                                "of the model")
+    return model
+
+
+def _quantize_from_checkpoint(model, source):
+    """``quantize_model`` for a GPTQ or AWQ checkpoint: each layer by its module name."""
+    from .formats.weight_repack import checkpoint_weights
+    modules = dict(model.named_modules())
+    for name, (weight, bias) in checkpoint_weights(source).items():
+        linear = modules.get(name)
+        if not isinstance(linear, torch.nn.Linear):
+            raise InvalidProblemError(f"{source}: layer {name or '(top level)'} is not a "
+                                      "torch.nn.Linear of the model")
+        if weight.shape != (linear.out_features, linear.in_features):
+            raise InvalidProblemError(f"{source}: {name} is {weight.shape}, the model's is "
+                                      f"{(linear.out_features, linear.in_features)}")
+        if bias is None and linear.bias is not None:
+            bias = linear.bias.detach()
+        parent, _, leaf = name.rpartition(".")
+        setattr(modules[parent] if parent else model, leaf, QuantLinear(
+            weight, None if bias is None else torch.as_tensor(bias)))
     return model
 
 
