@@ -61,6 +61,19 @@ def fp8_weight(rng, n, k, block):
     return QuantizedWeight.fp8(codes, scale, block, fp8="e4m3")
 
 
+def floatzp_weight(rng, n, k, g, float_name):
+    """torchao's float zero point, packed u4: its values round to F at each step, so the
+    linear decodes them in F and widens them exactly."""
+    from dqgen.ir import DequantizeFloatZeroDescriptor
+    f = DTYPES[float_name]
+    values = rng.integers(0, 16, (n, k))
+    q = (values[:, 0::2] | (values[:, 1::2] << 4)).astype(np.uint8)
+    scale = (rng.random((n, k // g)) * 0.1).astype(f)
+    zero = rng.standard_normal((n, k // g)).astype(f)
+    return QuantizedWeight(DequantizeFloatZeroDescriptor(0, 0, g, float_name, "u4"),
+                           {"q": q, "scale": scale, "zero_point": zero}, (n, k))
+
+
 def expected(weight, x, bias, y_dtype):
     k = weight.shape[1]
     return reference.linear(np.asarray(x).reshape(-1, k), weight.dequantize("f32"), bias,
@@ -77,7 +90,23 @@ WEIGHTS = {
     "u4": lambda rng: family_weight(rng, "u4", 21, 96, 32),
     "s4": lambda rng: family_weight(rng, "s4", 5, 36, 12),
     "fp8": lambda rng: fp8_weight(rng, 19, 37, (8, 16)),       # partial blocks both ways
+    "floatzp": lambda rng: floatzp_weight(rng, 19, 96, 32, "bf16"),
 }
+
+
+def test_a_16_bit_decode_is_the_formats_own_values():
+    """The float zero point's weight is what floatzp.dequantize gives (F-rounded steps),
+    so the linear equals the reference over those values, f16 and bf16."""
+    from dqgen.formats import floatzp
+    rng = np.random.default_rng(12)
+    for name in ("f16", "bf16"):
+        weight = floatzp_weight(rng, 7, 64, 32, name)
+        arrays = weight.arrays
+        own = np.asarray(floatzp.dequantize(arrays["q"], arrays["scale"], arrays["zero_point"],
+                                            32, int_dtype="u4"))
+        assert_bits_equal(weight.dequantize(name), own)
+        x = rng.standard_normal((3, 64)).astype(np.float32)
+        assert_bits_equal(linear(x, weight), reference.linear(x, own, None, np.float32))
 
 
 @pytest.mark.parametrize("name", sorted(WEIGHTS))

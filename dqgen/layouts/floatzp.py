@@ -8,9 +8,9 @@ import itertools
 import numpy as np
 
 from .. import reference
-from ..ir import DequantizeFloatZeroDescriptor
+from ..ir import DequantizeFloatZeroDescriptor, DType
 from .family import PerGroupKind, stored_values
-from .registry import FormatKind, register
+from .registry import FormatKind, LinearView, RowSlice, register
 
 
 class FloatZeroKind(PerGroupKind):
@@ -32,6 +32,21 @@ class FloatZeroKind(PerGroupKind):
 
     def aot_request(self, desc):
         return FormatKind.aot_request(self, desc)
+
+    def linear_view(self, desc):
+        # each step rounds to F, so the weight's values are F's: decoded in F, widened
+        g, i, f = desc.group_size, desc.int_dtype, desc.float_dtype
+        if f is DType.F64:
+            return None
+        packed = 2 if i.is_packed else 1
+        same = dict(float_dtype=f, int_dtype=i, q_min=desc.q_min, q_max=desc.q_max)
+        return LinearView(
+            slices={"q": RowSlice(1, 1, packed), "scale": RowSlice(1, 1, g),
+                    "zero_point": RowSlice(1, 1, g)},
+            sizes={"outer": (0, 1), "axis": (1, 1)},
+            k_multiple=g * packed // int(np.gcd(g, packed)),
+            decode=DequantizeFloatZeroDescriptor(0, 0, g, **same),
+            sized=lambda n, k: DequantizeFloatZeroDescriptor(n, k, g, **same))
 
     def oracle(self, desc, arrays: dict) -> np.ndarray:
         f = desc.float_dtype.np_dtype

@@ -173,6 +173,7 @@ class LinearKnobs:
     tile_rows_long: int
     long_m: int
     helpers: tuple[str, ...]
+    decode_load: str         # a decode in a 16-bit dtype (MLX, float zero points): widened
     x_load: str
     bias_load: str
     y_store: str
@@ -241,6 +242,8 @@ class LinearKind(FormatKind):
                    Param("k", None, "scalar", "int64_t"))
         x_load = CONVERT.get(desc.x_dtype, ("", ""))[0]
         y_store = CONVERT.get(desc.y_dtype, ("", ""))[1]
+        # a format that rounds its values to a 16-bit dtype decodes into it; widened exactly
+        decode_load = CONVERT.get(view.decode.float_dtype, ("", ""))[0]
         chunk = int(np.lcm(view.chunk_multiple or view.k_multiple, LANES))
         knobs = LinearKnobs(
             weight=weight_spec, transpose=desc.transpose,
@@ -250,7 +253,8 @@ class LinearKind(FormatKind):
             lane_regs={"avx512": 1, "avx2": 2}.get(isa, 0),
             micro_tiles=MICRO_TILES[isa], tile_rows_short=TILE_ROWS_SHORT,
             tile_rows_long=TILE_ROWS_LONG, long_m=LONG_M,
-            helpers=tuple(sorted({h for h in (x_load, y_store) if h})),
+            helpers=tuple(sorted({h for h in (x_load, y_store, decode_load) if h})),
+            decode_load=f"linear_{decode_load}" if decode_load else "",
             x_load=f"linear_{x_load}" if x_load else "",
             bias_load=f"linear_{x_load}" if x_load and desc.bias else "",
             y_store=f"linear_{y_store}" if y_store else "",
