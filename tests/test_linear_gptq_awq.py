@@ -8,6 +8,8 @@ order, SPEC.md §8); a checkpoint directory reads as its producer's loader reads
 
 from __future__ import annotations
 
+import json
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -86,8 +88,8 @@ def test_awq_weight_is_awq_dequantize():
 
 
 def test_peers_packed_layers():
-    """GPTQModel's own pack (act-order g_idx) and AutoAWQ's from_linear, read back as
-    their own dequant formulas give them (f16)."""
+    """GPTQModel's own pack (act-order g_idx) and AutoAWQ's from_linear (its torch
+    tensors as they are), read back as their own dequant formulas give them (f16)."""
     torch = pytest.importorskip("torch", reason="the peers' packers are torch code")
     from oracles import checkpoints as oracle
     torch.manual_seed(3)
@@ -106,8 +108,7 @@ def test_peers_packed_layers():
     wq_linear, dequantize_gemm = peers.autoawq_gemm()
     awq_layer = wq_linear.from_linear(linear_layer, 4, GROUP, scales=scale.T.contiguous(),
                                       zeros=zero.T.contiguous())
-    weight = awq_weight(awq_layer.qweight.numpy(), awq_layer.qzeros.numpy(),
-                        awq_layer.scales.numpy())
+    weight = awq_weight(awq_layer.qweight, awq_layer.qzeros, awq_layer.scales)  # CPU torch
     want = dequantize_gemm(awq_layer.qweight, awq_layer.qzeros, awq_layer.scales, 4, GROUP)
     assert_bits_equal(weight.dequantize("f16"), np.ascontiguousarray(want.numpy().T))
 
@@ -124,9 +125,9 @@ def test_bad_layers_are_named():
     awq_layer = {"qweight": random_words(rng, (K, N // 8)),
                  "qzeros": random_words(rng, (K // GROUP, N // 8)),
                  "scales": np.ones((K // GROUP, N), np.float16)}
-    with pytest.raises(InvalidProblemError, match="AWQ's layout"):
+    with pytest.raises(InvalidProblemError, match="use awq_weight"):
         gptq_weight(**awq_layer)
-    with pytest.raises(InvalidProblemError, match="GPTQ's layout"):
+    with pytest.raises(InvalidProblemError, match="use gptq_weight"):
         awq_weight(**{k: v for k, v in gptq_layer(rng, 4).items()})
     bad = gptq_layer(rng, 4)
     bad["qzeros"] = bad["qzeros"][:, :-1]
@@ -148,7 +149,11 @@ def test_autogptq_directory_reads_with_its_rule(tmp_path):
         "model_file_base_name": None, "quant_method": "gptq"}, in_config_json=False)
     weights = checkpoint_weights(src)
     assert sorted(weights) == sorted(want)
-    for prefix, (weight, bias) in weights.items():
+    config = json.loads((src / "quantize_config.json").read_text())
+    del config["bits"]   # read from the words a qzeros row holds
+    (src / "quantize_config.json").write_text(json.dumps(config))
+    for prefix, (weight, bias) in checkpoint_weights(src).items():
+        assert_bits_equal(weights[prefix][0].dequantize("f16"), want[prefix])
         assert_bits_equal(weight.dequantize("f16"), want[prefix])
         if prefix.endswith("q_proj"):
             assert bias.dtype == np.float32 and (bias == 1).all()

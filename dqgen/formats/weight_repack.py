@@ -21,6 +21,7 @@ linear layer, as ``dqgen convert`` decides the format, bits, v1/v2 and v1 zero r
 from __future__ import annotations
 
 import math
+import sys
 
 import ml_dtypes
 import numpy as np
@@ -31,8 +32,7 @@ from ..ir import (GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS, GPTQ_V1_ZEROS, DType,
 from ..layouts.awq import ORDER as AWQ_ORDER
 from ..layouts.gptq import gptq_zeros
 from . import _inputs
-from .awq import _check_not_gptq
-from .gptq import _check_not_awq, infer_group_size
+from .gptq import infer_group_size
 from .weight import QuantizedWeight
 
 
@@ -49,24 +49,29 @@ def gptq_weight(qweight, qzeros, scales, g_idx=None, bits: int = 4,
                                   f"{', '.join(map(str, GPTQ_BITS))}")
     qw = _host_words(qweight, "qweight")
     qz = _host_words(qzeros, "qzeros")
-    sc, scale_dtype = _inputs.float_array(_inputs.host(scales), "scales")
+    sc, scale_dtype = _host_floats(scales)
     per = 32 // bits
     k, n = qw.shape[0] * per, qw.shape[1]
-    _check_not_awq(qw.shape, qz.shape, sc.shape)
     groups = sc.shape[0]
-    _check_shape(sc, "scales", (groups, n), f"for qweight {qw.shape} (N={n})")
+    _check_shape(sc, "scales", (groups, n), f"for GPTQ's qweight {qw.shape} [K * bits / 32, "
+                 "N] (AWQ's qweight is [K, N / 8]: use awq_weight)")
     if n % per:
         raise InvalidProblemError(f"N={n} (qweight's columns) is not a multiple of {per}, the "
                                   f"{bits}-bit zero points an int32 qzeros word holds")
     _check_shape(qz, "qzeros", (groups, n // per), f"for {bits}-bit scales {sc.shape}")
     size = infer_group_size(k, groups, group_size, g_idx is not None)
     rows_group = (np.arange(k, dtype=np.int64) // size if g_idx is None else
-                  _inputs.group_index(_inputs.host(g_idx), k, groups).astype(np.int64))
+                  _inputs.host(_inputs.group_index(g_idx, k, groups)).astype(np.int64))
     desc = GptqDequantizeDescriptor(k, n, size, bits, DType.F32, scale_dtype,
                                     checkpoint_format, False, v1_zeros)
-    values = _unpack_along_k(qw, bits)                          # [N, K], W's columns
+    order, stored_group, step = _stored_groups(rows_group, size)
+    if order is None and bits in (4, 8) and sys.byteorder == "little":
+        # a word's bytes along K are the family's: 4 bits two a byte, low nibble first
+        q = np.ascontiguousarray(qw.T).view(np.uint8)           # [N, K * bits / 8]
+    else:
+        q = _stored_values(_unpack_along_k(qw, bits), order, bits)
     zeros = gptq_zeros(desc, qz)                                # [groups, N], decoded
-    return _family_weight(values, bits, zeros, sc, rows_group, size)
+    return _family_weight(q, bits, zeros, sc, stored_group, step, order)
 
 
 def awq_weight(qweight, qzeros, scales, group_size=None) -> QuantizedWeight:
@@ -74,23 +79,29 @@ def awq_weight(qweight, qzeros, scales, group_size=None) -> QuantizedWeight:
     ``[N, K]`` (its transpose) of the family: exact."""
     qw = _host_words(qweight, "qweight")
     qz = _host_words(qzeros, "qzeros")
-    sc, _ = _inputs.float_array(_inputs.host(scales), "scales")
+    sc, _ = _host_floats(scales)
     k, n = qw.shape[0], qw.shape[1] * 8
-    _check_not_gptq(qw.shape, qz.shape, sc.shape)
     groups = sc.shape[0]
-    _check_shape(sc, "scales", (groups, n), f"for qweight {qw.shape} (N={n})")
+    _check_shape(sc, "scales", (groups, n), f"for AWQ's qweight {qw.shape} [K, N / 8] "
+                 "(GPTQ's qweight is [K * bits / 32, N]: use gptq_weight)")
     _check_shape(qz, "qzeros", (groups, n // 8), f"for scales {sc.shape}")
     size = infer_group_size(k, groups, group_size, act_order=False)
     if k % size:
         raise InvalidProblemError(f"K={k} is not a multiple of group_size={size}")
-    values = np.ascontiguousarray(_unpack_awq(qw).T)            # [N, K]
+    q = _pack_u4(np.ascontiguousarray(_unpack_awq(qw).T))       # [N, K / 2]
     zeros = _unpack_awq(qz).astype(np.int64)                    # [groups, N]
-    return _family_weight(values, 4, zeros, sc, np.arange(k, dtype=np.int64) // size, size)
+    return _family_weight(q, 4, zeros, sc, np.arange(k, dtype=np.int64) // size, size, None)
 
 
 def _host_words(obj, name: str) -> np.ndarray:
     """A host int32 ``[rows, words]`` array of packed words (uint32 viewed)."""
-    return np.ascontiguousarray(_inputs.words(_inputs.host(obj), name))
+    return np.ascontiguousarray(_inputs.host(_inputs.words(obj, name)))
+
+
+def _host_floats(obj):
+    """The host scales ``[groups, N]`` and their dtype (f16, bf16 or f32)."""
+    arr, dtype = _inputs.float_array(obj, "scales")
+    return _inputs.host(arr), dtype
 
 
 def _check_shape(arr: np.ndarray, name: str, want: tuple, why: str) -> None:
@@ -120,23 +131,35 @@ def _unpack_awq(words: np.ndarray) -> np.ndarray:
     return out
 
 
-def _family_weight(values: np.ndarray, bits: int, zeros: np.ndarray, scales: np.ndarray,
-                   rows_group: np.ndarray, group_size: int) -> QuantizedWeight:
-    """The family's weight of ``values [N, K]`` (W's columns), K's group ``rows_group``
-    (``[K]``, into the ``[groups, N]`` ``zeros`` and ``scales``), stored with each group's
-    columns contiguous."""
+def _stored_groups(rows_group: np.ndarray, group_size: int):
+    """``(order, stored_group, step)``: K sorted by group, stably (``order`` None when
+    already so), each stored column's group, and the family's group size."""
     order = np.argsort(rows_group, kind="stable")
-    in_order = bool(np.array_equal(order, np.arange(order.size)))
     stored_group = rows_group[order]
     step = _stored_group_size(stored_group, group_size)
-    if not in_order:
+    if np.array_equal(order, np.arange(order.size)):
+        order = None
+    return order, stored_group, step
+
+
+def _stored_values(values: np.ndarray, order, bits: int) -> np.ndarray:
+    """``values [N, K]`` (W's columns) in the stored column ``order``, as the family
+    stores them (4 bits packed two a byte, else one a byte)."""
+    if order is not None:
         values = values[:, order]
-    first = stored_group[::step]                                # each stored group's g
-    q = _pack_u4(values) if bits == 4 else values
+    return _pack_u4(values) if bits == 4 else values
+
+
+def _family_weight(q: np.ndarray, bits: int, zeros: np.ndarray, scales: np.ndarray,
+                   stored_group: np.ndarray, step: int, order) -> QuantizedWeight:
+    """The family's weight of the stored values ``q``: stored group ``j`` (``step``
+    columns, from ``stored_group[j * step]``) takes that group's row of the ``[groups,
+    N]`` ``zeros`` and ``scales``; ``order`` becomes its ``column_order``."""
+    first = stored_group[::step]
     scale = np.ascontiguousarray(scales[first].T).astype(np.float32)
     zero_point = np.ascontiguousarray(zeros[first].T).astype(np.int32)
     weight = QuantizedWeight.per_group(q, scale, zero_point, step, "u4" if bits == 4 else "u8")
-    if in_order:
+    if order is None:
         return weight
     return QuantizedWeight(weight.descriptor, weight.arrays, weight.shape, column_order=order)
 
@@ -172,8 +195,7 @@ def checkpoint_weights(path) -> dict:
     (QuantizedWeight, bias or None)}``: the layer ``P.qweight, P.qzeros, P.scales
     (, P.g_idx)`` is module ``P``, its ``P.bias`` (widened to f32, exactly) the bias."""
     from .checkpoint import open_checkpoint, v1_zeros_rule
-    from .convert import (Tensors, _check_gptq_shapes, _gptq_bits, find_layers,
-                          layer_format)
+    from .convert import Tensors, find_layers, layer_format
     ckpt = open_checkpoint(path)
     quant = ckpt.quant
     if quant.method not in (None, "gptq", "awq"):
@@ -192,8 +214,8 @@ def checkpoint_weights(path) -> dict:
         get = tensors.array
         try:
             if layer_format(tensors, parts, quant.method, said_by) == "gptq":
-                bits = _gptq_bits(tensors, parts, quant.bits)
-                _check_gptq_shapes(tensors, parts, bits)
+                bits = quant.bits or _bits_of(tensors.entries[parts["qzeros"]].shape,
+                                              tensors.entries[parts["scales"]].shape)
                 weight = gptq_weight(
                     get(parts["qweight"]), get(parts["qzeros"]), get(parts["scales"]),
                     get(parts["g_idx"]) if "g_idx" in parts else None, bits=bits,
@@ -211,6 +233,17 @@ def checkpoint_weights(path) -> dict:
 
 
 _BIAS_DTYPES = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16)}
+
+
+def _bits_of(qzeros: tuple, scales: tuple) -> int:
+    """A GPTQ layer's bits from the zero points a qzeros word holds (a config that does
+    not say them)."""
+    words, cols = qzeros[-1], scales[-1]
+    if words and cols and (32 * words) % cols == 0 and 32 * words // cols in GPTQ_BITS:
+        return 32 * words // cols
+    raise InvalidProblemError(f"qzeros has {words} words a row for {cols} columns: no GPTQ "
+                              f"bits ({', '.join(map(str, GPTQ_BITS))}) fit; the config "
+                              "should say bits")
 
 
 def _bias(arr: np.ndarray, name: str, n: int) -> np.ndarray:
