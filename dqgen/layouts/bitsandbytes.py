@@ -27,7 +27,7 @@ from ..ir import DType, FormatDescriptor, Layout
 from ..spec import Param, pointer
 from .fp8 import c_float
 from .own_loop import float_helpers, own_loop_spec
-from .registry import FormatKind, register
+from .registry import FormatKind, LinearView, RowSlice, register
 
 #: The block sizes ``bitsandbytes.functional.quantize_4bit`` writes (and dequantize takes).
 BNB_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -221,6 +221,22 @@ class Bnb4bitKind(_BnbKind):
             w = arrays["code"].astype(np.float32)[q] * scale
         return w.astype(desc.float_dtype.np_dtype).reshape(desc.rows, desc.cols)
 
+    def linear_view(self, desc):
+        # Blocks run over the flattened tensor: a row of W [N, K] (and a chunk of one) is
+        # whole blocks, a pointer offset, when K is a multiple of the block size. The
+        # decode indexes the nested absmax by its own block / nested_blocksize, so with
+        # double quantization a row and a chunk must start a nested block as well.
+        bs, nested = desc.blocksize, desc.nested_blocksize
+        step = bs * nested if nested else bs
+        slices = {"w": RowSlice(1, 1, 2), "code": RowSlice(0, 0), "absmax": RowSlice(1, 1, bs)}
+        if nested:
+            slices.update(nested_code=RowSlice(0, 0), nested_absmax=RowSlice(1, 1, step),
+                          offset=RowSlice(0, 0))
+        same = dict(blocksize=bs, nested_blocksize=nested, float_dtype=DType.F32)
+        return LinearView(slices=slices, sizes={"rows": (0, 1), "cols": (1, 1)}, k_multiple=step,
+                          decode=Bnb4bitDescriptor(0, 0, **same),
+                          sized=lambda n, k: Bnb4bitDescriptor(n, k, **same))
+
     def aot_candidates(self, op, value):
         for f, g, s in itertools.product(value("float"), value("group_size"), value("scale")):
             yield lambda f=f, g=g, s=s: self.aot_descriptor(op, None, f, g, dict(
@@ -265,6 +281,13 @@ class Bnb8bitKind(_BnbKind):
         with np.errstate(all="ignore"):
             w = (q * arrays["scb"].astype(np.float32)[:, None]) * INT8_SCALE
         return w.astype(desc.float_dtype.np_dtype)
+
+    def linear_view(self, desc):
+        # a row is its own: K int8 values and one SCB
+        return LinearView(slices={"w": RowSlice(), "scb": RowSlice(1, 0, 1, 1)},
+                          sizes={"rows": (0, 1), "cols": (1, 1)}, k_multiple=1,
+                          decode=Bnb8bitDescriptor(0, 0, DType.F32),
+                          sized=lambda n, k: Bnb8bitDescriptor(n, k, DType.F32))
 
     def aot_candidates(self, op, value):
         for f in value("float"):

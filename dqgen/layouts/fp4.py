@@ -32,7 +32,7 @@ from ..ir import DType, FormatDescriptor, Layout
 from ..spec import Param, pointer
 from .fp8 import c_float, fp8_bits
 from .own_loop import float_helpers, own_loop_spec
-from .registry import FormatKind, register
+from .registry import FormatKind, LinearView, RowSlice, register
 
 FORMULA = "W[r, j] = F(e2m1(w[r, j]) * S[r, j / block]), S = C(scale) [* or / global], C = f32"
 # Rows of one expert a C work unit writes as one tile of the transposed output.
@@ -275,6 +275,22 @@ class Fp4Kind(FormatKind):
             y = (values * np.repeat(scale, desc.group_size, axis=1)).astype(
                 desc.float_dtype.np_dtype)
         return _laid_out(desc, y)
+
+    def linear_view(self, desc):
+        # Row-major formats: a row of W [N, K] is K / 2 code bytes and K / block scales,
+        # the per-tensor scale shared. gpt-oss writes each expert transposed ([K, N]),
+        # which a QuantizedWeight's [N, K] dequantize does not read: not here.
+        p = desc.producer
+        if p.transposed:
+            return None
+        slices = {"w": RowSlice(1, 1, 2), "scales": RowSlice(1, 1, p.block)}
+        if p.global_scale:
+            slices["global_scale"] = RowSlice(0, 0)
+        same = dict(experts=1, fp4=desc.fp4, checkpoint_format=desc.checkpoint_format,
+                    float_dtype=DType.F32)
+        return LinearView(slices=slices, sizes={"experts": (0, 1), "rows": (0, 1), "cols": (1, 1)},
+                          k_multiple=p.block, decode=Fp4DequantizeDescriptor(0, 0, **same),
+                          sized=lambda n, k: Fp4DequantizeDescriptor(n, k, **same))
 
     def aot_candidates(self, op, value):
         for fmt, f in itertools.product(value("checkpoint_format"), value("float")):

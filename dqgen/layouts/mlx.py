@@ -21,7 +21,7 @@ from ..errors import InvalidProblemError, UnsupportedError
 from ..ir import DType, FormatDescriptor, Layout, Op
 from ..spec import CONVERT, Param, pointer
 from .own_loop import float_helpers, own_loop_spec
-from .registry import FormatKind, register
+from .registry import FormatKind, LinearView, RowSlice, register
 
 #: What ``mlx.core.quantize`` writes.
 MLX_BITS = (2, 3, 4, 5, 6, 8)
@@ -121,6 +121,18 @@ class MlxKind(FormatKind):
         b = np.repeat(arrays["biases"].astype(np.float32), desc.group_size, axis=1)
         with np.errstate(all="ignore"):  # F(F(q * s) + b), each step in f32 then F
             return ((q * s).astype(f).astype(np.float32) + b).astype(f)
+
+    def linear_view(self, desc):
+        # a row is its own words, scales and biases; each step rounds to F, so the
+        # weight's values are F's: the linear decodes a row in F and widens it exactly
+        g, bits, f = desc.group_size, desc.bits, desc.float_dtype
+        same = dict(group_size=g, bits=bits, float_dtype=f)
+        return LinearView(
+            slices={"q": RowSlice(1, bits, 32), "scales": RowSlice(1, 1, g),
+                    "biases": RowSlice(1, 1, g)},
+            sizes={"rows": (0, 1), "cols": (1, 1)}, k_multiple=g,
+            decode=MlxDequantizeDescriptor(0, 0, **same),
+            sized=lambda n, k: MlxDequantizeDescriptor(n, k, **same))
 
     def aot_candidates(self, op, value):
         for b, f, g in itertools.product(value("bits"), value("float"), value("group_size")):
