@@ -236,9 +236,8 @@ def test_bad_inputs_are_named():
     with pytest.raises(InvalidProblemError, match="scale has shape"):
         QuantizedWeight.per_group(np.zeros((4, 64), np.int8), np.zeros((4, 3), np.float32),
                                   np.zeros((4, 2), np.int32), 32)
-    with pytest.raises(UnsupportedError, match="target 'c'"):
-        from dqgen.lower import lower
-        lower(LinearDescriptor(weight.descriptor, 1, 16, 64), "cuda", "sm_90")
+    with pytest.raises(InvalidProblemError, match="takes no bias"):
+        LinearDescriptor(weight.descriptor, 1, 16, 64, bias=True, transpose=True)
 
 
 def test_verify_checks_a_built_linear_kernel():
@@ -317,3 +316,65 @@ def test_missing_kernel_names_its_aot_command():
     assert command_for_record(record, "c", "avx2") == (
         "dqgen aot --op linear --weight ggml --float bf16 --ggml-type Q6_K --target c:avx2 "
         "-o BUNDLE")
+
+
+@pytest.mark.parametrize("name", ["q4_k", "iq4_xs", "s4", "fp8", "floatzp"])
+def test_cuda_text_in_emulation(name, tmp_path):
+    """The CUDA kernel (one thread an output, the weight's values from the format's own
+    per-element CUDA code) equals the reference bit for bit in host emulation, both
+    products, with a bias."""
+    from test_formats_cuda import needs_gxx, run_emulated
+    if needs_gxx.args[0]:
+        pytest.skip(needs_gxx.kwargs["reason"])
+    rng = np.random.default_rng(14)
+    weight = WEIGHTS[name](rng)
+    n, k = weight.shape
+    w = weight.dequantize("f32")
+    for m, transpose, with_bias in ((3, False, True), (2, True, False)):
+        x = rng.standard_normal((m, n if transpose else k)).astype(ml_dtypes.bfloat16)
+        bias = rng.standard_normal(n).astype(ml_dtypes.bfloat16) if with_bias else None
+        desc = LinearDescriptor(weight.descriptor, m, n, k, "bf16", "f32", with_bias, transpose)
+        y = np.zeros((m, k if transpose else n), np.float32)
+        arrays = [*weight.arrays.values(), x, *([bias] if with_bias else []), y]
+        run_emulated(desc, arrays, [m, n, k], y.size, tmp_path / f"{transpose}")
+        assert_bits_equal(y, reference.linear(x, w.T if transpose else w, bias, np.float32))
+
+
+def test_nvrtc_compiles_the_cuda_text():
+    from dqgen.build import nvrtc
+    from dqgen.lower import lower
+    from dqgen.render import render
+    if not nvrtc.nvrtc_available():
+        pytest.skip("NVRTC is not installed")
+    rng = np.random.default_rng(15)
+    for name in ("q4_k", "u4", "fp8", "floatzp"):
+        weight = WEIGHTS[name](rng)
+        for transpose in (False, True):
+            desc = LinearDescriptor(weight.descriptor, 0, 0, 0, "f16", bias=not transpose,
+                                    transpose=transpose)
+            source = render(lower(desc, "cuda", "sm_90"))
+            assert source.entry.encode() in nvrtc.compile_cuda(source.text, name=desc.uri,
+                                                               arch="sm_90").ptx
+
+
+def test_on_a_gpu():
+    """The CUDA plan on a device equals the reference (where a GPU is)."""
+    from dqgen.runtime import cuda as cuda_runtime
+    reason = cuda_runtime.cuda_unavailable_reason()
+    if reason:
+        pytest.skip(f"no CUDA device: {reason}")
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(16)
+    for name in ("q4_k", "s8", "fp8"):
+        weight = WEIGHTS[name](rng)
+        n, k = weight.shape
+        x = rng.standard_normal((5, k)).astype(np.float32)
+        desc = LinearDescriptor(weight.descriptor, 5, n, k)
+        plan = FormatPlan.select(desc, device="cuda")
+        arrays = {a: torch.from_numpy(np.ascontiguousarray(v)).cuda()
+                  for a, v in weight.arrays.items()}
+        arrays["x"] = torch.from_numpy(x).cuda()
+        arrays["y"] = torch.empty((5, n), device="cuda")
+        plan.run(arrays)
+        torch.cuda.synchronize()
+        assert_bits_equal(arrays["y"].cpu().numpy(), expected(weight, x, None, np.float32))

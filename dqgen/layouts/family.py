@@ -126,7 +126,7 @@ class PerGroupKind(FormatKind):
         return LinearView(
             slices={"q": RowSlice(1, 1, packed), "scale": RowSlice(1, 1, g),
                     "zero_point": RowSlice(1, 1, g)},
-            sizes={"outer": (0, 1), "axis": (1, 1)},
+            sizes={"outer": (0, 1), "axis": (1, 1)}, cuda_value="per_group",
             k_multiple=g * packed // np.gcd(g, packed),
             decode=DequantizePerGroupDescriptor(0, 0, g, DType.F32, i),
             sized=lambda n, k: DequantizePerGroupDescriptor(n, k, g, DType.F32, i))

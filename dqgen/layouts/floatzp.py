@@ -43,7 +43,7 @@ class FloatZeroKind(PerGroupKind):
         return LinearView(
             slices={"q": RowSlice(1, 1, packed), "scale": RowSlice(1, 1, g),
                     "zero_point": RowSlice(1, 1, g)},
-            sizes={"outer": (0, 1), "axis": (1, 1)},
+            sizes={"outer": (0, 1), "axis": (1, 1)}, cuda_value="per_group",
             k_multiple=g * packed // int(np.gcd(g, packed)),
             decode=DequantizeFloatZeroDescriptor(0, 0, g, **same),
             sized=lambda n, k: DequantizeFloatZeroDescriptor(n, k, g, **same))

@@ -134,6 +134,7 @@ class Fp8Kind(FormatKind):
             slices={"w": RowSlice(), "scales": RowSlice(br, 1 if bc else 0, bc or 1,
                                                         0 if bc else 1)},
             sizes={"rows": (0, 1), "cols": (1, 1)}, k_multiple=1, chunk_multiple=bc or 1,
+            cuda_value="fp8",
             decode=Fp8BlockDescriptor(0, 0, **same),
             sized=lambda n, k: Fp8BlockDescriptor(n, k, **same))
 

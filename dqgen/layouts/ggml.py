@@ -65,8 +65,9 @@ class GgmlKind(FormatKind):
     def linear_view(self, desc):
         qtype, values = desc.qtype, desc.group_size
         return LinearView(
-            slices={"data": RowSlice(1, desc.block_bytes, values)}, sizes={"blocks": (1, values)},
-            k_multiple=values, decode=GgmlDequantizeDescriptor(0, qtype, DType.F32),
+            slices={"data": RowSlice(1, desc.block_bytes, values)},
+            sizes={"blocks": (1, values, 1)}, k_multiple=values, cuda_value="ggml",
+            decode=GgmlDequantizeDescriptor(0, qtype, DType.F32),
             sized=lambda n, k: GgmlDequantizeDescriptor(n * k // values, qtype, DType.F32))
 
     def array_shape(self, desc, param):

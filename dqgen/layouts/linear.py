@@ -28,7 +28,7 @@ import numpy as np
 from .. import reference
 from ..errors import InvalidProblemError, UnsupportedError
 from ..ir import DType, Layout, Op, check_int, parse_dtype
-from ..spec import CONVERT, Param, pointer
+from ..spec import CONVERT, Param, cuda_float_headers, pointer
 from .own_loop import own_loop_spec
 from .registry import FormatKind, descriptor_classes, kind_for_op, kind_of, register
 
@@ -153,6 +153,7 @@ class WeightArg:
     num: int = 0
     den: int = 1
     const: int = 0
+    rows: int = 0            # a size: the whole weight's is N times the row's
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,7 @@ class LinearKnobs:
     need (defined under a prefix beside the decode's own)."""
 
     weight: object
+    cuda_value: str          # the format's per-element macro (cuda/values.j2)
     transpose: bool
     chunk_columns: int       # the transposed product: columns of W a step
     weight_entry: str
@@ -193,8 +195,9 @@ def _weight_args(view, weight_spec) -> tuple[WeightArg, ...]:
         elif p.role == "out":
             args.append(WeightArg("out", p.name, p.c_type))
         else:
-            num, den = view.sizes[p.name]
-            args.append(WeightArg("scalar", p.name, p.c_type, num=num, den=den))
+            num, den, *rows = view.sizes[p.name]
+            whole = rows[0] if rows else int(num == 0)
+            args.append(WeightArg("scalar", p.name, p.c_type, num=num, den=den, rows=whole))
     return tuple(args)
 
 
@@ -227,12 +230,12 @@ class LinearKind(FormatKind):
                                 float_dtype, knobs["bias"], knobs["transpose"])
 
     def lower(self, desc, target, arch, storage):
-        if target != "c":
-            raise UnsupportedError("the linear kernel runs on the CPU (target 'c') in this "
-                                   "dqgen; on CUDA, dequantize and use a float matmul")
         view = desc.view
+        if target == "cuda" and not view.cuda_value:
+            raise UnsupportedError(f"the linear kernel does not read {desc.layout.value} "
+                                   "weights on CUDA yet; dequantize them and use a float matmul")
         weight_spec = kind_of(view.decode).lower(view.decode, target, arch, storage)
-        isa = _isa_class(arch)
+        isa = _isa_class(arch) if target == "c" else "generic"
         inputs = tuple(p for p in weight_spec.params if p.role == "in")
         params = inputs + (pointer("x", desc.x_dtype, "in", storage),)
         if desc.bias:
@@ -246,7 +249,7 @@ class LinearKind(FormatKind):
         decode_load = CONVERT.get(view.decode.float_dtype, ("", ""))[0]
         chunk = int(np.lcm(view.chunk_multiple or view.k_multiple, LANES))
         knobs = LinearKnobs(
-            weight=weight_spec, transpose=desc.transpose,
+            weight=weight_spec, cuda_value=view.cuda_value, transpose=desc.transpose,
             chunk_columns=chunk * max(1, -(-CHUNK_COLUMNS // chunk)),
             weight_entry=weight_spec.entry,
             weight_args=_weight_args(view, weight_spec),
@@ -261,6 +264,8 @@ class LinearKind(FormatKind):
             headers=("avx512fintrin.h",) if isa == "avx512" else ())
         spec = own_loop_spec(desc, target, arch, storage, params, FORMULA, float_helpers=(),
                              template="linear", layout_knobs=knobs, load_float="")
+        if target == "cuda":
+            spec = dataclasses.replace(spec, cuda_float_headers=cuda_float_headers(knobs.helpers))
         # m, n and k are run-time arguments: the text names the kernel, not a problem
         return dataclasses.replace(spec, op=Op.LINEAR, descriptor=(
             f"LinearDescriptor(weight={view.decode.uri}, x_dtype={desc.x_dtype.value}, "

@@ -35,17 +35,20 @@ class RowSlice:
 class LinearView:
     """How the fused linear kernel decodes one row of a weight ``[N, K]`` of this format
     with the format's own dequantize kernel: each input array's ``RowSlice``, each
-    run-time size argument as ``K * num / den`` (``num`` 0: the value 1, one row), the
+    run-time size argument as ``K * num / den`` (``num`` 0: the value 1, one row; a third
+    item, ``rows``, says whether the whole weight's is N times that, which by default a
+    row count's is and a row length's is not), the
     multiple K must be, the descriptor of the decode (f32 out) and of the whole weight.
     A decode may also start at a column ``kb`` of the row (``kb * num / den`` further on):
     ``kb`` a multiple of ``chunk_multiple`` (0: of ``k_multiple``)."""
 
     slices: dict                   # input name -> RowSlice
-    sizes: dict                    # scalar name -> (num, den)
+    sizes: dict                    # scalar name -> (num, den) or (num, den, rows)
     k_multiple: int
     decode: object                 # the descriptor of the one-row decode kernel
     sized: Callable[[int, int], object]  # (N, K) -> the descriptor of the whole weight
     chunk_multiple: int = 0
+    cuda_value: str = ""           # its per-element macro in cuda/values.j2 ("": C only)
 
 
 class FormatKind:
