@@ -55,14 +55,15 @@ def _linear_dtype(dtype, name: str) -> DType:
 
 
 def _linear_plan(fmt: str, n: int, k: int, m: int, x_dtype, y_dtype, bias: bool,
-                 transpose: bool):
+                 transpose: bool, device: str = "cpu"):
     """The plan of one problem, by keys that hash fast (a decode loop asks every token)."""
-    key = (fmt, n, k, m, x_dtype, y_dtype, bias, transpose)
+    key = (fmt, n, k, m, x_dtype, y_dtype, bias, transpose, device)
     plan = _LINEAR_PLANS.get(key)
     if plan is None:
         descriptor, _ = _weight_format(fmt)
         plan = weight_mod.linear_plan(descriptor, n, k, m, _linear_dtype(x_dtype, "x"),
-                                      _linear_dtype(y_dtype, "out_dtype"), bias, transpose)
+                                      _linear_dtype(y_dtype, "out_dtype"), bias, transpose,
+                                      device)
         if len(_LINEAR_PLANS) >= 1024:
             _LINEAR_PLANS.clear()
         _LINEAR_PLANS[key] = plan
@@ -73,11 +74,12 @@ def run_linear(x: torch.Tensor, weight: List[torch.Tensor], fmt: str, n: int, k:
                 bias: Optional[torch.Tensor], out_dtype: Optional[torch.dtype],
                 transpose: bool, column_order: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``dqgen::linear``'s kernel (and ``linear_backward``'s with ``transpose``): checks,
-    the plan of this problem, the tensors as numpy views, the run."""
+    the plan of this problem, the tensors as numpy views (CUDA tensors by address, on the
+    current stream), the run."""
     descriptor, names = _weight_format(fmt)
-    if x.device.type != "cpu":
-        raise UnsupportedError("dqgen::linear runs on the CPU in this dqgen; on CUDA, "
-                               "dequantize the weight and use a float matmul")
+    if x.device.type not in ("cpu", "cuda"):
+        raise UnsupportedError(f"dqgen::linear runs on the CPU or a CUDA device, not "
+                               f"{x.device.type}")
     if len(weight) != len(names):
         raise InvalidProblemError(f"weight has {len(weight)} tensors; this format takes "
                                   f"{len(names)} ({', '.join(names)})")
@@ -90,6 +92,9 @@ def run_linear(x: torch.Tensor, weight: List[torch.Tensor], fmt: str, n: int, k:
         x = x.index_select(-1, column_order)
     xs = x.detach().reshape(-1, last)
     m = xs.shape[0]
+    if x.device.type == "cuda":
+        return _run_linear_cuda(x, xs, weight, names, fmt, n, k, bias, y_dtype, transpose,
+                                column_order, lead)
     plan = _linear_plan(fmt, n, k, m, x.dtype, y_dtype, bias is not None, transpose)
     y = torch.empty((m, k if transpose else n), dtype=y_dtype)
     # the plan refuses a non-contiguous array by name; buffers and x rows normally are
@@ -103,6 +108,27 @@ def run_linear(x: torch.Tensor, weight: List[torch.Tensor], fmt: str, n: int, k:
     plan.run(arrays)
     if column_order is not None and transpose:   # stored column j is column_order[j]
         y = torch.empty_like(y).index_copy_(1, column_order, y)
+    return y if len(lead) == 1 else y.reshape(*lead, y.shape[-1])
+
+
+def _run_linear_cuda(x, xs, weight, names, fmt, n, k, bias, y_dtype, transpose, column_order,
+                     lead):
+    """``run_linear`` on x's CUDA device: the tensors stay there, the kernel runs on the
+    device's current stream."""
+    device = f"cuda:{x.device.index if x.device.index is not None else 0}"
+    m = xs.shape[0]
+    plan = _linear_plan(fmt, n, k, m, x.dtype, y_dtype, bias is not None, transpose, device)
+    y = torch.empty((m, k if transpose else n), dtype=y_dtype, device=x.device)
+    arrays = {name: t.detach().contiguous() for name, t in zip(names, weight)}
+    arrays["x"] = xs.contiguous()
+    if bias is not None:
+        if tuple(bias.shape) != (n,):
+            raise InvalidProblemError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
+        arrays["bias"] = bias.detach().to(x.dtype).contiguous()
+    arrays["y"] = y
+    plan.run(arrays, stream=torch.cuda.current_stream(x.device))
+    if column_order is not None and transpose:
+        y = torch.empty_like(y).index_copy_(1, column_order.to(y.device), y)
     return y if len(lead) == 1 else y.reshape(*lead, y.shape[-1])
 
 

@@ -55,6 +55,18 @@ def test_forward_and_x_gradient_are_the_references(dtype):
     assert torch.equal(layer.bias.grad, dy.reshape(6, 40).sum(0))
 
 
+def test_quant_linear_on_a_gpu():
+    """QuantLinear moved to a CUDA device runs there, bit for bit its CPU result."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    rng = np.random.default_rng(3)
+    layer = dqt.QuantLinear(q8_weight(rng, 40, 96), torch.randn(40))
+    x = torch.randn(3, 96)
+    want = layer(x)
+    got = layer.cuda()(x.cuda()).cpu()
+    assert torch.equal(got, want)
+
+
 def test_opcheck_compile_and_export():
     from torch.library import opcheck
     rng = np.random.default_rng(1)

@@ -51,12 +51,16 @@ NEEDED = {"numpy": "numpy", "jinja2": "jinja2", "cffi": "cffi", "ml_dtypes": "ml
 EMULATION_TESTS = ("tests/test_cuda_kernels.py", "tests/test_cuda_infra.py", "tests/test_cuda_plans.py",
                    "tests/test_packed_cuda.py", "tests/test_formats_cuda.py",
                    "tests/test_floatzp_hqq_cuda.py", "tests/test_fp8.py::test_nvrtc_compiles",
-                   "tests/test_fp8.py::test_cuda_text_in_emulation")
+                   "tests/test_fp8.py::test_cuda_text_in_emulation",
+                   "tests/test_linear.py::test_cuda_text_in_emulation",
+                   "tests/test_linear.py::test_nvrtc_compiles_the_cuda_text")
 # The device tests: every kernel against its oracle (tests/test_cuda_gpu.py), and torch CUDA
 # tensors through the registered ops (dqgen.torch) against the same ops on the CPU.
 DEVICE_TESTS = ("tests/test_cuda_gpu.py", "tests/test_interop_gpu.py",
                 "tests/test_torch_ops.py::test_cuda_ops_match_cpu",
-                "tests/test_torch_ops.py::test_cuda_format_ops_match_cpu")
+                "tests/test_torch_ops.py::test_cuda_format_ops_match_cpu",
+                "tests/test_linear.py::test_on_a_gpu",
+                "tests/test_torch_linear.py::test_quant_linear_on_a_gpu")
 LIMITS_S = {"emulation": 120, "device": 150, "bench": 150}  # each step's own limit
 TOTAL_S = 400  # and all of them together (set-up included): under 7 minutes
 _START = time.monotonic()

@@ -196,10 +196,11 @@ class QuantizedWeight:
 
 @functools.lru_cache(maxsize=512)
 def linear_plan(descriptor, n: int, k: int, m: int, x_dtype: DType, y_dtype: DType,
-                bias: bool, transpose: bool = False) -> FormatPlan:
-    """The CPU plan of one linear problem (kept: a decode loop asks for the same few)."""
+                bias: bool, transpose: bool = False, device: str = "cpu") -> FormatPlan:
+    """The plan of one linear problem on ``device`` (kept: a decode loop asks for the
+    same few)."""
     return FormatPlan.select(LinearDescriptor(descriptor, m, n, k, x_dtype, y_dtype, bias,
-                                              transpose), device="cpu")
+                                              transpose), device=device)
 
 
 def format_from_json(text: str):
