@@ -70,7 +70,7 @@ def preamble(tmp_path: Path) -> dict:
 def test_readme_has_its_snippets():
     """The extraction finds the blocks this test is about (a renamed fence would skip one)."""
     found = snippets()
-    assert len(found) == 5, [s.splitlines()[0] for s in found]
+    assert len(found) == 6, [s.splitlines()[0] for s in found]
     assert sum(GGUF_NAME in s for s in found) == 1
 
 
@@ -109,7 +109,16 @@ def _torch(ns) -> None:
     assert torch.equal(ns["w32"], diff * scale.repeat_interleave(128, -1))
 
 
-CHECKS = [_family, _formats, _gguf, _float_zero, _torch]
+def _linear(ns) -> None:
+    """x @ W.T of the Q4_K weight the formats snippet dequantized, and the GPTQ layer as a
+    module: shapes, dtypes, and the values of the weights they say they hold."""
+    assert ns["y"].shape == (4, 2) and ns["y"].dtype == torch.bfloat16
+    assert ns["out"].shape == (3, 128) and ns["layer"].in_features == 256
+    w = ns["wq"].dequantize("f32")
+    assert np.array_equal(w, ggml.dequantize(ns["block_bytes"], "Q4_K", dtype="f32").reshape(2, 512))
+
+
+CHECKS = [_family, _formats, _gguf, _float_zero, _torch, _linear]
 
 
 def test_readme_snippets_run_verbatim(tmp_path):
