@@ -247,3 +247,12 @@ def test_what_a_row_cannot_be_is_refused_in_the_users_terms():
     gpt_oss = Fp4DequantizeDescriptor(0, 0, 1, "mxfp4", "gpt-oss", DType.F32)
     with pytest.raises(UnsupportedError, match="does not read"):
         QuantizedWeight(gpt_oss, {}, (2, 32))
+
+
+def test_a_cuda_array_is_refused_by_name():
+    """The readers' weights live on the host (the fused linear runs on the CPU)."""
+    class DeviceArray:
+        __cuda_array_interface__ = {"shape": (2, 8), "typestr": "|i1", "data": (0, False),
+                                    "version": 3}
+    with pytest.raises(UnsupportedError, match="weight is a CUDA array; the fused linear runs on the CPU"):
+        readers.int8_weight(DeviceArray(), np.ones(2, np.float32))

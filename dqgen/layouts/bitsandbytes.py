@@ -12,6 +12,11 @@ offset`` compute it.
 LLM.int8 (8-bit): ``W = F(f32(f32(q * SCB[row]) * C))`` with ``C`` the f32 nearest 1/127
 (``int8_vectorwise_dequant`` multiplies, it does not divide); the constant is printed as an
 exact hex float.
+
+The fused linear reads both (``linear_view``): an LLM.int8 row is its own; a 4-bit row is
+whole blocks when K is a multiple of the block size, and with double quantization whole
+nested blocks (K a multiple of ``blocksize * nested_blocksize``), since the decode indexes
+the nested absmax from its own first block.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ value gives NaN); transformers' ``torch.ldexp(value, s - 127)`` scales exactly (
 stays zero, 0.5 becomes 2^127): its tables hold twice each value and half each scale,
 both exact, so one f32 product is that ldexp. gpt-oss experts ``[E, N, K / 32, 16]``
 come out ``[E, K, N]``, as the library transposes them. The tables are computed here
-from the codes' bit fields and printed into the kernel.
+from the codes' bit fields and printed into the kernel. The fused linear reads the
+row-major formats (ModelOpt, compressed-tensors), not gpt-oss's transposed experts.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ and ``bias`` of the result's dtype F, the product and the sum each rounded to F 
 32]``: a row's values form one bit stream, least significant bits first, value ``j`` at
 bit ``bits * j`` (3-, 5- and 6-bit values straddle words). The C and CUDA loops read that
 stream (``mlx`` templates); the element math is the family's float zero point with a
-midpoint of 0 (``q - 0`` is exact in F for q < 256).
+midpoint of 0 (``q - 0`` is exact in F for q < 256). The fused linear decodes a row in F
+and widens it exactly (the weight's values are F's).
 """
 
 from __future__ import annotations
