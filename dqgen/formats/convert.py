@@ -294,11 +294,7 @@ def settings(args, ckpt: Checkpoint, tensors: Tensors) -> Settings:
         print(f"dqgen convert: --format {args.format} overrides {q.source} "
               f"(quant_method={q.method})", file=sys.stderr)
     metadata = tensors.readers[0].metadata if tensors.readers else {}
-    version = args.checkpoint_format or q.checkpoint_format or metadata.get(
-        "checkpoint_format", "gptq")
-    if version not in GPTQ_CHECKPOINT_FORMATS:
-        raise InvalidProblemError(f"metadata checkpoint_format={version!r} is not one of "
-                                  f"{', '.join(GPTQ_CHECKPOINT_FORMATS)}")
+    version = gptq_version(q, metadata, args.checkpoint_format)
     group = args.group_size if args.group_size is not None else q.group_size
     said_by = "--format" if args.format else f"{q.source}: quant_method"
     v1_zeros = getattr(args, "v1_zeros", None)
@@ -311,8 +307,17 @@ def settings(args, ckpt: Checkpoint, tensors: Tensors) -> Settings:
                     v1_zeros, group, args.dtype)
 
 
-def _gptq_bits(tensors, parts: dict[str, str], requested) -> int:
-    """Bits from the flag, else from how many values a qzeros word holds."""
+def gptq_version(quant, metadata: dict, requested=None) -> str:
+    """GPTQ's v1 or v2: the flag, else the config, else the safetensors metadata, else v1."""
+    version = requested or quant.checkpoint_format or metadata.get("checkpoint_format", "gptq")
+    if version not in GPTQ_CHECKPOINT_FORMATS:
+        raise InvalidProblemError(f"metadata checkpoint_format={version!r} is not one of "
+                                  f"{', '.join(GPTQ_CHECKPOINT_FORMATS)}")
+    return version
+
+
+def gptq_bits(tensors, parts: dict[str, str], requested, hint: str = "pass --bits") -> int:
+    """Bits from the flag (or config), else from how many values a qzeros word holds."""
     if requested is not None:
         return requested
     cols = tensors.entries[parts["scales"]].shape[-1]
@@ -320,7 +325,7 @@ def _gptq_bits(tensors, parts: dict[str, str], requested) -> int:
     if words and (32 * words) % cols == 0 and 32 * words // cols in GPTQ_BITS:
         return 32 * words // cols
     raise InvalidProblemError(f"cannot infer bits for {parts['qweight']}: qzeros has {words} "
-                              f"words a row for {cols} columns; pass --bits")
+                              f"words a row for {cols} columns; {hint}")
 
 
 def _plan_layer(tensors, parts: dict[str, str], s: Settings) -> tuple:
@@ -331,7 +336,7 @@ def _plan_layer(tensors, parts: dict[str, str], s: Settings) -> tuple:
     _shape(tensors, parts["qzeros"], 2)
     get = tensors.array
     if fmt == "gptq":
-        bits = _gptq_bits(tensors, parts, s.bits)
+        bits = gptq_bits(tensors, parts, s.bits)
         shape = (qw[1], qw[0] * 32 // bits)
         _check_gptq_shapes(tensors, parts, bits)
 

@@ -27,7 +27,7 @@ import ml_dtypes
 import numpy as np
 
 from ..errors import InvalidProblemError, UnsupportedError
-from ..ir import (GPTQ_BITS, GPTQ_CHECKPOINT_FORMATS, GPTQ_V1_ZEROS, DType,
+from ..ir import (GPTQ_BITS, GPTQ_V1_ZEROS, DType,
                   GptqDequantizeDescriptor, check_int)
 from ..layouts.awq import ORDER as AWQ_ORDER
 from ..layouts.gptq import gptq_zeros
@@ -195,7 +195,7 @@ def checkpoint_weights(path) -> dict:
     (QuantizedWeight, bias or None)}``: the layer ``P.qweight, P.qzeros, P.scales
     (, P.g_idx)`` is module ``P``, its ``P.bias`` (widened to f32, exactly) the bias."""
     from .checkpoint import open_checkpoint, v1_zeros_rule
-    from .convert import Tensors, find_layers, layer_format
+    from .convert import Tensors, find_layers, gptq_bits, gptq_version, layer_format
     ckpt = open_checkpoint(path)
     quant = ckpt.quant
     if quant.method not in (None, "gptq", "awq"):
@@ -203,10 +203,10 @@ def checkpoint_weights(path) -> dict:
                                "GPTQ and AWQ checkpoints (and GGUF files)")
     tensors = Tensors(ckpt)
     metadata = tensors.readers[0].metadata if tensors.readers else {}
-    version = quant.checkpoint_format or metadata.get("checkpoint_format", "gptq")
-    if version not in GPTQ_CHECKPOINT_FORMATS:
-        raise InvalidProblemError(f"{path}: checkpoint_format={version!r} is not one of "
-                                  f"{', '.join(GPTQ_CHECKPOINT_FORMATS)}")
+    try:
+        version = gptq_version(quant, metadata)
+    except InvalidProblemError as exc:
+        raise InvalidProblemError(f"{path}: {exc}") from None
     v1_zeros, _ = v1_zeros_rule(quant, metadata)
     said_by = f"{quant.source}: quant_method"
     weights = {}
@@ -214,8 +214,7 @@ def checkpoint_weights(path) -> dict:
         get = tensors.array
         try:
             if layer_format(tensors, parts, quant.method, said_by) == "gptq":
-                bits = quant.bits or _bits_of(tensors.entries[parts["qzeros"]].shape,
-                                              tensors.entries[parts["scales"]].shape)
+                bits = gptq_bits(tensors, parts, quant.bits, "the config should say bits")
                 weight = gptq_weight(
                     get(parts["qweight"]), get(parts["qzeros"]), get(parts["scales"]),
                     get(parts["g_idx"]) if "g_idx" in parts else None, bits=bits,
@@ -233,17 +232,6 @@ def checkpoint_weights(path) -> dict:
 
 
 _BIAS_DTYPES = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16)}
-
-
-def _bits_of(qzeros: tuple, scales: tuple) -> int:
-    """A GPTQ layer's bits from the zero points a qzeros word holds (a config that does
-    not say them)."""
-    words, cols = qzeros[-1], scales[-1]
-    if words and cols and (32 * words) % cols == 0 and 32 * words // cols in GPTQ_BITS:
-        return 32 * words // cols
-    raise InvalidProblemError(f"qzeros has {words} words a row for {cols} columns: no GPTQ "
-                              f"bits ({', '.join(map(str, GPTQ_BITS))}) fit; the config "
-                              "should say bits")
 
 
 def _bias(arr: np.ndarray, name: str, n: int) -> np.ndarray:
