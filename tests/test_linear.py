@@ -378,3 +378,15 @@ def test_on_a_gpu():
         plan.run(arrays)
         torch.cuda.synchronize()
         assert_bits_equal(arrays["y"].cpu().numpy(), expected(weight, x, None, np.float32))
+
+
+def test_transposed_product_in_passes_over_x():
+    """More rows of x than one pass's lane sums hold (256 a 256-column chunk): the passes
+    give the one result."""
+    rng = np.random.default_rng(17)
+    weight = ggml_weight(rng, "Q8_0", 20, 320)
+    dy = rng.standard_normal((300, 20)).astype(np.float32)
+    desc = LinearDescriptor(weight.descriptor, 300, 20, 320, transpose=True)
+    dx = np.empty((300, 320), np.float32)
+    FormatPlan.select(desc, device="cpu").run({**weight.arrays, "x": dy, "y": dx})
+    assert_bits_equal(dx, reference.linear(dy, weight.dequantize("f32").T, None, np.float32))

@@ -145,6 +145,9 @@ class QuantizedWeight:
         arrays = {}
         for name, arr in self.arrays.items():
             s = view.slices[name]
+            if s.row_block == 0:   # shared by every row (a code table, a tensor's scale)
+                arrays[name] = arr
+                continue
             if s.row_block != 1:
                 raise UnsupportedError(f"the rows of a {self.format} weight share {name}: "
                                        "they cannot be reordered one by one")

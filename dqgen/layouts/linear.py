@@ -49,6 +49,8 @@ LONG_M = 17
 # Columns of W a thread decodes and sums at once in the transposed product (rounded to
 # the format's chunk and the lanes): its sixteen lane sums of each row of x stay in L2.
 CHUNK_COLUMNS = 256
+# And at most this many lane sums a thread (4 MiB): more rows of x take more passes.
+SUM_FLOATS = 1 << 20
 
 
 def _weight_from(value):
@@ -109,8 +111,11 @@ class LinearDescriptor:
     def view(self):
         view = kind_of(self.weight).linear_view(self.weight)
         if view is None:
-            raise UnsupportedError(f"the linear kernel does not read {type(self.weight).__name__}"
-                                   " weights yet; dequantize them and use a float matmul")
+            layout = getattr(self.weight, "layout", None)
+            named = layout.value if layout is not None else type(self.weight).__name__
+            raise UnsupportedError(f"the linear kernel does not read {named} weights "
+                                   f"({type(self.weight).__name__}) yet; dequantize them and "
+                                   "use a float matmul")
         return view
 
     @property
@@ -167,6 +172,7 @@ class LinearKnobs:
     cuda_value: str          # the format's per-element macro (cuda/values.j2)
     transpose: bool
     chunk_columns: int       # the transposed product: columns of W a step
+    sum_floats: int          # and its lane sums a thread, at most
     weight_entry: str
     weight_args: tuple[WeightArg, ...]
     lane_regs: int           # registers a 16-lane vector takes (1, 2), 0: plain floats
@@ -250,7 +256,7 @@ class LinearKind(FormatKind):
         chunk = int(np.lcm(view.chunk_multiple or view.k_multiple, LANES))
         knobs = LinearKnobs(
             weight=weight_spec, cuda_value=view.cuda_value, transpose=desc.transpose,
-            chunk_columns=chunk * max(1, -(-CHUNK_COLUMNS // chunk)),
+            chunk_columns=chunk * max(1, -(-CHUNK_COLUMNS // chunk)), sum_floats=SUM_FLOATS,
             weight_entry=weight_spec.entry,
             weight_args=_weight_args(view, weight_spec),
             lane_regs={"avx512": 1, "avx2": 2}.get(isa, 0),
