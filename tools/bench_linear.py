@@ -3,6 +3,7 @@
 in one run.
 
     python tools/bench_linear.py [--quick] [--json PATH] [--llama-cpp PATH] [--repeat N]
+                                 [--sections m1,llama,cost,int4]
 
 1. ``M = 1`` (a decode step) on [4096, 4096], [14336, 4096] and [4096, 14336] (N, K), for
    Q4_0, Q8_0, Q4_K, Q6_K, IQ4_XS, the family's u4 and s8 (group 128) and FP8 e4m3
@@ -95,6 +96,7 @@ QUICK_INT4_MS = (1, 8)
 # torch's f32 path of _weight_int4pack_mm_for_cpu is a scalar fallback (seconds at M = 64);
 # bf16 is the path torchao uses.
 TINYGEMM_F32_MAX_M = 8
+SECTIONS = ("m1", "llama", "cost", "int4")
 
 
 class BenchError(Exception):
@@ -705,6 +707,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, metavar="PATH", help="also write every row here")
     p.add_argument("--llama-cpp", default=None, metavar="PATH",
                    help=f"llama.cpp's test-backend-ops (default: ${LLAMA_ENV})")
+    p.add_argument("--sections", default=",".join(SECTIONS), metavar="LIST",
+                   help=f"the sections to run, comma-separated (default: {','.join(SECTIONS)})")
     p.add_argument("--noisy", type=float, default=0.15, help="CPUs busy in other processes "
                    "above which a case is measured again (default 0.15)")
     p.add_argument("--patience", type=float, default=None, help="seconds the run may spend "
@@ -716,8 +720,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--repeat must be at least 1, got {repeat}")
     if args.json and not Path(args.json).expanduser().resolve().parent.is_dir():
         p.error(f"--json {args.json}: its folder does not exist")
+    sections = [name.strip() for name in args.sections.split(",") if name.strip()]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown or not sections:
+        p.error(f"--sections {args.sections}: the sections are {', '.join(SECTIONS)}")
     try:
-        llama, llama_note = llama_path(args.llama_cpp)
+        llama, llama_note = llama_path(args.llama_cpp) if "llama" in sections \
+            else (None, "llama.cpp section not asked for")
     except BenchError as exc:
         p.error(str(exc))
     threads = sorted({1, all_threads()})
@@ -738,33 +747,39 @@ def main(argv: list[str] | None = None) -> int:
             stream.check()
             bank: dict = {}
             keep = {(f, tuple(s)) for f, s in cases} if llama else set()
-            m1 = bench_m1(shapes, threads, repeat, noise, stream, keep, bank)
-            print("## 1. M = 1: weight bytes a second against a read-only stream of as many bytes\n")
-            print(m1_table(m1) + "\n")
-            record["m1"] = m1
-            print("## 2. llama.cpp's CPU MUL_MAT (test-backend-ops perf), same shape and threads\n")
-            llama_rows, notes = bench_llama(llama, cases, llama_ms, threads, repeat, noise, bank,
-                                            Path(work))
-            bank.clear()
-            print(llama_note if llama is None else "\n".join(notes))
-            if llama_rows:
-                print("\n" + llama_table(llama_rows))
-            print()
-            record["llama_cpp"] = {"rows": llama_rows, "notes": notes}
-        calls, loops = (300, 5) if args.quick else (2000, 15)
-        cost = bench_call_cost(calls, loops)
-        print("## 3. Fixed cost of a call: Q8_0 weight [1, 128], x [1, 128] f32 "
-              f"(median of {loops} loops of {calls} calls)\n")
-        print(call_table(cost) + "\n")
-        record["call_cost"] = cost
-        shape, ms = (QUICK_INT4_SHAPE, QUICK_INT4_MS) if args.quick else (INT4_SHAPE, INT4_MS)
-        int4, notes = bench_int4(shape, ms, all_threads(), repeat, noise)
-        print(f"## 4. int4 group 128 {list(shape)}, {all_threads()} threads: dqgen linear "
-              "against torch (ratios: their time / dqgen's)\n")
-        print(int4_table(int4))
-        for note in notes:
-            print(f"\n{note}")
-        record["int4"] = {"rows": int4, "notes": notes}
+            if "m1" in sections:
+                m1 = bench_m1(shapes, threads, repeat, noise, stream, keep, bank)
+                print("## 1. M = 1: weight bytes a second against a read-only stream of as "
+                      "many bytes\n")
+                print(m1_table(m1) + "\n")
+                record["m1"] = m1
+            if "llama" in sections:
+                print("## 2. llama.cpp's CPU MUL_MAT (test-backend-ops perf), same shape and "
+                      "threads\n")
+                llama_rows, notes = bench_llama(llama, cases, llama_ms, threads, repeat, noise,
+                                                bank, Path(work))
+                bank.clear()
+                print(llama_note if llama is None else "\n".join(notes))
+                if llama_rows:
+                    print("\n" + llama_table(llama_rows))
+                print()
+                record["llama_cpp"] = {"rows": llama_rows, "notes": notes}
+        if "cost" in sections:
+            calls, loops = (300, 5) if args.quick else (2000, 15)
+            cost = bench_call_cost(calls, loops)
+            print("## 3. Fixed cost of a call: Q8_0 weight [1, 128], x [1, 128] f32 "
+                  f"(median of {loops} loops of {calls} calls)\n")
+            print(call_table(cost) + "\n")
+            record["call_cost"] = cost
+        if "int4" in sections:
+            shape, ms = (QUICK_INT4_SHAPE, QUICK_INT4_MS) if args.quick else (INT4_SHAPE, INT4_MS)
+            int4, notes = bench_int4(shape, ms, all_threads(), repeat, noise)
+            print(f"## 4. int4 group 128 {list(shape)}, {all_threads()} threads: dqgen linear "
+                  "against torch (ratios: their time / dqgen's)\n")
+            print(int4_table(int4))
+            for note in notes:
+                print(f"\n{note}")
+            record["int4"] = {"rows": int4, "notes": notes}
     except BenchError as exc:
         print(f"bench_linear: {exc}", file=sys.stderr)
         return 1
