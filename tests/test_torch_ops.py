@@ -26,7 +26,7 @@ import dqgen.torch as dt  # noqa: E402
 from dqgen.formats import ggml  # noqa: E402
 from dqgen.formats.pack import quantize_awq, quantize_gptq  # noqa: E402
 
-OPS = tuple(getattr(dt, name) for name in dt.__all__)
+OPS = tuple(getattr(dt, name) for name in dt.__all__ if hasattr(getattr(dt, name), "overload"))
 FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 gpu = pytest.mark.skipif(not torch.cuda.is_available(),
                          reason="needs a CUDA device and a CUDA build of torch")
@@ -153,6 +153,13 @@ def _ggml_blocks(qtype, rows=2, blocks=2, seed=0):
     return torch.from_numpy(data)
 
 
+def _q8_rows(rows: int, cols: int) -> np.ndarray:
+    """Q8_0 bytes of a random [rows, cols] weight (gguf-py's quantizer)."""
+    import gguf
+    w = np.random.default_rng(2).standard_normal((rows, cols)).astype(np.float32)
+    return gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
+
+
 def opcheck_cases():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(4, 64, generator=gen)
@@ -166,6 +173,8 @@ def opcheck_cases():
     sbf, zbf = qparams(bf, 32)
     dy = torch.randn(4, 64, generator=gen)
     g, a = _gptq_layer(), _awq_layer()
+    from dqgen.formats.weight import QuantizedWeight
+    linear = dt.QuantLinear(QuantizedWeight.ggml(_q8_rows(8, 64), "Q8_0", (8, 64)))
 
     def grad(t):
         return t.clone().requires_grad_()
@@ -198,6 +207,12 @@ def opcheck_cases():
                              bf.reshape(8, 32)[:, 1:2].contiguous(), 4, [8, 32], 32)),
         (dt.hqq_dequantize, (packed_q, bf[:, :1].contiguous(), bf[:, 1:2].contiguous(), 8,
                              [4, 32], None)),
+        (dt.linear, (grad(x), list(linear.weight_tensors), linear.format, 8, 64,
+                     grad(bf[0, :8].float()))),
+        (dt.linear, (bf, list(linear.weight_tensors), linear.format, 8, 64, None,
+                     torch.float32)),
+        (dt.linear_backward, (torch.randn(3, 8, generator=gen), list(linear.weight_tensors),
+                              linear.format, 8, 64)),
     ]
 
 
