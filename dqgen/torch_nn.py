@@ -90,7 +90,9 @@ def run_linear(x: torch.Tensor, weight: List[torch.Tensor], fmt: str, n: int, k:
     lead = x.shape[:-1]
     if column_order is not None and not transpose:
         x = x.index_select(-1, column_order)
-    xs = x.detach().reshape(-1, last)
+    xs = x.detach() if x.requires_grad else x
+    if xs.dim() != 2:
+        xs = xs.reshape(-1, last)
     m = xs.shape[0]
     if x.device.type == "cuda":
         return _run_linear_cuda(x, xs, weight, names, fmt, n, k, bias, y_dtype, transpose,
@@ -98,7 +100,8 @@ def run_linear(x: torch.Tensor, weight: List[torch.Tensor], fmt: str, n: int, k:
     plan = _linear_plan(fmt, n, k, m, x.dtype, y_dtype, bias is not None, transpose)
     y = torch.empty((m, k if transpose else n), dtype=y_dtype)
     # the plan refuses a non-contiguous array by name; buffers and x rows normally are
-    arrays = {name: host_view(t.detach()) for name, t in zip(names, weight)}
+    arrays = {name: host_view(t if not t.requires_grad else t.detach())
+              for name, t in zip(names, weight)}
     arrays["x"] = host_view(xs if xs.is_contiguous() else xs.contiguous())
     if bias is not None:
         if tuple(bias.shape) != (n,):
@@ -160,7 +163,8 @@ class QuantLinear(torch.nn.Module):
 
     @property
     def weight_tensors(self) -> list:
-        return [getattr(self, f"weight_{name}") for name in self._names]
+        buffers = self._buffers   # read directly: nn.Module's attribute lookup is slow
+        return [buffers[f"weight_{name}"] for name in self._names]
 
     def forward(self, x):
         bias = self.bias
@@ -172,7 +176,8 @@ class QuantLinear(torch.nn.Module):
             # nothing to trace or differentiate: the op's kernel itself, without the
             # dispatcher's round trip (a decode step calls this hundreds of times a token)
             return run_linear(x, self.weight_tensors, self.format, self.out_features,
-                               self.in_features, bias, None, False, self.column_order)
+                               self.in_features, bias, None, False,
+                               self._buffers["column_order"])
         return torch.ops.dqgen.linear(x, self.weight_tensors, self.format, self.out_features,
                                       self.in_features, bias, None, self.column_order)
 
