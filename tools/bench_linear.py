@@ -12,9 +12,12 @@ in one run.
    size (a sum of 64-bit words, built with dqgen's compiler and flags, the same OpenMP
    threads), on one thread and on all.
 2. llama.cpp's own CPU ``MUL_MAT`` (``tests/test-backend-ops perf``) for the GGML types at
-   ``M = 1`` and 8, on the shapes its built-in perf cases have, on the same thread counts
-   (``--llama-cpp PATH``, else ``LLAMA_CPP_TEST_BACKEND_OPS``; skipped with the reason
-   printed when neither is given).
+   ``M = 1`` and 8, on the shapes its built-in perf cases have (W [4096, 14336] for every
+   type, Q4_K also [4096, 4096] and [14336, 4096]), on the same thread counts: the program
+   gives its CPU backend hardware_concurrency() / 2 threads, which ``tools/nprocs_shim.c``
+   (LD_PRELOAD) sets. It runs in its own process, before dqgen's side is timed, not
+   interleaved with it. (``--llama-cpp PATH``, else ``LLAMA_CPP_TEST_BACKEND_OPS``; skipped
+   with the reason printed when neither is given.)
 3. The fixed cost of a call on a [1, 128] Q8_0 weight: ``QuantLinear.forward``,
    ``linear(x, w, out=y)``, ``linear(x, w)`` and the reused plan's ``run``.
 4. An int4 group-128 [4096, 4096] weight at ``M`` = 1, 8, 64, 512, x in f32 and bf16:
@@ -27,9 +30,11 @@ the mean of a few back-to-back calls after an untimed one: the steady state of a
 called in a loop, so a weight that fits the last-level cache is read from it, as it is by
 the stream and by llama.cpp's perf mode (which repeats one node). The ``L3`` column says
 which weights fit. Absolute times on a shared machine are noisy: read the ratios, which
-compare contenders of one run. Every dqgen result is first checked bit for bit against
-``dqgen.reference.linear`` on a slice of rows at each end of the weight (and GGML
-weights' decode against gguf-py's dequantize) before it is timed.
+compare contenders of one run; each row says how many CPUs other processes kept busy
+meanwhile, and a noisy case is measured again while ``--patience`` lasts. Every dqgen
+result is first checked bit for bit against ``dqgen.reference.linear`` on a slice of rows
+at each end of the weight (and GGML weights' decode against gguf-py's dequantize) before it
+is timed.
 """
 
 from __future__ import annotations
@@ -320,7 +325,8 @@ def _cpus(load: float | None) -> str:
     return "?" if load is None else f"{load:.2f}"
 
 
-def measure(calls: dict, repeat: int, noise: Noise, burst: int = BURST) -> tuple[dict, float | None]:
+def measure(calls: dict, repeat: int, noise: Noise,
+            burst: int = BURST) -> tuple[dict, float | None]:
     """Median seconds a call of each contender, and the CPUs other processes kept busy; a
     noisy case is measured again after a wait for a quieter machine while the run's
     patience lasts, and the quietest attempt kept."""
@@ -603,10 +609,12 @@ def bench_int4(shape, ms, threads: int, repeat: int, noise: Noise) -> tuple[list
     w = QuantizedWeight.per_group(q, scale, zp, GROUP, "u4")
     w32 = w.dequantize("f32")
     expanded = np.repeat(np.arange(k // GROUP), GROUP)
-    if w32.tobytes() != ((values - zp[:, expanded]) * scale[:, expanded]).astype(np.float32).tobytes():
+    want = ((values - zp[:, expanded]) * scale[:, expanded]).astype(np.float32)
+    if w32.tobytes() != want.tobytes():
         raise BenchError("int4: dqgen's decode is not (q - zp) * scale")
     bw = BenchWeight("u4 g128", "random codes", w,
-                     lambda a, b: QuantizedWeight.per_group(q[a:b], scale[a:b], zp[a:b], GROUP, "u4"))
+                     lambda a, b: QuantizedWeight.per_group(q[a:b], scale[a:b], zp[a:b], GROUP,
+                                                            "u4"))
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(values), 1)
     zero = (8 - zp) * scale  # exact (see int4_weight)
     rows, notes = [], []
@@ -640,7 +648,8 @@ def bench_int4(shape, ms, threads: int, repeat: int, noise: Noise) -> tuple[list
                 got = tinygemm().float().numpy()
                 ref = x.astype(np.float64) @ w32.T.astype(np.float64)
                 if np.abs(got - ref).max() > 0.01 * np.abs(ref).max():
-                    raise BenchError(f"int4 {name} M={m}: tinygemm is not the same weight's product")
+                    raise BenchError(f"int4 {name} M={m}: tinygemm is not the same weight's "
+                                     "product")
                 calls["tinygemm"] = tinygemm
             elif m == min(mm for mm in ms if mm > TINYGEMM_F32_MAX_M):
                 notes.append(f"tinygemm with f32 x is torch's scalar fallback (seconds a call "
@@ -702,8 +711,10 @@ def header(threads: list[int], llama_note: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small shapes, few repetitions (a smoke run)")
-    p.add_argument("--repeat", type=int, default=None, help="repetitions a case (default 9, quick 3)")
+    p.add_argument("--quick", action="store_true",
+                   help="small shapes, few repetitions (a smoke run)")
+    p.add_argument("--repeat", type=int, default=None,
+                   help="repetitions a case (default 9, quick 3)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write every row here")
     p.add_argument("--llama-cpp", default=None, metavar="PATH",
                    help=f"llama.cpp's test-backend-ops (default: ${LLAMA_ENV})")
