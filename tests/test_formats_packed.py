@@ -163,3 +163,26 @@ def test_float_zero_point_no_fma_and_custom_range():
         floatzp.dequantize(q, s, z.astype(np.float16), 2)
     assert DequantizeFloatZeroDescriptor(1, 2, 2, "f32", "s4").mid == 0
     assert "_mn" in DequantizeFloatZeroDescriptor(1, 2, 2, "f32", "s8", -8, -5).uri
+
+
+@pytest.mark.parametrize("isa", __import__("strategies").ISAS)
+@given(storage=st.sampled_from(["u4", "s4"]), float_dtype=st.sampled_from(["f32", "f16", "bf16"]),
+       rows=st.integers(1, 3), blocks=st.integers(1, 5), group=st.sampled_from([8, 16, 32, 128]),
+       data=st.data())
+def test_packed_dequantize_register_path_every_isa(isa, storage, float_dtype, rows, blocks,
+                                                    group, data):
+    """The eight-nibble register path (and the exact path it leaves to) on every ISA:
+    wild scales (NaN, infinities, subnormals, zero) and zero points anywhere in int32."""
+    import strategies as S
+    from dqgen.plans import PlanPreference
+    axis = blocks * group
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), "seed"))
+    lo, hi = RANGES[storage]
+    values = rng.integers(lo, hi + 1, size=(rows, axis))
+    scale = data.draw(S.scales(float_dtype, (rows, blocks)), "scale")
+    zp = data.draw(S.zero_points((rows, blocks)), "zero_point")
+    desc = DequantizePerGroupDescriptor(rows, axis, group, float_dtype, storage)
+    y = np.empty((rows, axis), FLOATS[float_dtype])
+    FormatPlan.select(desc, preference=PlanPreference(isa=isa)).run(
+        {"q": oracle.pack_int4(values), "scale": scale, "zero_point": zp, "y": y})
+    assert_bits_equal(y, reference.dequantize_per_group(values, scale, zp, group))

@@ -168,11 +168,11 @@ def _cpu_simd(desc: PerGroupDescriptor, target: str, arch: str, out: Param,
     features = isa_features(arch)
     f = desc.float_dtype
     dequant = desc.op is Op.DEQUANTIZE
-    if (dequant and desc.int_type is not None and desc.int_type.is_packed
-            and not (getattr(desc, "zero_kind", "int") == "float"
-                     and f in (DType.F16, DType.BF16))):
-        return off  # q is read a nibble at a time: element by element (f16 float zero
-                    # points: eight nibbles a step, see register_q)
+    packed = dequant and desc.int_type is not None and desc.int_type.is_packed
+    if (packed and getattr(desc, "zero_kind", "int") == "float"
+            and f not in (DType.F16, DType.BF16)):
+        return off  # q is read a nibble at a time: element by element
+    # packed q takes the eight-lane register path, eight nibbles a load (see register_q)
     convert = f if f in (DType.F16, DType.BF16) or (f in (DType.F32, DType.F64) and dequant) else None
     if convert is None:
         return off
@@ -187,10 +187,10 @@ def _cpu_simd(desc: PerGroupDescriptor, target: str, arch: str, out: Param,
     # The 512-bit register path: plain int zero points (a float zero point's steps stay in
     # the AVX2 code), a whole vector of lanes in every block.
     half = bool(dequant and simd_output and convert is DType.F16 and not float_zero
-                and "avx512_fp16" in features and desc.group_size >= 32)
+                and not packed and "avx512_fp16" in features and desc.group_size >= 32)
     lanes = 32 if half else 8 if convert is DType.F64 else 16
-    wide = bool(dequant and simd_output and not float_zero and "avx512" in features
-                and desc.group_size >= lanes)
+    wide = bool(dequant and simd_output and not float_zero and not packed
+                and "avx512" in features and desc.group_size >= lanes)
     blocks = tuple(b for b in SIMD_BLOCKS if b % lanes == 0) if wide else SIMD_BLOCKS
     block = next((b for b in blocks if desc.group_size % b == 0), blocks[-1])
     if desc.group_size < block:
@@ -208,7 +208,7 @@ def _cpu_simd(desc: PerGroupDescriptor, target: str, arch: str, out: Param,
         simd_stage_int=simd_output and dequant and (wide or convert is not DType.F64),
         scalar_tail=desc.group_size % block != 0,
         register_lanes=8,
-        register_split=convert is DType.BF16 and block % 16 == 0,
+        register_split=convert is DType.BF16 and block % 16 == 0 and not packed,
         fast_needs_finite_scale=simd_output and convert is DType.BF16,
         streaming_min_bytes=STREAMING_MIN_BYTES if streaming else 0,
         streaming_align=store_bytes if streaming else 0)
@@ -285,7 +285,7 @@ def lower_per_group(desc: PerGroupDescriptor, target: str, arch: str, storage: d
         fast_limit = (FP16_ZERO_POINT_LIMIT if simd.get("half_path") else
                       FAST_ZERO_POINT_LIMIT_I16 if sixteen else FAST_ZERO_POINT_LIMIT)
     fused = bool(fast_limit and simd["simd_stage_int"] and not float_zero and not simd.get("half_path")
-                 and desc.float_dtype in FMA_ZERO_POINT_LIMIT)
+                 and not packed and desc.float_dtype in FMA_ZERO_POINT_LIMIT)
     # the prelude's conversion helpers the kernel calls: the float inputs' load, the store
     helpers = tuple(h for h in (CONVERT.get(desc.float_dtype, ("", ""))[0],
                                 CONVERT.get(out.dtype, ("", ""))[1]) if h)
