@@ -405,7 +405,7 @@ _GGML_OTHER_VALUES = {Layout.GGML_NVFP4: 64, Layout.GGML_Q1_0: 128, Layout.GGML_
 GGML_BLOCK_VALUES = {layout: 32 if layout in _GGML_SMALL else 1 if layout in _GGML_FLOATS
                      else _GGML_OTHER_VALUES.get(layout, 256)
                      for layout in GGML_BLOCK_BYTES}
-GPTQ_BITS = (2, 4, 8)
+GPTQ_BITS = (2, 3, 4, 8)
 GPTQ_CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
 # How a v1 ("gptq") file's stored zeros decode (FORMATS.md). "gptqmodel": a 1 in every
 # field is added to the whole int32 word, carries crossing fields (GPTQModel, through

@@ -13,6 +13,11 @@
 - ``v1_zeros="exllama"``: the exllama/exllamav2 and vLLM GPTQ kernels add 1 to each field
   without the modulo (a stored 0xF reads 16).
 
+3 bits packs 32 values in three int32 words (value j at bit 3 j of the three read as one
+little-endian integer; values 10 and 21 straddle two words), qweight along K and qzeros
+along N. There every tool's v1 is field by field: GPTQModel adds 1 modulo 8 (a stored 7
+reads 0), AutoGPTQ's torch dequant and exllama add 1 without it (a stored 7 reads 8).
+
 All agree unless a stored field is all ones (zero points of 0, or AutoGPTQ's packing of
 a 0, which overflows into the fields above it).
 """
@@ -49,6 +54,17 @@ def infer_group_size(rows: int, groups: int, group_size, act_order: bool) -> int
                               "pass group_size=")
 
 
+def rows_of(words: int, bits: int) -> int:
+    """K of a qweight of ``words`` rows: ``words * 32 / bits``, whole runs of words (3 bits
+    packs 32 values of K in 3 words, so only a multiple of 3 rows is a layer)."""
+    if words * 32 % bits:
+        raise InvalidProblemError(
+            f"bits={bits} is not supported for a qweight of {words} rows: {bits}-bit GPTQ "
+            f"packs 32 values of K in {bits} int32 words, so qweight has a multiple of "
+            f"{bits} rows")
+    return words * 32 // bits
+
+
 def _in_row_order(g_idx: np.ndarray, group_size: int) -> bool:
     """Whether ``g_idx`` is ``k // group_size`` for every row k (no act-order)."""
     g_idx = _inputs.host(g_idx)
@@ -72,7 +88,8 @@ def dequantize(qweight, qzeros, scales, g_idx=None, bits: int = 4,
                device=None, out=None, v1_zeros: str = GPTQ_V1_ZEROS[0]):
     """Unpack and scale a GPTQ layer to a ``[K, N]`` float weight (``dtype``, f16 default).
 
-    ``qweight`` int32 ``[K * bits / 32, N]``, ``qzeros`` int32 ``[groups, N * bits / 32]``,
+    ``bits``: 2, 3, 4 or 8 (3 bits: 32 values in three int32 words, K and N multiples of
+    32). ``qweight`` int32 ``[K * bits / 32, N]``, ``qzeros`` int32 ``[groups, N * bits / 32]``,
     ``scales`` ``[groups, N]`` (any float dtype), ``g_idx`` optional int ``[K]`` (act-order
     permutations allowed). ``group_size`` is inferred from the shapes when not given.
     ``out``: a ``[K, N]`` array of ``dtype`` to write instead of allocating one.
@@ -89,7 +106,7 @@ def dequantize(qweight, qzeros, scales, g_idx=None, bits: int = 4,
     qw = _inputs.words(qweight, "qweight")
     qz = _inputs.words(qzeros, "qzeros")
     sc, scale_dtype = _inputs.float_array(scales, "scales")
-    rows, cols = qw.shape[0] * (32 // bits), qw.shape[1]
+    rows, cols = rows_of(qw.shape[0], bits), qw.shape[1]
     _check_not_awq(_inputs.shape_of(qw), _inputs.shape_of(qz), _inputs.shape_of(sc))
     groups = sc.shape[0]
     act_order = g_idx is not None

@@ -4,7 +4,7 @@ GPTQ and AWQ store the weight transposed (``[K, N]``, packed along K for GPTQ, a
 for AWQ), so their rows are not rows of ``W [N, K]``. Both are ``C(q - z) * C(s)`` in
 groups along K, which is the family's dequantize (``QuantizedWeight.per_group``), so a
 layer is repacked once, losslessly, with integer unpacking only: ``q [N, K]`` (u4 packed
-for 4 bits, u8 otherwise), ``scale [N, K / g]`` (the checkpoint's scales widened to f32,
+for 4 bits, u8 for 2, 3 and 8), ``scale [N, K / g]`` (the checkpoint's scales widened to f32,
 exactly) and ``zero_point [N, K / g]`` int32 (the zero point as the format's rule decodes
 it: GPTQ v1/v2 and each v1 rule, ``layouts/gptq.py``; AWQ's interleaved order). The
 repacked weight's f32 values are bit for bit what ``gptq.dequantize`` / ``awq.dequantize``
@@ -31,8 +31,9 @@ from ..ir import (GPTQ_BITS, GPTQ_V1_ZEROS, DType,
                   GptqDequantizeDescriptor, check_int)
 from ..layouts.awq import ORDER as AWQ_ORDER
 from ..layouts.gptq import gptq_zeros
+from ..layouts.matrix import run_values, unpack_along
 from . import _inputs
-from .gptq import infer_group_size
+from .gptq import infer_group_size, rows_of
 from .weight import QuantizedWeight
 
 
@@ -50,15 +51,17 @@ def gptq_weight(qweight, qzeros, scales, g_idx=None, bits: int = 4,
     qw = _host_words(qweight, "qweight")
     qz = _host_words(qzeros, "qzeros")
     sc, scale_dtype = _host_floats(scales)
-    per = 32 // bits
-    k, n = qw.shape[0] * per, qw.shape[1]
+    per = run_values(bits)                      # values in a whole number of words
+    k, n = rows_of(qw.shape[0], bits), qw.shape[1]
     groups = sc.shape[0]
     _check_shape(sc, "scales", (groups, n), f"for GPTQ's qweight {qw.shape} [K * bits / 32, "
                  "N] (AWQ's qweight is [K, N / 8]: use awq_weight)")
     if n % per:
+        words = "an int32 qzeros word holds" if per * bits == 32 else \
+            f"{per * bits // 32} int32 qzeros words hold"
         raise InvalidProblemError(f"N={n} (qweight's columns) is not a multiple of {per}, the "
-                                  f"{bits}-bit zero points an int32 qzeros word holds")
-    _check_shape(qz, "qzeros", (groups, n // per), f"for {bits}-bit scales {sc.shape}")
+                                  f"{bits}-bit zero points {words}")
+    _check_shape(qz, "qzeros", (groups, n * bits // 32), f"for {bits}-bit scales {sc.shape}")
     size = infer_group_size(k, groups, group_size, g_idx is not None)
     rows_group = (np.arange(k, dtype=np.int64) // size if g_idx is None else
                   _inputs.host(_inputs.group_index(g_idx, k, groups)).astype(np.int64))
@@ -112,7 +115,10 @@ def _check_shape(arr: np.ndarray, name: str, want: tuple, why: str) -> None:
 
 def _unpack_along_k(qweight: np.ndarray, bits: int) -> np.ndarray:
     """GPTQ's ``[K * bits / 32, N]`` words -> ``[N, K]`` uint8 values (value ``j`` of a
-    word at bit ``bits * j`` is row ``per * word + j``)."""
+    word at bit ``bits * j`` is row ``per * word + j``; 3 bits: value ``k`` at bit ``3 k``
+    of each column's words read as one bit stream)."""
+    if 32 % bits:
+        return np.ascontiguousarray(unpack_along(qweight, bits, 0).T).astype(np.uint8)
     per, mask = 32 // bits, (1 << bits) - 1
     words = qweight.view(np.uint32).T                           # [N, K / per]
     out = np.empty((words.shape[0], words.shape[1] * per), np.uint8)

@@ -1,6 +1,7 @@
 """GPTQ as a format: ``W[k, n] = F(C(q[k, n] - z[g, n]) * C(scales[g, n]))``, ``g =
-g_idx[k]``, values packed along K, zero points along N, v1 zeros decoded by the rule of
-the tool that wrote them (FORMATS.md)."""
+g_idx[k]``, values packed along K, zero points along N (3 bits: 32 values in three words,
+some straddling two), v1 zeros decoded by the rule of the tool that wrote them
+(FORMATS.md)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import itertools
 import numpy as np
 
 from ..ir import GptqDequantizeDescriptor, gptq_v1_word_offset
-from .matrix import MatrixKind, fields_of, matrix_oracle
+from .matrix import MatrixKind, fields_of, matrix_oracle, unpack_along
 from .registry import register
 
 
@@ -22,6 +23,11 @@ def gptq_zero_rule(desc) -> tuple[int, int, int]:
     everything = 0xFFFFFFFF
     if desc.checkpoint_format != "gptq":
         return 0, 0, everything
+    if 32 % desc.bits:
+        # 3 bits: fields straddle words, and every tool adds 1 field by field. GPTQModel
+        # (_correct_gptq_v1_qzeros) modulo 2^bits; AutoGPTQ's torch dequant and exllama's
+        # kernels without the modulo (a stored all-ones field reads 2^bits)
+        return 0, 1, (1 << desc.bits) - 1 if desc.v1_zeros == "gptqmodel" else everything
     if desc.v1_zeros == "autogptq":
         return 0, 1, (1 << desc.bits) - 1
     if desc.v1_zeros == "exllama":
@@ -32,6 +38,11 @@ def gptq_zero_rule(desc) -> tuple[int, int, int]:
 def gptq_zeros(desc, qzeros: np.ndarray) -> np.ndarray:
     """z[g, n] as numpy computes the rule of ``gptq_zero_rule`` (the oracle's own code)."""
     bits, words = desc.bits, qzeros
+    if 32 % bits:  # fields straddle words; v1 is field by field (gptq_zero_rule)
+        z = unpack_along(words, bits, 1).astype(np.int64)
+        if desc.checkpoint_format != "gptq":
+            return z
+        return (z + 1) % (1 << bits) if desc.v1_zeros == "gptqmodel" else z + 1
     if desc.checkpoint_format != "gptq":
         return fields_of(words, bits).reshape(words.shape[0], -1).astype(np.int64)
     if desc.v1_zeros == "gptqmodel":
@@ -70,8 +81,7 @@ class GptqKind(MatrixKind):
         return gptq_zero_rule(desc)
 
     def oracle(self, desc, arrays):
-        f = fields_of(arrays["qweight"], desc.bits)              # [K / per, N, per]
-        q = f.transpose(0, 2, 1).reshape(desc.rows, desc.cols).astype(np.int64)
+        q = unpack_along(arrays["qweight"], desc.bits, 0).astype(np.int64)   # [K, N]
         groups = (arrays["g_idx"].astype(np.int64) if desc.act_order
                   else np.arange(desc.rows) // desc.group_size)
         return matrix_oracle(q, gptq_zeros(desc, arrays["qzeros"]), arrays["scales"], groups,

@@ -8,6 +8,7 @@ import math
 import numpy as np
 
 from .. import reference
+from ..errors import InvalidProblemError
 from ..ir import DType
 from ..spec import CONVERT, Param, pointer
 from .own_loop import own_loop_spec, float_helpers
@@ -27,6 +28,26 @@ def fields_of(words: np.ndarray, bits: int) -> np.ndarray:
     return (words.view(np.uint32).astype(np.uint64)[..., None] >> shifts) & ((1 << bits) - 1)
 
 
+def run_values(bits: int) -> int:
+    """Values of a whole number of int32 words: 32 / bits, or 32 in ``bits`` words where
+    a value may straddle two words (3 bits: three words hold 32 values)."""
+    return 32 // math.gcd(32, bits)
+
+
+def unpack_along(words: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """int32 words packed along ``axis`` -> their ``32 / bits`` values a word along it
+    (uint64): value ``i`` at bit ``bits * i`` of the words along ``axis`` read as one
+    little-endian bit stream, so a value that straddles two words takes the low bits of
+    the first and the high bits of the second (GPTQ's 3 bits)."""
+    w = np.moveaxis(words.view(np.uint32), axis, -1).astype(np.uint64)
+    count = w.shape[-1] * 32 // bits
+    first = np.arange(count, dtype=np.int64) * bits
+    lo, hi = first // 32, (first + bits - 1) // 32     # the words of a value's low, high bit
+    pair = w[..., lo] | (w[..., hi] << np.uint64(32))
+    values = (pair >> (first % 32).astype(np.uint64)) & np.uint64((1 << bits) - 1)
+    return np.moveaxis(values, -1, axis)
+
+
 def matrix_oracle(q, z, scales, groups, out) -> np.ndarray:
     """``F(C(q - z[g]) * C(scales[g]))`` for the group ``g`` of each row."""
     c = reference.compute_dtype(out)
@@ -34,14 +55,22 @@ def matrix_oracle(q, z, scales, groups, out) -> np.ndarray:
         return ((q - z[groups]).astype(c) * scales[groups].astype(c)).astype(out)
 
 
+def _check_whole_runs(desc) -> None:
+    """K and N in whole runs of words, where values straddle words (3 bits: 32 values in
+    three words); otherwise the descriptor's own check of ``32 / bits`` covers it."""
+    run = run_values(desc.bits)
+    for name, size in (("rows (K)", desc.rows), ("cols (N)", desc.cols)):
+        if size % run:
+            raise InvalidProblemError(
+                f"{name}={size} is not a multiple of {run}: {desc.bits}-bit values straddle "
+                f"int32 words, and {desc.bits} words hold {run} of them")
+
+
 class MatrixKind(FormatKind):
     """GPTQ (packed along K, ``along_k``) or AWQ (packed along N)."""
 
     along_k = True
     formula = ""
-
-    def values_per_word(self, desc) -> int:
-        return 32 // desc.bits if self.along_k else 8
 
     def zero_rule(self, desc) -> tuple[int, int, int]:
         """``(word_add, field_add, field_mask)`` of the stored zero points."""
@@ -69,19 +98,26 @@ class MatrixKind(FormatKind):
 
     def array_shape(self, desc, param):
         k, n, groups = desc.rows, desc.cols, desc.num_groups
-        per = self.values_per_word(desc)
-        return {"qweight": (k // per, n) if self.along_k else (k, n // per),
-                "qzeros": (groups, n // per), "scales": (groups, n), "g_idx": (k,),
-                "y": (k, n)}[param.name]
+        if self.along_k:  # bits / 32 words a value, in whole runs of words
+            _check_whole_runs(desc)
+            words = {"qweight": (k * desc.bits // 32, n),
+                     "qzeros": (groups, n * desc.bits // 32)}
+        else:
+            words = {"qweight": (k, n // 8), "qzeros": (groups, n // 8)}
+        return {**words, "scales": (groups, n), "g_idx": (k,), "y": (k, n)}[param.name]
 
     def launch_elements(self, desc) -> int:
         return desc.rows * desc.cols
 
     def small_problem(self, desc, remake):
+        # whole runs of words along K and N (the descriptor checks 32 // bits too)
+        bits = getattr(desc, "bits", 4)
+        per = math.lcm(run_values(bits), 32 // bits) if self.along_k else 1
+        cols = per * -(-64 // per)          # 64, or the least multiple of per above it
         if getattr(desc, "act_order", False):  # any group size: one kernel
-            return remake(rows=64, cols=64, group_size=16)
-        per, g = self.values_per_word(desc) if self.along_k else 1, desc.group_size
-        return remake(rows=math.lcm(per, g) * (2 if g <= 1 << 14 else 1), cols=64)
+            return remake(rows=cols, cols=cols, group_size=16)
+        g = desc.group_size
+        return remake(rows=math.lcm(per, g) * (2 if g <= 1 << 14 else 1), cols=cols)
 
     def random_input(self, desc, name, shape, rng):
         if name == "g_idx":
