@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import InvalidProblemError, UnsupportedError
 from ..ir import FLOAT_DTYPES, DType, FormatDescriptor, Layout
-from ..spec import CONVERT, Param, pointer
+from ..spec import CONVERT, F16C_ISAS, Param, pointer
 from .own_loop import float_helpers, own_loop_spec
 from .registry import FormatKind, LinearView, RowSlice, register
 
@@ -50,14 +50,27 @@ def c_float(bits: int) -> str:
     return f"{value.hex()}f" if value or not sign else "-0x0p+0f"
 
 
+# Each FP8 code as a binary16 (sign to bit 15, the rest shifted up), which F16C widens
+# exactly: e5m2 is binary16's top byte; e4m3fn's exponent has bias 7, not 15, so its
+# binary16 reading is the value times 2^-8 (subnormals included) and is scaled back by
+# 2^8; its NaN code (magnitude 0x7f) reads as a number and is replaced.
+HALF_WIDEN = {"e4m3": dict(shift=7, rescale="0x1p+8f", nan_magnitude=0x7F),
+              "e5m2": dict(shift=8, rescale="", nan_magnitude=0)}
+
+
 @dataclass(frozen=True)
 class Fp8Knobs:
     """What the fp8 templates print: the decode table (f32 bit patterns, and as C float
-    constants) and the block sizes."""
+    constants), the block sizes, and (C with F16C) how eight codes widen at once as
+    binary16: the magnitude's shift, a power-of-two rescale ("": none) and the NaN
+    magnitude to replace (0: none)."""
 
     table: tuple[int, ...]
     block_rows: int
     block_cols: int
+    half_shift: int = 0      # 0: no F16C path (the table, one code at a time)
+    half_rescale: str = ""
+    nan_magnitude: int = 0
 
     @property
     def c_table(self) -> tuple[str, ...]:
@@ -106,6 +119,14 @@ class Fp8BlockDescriptor(FormatDescriptor):
                 f"{self.scale_dtype.value}_{self.float_dtype.value}")
 
 
+def _half_widen(fp8: str, target: str, arch: str) -> dict:
+    """The F16C widening knobs where the C ISA has F16C (else the table alone)."""
+    if target != "c" or arch not in F16C_ISAS:
+        return {}
+    h = HALF_WIDEN[fp8]
+    return dict(half_shift=h["shift"], half_rescale=h["rescale"], nan_magnitude=h["nan_magnitude"])
+
+
 class Fp8Kind(FormatKind):
     descriptors = (Fp8BlockDescriptor,)
     aot_ops = ("fp8",)
@@ -123,7 +144,8 @@ class Fp8Kind(FormatKind):
         return own_loop_spec(
             desc, target, arch, storage, params, FORMULA,
             float_helpers=float_helpers(desc), template="fp8",
-            layout_knobs=Fp8Knobs(fp8_bits(desc.fp8), desc.block_rows, desc.block_cols),
+            layout_knobs=Fp8Knobs(fp8_bits(desc.fp8), desc.block_rows, desc.block_cols,
+                                  **_half_widen(desc.fp8, target, arch)),
             load_float=CONVERT.get(desc.scale_dtype, ("", ""))[0])
 
     def linear_view(self, desc):
