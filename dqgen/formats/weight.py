@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 
 import numpy as np
 
@@ -68,6 +69,7 @@ class QuantizedWeight:
                                           f"weight needs {arg.dtype}")
             self.arrays[arg.name] = np.ascontiguousarray(arr)
         self._dequantize_plan = None
+        self._plans: dict = {}
 
     # --- readers --------------------------------------------------------------------
 
@@ -242,7 +244,7 @@ def linear(x, weight: QuantizedWeight, bias=None, out_dtype=None, out=None):
         raise InvalidProblemError(f"x has shape {arr.shape}; its last axis must be K={k} "
                                   f"(the weight is {n} x {k})")
     lead = arr.shape[:-1]
-    m = int(np.prod(lead, dtype=np.int64))
+    m = math.prod(lead)
     y_dtype = x_dtype if out_dtype is None else parse_dtype(out_dtype, "out_dtype", LINEAR_DTYPES)
     arrays = dict(weight.arrays)
     if weight.column_order is not None:
@@ -255,7 +257,12 @@ def linear(x, weight: QuantizedWeight, bias=None, out_dtype=None, out=None):
         arrays["bias"] = b.astype(arr.dtype, copy=False)
     y, result = _inputs.output((m, n), y_dtype, x, out, lead + (n,))
     arrays["y"] = y
-    linear_plan(weight.descriptor, n, k, m, x_dtype, y_dtype, bias is not None).run(arrays)
+    key = (m, x_dtype, y_dtype, bias is not None)
+    plan = weight._plans.get(key)   # a weight's own few: no descriptor hashed a call
+    if plan is None:
+        plan = weight._plans[key] = linear_plan(weight.descriptor, n, k, m, x_dtype, y_dtype,
+                                                bias is not None)
+    plan.run(arrays)
     out_value = result()
     return out_value if out is not None else _reshape(out_value, lead + (n,))
 
