@@ -12,6 +12,7 @@ import dataclasses
 import enum
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -544,7 +545,8 @@ class GptqDequantizeDescriptor(_MatrixDescriptor):
                                    f"one of: {', '.join(GPTQ_V1_ZEROS)}")
         if self.checkpoint_format != "gptq":  # v2 stores z itself: one kernel, one key
             object.__setattr__(self, "v1_zeros", GPTQ_V1_ZEROS[0])
-        self._verify_matrix(32 // bits, 32 // bits)
+        per = 32 // math.gcd(32, bits)  # values in whole words: 32 in three for 3 bits
+        self._verify_matrix(per, per)
 
     @property
     def uri(self) -> str:

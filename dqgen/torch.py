@@ -474,7 +474,7 @@ def _(qweight, qzeros, scales, g_idx=None, bits=4, checkpoint_format="gptq",
         raise InvalidProblemError(f"bits={bits} is not supported for GPTQ; expected one of "
                                   f"{', '.join(map(str, GPTQ_BITS))}")
     out = _TORCH_DTYPE[parse_dtype(dtype, "dtype", FLOAT_DTYPES)]
-    return qweight.new_empty((qweight.shape[0] * (32 // bits), qweight.shape[1]), dtype=out)
+    return qweight.new_empty((qweight.shape[0] * 32 // bits, qweight.shape[1]), dtype=out)
 
 
 @_op("awq_dequantize")

@@ -102,7 +102,7 @@ def test_ggml_types_come_from_the_registry_of_supported_types(monkeypatch):
     ({"op": "ggml", "float": "f64"}, "op ggml: float_dtype='f64'"),
     ({"op": "ggml", "ggml_type": "Q9_9"}, "Q9_9"),
     ({"op": "packed", "int": "s8"}, "op packed: .*packed 4-bit"),
-    ({"op": "gptq", "bits": 3}, "bits=3"),
+    ({"op": "gptq", "bits": 5}, "bits=5"),
     ({"op": "gptq", "act_order": "maybe"}, "act_order 'maybe'"),
     ({"op": "awq", "scale": "f8"}, "scale='f8'"),
 ])

@@ -221,8 +221,8 @@ def test_bad_gptq_inputs():
         gptq.dequantize(**dict(layer, g_idx=bad_g))
     with pytest.raises(InvalidProblemError, match="g_idx has shape"):
         gptq.dequantize(**dict(layer, g_idx=layer["g_idx"][:-1]))
-    with pytest.raises(InvalidProblemError, match="bits=3"):
-        gptq.dequantize(**layer, bits=3)
+    with pytest.raises(InvalidProblemError, match="bits=5"):
+        gptq.dequantize(**layer, bits=5)
     with pytest.raises(UnsupportedError, match="checkpoint_format='gptq_v3'"):
         gptq.dequantize(**layer, checkpoint_format="gptq_v3")
     with pytest.raises(InvalidProblemError, match="qweight has dtype float32"):

@@ -376,3 +376,53 @@ def test_shapes_that_are_no_3bit_layer():
                        "zero points 3 int32 qzeros words hold"):
         gptq_weight(np.zeros((15, 170), np.int32), np.zeros((1, 15), np.int32),
                     np.ones((1, 170), np.float16), bits=3)
+
+
+# --- with the descriptor's check of whole runs (ir.py) and pack_gptq's 3 bits (pack.py) ---
+
+def test_smallest_layer_32_by_32():
+    """K = N = 32: one run of three words each way (a multiple of 32, not of 10)."""
+    export_v1, load_v1, dequantize = gptqmodel_3bit()
+    qweight, v2, scales, g_idx = gptqmodel_layer(20, act_order=True, k=32, n=32)
+    v1 = export_v1(v2)
+    want = dequantize(qweight, v2, scales, g_idx)
+    qw, z1, sc, gi = as_np(qweight, v1, scales, g_idx)
+    assert_bits_equal(gptq.dequantize(qw, z1, sc, g_idx=gi, bits=3), want)
+    weight = gptq_weight(qw, z1, sc, g_idx=gi, bits=3)
+    assert_bits_equal(weight.dequantize("f16"), np.ascontiguousarray(want.T))
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
+def test_pack_gptq_is_gptqmodels_pack(fmt):
+    """pack_gptq(bits=3) = GPTQModel's pack (v2) and its v1 export, zero points of 0 too."""
+    from dqgen.formats import pack
+    export_v1, _, _ = gptqmodel_3bit()
+    rng = np.random.default_rng(21)
+    q = rng.integers(0, 8, size=(64, 64))
+    zeros = rng.choice([0, 7, 3], size=(2, 64))
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 64, bias=False)
+    scale = torch.ones(64, 2)
+    layer.weight.data = torch.from_numpy((q.T - np.repeat(zeros.T, 32, axis=1)).astype(np.float32))
+    g_idx = torch.arange(64, dtype=torch.int32) // 32
+    qweight, v2, _, _ = peers.gptqmodel_pack()(layer, scale, torch.from_numpy(zeros.T.astype(np.float32)), g_idx, 3)
+    got_w, got_z = pack.pack_gptq(q, zeros, 3, fmt)
+    assert np.array_equal(got_w, qweight.numpy())
+    assert np.array_equal(got_z, (export_v1(v2) if fmt == "gptq" else v2).numpy())
+    w = np.random.default_rng(2).standard_normal((64, 64)).astype(np.float32)
+    layer3 = pack.quantize_gptq(w, 32, 3, perm=np.random.default_rng(3).permutation(64),
+                                checkpoint_format=fmt)
+    got = gptq.dequantize(**layer3, bits=3, checkpoint_format=fmt, dtype="f32")
+    step = layer3["scales"].astype(np.float32)[layer3["g_idx"]]
+    assert np.all(np.abs(got - w) <= step * 0.5 + 1e-3)
+
+
+def test_torch_op_fake_shape():
+    from dqgen import torch as dqgen_torch  # noqa: F401  (registers the ops)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    qweight, v2, scales, g_idx = gptqmodel_layer(22, act_order=False, k=64, n=32)
+    with FakeTensorMode() as mode:
+        fake = torch.ops.dqgen.gptq_dequantize(mode.from_tensor(qweight), mode.from_tensor(v2),
+                                               mode.from_tensor(scales), bits=3,
+                                               checkpoint_format="gptq_v2")
+    assert tuple(fake.shape) == (64, 32)

@@ -120,8 +120,8 @@ def test_bad_layers_are_named():
     with pytest.raises(UnsupportedError, match="g_idx puts 33 columns in group 0; the fused "
                        "linear reads GPTQ whose groups are all group_size=32 columns long"):
         gptq_weight(**gptq_layer(rng, 4), g_idx=g_idx, group_size=GROUP)
-    with pytest.raises(InvalidProblemError, match="bits=3 is not supported"):
-        gptq_weight(**gptq_layer(rng, 4), bits=3)
+    with pytest.raises(InvalidProblemError, match="bits=5 is not supported"):
+        gptq_weight(**gptq_layer(rng, 4), bits=5)
     awq_layer = {"qweight": random_words(rng, (K, N // 8)),
                  "qzeros": random_words(rng, (K // GROUP, N // 8)),
                  "scales": np.ones((K // GROUP, N), np.float16)}

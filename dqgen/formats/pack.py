@@ -39,6 +39,24 @@ def _pack_words(values: np.ndarray, bits: int, axis: int, slots) -> np.ndarray:
     return np.moveaxis(words, -1, axis).view(np.int32).copy()
 
 
+def _pack_runs(values: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """Pack ``values`` (uint32) along ``axis`` as one little-endian bit stream a run of
+    ``bits`` int32 words: value ``i`` at bit ``bits * i``, straddling two words where it
+    must (GPTQ's 3 bits: 32 values in three words)."""
+    if values.shape[axis] % 32:
+        raise InvalidProblemError(f"axis {axis} has {values.shape[axis]} values, not a "
+                                  f"multiple of 32 (the {bits}-bit values {bits} int32 words "
+                                  "hold)")
+    moved = np.moveaxis(values, axis, -1).astype(np.uint64)
+    words = np.zeros((*moved.shape[:-1], moved.shape[-1] * bits // 32), np.uint64)
+    for i in range(moved.shape[-1]):
+        first = bits * i
+        words[..., first // 32] |= (moved[..., i] << np.uint64(first % 32)) & np.uint64(0xFFFFFFFF)
+        if first % 32 + bits > 32:
+            words[..., first // 32 + 1] |= moved[..., i] >> np.uint64(32 - first % 32)
+    return np.moveaxis(words.astype(np.uint32), -1, axis).view(np.int32).copy()
+
+
 def pack_gptq(q, zeros, bits: int = 4, checkpoint_format: str = "gptq",
               v1_zeros: str = GPTQ_V1_ZEROS[0]):
     """``(qweight, qzeros)`` for values ``q`` [K, N] and true zero points [groups, N].
@@ -56,6 +74,17 @@ def pack_gptq(q, zeros, bits: int = 4, checkpoint_format: str = "gptq",
         raise InvalidProblemError(f"v1_zeros={v1_zeros!r} is not one of "
                                   f"{', '.join(GPTQ_V1_ZEROS)}")
     q = _check_values(q, "q", bits)
+    if 32 % bits:  # 3 bits: every tool's v1 is field by field; GPTQModel's modulo 2^bits
+        v1 = checkpoint_format == "gptq"
+        z = np.asarray(zeros).astype(np.int64) - v1
+        if v1 and v1_zeros == "gptqmodel":
+            z %= 1 << bits
+        elif v1 and z.size and z.min() < 0:
+            raise InvalidProblemError(f"v1_zeros={v1_zeros!r} stores zero - 1 in each field "
+                                      "and cannot hold a zero point of 0; use "
+                                      "v1_zeros='gptqmodel' or checkpoint_format='gptq_v2'")
+        return (_pack_runs(q, bits, 0),
+                _pack_runs(_check_values(z, "zeros - 1" if v1 else "zeros", bits), bits, 1))
     order = range(32 // bits)
     field_wise = checkpoint_format == "gptq" and v1_zeros != "gptqmodel"
     z = np.asarray(zeros).astype(np.int64) - field_wise
