@@ -1,7 +1,8 @@
 """``dqgen.torch``'s fused linear: ``QuantLinear`` bit for bit ``reference.linear``, x's
 gradient by the transposed kernel bit for bit ``reference.linear(dy, W.T)``, the op clean
 under opcheck, ``torch.compile(fullgraph=True)`` and ``torch.export``; and end to end, a
-small transformers Llama whose linears come from a GGUF file (Q8_0, Q4_0, Q4_K, the Q/K
+small transformers Llama whose linears come from a GGUF file (Q8_0, Q4_0, Q5_0 by gguf-py;
+Q4_K, Q6_K from valid random blocks; the Q/K
 rows permuted as llama.cpp's converter writes them) through ``quantize_model``: logits
 within the documented bound of the same model holding the dequantized weights in f32, the
 same greedy tokens, and no float copy of any weight."""
@@ -97,7 +98,7 @@ def test_bad_calls_are_named():
 
 # --- end to end: a transformers Llama from a GGUF file --------------------------------
 
-CONFIG = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+CONFIG = dict(vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
               rms_norm_eps=1e-5, tie_word_embeddings=False)
 NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
@@ -109,6 +110,22 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's converter's Q/K row permutation (convert_hf_to_gguf's ``permute``)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2) \
         .reshape(w.shape)
+
+
+# K-quants gguf-py cannot write: random blocks, their f16 super-block scales (at these
+# byte offsets) small and finite, so every block is valid.
+K_HALVES = {"Q4_K": (0, 2), "Q6_K": (208,)}
+
+
+def _k_quant_blocks(shape, qtype) -> np.ndarray:
+    values, nbytes = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(values + nbytes)
+    data = rng.integers(0, 256, (shape[0], shape[1] // values * nbytes), dtype=np.uint8)
+    blocks = data.reshape(-1, nbytes)
+    for at in K_HALVES[qtype.name]:
+        blocks[:, at:at + 2] = rng.uniform(0.001, 0.01, (blocks.shape[0], 1)).astype(
+            np.float16).view(np.uint8)
+    return data
 
 
 def _write_gguf(model, path, qtypes):
@@ -126,7 +143,8 @@ def _write_gguf(model, path, qtypes):
             elif short == "attn_k":
                 w = _permute(w, cfg.num_key_value_heads)
             qtype = gguf.GGMLQuantizationType[qtypes[(i + j) % len(qtypes)]]
-            data = gguf.quants.quantize(w, qtype)
+            data = _k_quant_blocks(w.shape, qtype) if qtype.name in K_HALVES else \
+                gguf.quants.quantize(w, qtype)
             writer.add_tensor(f"blk.{i}.{short}.weight", data, raw_shape=data.shape,
                               raw_dtype=qtype)
     writer.write_header_to_file()
@@ -144,7 +162,7 @@ def _model(seed=0, **overrides):
 def test_quantize_model_matches_the_dequantized_model(tmp_path):
     model = _model()
     path = tmp_path / "tiny.gguf"
-    _write_gguf(model, path, ("Q8_0", "Q4_0", "Q5_0"))
+    _write_gguf(model, path, ("Q8_0", "Q4_0", "Q5_0", "Q4_K", "Q6_K"))
     reference_model = _model()
     quantized = dqt.quantize_model(_model(), path)
     swapped = [name for name, m in quantized.named_modules() if isinstance(m, dqt.QuantLinear)]
@@ -157,7 +175,7 @@ def test_quantize_model_matches_the_dequantized_model(tmp_path):
         reference_model.get_submodule(name).weight.data = torch.from_numpy(w.dequantize("f32"))
     # the Q rows match the model's own (the permutation undone), not llama.cpp's order
     q_proj = quantized.model.layers[0].self_attn.q_proj
-    w = QuantizedWeight.from_tensors(q_proj.format, q_proj.weight_tensors, (64, 64))
+    w = QuantizedWeight.from_tensors(q_proj.format, q_proj.weight_tensors, (256, 256))
     original = model.model.layers[0].self_attn.q_proj.weight.detach().numpy()
     assert np.abs(w.dequantize("f32") - original).max() < 0.05 * np.abs(original).max()
     ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
