@@ -2,8 +2,8 @@
 gradient by the transposed kernel bit for bit ``reference.linear(dy, W.T)``, the op clean
 under opcheck, ``torch.compile(fullgraph=True)`` and ``torch.export``; and end to end, a
 small transformers Llama whose linears come from a GGUF file (Q8_0, Q4_0, Q5_0 by gguf-py;
-Q4_K, Q6_K from valid random blocks; the Q/K
-rows permuted as llama.cpp's converter writes them) through ``quantize_model``: logits
+Q4_K, Q6_K from valid random blocks; the Q/K rows permuted as llama.cpp's converter writes
+them) through ``quantize_model``: logits
 within the documented bound of the same model holding the dequantized weights in f32, the
 same greedy tokens, and no float copy of any weight."""
 
