@@ -91,7 +91,18 @@ WEIGHTS = {
     "s4": lambda rng: family_weight(rng, "s4", 5, 36, 12),
     "fp8": lambda rng: fp8_weight(rng, 19, 37, (8, 16)),       # partial blocks both ways
     "floatzp": lambda rng: floatzp_weight(rng, 19, 96, 32, "bf16"),
+    "mlx3": lambda rng: mlx_3bit_weight(rng, 9, 128),
 }
+
+
+def mlx_3bit_weight(rng, n, k):
+    """MLX affine, 3-bit values straddling words, bf16 scales and biases (its values round
+    to bf16 at each step, so the linear decodes them in bf16)."""
+    from dqgen.formats.weight_readers import mlx_weight
+    words = rng.integers(0, 2**32, (n, k * 3 // 32), dtype=np.uint64).astype(np.uint32)
+    scales = (rng.random((n, k // 64)) * 0.1).astype(ml_dtypes.bfloat16)
+    biases = rng.standard_normal((n, k // 64)).astype(ml_dtypes.bfloat16)
+    return mlx_weight(words, scales, biases, 64, 3)
 
 
 def test_a_16_bit_decode_is_the_formats_own_values():
@@ -318,7 +329,7 @@ def test_missing_kernel_names_its_aot_command():
         "-o BUNDLE")
 
 
-@pytest.mark.parametrize("name", ["q4_k", "iq4_xs", "s4", "fp8", "floatzp"])
+@pytest.mark.parametrize("name", ["q4_k", "iq4_xs", "s4", "fp8", "floatzp", "mlx3"])
 def test_cuda_text_in_emulation(name, tmp_path):
     """The CUDA kernel (one thread an output, the weight's values from the format's own
     per-element CUDA code) equals the reference bit for bit in host emulation, both
@@ -347,7 +358,7 @@ def test_nvrtc_compiles_the_cuda_text():
     if not nvrtc.nvrtc_available():
         pytest.skip("NVRTC is not installed")
     rng = np.random.default_rng(15)
-    for name in ("q4_k", "u4", "fp8", "floatzp"):
+    for name in ("q4_k", "u4", "fp8", "floatzp", "mlx3"):
         weight = WEIGHTS[name](rng)
         for transpose in (False, True):
             desc = LinearDescriptor(weight.descriptor, 0, 0, 0, "f16", bias=not transpose,

@@ -131,7 +131,7 @@ class MlxKind(FormatKind):
         return LinearView(
             slices={"q": RowSlice(1, bits, 32), "scales": RowSlice(1, 1, g),
                     "biases": RowSlice(1, 1, g)},
-            sizes={"rows": (0, 1), "cols": (1, 1)}, k_multiple=g,
+            sizes={"rows": (0, 1), "cols": (1, 1)}, k_multiple=g, cuda_value="mlx",
             decode=MlxDequantizeDescriptor(0, 0, **same),
             sized=lambda n, k: MlxDequantizeDescriptor(n, k, **same))
 
