@@ -256,3 +256,22 @@ def test_a_cuda_array_is_refused_by_name():
                                     "version": 3}
     with pytest.raises(UnsupportedError, match="weight is a CUDA array; the fused linear runs on the CPU"):
         readers.int8_weight(DeviceArray(), np.ones(2, np.float32))
+
+
+@pytest.mark.parametrize("name", ["bnb4_nf4", "bnb4_nf4_dq", "int8", "mlx_f16"])
+def test_cuda_text_in_emulation(name, tmp_path):
+    """The CUDA linear reads these weights through their kernels' own per-element CUDA
+    code (cuda/values.j2) and equals the reference in host emulation."""
+    import ml_dtypes
+    from test_formats_cuda import needs_gxx, run_emulated
+    from dqgen.layouts.linear import LinearDescriptor
+    if needs_gxx.args[0]:
+        pytest.skip(needs_gxx.kwargs["reason"])
+    weight, _ = WEIGHTS[name]()
+    n, k = weight.shape
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((2, k)).astype(ml_dtypes.bfloat16)
+    desc = LinearDescriptor(weight.descriptor, 2, n, k, "bf16", "f32")
+    y = np.zeros((2, n), np.float32)
+    run_emulated(desc, [*weight.arrays.values(), x, y], [2, n, k], y.size, tmp_path)
+    assert_bits_equal(y, expected(weight, x, None, np.float32))

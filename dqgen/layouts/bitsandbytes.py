@@ -239,7 +239,7 @@ class Bnb4bitKind(_BnbKind):
                           offset=RowSlice(0, 0))
         same = dict(blocksize=bs, nested_blocksize=nested, float_dtype=DType.F32)
         return LinearView(slices=slices, sizes={"rows": (0, 1), "cols": (1, 1)}, k_multiple=step,
-                          decode=Bnb4bitDescriptor(0, 0, **same),
+                          cuda_value="bnb", decode=Bnb4bitDescriptor(0, 0, **same),
                           sized=lambda n, k: Bnb4bitDescriptor(n, k, **same))
 
     def aot_candidates(self, op, value):
@@ -290,7 +290,7 @@ class Bnb8bitKind(_BnbKind):
     def linear_view(self, desc):
         # a row is its own: K int8 values and one SCB
         return LinearView(slices={"w": RowSlice(), "scb": RowSlice(1, 0, 1, 1)},
-                          sizes={"rows": (0, 1), "cols": (1, 1)}, k_multiple=1,
+                          sizes={"rows": (0, 1), "cols": (1, 1)}, k_multiple=1, cuda_value="bnb",
                           decode=Bnb8bitDescriptor(0, 0, DType.F32),
                           sized=lambda n, k: Bnb8bitDescriptor(n, k, DType.F32))
 
