@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dqgen import InvalidProblemError, UnsupportedError, reference, verify
+from dqgen import InvalidProblemError, reference, verify
 from dqgen.formats.plan import FormatPlan
 from dqgen.formats.weight import QuantizedWeight, linear
 from dqgen.jit import descriptor_record
@@ -276,9 +276,15 @@ def test_transposed_product_is_the_gradient_of_x(name):
               "q8_0": lambda: ggml_weight(rng, "Q8_0", 35, 320),
               "fp8": lambda: fp8_weight(rng, 33, 600, (128, 128))}.get(
         name, lambda: WEIGHTS[name](rng))()
+    check_transposed(weight, rng, ((1, 1), (3, 2), (17, 2)))
+
+
+def check_transposed(weight, rng, cases) -> None:
+    """dx = dy @ W by the transposed kernel, for each (rows of dy, threads), bit for bit
+    reference.linear over W's transpose."""
     n, k = weight.shape
     w = weight.dequantize("f32")
-    for m, threads in ((1, 1), (3, 2), (17, 2)):
+    for m, threads in cases:
         dy = rng.standard_normal((m, n)).astype(ml_dtypes.bfloat16)
         desc = LinearDescriptor(weight.descriptor, m, n, k, "bf16", "f32", transpose=True)
         plan = FormatPlan.select(desc, preference=PlanPreference(num_threads=threads))

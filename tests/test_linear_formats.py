@@ -15,14 +15,12 @@ import pytest
 
 from dqgen import InvalidProblemError, UnsupportedError, reference
 from dqgen.formats import weight_readers as readers
-from dqgen.formats.plan import FormatPlan
 from dqgen.formats.weight import QuantizedWeight, linear
 from dqgen.ir import DType
 from dqgen.layouts.bitsandbytes import Bnb4bitDescriptor
 from dqgen.layouts.fp4 import Fp4DequantizeDescriptor
 from dqgen.layouts.linear import LinearDescriptor
 from dqgen.layouts.mlx import MLX, MlxDequantizeDescriptor
-from dqgen.plans import PlanPreference
 from formats_util import assert_bits_equal
 
 torch = pytest.importorskip("torch")
@@ -180,17 +178,9 @@ def test_linear_is_the_reference_of_the_weights_values(name, x_dtype):
 def test_transposed_product_reads_the_same_rows(name):
     """dx = dy @ W in chunks of W's columns (the double-quantized weight: a nested block a
     chunk), on 1 and 2 threads."""
+    from test_linear import check_transposed
     weight, _ = WEIGHTS[name]()
-    n, k = weight.shape
-    w = weight.dequantize("f32")
-    rng = np.random.default_rng(6)
-    for m, threads in ((1, 1), (3, 2)):
-        dy = rng.standard_normal((m, n)).astype(ml_dtypes.bfloat16)
-        desc = LinearDescriptor(weight.descriptor, m, n, k, "bf16", "f32", transpose=True)
-        plan = FormatPlan.select(desc, preference=PlanPreference(num_threads=threads))
-        dx = np.empty((m, k), np.float32)
-        plan.run({**weight.arrays, "x": dy, "y": dx})
-        assert_bits_equal(dx, reference.linear(dy, w.T, None, np.float32))
+    check_transposed(weight, np.random.default_rng(6), ((1, 1), (3, 2)))
 
 
 def test_double_quantized_absmax_stay_codes_where_rows_are_whole_nested_blocks():

@@ -22,7 +22,7 @@ from dqgen.formats.weight import QuantizedWeight  # noqa: E402
 from formats_util import assert_bits_equal  # noqa: E402
 from oracles import checkpoints as oracle  # noqa: E402
 from oracles import peers  # noqa: E402
-from test_torch_linear import NAMES, _model  # noqa: E402
+from test_torch_linear import NAMES, _model, assert_same_outputs  # noqa: E402
 
 BITS, GROUP = 4, 32
 
@@ -91,15 +91,7 @@ def test_quantize_model_from_a_gptq_directory(tmp_path, act_order):
         w = QuantizedWeight(w.descriptor, w.arrays, w.shape, q.column_order)
         assert_bits_equal(w.dequantize("f16"), loaded[name])   # what GPTQModel loads
         reference_model.get_submodule(name).weight.data = torch.from_numpy(w.dequantize("f32"))
-    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
-    with torch.no_grad():
-        got = quantized(ids).logits
-        want = reference_model(ids).logits
-    assert (got - want).abs().max() < 1e-4 * want.abs().max()
-    with torch.no_grad():
-        a = quantized.generate(ids, max_new_tokens=8, do_sample=False)
-        b = reference_model.generate(ids, max_new_tokens=8, do_sample=False)
-    assert torch.equal(a, b)
+    assert_same_outputs(quantized, reference_model)
 
 
 def test_a_checkpoint_that_does_not_fit_the_model_is_refused(tmp_path):
