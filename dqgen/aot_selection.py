@@ -27,7 +27,7 @@ from .isa import host_isa
 from .layouts import aot_ops, kind_for_op, kind_of, kinds
 from .layouts.family import OP_NAMES, OPS, make_descriptor, op_class  # noqa: F401  (dqgen.aot's)
 from .layouts.ggml import ggml_type_names
-from .layouts.registry import descriptor_classes
+from .layouts.registry import descriptor_from_record as registry_descriptor_from_record
 from .lower import lower
 from .spec import KernelSpec
 
@@ -429,15 +429,5 @@ def _flags_of_command(words: list) -> dict:
 
 
 def descriptor_from_record(record: dict, **sizes):
-    """The descriptor a ``descriptor_record`` describes, with ``sizes`` (e.g. ``outer=4``)
-    replacing its runtime sizes; validated like any descriptor."""
-    import dataclasses
-    classes = descriptor_classes()
-    if not isinstance(record, dict) or record.get("class") not in classes:
-        raise InvalidProblemError(f"descriptor record {record!r} names no descriptor class")
-    cls = classes[record["class"]]
-    fields = {f.name: record[f.name] for f in dataclasses.fields(cls) if f.name in record}
-    if "qtype" in fields:
-        fields["qtype"] = ir.Layout(fields["qtype"])
-    fields.update({k: v for k, v in sizes.items() if k in fields})
-    return cls(**fields)
+    """The descriptor a ``descriptor_record`` describes (``layouts.registry``'s reading)."""
+    return registry_descriptor_from_record(record, **sizes)

@@ -27,14 +27,11 @@ straight-through pair lives in ``fake_quantize_per_group``, whose input gradient
 (SPEC.md sections 3 and 4, each formula bit for bit). Gradients for ``scale`` are torch code
 (per-group sums, in the compute type): the exact derivative for ``dequantize_per_group``
 and the backward ops, LSQ's estimator for ``fake_quantize_per_group``. The format ops have
-no gradient.
+no gradient; ``linear``'s x has one (``linear_backward``), its quantized weight none.
 """
 
-import functools
 import inspect
 from typing import List, Optional
-
-import ml_dtypes
 
 try:
     import torch
@@ -43,7 +40,6 @@ except ImportError as exc:  # dqgen itself needs no torch; only this module does
                       "dqgen's kernels as torch operators", name="torch") from exc
 
 from dqgen import api
-from dqgen.formats import weight as weight_mod
 from dqgen.errors import InvalidProblemError, UnsupportedError
 from dqgen.formats import awq, floatzp, ggml, gptq, hqq, packed
 from dqgen.ir import (FLOAT_DTYPES, byte_storage_for, GPTQ_BITS, GPTQ_V1_ZEROS, HQQ_BITS, INT_DTYPES,

@@ -30,7 +30,7 @@ from ..errors import InvalidProblemError, UnsupportedError
 from ..ir import DType, Layout, Op, check_int, parse_dtype
 from ..spec import CONVERT, Param, cuda_float_headers, pointer
 from .own_loop import own_loop_spec
-from .registry import FormatKind, descriptor_classes, kind_for_op, kind_of, register
+from .registry import FormatKind, descriptor_from_record, kind_for_op, kind_of, register
 
 LANES = 16
 LINEAR_DTYPES = (DType.F32, DType.F16, DType.BF16)
@@ -56,16 +56,7 @@ SUM_FLOATS = 1 << 20
 def _weight_from(value):
     """A weight descriptor, or one rebuilt from its record (a kernel record's nested
     ``weight``)."""
-    if isinstance(value, dict):
-        classes = descriptor_classes()
-        cls = classes.get(value.get("class"))
-        if cls is None:
-            raise InvalidProblemError(f"weight record {value!r} names no descriptor class")
-        fields = {f.name: value[f.name] for f in dataclasses.fields(cls) if f.name in value}
-        if "qtype" in fields:
-            fields["qtype"] = Layout(fields["qtype"])
-        return cls(**fields)
-    return value
+    return descriptor_from_record(value) if isinstance(value, dict) else value
 
 
 @dataclass(frozen=True)
@@ -299,7 +290,8 @@ class LinearKind(FormatKind):
 
     def oracle(self, desc, arrays):
         weight = desc.view.sized(desc.n, desc.k)
-        w = kind_of(weight).oracle(weight, {**arrays, "y": np.empty((desc.n, desc.k), np.float32)})
+        y = np.empty((desc.n, desc.k), np.float32)
+        w = kind_of(weight).oracle(weight, {**arrays, "y": y})
         w = np.asarray(w, np.float32).reshape(desc.n, desc.k)
         if desc.transpose:
             return reference.linear(arrays["x"], w.T, None, desc.y_dtype.np_dtype)

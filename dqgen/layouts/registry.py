@@ -10,6 +10,7 @@ tests its class, so a new format is one module that registers its kind.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -161,6 +162,22 @@ def descriptor_classes() -> dict[str, type]:
             found.setdefault(c.__name__, c)
             stack.extend(c.__subclasses__())
     return found
+
+
+def descriptor_from_record(record: dict, **sizes):
+    """The descriptor a kernel record (``{"class": ..., fields}``) describes, with ``sizes``
+    (e.g. ``outer=4``) replacing its run-time sizes; validated like any descriptor."""
+    from ..errors import InvalidProblemError
+    from ..ir import Layout
+    classes = descriptor_classes()
+    if not isinstance(record, dict) or record.get("class") not in classes:
+        raise InvalidProblemError(f"descriptor record {record!r} names no descriptor class")
+    cls = classes[record["class"]]
+    fields = {f.name: record[f.name] for f in dataclasses.fields(cls) if f.name in record}
+    if "qtype" in fields:
+        fields["qtype"] = Layout(fields["qtype"])
+    fields.update({k: v for k, v in sizes.items() if k in fields})
+    return cls(**fields)
 
 
 def kind_for_op(op: str) -> FormatKind:
