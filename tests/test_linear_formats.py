@@ -147,7 +147,19 @@ WEIGHTS = {
     "mlx_f32": lambda: mlx("f32"),
     "mlx_f16": lambda: mlx("f16", k=128, group_size=64, bits=4),
     "mlx_bf16": lambda: mlx("bf16"),
+    "hqq4_f16": lambda: hqq_layer(4, "f16"),
 }
+
+
+def hqq_layer(bits, dtype):
+    """An HQQ layer from HQQ's own quantizer, and its own dequantized values."""
+    from test_hqq import _hqq, _np, _quantized
+    torch, Quantizer = _hqq()
+    tdtype = {"f16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    W_q, meta = _quantized(torch, Quantizer, bits, tdtype, optimize=True)
+    want = _np(Quantizer.dequantize(W_q, meta))
+    return readers.hqq_weight(W_q, meta["scale"], meta["zero"], bits, meta["shape"],
+                              meta["group_size"]), want.astype(np.float32)
 
 
 def expected(weight, x, bias, y_dtype):
@@ -248,7 +260,7 @@ def test_a_cuda_array_is_refused_by_name():
         readers.int8_weight(DeviceArray(), np.ones(2, np.float32))
 
 
-@pytest.mark.parametrize("name", ["bnb4_nf4", "bnb4_nf4_dq", "int8", "mlx_f16"])
+@pytest.mark.parametrize("name", ["bnb4_nf4", "bnb4_nf4_dq", "int8", "mlx_f16", "hqq4_f16"])
 def test_cuda_text_in_emulation(name, tmp_path):
     """The CUDA linear reads these weights through their kernels' own per-element CUDA
     code (cuda/values.j2) and equals the reference in host emulation."""
@@ -265,3 +277,27 @@ def test_cuda_text_in_emulation(name, tmp_path):
     y = np.zeros((2, n), np.float32)
     run_emulated(desc, [*weight.arrays.values(), x, y], [2, n, k], y.size, tmp_path)
     assert_bits_equal(y, expected(weight, x, None, np.float32))
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+@pytest.mark.parametrize("bits", [8, 4, 3, 2, 1])
+def test_hqq_weight_is_hqqs_own_and_the_linear_its_reference(bits, dtype):
+    """HQQ (axis=1) through the fused linear: its planes unpacked to bytes once, the values
+    those of HQQ's own ``Quantizer.dequantize``, the product reference.linear's; and the
+    CUDA kernel's emulation for one width."""
+    from test_hqq import _hqq, _np, _quantized
+    torch, Quantizer = _hqq()
+    tdtype = {"f16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    W_q, meta = _quantized(torch, Quantizer, bits, tdtype, optimize=bits != 8)
+    want = _np(Quantizer.dequantize(W_q, meta))
+    weight = readers.hqq_weight(W_q, meta["scale"], meta["zero"], bits, meta["shape"],
+                                meta["group_size"])
+    assert_bits_equal(weight.dequantize(dtype), want)
+    x = np.random.default_rng(bits).standard_normal((3, 128)).astype(np.float32)
+    assert_bits_equal(linear(x, weight), reference.linear(x, want, None, np.float32))
+
+
+def test_hqq_refuses_what_the_linear_cannot_read():
+    with pytest.raises(UnsupportedError, match="axis=0"):
+        readers.hqq_weight(np.zeros((8, 16), np.uint8), np.ones(16, np.float16),
+                           np.ones(16, np.float16), 8, (8, 16), 8, axis=0)

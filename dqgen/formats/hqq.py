@@ -22,14 +22,14 @@ from . import _inputs
 from .plan import FormatPlan
 
 
-def _planes(bits: int) -> tuple[int, int]:
+def plane_layout(bits: int) -> tuple[int, int]:
     """(planes a word, bit offset of plane 0) of HQQ's packing for ``bits``."""
     if bits == 3:
         return 10, 27
     return 8 // bits, 8 - bits
 
 
-def _words(W_q, bits: int) -> np.ndarray:
+def plane_words(W_q, bits: int) -> np.ndarray:
     """``W_q`` as its words: uint8 (int32 for 3 bits); a float view (HQQ's
     ``view_as_float``) or a signed/unsigned twin is viewed, not converted."""
     arr = _inputs.array(W_q, "W_q", 2)
@@ -83,8 +83,8 @@ def dequantize(W_q, scale, zero, nbits: int, shape, group_size=None, axis: int =
         raise InvalidProblemError(f"shape={shape} does not hold whole groups of "
                                   f"group_size={gs}")
     rows, cols = (numel // gs, gs) if axis == 1 else (gs, numel // gs)
-    words = _words(W_q, bits)
-    planes, top = _planes(bits)
+    words = plane_words(W_q, bits)
+    planes, top = plane_layout(bits)
     step = words.shape[0]
     if words.shape[1] != cols or not (planes * (step - 1) < rows <= planes * step
                                       if bits == 3 else rows == planes * step):

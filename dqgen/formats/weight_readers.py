@@ -15,6 +15,9 @@ read in place (only tables and scalars are converted):
   (compressed-tensors ``nvfp4-pack-quantized`` / ``mxfp4-pack-quantized``).
 - ``mlx_weight``: MLX affine; each step rounds to the scales' dtype, so the values are
   that dtype's (the linear decodes a row in it and widens it exactly).
+- ``hqq_weight`` (``hqq.dequantize``'s arguments, ``axis=1``): the planes of HQQ's
+  ``BitPack`` words unpacked once to one byte a value (exact), read by HQQ's 8-bit kernel:
+  ``F(F(q - zero) * scale)``, values of F.
 
 ``layer_weight`` reads a bitsandbytes layer of a state dict by its prefix.
 """
@@ -271,3 +274,41 @@ def _matrix_shape(shape) -> tuple[int, int]:
     if math.prod((n, k)) > 2**62:
         raise InvalidProblemError(f"shape={dims} does not fit int64")
     return n, k
+
+
+# --- HQQ ------------------------------------------------------------------------------
+
+def hqq_weight(W_q, scale, zero, nbits: int, shape, group_size=None,
+               axis: int = 1) -> QuantizedWeight:
+    """An HQQ weight (``hqq.dequantize``'s arguments) ``[N, K]``, groups of ``group_size``
+    along K (``axis=1``, HQQLinear's default): its packed planes unpacked to bytes."""
+    from ..ir import HqqDequantizeDescriptor
+    from . import hqq
+    if axis != 1:
+        raise UnsupportedError(f"axis={axis!r}: the fused linear reads HQQ's axis=1 weights "
+                               "(groups along a row); dequantize this one instead")
+    n, k = (check_int(v, "shape", minimum=0) for v in shape)
+    gs = k if group_size is None else check_int(group_size, "group_size", minimum=1)
+    if k % gs:
+        raise InvalidProblemError(f"shape={tuple(shape)}: K={k} is not whole groups of "
+                                  f"group_size={gs}")
+    bits = check_int(nbits, "nbits", minimum=0)
+    words = hqq.plane_words(_host(W_q, "W_q"), bits)
+    planes, top = hqq.plane_layout(bits)
+    rows, step = n * k // gs, words.shape[0]
+    values = np.empty((rows, gs), np.uint8)
+    for j in range(planes):
+        first, last = j * step, min(rows, (j + 1) * step)
+        if first >= last:
+            break
+        shift = top - bits * j if bits != 8 else 0
+        field = (words[:last - first].astype(np.uint32) >> shift) & ((1 << bits) - 1)
+        values[first:last] = field.astype(np.uint8)
+    s = _host(scale, "scale").reshape(n, k // gs)
+    z = _host(zero, "zero").reshape(n, k // gs)
+    if s.dtype != z.dtype or s.dtype.name not in _MLX_FLOATS:
+        raise InvalidProblemError(f"scale and zero are {s.dtype} and {z.dtype}; HQQ's share "
+                                  "one float dtype (f16, bf16 or f32)")
+    desc = HqqDequantizeDescriptor(0, 0, gs, _MLX_FLOATS[s.dtype.name], 8)
+    return QuantizedWeight(desc, {"q": values.reshape(n, k), "scale": s, "zero_point": z},
+                           (n, k))

@@ -8,9 +8,9 @@ import itertools
 import numpy as np
 
 from .. import reference
-from ..ir import HqqDequantizeDescriptor
+from ..ir import DType, HqqDequantizeDescriptor
 from .family import PerGroupKind
-from .registry import FormatKind, register
+from .registry import FormatKind, LinearView, RowSlice, register
 
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
@@ -36,6 +36,19 @@ class HqqKind(PerGroupKind):
     def extra_sizes(self, desc) -> dict:
         # the plane offset is a run-time argument: the top plane's
         return {"shift": 27 if desc.bits == 3 else 8 - desc.bits}
+
+    def linear_view(self, desc):
+        # a weight whose values are whole bytes (8 bits, or planes unpacked to bytes by
+        # weight_readers.hqq_weight), groups along K: each step rounds to F, so the linear
+        # decodes a row in F and widens it exactly
+        if desc.bits != 8 or desc.float_dtype is DType.F64:
+            return None
+        g, f = desc.group_size, desc.float_dtype
+        return LinearView(
+            slices={"q": RowSlice(), "scale": RowSlice(1, 1, g), "zero_point": RowSlice(1, 1, g)},
+            sizes={"outer": (0, 1), "axis": (1, 1)}, k_multiple=g, cuda_value="per_group",
+            decode=HqqDequantizeDescriptor(0, 0, g, f, 8),
+            sized=lambda n, k: HqqDequantizeDescriptor(n, k, g, f, 8))
 
     def oracle(self, desc, arrays: dict) -> np.ndarray:
         f = desc.float_dtype.np_dtype
