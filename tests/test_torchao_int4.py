@@ -141,6 +141,10 @@ def test_experts_out_and_dtype():
     assert torchao_int4.dequantize(qdata.numpy(), bits(scale), bits(zero), dtype="f32",
                                    out=out32) is out32
     assert_bits_equal(out32, want.astype(np.float32))
+    out16 = torch.empty(3, 4, 128, dtype=torch.float16)
+    assert torchao_int4.dequantize(qdata, scale, zero, dtype="f16", out=out16) is out16
+    with np.errstate(over="ignore"):   # bf16 beyond f16's range: inf, as torch's .to
+        assert_bits_equal(bits(out16), want.astype(np.float16))
 
 
 def test_refusals_name_the_argument():

@@ -150,7 +150,14 @@ def _as_dtype(result, dtype: DType):
 
 
 def _write(out, value):
-    """``value`` written into the caller's ``out`` (a host array or CPU tensor)."""
+    """``value`` written into the caller's ``out`` (a host array, or a torch tensor where
+    the result is one: on its device)."""
+    if is_torch(out) and is_torch(value):
+        if out.dtype != value.dtype or tuple(out.shape) != tuple(value.shape):
+            raise InvalidProblemError(f"out has dtype {out.dtype} and shape "
+                                      f"{tuple(out.shape)}, expected {value.dtype} "
+                                      f"{tuple(value.shape)}")
+        return out.copy_(value)
     target = to_numpy(out, "out")
     got = to_numpy(value, "result")
     if target.dtype != got.dtype or target.shape != got.shape:
@@ -164,8 +171,8 @@ def _write(out, value):
 
 def dequantize(qdata, scale=None, zero_point=None, group_size=None, dtype=None, device=None,
                out=None):
-    """``W = F(F(q * scale) + zero_point)`` ``[..., N, K]``: an ``Int4Tensor``'s weight,
-    bit for bit what mslk's kernel behind its linear multiplies with.
+    """``W = F(F(q * scale) + zero_point)`` ``[..., N, K]``: an ``Int4Tensor``'s weight
+    as the CUTLASS source of mslk's kernel behind its linear computes it.
 
     ``qdata``: an ``Int4Tensor`` (alone), or its int8 ``qdata [..., N, K / 2]`` with
     ``scale`` and ``zero_point [..., K / group_size, N]`` (transposed, of the weight's
