@@ -1,6 +1,8 @@
-"""compressed-tensors' integer formats (llm-compressor checkpoints): pack-quantized 4- and
-8-bit (symmetric or with packed zero points; group, channel and tensor scales) and
-int-/naive-quantized int8, bit for bit with the library's own compressors' decompress."""
+"""compressed-tensors' integer formats (llm-compressor checkpoints): pack-quantized 1- to
+8-bit (symmetric or with packed zero points; group, channel and tensor scales; act-order
+g_idx) and int-/naive-quantized int8, bit for bit with the library's own compressors'
+decompress (act-order: the library's unpacking and dequantize, sorted by g_idx as its
+0.18 decompress did)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ from formats_util import assert_bits_equal, random_f16
 torch = pytest.importorskip("torch")
 ctc = pytest.importorskip("compressed_tensors.compressors",
                           reason="compressed-tensors (the oracle) is not installed")
-from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32  # noqa: E402
+from compressed_tensors.compressors.pack_quantized.helpers import (  # noqa: E402
+    pack_to_int32, unpack_from_int32)
+from compressed_tensors.quantization.lifecycle.forward import dequantize  # noqa: E402
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme  # noqa: E402
 from compressed_tensors.quantization.utils import calculate_qparams  # noqa: E402
 
@@ -47,7 +51,7 @@ def same(got, want):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [3, 4, 8])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
 @pytest.mark.parametrize("strategy,group", [("group", 128), ("group", 32), ("channel", None)])
 def test_pack_quantized_matches_the_library(bits, symmetric, strategy, group, dtype):
@@ -58,6 +62,108 @@ def test_pack_quantized_matches_the_library(bits, symmetric, strategy, group, dt
     got = ct.dequantize_packed(state["weight_packed"], state["weight_scale"],
                                state["weight_shape"], state.get("weight_zero_point"), bits)
     same(got, want)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("strategy,group,k", [("group", 16, 80), ("channel", None, 101),
+                                              ("tensor", None, 37)])
+def test_every_width_matches_the_library(bits, symmetric, strategy, group, k):
+    """Every width the library packs; rows that end mid-word (80 values) or mid-byte (101,
+    37: odd K at 4 bits too), 40 zero points a column ending mid-word, an asymmetric
+    tensor's zero point left unpacked (int8)."""
+    torch.manual_seed(bits + 3 * symmetric)
+    w = torch.randn(40, k, dtype=torch.bfloat16)
+    state, want = compressed(ctc.PackedQuantizationCompressor, w, bits, symmetric, strategy,
+                             group)
+    got = ct.dequantize_packed(state["weight_packed"], state["weight_scale"],
+                               state["weight_shape"], state.get("weight_zero_point"), bits)
+    same(got, want)
+
+
+def act_order_layer(bits, symmetric, n, k, group, dtype, seed):
+    """Random stored values, zero points, scales and a g_idx (each group's columns
+    scattered over K), packed by the library; and the library's dequantize of them sorted
+    by g_idx and put back, as ``_process_group`` did when decompress passed g_idx (up to
+    compressed-tensors 0.18)."""
+    rng = np.random.default_rng(seed)
+    lo, hi = -(1 << (bits - 1)), 1 << (bits - 1)
+    q = torch.from_numpy(rng.integers(lo, hi, (n, k), dtype=np.int8))
+    z = torch.from_numpy(rng.integers(lo, hi, (n, k // group), dtype=np.int8))
+    scale = torch.from_numpy(random_f16(rng, (n, k // group), extreme=False)
+                             .astype(np.float32)).to(dtype)
+    g_idx = torch.from_numpy(rng.permutation(np.arange(k) // group).astype(np.int32))
+    packed = pack_to_int32(q, bits)
+    packed_z = None if symmetric else pack_to_int32(z, bits, packed_dim=0)
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group",
+                            group_size=group)
+    perm = torch.argsort(g_idx)
+    unpacked_z = None if symmetric else unpack_from_int32(packed_z, bits, z.shape, packed_dim=0)
+    sorted_w = dequantize(unpack_from_int32(packed, bits, q.shape).index_select(-1, perm),
+                          scale, unpacked_z, args)
+    return (packed, scale, packed_z, g_idx), sorted_w.index_select(-1, torch.argsort(perm))
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_act_order_matches_the_library(bits, symmetric, dtype):
+    (packed, scale, packed_z, g_idx), want = act_order_layer(bits, symmetric, 40, 80, 16,
+                                                             dtype, bits)
+    got = ct.dequantize_packed(packed, scale, (40, 80), packed_z, bits, weight_g_idx=g_idx)
+    same(got, want)
+
+
+def test_act_order_out_numpy_and_column_order():
+    """``out`` is written in column order; a g_idx in column order, or holding -1 (never
+    filled in: the library reads column order), gives what no g_idx gives."""
+    (packed, scale, packed_z, g_idx), want = act_order_layer(3, False, 24, 64, 16,
+                                                             torch.float16, 1)
+    out = np.empty((24, 64), np.float16)
+    got = ct.dequantize_packed(packed.numpy(), scale.numpy(), (24, 64), packed_z.numpy(), 3,
+                               out=out, weight_g_idx=g_idx.numpy())
+    assert got is out
+    assert_bits_equal(out, want.numpy())
+    plain = ct.dequantize_packed(packed, scale, (24, 64), packed_z, 3)
+    in_order = torch.arange(64, dtype=torch.int32) // 16
+    unfilled = torch.full((64,), -1, dtype=torch.int32)
+    for g in (in_order, unfilled):
+        same(ct.dequantize_packed(packed, scale, (24, 64), packed_z, 3, weight_g_idx=g), plain)
+
+
+def test_act_order_bad_g_idx():
+    (packed, scale, packed_z, g_idx), _ = act_order_layer(5, True, 8, 32, 16, torch.float32, 2)
+    uneven = torch.arange(32, dtype=torch.int32) % 2    # 16 each, but 0 1 0 1 ...
+    uneven[:2] = 0                                      # 17 in group 0
+    with pytest.raises(InvalidProblemError, match="weight_g_idx puts 17 columns in group 0; "
+                       "every group holds K / groups = 16"):
+        ct.dequantize_packed(packed, scale, (8, 32), None, 5, weight_g_idx=uneven)
+    with pytest.raises(InvalidProblemError, match=r"weight_g_idx\[0\]=2 is out of range"):
+        ct.dequantize_packed(packed, scale, (8, 32), None, 5,
+                             weight_g_idx=torch.full((32,), 2, dtype=torch.int32))
+    with pytest.raises(InvalidProblemError, match=r"weight_g_idx has dtype int32 and shape "
+                       r"\(31,\)"):
+        ct.dequantize_packed(packed, scale, (8, 32), None, 5, weight_g_idx=g_idx[:31])
+
+
+def older_layout(q, bits):
+    """compressed-tensors' packing before 0.18: ``32 // bits`` values a word, the top
+    ``32 % bits`` bits zero."""
+    per_word = 32 // bits
+    n, k = q.shape
+    stored = (q.numpy().astype(np.int64) + (1 << (bits - 1)))
+    stored = np.pad(stored, ((0, 0), (0, -k % per_word))).reshape(n, -1, per_word)
+    shifts = np.arange(per_word, dtype=np.int64) * bits
+    return torch.from_numpy((stored << shifts).sum(-1).astype(np.uint32).view(np.int32))
+
+
+def test_the_older_padded_layout_is_refused_by_name():
+    q = torch.zeros(4, 128, dtype=torch.int8)
+    packed = older_layout(q, 3)                    # 13 words a row, not 12
+    assert packed.shape == (4, 13)
+    with pytest.raises(UnsupportedError, match="3-bit values 10 to a word, the layout "
+                       "compressed-tensors wrote before 0.18"):
+        ct.dequantize_packed(packed, torch.ones(4, 1), (4, 128), None, 3)
 
 
 def test_pack_quantized_special_scales_and_every_value():
@@ -106,8 +212,8 @@ def test_bad_inputs():
     state, _ = compressed(ctc.PackedQuantizationCompressor, torch.randn(16, 64), 4, True,
                           "group", 32)
     packed, scale = state["weight_packed"], state["weight_scale"]
-    with pytest.raises(UnsupportedError, match="num_bits=3"):
-        ct.dequantize_packed(packed, scale, (16, 64), None, 3)
+    with pytest.raises(UnsupportedError, match="num_bits=9"):
+        ct.dequantize_packed(packed, scale, (16, 64), None, 9)
     with pytest.raises(InvalidProblemError, match=r"weight_packed has dtype int32 and shape "
                        r"\(16, 8\); expected int32 \[16, 16\]"):
         ct.dequantize_packed(packed, scale, (16, 128), None, 4)
