@@ -31,10 +31,12 @@ written back first:
   written (the kernels' share);
 - ``dqgen convert`` of a tiny checkpoint: the command's fixed cost.
 
-Convert and baseline alternate (convert, baseline, baseline, convert, ...); the best of
-``--repeat`` each is reported, with the CPUs other processes kept busy meanwhile (the
-machine's busy time less the child's own CPU time). The first conversion's output is
-checked: every tensor's name, dtype and shape, the copied bf16 tensors byte for byte,
+One conversion runs untimed first (its output is checked, and it makes the first pass
+over fresh memory: on a virtual machine a page the host has not backed yet costs several
+times the system time of one a previous run freed). Then convert and baseline alternate
+(convert, baseline, baseline, convert, ...); the best of ``--repeat`` (default 3) each is
+reported, with each child's user and system CPU seconds and the CPUs other processes kept
+busy meanwhile (the machine's busy time less the child's own). The check: every tensor's name, dtype and shape, the copied bf16 tensors byte for byte,
 ``config.json`` without its quantization config, and FP8 weights with partial blocks on
 either axis bit for bit against DeepSeek-V3's ``weight_dequant`` formula in torch
 (``weight.float() * scale`` per 128 x 128 block, ``.to(torch.bfloat16)``; numpy with
@@ -341,6 +343,7 @@ def measured(cmd: list[str], scratch: Path) -> dict:
     return {"seconds": seconds, "sync_seconds": synced, "peak_rss_bytes": peak_rss * 1024,
             "peak_rss_sampled_bytes": peak["VmHWM"] * 1024,
             "peak_private_bytes": peak["RssAnon"] * 1024, "child_cpu_seconds": child_cpu,
+            "user_seconds": usage.ru_utime, "sys_seconds": usage.ru_stime,
             "others_cpus_busy": max(0.0, (busy - child_cpu) / seconds),
             "stdout": out_path.read_text(errors="replace").strip()}
 
@@ -533,20 +536,22 @@ def run_all(work: Path, args, shards, dims) -> dict:
 
     out = work / "out"
     layout_path = work / "layout.json"
+    # Untimed: the check, the layout the baseline copies, and the first pass over fresh
+    # memory (on a virtual machine, pages the host has not backed yet cost several times
+    # more system time to fill than pages freed by a previous run).
+    measured(convert_cmd(src, fresh(out), args.jobs), work)
+    layout_path.write_text(json.dumps(output_layout(out)))
+    results["out_bytes"] = sum(p.stat().st_size for p in out.iterdir())
+    print("checking the output ...", flush=True)
+    results["problems"] = check_output(src, out, shards)
     order = []
     for r in range(args.repeat):
         order += ["dqgen convert", "write baseline"] if r % 2 == 0 else [
             "write baseline", "dqgen convert"]
     for i, kind in enumerate(order):
-        last = i == len(order) - 1 or all(k != kind for k in order[i + 1:])
         if kind == "dqgen convert":
             run = measured(convert_cmd(src, fresh(out), args.jobs), work)
-            if "problems" not in results:
-                layout_path.write_text(json.dumps(output_layout(out)))
-                results["out_bytes"] = sum(p.stat().st_size for p in out.iterdir())
-                print("checking the output ...", flush=True)
-                results["problems"] = check_output(src, out, shards)
-            if not (args.keep and last):
+            if not (args.keep and kind not in order[i + 1:]):
                 fresh(out)
         else:
             base = fresh(work / "baseline")
@@ -554,8 +559,9 @@ def run_all(work: Path, args, shards, dims) -> dict:
             run = measured(me + ["--child-write", str(base), str(layout_path)], work)
             fresh(base)
         results["runs"][kind].append(run)
-        print(f"  {kind}: {run['seconds']:.2f} s (+ sync {run['sync_seconds']:.2f} s), "
-              f"others kept {run['others_cpus_busy']:.2f} CPUs busy", flush=True)
+        print(f"  {kind}: {run['seconds']:.2f} s (+ sync {run['sync_seconds']:.2f} s), CPU "
+              f"{run['user_seconds']:.2f} user + {run['sys_seconds']:.2f} sys; others kept "
+              f"{run['others_cpus_busy']:.2f} CPUs busy", flush=True)
     for kind, runs in results["runs"].items():
         results[kind] = min(runs, key=lambda r: r["seconds"])
     dq = measured(me + ["--child-dequantize", str(src)], work)
@@ -574,15 +580,15 @@ def table(results: dict, info: dict, ckpt: dict) -> str:
              f"({ckpt['fp8_tensors']} weights, 128 x 128 blocks) + "
              f"{ckpt['bf16_bytes'] / GB:.2f} GB bf16 in, {out_bytes / GB:.2f} GB bf16 out", "",
              "| run | seconds | written GB/s | vs write baseline | + sync s | to disk GB/s "
-             "| peak RSS | peak private | others' CPUs busy |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| CPU user + sys s | peak RSS | peak private | others' CPUs busy |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for label, key in (("`dqgen convert --dtype bf16`", "dqgen convert"),
                        ("write baseline (same files, dqgen's Writer, one buffer)",
                         "write baseline")):
         r = results[key]
         s, sync = r["seconds"], r["sync_seconds"]
         lines.append(f"| {label} | {s:.2f} | {out_bytes / s / GB:.2f} | {s / base:.2f}x | "
-                     f"{sync:.2f} | {out_bytes / (s + sync) / GB:.2f} | "
+                     f"{sync:.2f} | {out_bytes / (s + sync) / GB:.2f} | {_cpu(r)} | "
                      f"{r['peak_rss_bytes'] / 2**20:.0f} MiB | "
                      f"{r['peak_private_bytes'] / 2**20:.0f} MiB | "
                      f"{r['others_cpus_busy']:.2f} |")
@@ -590,11 +596,11 @@ def table(results: dict, info: dict, ckpt: dict) -> str:
     s = dq["seconds_in_process"]
     lines.append(f"| dequantize only (every FP8 weight into one buffer, no file; in-process "
                  f"time) | {s:.2f} | {ckpt['fp8_bytes'] * 2 / s / GB:.2f} (bf16 made) | "
-                 f"{s / base:.2f}x | - | - | {dq['peak_rss_bytes'] / 2**20:.0f} MiB | "
+                 f"{s / base:.2f}x | - | - | {_cpu(dq)} | {dq['peak_rss_bytes'] / 2**20:.0f} MiB | "
                  f"{dq['peak_private_bytes'] / 2**20:.0f} MiB | {dq['others_cpus_busy']:.2f} |")
     fx = results["fixed cost"]
     lines.append(f"| `dqgen convert` of a {ckpt['tiny_bytes'] / 1e6:.1f} MB checkpoint (the "
-                 f"fixed cost) | {fx['seconds']:.2f} | - | - | - | - | "
+                 f"fixed cost) | {fx['seconds']:.2f} | - | - | - | - | {_cpu(fx)} | "
                  f"{fx['peak_rss_bytes'] / 2**20:.0f} MiB | "
                  f"{fx['peak_private_bytes'] / 2**20:.0f} MiB | {fx['others_cpus_busy']:.2f} |")
     conv = results["dqgen convert"]
@@ -608,12 +614,22 @@ def table(results: dict, info: dict, ckpt: dict) -> str:
               f"{conv['peak_private_bytes'] / largest:.2f}x it.",
               "Every run (seconds): " + "; ".join(
                   f"{k}: " + ", ".join(f"{r['seconds']:.2f}" for r in runs)
-                  for k, runs in results["runs"].items()),
+                  for k, runs in results["runs"].items()) + f"; medians' ratio "
+              f"{_median(results['runs']['dqgen convert']) / _median(results['runs']['write baseline']):.2f}x "
+              "(the best of each may come from a quieter moment for one of them).",
               "Output check (names, dtypes, shapes, config, index, copied bf16 bytes, "
               "kv_a_proj_with_mqa / gate_proj / down_proj of layer 0 bit for bit against "
               "DeepSeek's formula): " + ("passed" if not results["problems"] else
                                          "FAILED: " + "; ".join(results["problems"]))]
     return "\n".join(lines)
+
+
+def _median(runs: list[dict]) -> float:
+    return float(np.median([r["seconds"] for r in runs]))
+
+
+def _cpu(r: dict) -> str:
+    return f"{r['user_seconds']:.2f} + {r['sys_seconds']:.2f}"
 
 
 def describe(shards) -> dict:
@@ -635,8 +651,8 @@ def main(argv=None) -> int:
                         help="GB (1e9 bytes) of FP8 weights at least (default 2)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: about 0.1 GB of smaller layers, one repeat")
-    parser.add_argument("--repeat", type=int, default=2,
-                        help="convert and baseline runs each, best kept (default 2)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="timed convert and baseline runs each, best kept (default 3)")
     parser.add_argument("-j", "--jobs", type=int, default=None,
                         help="dqgen convert -j (default: dqgen's own)")
     parser.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
