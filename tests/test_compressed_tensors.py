@@ -225,31 +225,11 @@ def test_bad_inputs():
         ct.dequantize_int8(torch.zeros(4, 8), torch.ones(4, 1))
 
 
-def _ct_checkpoint(path):
-    """A small llm-compressor-style checkpoint: config groups of 4-bit asymmetric groups,
-    8-bit symmetric channels, an FP8 block layer (float-quantized), an int8 layer, an
-    ignored float layer; each layer compressed by the library, two shards."""
+def _save_checkpoint(path, tensors, config):
+    """``tensors`` in two shards with an index, and ``config.json``."""
     import json
     st = pytest.importorskip("safetensors.torch")
-    torch.manual_seed(21)
     path.mkdir()
-    tensors, want = {}, {}
-    specs = {"model.layers.0.self_attn.q_proj": (ctc.PackedQuantizationCompressor, 4, False, "group", 32),
-             "model.layers.0.mlp.up_proj": (ctc.PackedQuantizationCompressor, 8, True, "channel", None),
-             "model.layers.0.mlp.down_proj": (ctc.IntQuantizationCompressor, 8, False, "channel", None)}
-    for name, (compressor, bits, sym, strategy, group) in specs.items():
-        state, weight = compressed(compressor, torch.randn(64, 128, dtype=torch.bfloat16), bits,
-                                   sym, strategy, group)
-        tensors.update({f"{name}.{k}": v for k, v in state.items()})
-        want[f"{name}.weight"] = weight
-    fp8_w = torch.randn(200, 300).to(torch.float8_e4m3fn)
-    fp8_s = torch.rand(2, 3) * 0.01
-    tensors["model.layers.0.self_attn.o_proj.weight"] = fp8_w
-    tensors["model.layers.0.self_attn.o_proj.weight_scale"] = fp8_s
-    rows, cols = torch.arange(200) // 128, torch.arange(300) // 128
-    want["model.layers.0.self_attn.o_proj.weight"] = (
-        fp8_w.to(torch.float32) * fp8_s[rows][:, cols]).to(torch.bfloat16)
-    tensors["lm_head.weight"] = torch.randn(8, 64, dtype=torch.bfloat16)
     names = sorted(tensors)
     half = len(names) // 2
     weight_map = {}
@@ -259,29 +239,71 @@ def _ct_checkpoint(path):
         weight_map.update({n: file for n in part})
     (path / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def _ct_checkpoint(path):
+    """A small llm-compressor-style checkpoint: config groups of 4-bit asymmetric groups,
+    8-bit symmetric channels, 3-bit asymmetric act-order groups, 5-bit symmetric channels,
+    7-bit asymmetric groups, an FP8 block layer (float-quantized), an int8 layer, an
+    ignored float layer; each layer compressed by the library (the act-order one packed by
+    it), two shards."""
+    torch.manual_seed(21)
+    tensors, want = {}, {}
+    specs = {"model.layers.0.self_attn.q_proj": (ctc.PackedQuantizationCompressor, 4, False, "group", 32),
+             "model.layers.0.mlp.up_proj": (ctc.PackedQuantizationCompressor, 8, True, "channel", None),
+             "model.layers.0.self_attn.v_proj": (ctc.PackedQuantizationCompressor, 5, True, "channel", None),
+             "model.layers.0.mlp.gate_proj": (ctc.PackedQuantizationCompressor, 7, False, "group", 32),
+             "model.layers.0.mlp.down_proj": (ctc.IntQuantizationCompressor, 8, False, "channel", None)}
+    for name, (compressor, bits, sym, strategy, group) in specs.items():
+        state, weight = compressed(compressor, torch.randn(64, 128, dtype=torch.bfloat16), bits,
+                                   sym, strategy, group)
+        tensors.update({f"{name}.{k}": v for k, v in state.items()})
+        want[f"{name}.weight"] = weight
+    (packed, scale, packed_z, g_idx), weight = act_order_layer(3, False, 64, 128, 32,
+                                                               torch.bfloat16, 8)
+    k_proj = "model.layers.0.self_attn.k_proj"
+    tensors.update({f"{k_proj}.weight_packed": packed, f"{k_proj}.weight_scale": scale,
+                    f"{k_proj}.weight_zero_point": packed_z, f"{k_proj}.weight_g_idx": g_idx,
+                    f"{k_proj}.weight_shape": torch.tensor([64, 128])})
+    want[f"{k_proj}.weight"] = weight
+    fp8_w = torch.randn(200, 300).to(torch.float8_e4m3fn)
+    fp8_s = torch.rand(2, 3) * 0.01
+    tensors["model.layers.0.self_attn.o_proj.weight"] = fp8_w
+    tensors["model.layers.0.self_attn.o_proj.weight_scale"] = fp8_s
+    rows, cols = torch.arange(200) // 128, torch.arange(300) // 128
+    want["model.layers.0.self_attn.o_proj.weight"] = (
+        fp8_w.to(torch.float32) * fp8_s[rows][:, cols]).to(torch.bfloat16)
+    tensors["lm_head.weight"] = torch.randn(8, 64, dtype=torch.bfloat16)
+
+    def packed_group(targets, bits, symmetric, strategy, **more):
+        return {"targets": targets, "format": "pack-quantized",
+                "weights": {"num_bits": bits, "type": "int", "symmetric": symmetric,
+                            "strategy": strategy, **more}}
     config = {"model_type": "llama", "quantization_config": {
         "quant_method": "compressed-tensors", "format": "mixed-precision", "ignore": ["lm_head"],
+        "version": "0.18.0",
         "config_groups": {
-            "group_0": {"targets": ["re:.*q_proj"], "format": "pack-quantized",
-                        "weights": {"num_bits": 4, "type": "int", "symmetric": False,
-                                    "strategy": "group", "group_size": 32}},
-            "group_1": {"targets": ["re:.*up_proj"], "format": "pack-quantized",
-                        "weights": {"num_bits": 8, "type": "int", "symmetric": True,
-                                    "strategy": "channel"}},
+            "group_0": packed_group(["re:.*q_proj"], 4, False, "group", group_size=32),
+            "group_1": packed_group(["re:.*up_proj"], 8, True, "channel"),
             "group_2": {"targets": ["re:.*down_proj"], "format": "int-quantized",
                         "weights": {"num_bits": 8, "type": "int", "symmetric": False,
                                     "strategy": "channel"}},
             "group_3": {"targets": ["re:.*o_proj"], "format": "float-quantized",
                         "weights": {"num_bits": 8, "type": "float", "strategy": "block",
-                                    "block_structure": [128, 128]}}}}}
-    (path / "config.json").write_text(json.dumps(config))
+                                    "block_structure": [128, 128]}},
+            "group_4": packed_group(["re:.*k_proj"], 3, False, "group", group_size=32,
+                                    actorder="group"),
+            "group_5": packed_group(["re:.*v_proj"], 5, True, "channel"),
+            "group_6": packed_group(["re:.*gate_proj"], 7, False, "group", group_size=32)}}}
+    _save_checkpoint(path, tensors, config)
     return tensors, want
 
 
 def test_convert_reads_a_mixed_checkpoint_with_no_flags(tmp_path):
-    """Layers of four formats in one checkpoint, each as the library decompresses it (the
-    FP8 one as DeepSeek's formula), the ignored layer copied, the quantization config
-    dropped."""
+    """Layers of four formats in one checkpoint (pack-quantized of 3, 4, 5, 7 and 8 bits,
+    one act-order), each as the library decompresses it (the FP8 one as DeepSeek's
+    formula), the ignored layer copied, the quantization config dropped."""
     import json
     from dqgen import cli
     st = pytest.importorskip("safetensors.torch")
@@ -295,12 +317,12 @@ def test_convert_reads_a_mixed_checkpoint_with_no_flags(tmp_path):
         assert_bits_equal(got[name].view(torch.int16).numpy(), weight.view(torch.int16).numpy())
     assert torch.equal(got["lm_head.weight"], tensors["lm_head.weight"])
     assert not [n for n in got if "weight_scale" in n or "weight_packed" in n or
-                "weight_zero_point" in n or "weight_shape" in n]
+                "weight_zero_point" in n or "weight_shape" in n or "weight_g_idx" in n]
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config
 
 
-def test_convert_refuses_act_order_and_unknown_formats(tmp_path, capsys):
+def test_convert_refuses_unknown_formats(tmp_path, capsys):
     import json
     from dqgen import cli
     st = pytest.importorskip("safetensors.torch")
@@ -312,3 +334,58 @@ def test_convert_refuses_act_order_and_unknown_formats(tmp_path, capsys):
     assert cli.main(["convert", str(tmp_path / "in"), str(tmp_path / "out"), "--quiet"]) == 2
     assert "compressed-tensors format 'marlin-24'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_refuses_widths_packed_before_0_18(tmp_path, capsys):
+    """A config naming compressed-tensors 0.17 (3-bit values 10 to a word then) is refused
+    for its 3-, 5- and 7-bit layers, before anything is written."""
+    import json
+    from dqgen import cli
+    _ct_checkpoint(tmp_path / "in")
+    config_path = tmp_path / "in" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"]["version"] = "0.17.1"
+    config_path.write_text(json.dumps(config))
+    assert cli.main(["convert", str(tmp_path / "in"), str(tmp_path / "out"), "--quiet"]) == 2
+    assert "from compressed-tensors 0.17 (the config's version), which packs" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def _one_layer_checkpoint(path, k, bits, config_bits):
+    """A symmetric channel layer of ``bits`` and ``K = k`` whose config groups name
+    ``config_bits``; the library's decompression of it."""
+    torch.manual_seed(k + bits)
+    state, want = compressed(ctc.PackedQuantizationCompressor,
+                             torch.randn(8, k, dtype=torch.bfloat16), bits, True, "channel",
+                             None)
+    tensors = {f"model.layers.0.mlp.up_proj.{n}": v for n, v in state.items()}
+    tensors["lm_head.weight"] = torch.randn(4, 8, dtype=torch.bfloat16)
+    groups = {f"group_{b}": {"targets": [f"re:.*proj_{b}"], "format": "pack-quantized",
+                             "weights": {"num_bits": b, "type": "int", "symmetric": True,
+                                         "strategy": "channel"}} for b in config_bits}
+    _save_checkpoint(path, tensors, {"model_type": "llama", "quantization_config": {
+        "quant_method": "compressed-tensors", "format": "pack-quantized",
+        "config_groups": groups}})
+    return want
+
+
+def test_convert_takes_a_short_rows_width_from_the_config(tmp_path, capsys):
+    """16 values in 2 words are 3- or 4-bit: the config's num_bits says which, or the
+    layer is refused where it names both."""
+    from dqgen import cli
+    st = pytest.importorskip("safetensors.torch")
+    want = _one_layer_checkpoint(tmp_path / "in", 16, 3, [3, 8])
+    assert cli.main(["convert", str(tmp_path / "in"), str(tmp_path / "out"), "--dtype", "bf16",
+                     "--quiet"]) == 0
+    got = {}
+    for shard in sorted((tmp_path / "out").glob("*.safetensors")):
+        got.update(st.load_file(str(shard)))
+    same(got["model.layers.0.mlp.up_proj.weight"], want)
+    _one_layer_checkpoint(tmp_path / "in2", 16, 3, [3, 4])
+    assert cli.main(["convert", str(tmp_path / "in2"), str(tmp_path / "out2"), "--quiet"]) == 2
+    assert "has 2 words a row for K=16, which fits 3/4-bit values alike" in \
+        capsys.readouterr().err
+    _one_layer_checkpoint(tmp_path / "in3", 16, 3, [5])
+    assert cli.main(["convert", str(tmp_path / "in3"), str(tmp_path / "out3"), "--quiet"]) == 2
+    assert "3/4-bit values, but" in capsys.readouterr().err

@@ -184,7 +184,7 @@ def dequantize_packed(weight_packed, weight_scale, weight_shape, weight_zero_poi
     else:
         q, int_dtype = unpack_rows(_inputs.host(words), bits, k), "u8"
         if order is not None:
-            q = q[:, order]
+            q = np.take(q, order, axis=1)
     if not isinstance(scale, np.ndarray):  # a CUDA scale: the integers go to its device
         import torch
         zp = torch.from_numpy(zp).to(scale.device)
@@ -201,11 +201,12 @@ def dequantize_packed(weight_packed, weight_scale, weight_shape, weight_zero_poi
 def _to_column_order(w, order: np.ndarray):
     """``w`` (columns sorted by group, as the kernel wrote them) put back in column order,
     in place: column ``order[i]`` is sorted column ``i``."""
+    back = np.argsort(order)
     if isinstance(w, np.ndarray):
-        w[:, order] = w.copy()
+        np.take(w.copy(), back, axis=1, out=w)
         return w
     import torch
-    w[:, torch.from_numpy(order).to(w.device)] = w.clone()
+    w.copy_(w.index_select(1, torch.from_numpy(back).to(w.device)))
     return w
 
 

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -473,8 +474,9 @@ def _plan_fp8_layer(tensors, prefix: str, parts: dict[str, str], s, quant) -> tu
 
 def find_ct_layers(tensors) -> dict[str, dict[str, str]]:
     """Prefix -> {part: tensor name} for every compressed-tensors layer: pack-quantized
-    (``weight_packed``, ``weight_shape``), int8 or FP8 ``weight``, each with its
-    ``weight_scale`` (and ``weight_zero_point``); other tensors are copied."""
+    (``weight_packed``, ``weight_shape``, act-order ``weight_g_idx``), int8 or FP8
+    ``weight``, each with its ``weight_scale`` (and ``weight_zero_point``); other tensors
+    are copied."""
     layers: dict[str, dict[str, str]] = {}
     for name, entry in tensors.entries.items():
         prefix, _, part = name.rpartition(".")
@@ -482,11 +484,8 @@ def find_ct_layers(tensors) -> dict[str, dict[str, str]]:
             continue
         if part == "weight" and entry.dtype not in ("I8", *FP8_DTYPES):
             continue
-        if f"{prefix}.weight_g_idx" in tensors.entries:
-            raise UnsupportedError(f"{prefix}.weight_g_idx: act-order compressed-tensors "
-                                   "layers are not read by dqgen yet")
         parts = {"weight": name, "scale": f"{prefix}.weight_scale"}
-        for extra in ("weight_shape", "weight_zero_point", *CT_FP4_EXTRA):
+        for extra in ("weight_shape", "weight_zero_point", "weight_g_idx", *CT_FP4_EXTRA):
             if f"{prefix}.{extra}" in tensors.entries:
                 parts[extra] = f"{prefix}.{extra}"
         fp4_scale = tensors.entries[parts["scale"]].dtype in CT_FP4_SCALES
@@ -499,10 +498,12 @@ def find_ct_layers(tensors) -> dict[str, dict[str, str]]:
     return layers
 
 
-def _plan_ct_layer(tensors, prefix: str, parts: dict[str, str], s, quant) -> tuple:
+def _plan_ct_layer(tensors, prefix: str, parts: dict[str, str], s, quant,
+                   written_by: tuple[int, ...] | None = None) -> tuple:
     """(format, output shape, dequantize callable) of one compressed-tensors layer; bits
-    from the packed width (4 or 8), an FP8 block from the config's block_structure, FP4
-    (nvfp4-/mxfp4-pack-quantized) from the scale's dtype."""
+    from the packed width (``_ct_bits``), an FP8 block from the config's block_structure,
+    FP4 (nvfp4-/mxfp4-pack-quantized) from the scale's dtype. ``written_by``: the library
+    version the config names (None: not said)."""
     entry = tensors.entries[parts["weight"]]
     get = tensors.array
     want = OUT_DTYPES_NP[s.dtype]
@@ -512,16 +513,19 @@ def _plan_ct_layer(tensors, prefix: str, parts: dict[str, str], s, quant) -> tup
         return _plan_ct_fp4_layer(tensors, prefix, parts, s, quant)
     if parts["weight"].endswith(".weight_packed"):
         n, k = (int(v) for v in get(parts["weight_shape"]).reshape(-1))
-        words = entry.shape[-1]
-        bits = next((b for b in compressed_tensors.PACKED_BITS if -(-k * b // 32) == words), None)
-        if bits is None:
-            raise UnsupportedError(f"{parts['weight']} has {words} words a row for K={k}: not "
-                                   "4- or 8-bit values, the pack-quantized widths dqgen reads")
+        bits = _ct_bits(tensors, parts, n, k, quant)
+        if written_by is not None and written_by < (0, 18) and 32 % bits:
+            raise UnsupportedError(
+                f"{parts['weight']}: {bits}-bit values from compressed-tensors "
+                f"{'.'.join(map(str, written_by))} (the config's version), which packs "
+                f"{32 // bits} to a word; dqgen reads the dense bit stream of 0.18 and later")
+        g_idx = parts.get("weight_g_idx")
 
         def run():
             return compressed_tensors.dequantize_packed(
                 get(parts["weight"]), get(parts["scale"]), (n, k),
-                get(zero) if zero else None, bits).astype(want, copy=False)
+                get(zero) if zero else None, bits,
+                weight_g_idx=get(g_idx) if g_idx else None).astype(want, copy=False)
         return "compressed-tensors", (n, k), _naming(prefix, run)
     shape = tuple(_shape(tensors, parts["weight"], 2))
     if entry.dtype == "I8":
@@ -541,6 +545,53 @@ def _plan_ct_layer(tensors, prefix: str, parts: dict[str, str], s, quant) -> tup
     def run():
         return fp8.dequantize(get(parts["weight"]), get(parts["scale"]), block, s.dtype)
     return "compressed-tensors", shape, _naming(prefix, run)
+
+
+def _ct_bits(tensors, parts: dict[str, str], n: int, k: int, quant) -> int:
+    """A pack-quantized layer's width: the one of 1 to 8 bits whose dense stream of K values
+    is the row's word count (and of N values the packed zero points' rows), among the
+    config's integer ``num_bits`` where a short row fits several."""
+    name = parts["weight"]
+    words = tensors.entries[name].shape[-1]
+    fits = [b for b in compressed_tensors.PACKED_BITS
+            if compressed_tensors.dense_words(k, b) == words]
+    zero = tensors.entries.get(parts.get("weight_zero_point", ""))
+    if zero is not None and zero.dtype == "I32" and len(zero.shape) == 2:
+        fits = [b for b in fits if compressed_tensors.dense_words(n, b) == zero.shape[0]]
+    said = sorted({int(g["num_bits"]) for g in quant.extra.get("groups", ())
+                   if g.get("type", "int") == "int" and isinstance(g.get("num_bits"), int)})
+    if said and fits:
+        named = [b for b in fits if b in said]
+        if not named:
+            raise InvalidProblemError(
+                f"{name} has {words} words a row for K={k}: {'/'.join(map(str, fits))}-bit "
+                f"values, but {quant.source} names num_bits {'/'.join(map(str, said))}")
+        fits = named
+    if len(fits) == 1:
+        return fits[0]
+    if fits:
+        raise InvalidProblemError(
+            f"{name} has {words} words a row for K={k}, which fits "
+            f"{'/'.join(map(str, fits))}-bit values alike; the config's num_bits does not say "
+            "which")
+    older = [b for b in compressed_tensors.PACKED_BITS
+             if compressed_tensors.padded_words(k, b) == words]
+    if older:
+        raise UnsupportedError(
+            f"{name} has {words} words a row for K={k}: {older[0]}-bit values "
+            f"{32 // older[0]} to a word, the layout compressed-tensors wrote before 0.18; "
+            "dqgen reads the dense bit stream (0.18 and later)")
+    raise UnsupportedError(f"{name} has {words} words a row for K={k}: no width of 1 to 8 "
+                           "bits packs K values densely into that many")
+
+
+def ct_version(config: dict | None) -> tuple[int, ...] | None:
+    """The compressed-tensors version a checkpoint's config names (``quantization_config.
+    version``, e.g. "0.17.1"), as numbers; None where it names none or none that parses."""
+    quant = (config or {}).get("quantization_config") or {}
+    found = re.match(r"(\d+)\.(\d+)", str(quant.get("version") or "")) if \
+        isinstance(quant, dict) else None
+    return tuple(int(v) for v in found.groups()) if found else None
 
 
 # compressed-tensors' FP4 formats: the scale's dtype says which (E4M3 with a global
@@ -1003,7 +1054,8 @@ def _plan_layers(tensors: Tensors, s: Settings, ckpt: Checkpoint) -> tuple[dict,
     dequantize callable), every shape checked; nothing is read but headers and the
     small tensors that give shapes."""
     find, plan = {"mlx": (find_mlx_layers, _plan_mlx_layer),
-                  "compressed-tensors": (find_ct_layers, _plan_ct_layer),
+                  "compressed-tensors": (find_ct_layers, functools.partial(
+                      _plan_ct_layer, written_by=ct_version(ckpt.config))),
                   "fp8": (find_fp8_layers, _plan_fp8_layer),
                   "mxfp4": (find_mxfp4_layers, _plan_mxfp4_layer),
                   "modelopt": (find_modelopt_layers, _plan_modelopt_layer),
