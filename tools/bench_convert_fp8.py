@@ -306,7 +306,9 @@ def measured(cmd: list[str], scratch: Path) -> dict:
     peak = {"RssAnon": 0, "VmHWM": 0}
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         busy0, begin = _busy_seconds(), time.perf_counter()
-        proc = subprocess.Popen(full, stdout=out, stderr=err)
+        # A crash prints every thread's Python stack into the error reported.
+        proc = subprocess.Popen(full, stdout=out, stderr=err,
+                                env=dict(os.environ, PYTHONFAULTHANDLER="1"))
         stop = threading.Event()
 
         def sample():
