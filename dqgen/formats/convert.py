@@ -1102,6 +1102,9 @@ def _write_shards(shards: list[_Shard], tensors: Tensors, plans: dict, progress:
             writer.put(name, weight)
             done += 1
             progress.step(done, f"{prefix} {list(weight.shape)}")
+            # dropped before the next layer is made, so one result is alive at a time
+            # (and a dropped one is recycled for the next: dqgen.output_pool)
+            del weight
         writer.finish()
 
 
