@@ -85,6 +85,15 @@ def unpack_mlx(words: np.ndarray, bits: int, cols: int) -> np.ndarray:
     return (fields << np.arange(bits, dtype=np.uint64)).sum(axis=-1).astype(np.int64)
 
 
+@dataclass(frozen=True)
+class MlxKnobs:
+    """What the MLX C template prints beyond the spec: values a 32-bit word holds whole
+    (32 / bits where bits divides 32, else 0: values straddle words), so a group's values
+    are unpacked word by word into a staged array the element loop vectorizes over."""
+
+    word_values: int
+
+
 class MlxKind(FormatKind):
     descriptors = (MlxDequantizeDescriptor,)
     aot_ops = ("mlx",)
@@ -103,7 +112,9 @@ class MlxKind(FormatKind):
             desc, target, arch, storage, params, FORMULA,
             float_helpers=float_helpers(desc, *((load,) if load else ())), template="mlx",
             bits=desc.bits, zero_kind="float", mid=0, zero_round=_ROUND.get(f, ""),
-            load_float=load)
+            load_float=load,
+            layout_knobs=MlxKnobs(32 // desc.bits if target == "c" and 32 % desc.bits == 0
+                                  else 0))
 
     def array_shape(self, desc, param):
         return {"q": (desc.rows, desc.words), "scales": (desc.rows, desc.num_groups),
