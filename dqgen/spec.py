@@ -184,6 +184,42 @@ class KernelSpec:
     matrix_along_k: bool = False    # GPTQ: a word holds values of one column (rows packed);
                                     # AWQ: a word holds 8 columns of one row
 
+    # What the templates branch on, answered here so no template compares a name: the
+    # 16-bit (or f32/f64) type the C SIMD paths convert, the register path's q loader,
+    # the zero point's kind.
+    @property
+    def simd_f16(self) -> bool:
+        return self.simd_convert == "f16"
+
+    @property
+    def simd_bf16(self) -> bool:
+        return self.simd_convert == "bf16"
+
+    @property
+    def simd_f32(self) -> bool:
+        return self.simd_convert == "f32"
+
+    @property
+    def simd_f64(self) -> bool:
+        return self.simd_convert == "f64"
+
+    @property
+    def register_q_nibbles(self) -> bool:
+        return self.register_q_kind.startswith("nibbles")
+
+    @property
+    def register_q_signed(self) -> bool:
+        return self.register_q_kind == "nibbles_s4"
+
+    @property
+    def register_q_words(self) -> bool:
+        """The register path's q is whole int32 words (HQQ's 3-bit planes)."""
+        return self.register_q_kind == "fields_i32"
+
+    @property
+    def float_zero(self) -> bool:
+        return self.zero_kind == "float"
+
     def to_json(self) -> dict:
         def plain(v):
             if isinstance(v, (DType, Op, Layout)):
