@@ -301,3 +301,31 @@ def test_hqq_refuses_what_the_linear_cannot_read():
     with pytest.raises(UnsupportedError, match="axis=0"):
         readers.hqq_weight(np.zeros((8, 16), np.uint8), np.ones(16, np.float16),
                            np.ones(16, np.float16), 8, (8, 16), 8, axis=0)
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (3, True), (8, False)])
+def test_compressed_tensors_packed_layer(bits, symmetric):
+    """compressed-tensors pack-quantized (the library's own compressor writes it) through
+    the fused linear: the weight's values round to the library's decompress, the product
+    is reference.linear's; act-order reads x in the stored order."""
+    torch = pytest.importorskip("torch")
+    from dqgen.formats import compressed_tensors as ct
+    from test_compressed_tensors import act_order_layer, compressed, ctc
+    torch.manual_seed(bits)
+    w = torch.randn(24, 256, dtype=torch.bfloat16)
+    state, want = compressed(ctc.PackedQuantizationCompressor, w, bits, symmetric, "group", 64)
+    weight = ct.packed_weight(state["weight_packed"], state["weight_scale"],
+                              state["weight_shape"], state.get("weight_zero_point"), bits)
+    assert_bits_equal(weight.dequantize("bf16"), want.view(torch.int16).numpy()
+                      .view(ml_dtypes.bfloat16))
+    x = np.random.default_rng(bits).standard_normal((3, 256)).astype(np.float32)
+    assert_bits_equal(linear(x, weight), expected(weight, x, None, np.float32))
+    (packed, scale, packed_z, g_idx), want = act_order_layer(bits, symmetric, 24, 80, 16,
+                                                             torch.float32, bits)
+    weight = ct.packed_weight(packed, scale, (24, 80), packed_z, bits, weight_g_idx=g_idx)
+    assert weight.column_order is not None
+    assert_bits_equal(weight.dequantize("f32"), want.numpy())
+    x = np.random.default_rng(bits).standard_normal((2, 80)).astype(np.float32)
+    assert_bits_equal(linear(x, weight), reference.linear(
+        x[:, weight.column_order], weight.dequantize("f32")[:, weight.column_order], None,
+        np.float32))

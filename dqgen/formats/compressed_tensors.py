@@ -27,6 +27,7 @@ from ..arrays import from_numpy_like, is_torch, to_numpy
 from ..errors import InvalidProblemError, UnsupportedError
 from ..ir import check_int
 from . import _inputs, fp4
+from .weight import QuantizedWeight
 
 PACKED_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
 
@@ -168,6 +169,42 @@ def dequantize_packed(weight_packed, weight_scale, weight_shape, weight_zero_poi
     ``weight_zero_point`` (packed along N) for asymmetric schemes; without it the values
     are symmetric. ``weight_g_idx`` (act-order, written up to compressed-tensors 0.18):
     column k's group is ``weight_g_idx[k]``."""
+    q, int_dtype, scale, zp, group, order = _family_arrays(
+        weight_packed, weight_scale, weight_shape, weight_zero_point, num_bits, weight_g_idx)
+    if not isinstance(scale, np.ndarray):  # a CUDA scale: the integers go to its device
+        import torch
+        zp = torch.from_numpy(zp).to(scale.device)
+        if isinstance(q, np.ndarray):
+            q = torch.from_numpy(q).to(scale.device)
+    if order is None:
+        return _like(api.dequantize_per_group(q, scale, zp, group, out=out, device=device,
+                                              int_dtype=int_dtype), weight_packed, out)
+    sorted_w = api.dequantize_per_group(q, scale, zp, group, out=out, device=device,
+                                        int_dtype="u8")
+    return _like(_to_column_order(sorted_w, order), weight_packed, out)
+
+
+def packed_weight(weight_packed, weight_scale, weight_shape, weight_zero_point=None,
+                  num_bits: int = 4, weight_g_idx=None) -> QuantizedWeight:
+    """The ``pack-quantized`` layer ``dequantize_packed`` reads, as a ``QuantizedWeight``
+    for the fused linear: the family's ``C(q - zero_point) * C(scale)`` (its values
+    before the rounding to the scale's dtype), act-order as a column order."""
+    q, int_dtype, scale, zp, group, order = _family_arrays(
+        weight_packed, weight_scale, weight_shape, weight_zero_point, num_bits, weight_g_idx)
+    if not isinstance(scale, np.ndarray):
+        raise UnsupportedError("weight_scale is a CUDA array; the fused linear's readers take "
+                               "host arrays (tensor.cpu())")
+    weight = QuantizedWeight.per_group(_inputs.host(q), scale, zp, group, int_dtype)
+    return weight if order is None else QuantizedWeight(weight.descriptor, weight.arrays,
+                                                        weight.shape, order)
+
+
+def _family_arrays(weight_packed, weight_scale, weight_shape, weight_zero_point, num_bits,
+                   weight_g_idx):
+    """The family's arrays of a pack-quantized layer: q (packed u4 or u8, read in place
+    where the words are those bytes, else unpacked; sorted by group for act-order), its
+    storage dtype, the scale and int32 zero points ``[N, K / G]``, G, and the column
+    order (None: columns in order)."""
     bits = check_int(num_bits, "num_bits", minimum=1)
     if bits not in PACKED_BITS:
         raise UnsupportedError(f"num_bits={bits}: pack-quantized values are 1 to 8 bits")
@@ -180,22 +217,11 @@ def dequantize_packed(weight_packed, weight_scale, weight_shape, weight_zero_poi
     zp = _zero_points(weight_zero_point, bits, n, groups, group, k)
     if order is None and (bits == 8 or (bits == 4 and k % 2 == 0)):
         q = _inputs.view_as(words, np.dtype(np.uint8), "weight_packed")[:, :k * bits // 8]
-        int_dtype = "u4" if bits == 4 else "u8"
-    else:
-        q, int_dtype = unpack_rows(_inputs.host(words), bits, k), "u8"
-        if order is not None:
-            q = np.take(q, order, axis=1)
-    if not isinstance(scale, np.ndarray):  # a CUDA scale: the integers go to its device
-        import torch
-        zp = torch.from_numpy(zp).to(scale.device)
-        if isinstance(q, np.ndarray):
-            q = torch.from_numpy(q).to(scale.device)
-    if order is None:
-        return _like(api.dequantize_per_group(q, scale, zp, group, out=out, device=device,
-                                              int_dtype=int_dtype), weight_packed, out)
-    sorted_w = api.dequantize_per_group(q, scale, zp, group, out=out, device=device,
-                                        int_dtype="u8")
-    return _like(_to_column_order(sorted_w, order), weight_packed, out)
+        return q, ("u4" if bits == 4 else "u8"), scale, zp, group, None
+    q = unpack_rows(_inputs.host(words), bits, k)
+    if order is not None:
+        q = np.take(q, order, axis=1)
+    return q, "u8", scale, zp, group, order
 
 
 def _to_column_order(w, order: np.ndarray):
