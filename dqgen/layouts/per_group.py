@@ -189,7 +189,9 @@ def _cpu_simd(desc: PerGroupDescriptor, target: str, arch: str, out: Param,
     half = bool(dequant and simd_output and convert is DType.F16 and not float_zero
                 and not packed and "avx512_fp16" in features and desc.group_size >= 32)
     lanes = 32 if half else 8 if convert is DType.F64 else 16
-    wide = bool(dequant and simd_output and not float_zero and not packed
+    # packed q takes it in whole vectors only (its loader reads nibbles; no masked tail)
+    wide = bool(dequant and simd_output and not float_zero
+                and (not packed or (desc.group_size % lanes == 0 and convert is not DType.F64))
                 and "avx512" in features and desc.group_size >= lanes)
     blocks = tuple(b for b in SIMD_BLOCKS if b % lanes == 0) if wide else SIMD_BLOCKS
     block = next((b for b in blocks if desc.group_size % b == 0), blocks[-1])
@@ -221,7 +223,7 @@ def _cpu_simd(desc: PerGroupDescriptor, target: str, arch: str, out: Param,
             # for normal scales only (|(q - zp) * s| >= s there unless zero, so no result is
             # subnormal), groups with subnormal scales go the exact way.
             store_pairs=(convert is DType.BF16 and "avx512_bf16" in features
-                         and block % 32 == 0),
+                         and block % 32 == 0 and not packed),
             vector_bits=512, vec_float="__m512d" if convert is DType.F64 else "__m512",
             vec_int="__m512i", vec_prefix="_mm512", vec_broadcast="broadcast16")
         knobs["simd_headers"] = (AVX512_HEADERS
@@ -334,7 +336,7 @@ def lower_per_group(desc: PerGroupDescriptor, target: str, arch: str, storage: d
         mid_fraction=half if float_zero and desc.mid != mid else "", zero_round=zero_round,
         zero_round_vector=bool(zero_round) and simd["simd_stage_int"],
         zero_first=zero_first, field_mask=(1 << field_bits) - 1,
-        register_q=f"load8_{register_q_kind}" if register_q_kind else "",
+        register_q=f"load{simd['register_lanes']}_{register_q_kind}" if register_q_kind else "",
         register_q_kind=register_q_kind, group_lanes=group_lanes,
         register_store_round=store_round,
     )
