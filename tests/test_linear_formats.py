@@ -329,3 +329,21 @@ def test_compressed_tensors_packed_layer(bits, symmetric):
     assert_bits_equal(linear(x, weight), reference.linear(
         x[:, weight.column_order], weight.dequantize("f32")[:, weight.column_order], None,
         np.float32))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_compressed_tensors_int8_layer(symmetric):
+    """compressed-tensors int-quantized (the library's own compressor) through the linear:
+    the values round to its decompress, the product is reference.linear's."""
+    torch = pytest.importorskip("torch")
+    from dqgen.formats import compressed_tensors as ct
+    from test_compressed_tensors import compressed, ctc
+    torch.manual_seed(12)
+    w = torch.randn(16, 128, dtype=torch.bfloat16)
+    state, want = compressed(ctc.IntQuantizationCompressor, w, 8, symmetric, "group", 32)
+    weight = ct.int8_weight(state["weight"], state["weight_scale"],
+                            state.get("weight_zero_point"))
+    assert_bits_equal(weight.dequantize("bf16"), want.view(torch.int16).numpy()
+                      .view(ml_dtypes.bfloat16))
+    x = np.random.default_rng(12).standard_normal((3, 128)).astype(np.float32)
+    assert_bits_equal(linear(x, weight), expected(weight, x, None, np.float32))

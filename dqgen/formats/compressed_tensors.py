@@ -239,6 +239,24 @@ def _to_column_order(w, order: np.ndarray):
 def dequantize_int8(weight, weight_scale, weight_zero_point=None, device=None, out=None):
     """``int-quantized`` / ``naive-quantized``: int8 ``weight`` ``[N, K]`` (values as they
     are), its scale and optional int8 zero point, to ``weight_scale``'s dtype."""
+    w, scale, zp, group = _int8_arrays(weight, weight_scale, weight_zero_point)
+    return _like(api.dequantize_per_group(w, scale, zp, group, out=out, device=device,
+                                          int_dtype="s8"), weight, out)
+
+
+def int8_weight(weight, weight_scale, weight_zero_point=None) -> QuantizedWeight:
+    """The ``int-quantized`` layer ``dequantize_int8`` reads, as a ``QuantizedWeight`` for
+    the fused linear (the family's s8 values)."""
+    w, scale, zp, group = _int8_arrays(weight, weight_scale, weight_zero_point)
+    if not isinstance(scale, np.ndarray):
+        raise UnsupportedError("weight_scale is a CUDA array; the fused linear's readers take "
+                               "host arrays (tensor.cpu())")
+    return QuantizedWeight.per_group(_inputs.host(w), scale, _inputs.host(zp).astype(np.int32),
+                                     group, "s8")
+
+
+def _int8_arrays(weight, weight_scale, weight_zero_point):
+    """The family's arrays of an int-quantized layer: int8 values, scale, zero points, G."""
     w = _inputs.array(weight, "weight", 2)
     if _inputs.dtype_of(w) != np.int8:
         raise InvalidProblemError(f"weight has dtype {_inputs.dtype_of(w)}; int-quantized "
@@ -255,8 +273,7 @@ def dequantize_int8(weight, weight_scale, weight_zero_point=None, device=None, o
         if zp_group != group:
             raise InvalidProblemError(f"weight_zero_point's groups ({k // zp_group}) are not "
                                       f"weight_scale's ({k // group})")
-    return _like(api.dequantize_per_group(w, scale, zp, group, out=out, device=device,
-                                          int_dtype="s8"), weight, out)
+    return w, scale, zp, group
 
 
 def dequantize_nvfp4(weight_packed, weight_scale, weight_global_scale, dtype="bf16",
