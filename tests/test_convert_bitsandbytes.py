@@ -16,6 +16,7 @@ import pytest
 
 from dqgen import cli
 from formats_util import assert_bits_equal
+from test_convert_fp4 import converted
 
 torch = pytest.importorskip("torch")
 bnb = pytest.importorskip("bitsandbytes", reason="the checkpoints are bitsandbytes' own")
@@ -96,16 +97,6 @@ def bitsandbytes_weight(tensors: dict, prefix: str, dtype: str) -> torch.Tensor:
     state = functional.QuantState.from_dict(stats, device=torch.device("cpu"))
     state.dtype = TORCH_DTYPES[dtype]
     return functional.dequantize_4bit(tensors[f"{prefix}.weight"], state)
-
-
-def converted(src: Path, out: Path, *flags: str) -> dict:
-    assert cli.main(["convert", str(src), str(out), "--quiet", *flags]) == 0
-    got = {}
-    for shard in sorted(out.glob("*.safetensors")):
-        got.update(st.load_file(str(shard)))
-    index = json.loads((out / "model.safetensors.index.json").read_text())
-    assert sorted(index["weight_map"]) == sorted(got)
-    return got
 
 
 def same_bits(got: torch.Tensor, want: torch.Tensor) -> None:

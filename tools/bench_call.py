@@ -9,23 +9,15 @@ run. The plain functions' target is within 2x of ``run()`` (dqgen/call_memo.py).
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import numpy as np
 
 import dqgen
 from dqgen.formats import ggml
+from bench_timing import cpu_model
 
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def per_call_us(fn, calls: int, repeat: int) -> float:

@@ -63,6 +63,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from bench_timing import cpu_model
+
 BLOCK = 128
 GB = 1e9
 # DeepSeek-V3's shapes; the MLP's intermediate size is 18000 (not a multiple of 128) so the
@@ -468,14 +470,6 @@ def _raw(path: Path, name: str, dtype) -> np.ndarray:
 
 # --- the machine -----------------------------------------------------------------------------
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def machine() -> dict:

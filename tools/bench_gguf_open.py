@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import shutil
 import tempfile
@@ -24,22 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_timing import cpu_model
 from dqgen.formats import gguf as gguf_file
 
 TENSORS = (("token_embd.weight", "Q8_0", (64, 640)), ("blk.0.attn_q.weight", "Q4_K", (640, 256)),
            ("blk.0.ffn_down.weight", "Q6_K", (640, 512)), ("output_norm.weight", "F32", (640,)))
 
 
-def cpu_model() -> str:
-    """The CPU's marketing name (/proc/cpuinfo), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def write_model(path: Path, n_tokens: int) -> None:

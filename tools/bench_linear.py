@@ -57,7 +57,8 @@ import numpy as np
 
 TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS))
-from bench_timing import LoadMeter, Patience, interleaved, spread_out, summarize  # noqa: E402
+from bench_timing import (LoadMeter, Patience, cpu_model, interleaved, spread_out,  # noqa: E402
+                          summarize)
 
 import dqgen  # noqa: E402
 from dqgen import reference  # noqa: E402
@@ -110,14 +111,6 @@ class BenchError(Exception):
 
 # --- the machine ----------------------------------------------------------------------
 
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def cpu_flags(prefix: str = "avx512") -> list[str]:

@@ -7,6 +7,7 @@ so each measurement also records the CPUs other processes kept busy meanwhile.
 from __future__ import annotations
 
 import os
+import platform
 import random
 import statistics
 import sys
@@ -125,3 +126,15 @@ class Patience:
         load = wait_quiet(min(limit_s, self.left), threshold)
         self.left = max(0.0, self.left - (time.monotonic() - t0))
         return load
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (/proc/cpuinfo), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
