@@ -183,6 +183,8 @@ class KernelSpec:
     element: str = ""               # the element formula base.j2 spells (see element_formula)
     matrix_along_k: bool = False    # GPTQ: a word holds values of one column (rows packed);
                                     # AWQ: a word holds 8 columns of one row
+    stores: object = None           # C SIMD paths: how each store helper's vector reaches
+                                    # memory (layouts/per_group.py's SimdStores)
 
     # What the templates branch on, answered here so no template compares a name: the
     # 16-bit (or f32/f64) type the C SIMD paths convert, the register path's q loader,
@@ -219,6 +221,37 @@ class KernelSpec:
     @property
     def float_zero(self) -> bool:
         return self.zero_kind == "float"
+
+    @property
+    def helpers_f16(self) -> bool:
+        """The C layouts' prelude defines the binary16 conversions: the kernel calls one."""
+        return bool(set(self.float_helpers) & set(dict(CUDA_FLOAT_HEADERS)["cuda_fp16.h"]))
+
+    @property
+    def helpers_bf16(self) -> bool:
+        """The C layouts' prelude defines the bfloat16 conversions: the kernel calls one."""
+        return bool(set(self.float_helpers) & set(dict(CUDA_FLOAT_HEADERS)["cuda_bf16.h"]))
+
+    @property
+    def pointer_params(self) -> tuple[Param, ...]:
+        """The array parameters, inputs and output, in order."""
+        return tuple(p for p in self.params if p.role != "scalar")
+
+    @property
+    def range_params(self) -> tuple[Param, ...]:
+        """The scalars after the sizes (quantize's q range, HQQ's shift), which the family's
+        group functions take."""
+        return tuple(p for p in self.param("scalar") if p.name not in ("outer", "axis"))
+
+    @property
+    def vector_inputs(self) -> tuple[VectorStream, ...]:
+        """CUDA: the per-element arrays a vector step loads."""
+        return tuple(a for a in self.vector_streams if a.role == "in")
+
+    @property
+    def vector_outputs(self) -> tuple[VectorStream, ...]:
+        """CUDA: the per-element arrays a vector step stores."""
+        return tuple(a for a in self.vector_streams if a.role == "out")
 
     def to_json(self) -> dict:
         def plain(v):

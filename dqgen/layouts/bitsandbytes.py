@@ -55,6 +55,7 @@ class Bnb4bitKnobs:
     packed: bool = True
     blocksize: int = 64
     nested_blocksize: int = 0   # 0: the absmax are f32, one a block
+    absmax_c_type: str = ""     # the absmax parameter's C type (f32, or u8 when nested)
 
     @property
     def nested(self) -> bool:
@@ -191,8 +192,9 @@ class Bnb4bitKind(_BnbKind):
     def lower(self, desc, target, arch, storage):
         f = desc.float_dtype
         absmax_dtype = DType.U8 if desc.nested_blocksize else DType.F32
+        absmax = pointer("absmax", absmax_dtype, "in", storage)
         params = [pointer("w", DType.U8, "in", storage), pointer("code", DType.F32, "in", storage),
-                  pointer("absmax", absmax_dtype, "in", storage)]
+                  absmax]
         if desc.nested_blocksize:
             params += [pointer("nested_code", DType.F32, "in", storage),
                        pointer("nested_absmax", DType.F32, "in", storage),
@@ -203,7 +205,7 @@ class Bnb4bitKind(_BnbKind):
             desc, target, arch, storage, tuple(params),
             FORMULA_NESTED if desc.nested_blocksize else FORMULA_4BIT,
             float_helpers=float_helpers(desc), template="bitsandbytes",
-            layout_knobs=Bnb4bitKnobs(True, desc.blocksize, desc.nested_blocksize),
+            layout_knobs=Bnb4bitKnobs(True, desc.blocksize, desc.nested_blocksize, absmax.c_type),
             load_float="")
 
     def array_shape(self, desc, param):

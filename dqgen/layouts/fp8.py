@@ -71,6 +71,7 @@ class Fp8Knobs:
     half_shift: int = 0      # 0: no F16C path (the table, one code at a time)
     half_rescale: str = ""
     nan_magnitude: int = 0
+    scale_c_type: str = ""   # the scales parameter's C type
 
     @property
     def c_table(self) -> tuple[str, ...]:
@@ -136,15 +137,15 @@ class Fp8Kind(FormatKind):
 
     def lower(self, desc, target, arch, storage):
         f = desc.float_dtype
-        params = (pointer("w", DType.U8, "in", storage),
-                  pointer("scales", desc.scale_dtype, "in", storage),
-                  pointer("y", f, "out", storage),
+        scales = pointer("scales", desc.scale_dtype, "in", storage)
+        params = (pointer("w", DType.U8, "in", storage), scales, pointer("y", f, "out", storage),
                   Param("rows", None, "scalar", "int64_t"),
                   Param("cols", None, "scalar", "int64_t"))
         return own_loop_spec(
             desc, target, arch, storage, params, FORMULA,
             float_helpers=float_helpers(desc), template="fp8",
             layout_knobs=Fp8Knobs(fp8_bits(desc.fp8), desc.block_rows, desc.block_cols,
+                                  scale_c_type=scales.c_type,
                                   **_half_widen(desc.fp8, target, arch)),
             load_float=CONVERT.get(desc.scale_dtype, ("", ""))[0])
 

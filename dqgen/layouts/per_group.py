@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 
 from ..ir import DType, Layout, Op, PerGroupDescriptor
 from ..isa import isa_features
@@ -85,6 +86,82 @@ SERIAL = 1 << 62
 # at the kernel's occupancy and strides over the rest.
 CUDA_THREADS_PER_BLOCK = 256
 CUDA_VECTOR_BYTES = 16
+
+
+
+@dataclass(frozen=True)
+class VectorStore:
+    """How one SIMD register of results reaches memory, as C text in which ``{address}``
+    and ``{value}`` stand for the caller's: ``cached``, one unaligned store; ``streaming``,
+    the non-temporal 128-bit pieces of the register, which need only the 16-byte alignment
+    numpy gives large arrays."""
+
+    cached: str
+    streaming: tuple[str, ...]
+
+    def cached_line(self, address: str, value: str) -> str:
+        return self.cached.format(address=address, value=value)
+
+    def streaming_lines(self, address: str, value: str) -> tuple[str, ...]:
+        return tuple(line.format(address=address, value=value) for line in self.streaming)
+
+
+def _quarters(stream: str, extract: str, step: int) -> tuple[str, ...]:
+    """The four non-temporal 128-bit stores of a 512-bit register, ``step`` elements (or,
+    with no step, 128-bit vectors) apart."""
+    at = "{address} + %d" if step else "(__m128i *)({address}) + %d"
+    return tuple(f"{stream}({at % (k * (step or 1))}, {extract}({{value}}, {k}));"
+                 for k in range(4))
+
+
+# Each register type's store, by what the register holds.
+PS256 = VectorStore("_mm256_storeu_ps(({address}), {value});",
+                    ("_mm_stream_ps({address}, _mm256_castps256_ps128({value}));",
+                     "_mm_stream_ps({address} + 4, _mm256_extractf128_ps({value}, 1));"))
+PD256 = VectorStore("_mm256_storeu_pd(({address}), {value});",
+                    ("_mm_stream_pd({address}, _mm256_castpd256_pd128({value}));",
+                     "_mm_stream_pd({address} + 2, _mm256_extractf128_pd({value}, 1));"))
+SI256 = VectorStore("_mm256_storeu_si256((__m256i *)({address}), {value});",
+                    ("_mm_stream_si128((__m128i *)({address}), _mm256_castsi256_si128({value}));",
+                     "_mm_stream_si128((__m128i *)({address} + 8), _mm256_extracti128_si256({value}, 1));"))
+SI128 = VectorStore("_mm_storeu_si128((__m128i *)({address}), {value});",
+                    ("_mm_stream_si128((__m128i *)({address}), {value});",))
+PS512 = VectorStore("_mm512_storeu_ps(({address}), {value});",
+                    _quarters("_mm_stream_ps", "_mm512_extractf32x4_ps", 4))
+PD512 = VectorStore("_mm512_storeu_pd(({address}), {value});",
+                    _quarters("_mm_stream_pd", "_mm512_extractf64x2_pd", 2))
+SI512 = VectorStore("_mm512_storeu_si512((void *)({address}), {value});",
+                    _quarters("_mm_stream_si128", "_mm512_extracti32x4_epi32", 0))
+
+
+@dataclass(frozen=True)
+class SimdStores:
+    """The vector store of each store helper of the C SIMD paths: the staged block's
+    (f64: doubles; f16: the narrowed halves), the register path's, and AVX512_BF16's pair
+    of vectors narrowed into one."""
+
+    block: VectorStore
+    register: VectorStore
+    pair: VectorStore = SI512
+
+
+def _simd_stores(simd: dict) -> SimdStores | None:
+    """The stores of the SIMD paths ``simd`` (the _cpu_simd knobs) turns on."""
+    convert = simd["simd_convert"]
+    if not convert:
+        return None
+    wide = simd.get("vector_bits", 256) == 512
+    if simd.get("half_path"):
+        register = SI512
+    elif simd.get("register_split"):
+        register = SI256
+    elif convert == DType.F32.value:
+        register = PS512 if wide else PS256
+    elif convert == DType.F64.value:
+        register = PD512 if wide else PD256
+    else:
+        register = SI256 if wide else SI128
+    return SimdStores(PD256 if convert == DType.F64.value else SI128, register)
 
 
 def _params(desc: PerGroupDescriptor, storage: dict) -> tuple[Param, ...]:
@@ -338,6 +415,6 @@ def lower_per_group(desc: PerGroupDescriptor, target: str, arch: str, storage: d
         zero_first=zero_first, field_mask=(1 << field_bits) - 1,
         register_q=f"load{simd['register_lanes']}_{register_q_kind}" if register_q_kind else "",
         register_q_kind=register_q_kind, group_lanes=group_lanes,
-        register_store_round=store_round,
+        register_store_round=store_round, stores=_simd_stores(simd),
     )
     return _schedule_cuda(spec, desc) if target == "cuda" else spec
