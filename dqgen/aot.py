@@ -3,7 +3,7 @@
 What a selection (flags or a manifest, TOML or JSON) names is ``dqgen.aot_selection``'s job
 (re-exported here): the ops are the family's four and the checkpoint formats (``gptq``,
 ``awq``, ``ggml``, ``packed``, ``floatzp``, ``hqq``). Builds go through the disk cache
-exactly as JIT builds do (``jit.ensure_cpu_binary`` / ``jit.ensure_cuda_binary``), in
+exactly as JIT builds do (``jit.ensure_binary``, for any target), in
 worker processes for ``jobs > 1``; the results are copied into a bundle by
 ``bundle.write_bundle``.
 """
@@ -34,20 +34,17 @@ from .aot_selection import (  # noqa: F401
 @dataclass(frozen=True)
 class BuildResult:
     request: KernelRequest
-    entry: jit.CacheEntry
+    entry: jit.Artifact
     seconds: float
 
 
 descriptor_record = jit.descriptor_record  # the JSON that descriptor_from_record reads
 
 
-def _build_one(request: KernelRequest) -> jit.CacheEntry:
+def _build_one(request: KernelRequest) -> jit.Artifact:
     spec = request.spec()
-    source = jit.render_source(spec)
-    record = descriptor_record(request.descriptor())
-    if request.target == "c":
-        return jit.ensure_cpu_binary(spec, source, descriptor=record)
-    return jit.ensure_cuda_binary(spec, source, descriptor=record)
+    return jit.ensure_binary(spec, jit.render_source(spec),
+                             descriptor=descriptor_record(request.descriptor()))
 
 
 def _worker(request: KernelRequest) -> dict:
@@ -75,13 +72,13 @@ def _mp_context():
 
 
 def _result(request: KernelRequest, data: dict) -> BuildResult:
-    """Turn a worker's answer back into a ``CacheEntry`` (the source is rendered here)."""
+    """Turn a worker's answer back into an ``Artifact`` (the source is rendered here)."""
     spec = request.spec()
     source = jit.render_source(spec)
     if source.sha256 != data["source_sha256"]:
         raise DqgenError(f"{request.label}: a worker rendered a different source than this "
                          "process (did the templates change during the build?)")
-    entry = jit.CacheEntry(spec, source, data["key"], Path(data["entry_dir"]), data["built"],
+    entry = jit.Artifact(spec, source, data["key"], Path(data["entry_dir"]), data["built"],
                            data["files"], data["toolchain"])
     return BuildResult(request, entry, data["seconds"])
 

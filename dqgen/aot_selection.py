@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,20 +22,19 @@ from typing import Iterable
 from . import ir
 from .errors import DqgenError, InvalidProblemError, UnsupportedError
 from .ir import FLOAT_DTYPES, check_int
-from .isa import host_isa
 from .layouts import aot_ops, kind_for_op, kind_of, kinds
 from .layouts.family import OP_NAMES, OPS, make_descriptor, op_class  # noqa: F401  (dqgen.aot's)
 from .layouts.ggml import ggml_type_names
 from .layouts.registry import descriptor_from_record as registry_descriptor_from_record
 from .lower import lower
 from .spec import KernelSpec
+from .targets import parse_target
+from .targets.cuda import DEFAULT_ARCH as DEFAULT_CUDA_ARCH  # noqa: F401  (dqgen.aot's)
 
 # Every op name: the family's, then each format's (``packed`` is the family's dequantize
 # and quantize on 4-bit storage).
 ALL_OPS = aot_ops()
 FORMAT_OPS = tuple(op for op in ALL_OPS if op not in OPS)
-DEFAULT_CUDA_ARCH = "sm_90"
-_CUDA_ARCH = re.compile(r"^(sm|compute)_\d{2,3}[af]?$")
 # What an unspecified selection key means, for flags and manifests alike. Without an
 # op, the family's four are built (the formats are asked for by name).
 DEFAULTS = {"op": tuple(OPS), "int": ("s8", "u8"),
@@ -78,20 +76,6 @@ def _op_name(name: str) -> str:
         raise UnsupportedError(f"op {name!r} is not known; expected one of: "
                                f"{', '.join(ALL_OPS)}")
     return text
-
-
-def parse_target(text: str) -> tuple[str, str]:
-    """``c`` (this machine's ISA), ``c:avx2``, ``cuda`` (sm_90) or ``cuda:sm_90``."""
-    target, _, arch = str(text).strip().lower().partition(":")
-    if target == "c":
-        return "c", arch or host_isa()
-    if target == "cuda":
-        arch = arch or DEFAULT_CUDA_ARCH
-        if not _CUDA_ARCH.match(arch):
-            raise UnsupportedError(f"CUDA arch {arch!r} is not of the form sm_XX or compute_XX "
-                                   "(e.g. sm_90)")
-        return "cuda", arch
-    raise UnsupportedError(f"target {text!r} is not known; expected c[:ISA] or cuda[:sm_XX]")
 
 
 @dataclass(frozen=True, order=True)

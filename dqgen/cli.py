@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import targets
 from .layouts import kinds
 from .version import __version__
 
@@ -179,28 +180,16 @@ def _emit_spec(args: argparse.Namespace):
     return _format_spec(args) if args.op in FORMAT_OPS else _family_spec(args)
 
 
-# KernelSpec fields only one target's schedule fills and reads: the C ones (SIMD paths,
-# OpenMP threshold, streaming stores, the C prelude's helpers) and the CUDA ones (launch
-# shape, vector streams, CUDA headers). ``emit --ir`` prints a kernel's own target's.
-C_ONLY_KNOBS = frozenset({
-    "simd_convert", "simd_block", "simd_blocks", "simd_inputs", "simd_output",
-    "simd_stage_int", "register_lanes", "int_c_type", "scalar_tail", "fast_zero_point_limit",
-    "needs_scalar_store", "fast_needs_finite_scale", "streaming_min_bytes", "streaming_align",
-    "parallel_min_elements", "group_batch", "fma_zero_point_limit", "fma_scale_max_bits",
-    "fma_scale_min_bits", "fma_scale_note", "scalar_f16c", "zero_round_vector", "register_q",
-    "register_q_kind", "group_lanes", "register_store_round", "table_max_bytes",
-    "staged_load", "staged_load_f16c", "vector_bits", "vec_float", "vec_int", "vec_prefix",
-    "vec_broadcast", "int_widen", "register_split", "half_path", "store_pairs",
-    "simd_headers", "tail_mask", "needs_f16", "needs_bf16"})
-CUDA_ONLY_KNOBS = frozenset({
-    "threads_per_block", "vector_bytes", "vector_elems", "vector_streams",
-    "vector_align_check", "grid_waves", "group_per_element", "cuda_float_headers",
-    "int_to_compute"})
+# KernelSpec fields only one target's schedule fills and reads (each target's own set:
+# ``Backend.schedule_knobs``). ``emit --ir`` prints a kernel's own target's.
+C_ONLY_KNOBS = targets.backend("c").schedule_knobs
+CUDA_ONLY_KNOBS = targets.backend("cuda").schedule_knobs
 
 
 def target_knobs(spec) -> dict:
-    """``spec.to_json()`` without the other target's schedule knobs."""
-    other = CUDA_ONLY_KNOBS if spec.target == "c" else C_ONLY_KNOBS
+    """``spec.to_json()`` without the other targets' schedule knobs."""
+    other = set().union(*(targets.backend(name).schedule_knobs for name in targets.names()
+                          if name != spec.target))
     return {k: v for k, v in spec.to_json().items() if k not in other}
 
 
@@ -218,7 +207,7 @@ def _emit(args: argparse.Namespace) -> int:
                 f"# KernelSpec ({spec.target}, {spec.arch}: this target's knobs)\n"
                 f"{json.dumps(target_knobs(spec), indent=2)}\n")
     elif args.ptx:
-        if spec.target != "cuda":
+        if "ptx" not in targets.backend(spec.target).binary_kinds:
             raise InvalidProblemError("--ptx needs --target cuda")
         from .build import nvrtc
         art = nvrtc.compile_cuda(render_source(spec).text, name=spec.uri, arch=spec.arch)
@@ -527,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     emit.add_argument("--filter", metavar="GLOB", action="append",
                       help="keep the kernel whose URI matches GLOB (e.g. packed: "
                       "'dequant_*' or 'quant_*')")
-    emit.add_argument("--target", choices=["c", "cuda"], default="c", help="[default: c]")
+    emit.add_argument("--target", choices=targets.names(), default="c", help="[default: c]")
     emit.add_argument("--arch", help="C ISA (generic, avx2, avx512, avx512_bf16, avx512_fp16) [default: this machine's] "
                       f"or CUDA arch (sm_XX) [default: {DEFAULT_CUDA_ARCH}]")
     what = emit.add_mutually_exclusive_group()

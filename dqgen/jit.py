@@ -1,6 +1,7 @@
 """From descriptor to a loaded kernel: lower, render, then a bundle, the cache or a build.
 
-This module only sequences the stages; each stage lives in its own module. Bundles
+This module only sequences the stages, one sequence for every target: whatever differs
+between C and CUDA is the target's backend's answer (``dqgen.targets``). Bundles
 (``dqgen.bundle``) are searched first, then the disk cache, and only then is the kernel
 compiled; ``DQGEN_DISABLE_JIT=1`` forbids that last step. Loaded kernels are memoised per
 (kernel identity, target, arch) in the process, so a repeated ``select`` costs a
@@ -13,23 +14,19 @@ import hashlib
 import json
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
 
-from . import bundle, cache, env
-from .build import cc
-from .errors import CacheError, DqgenError, MissingKernelError, UnsupportedError
+from . import bundle, cache, env, targets
+from .errors import DqgenError, MissingKernelError, UnsupportedError
 from .lower import lower
 from .render import Source, render, template_hash
-from .runtime.cpu import CpuKernel
-from .runtime.cuda import CudaKernel
 from .aot_selection import OP_NAMES, command_for_record, make_descriptor
 from .spec import KernelSpec
 from .version import __version__
 
-ELF_MAGIC = b"\x7fELF"
 _memo: dict[tuple, "Kernel"] = {}
 _memo_lock = threading.Lock()
 _key_locks: dict[tuple, threading.Lock] = {}
@@ -47,33 +44,59 @@ os.register_at_fork(after_in_child=_reset_locks_after_fork)
 
 
 @dataclass(frozen=True)
-class Kernel:
-    """A ready-to-call kernel and the identities that describe it.
-
-    ``origin`` says where the binary came from: ``bundle``, ``cache`` or ``built``.
+class Artifact:
+    """A compiled kernel, not loaded: its spec and source, the cache key it was built
+    under, and its binary files (``kind`` -> file name in ``entry_dir``: a cache entry's
+    ``kernel.so``, ``kernel.ptx``/``kernel.cubin``, or a bundle's). ``built``: compiled
+    by this call. ``toolchain``: the compiler identity and flags a bundle records. What
+    ``dqgen aot`` copies into a bundle, and what a ``Kernel`` is loaded from.
     """
 
     spec: KernelSpec
     source: Source
     key: str
-    template_hash: str
     entry_dir: Path | None
-    compiled: bool
-    runner: object
-    origin: str = "cache"
+    built: bool
+    files: dict[str, str]
+    toolchain: dict
+
+
+CacheEntry = Artifact  # the name ``dqgen aot`` and its callers have used
 
 
 @dataclass(frozen=True)
-class CacheEntry:
-    """A built binary in the disk cache (not loaded), as ``dqgen aot`` copies it."""
+class Kernel:
+    """A ready-to-call kernel: the ``Artifact`` it was loaded from, its runner, where the
+    binary came from (``origin``: ``bundle``, ``cache`` or ``built``), the templates'
+    hash and ``asm``, the texts behind it as Triton's (C: ``c``, ``isa``, ``flags``;
+    CUDA: ``cu``, ``ptx``, ``cubin``).
+    """
 
-    spec: KernelSpec
-    source: Source
-    key: str
-    entry_dir: Path
-    built: bool
-    files: dict[str, str]      # kind ("so", "ptx", "cubin") -> file name in entry_dir
-    toolchain: dict            # compiler identity and flags, for bundle manifests
+    artifact: Artifact
+    runner: object
+    origin: str
+    template_hash: str
+    asm: dict = field(default_factory=dict)
+
+    @property
+    def spec(self) -> KernelSpec:
+        return self.artifact.spec
+
+    @property
+    def source(self) -> Source:
+        return self.artifact.source
+
+    @property
+    def key(self) -> str:
+        return self.artifact.key
+
+    @property
+    def entry_dir(self) -> Path | None:
+        return self.artifact.entry_dir
+
+    @property
+    def compiled(self) -> bool:
+        return self.artifact.built
 
 
 def jit_disabled() -> bool:
@@ -94,29 +117,14 @@ def render_source(spec: KernelSpec) -> Source:
     return source
 
 
-def cpu_cache_key(source: Source, toolchain: cc.Toolchain, isa: str) -> str:
-    """Everything that can change the binary: source, compiler, flags, ISA, versions."""
+def cache_key(backend, source: Source, arch: str, toolchain) -> str:
+    """Everything that can change the binary: the source, the templates, dqgen's and the
+    cache's versions, and the target's own fields (its arch or ISA, the compiler's
+    identity and flags)."""
     fields = {
-        "cache_format": cache.CACHE_FORMAT, "dqgen": __version__, "target": "c", "isa": isa,
-        "source_sha256": source.sha256, "templates": template_hash("c"),
-        "compiler": toolchain.identity, "flags": list(toolchain.flags(isa)),
-    }
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
-
-
-def cuda_toolchain(arch: str) -> dict:
-    """NVRTC's identity and the code-generating flags for ``arch`` (no local paths)."""
-    from .build import nvrtc
-    return {"compiler": f"nvrtc {nvrtc.nvrtc_version()}", "headers": nvrtc.header_identity(),
-            "flags": list(nvrtc.default_options(arch))}
-
-
-def cuda_cache_key(source: Source, arch: str) -> str:
-    """The CUDA counterpart of ``cpu_cache_key``: source, NVRTC version, headers, flags."""
-    fields = {
-        "cache_format": cache.CACHE_FORMAT, "dqgen": __version__, "target": "cuda",
-        "arch": arch, "source_sha256": source.sha256, "templates": template_hash("cuda"),
-        **cuda_toolchain(arch),
+        "cache_format": cache.CACHE_FORMAT, "dqgen": __version__, "target": backend.name,
+        "source_sha256": source.sha256, "templates": template_hash(backend.name),
+        **backend.key_fields(toolchain, arch),
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
@@ -158,10 +166,6 @@ def missing_kernel(spec: KernelSpec, why: str = "",
         + (f". Build it ahead of time with: {hint}" if hint else ""))
 
 
-def _persisted_toolchain() -> cc.Toolchain:
-    return cc.toolchain(memo=lambda fingerprint, compute: cache.memo_json("cc", fingerprint, compute))
-
-
 def _ensure(target_dir: str, key: str, spec: KernelSpec, produce,
             required: tuple[str, ...], descriptor: dict | None = None) -> tuple[Path, dict, bool]:
     """``cache.ensure``, except that with JIT disabled only a valid entry is accepted."""
@@ -174,113 +178,59 @@ def _ensure(target_dir: str, key: str, spec: KernelSpec, produce,
     return cache.ensure(target_dir, key, produce, required)
 
 
-def ensure_cpu_binary(spec: KernelSpec, source: Source | None = None,
-                      descriptor: dict | None = None) -> CacheEntry:
-    """The C kernel's shared object in the cache, compiled only when it is not there
-    (``descriptor``: its ``descriptor_record``, kept in the entry's metadata)."""
+def ensure_binary(spec: KernelSpec, source: Source | None = None,
+                  descriptor: dict | None = None) -> Artifact:
+    """The kernel's binary in the cache, compiled by its target's toolchain only when it
+    is not there (``descriptor``: its ``descriptor_record``, kept in the entry's
+    metadata). CUDA needs NVRTC, not a GPU."""
+    backend = targets.backend(spec.target)
     source = source or render_source(spec)
     try:
-        toolchain = _persisted_toolchain()
+        toolchain = backend.toolchain(spec.arch)
+        key = cache_key(backend, source, spec.arch, toolchain)
     except UnsupportedError as exc:
         if jit_disabled():
-            raise missing_kernel(spec, f" (and no C compiler: {exc})", descriptor) from None
-        raise
-    key = cpu_cache_key(source, toolchain, spec.arch)
-
-    def produce(tmp: Path) -> dict:
-        src = tmp / "kernel.c"
-        src.write_text(source.text)
-        command = cc.compile_shared(toolchain, src, tmp / "kernel.so", spec.arch)
-        return {"uri": spec.uri, "entry": spec.entry, "target": "c", "isa": spec.arch,
-                "compiler": toolchain.identity, "command": command, "descriptor": descriptor}
-
-    entry, _, built = _ensure(f"c-{spec.arch}", key, spec, produce, ("kernel.so",), descriptor)
-    return CacheEntry(spec, source, key, entry, built, {"so": "kernel.so"},
-                      {"compiler": toolchain.identity.rsplit("|", 1)[-1],
-                       "identity": toolchain.identity, "flags": list(toolchain.flags(spec.arch))})
-
-
-def ensure_cuda_binary(spec: KernelSpec, source: Source | None = None,
-                       descriptor: dict | None = None) -> CacheEntry:
-    """The CUDA kernel's PTX (and cubin for ``sm_XX``) in the cache, built by NVRTC only
-    when it is not there. Needs NVRTC, not a GPU."""
-    from .build import nvrtc
-    source = source or render_source(spec)
-    try:
-        key = cuda_cache_key(source, spec.arch)
-    except UnsupportedError as exc:
-        if jit_disabled():
-            raise missing_kernel(spec, f" (and no NVRTC: {exc})", descriptor) from None
+            raise missing_kernel(spec, f" (and no {backend.toolchain_name}: {exc})",
+                                 descriptor) from None
         raise
 
     def produce(tmp: Path) -> dict:
-        art = nvrtc.compile_cuda(source.text, name=spec.uri, arch=spec.arch)
-        (tmp / "kernel.cu").write_text(source.text)
-        (tmp / "kernel.ptx").write_bytes(art.ptx)
-        if art.cubin:
-            (tmp / "kernel.cubin").write_bytes(art.cubin)
-        return {"uri": spec.uri, "entry": spec.entry, "target": "cuda", "arch": spec.arch,
-                **cuda_toolchain(spec.arch), "descriptor": descriptor}
+        source_path = tmp / f"kernel.{backend.source_suffix}"
+        source_path.write_text(source.text)
+        made = backend.build(spec, source_path, toolchain, tmp)
+        return {"uri": spec.uri, "entry": spec.entry, "target": backend.name,
+                backend.arch_field: spec.arch, **made, "descriptor": descriptor}
 
-    entry, meta, built = _ensure(f"cuda-{spec.arch}", key, spec, produce, ("kernel.ptx",),
-                                 descriptor)
-    files = {kind: f"kernel.{kind}" for kind in ("ptx", "cubin")
+    entry, meta, built = _ensure(f"{backend.name}-{spec.arch}", key, spec, produce,
+                                 backend.required_files, descriptor)
+    files = {kind: f"kernel.{kind}" for kind in backend.binary_kinds
              if f"kernel.{kind}" in meta.get("files", {})}
-    return CacheEntry(spec, source, key, entry, built, files, cuda_toolchain(spec.arch))
+    return Artifact(spec, source, key, entry, built, files,
+                    backend.toolchain_record(toolchain, spec.arch))
 
 
-def _build_cpu(spec: KernelSpec, desc) -> Kernel:
-    hit = ensure_cpu_binary(spec, descriptor=descriptor_record(desc))
-    return Kernel(spec, hit.source, hit.key, template_hash("c"), hit.entry_dir, hit.built,
-                  CpuKernel(spec, hit.entry_dir / "kernel.so"),
-                  origin="built" if hit.built else "cache")
+def load(artifact: Artifact, origin: str, templates: str,
+         binaries: dict[str, bytes] | None = None) -> Kernel:
+    """``artifact`` loaded by its target's runner (``binaries``: its files' bytes,
+    already hash-checked, when they come from a bundle)."""
+    runner, asm = targets.backend(artifact.spec.target).load(artifact, binaries)
+    return Kernel(artifact, runner, origin, templates, asm)
 
 
-def _asm(source: Source, ptx: bytes | None, cubin: bytes | None) -> dict:
-    """The texts behind a CUDA kernel, as Triton's ``asm``: ``cu``, ``ptx``, ``cubin``."""
-    asm: dict = {"cu": source.text}
-    if ptx:
-        asm["ptx"] = ptx.decode(errors="replace")
-    if cubin:
-        asm["cubin"] = cubin
-    return asm
+def build_kernel(spec: KernelSpec, source: Source | None = None,
+                 descriptor: dict | None = None) -> Kernel:
+    """The loaded kernel of ``spec``, from the cache or built (``descriptor``: its
+    ``descriptor_record``, kept in the cache entry)."""
+    artifact = ensure_binary(spec, source, descriptor)
+    return load(artifact, "built" if artifact.built else "cache", template_hash(spec.target))
 
 
-def build_cuda_kernel(spec: KernelSpec, source: Source, descriptor: dict | None = None) -> Kernel:
-    """The ``Kernel`` for ``spec`` (target ``cuda``), from the cache or built by NVRTC
-    (``descriptor``: its ``descriptor_record``, kept in the cache entry).
-
-    The runner loads the cubin (the PTX for a ``compute_XX`` arch) on first launch, so a
-    kernel can be built, inspected and bundled on a machine without a GPU.
-    """
-    hit = ensure_cuda_binary(spec, source, descriptor)
-    ptx = (hit.entry_dir / hit.files["ptx"]).read_bytes() if "ptx" in hit.files else None
-    cubin = (hit.entry_dir / hit.files["cubin"]).read_bytes() if "cubin" in hit.files else None
-    image = cubin or ptx
-    if not image or (spec.arch.startswith("sm_") and not cubin):
-        raise CacheError(f"cache entry {hit.entry_dir} holds no "
-                         f"{'cubin' if spec.arch.startswith('sm_') else 'PTX'} for {spec.uri}")
-    runner = CudaKernel(spec, image, asm=_asm(source, ptx, cubin))
-    return Kernel(spec, source, hit.key, template_hash("cuda"), hit.entry_dir, hit.built,
-                  runner, origin="built" if hit.built else "cache")
-
-
-def kernel_from_image(spec: KernelSpec, source: Source, *, image: bytes, key: str,
-                      entry_dir: Path | None = None) -> Kernel:
-    """A ``Kernel`` around an already built cubin or PTX image (e.g. from a bundle)."""
-    is_cubin = image[:4] == ELF_MAGIC
-    runner = CudaKernel(spec, image, asm=_asm(source, None if is_cubin else image,
-                                              image if is_cubin else None))
-    return Kernel(spec, source, key, template_hash("cuda"), entry_dir, False, runner,
-                  origin="bundle")
-
-
-def _build_cuda(spec: KernelSpec, desc) -> Kernel:
-    return build_cuda_kernel(spec, render_source(spec), descriptor_record(desc))
+build_cuda_kernel = build_kernel  # the name CUDA callers have used
 
 
 def _from_bundles(desc, spec: KernelSpec) -> Kernel | None:
-    """The kernel from the first bundle that holds it (a compatible ISA for C), or None.
+    """The kernel from the first bundle that holds it (an arch its target lets stand in
+    for ``spec.arch``: a lower ISA level for C), or None.
 
     A bundled source must equal what this dqgen renders, else the entry is stale and
     skipped with a warning; a binary that fails its hash raises ``BundleError``.
@@ -288,7 +238,8 @@ def _from_bundles(desc, spec: KernelSpec) -> Kernel | None:
     bundles = bundle.active_bundles()
     if not bundles:
         return None
-    for arch in bundle.compatible_archs(spec.target, spec.arch):
+    backend = targets.backend(spec.target)
+    for arch in backend.compatible_archs(spec.arch):
         for b in bundles:
             record = b.get(spec.uri, spec.target, arch)
             if record is None:
@@ -298,23 +249,20 @@ def _from_bundles(desc, spec: KernelSpec) -> Kernel | None:
             if record.source["sha256"] != source.sha256:
                 bundle.warn_stale(b, record)
                 continue
-            if spec.target == "c":
-                if "so" not in record.binaries:
-                    continue
-                path, _ = b.read_checked(record.binaries["so"])
-                return Kernel(cand, source, record.cache_key, record.template_hash,
-                              path.parent, False, CpuKernel(cand, path), origin="bundle")
-            kind = "cubin" if "cubin" in record.binaries else "ptx"
-            if kind not in record.binaries:
+            kind = next((k for k in backend.binary_kinds if k in record.binaries), None)
+            if kind is None:
                 continue
-            path, image = b.read_checked(record.binaries[kind])
-            return kernel_from_image(cand, source, image=image, key=record.cache_key,
-                                     entry_dir=path.parent)
+            path, data = b.read_checked(record.binaries[kind])
+            toolchain = record.record.get("toolchain")
+            artifact = Artifact(cand, source, record.cache_key, path.parent, False,
+                                {kind: path.name}, toolchain if isinstance(toolchain, dict) else {})
+            return load(artifact, "bundle", record.template_hash, {kind: data})
     return None
 
 
 def get_kernel(desc, target: str, arch: str) -> Kernel:
-    """The loaded kernel for ``desc`` on ``target``/``arch``, built at most once."""
+    """The loaded kernel for ``desc`` on ``target``/``arch``, built at most once: lower,
+    render, a bundle, else the cache (built if missing), then load."""
     ident = (type(desc), desc.uri, target, arch)
     kernel = _memo.get(ident)
     if kernel is not None:
@@ -327,12 +275,18 @@ def get_kernel(desc, target: str, arch: str) -> Kernel:
             spec = lower(desc, target, arch)
             kernel = _from_bundles(desc, spec)
             if kernel is None:
-                if target == "c":
-                    kernel = _build_cpu(spec, desc)
-                elif target == "cuda":
-                    kernel = _build_cuda(spec, desc)
-                else:
-                    raise UnsupportedError(f"target {target!r} has no runtime here")
+                kernel = build_kernel(spec, render_source(spec), descriptor_record(desc))
             _memo[ident] = kernel
     return kernel
 
+
+# The C target's key and toolchain under the names they had before targets were objects.
+
+def cpu_cache_key(source: Source, toolchain, isa: str) -> str:
+    """``cache_key`` of a C kernel built by ``toolchain`` (a ``cc.Toolchain``) for ``isa``."""
+    return cache_key(targets.backend("c"), source, isa, toolchain)
+
+
+def _persisted_toolchain():
+    """The C compiler, its version probe kept in the cache."""
+    return targets.backend("c").toolchain("")

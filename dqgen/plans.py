@@ -11,13 +11,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from . import env
+from . import env, targets
 from .arguments import arguments, launch_elements
 from .arrays import check_array, check_no_overlap, shape_of, to_numpy
 from .errors import UnsupportedError
 from .ir import (DequantizePerGroupBackwardDescriptor, DequantizePerGroupDescriptor,
                  QuantizePerGroupBackwardDescriptor, QuantizePerGroupDescriptor)
-from .isa import check_isa, host_isa, supported_isas
 from .jit import Kernel, get_kernel
 from .runtime import cpu as cpu_runtime
 from .runtime import cuda as cuda_runtime
@@ -142,14 +141,6 @@ def memoized_select(cls, desc, device, preference):
     return plan
 
 
-def cpu_isa(preference: PlanPreference) -> str:
-    """The ISA a CPU plan runs: the preference's, else the host's; it must run here."""
-    isa = check_isa(preference.isa) if preference.isa else host_isa()
-    if isa not in supported_isas():
-        raise UnsupportedError(f"ISA {isa} cannot run on this CPU")
-    return isa
-
-
 class Plan:
     """What every plan shares, the family's and the checkpoint formats': ``select`` once
     (validate, then ``get_kernel`` for this CPU's ISA or the CUDA device's arch), then
@@ -251,11 +242,8 @@ class Plan:
         desc.validate()
         preference = preference or PlanPreference()
         target_device = parse_device(device)
-        if target_device.startswith("cuda:"):
-            # The cubin for the device's own arch; preference.isa/num_threads are CPU knobs.
-            kernel = get_kernel(desc, "cuda", cuda_runtime.device_arch(int(target_device[5:])))
-        else:
-            kernel = get_kernel(desc, "c", cpu_isa(preference))
+        target = targets.for_device(target_device)  # the device's target answers its arch
+        kernel = get_kernel(desc, target.name, target.device_arch(target_device, preference))
         return cls(desc, target_device, preference, kernel)
 
     def workspace_size(self) -> int:

@@ -13,17 +13,13 @@ from pathlib import Path
 
 import jinja2
 
-from .signature import entry_signature
 from .spec import KernelSpec
+from .targets import backend
 from .version import __version__
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
 if not TEMPLATE_DIR.is_dir():  # installed as a wheel: templates ship inside the package
     TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
-
-_TEMPLATE_FOR_TARGET = {"c": ("c/kernel.c.j2", "c"), "cuda": ("cuda/kernel.cu.j2", "cuda")}
-# Layouts with a loop structure of their own name their template stem (spec.template).
-_LAYOUT_TEMPLATE = {"c": "c/{}.c.j2", "cuda": "cuda/{}.cu.j2"}
 
 
 @dataclass(frozen=True)
@@ -90,7 +86,7 @@ def environment() -> jinja2.Environment:
         trim_blocks=True, lstrip_blocks=True, autoescape=False,
         bytecode_cache=_bytecode_cache())
     # a global, so imported macro files see it too: the one spelling of the entry point
-    env.globals["entry_signature"] = entry_signature
+    env.globals["entry_signature"] = lambda spec: backend(spec.target).entry_signature(spec)
     # a kernel that contains another's (the fused linear holds its weight's decode)
     env.globals["render_spec"] = lambda spec: render(spec).text
     return env
@@ -114,9 +110,9 @@ def reload_templates() -> None:
 
 
 def render(spec: KernelSpec) -> Source:
-    """Render ``spec`` with its target's template."""
-    name, language = _TEMPLATE_FOR_TARGET[spec.target]
-    if spec.template:
-        name = _LAYOUT_TEMPLATE[spec.target].format(spec.template)
-    text = environment().get_template(name).render(spec=spec, version=__version__)
-    return Source(text=text, language=language, entry=spec.entry, spec=spec)
+    """Render ``spec`` with its target's template (the family's, or the layout's own
+    loop that ``spec.template`` names)."""
+    target = backend(spec.target)
+    text = environment().get_template(target.template(spec)).render(spec=spec,
+                                                                    version=__version__)
+    return Source(text=text, language=target.name, entry=spec.entry, spec=spec)

@@ -22,10 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from . import bundle as bundle_mod
-from . import cache, jit
+from . import cache, jit, targets
 from .aot import descriptor_from_record
 from .errors import DqgenError
-from .isa import supported_isas
 from .layouts import kind_of
 from .layouts.registry import descriptor_classes
 from .lower import lower
@@ -118,41 +117,11 @@ def first_difference(got: np.ndarray, want: np.ndarray) -> str:
 
 # --- running one kernel ---------------------------------------------------------------
 
-def _run_c(spec, so_path: Path, desc, arrays: dict, arguments, scalars) -> None:
-    from .runtime.cpu import CpuKernel
-    kernel = CpuKernel(spec, so_path)
-    kernel.function(*[kernel.pointer(arrays[a.name]) for a in arguments], *scalars, 0)
-
-
-def _run_cuda(spec, image: bytes, arrays: dict, arguments, scalars, elements: int) -> None:
-    """On this machine's CUDA device, through torch (which allocates and copies)."""
-    from .runtime import cuda as rt
-    if not rt.cuda_available():
-        raise LookupError(f"no CUDA device ({rt.cuda_unavailable_reason()})")
-    if rt.device_arch(0) != spec.arch and not spec.arch.startswith("compute_"):
-        raise LookupError(f"built for {spec.arch}; this device is {rt.device_arch(0)}")
-    try:
-        import torch
-    except ImportError:
-        raise LookupError("running a CUDA kernel here needs torch with CUDA") from None
-    tensors = {}
-    for arg in arguments:
-        raw = np.ascontiguousarray(arrays[arg.name]).view(np.uint8)
-        tensors[arg.name] = torch.from_numpy(raw.copy()).to("cuda:0")
-    kernel = rt.CudaKernel(spec, image)
-    kernel.launch([tensors[a.name].data_ptr() for a in arguments] + list(scalars), elements, 0)
-    torch.cuda.synchronize()
-    for arg in arguments:
-        if arg.is_out:
-            arrays[arg.name][...] = tensors[arg.name].cpu().numpy().view(arg.dtype).reshape(
-                arg.shape)
-
-
 def check_kernel(record: dict, target: str, arch: str, binary: Path | bytes, label: str,
                  source_sha256: str | None = None, seed: int = 0,
                  stale: str = FAILED) -> Outcome:
-    """Run one built kernel (a C shared object's path, or a CUDA image) on random inputs
-    and compare with the oracle. ``source_sha256``: the source it was built from; one
+    """Run one built kernel (a C shared object's path, or a CUDA image or its path) on
+    random inputs and compare with the oracle (its target runs it: ``run_once``). ``source_sha256``: the source it was built from; one
     that differs from what this dqgen renders is reported as ``stale``, not run."""
     from .arguments import arguments as kernel_arguments, launch_elements
     if record is None:
@@ -168,8 +137,10 @@ def check_kernel(record: dict, target: str, arch: str, binary: Path | bytes, lab
     if source_sha256 is not None and jit.render_source(spec).sha256 != source_sha256:
         return Outcome(label, stale, "stale: built from a source that differs from what "
                        "this dqgen emits (so it is never used); rebuild it")
-    if target == "c" and arch not in supported_isas():
-        return Outcome(label, SKIPPED, f"this CPU cannot run ISA {arch}")
+    backend = targets.backend(target)
+    why_not = backend.unrunnable(arch)
+    if why_not:
+        return Outcome(label, SKIPPED, why_not)
     arguments, scalars = kernel_arguments(desc, spec)
     arrays = random_inputs(desc, arguments, np.random.default_rng(seed))
     try:
@@ -177,10 +148,7 @@ def check_kernel(record: dict, target: str, arch: str, binary: Path | bytes, lab
     except LookupError as exc:
         return Outcome(label, SKIPPED, str(exc))
     try:
-        if target == "c":
-            _run_c(spec, binary, desc, arrays, arguments, scalars)
-        else:
-            _run_cuda(spec, binary, arrays, arguments, scalars, launch_elements(desc))
+        backend.run_once(spec, binary, arrays, arguments, scalars, launch_elements(desc))
     except LookupError as exc:
         return Outcome(label, SKIPPED, str(exc))
     except Exception as exc:  # noqa: BLE001 - a damaged binary may fail any way
@@ -198,8 +166,13 @@ def verify_bundle(b: bundle_mod.Bundle, seed: int = 0) -> list[Outcome]:
     outcomes = []
     for kernel in b.kernels.values():
         label = kernel.describe()
-        kind = "so" if kernel.target == "c" else ("cubin" if "cubin" in kernel.binaries
-                                                  else "ptx")
+        backend = targets.find(kernel.target)
+        if backend is None:
+            outcomes.append(Outcome(label, FAILED, f"target {kernel.target!r} is not known "
+                                    "here"))
+            continue
+        kind = next((k for k in backend.binary_kinds if k in kernel.binaries),
+                    backend.binary_kinds[-1])
         if kind not in kernel.binaries:
             outcomes.append(Outcome(label, FAILED, f"the manifest lists no {kind} binary"))
             continue
@@ -209,7 +182,7 @@ def verify_bundle(b: bundle_mod.Bundle, seed: int = 0) -> list[Outcome]:
             outcomes.append(Outcome(label, FAILED, f"could not load it: {exc}"))
             continue
         outcomes.append(check_kernel(kernel.record.get("descriptor"), kernel.target,
-                                     kernel.arch, path if kind == "so" else data, label,
+                                     kernel.arch, path if backend.loads_by_path else data, label,
                                      kernel.source["sha256"], seed))
     return outcomes
 
@@ -228,16 +201,21 @@ def verify_cache(seed: int = 0) -> list[Outcome]:
                                     f"{cache.META} (the runtime rebuilds it)"))
             continue
         target = meta.get("target", "")
-        arch = meta.get("isa") if target == "c" else meta.get("arch")
+        backend = targets.find(target)
+        if backend is None:
+            outcomes.append(Outcome(f"{meta.get('uri', '?')} ({target}) [{entry.name[:12]}]",
+                                    FAILED, f"target {target!r} is not known here"))
+            continue
+        arch = meta.get(backend.arch_field)
         label = f"{meta.get('uri', '?')} ({target}:{arch}) [{entry.name[:12]}]"
-        names = ["kernel.so"] if target == "c" else ["kernel.cubin", "kernel.ptx"]
-        found = [entry / n for n in names if (entry / n).is_file()]
-        source = entry / ("kernel.c" if target == "c" else "kernel.cu")
+        found = [entry / f"kernel.{kind}" for kind in backend.binary_kinds
+                 if (entry / f"kernel.{kind}").is_file()]
+        source = entry / f"kernel.{backend.source_suffix}"
         if not found or not source.is_file():
             outcomes.append(Outcome(label, FAILED, "the entry holds no binary or source"))
             continue
         sha = cache.sha256_file(source)
-        binary = found[0] if target == "c" else found[0].read_bytes()
+        binary = found[0] if backend.loads_by_path else found[0].read_bytes()
         # a stale cache entry is only unused (its key no longer comes up), not wrong
         outcomes.append(check_kernel(meta.get("descriptor"), target, arch, binary, label,
                                      sha, seed, stale=SKIPPED))

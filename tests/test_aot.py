@@ -448,11 +448,11 @@ def test_cuda_kernels_are_bundled_and_hash_checked(isolated, monkeypatch):
     monkeypatch.setenv("DQGEN_DISABLE_JIT", "1")
     monkeypatch.setenv("DQGEN_CACHE_DIR", str(isolated / "empty"))
     desc = DequantizePerGroupDescriptor(1, 64, 64, "f16", "u8")
-    if hasattr(jit, "kernel_from_image"):
-        bundle.load_bundle(path)
-        kernel = jit.get_kernel(desc, "cuda", "sm_90")
-        assert kernel.origin == "bundle" and kernel.key == record.cache_key
-        monkeypatch.setattr(jit, "_memo", {})
+    bundle.load_bundle(path)
+    kernel = jit.get_kernel(desc, "cuda", "sm_90")
+    assert kernel.origin == "bundle" and kernel.key == record.cache_key
+    assert kernel.asm["cubin"][:4] == b"\x7fELF" and "ptx" not in kernel.asm
+    monkeypatch.setattr(jit, "_memo", {})
     cubin = path / record.binaries["cubin"]["path"]
     cubin.write_bytes(cubin.read_bytes()[:-1] + b"\x01")
     bundle.load_bundle(path)

@@ -1,13 +1,13 @@
 """CPU kernels: a built ``.so`` opened with cffi in ABI mode and called zero-copy.
 
-The entry point is looked up as a function pointer of a type spelled from the spec
-(pointers as ``void *``, so ``ffi.from_buffer(array)``, the cheapest zero-copy route from
-a numpy array to a pointer, can be passed directly). The FFI is cffi's compiled one
-(``_cffi_backend.FFI``, what cffi's out-of-line modules build on), which parses such a type
-itself: ``cffi.FFI().cdef`` would import pycparser, two thirds of the time a new process
-takes to load a kernel from the cache. cffi releases the GIL for the duration of the
-call. Loaded libraries are kept for the life of the process (never unloaded), and their
-files are never rewritten in place.
+The entry point is looked up as a function pointer of the type the C target spells from
+the spec (``signature.cffi_type``: pointers as ``void *``, so ``ffi.from_buffer(array)``,
+the cheapest zero-copy route from a numpy array to a pointer, can be passed directly).
+The FFI is cffi's compiled one (``_cffi_backend.FFI``, what cffi's out-of-line modules
+build on), which parses such a type itself: ``cffi.FFI().cdef`` would import pycparser,
+two thirds of the time a new process takes to load a kernel from the cache. cffi
+releases the GIL for the duration of the call. Loaded libraries are kept for the life of
+the process (never unloaded), and their files are never rewritten in place.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import _cffi_backend
 
 from .. import env
 from ..errors import InvalidProblemError
-from ..signature import cffi_type
 from ..spec import KernelSpec
 
 _loaded: list[object] = []  # keeps every library alive: kernels are never unloaded
@@ -133,11 +132,13 @@ class CpuKernel:
 
     __slots__ = ("spec", "path", "function", "pointer")
 
-    def __init__(self, spec: KernelSpec, path: Path) -> None:
+    def __init__(self, spec: KernelSpec, path: Path, function_type: str) -> None:
+        """Open ``path`` and look its entry up as ``function_type`` (a cffi function
+        pointer type, as the C target spells it for ``spec``)."""
         self.spec = spec
         self.path = path
         with _load_lock:
             lib = _cffi_backend.load_library(str(path), 0)  # 0: cffi's default, RTLD_NOW
             _loaded.append(lib)
-        self.function = lib.load_function(_ffi.typeof(cffi_type(spec)), spec.entry)
+        self.function = lib.load_function(_ffi.typeof(function_type), spec.entry)
         self.pointer = _ffi.from_buffer  # numpy array -> zero-copy pointer for ``function``
