@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..signature import EntryConvention, c_prototype, entry_signature
+from ..signature import EntryConvention, entry_signature
 from ..spec import KernelSpec
 
 

@@ -13,7 +13,6 @@ from ..spec import CUDA_STORAGE, KernelSpec
 from .base import Backend
 
 DEFAULT_ARCH = "sm_90"
-ELF_MAGIC = b"\x7fELF"
 # KernelSpec fields only the CUDA schedule fills and reads: the launch shape, the vector
 # streams, the CUDA headers.
 SCHEDULE_KNOBS = frozenset({
