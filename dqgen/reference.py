@@ -15,8 +15,10 @@ __all__ = [
     "dequantize_per_group_backward",
     "fma_f32",
     "linear",
+    "linear_int8",
     "quantize_per_group",
     "quantize_per_group_backward",
+    "quantize_x_int8",
 ]
 
 
@@ -117,6 +119,12 @@ def linear(x, w, bias, y_dtype, lanes: int = 16) -> np.ndarray:
     acc = np.zeros((m, n, lanes), np.float32)
     for k0 in range(0, kp, lanes):
         acc = fma_f32(xp[:, None, k0:k0 + lanes], wp[None, :, k0:k0 + lanes], acc)
+    return _lanes_to_y(acc, bias, y_dtype)
+
+
+def _lanes_to_y(acc, bias, y_dtype) -> np.ndarray:
+    """Lane sums ``[..., lanes]`` added pairwise, halving (``j`` with ``j + lanes / 2`` ...
+    down to one), then the bias in f32, then one rounding to ``y_dtype``."""
     with np.errstate(all="ignore"):
         while acc.shape[-1] > 1:
             half = acc.shape[-1] // 2
@@ -125,3 +133,71 @@ def linear(x, w, bias, y_dtype, lanes: int = 16) -> np.ndarray:
         if bias is not None:
             y = y + np.asarray(bias).astype(np.float32)[None, :]
         return y.astype(y_dtype)
+
+
+X_BLOCK = 32      # values of x sharing one int8 scale (SPEC.md §9)
+QUAD = 4          # values whose integer products one lane's term sums
+INT8_LANES = 64   # the int8 linear's lane sums
+
+
+def quantize_x_int8(x) -> tuple[np.ndarray, np.ndarray]:
+    """x ``[M, K]`` (K a multiple of 32) to int8 in blocks of 32 along K (SPEC.md §9):
+    ``d = amax / 127`` in f32, ``q = clamp(rint(f32(x * (1 / d))), -127, 127)`` with ties to
+    even; ``1 / d`` is taken as 0 where ``d`` is below the smallest normal f32 (the block's
+    codes are then 0), and a block holding Inf or NaN has ``d`` NaN and codes 0. Returns
+    the codes [M, K] int8 and each block's d [M, K / 32] f32."""
+    x = np.asarray(x).astype(np.float32)
+    m, k = x.shape
+    blocks = x.reshape(m, k // X_BLOCK, X_BLOCK)
+    with np.errstate(all="ignore"):
+        amax = np.max(np.abs(blocks), axis=-1)
+        finite = np.isfinite(amax)
+        d = np.where(finite, amax / np.float32(127), np.float32(np.nan)).astype(np.float32)
+        normal = finite & (d >= np.finfo(np.float32).tiny)
+        inv = np.where(normal, np.float32(1) / np.where(normal, d, np.float32(1)),
+                       np.float32(0)).astype(np.float32)
+        q = np.rint(blocks * inv[..., None])
+        q = np.where(finite[..., None], np.clip(q, -127, 127), 0)
+    return q.astype(np.int8).reshape(m, k), d
+
+
+def linear_int8(x, codes, scales, mins, sub: int, bias, y_dtype,
+                lanes: int = INT8_LANES) -> np.ndarray:
+    """The int8 linear (SPEC.md §9): ``x [M, K]`` quantized by ``quantize_x_int8``; the
+    weight as integers ``codes [N, K]`` (int8) with a scale ``scales [N, K / sub]`` and,
+    where not None, a min ``mins`` (same shape) for each run of ``sub`` values.
+    Quad ``t`` (values ``4t .. 4t + 3``) makes the exact integers ``P = sum codes * qx``
+    and ``S = sum qx``; lane ``t mod 64`` takes, in ascending ``t`` from +0,
+    ``fma(f32(d_w * d_x), P, acc)`` then (with mins) ``fma(f32(m_w * d_x), S, acc)``; the
+    lanes are added as in ``linear``, then the bias, then one rounding to ``y_dtype``."""
+    qx, dx = quantize_x_int8(x)
+    codes = np.asarray(codes, np.int8)
+    m, k = qx.shape
+    n = codes.shape[0]
+    quads = k // QUAD
+    qp = -(-quads // lanes) * lanes
+    p = np.zeros((m, n, qp), np.float32)
+    p[..., :quads] = np.einsum("mtj,ntj->mnt", qx.reshape(m, quads, QUAD).astype(np.int64),
+                               codes.reshape(n, quads, QUAD).astype(np.int64))
+    s = np.zeros((m, 1, qp), np.float32)
+    s[:, 0, :quads] = qx.reshape(m, quads, QUAD).astype(np.int64).sum(axis=-1)
+    dxq = np.zeros((m, 1, qp), np.float32)
+    dxq[:, 0, :quads] = np.repeat(dx, X_BLOCK // QUAD, axis=1)
+    per_quad = sub // QUAD
+
+    def widen(v):
+        out = np.zeros((1, n, qp), np.float32)
+        out[0, :, :quads] = np.repeat(np.asarray(v, np.float32), per_quad, axis=1)
+        return out
+
+    dw = widen(scales)
+    mw = widen(mins) if mins is not None else None
+    acc = np.zeros((m, n, lanes), np.float32)
+    with np.errstate(all="ignore"):
+        for t in range(0, qp, lanes):
+            at = slice(t, t + lanes)
+            acc = fma_f32((dw[..., at] * dxq[..., at]).astype(np.float32), p[..., at], acc)
+            if mw is not None:
+                acc = fma_f32((mw[..., at] * dxq[..., at]).astype(np.float32),
+                              np.broadcast_to(s[..., at], acc.shape), acc)
+    return _lanes_to_y(acc, bias, y_dtype)

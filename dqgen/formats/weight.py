@@ -194,18 +194,19 @@ class QuantizedWeight:
             y[:, self.column_order] = stored
         return y.astype(out_dtype.np_dtype)
 
-    def linear(self, x, bias=None, out_dtype=None, out=None):
+    def linear(self, x, bias=None, out_dtype=None, out=None, compute="f32"):
         """``x @ W.T (+ bias)``: see ``dqgen.linear``."""
-        return linear(x, self, bias, out_dtype, out)
+        return linear(x, self, bias, out_dtype, out, compute)
 
 
 @functools.lru_cache(maxsize=512)
 def linear_plan(descriptor, n: int, k: int, m: int, x_dtype: DType, y_dtype: DType,
-                bias: bool, transpose: bool = False, device: str = "cpu") -> FormatPlan:
+                bias: bool, transpose: bool = False, device: str = "cpu",
+                compute: str = "f32") -> FormatPlan:
     """The plan of one linear problem on ``device`` (kept: a decode loop asks for the
     same few)."""
     return FormatPlan.select(LinearDescriptor(descriptor, m, n, k, x_dtype, y_dtype, bias,
-                                              transpose), device=device)
+                                              transpose, compute), device=device)
 
 
 def format_from_json(text: str):
@@ -229,11 +230,15 @@ def x_dtype_of(arr: np.ndarray, name: str = "x") -> DType:
     return dtype
 
 
-def linear(x, weight: QuantizedWeight, bias=None, out_dtype=None, out=None):
+def linear(x, weight: QuantizedWeight, bias=None, out_dtype=None, out=None, compute="f32"):
     """``y = x @ W.T (+ bias)`` with ``W`` the quantized ``weight [N, K]``, never written
     out: ``x [..., K]`` f32, f16 or bf16 (numpy, ml_dtypes or a CPU torch tensor), ``bias
     [N]`` of x's dtype, ``y [..., N]`` in ``out_dtype`` (default x's). Sums in f32 in the
-    fixed order of SPEC.md §8, bit-identical on every thread count and ISA."""
+    fixed order of SPEC.md §8, bit-identical on every thread count and ISA.
+
+    ``compute="int8"`` (GGML weights, CPU) quantizes x to int8 in blocks of 32 and
+    multiplies integers, as llama.cpp does (SPEC.md §9): several times faster at small M,
+    x rounded to about 1/254 of its block's largest value."""
     if not isinstance(weight, QuantizedWeight):
         raise InvalidProblemError(f"weight must be a dqgen QuantizedWeight, got "
                                   f"{type(weight).__name__}")
@@ -257,11 +262,11 @@ def linear(x, weight: QuantizedWeight, bias=None, out_dtype=None, out=None):
         arrays["bias"] = b.astype(arr.dtype, copy=False)
     y, result = _inputs.output((m, n), y_dtype, x, out, lead + (n,))
     arrays["y"] = y
-    key = (m, x_dtype, y_dtype, bias is not None)
+    key = (m, x_dtype, y_dtype, bias is not None, compute)
     plan = weight._plans.get(key)   # a weight's own few: no descriptor hashed a call
     if plan is None:
         plan = weight._plans[key] = linear_plan(weight.descriptor, n, k, m, x_dtype, y_dtype,
-                                                bias is not None)
+                                                bias is not None, compute=compute)
     plan.run(arrays)
     out_value = result()
     return out_value if out is not None else _reshape(out_value, lead + (n,))

@@ -29,10 +29,13 @@ from .. import reference
 from ..errors import InvalidProblemError, UnsupportedError
 from ..ir import DType, Layout, Op, check_int, parse_dtype
 from ..spec import CONVERT, Param, cuda_float_headers, pointer
+from . import linear_int8
 from .own_loop import own_loop_spec
 from .registry import FormatKind, descriptor_from_record, kind_for_op, kind_of, register
 
 LANES = 16
+# "f32": exact f32 products (§8); "int8": x quantized per block, integer dot products (§9)
+COMPUTES = ("f32", "int8")
 LINEAR_DTYPES = (DType.F32, DType.F16, DType.BF16)
 FORMULA = ("y[m, n] = F(sum16(fma(x[m, k], W[n, k])) + bias[n]): W as the format's "
            "dequantize computes it in f32")
@@ -75,6 +78,7 @@ class LinearDescriptor:
     y_dtype: DType | None = None
     bias: bool = False
     transpose: bool = False
+    compute: str = "f32"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weight", _weight_from(self.weight))
@@ -92,6 +96,9 @@ class LinearDescriptor:
         object.__setattr__(self, "transpose", bool(self.transpose))
         if self.bias and self.transpose:
             raise InvalidProblemError("the transposed product (x @ W) takes no bias")
+        if self.compute not in COMPUTES:
+            raise InvalidProblemError(f"compute={self.compute!r} is not one of "
+                                      f"{', '.join(map(repr, COMPUTES))}")
         view = self.view
         if self.k % view.k_multiple:
             raise InvalidProblemError(
@@ -127,14 +134,16 @@ class LinearDescriptor:
     @property
     def uri(self) -> str:
         return (f"linear{'_t' if self.transpose else ''}_{self.view.decode.uri}_"
-                f"x{self.x_dtype.value}_y{self.y_dtype.value}" + ("_bias" if self.bias else ""))
+                f"x{self.x_dtype.value}_y{self.y_dtype.value}" + ("_bias" if self.bias else "")
+                + ("_i8" if self.compute == "int8" else ""))
 
     def to_json(self) -> dict:
         w = self.view.decode
         return {"op": "linear", "layout": self.layout.value,
                 "weight": {"class": type(w).__name__, **w.to_json()},
                 "m": self.m, "n": self.n, "k": self.k, "x_dtype": self.x_dtype.value,
-                "y_dtype": self.y_dtype.value, "bias": self.bias, "transpose": self.transpose}
+                "y_dtype": self.y_dtype.value, "bias": self.bias, "transpose": self.transpose,
+                "compute": self.compute}
 
 
 @dataclass(frozen=True)
@@ -227,6 +236,8 @@ class LinearKind(FormatKind):
                                 float_dtype, knobs["bias"], knobs["transpose"])
 
     def lower(self, desc, target, arch, storage):
+        if desc.compute == "int8":
+            return linear_int8.lower(desc, target, arch, storage)
         view = desc.view
         if target == "cuda" and not view.cuda_value:
             raise UnsupportedError(f"the linear kernel does not read {desc.layout.value} "
@@ -289,6 +300,8 @@ class LinearKind(FormatKind):
         return remake(m=LONG_M + 2, n=2 * LANES + 3, k=step * max(1, -(-want // step)))
 
     def oracle(self, desc, arrays):
+        if desc.compute == "int8":
+            return linear_int8.oracle(desc, arrays)
         weight = desc.view.sized(desc.n, desc.k)
         y = np.empty((desc.n, desc.k), np.float32)
         w = kind_of(weight).oracle(weight, {**arrays, "y": y})

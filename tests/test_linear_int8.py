@@ -1,0 +1,270 @@
+"""The int8 linear (``compute="int8"``, SPEC.md §9): x quantized to int8 in blocks of 32,
+the weight's own integers multiplied exactly, each quad's terms in a fixed f32 order.
+Bit for bit ``reference.linear_int8`` for every GGML type it reads, every x dtype, M in
+{1, 2, 3, 8, 17, 64}, K tails, every ISA and thread count; the weight's integer parts
+recombine to the dequantized values exactly; the error against the exact product is
+within the bound x's rounding allows."""
+
+from __future__ import annotations
+
+import gguf
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dqgen import InvalidProblemError, UnsupportedError, reference
+from dqgen.formats import ggml
+from dqgen.formats.plan import FormatPlan
+from dqgen.formats.weight import QuantizedWeight, linear
+from dqgen.ir import ggml_type_name
+from dqgen.layouts import linear_int8
+from dqgen.layouts.ggml_blocks import LAYOUTS
+from dqgen.layouts.ggml_integers import block_parts, int8_layout, recombine
+from dqgen.layouts.linear import LinearDescriptor
+from dqgen.plans import PlanPreference
+from formats_util import assert_bits_equal
+from strategies import ISAS
+
+DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": ml_dtypes.bfloat16}
+MS = (1, 2, 3, 8, 17, 64)
+INT8_TYPES = tuple(ggml_type_name(t) for t in LAYOUTS if int8_layout(t) is not None)
+# The types llama.cpp's own comparison uses, and one of each other family.
+MAIN_TYPES = ("Q4_0", "Q8_0", "Q4_K", "Q6_K", "IQ4_XS")
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered")
+
+
+def blocks(rng, qtype: str, count: int) -> np.ndarray:
+    """``count`` blocks of random bytes whose stored floats are finite and small, as a
+    quantizer writes them (the special values have a test of their own)."""
+    layout = LAYOUTS[ggml.parse_ggml_type(qtype)]
+    data = rng.integers(0, 256, (count, layout.block_bytes), dtype=np.uint8)
+    for s in (layout.d, layout.m):
+        if s is not None and s.kind == "f16":
+            d = (rng.random(count) * 0.02 + 0.001).astype(np.float16)
+            data[:, s.offset:s.offset + 2] = d.view(np.uint8).reshape(count, 2)
+        elif s is not None and s.kind == "f32":
+            d = (rng.random(count) * 0.02 + 0.001).astype(np.float32)
+            data[:, s.offset:s.offset + 4] = d.view(np.uint8).reshape(count, 4)
+    return data
+
+
+def weight_of(rng, qtype: str, n: int, k: int) -> QuantizedWeight:
+    values = ggml.block_values(qtype)
+    return QuantizedWeight.ggml(blocks(rng, qtype, n * k // values), qtype, (n, k))
+
+
+def x_of(rng, m: int, k: int, dtype) -> np.ndarray:
+    """Rows whose blocks of 32 have very different magnitudes, as activations do."""
+    scale = 10.0 ** rng.integers(-3, 3, (m, k // 32, 1))
+    return (rng.standard_normal((m, k // 32, 32)) * scale).reshape(m, k).astype(dtype)
+
+
+def expected(weight, x, bias, y_dtype):
+    desc = LinearDescriptor(weight.descriptor, x.shape[0], *weight.shape, "f32", "f32",
+                            compute="int8")
+    codes, scales, mins, sub = linear_int8.parts(desc, weight.arrays["data"])
+    return reference.linear_int8(x, codes, scales, mins, sub, bias, y_dtype)
+
+
+@pytest.mark.parametrize("qtype", INT8_TYPES)
+def test_integer_parts_recombine_to_the_dequantized_values(qtype):
+    """(d_w * C(q)) + m_w from ggml_integers equals the dequantize kernel's f32 values
+    (themselves bit-exact with gguf-py), special stored floats included."""
+    rng = np.random.default_rng(len(qtype))
+    data = rng.integers(0, 256, (64, LAYOUTS[ggml.parse_ggml_type(qtype)].block_bytes),
+                        dtype=np.uint8)
+    layout = ggml.parse_ggml_type(qtype)
+    codes, scales, mins = block_parts(layout, data)
+    assert codes.dtype == np.int8
+    want = ggml.dequantize(data, qtype, "f32").reshape(codes.shape)
+    assert_bits_equal(recombine(layout, codes, scales, mins), want)
+
+
+def test_the_types_it_reads():
+    """Every type whose values are int8 integers times a sub-block scale; the grids and
+    float tensors are refused by name."""
+    assert set(MAIN_TYPES) <= set(INT8_TYPES)
+    assert not {"IQ2_XXS", "IQ1_M", "F16"} & set(INT8_TYPES)
+    with pytest.raises(UnsupportedError, match="IQ2_XXS.*compute='f32'"):
+        linear(np.zeros((1, 256), np.float32), weight_of(np.random.default_rng(0), "IQ2_XXS",
+                                                         2, 256), compute="int8")
+
+
+@pytest.mark.parametrize("qtype", INT8_TYPES)
+def test_bit_exact_every_type(qtype):
+    rng = np.random.default_rng(sum(map(ord, qtype)))
+    values = ggml.block_values(qtype)
+    k = values * max(1, 416 // values)   # 416 = 13 blocks of 32: a tail past the lanes
+    weight = weight_of(rng, qtype, 37, k)
+    bias = rng.standard_normal(37).astype(np.float32)
+    for m in (1, 5):
+        x = x_of(rng, m, k, np.float32)
+        b = bias if m == 5 else None
+        assert_bits_equal(linear(x, weight, b, compute="int8"), expected(weight, x, b, np.float32))
+
+
+@pytest.mark.parametrize("x_dtype", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("qtype", MAIN_TYPES)
+def test_every_x_dtype_and_m(qtype, x_dtype):
+    rng = np.random.default_rng(hash((qtype, x_dtype)) % 2**32)
+    k = 2 * ggml.block_values(qtype) if ggml.block_values(qtype) > 32 else 352
+    weight = weight_of(rng, qtype, 29, k)
+    bias = rng.standard_normal(29).astype(DTYPES[x_dtype])
+    for m in MS:
+        x = x_of(rng, m, k, DTYPES[x_dtype])
+        b = bias if m % 2 else None
+        got = linear(x, weight, b, compute="int8")
+        assert got.dtype == DTYPES[x_dtype]
+        assert_bits_equal(got, expected(weight, x, b, DTYPES[x_dtype]))
+        assert_bits_equal(linear(x, weight, b, "f32", compute="int8"),
+                          expected(weight, x, b, np.float32))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K", "Q6_K", "IQ4_XS", "Q5_0"])
+def test_every_isa_gives_the_same_bits(isa, qtype):
+    rng = np.random.default_rng(3)
+    k = 768 if ggml.block_values(qtype) > 32 else 480
+    weight = weight_of(rng, qtype, 19, k)
+    for m in (1, 3, 6, 17):
+        x = x_of(rng, m, k, ml_dtypes.bfloat16)
+        desc = LinearDescriptor(weight.descriptor, m, 19, k, "bf16", "f32", compute="int8")
+        plan = FormatPlan.select(desc, preference=PlanPreference(isa=isa))
+        y = np.empty((m, 19), np.float32)
+        plan.run({**weight.arrays, "x": x, "y": y})
+        assert_bits_equal(y, expected(weight, x, None, np.float32))
+
+
+def test_threads_and_runs_give_the_same_bits():
+    rng = np.random.default_rng(11)
+    weight = weight_of(rng, "Q4_K", 300, 512)
+    x = x_of(rng, 5, 512, np.float32)
+    results = []
+    for threads in (1, 2, 3, 2):
+        desc = LinearDescriptor(weight.descriptor, 5, 300, 512, compute="int8")
+        plan = FormatPlan.select(desc, preference=PlanPreference(num_threads=threads))
+        y = np.empty((5, 300), np.float32)
+        plan.run({**weight.arrays, "x": x, "y": y})
+        results.append(y)
+    for y in results[1:]:
+        assert_bits_equal(y, results[0])
+    assert_bits_equal(results[0], expected(weight, x, None, np.float32))
+
+
+@settings(max_examples=30, deadline=None)
+@given(m=st.integers(0, 9), n=st.integers(1, 30), blocks_=st.integers(1, 9),
+       special=st.sampled_from([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, 1e-38, 3e38]),
+       whole_block=st.booleans())
+def test_shapes_and_special_values(m, n, blocks_, special, whole_block):
+    """Any M (0 too), N and K; an Inf or NaN in x makes its row NaN (d_x NaN), a block of
+    tiny values (d_x below the smallest normal) counts as zeros, huge ones stay finite."""
+    rng = np.random.default_rng(m * 1000 + n * 10 + blocks_)
+    weight = weight_of(rng, "Q8_0", n, 32 * blocks_)
+    x = x_of(rng, m, 32 * blocks_, np.float32)
+    if x.size:
+        i, j = rng.integers(0, m), rng.integers(0, blocks_) * 32
+        if whole_block:
+            x[i, j:j + 32] = special
+        else:
+            x[i, j + rng.integers(0, 32)] = special
+    got = linear(x, weight, compute="int8")
+    assert_bits_equal(got, expected(weight, x, None, np.float32))
+    if x.size and not np.isfinite(special):
+        assert np.isnan(got[i]).all()
+
+
+def test_x_quantization_rules():
+    """d = amax / 127, codes rint(x / d) with ties to even, clamped; tiny blocks are zero."""
+    x = np.zeros((3, 32), np.float32)
+    x[0, :4] = [127.0, 0.5, 1.5, -2.5]      # d = 1: ties to even, 0.5 -> 0, 1.5 -> 2, -2.5 -> -2
+    x[1, 0] = 1e-38                          # d below the smallest normal f32: all zeros
+    x[2, 0] = np.nan
+    q, d = reference.quantize_x_int8(x)
+    assert d[0, 0] == 1.0 and list(q[0, :4]) == [127, 0, 2, -2]
+    assert d[1, 0] > 0 and not q[1].any()
+    assert np.isnan(d[2, 0]) and not q[2].any()
+
+
+def test_error_against_the_exact_product_within_the_bound():
+    """|y - sum in f64 of x W| <= sum |W| * d_x / 2 (x's rounding: half a step of its block)
+    + gamma(K / 256 + 6) * sum |x~ W| (the f32 sums), with x~ x as its codes give it back."""
+    rng = np.random.default_rng(5)
+    for qtype in ("Q8_0", "Q4_K"):
+        weight = weight_of(rng, qtype, 48, 2048)
+        x = x_of(rng, 3, 2048, np.float32)
+        y = linear(x, weight, compute="int8").astype(np.float64)
+        w = weight.dequantize("f32").astype(np.float64)
+        exact = x.astype(np.float64) @ w.T
+        q, d = reference.quantize_x_int8(x)
+        step = np.repeat(d.astype(np.float64), 32, axis=1)
+        x_back = q * step
+        steps = 2048 // 256 + 6
+        gamma = steps * 2.0**-24 / (1 - steps * 2.0**-24)
+        bound = (step / 2) @ np.abs(w).T + gamma * (np.abs(x_back) @ np.abs(w).T) * 4
+        err = np.abs(y - exact)
+        assert (err <= bound).all()
+        rel = err.max() / np.abs(exact).max()
+        assert 1e-5 < rel < 1e-2   # x's rounding shows, and stays small
+
+
+def test_reference_order_is_what_the_kernel_computes():
+    """A reference with sixteen lanes (the f32 linear's) differs from the kernel somewhere:
+    the lane count is part of the definition, and the tests above would catch a kernel
+    that summed otherwise."""
+    rng = np.random.default_rng(9)
+    weight = weight_of(rng, "Q4_0", 32, 1024)
+    x = x_of(rng, 4, 1024, np.float32)
+    got = linear(x, weight, compute="int8")
+    desc = LinearDescriptor(weight.descriptor, 4, 32, 1024, compute="int8")
+    codes, scales, mins, sub = linear_int8.parts(desc, weight.arrays["data"])
+    sixteen = reference.linear_int8(x, codes, scales, mins, sub, None, np.float32, lanes=16)
+    assert not np.array_equal(got, sixteen)
+    assert_bits_equal(got, expected(weight, x, None, np.float32))
+
+
+def test_gguf_quantized_weights():
+    """Weights gguf-py's own quantizer wrote: the same bits as the reference."""
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((24, 512)).astype(np.float32)
+    for qtype in ("Q4_0", "Q8_0"):
+        data = gguf.quants.quantize(w, gguf.GGMLQuantizationType[qtype])
+        weight = QuantizedWeight.ggml(data, qtype, (24, 512))
+        x = x_of(rng, 2, 512, np.float32)
+        assert_bits_equal(linear(x, weight, compute="int8"), expected(weight, x, None, np.float32))
+
+
+def test_what_it_refuses_is_named():
+    rng = np.random.default_rng(0)
+    weight = weight_of(rng, "Q4_0", 4, 64)
+    x = np.zeros((1, 64), np.float32)
+    with pytest.raises(InvalidProblemError, match="compute='int4'"):
+        linear(x, weight, compute="int4")
+    with pytest.raises(UnsupportedError, match="transposed product.*compute='f32'"):
+        FormatPlan.select(LinearDescriptor(weight.descriptor, 1, 4, 64, transpose=True,
+                                           compute="int8"))
+    from dqgen.formats.weight import QuantizedWeight as QW
+    family = QW.per_group(np.zeros((4, 64), np.int8), np.ones((4, 2), np.float32),
+                          np.zeros((4, 2), np.int32), 32, "s8")
+    with pytest.raises(UnsupportedError, match="compute='int8' does not read"):
+        linear(x, family, compute="int8")
+
+
+def test_cuda_is_refused_by_name():
+    from dqgen.lower import lower
+    weight = weight_of(np.random.default_rng(0), "Q4_0", 4, 64)
+    desc = LinearDescriptor(weight.descriptor, 1, 4, 64, compute="int8")
+    with pytest.raises(UnsupportedError, match="CPU only"):
+        lower(desc, "cuda", "sm_90")
+
+
+def test_one_kernel_serves_every_shape_and_the_text_is_deterministic():
+    from dqgen.lower import lower
+    from dqgen.render import render
+    weight = weight_of(np.random.default_rng(0), "Q6_K", 4, 256)
+    texts = {render(lower(LinearDescriptor(weight.descriptor, m, n, k, compute="int8"),
+                          "c", "avx2")).text for m, n, k in ((1, 4, 256), (9, 300, 4096))}
+    assert len(texts) == 1
+    text = texts.pop()
+    assert "compute=int8" in text and "300" not in text and "4096" not in text
