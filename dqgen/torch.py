@@ -561,16 +561,17 @@ def _(W_q, scale, zero, nbits, shape, group_size=None, axis=1):
 @_op("linear")
 def linear(x: Tensor, weight: List[Tensor], format: str, n: int, k: int,
            bias: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None,
-           column_order: Optional[Tensor] = None) -> Tensor:
+           column_order: Optional[Tensor] = None, compute: str = "f32") -> Tensor:
     """``x @ W.T (+ bias)`` with ``W [n, k]`` quantized: ``weight`` its tensors in the
     decode kernel's order, ``format`` its descriptor record (``QuantizedWeight.format_json``),
     ``column_order`` the stored columns' places (act-order). The sum's order is SPEC.md
-    §9's, the same bits on any thread count."""
-    return run_linear(x, weight, format, n, k, bias, out_dtype, False, column_order)
+    §8's (``compute="int8"``: §9's, x quantized to int8 a block of 32), the same bits on
+    any thread count. x's gradient is ``dy @ W`` in f32 either way."""
+    return run_linear(x, weight, format, n, k, bias, out_dtype, False, column_order, compute)
 
 
 @linear.register_fake
-def _(x, weight, format, n, k, bias=None, out_dtype=None, column_order=None):
+def _(x, weight, format, n, k, bias=None, out_dtype=None, column_order=None, compute="f32"):
     return x.new_empty((*x.shape[:-1], n), dtype=out_dtype if out_dtype is not None else x.dtype)
 
 
@@ -589,7 +590,7 @@ def _(dy, weight, format, n, k, out_dtype=None, column_order=None):
 
 
 def _linear_setup(ctx, inputs, output):
-    x, weight, fmt, n, k, bias, out_dtype, column_order = inputs
+    x, weight, fmt, n, k, bias, out_dtype, column_order, _ = inputs
     ctx.weight, ctx.fmt, ctx.n, ctx.k, ctx.order = weight, fmt, n, k, column_order
     ctx.x_dtype, ctx.has_bias = x.dtype, bias is not None
 
@@ -598,7 +599,7 @@ def _linear_grad(ctx, dy):
     dx = linear_backward(dy.contiguous(), ctx.weight, ctx.fmt, ctx.n, ctx.k, ctx.x_dtype,
                          ctx.order) if ctx.needs_input_grad[0] else None
     db = dy.reshape(-1, ctx.n).sum(0) if ctx.has_bias and ctx.needs_input_grad[5] else None
-    return dx, None, None, None, None, db, None, None
+    return dx, None, None, None, None, db, None, None, None
 
 
 linear.register_autograd(_linear_grad, setup_context=_linear_setup)

@@ -55,15 +55,15 @@ def _linear_dtype(dtype, name: str) -> DType:
 
 
 def _linear_plan(fmt: str, n: int, k: int, m: int, x_dtype, y_dtype, bias: bool,
-                 transpose: bool, device: str = "cpu"):
+                 transpose: bool, device: str = "cpu", compute: str = "f32"):
     """The plan of one problem, by keys that hash fast (a decode loop asks every token)."""
-    key = (fmt, n, k, m, x_dtype, y_dtype, bias, transpose, device)
+    key = (fmt, n, k, m, x_dtype, y_dtype, bias, transpose, device, compute)
     plan = _LINEAR_PLANS.get(key)
     if plan is None:
         descriptor, _ = _weight_format(fmt)
         plan = weight_mod.linear_plan(descriptor, n, k, m, _linear_dtype(x_dtype, "x"),
                                       _linear_dtype(y_dtype, "out_dtype"), bias, transpose,
-                                      device)
+                                      device, compute)
         if len(_LINEAR_PLANS) >= 1024:
             _LINEAR_PLANS.clear()
         _LINEAR_PLANS[key] = plan
@@ -72,7 +72,8 @@ def _linear_plan(fmt: str, n: int, k: int, m: int, x_dtype, y_dtype, bias: bool,
 
 def run_linear(x: torch.Tensor, weight: List[torch.Tensor], fmt: str, n: int, k: int,
                 bias: Optional[torch.Tensor], out_dtype: Optional[torch.dtype],
-                transpose: bool, column_order: Optional[torch.Tensor] = None) -> torch.Tensor:
+                transpose: bool, column_order: Optional[torch.Tensor] = None,
+                compute: str = "f32") -> torch.Tensor:
     """``dqgen::linear``'s kernel (and ``linear_backward``'s with ``transpose``): checks,
     the plan of this problem, the tensors as numpy views (CUDA tensors by address, on the
     current stream), the run."""
@@ -96,8 +97,9 @@ def run_linear(x: torch.Tensor, weight: List[torch.Tensor], fmt: str, n: int, k:
     m = xs.shape[0]
     if x.device.type == "cuda":
         return _run_linear_cuda(x, xs, weight, names, fmt, n, k, bias, y_dtype, transpose,
-                                column_order, lead)
-    plan = _linear_plan(fmt, n, k, m, x.dtype, y_dtype, bias is not None, transpose)
+                                column_order, lead, compute)
+    plan = _linear_plan(fmt, n, k, m, x.dtype, y_dtype, bias is not None, transpose,
+                        compute=compute)
     y = torch.empty((m, k if transpose else n), dtype=y_dtype)
     # the plan refuses a non-contiguous array by name; buffers and x rows normally are
     arrays = {name: host_view(t if not t.requires_grad else t.detach())
@@ -115,12 +117,13 @@ def run_linear(x: torch.Tensor, weight: List[torch.Tensor], fmt: str, n: int, k:
 
 
 def _run_linear_cuda(x, xs, weight, names, fmt, n, k, bias, y_dtype, transpose, column_order,
-                     lead):
+                     lead, compute):
     """``run_linear`` on x's CUDA device: the tensors stay there, the kernel runs on the
     device's current stream."""
     device = f"cuda:{x.device.index if x.device.index is not None else 0}"
     m = xs.shape[0]
-    plan = _linear_plan(fmt, n, k, m, x.dtype, y_dtype, bias is not None, transpose, device)
+    plan = _linear_plan(fmt, n, k, m, x.dtype, y_dtype, bias is not None, transpose, device,
+                        compute)
     y = torch.empty((m, k if transpose else n), dtype=y_dtype, device=x.device)
     arrays = {name: t.detach().contiguous() for name, t in zip(names, weight)}
     arrays["x"] = xs.contiguous()
@@ -136,13 +139,17 @@ def _run_linear_cuda(x, xs, weight, names, fmt, n, k, bias, y_dtype, transpose, 
 
 
 class QuantLinear(torch.nn.Module):
-    """``y = x @ W.T + bias`` with ``W [out_features, in_features]`` a ``QuantizedWeight``."""
+    """``y = x @ W.T + bias`` with ``W [out_features, in_features]`` a ``QuantizedWeight``;
+    ``compute="int8"`` (GGML weights, CPU) quantizes x to int8 a block of 32 and multiplies
+    integers (SPEC.md §9)."""
 
-    def __init__(self, weight: QuantizedWeight, bias=None) -> None:
+    def __init__(self, weight: QuantizedWeight, bias=None, compute: str = "f32") -> None:
         super().__init__()
         if not isinstance(weight, QuantizedWeight):
             raise InvalidProblemError(f"QuantLinear takes a dqgen QuantizedWeight, got "
                                       f"{type(weight).__name__}")
+        weight_mod.check_compute(weight, compute)
+        self.compute = compute
         self.out_features, self.in_features = weight.shape
         self.format = weight.format_json
         self._names = tuple(weight.arrays)
@@ -177,14 +184,16 @@ class QuantLinear(torch.nn.Module):
             # dispatcher's round trip (a decode step calls this hundreds of times a token)
             return run_linear(x, self.weight_tensors, self.format, self.out_features,
                                self.in_features, bias, None, False,
-                               self._buffers["column_order"])
+                               self._buffers["column_order"], self.compute)
         return torch.ops.dqgen.linear(x, self.weight_tensors, self.format, self.out_features,
-                                      self.in_features, bias, None, self.column_order)
+                                      self.in_features, bias, None, self.column_order,
+                                      self.compute)
 
     def extra_repr(self) -> str:
         fmt = self.format.split('"layout": "')[-1].split('"')[0]
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, format={fmt}")
+                f"bias={self.bias is not None}, format={fmt}"
+                + (f", compute={self.compute}" if self.compute != "f32" else ""))
 
 
 # transformers' GGUF loader: GGUF tensor names -> the model's (llama architecture).
@@ -216,15 +225,17 @@ def _unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
     return np.argsort(rows)
 
 
-def quantize_model(model, source):
+def quantize_model(model, source, compute: str = "f32"):
     """Swap ``model``'s ``nn.Linear`` layers for ``QuantLinear``s read from ``source``, a
     GGUF file (llama architecture names, as transformers' GGUF loader maps them, the Q/K
     row permutation undone on the quantized rows), or a GPTQ or AWQ checkpoint (a
     directory, index or ``.safetensors`` file: layer ``P.qweight`` is module ``P``,
     repacked exactly by ``formats.weight_repack``). Layers the file holds in a float type
-    or does not hold are left as they are. Returns the model."""
+    or does not hold are left as they are. ``compute="int8"``: each layer whose weight the
+    int8 linear reads computes so (SPEC.md §9), the others in f32. Returns the model."""
+    weight_mod.check_compute(None, compute)
     if Path(source).is_dir() or Path(source).suffix in (".safetensors", ".json"):
-        return _quantize_from_checkpoint(model, source)
+        return _quantize_from_checkpoint(model, source, compute)
     from .formats import gguf
     file = gguf.open(source)
     heads = _int_field(file, "llama.attention.head_count")
@@ -247,7 +258,8 @@ def quantize_model(model, source):
                                                  name else kv_heads))
         parent, _, leaf = target.rpartition(".")
         setattr(modules[parent] if parent else model, leaf,
-                QuantLinear(weight, linear.bias.detach() if linear.bias is not None else None))
+                QuantLinear(weight, linear.bias.detach() if linear.bias is not None else None,
+                            weight_mod.compute_for(weight, compute)))
         swapped += 1
     if not swapped:
         raise UnsupportedError(f"{source}: no quantized tensor of it matches a linear layer "
@@ -255,7 +267,7 @@ def quantize_model(model, source):
     return model
 
 
-def _quantize_from_checkpoint(model, source):
+def _quantize_from_checkpoint(model, source, compute: str):
     """``quantize_model`` for a GPTQ or AWQ checkpoint: each layer by its module name."""
     from .formats.weight_repack import checkpoint_weights
     modules = dict(model.named_modules())
@@ -271,7 +283,8 @@ def _quantize_from_checkpoint(model, source):
             bias = linear.bias.detach()
         parent, _, leaf = name.rpartition(".")
         setattr(modules[parent] if parent else model, leaf, QuantLinear(
-            weight, None if bias is None else torch.as_tensor(bias)))
+            weight, None if bias is None else torch.as_tensor(bias),
+            weight_mod.compute_for(weight, compute)))
     return model
 
 

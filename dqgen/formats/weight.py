@@ -24,7 +24,8 @@ from ..errors import InvalidProblemError, UnsupportedError
 from ..ir import (GGML_BLOCK_BYTES, DequantizePerGroupDescriptor, DType,
                   GgmlDequantizeDescriptor, parse_dtype, parse_ggml_type)
 from ..layouts.fp8 import Fp8BlockDescriptor
-from ..layouts.linear import LINEAR_DTYPES, LinearDescriptor
+from ..layouts import linear_int8
+from ..layouts.linear import COMPUTES, LINEAR_DTYPES, LinearDescriptor
 from ..jit import descriptor_record
 from ..lower import lower
 from . import _inputs
@@ -220,6 +221,20 @@ def format_from_json(text: str):
     descriptor = descriptor_from_record(record)
     spec = lower(descriptor, "c", "generic")
     return descriptor, tuple(p.name for p in spec.params if p.role == "in")
+
+
+def check_compute(weight: QuantizedWeight | None, compute: str) -> None:
+    """``compute`` is one the linear knows and, for ``weight``, one it can run."""
+    if compute not in COMPUTES:
+        raise InvalidProblemError(f"compute={compute!r} is not one of "
+                                  f"{', '.join(map(repr, COMPUTES))}")
+    if weight is not None and compute == "int8":
+        linear_int8.weight_layout(weight.descriptor)   # names a format it does not read
+
+
+def compute_for(weight: QuantizedWeight, compute: str) -> str:
+    """``compute``, or "f32" where the int8 linear does not read ``weight``'s format."""
+    return "f32" if compute == "int8" and not linear_int8.reads(weight.descriptor) else compute
 
 
 def x_dtype_of(arr: np.ndarray, name: str = "x") -> DType:

@@ -123,18 +123,22 @@ def int8_type_names() -> tuple[str, ...]:
     return tuple(ggml_type_name(t) for t in LAYOUTS if int8_layout(t) is not None)
 
 
-def weight_layout(desc):
-    """The block layout of ``desc``'s weight, if the int8 linear reads it."""
-    layout = getattr(desc.weight, "layout", None)
-    block = int8_layout(layout) if isinstance(desc.weight, GgmlDequantizeDescriptor) else None
-    if block is None:
-        named = (ggml_type_name(layout) if isinstance(desc.weight, GgmlDequantizeDescriptor)
-                 else layout.value if layout is not None else type(desc.weight).__name__)
+def reads(weight) -> bool:
+    """Whether the int8 linear reads weights of the format descriptor ``weight``."""
+    return isinstance(weight, GgmlDequantizeDescriptor) and int8_layout(weight.layout) is not None
+
+
+def weight_layout(weight):
+    """The block layout of the format descriptor ``weight``, if the int8 linear reads it."""
+    if not reads(weight):
+        layout = getattr(weight, "layout", None)
+        named = (ggml_type_name(layout) if isinstance(weight, GgmlDequantizeDescriptor)
+                 else layout.value if layout is not None else type(weight).__name__)
         raise UnsupportedError(
             f"compute='int8' does not read {named} weights; it reads GGML blocks whose values "
             f"are int8 integers times a scale ({', '.join(int8_type_names())}); "
             "use compute='f32'")
-    return layout, block
+    return weight.layout, int8_layout(weight.layout)
 
 
 @dataclass(frozen=True)
@@ -162,7 +166,7 @@ def lower(desc, target: str, arch: str, storage: dict):
     if desc.transpose:
         raise UnsupportedError("compute='int8' makes y = x @ W.T only; x's gradient "
                                "(the transposed product) is compute='f32'")
-    layout, block = weight_layout(desc)
+    layout, block = weight_layout(desc.weight)
     g = ggml_knobs.knobs(layout, "c", DType.F32)
     x = pointer("x", desc.x_dtype, "in", storage)
     bias = (pointer("bias", desc.x_dtype, "in", storage),) if desc.bias else ()
@@ -196,7 +200,7 @@ def lower(desc, target: str, arch: str, storage: dict):
 def parts(desc, data) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
     """The weight ``[n, k]`` as integers ``[n, k]``, scales and mins ``[n, k / sub]`` and
     ``sub``, read from its blocks by ``ggml_integers``."""
-    layout, block = weight_layout(desc)
+    layout, block = weight_layout(desc.weight)
     codes, scales, mins = block_parts(layout, data)
     sub = block.sub or block.values
     n, k = desc.n, desc.k

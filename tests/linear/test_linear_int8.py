@@ -268,3 +268,54 @@ def test_one_kernel_serves_every_shape_and_the_text_is_deterministic():
     assert len(texts) == 1
     text = texts.pop()
     assert "compute=int8" in text and "300" not in text and "4096" not in text
+
+
+# ----------------------------------------------------------------------------- PyTorch
+
+def test_quant_linear_forward_gradient_compile_and_opcheck():
+    """QuantLinear(compute="int8") gives the reference's bits; x's gradient is dy @ W in
+    f32 (SPEC.md §8's transposed product: the int8 rounding of x is not differentiated);
+    compile(fullgraph) and opcheck are clean."""
+    torch = pytest.importorskip("torch")
+    import dqgen.torch as dqt
+    rng = np.random.default_rng(4)
+    weight = weight_of(rng, "Q4_K", 24, 512)
+    layer = dqt.QuantLinear(weight, compute="int8")
+    assert "compute=int8" in repr(layer)
+    x = torch.from_numpy(x_of(rng, 3, 512, np.float32)).requires_grad_(True)
+    y = layer(x)
+    assert_bits_equal(y.detach().numpy(), expected(weight, x.detach().numpy(), None, np.float32))
+    dy = torch.randn(3, 24)
+    y.backward(dy)
+    w = weight.dequantize("f32")
+    assert_bits_equal(x.grad.numpy(), reference.linear(dy.numpy(), w.T, None, np.float32))
+    compiled = torch.compile(layer, fullgraph=True)
+    assert torch.equal(compiled(x.detach()), y.detach())
+    from torch.library import opcheck
+    opcheck(torch.ops.dqgen.linear.default, (x.detach(), layer.weight_tensors, layer.format,
+                                             24, 512, None, None, None, "int8"))
+    with pytest.raises(UnsupportedError, match="IQ2_XXS"):
+        dqt.QuantLinear(weight_of(rng, "IQ2_XXS", 4, 256), compute="int8")
+    with pytest.raises(InvalidProblemError, match="compute='int4'"):
+        dqt.QuantLinear(weight, compute="int4")
+
+
+def test_quantize_model_computes_in_int8(tmp_path):
+    """A tiny transformers Llama from a GGUF file: with compute="int8" every layer whose
+    type the int8 linear reads computes so, and the logits stay within x's rounding of the
+    f32 model's."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import dqgen.torch as dqt
+    from test_torch_linear import _model, _write_gguf
+    path = tmp_path / "tiny.gguf"
+    _write_gguf(_model(), path, ("Q8_0", "Q4_0", "Q4_K", "Q6_K"))
+    exact = dqt.quantize_model(_model(), path)
+    int8 = dqt.quantize_model(_model(), path, compute="int8")
+    layers = [m for m in int8.modules() if isinstance(m, dqt.QuantLinear)]
+    assert layers and all(m.compute == "int8" for m in layers)
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    with torch.no_grad():
+        got, want = int8(ids).logits, exact(ids).logits
+    err = (got - want).abs().max() / want.abs().max()
+    assert 0 < err < 0.05
