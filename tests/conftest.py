@@ -8,10 +8,27 @@ import types
 import pytest
 from hypothesis import HealthCheck, settings
 
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _test_folders(top: str) -> list[str]:
+    """Every folder under ``top`` that holds a test file, in a stable order."""
+    return sorted(root for root, _dirs, files in os.walk(top)
+                  if any(f.startswith("test_") and f.endswith(".py") for f in files))
+
+
+# Test modules are imported by their file name (pytest's prepend import mode, so file names
+# are unique across tests/), and some import another's helpers by that name (the CUDA
+# emulation harness of cuda/test_formats_cuda.py, the reliability support, ...): put this
+# directory (the shared helpers: strategies, formats_util, oracles) and every folder of
+# tests on the path, whichever files a run collects.
+for _folder in [_HERE] + _test_folders(_HERE):
+    if _folder not in sys.path:
+        sys.path.append(_folder)
+
 # A peer's wheel (auto-gptq) installs a top-level package named ``tests``, which would
 # shadow this directory's helper packages (tests.cuda_emu, tests.oracles): bind the name
 # to this directory before any test module imports it.
-_HERE = os.path.dirname(os.path.abspath(__file__))
 if _HERE not in list(getattr(sys.modules.get("tests"), "__path__", [])):
     _package = types.ModuleType("tests", "dqgen's test helpers")
     _package.__path__ = [_HERE]

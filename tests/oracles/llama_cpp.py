@@ -1,6 +1,6 @@
 """GGML types llama.cpp added after gguf-py 0.19 (which cannot dequantize them, and does
 not name Q2_0), computed as llama.cpp's dequantize_row_q1_0 / _q2_0 do: written from that
-C's semantics and checked against it (tests/test_formats_gguf_types.py::
+C's semantics and checked against it (tests/formats/ggml/test_formats_gguf_types.py::
 test_llama_cpp_itself, with GGML_BASE_LIB set)."""
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "dqgen"
+PACKAGE = Path(__file__).resolve().parents[2] / "dqgen"
 
 
 def module_name(path: Path) -> str:

@@ -23,7 +23,7 @@ import pytest
 
 from dqgen import cache, jit, plans
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 REAL_CC = shutil.which("gcc") or shutil.which("cc") or shutil.which("clang")
 needs_cc = pytest.mark.skipif(REAL_CC is None, reason="no C compiler on PATH")
 

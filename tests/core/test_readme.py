@@ -24,7 +24,7 @@ gguf = pytest.importorskip("gguf", reason="the GGUF snippet reads a file gguf-py
 
 from dqgen.formats import ggml, pack  # noqa: E402
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 GGUF_NAME = '"model-Q4_K_M.gguf"'
 
 

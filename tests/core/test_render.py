@@ -26,7 +26,7 @@ from dqgen.layouts.per_group import FORMULAS
 from dqgen.lower import lower
 from dqgen.render import environment, render
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Rendering needs no CPU support: every level renders on any x86 machine.
 ISAS = ("avx2", "generic") if platform.machine().lower() in ("x86_64", "amd64") else ("generic",)
 GROUP_SIZES = (1, 3, 12, 128)
@@ -93,7 +93,7 @@ def test_same_descriptor_same_bytes():
 
 def test_rendering_is_identical_in_a_fresh_process():
     here = _sources()
-    script = ("import sys, json; sys.path.insert(0, 'tests'); from test_render import _sources; "
+    script = ("import sys, json; sys.path[:0] = ['tests', 'tests/core']; from test_render import _sources; "
               "print(json.dumps(_sources()))")
     env = dict(os.environ, PYTHONHASHSEED="4242")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

@@ -35,7 +35,7 @@ from tests import strategies as S
 from tests.cuda_emu import emu
 from tests.cuda_emu import kernels as K
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 HAS_GXX = shutil.which("g++") is not None
 needs_gxx = pytest.mark.skipif(not HAS_GXX, reason="g++ is needed for the CUDA host emulation")
 

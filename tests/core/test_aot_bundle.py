@@ -23,7 +23,7 @@ from dqgen.bundle import BundleError
 from dqgen.ir import DequantizePerGroupBackwardDescriptor, DequantizePerGroupDescriptor
 from dqgen.isa import host_isa, supported_isas
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 HOST = host_isa()
 
 # A small, varied bundle: two ops with a storage dtype, f16/bf16/f32 conversions, one

@@ -341,7 +341,7 @@ def test_reading_past_a_guarded_array_faults():
               "end = a.__array_interface__['data'][0] + a.nbytes; "
               "ctypes.c_char.from_address(end - 1).value; print('inside ok', flush=True); "
               "ctypes.c_char.from_address(end).value; print('past end read')")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           cwd=root, timeout=60)
     assert "inside ok" in proc.stdout and "past end read" not in proc.stdout

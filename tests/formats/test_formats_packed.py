@@ -122,7 +122,7 @@ def test_packed_bad_inputs():
     with pytest.raises(InvalidProblemError, match="scale has shape"):
         packed.dequantize(np.zeros((2, 4), np.uint8), np.ones((2, 2), np.float32),
                           np.zeros((2, 1), np.int32), 8)
-    # The CUDA target schedules packed storage too (tests/test_packed_cuda.py runs it).
+    # The CUDA target schedules packed storage too (tests/cuda/test_packed_cuda.py runs it).
     cuda = lower(DequantizePerGroupDescriptor(2, 4, 2, "f32", "u4"), "cuda", "sm_90")
     assert cuda.bits == 4 and cuda.vector_elems == 2 and cuda.vector_streams[0].vector_bytes == 1
 

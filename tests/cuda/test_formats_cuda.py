@@ -17,11 +17,11 @@ from dqgen.render import render
 from formats_util import FLOATS, assert_bits_equal, random_f16, random_words
 from oracles import checkpoints as oracle
 
-HERE = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 
 
 def _load_emu():
-    spec = importlib.util.spec_from_file_location("formats_cuda_emu", HERE / "cuda_emu" / "emu.py")
+    spec = importlib.util.spec_from_file_location("formats_cuda_emu", TESTS / "cuda_emu" / "emu.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -129,7 +129,7 @@ def test_emulated_float_zero_point(storage, out, tmp_path):
 
 
 # --- FormatPlan on CUDA: select(device="cuda"), checks on device views, the caller's
-# stream; the launch runs the emulated build of the same text (as tests/test_cuda_plans) --
+# stream; the launch runs the emulated build of the same text (as tests/cuda/test_cuda_plans) --
 
 import re  # noqa: E402
 import types  # noqa: E402

@@ -19,13 +19,13 @@ import pytest
 from dqgen.errors import CompileError, UnsupportedError
 from dqgen.runtime import cuda as rt
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+TESTS = Path(__file__).resolve().parents[1]
+ROOT = TESTS.parent
 
 
 def _load_emu():
     """Import tests/cuda_emu/emu.py by path (tests/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("cuda_emu_emu", HERE / "cuda_emu" / "emu.py")
+    spec = importlib.util.spec_from_file_location("cuda_emu_emu", TESTS / "cuda_emu" / "emu.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

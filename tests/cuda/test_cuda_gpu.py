@@ -244,7 +244,7 @@ def _launch_on_device(desc, arrays: list, scalars: list, n: int, shift: int = 0)
 
 
 def _packed_cases():
-    from tests import test_packed_cuda as P
+    from tests.cuda import test_packed_cuda as P
     return P, list(P.SPEC_BY_URI)
 
 
@@ -288,30 +288,30 @@ def _packed_descriptor(P, uri):
 
 def test_gpu_checkpoint_formats_match_their_oracles(monkeypatch, tmp_path):
     """GPTQ, AWQ, float zero points, HQQ, FP8 and every GGML type: each emulation test of
-    tests/test_formats_cuda.py, test_hqq.py, test_fp8.py and test_formats_gguf_types.py,
-    with its kernel launched on the device instead."""
+    tests/cuda/test_formats_cuda.py, formats/test_hqq.py, formats/test_fp8.py and
+    formats/ggml/test_formats_gguf_types.py, with its kernel launched on the device instead."""
     import importlib
     on_device = lambda desc, arrays, scalars, n, _tmp: _launch_on_device(desc, arrays, scalars, n)  # noqa: E731
     # the emulation tests import run_emulated by either name of its module
-    for name in ("tests.test_formats_cuda", "test_formats_cuda"):
+    for name in ("tests.cuda.test_formats_cuda", "test_formats_cuda"):
         monkeypatch.setattr(importlib.import_module(name), "run_emulated", on_device)
-    from tests import test_formats_cuda as F
+    from tests.cuda import test_formats_cuda as F
     for kw in F.GPTQ:
         F.test_emulated_gptq(kw, tmp_path)
     for kw in F.AWQ:
         F.test_emulated_awq(kw, tmp_path)
     for storage, out in F.FLOAT_ZERO:
         F.test_emulated_float_zero_point(storage, out, tmp_path)
-    from tests import test_hqq as H
+    from tests.formats import test_hqq as H
     for bits, dtype in ((4, "bf16"), (3, "f16"), (1, "f32"), (8, "bf16")):
         H.test_cuda_emulated(bits, dtype, tmp_path)  # its g++ check: the emulation's, moot here
-    from tests import test_fp8 as P  # FP8 blocks and rows; torch's float8 is the oracle
+    from tests.formats import test_fp8 as P  # FP8 blocks and rows; torch's float8 is the oracle
     P.test_cuda_text_in_emulation(tmp_path)
     try:
         import gguf  # noqa: F401
     except ImportError:
         return
-    from tests import test_formats_gguf_types as G
+    from tests.formats.ggml import test_formats_gguf_types as G
     for qtype, out in G._cuda_cases():
         G.test_emulated_cuda(qtype, out, tmp_path)
 

@@ -1,7 +1,7 @@
 """floatzp.dequantize and hqq.dequantize on CUDA arrays: the plan follows the data to its
 device (no device= needed), each plane of HQQ runs on a view of the words and of the
 output, and out= is written on the device; bit-exact against the oracles. The launches
-run the host emulation of the CUDA text (tests/cuda_emu), as tests/test_formats_cuda.py."""
+run the host emulation of the CUDA text (tests/cuda_emu), as tests/cuda/test_formats_cuda.py."""
 
 from __future__ import annotations
 

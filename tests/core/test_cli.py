@@ -17,7 +17,7 @@ from dqgen.jit import CacheEntry, render_source
 from dqgen.lower import lower
 
 HOST = host_isa()
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(capsys, *argv):

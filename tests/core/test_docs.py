@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 CITING = [p for d in ("dqgen", "tests", "tools", "templates", "docs") for p in (ROOT / d).rglob("*")
           if p.suffix in {".py", ".j2", ".md", ".sh"} and p.is_file()] + [ROOT / "README.md"]

@@ -24,7 +24,7 @@ import dqgen
 from dqgen import reference
 import strategies as S
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _torch():
@@ -178,7 +178,7 @@ def _collect_skus():
 
 def test_sku_is_stable_across_processes():
     here = _collect_skus()
-    script = ("import json, sys; sys.path.insert(0, 'tests'); from test_api import _collect_skus; "
+    script = ("import json, sys; sys.path[:0] = ['tests', 'tests/core']; from test_api import _collect_skus; "
               "print(json.dumps(_collect_skus(), sort_keys=True))")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           cwd=ROOT, env=dict(os.environ), timeout=300)

@@ -21,7 +21,7 @@ from dqgen.ir import GgmlDequantizeDescriptor, GptqDequantizeDescriptor
 from dqgen.lower import lower
 from dqgen.render import render
 
-HERE = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 
 # One of each kind (the fixture's builds are shared with test_verify through the cache).
 SELECTIONS = [
@@ -176,7 +176,7 @@ def test_bundle_records_and_header_declare_every_format_kernel(built, tmp_path):
 FRESH_PROCESS = textwrap.dedent("""\
     import sys
     import numpy as np
-    sys.path.insert(0, sys.argv[1])
+    sys.path[:0] = sys.argv[1:]
     import dqgen
     from dqgen import cache
     from dqgen.formats import awq, ggml, gptq, hqq
@@ -245,7 +245,8 @@ def test_fresh_process_dequantizes_checkpoint_formats_from_the_bundle_alone(buil
     env = {**os.environ, "DQGEN_CACHE_DIR": str(tmp_path / "empty-cache"),
            "DQGEN_DISABLE_JIT": "1", "DQGEN_BUNDLE": str(path),
            "CC": str(tmp_path / "no-such-compiler")}
-    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(HERE)], env=env,
+    proc = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(TESTS),
+                           str(TESTS / "formats" / "ggml")], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "FORMATS-FROM-BUNDLE-OK" in proc.stdout, \
         proc.stdout + proc.stderr

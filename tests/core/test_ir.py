@@ -22,7 +22,7 @@ from dqgen.ir import DType, Op
 from dqgen.lower import lower
 from dqgen.spec import KernelSpec
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _all_descriptors(outer=4, axis=256, gs=128):
@@ -110,7 +110,7 @@ def test_keys_differ_for_every_field():
 
 def test_keys_and_uris_are_stable_across_processes():
     here = [[d.uri, d.key()] for d in _all_descriptors()]
-    script = ("import sys, json; sys.path.insert(0, 'tests'); from test_ir import _all_descriptors; "
+    script = ("import sys, json; sys.path[:0] = ['tests', 'tests/core']; from test_ir import _all_descriptors; "
               "print(json.dumps([[d.uri, d.key()] for d in _all_descriptors()]))")
     env = dict(os.environ, PYTHONHASHSEED="12345")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

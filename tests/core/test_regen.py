@@ -11,7 +11,7 @@ import pytest
 
 from dqgen import render
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_regen():
