@@ -25,6 +25,7 @@ from .ir import FLOAT_DTYPES, check_int
 from .layouts import aot_ops, kind_for_op, kind_of, kinds
 from .layouts.family import OP_NAMES, OPS, make_descriptor, op_class  # noqa: F401  (dqgen.aot's)
 from .layouts.ggml import ggml_type_names
+from .layouts.linear import COMPUTES
 from .layouts.registry import descriptor_from_record as registry_descriptor_from_record
 from .lower import lower
 from .spec import KernelSpec
@@ -52,7 +53,8 @@ FORMAT_DEFAULTS = {"bits": (4,), "checkpoint_format": ("gptq",), "act_order": (F
                    # FP8: the block a scale covers (rows x cols, 0 the whole axis), the encoding
                    "block": ("128x128",), "fp8": ("e4m3",),
                    # linear: the format of the weight (an op name: ggml, dequantize, packed, fp8)
-                   "weight": ("ggml",)}
+                   # and its arithmetic (f32, or int8: x quantized a block, GGML weights)
+                   "weight": ("ggml",), "compute": ("f32",)}
 # Per-op defaults of the shared keys where the family's would not fit (models run in
 # f16/bf16, GGML blocks dequantize to f32/f16/bf16, packed storage is u4/s4): each
 # format's own.
@@ -216,10 +218,24 @@ def _pick(selection: dict) -> dict:
         pick["fp8"] = [str(v).strip().lower() for v in pick["fp8"]]
     if pick.get("weight"):
         pick["weight"] = list(dict.fromkeys(_op_name(op) for op in pick["weight"]))
+    if pick.get("compute"):
+        pick["compute"] = _computes(pick["compute"])
     if pick.get("ggml_type"):
         pick["ggml_type"] = [ir.parse_ggml_type(t).value[len("ggml_"):].upper()
                              for t in pick["ggml_type"]]
     return pick
+
+
+def _computes(values: list) -> list[str]:
+    """``compute`` values: f32, int8, or both."""
+    out = []
+    for v in values:
+        text = str(v).strip().lower()
+        named = COMPUTES if text == "both" else (text,)
+        if not set(named) <= set(COMPUTES):
+            raise InvalidProblemError(f"compute={v!r} is not one of: {', '.join(COMPUTES)}, both")
+        out.extend(named)
+    return list(dict.fromkeys(out))
 
 
 def _block(value) -> tuple[int, int]:

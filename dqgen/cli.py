@@ -88,7 +88,8 @@ def _demo(args: argparse.Namespace) -> int:
 # and --filter), as its kind in layouts/ names them; a flag an op does not take is refused.
 EMIT_FORMAT_FLAGS = {op: keys for kind in kinds() for op, keys in kind.aot_keys.items()}
 _FORMAT_FLAG_KEYS = ("int", "group_size", "bits", "checkpoint_format", "act_order", "scale",
-                     "v1_zeros", "ggml_type", "q_min", "q_max", "block", "fp8", "weight")
+                     "v1_zeros", "ggml_type", "q_min", "q_max", "block", "fp8", "weight",
+                     "compute")
 # A request's fields and knobs, and the flag that chooses each (for "name one kernel").
 _CHOOSING_FLAGS = (("int_dtype", "--int"), ("float_dtype", "--float"),
                    ("group_size", "--group-size"), ("bits", "--bits"),
@@ -474,6 +475,9 @@ def _add_format_flags(p: argparse.ArgumentParser, *, many: bool) -> None:
     p.add_argument("--weight", metavar="OP", help="linear: the weight's format, as its op "
                    "(ggml, dequantize, packed, fp8) with that op's flags; --float is x's "
                    "dtype [default: ggml]", **kw)
+    p.add_argument("--compute", metavar="f32|int8" + ("|both" if many else ""),
+                   help="linear: f32 products, or int8 (x quantized a block of 32; GGML "
+                   "weights, the forward product) [default: f32]", **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,7 @@ of x: ``dx = dy @ W``), in the same order over ``n``: each thread owns a run of 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from dataclasses import dataclass
 from typing import ClassVar
@@ -207,33 +208,47 @@ def _weight_args(view, weight_spec) -> tuple[WeightArg, ...]:
     return tuple(args)
 
 
+def _candidate(weight, x, bias: bool, transpose: bool, compute: str) -> LinearDescriptor:
+    """One ``dqgen aot --op linear`` kernel; int8 for a weight it does not read is refused
+    (and so skipped)."""
+    if compute == "int8":
+        linear_int8.weight_layout(weight)
+    return LinearDescriptor(weight, 0, 0, 0, x, x, bias, transpose, compute)
+
+
 class LinearKind(FormatKind):
     descriptors = (LinearDescriptor,)
     aot_ops = ("linear",)
     # a weight's kernels: with and without a bias, and x's gradient; y in x's dtype
     aot_defaults = {"linear": {"float": ("bf16", "f16", "f32")}}
     aot_keys = {"linear": ("weight", "int", "group_size", "ggml_type", "block", "fp8",
-                           "scale")}
+                           "scale", "compute")}
 
     def aot_candidates(self, op, value):
         for weight_op in value("weight"):
             kind = kind_for_op(weight_op)
             for make in kind.aot_candidates(weight_op, lambda key: value(key, weight_op)):
-                for x in value("float"):
-                    for bias, transpose in ((False, False), (True, False), (False, True)):
-                        yield (lambda make=make, x=x, bias=bias, transpose=transpose:
-                               LinearDescriptor(make(), 0, 0, 0, x, x, bias, transpose))
+                for x, compute in itertools.product(value("float"), value("compute")):
+                    # int8: the forward product only, of the weights it reads
+                    shapes = ((False, False), (True, False)) + (
+                        ((False, True),) if compute == "f32" else ())
+                    for bias, transpose in shapes:
+                        yield (lambda make=make, x=x, bias=bias, transpose=transpose,
+                               compute=compute: _candidate(make(), x, bias, transpose, compute))
 
     def aot_request(self, desc):
         w = desc.view.decode
         knobs = {"weight": json.dumps({"class": type(w).__name__, **w.to_json()},
                                       sort_keys=True),
                  "x_dtype": desc.x_dtype.value, "bias": desc.bias, "transpose": desc.transpose}
+        if desc.compute != "f32":
+            knobs["compute"] = desc.compute
         return "linear", None, 0, knobs
 
     def aot_descriptor(self, op, int_dtype, float_dtype, group_size, knobs):
         return LinearDescriptor(json.loads(knobs["weight"]), 0, 0, 0, knobs["x_dtype"],
-                                float_dtype, knobs["bias"], knobs["transpose"])
+                                float_dtype, knobs["bias"], knobs["transpose"],
+                                knobs.get("compute", "f32"))
 
     def lower(self, desc, target, arch, storage):
         if desc.compute == "int8":

@@ -27,7 +27,7 @@ from .ggml_integers import block_parts, int8_layout
 from .ggml_knobs import GgmlKnobs, Run
 from .own_loop import float_helpers, own_loop_spec
 
-FORMULA = ("y[m, n] = F(sum16(fma(f32(d_w * d_x), P, acc)[, fma(f32(m_w * d_x), S, acc)]) "
+FORMULA = ("y[m, n] = F(sum64(fma(f32(d_w * d_x), P, acc)[, fma(f32(m_w * d_x), S, acc)]) "
            "+ bias[n]): P, S exact integer sums of a quad, x int8 in blocks of 32")
 # Lane sums: four AVX-512 registers a row of x, so that four chains of fused multiply-adds
 # run at once (one chain waits on the fma's latency).
@@ -83,6 +83,7 @@ class Int8Knobs:
     and codebook, the micro-kernel rows, the SIMD kind and the conversions of x, bias, y."""
 
     ggml: GgmlKnobs
+    type_name: str
     code_runs: tuple[CodeRun, ...]
     q_sign: int              # the integers' sign bit (0: unsigned)
     vector_add: int          # byte vectors: C(q) = (raw ^ q_sign) + vector_add (mod 256)
@@ -178,7 +179,7 @@ def lower(desc, target: str, arch: str, storage: dict):
     runs = tuple(CodeRun(r, _vector_run(r)) for r in g.q.runs)
     per_sub = g.sub // QUAD
     knobs = Int8Knobs(
-        ggml=g, code_runs=runs, q_sign=block.q.sign,
+        ggml=g, type_name=ggml_type_name(layout), code_runs=runs, q_sign=block.q.sign,
         vector_add=(-block.q.sign - block.q.offset) % 256, q_offset=block.q.offset,
         codebook=tuple(v % 256 for v in block.q.codebook),
         scalar_codebook=bool(block.q.codebook) and not all(r.vector for r in runs),

@@ -319,3 +319,45 @@ def test_quantize_model_computes_in_int8(tmp_path):
         got, want = int8(ids).logits, exact(ids).logits
     err = (got - want).abs().max() / want.abs().max()
     assert 0 < err < 0.05
+
+
+def test_aot_emit_verify_and_a_bundle_serve_it(tmp_path, capsys, monkeypatch):
+    """dqgen aot --compute int8 (or both) adds the forward kernels of the types it reads and
+    skips the others; emit prints one; verify checks the bundle against the reference; with
+    JIT disabled the bundled kernel runs."""
+    import json
+
+    from dqgen import aot, bundle, cli, jit, verify
+    requests = aot.expand({"op": "linear", "weight": "ggml", "ggml_type": "Q4_K,IQ2_XXS",
+                           "float": "f16", "compute": "both"})
+    int8 = [r.uri for r in requests if r.uri.endswith("_i8")]
+    assert int8 == ["linear_dequant_ggml_q4_k_f32_xf16_yf16_bias_i8",
+                    "linear_dequant_ggml_q4_k_f32_xf16_yf16_i8"]
+    assert len(requests) == 8   # f32: three kernels a type; int8: two, Q4_K only
+    with pytest.raises(InvalidProblemError, match="compute='int4'"):
+        aot.expand({"op": "linear", "compute": "int4"})
+    assert cli.main(["emit", "linear", "--weight", "ggml", "--ggml-type", "Q8_0", "--float",
+                     "f32", "--compute", "int8", "--filter", "*yf32_i8"]) == 0
+    assert "compute=int8" in capsys.readouterr().out
+    out = tmp_path / "bundle"
+    assert cli.main(["aot", "--op", "linear", "--weight", "ggml", "--ggml-type", "Q5_K",
+                     "--float", "bf16", "--compute", "int8", "-o", str(out), "-q"]) == 0
+    assert len(json.loads((out / "manifest.json").read_text())["kernels"]) == 2
+    outcomes = verify.verify_bundle(bundle.Bundle.open(out))
+    assert outcomes and all(o.status == verify.OK for o in outcomes), [str(o) for o in outcomes]
+    monkeypatch.setenv("DQGEN_DISABLE_JIT", "1")
+    monkeypatch.setenv("DQGEN_CACHE_DIR", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(jit, "_memo", {})
+    bundle.load_bundle(out)
+    try:
+        rng = np.random.default_rng(1)
+        weight = weight_of(rng, "Q5_K", 5, 256)
+        x = x_of(rng, 2, 256, ml_dtypes.bfloat16)
+        plan = FormatPlan.select(LinearDescriptor(weight.descriptor, 2, 5, 256, "bf16",
+                                                  compute="int8"))
+        assert plan.kernel.origin == "bundle"
+        y = np.empty((2, 5), ml_dtypes.bfloat16)
+        plan.run({**weight.arrays, "x": x, "y": y})
+        assert_bits_equal(y, expected(weight, x, None, ml_dtypes.bfloat16))
+    finally:
+        bundle.unload_all()
