@@ -1,11 +1,14 @@
 """The templates print the schedule's knobs: none tests a dtype, op, layout, helper or
 intrinsic name (the schedule answers such questions with a knob, so a new format or ISA
-never needs a template's string compared). Checked on the templates' source."""
+never needs a template's string compared), and none glues C text from string fragments
+with Jinja's ``~`` (the C a template emits is written out in it, values printed into it,
+so it can be read there). Checked on the templates' source."""
 
 from __future__ import annotations
 
 import re
 
+import jinja2
 import pytest
 
 from dqgen.render import TEMPLATE_DIR
@@ -32,6 +35,30 @@ def name_tests(text: str) -> list[str]:
         if NAME_TEST.search(tag.group(1)):
             line = text.count("\n", 0, tag.start()) + 1
             found.append(f"line {line}: {tag.group(0)[:120]}")
+    return found
+
+
+# Where a `~` stays, and why: the tag it is in, by template. The fused linear's CUDA kernel
+# picks its weight's setup macro by name (a template name, not C text; the schedule's knob
+# for it is on its way with the linear's others). linear_int8's template is checked apart.
+CONCATENATION_KEPT = {
+    "cuda/linear.cu.j2": ['{{ values[k.cuda_value ~ "_setup"](k.weight) | trim | indent(4) }}'],
+}
+CONCATENATION_CHECKED = [p for p in sorted(TEMPLATE_DIR.rglob("*.j2")) if p.name != "linear_int8.c.j2"]
+
+
+def concatenations(text: str) -> list[str]:
+    """Each Jinja tag of a template's ``text`` that joins strings with ``~`` (Jinja's own
+    lexer tells the operator from C's ``~`` in the text and in string literals), as
+    ``line N: tag``."""
+    found, tag, line, joins = [], [], 0, False
+    for lineno, kind, value in jinja2.Environment().lex(text):
+        if kind in ("variable_begin", "block_begin"):
+            tag, line, joins = [], lineno, False
+        tag.append(value)
+        joins = joins or (kind == "operator" and value == "~")
+        if kind in ("variable_end", "block_end") and joins:
+            found.append(f"line {line}: {''.join(tag)}")
     return found
 
 
@@ -64,3 +91,36 @@ def test_the_check_sees_a_name_test(tag):
 ])
 def test_the_check_passes_knobs(tag):
     assert name_tests(f"{tag}\n") == []
+
+
+@pytest.mark.parametrize("path", CONCATENATION_CHECKED, ids=lambda p: p.relative_to(TEMPLATE_DIR).as_posix())
+def test_no_template_glues_c_text(path):
+    name = path.relative_to(TEMPLATE_DIR).as_posix()
+    kept = CONCATENATION_KEPT.get(name, [])
+    assert [t for t in concatenations(path.read_text()) if t.split(": ", 1)[1] not in kept] == []
+
+
+def test_each_kept_concatenation_is_still_there():
+    for name, tags in CONCATENATION_KEPT.items():
+        found = [t.split(": ", 1)[1] for t in concatenations((TEMPLATE_DIR / name).read_text())]
+        assert sorted(found) == sorted(tags), name
+
+
+@pytest.mark.parametrize("tag", [
+    '{{ "load" ~ spec.register_lanes ~ "(q + " ~ i ~ ")" }}',
+    '{% set v = "(" ~ v ~ " - " ~ f.offset ~ ")" if f.offset else v %}',
+    '{{ dst(i, diff(i)~" * s") }}',
+    '{{ base.header(spec, version, "/*", "*/", "blocks of " ~ k.block\n ~ " values") }}',
+])
+def test_the_check_sees_a_concatenation(tag):
+    assert concatenations(f"text\n{tag}\ntext\n") == [f"line 2: {tag}"]
+
+
+@pytest.mark.parametrize("text", [
+    "const int64_t pairs_end = begin + ((end - begin) & ~(int64_t)1);",
+    "load_f16_n({{ src }}, {{ dst }}, ({{ n }}) & ~(int64_t)7);",
+    '{{ "x & ~7" if spec.packed_q }}', "{% set at %}({{ s_row }} + n0){% endset %}",
+    '{{ pointers | map(attribute="name") | join(", ") }}',
+])
+def test_the_check_passes_printed_c(text):
+    assert concatenations(f"{text}\n") == []
