@@ -11,9 +11,9 @@
    Offline, what is missing comes from a folder of wheels (``$DQGEN_WHEELS``, default
    ``.device-wheels`` in the checkout; ``--prepare-wheels`` fills it on a machine with a
    package index), and dqgen runs from the checkout itself.
-2. Every CUDA test: NVRTC builds and the host emulation (tests/test_cuda_*.py,
+2. Every CUDA test: NVRTC builds and the host emulation (tests/cuda/test_cuda_*.py,
    test_packed_cuda.py, test_formats_cuda.py), and the kernels on the device
-   (tests/test_cuda_gpu.py: every op, dtype pair and layout bit-exact against the
+   (tests/cuda/test_cuda_gpu.py: every op, dtype pair and layout bit-exact against the
    reference, torch CUDA tensors and CuPy arrays where installed, streams, misaligned
    and non-contiguous views, more than 2^31 elements where memory allows).
 3. ``tools/bench.py --device cuda``: every dequantize kernel's effective GB/s against a
@@ -48,19 +48,20 @@ WHEEL_PACKAGES = ("cffi", "pycparser", "platformdirs", "filelock", "gguf")
 NEEDED = {"numpy": "numpy", "jinja2": "jinja2", "cffi": "cffi", "ml_dtypes": "ml-dtypes",
           "platformdirs": "platformdirs", "filelock": "filelock", "cuda.bindings": "cuda-bindings",
           "pytest": "pytest", "hypothesis": "hypothesis", "gguf": "gguf"}
-EMULATION_TESTS = ("tests/test_cuda_kernels.py", "tests/test_cuda_infra.py", "tests/test_cuda_plans.py",
-                   "tests/test_packed_cuda.py", "tests/test_formats_cuda.py",
-                   "tests/test_floatzp_hqq_cuda.py", "tests/test_fp8.py::test_nvrtc_compiles",
-                   "tests/test_fp8.py::test_cuda_text_in_emulation",
-                   "tests/test_linear.py::test_cuda_text_in_emulation",
-                   "tests/test_linear.py::test_nvrtc_compiles_the_cuda_text")
-# The device tests: every kernel against its oracle (tests/test_cuda_gpu.py), and torch CUDA
+EMULATION_TESTS = ("tests/cuda/test_cuda_kernels.py", "tests/cuda/test_cuda_infra.py",
+                   "tests/cuda/test_cuda_plans.py", "tests/cuda/test_packed_cuda.py",
+                   "tests/cuda/test_formats_cuda.py", "tests/cuda/test_floatzp_hqq_cuda.py",
+                   "tests/formats/test_fp8.py::test_nvrtc_compiles",
+                   "tests/formats/test_fp8.py::test_cuda_text_in_emulation",
+                   "tests/linear/test_linear.py::test_cuda_text_in_emulation",
+                   "tests/linear/test_linear.py::test_nvrtc_compiles_the_cuda_text")
+# The device tests: every kernel against its oracle (tests/cuda/test_cuda_gpu.py), and torch CUDA
 # tensors through the registered ops (dqgen.torch) against the same ops on the CPU.
-DEVICE_TESTS = ("tests/test_cuda_gpu.py", "tests/test_interop_gpu.py",
-                "tests/test_torch_ops.py::test_cuda_ops_match_cpu",
-                "tests/test_torch_ops.py::test_cuda_format_ops_match_cpu",
-                "tests/test_linear.py::test_on_a_gpu",
-                "tests/test_torch_linear.py::test_quant_linear_on_a_gpu")
+DEVICE_TESTS = ("tests/cuda/test_cuda_gpu.py", "tests/cuda/test_arrays_cuda.py",
+                "tests/torch/test_torch_ops.py::test_cuda_ops_match_cpu",
+                "tests/torch/test_torch_ops.py::test_cuda_format_ops_match_cpu",
+                "tests/linear/test_linear.py::test_on_a_gpu",
+                "tests/linear/test_torch_linear.py::test_quant_linear_on_a_gpu")
 LIMITS_S = {"emulation": 120, "device": 150, "bench": 150}  # each step's own limit
 TOTAL_S = 400  # and all of them together (set-up included): under 7 minutes
 _START = time.monotonic()

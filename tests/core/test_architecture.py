@@ -9,6 +9,11 @@ private name (``_x``) imported from another module: an interface gets a public n
 layered too: the core (the compiler, the format registry in ``layouts/``, the runtime,
 plans, cache and bundles) never imports the user-facing layer (``dqgen.formats``,
 ``api``, ``torch`` and ``torch_nn``, ``cli``, the package's ``__init__``).
+
+``tests/`` mirrors the package (a folder per layer: ``core/``, ``formats/``, ``linear/``,
+``torch/``, ``cuda/``, ``reliability/``), so the tests of a module are found by its name:
+every module of ``dqgen/`` has a test file whose path names it, or an entry of
+``TESTED_IN`` saying which file tests it and why that file is named otherwise.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "dqgen"
+TESTS = Path(__file__).resolve().parents[1]
 
 
 def module_name(path: Path) -> str:
@@ -179,6 +185,119 @@ def test_descriptor_class_check_sees_one(tmp_path):
     probe.write_text("def f(d):\n    return isinstance(d, (GptqDequantizeDescriptor, int))\n")
     assert descriptor_class_tests(probe, {"GptqDequantizeDescriptor"}) == [
         "probe.py:2 isinstance(..., GptqDequantizeDescriptor)"]
+
+
+# Modules whose tests are named after what the module serves, not after the module: where
+# they are (under tests/), and why. An entry goes once a test file names its module.
+TESTED_IN = {
+    "arguments.py": ("core/test_argument_errors.py", "its argument order and shapes are what "
+                     "every plan runs; the refusals name them"),
+    "build/cc.py": ("reliability/test_reliability_environment.py", "the C compiler found, "
+                    "missing or misbehaving; its flags: core/test_render.py"),
+    "build/nvrtc.py": ("cuda/test_cuda_infra.py", "the CUDA plumbing, NVRTC builds first"),
+    "env.py": ("core/test_threads.py", "each DQGEN_* setting is tested where it acts"),
+    "formats/gguf_convert.py": ("formats/ggml/test_gguf_file.py", "GGUF files converted"),
+    "formats/pack.py": ("formats/gptq_awq/test_formats_gptq_awq.py", "the GPTQ/AWQ writer of "
+                        "the tests' checkpoints, read back bit for bit"),
+    "formats/plan.py": ("formats/test_formats_out.py", "every format's plan; out= on all"),
+    "formats/progress.py": ("formats/ggml/test_gguf_file.py", "convert's progress lines"),
+    "formats/safetensors_io.py": ("formats/convert/test_convert_output.py", "the files "
+                                  "convert writes"),
+    "formats/weight.py": ("linear/test_linear.py", "QuantizedWeight and linear are the "
+                          "fused linear's user side"),
+    "formats/weight_readers.py": ("linear/test_linear_formats.py", "each format's weight "
+                                  "reader, in the linear"),
+    "formats/weight_repack.py": ("linear/test_linear_gptq_awq.py", "GPTQ/AWQ repacked for "
+                                 "the linear"),
+    "isa.py": ("core/test_cpu_kernels.py", "every kernel on every ISA level of the host"),
+    "layouts/family.py": ("core/test_cpu_kernels.py", "the family's four ops"),
+    "layouts/ggml_blocks.py": ("formats/ggml/test_formats_gguf_types.py", "every GGML block "
+                               "type's table"),
+    "layouts/ggml_integers.py": ("linear/test_linear_int8.py", "the int8 linear's GGML rows"),
+    "layouts/ggml_knobs.py": ("formats/ggml/test_formats_gguf_types.py", "every GGML block "
+                              "type's knobs"),
+    "layouts/matrix.py": ("formats/gptq_awq/test_formats_gptq_awq.py", "the GPTQ/AWQ schedule"),
+    "layouts/own_loop.py": ("formats/test_fp8.py", "shared by the layouts with a loop of "
+                            "their own: fp8, fp4, mlx, bitsandbytes, each tested by name"),
+    "layouts/per_group.py": ("core/test_cpu_kernels.py", "the family's schedule, every knob "
+                             "on every ISA; its spec: core/test_lower.py"),
+    "layouts/registry.py": ("core/test_aot_formats.py", "what every format's kind answers "
+                            "(aot, verify); core/test_verify.py"),
+    "reference.py": ("core/test_cpu_kernels.py", "the oracle every kernel test compares with"),
+    "signature.py": ("core/test_targets.py", "each target's entry convention; the header: "
+                     "core/test_aot_bundle.py"),
+    "spec.py": ("core/test_lower.py", "the KernelSpec lower makes"),
+    "targets/base.py": ("core/test_targets.py", "the Backend every target defines"),
+    "targets/c.py": ("core/test_targets.py", "each target's backend, side by side"),
+    "torch_nn.py": ("linear/test_torch_linear.py", "QuantLinear and the linear's torch ops"),
+    "version.py": ("core/test_cli.py", "the version string (--version); in cache keys: "
+                   "reliability/test_reliability_keys.py"),
+}
+
+
+def path_words(path: Path) -> list:
+    """The words of a path's folders and file stem (split at ``_``), ``test`` dropped."""
+    parts = path.with_suffix("").parts
+    return [w for part in parts for w in part.split("_") if w and w != "test"]
+
+
+def names_module(test: Path, module: Path) -> bool:
+    """Whether the test file's path (under tests/) names the module: the module's words
+    appear together in it (``aot_selection.py``: ``core/test_aot_selection.py``)."""
+    wanted, words = path_words(Path(module.name)), path_words(test)
+    return any(words[i:i + len(wanted)] == wanted for i in range(len(words)))
+
+
+def package_modules() -> list:
+    return sorted(p.relative_to(PACKAGE) for p in PACKAGE.rglob("*.py") if p.name != "__init__.py")
+
+
+def all_test_files() -> list:
+    return sorted(p.relative_to(TESTS) for p in TESTS.rglob("test_*.py"))
+
+
+def modules_without_a_named_test(modules: list, tests: list) -> list:
+    return [m for m in modules if not any(names_module(t, m) for t in tests)]
+
+
+def test_every_module_has_a_test_file_named_after_it():
+    missing = [str(m) for m in modules_without_a_named_test(package_modules(), all_test_files())
+               if str(m) not in TESTED_IN]
+    assert not missing, ("modules of dqgen/ with no test file named after them (add "
+                         "tests/<layer>/test_<module>.py, or an entry of TESTED_IN):\n  "
+                         + "\n  ".join(missing))
+
+
+def test_tested_in_names_real_files_and_only_unnamed_modules():
+    modules, tests = package_modules(), all_test_files()
+    unnamed = {str(m) for m in modules_without_a_named_test(modules, tests)}
+    stale = [f"{module}: no such module" for module in TESTED_IN
+             if not (PACKAGE / module).is_file()]
+    stale += [f"{module}: tests/{test} does not exist"
+              for module, (test, _why) in TESTED_IN.items() if not (TESTS / test).is_file()]
+    stale += [f"{module}: a test file names it now" for module in TESTED_IN
+              if (PACKAGE / module).is_file() and module not in unnamed]
+    assert not stale, "stale TESTED_IN entries:\n  " + "\n  ".join(stale)
+
+
+def test_named_test_check_sees_a_missing_one():
+    modules = [Path("lower.py"), Path("aot_selection.py"), Path("formats/gguf_reader.py"),
+               Path("targets/c.py"), Path("cache.py")]
+    tests = [Path("core/test_lower.py"), Path("core/test_aot.py"),
+             Path("formats/ggml/test_gguf_reader.py"), Path("core/test_targets.py"),
+             Path("core/test_jit_cache_reuse.py")]
+    assert modules_without_a_named_test(modules, tests) == [Path("aot_selection.py"),
+                                                            Path("targets/c.py")]
+
+
+def test_test_file_names_are_unique():
+    """Test modules are imported by file name (tests/conftest.py), so two files of one
+    name in different folders would shadow each other."""
+    seen = {}
+    for test in all_test_files():
+        seen.setdefault(test.name, []).append(str(test))
+    twins = [paths for paths in seen.values() if len(paths) > 1]
+    assert not twins, f"test files sharing a name: {twins}"
 
 
 if __name__ == "__main__":
