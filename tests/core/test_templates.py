@@ -40,7 +40,8 @@ def name_tests(text: str) -> list[str]:
 
 # Where a `~` stays, and why: the tag it is in, by template. The fused linear's CUDA kernel
 # picks its weight's setup macro by name (a template name, not C text; the schedule's knob
-# for it is on its way with the linear's others). linear_int8's template is checked apart.
+# for it is on its way with the linear's others). linear_int8.c.j2 is left out while it is
+# being written.
 CONCATENATION_KEPT = {
     "cuda/linear.cu.j2": ['{{ values[k.cuda_value ~ "_setup"](k.weight) | trim | indent(4) }}'],
 }
