@@ -95,6 +95,10 @@ class Int8Knobs:
     dot_variants: tuple[DotVariant, ...]
     runtime_vnni: bool       # pick the VNNI variant at run time
     scales_apart: bool       # unpack sub-block scales in a call of its own (not inlined)
+    vector_field_runs: tuple[Run, ...]   # runs of the scales and mins unpacked as vectors
+    field_vector_lengths: tuple[int, ...]
+    scale_vector: str        # a vector's scales from its f32 lanes fv (d * fv, ...)
+    min_vector: str          # and its mins (-(m * fv) or m * fv)
     micro_rows: tuple[int, ...]
     lanes: int
     k_step: int              # k is padded with zeros to whole steps of the lanes' quads
@@ -111,6 +115,24 @@ class Int8Knobs:
 def _vector_run(run: Run) -> bool:
     return run.length % BYTE_VECTOR == 0 and all(
         not s.word and not s.mul and s.unit == 1 for s in run.sources)
+
+
+def _field_vectors(g: GgmlKnobs) -> dict:
+    """The runs of the sub-block scales and mins unpacked a whole run at once: 4, 8 or 16
+    elements whose every plane reads consecutive bytes at one shift, within a byte (a table
+    of scales is read one at a time), and the formulas of a vector, each operation rounded
+    as the one-at-a-time unpacking's (``ggml_sub_scale``)."""
+    def fits(run: Run) -> bool:
+        return run.length in (4, 8, 16) and all(
+            not s.word and not s.mul and s.unit == 1 and s.into + s.mask.bit_length() <= 8
+            for s in run.sources)
+    fields = [f for f in (g.scale if not g.scale_table else None, g.min) if f is not None]
+    runs = tuple(r for f in fields for r in f.runs if fits(r))
+    scale = (f"(d * ({g.scale_affine[0]!r}f + fv)) * {g.scale_affine[1]!r}f"
+             if g.scale_affine else "d * fv")
+    return {"vector_field_runs": runs,
+            "field_vector_lengths": tuple(sorted({r.length for r in runs})),
+            "scale_vector": scale, "min_vector": "-(m * fv)" if g.negate_min else "m * fv"}
 
 
 def _sub_index(quads: int, per_sub: int) -> tuple[int, ...]:
@@ -185,6 +207,7 @@ def lower(desc, target: str, arch: str, storage: dict):
         scalar_codebook=bool(block.q.codebook) and not all(r.vector for r in runs),
         has_min=block.m is not None, lane_regs=simd.lane_regs, dot_variants=simd.dots,
         runtime_vnni=simd.runtime_vnni, scales_apart=block.scale is not None,
+        **_field_vectors(g),
         micro_rows=simd.micro_rows, lanes=LANES, k_step=LANES * QUAD, quads_per_sub=per_sub,
         sub_index512=_sub_index(16, per_sub), sub_index256=_sub_index(8, per_sub),
         x_c_type=x.c_type, bias_c_type=bias[0].c_type if bias else "", x_load=x_load,
