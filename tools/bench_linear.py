@@ -10,14 +10,15 @@ in one run.
    (128 x 128 blocks): weight bytes a second of a reused linear plan (what ``linear``
    runs) against ``tools/stream_read.c``, a read-only stream over a buffer of the weight's
    size (a sum of 64-bit words, built with dqgen's compiler and flags, the same OpenMP
-   threads), on one thread and on all.
+   threads), on one thread and on all; the GGML types also with ``compute="int8"``.
 2. llama.cpp's own CPU ``MUL_MAT`` (``tests/test-backend-ops perf``) for the GGML types at
    ``M = 1`` and 8, on the shapes its built-in perf cases have (W [4096, 14336] for every
    type, Q4_K also [4096, 4096] and [14336, 4096]), on the same thread counts: the program
    gives its CPU backend hardware_concurrency() / 2 threads, which ``tools/nprocs_shim.c``
    (LD_PRELOAD) sets. It runs in its own process, before dqgen's side is timed, not
-   interleaved with it. (``--llama-cpp PATH``, else ``LLAMA_CPP_TEST_BACKEND_OPS``; skipped
-   with the reason printed when neither is given.)
+   interleaved with it. dqgen is timed with f32 products and with ``compute="int8"`` (x
+   rounded to int8 a block of 32, as llama.cpp does). (``--llama-cpp PATH``, else
+   ``LLAMA_CPP_TEST_BACKEND_OPS``; skipped with the reason printed when neither is given.)
 3. The fixed cost of a call on a [1, 128] Q8_0 weight: ``QuantLinear.forward``,
    ``linear(x, w, out=y)``, ``linear(x, w)`` and the reused plan's ``run``.
 4. An int4 group-128 [4096, 4096] weight at ``M`` = 1, 8, 64, 512, x in f32 and bf16:
@@ -32,8 +33,8 @@ the stream and by llama.cpp's perf mode (which repeats one node). The ``L3`` col
 which weights fit. Absolute times on a shared machine are noisy: read the ratios, which
 compare contenders of one run; each row says how many CPUs other processes kept busy
 meanwhile, and a noisy case is measured again while ``--patience`` lasts. Every dqgen
-result is first checked bit for bit against ``dqgen.reference.linear`` on a slice of rows
-at each end of the weight (and GGML weights' decode against gguf-py's dequantize) before it
+result is first checked bit for bit against ``dqgen.reference.linear`` (int8:
+``reference.linear_int8``) on a slice of rows at each end of the weight (and GGML weights' decode against gguf-py's dequantize) before it
 is timed.
 """
 
@@ -64,6 +65,7 @@ import dqgen  # noqa: E402
 from dqgen import reference  # noqa: E402
 from dqgen.formats.plan import FormatPlan  # noqa: E402
 from dqgen.formats.weight import QuantizedWeight  # noqa: E402
+from dqgen.layouts import linear_int8  # noqa: E402
 from dqgen.layouts.linear import LinearDescriptor  # noqa: E402
 from dqgen.plans import PlanPreference  # noqa: E402
 
@@ -286,11 +288,28 @@ def check_linear(bw: BenchWeight, x: np.ndarray, y: np.ndarray, what: str) -> No
                              f"rows {a}..{b} of W")
 
 
-def linear_call(weight: QuantizedWeight, m: int, threads: int, x: np.ndarray):
+def check_linear_int8(bw: BenchWeight, x: np.ndarray, y: np.ndarray, what: str) -> None:
+    """``y`` of ``compute="int8"`` agrees bit for bit with ``reference.linear_int8`` on the
+    rows of W at each end (and the first rows of x)."""
+    xs = x[:4]
+    for a, b in check_slices(bw):
+        rows = bw.rows(a, b)
+        desc = LinearDescriptor(rows.descriptor, xs.shape[0], b - a, rows.shape[1],
+                                compute="int8")
+        codes, scales, mins, sub = linear_int8.parts(desc, rows.arrays["data"])
+        want = reference.linear_int8(xs, codes, scales, mins, sub, None, y.dtype)
+        if want.tobytes() != np.ascontiguousarray(y[:xs.shape[0], a:b]).tobytes():
+            raise BenchError(f"{what}: dqgen's int8 linear differs from reference.linear_int8 "
+                             f"in rows {a}..{b} of W")
+
+
+def linear_call(weight: QuantizedWeight, m: int, threads: int, x: np.ndarray,
+                compute: str = "f32"):
     """A reused plan's ``run`` of ``x @ W.T`` on ``threads`` threads (y in x's dtype), and y."""
     n, k = weight.shape
     dtype = {np.dtype(np.float32): "f32"}.get(x.dtype, "bf16")
-    plan = FormatPlan.select(LinearDescriptor(weight.descriptor, m, n, k, dtype, dtype),
+    plan = FormatPlan.select(LinearDescriptor(weight.descriptor, m, n, k, dtype, dtype,
+                                              compute=compute),
                              preference=PlanPreference(num_threads=threads))
     y = np.empty((m, n), x.dtype)
     arrays = {**weight.arrays, "x": x, "y": y}
@@ -357,8 +376,13 @@ def bench_m1(shapes, thread_counts, repeat: int, noise: Noise, stream: ReadStrea
                 call, y = linear_call(w, 1, threads, x)
                 call()
                 check_linear(bw, x, y, f"{fmt} {list(shape)} M=1 on {threads} threads")
-                med, load = measure({"dqgen": call, "stream": stream.bind(buf, threads)},
-                                    repeat, noise)
+                calls = {"dqgen": call, "stream": stream.bind(buf, threads)}
+                if fmt in GGML_TYPES:
+                    calls["int8"], y8 = linear_call(w, 1, threads, x, "int8")
+                    calls["int8"]()
+                    check_linear_int8(bw, x, y8, f"{fmt} {list(shape)} M=1 int8")
+                med, load = measure(calls, repeat, noise)
+                int8_us = med["int8"] * 1e6 if "int8" in med else None
                 rows.append({
                     "format": fmt, "origin": bw.origin, "shape": [n, k], "threads": threads,
                     "weight_mib": w.nbytes / 2**20,
@@ -367,7 +391,9 @@ def bench_m1(shapes, thread_counts, repeat: int, noise: Noise, stream: ReadStrea
                     "dqgen_gbs": w.nbytes / med["dqgen"] / 1e9,
                     "stream_gbs": w.nbytes / med["stream"] / 1e9,
                     "of_stream": med["stream"] / med["dqgen"],
-                    "dqgen_gflops": 2 * n * k / med["dqgen"] / 1e9, "other_cpus": load})
+                    "dqgen_gflops": 2 * n * k / med["dqgen"] / 1e9, "other_cpus": load,
+                    "int8_us": int8_us,
+                    "int8_of_stream": None if int8_us is None else med["stream"] * 1e6 / int8_us})
             del buf
             if (fmt, tuple(shape)) in keep:
                 bank[(fmt, tuple(shape))] = bw
@@ -376,13 +402,15 @@ def bench_m1(shapes, thread_counts, repeat: int, noise: Noise, stream: ReadStrea
 
 def m1_table(rows: list[dict]) -> str:
     lines = ["| format | W [N, K] | MiB | L3 | threads | dqgen us | dqgen GB/s | stream GB/s "
-             "| dqgen / stream | dqgen GFLOP/s | other CPUs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| dqgen / stream | dqgen GFLOP/s | int8 us | int8 / stream | other CPUs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['format']} | {r['shape']} | {r['weight_mib']:.1f} | "
               f"{'-' if r['fits_l3'] is None else ('fits' if r['fits_l3'] else 'exceeds')} | "
               f"{r['threads']} | {r['dqgen_us']:.0f} | {r['dqgen_gbs']:.1f} | "
               f"{r['stream_gbs']:.1f} | {r['of_stream']:.2f} | {r['dqgen_gflops']:.1f} | "
-              f"{_cpus(r['other_cpus'])} |"
+              + ("- | - |" if r.get("int8_us") is None else
+                 f"{r['int8_us']:.0f} | {r['int8_of_stream']:.2f} |")
+              + f" {_cpus(r['other_cpus'])} |"
               for r in rows]
     return "\n".join(lines)
 
@@ -491,10 +519,15 @@ def bench_llama(path: Path | None, cases, ms, thread_counts, repeat: int, noise:
                 call, y = linear_call(bw.weight, m, threads, x)
                 call()
                 check_linear(bw, x, y, f"{fmt} {list(shape)} M={m} on {threads} threads")
-                med, load = measure({"dqgen": call}, repeat, noise)
+                call8, y8 = linear_call(bw.weight, m, threads, x, "int8")
+                call8()
+                check_linear_int8(bw, x, y8, f"{fmt} {list(shape)} M={m} int8")
+                med, load = measure({"dqgen": call, "int8": call8}, repeat, noise)
                 rows.append({"format": fmt, "shape": [n, k], "m": m, "threads": threads,
                              "llama_us": us, "dqgen_us": med["dqgen"] * 1e6,
                              "llama_over_dqgen": us / (med["dqgen"] * 1e6),
+                             "int8_us": med["int8"] * 1e6,
+                             "llama_over_int8": us / (med["int8"] * 1e6),
                              "dqgen_gbs": bw.weight.nbytes / med["dqgen"] / 1e9,
                              "llama_gbs": bw.weight.nbytes / (us * 1e-6) / 1e9,
                              "other_cpus": load})
@@ -502,11 +535,13 @@ def bench_llama(path: Path | None, cases, ms, thread_counts, repeat: int, noise:
 
 
 def llama_table(rows: list[dict]) -> str:
-    lines = ["| format | W [N, K] | M | threads | llama.cpp us | dqgen us | llama.cpp / dqgen "
-             "| llama.cpp GB/s | dqgen GB/s | other CPUs (dqgen) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| format | W [N, K] | M | threads | llama.cpp us | dqgen f32 us | llama.cpp / dqgen "
+             "f32 | dqgen int8 us | llama.cpp / dqgen int8 | llama.cpp GB/s | dqgen f32 GB/s "
+             "| other CPUs (dqgen) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['format']} | {r['shape']} | {r['m']} | {r['threads']} | "
               f"{r['llama_us']:.0f} | {r['dqgen_us']:.0f} | {r['llama_over_dqgen']:.2f} | "
+              f"{r['int8_us']:.0f} | {r['llama_over_int8']:.2f} | "
               f"{r['llama_gbs']:.1f} | {r['dqgen_gbs']:.1f} | {_cpus(r['other_cpus'])} |"
               for r in rows]
     return "\n".join(lines)
