@@ -161,6 +161,14 @@ class WeightArg:
     const: int = 0
     rows: int = 0            # a size: the whole weight's is N times the row's
 
+    @property
+    def is_input(self) -> bool:
+        return self.role == "in"
+
+    @property
+    def is_output(self) -> bool:
+        return self.role == "out"
+
 
 @dataclass(frozen=True)
 class LinearKnobs:
@@ -171,11 +179,16 @@ class LinearKnobs:
 
     weight: object
     cuda_value: str          # the format's per-element macro (cuda/values.j2)
+    cuda_setup: str          # and its setup macro (once a thread)
     transpose: bool
     chunk_columns: int       # the transposed product: columns of W a step
     sum_floats: int          # and its lane sums a thread, at most
     weight_entry: str
     weight_args: tuple[WeightArg, ...]
+    weight_inputs: tuple[WeightArg, ...]   # the weight's arrays
+    weight_sizes: tuple[WeightArg, ...]    # its run-time sizes
+    x_c_type: str
+    bias_c_type: str         # "" without a bias
     lane_regs: int           # registers a 16-lane vector takes (1, 2), 0: plain floats
     micro_tiles: tuple[tuple[int, int], ...]
     tile_rows_short: int
@@ -271,11 +284,17 @@ class LinearKind(FormatKind):
         # a format that rounds its values to a 16-bit dtype decodes into it; widened exactly
         decode_load = CONVERT.get(view.decode.float_dtype, ("", ""))[0]
         chunk = int(np.lcm(view.chunk_multiple or view.k_multiple, LANES))
+        args = _weight_args(view, weight_spec)
         knobs = LinearKnobs(
-            weight=weight_spec, cuda_value=view.cuda_value, transpose=desc.transpose,
+            weight=weight_spec, cuda_value=view.cuda_value,
+            cuda_setup=f"{view.cuda_value}_setup" if view.cuda_value else "",
+            transpose=desc.transpose,
             chunk_columns=chunk * max(1, -(-CHUNK_COLUMNS // chunk)), sum_floats=SUM_FLOATS,
-            weight_entry=weight_spec.entry,
-            weight_args=_weight_args(view, weight_spec),
+            weight_entry=weight_spec.entry, weight_args=args,
+            weight_inputs=tuple(a for a in args if a.is_input),
+            weight_sizes=tuple(a for a in args if a.role == "scalar"),
+            x_c_type=params[len(inputs)].c_type,
+            bias_c_type=params[len(inputs) + 1].c_type if desc.bias else "",
             lane_regs={"avx512": 1, "avx2": 2}.get(isa, 0),
             micro_tiles=MICRO_TILES[isa], tile_rows_short=TILE_ROWS_SHORT,
             tile_rows_long=TILE_ROWS_LONG, long_m=LONG_M,

@@ -13,8 +13,7 @@ import pytest
 
 from dqgen.render import TEMPLATE_DIR
 
-# The fused linear's templates are checked apart (their own knobs are on their way).
-TEMPLATES = sorted(p for p in TEMPLATE_DIR.rglob("*.j2") if not p.name.startswith("linear."))
+TEMPLATES = sorted(TEMPLATE_DIR.rglob("*.j2"))
 # A Jinja statement or expression tag, over several lines if need be.
 TAG = re.compile(r"\{[%{](.*?)[%}]\}", re.S)
 # A string compared, a filter's comparison test, membership in a literal list of names,
@@ -38,14 +37,9 @@ def name_tests(text: str) -> list[str]:
     return found
 
 
-# Where a `~` stays, and why: the tag it is in, by template. The fused linear's CUDA kernel
-# picks its weight's setup macro by name (a template name, not C text; the schedule's knob
-# for it is on its way with the linear's others). linear_int8.c.j2 is left out while it is
-# being written.
-CONCATENATION_KEPT = {
-    "cuda/linear.cu.j2": ['{{ values[k.cuda_value ~ "_setup"](k.weight) | trim | indent(4) }}'],
-}
-CONCATENATION_CHECKED = [p for p in sorted(TEMPLATE_DIR.rglob("*.j2")) if p.name != "linear_int8.c.j2"]
+# Where a `~` stays, and why: the tag it is in, by template (none today).
+CONCATENATION_KEPT: dict[str, list[str]] = {}
+CONCATENATION_CHECKED = sorted(TEMPLATE_DIR.rglob("*.j2"))
 
 
 def concatenations(text: str) -> list[str]:
