@@ -37,6 +37,9 @@ X_BLOCK = reference.X_BLOCK
 # Rows of x a micro-kernel multiplies with one decoded row of W: the largest that fits.
 MICRO_ROWS = (4, 2, 1)
 BYTE_VECTOR = 16  # codes a step in a run decoded with byte vectors
+# Values of a row of W decoded at a time (a multiple of the lanes' 256 values and of every
+# block): its codes and a micro-kernel's rows of x stay in L1 however long K is.
+K_CHUNK = 2048
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,7 @@ class Int8Knobs:
     micro_rows: tuple[int, ...]
     lanes: int
     k_step: int              # k is padded with zeros to whole steps of the lanes' quads
+    k_chunk: int             # values of a row of W decoded at a time
     quads_per_sub: int
     sub_index512: tuple[int, ...]  # an AVX-512 register's 16 quads: each one's sub-block
     sub_index256: tuple[int, ...]  # (from the first) where they span several; () if one
@@ -208,7 +212,8 @@ def lower(desc, target: str, arch: str, storage: dict):
         has_min=block.m is not None, lane_regs=simd.lane_regs, dot_variants=simd.dots,
         runtime_vnni=simd.runtime_vnni, scales_apart=block.scale is not None,
         **_field_vectors(g),
-        micro_rows=simd.micro_rows, lanes=LANES, k_step=LANES * QUAD, quads_per_sub=per_sub,
+        micro_rows=simd.micro_rows, lanes=LANES, k_step=LANES * QUAD, k_chunk=K_CHUNK,
+        quads_per_sub=per_sub,
         sub_index512=_sub_index(16, per_sub), sub_index256=_sub_index(8, per_sub),
         x_c_type=x.c_type, bias_c_type=bias[0].c_type if bias else "", x_load=x_load,
         bias_load=x_load if bias else "", y_store=CONVERT.get(desc.y_dtype, ("", ""))[1])
