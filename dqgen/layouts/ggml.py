@@ -14,6 +14,7 @@ from ..ir import GGML_BLOCK_BYTES, DType, GgmlDequantizeDescriptor, ggml_type_na
 from ..spec import Param, pointer
 from . import ggml_knobs
 from .ggml_blocks import LAYOUTS
+from .ggml_integers import int8_layout
 from .own_loop import float_helpers, own_loop_spec
 from .registry import FormatKind, LinearView, RowSlice, register
 
@@ -69,6 +70,12 @@ class GgmlKind(FormatKind):
             sizes={"blocks": (1, values, 1)}, k_multiple=values, cuda_value="ggml",
             decode=GgmlDequantizeDescriptor(0, qtype, DType.F32),
             sized=lambda n, k: GgmlDequantizeDescriptor(n * k // values, qtype, DType.F32))
+
+    def int8_block(self, desc):
+        return int8_layout(desc.layout)
+
+    def format_name(self, desc) -> str:
+        return ggml_type_name(desc.qtype)
 
     def array_shape(self, desc, param):
         return {"data": (desc.blocks, desc.block_bytes),

@@ -19,13 +19,14 @@ import numpy as np
 
 from .. import reference
 from ..errors import UnsupportedError
-from ..ir import DType, GgmlDequantizeDescriptor, Op, ggml_type_name
+from ..ir import DType, Op, ggml_type_name
 from ..spec import CONVERT, Param, pointer
 from . import ggml_knobs
 from .ggml_blocks import LAYOUTS
 from .ggml_integers import block_parts, int8_layout
 from .ggml_knobs import GgmlKnobs, Run
 from .own_loop import float_helpers, own_loop_spec
+from .registry import kind_of
 
 FORMULA = ("y[m, n] = F(sum64(fma(f32(d_w * d_x), P, acc)[, fma(f32(m_w * d_x), S, acc)]) "
            "+ bias[n]): P, S exact integer sums of a quad, x int8 in blocks of 32")
@@ -152,20 +153,19 @@ def int8_type_names() -> tuple[str, ...]:
 
 def reads(weight) -> bool:
     """Whether the int8 linear reads weights of the format descriptor ``weight``."""
-    return isinstance(weight, GgmlDequantizeDescriptor) and int8_layout(weight.layout) is not None
+    return kind_of(weight).int8_block(weight) is not None
 
 
 def weight_layout(weight):
     """The block layout of the format descriptor ``weight``, if the int8 linear reads it."""
-    if not reads(weight):
-        layout = getattr(weight, "layout", None)
-        named = (ggml_type_name(layout) if isinstance(weight, GgmlDequantizeDescriptor)
-                 else layout.value if layout is not None else type(weight).__name__)
+    kind = kind_of(weight)
+    block = kind.int8_block(weight)
+    if block is None:
         raise UnsupportedError(
-            f"compute='int8' does not read {named} weights; it reads GGML blocks whose values "
-            f"are int8 integers times a scale ({', '.join(int8_type_names())}); "
+            f"compute='int8' does not read {kind.format_name(weight)} weights; it reads GGML "
+            f"blocks whose values are int8 integers times a scale ({', '.join(int8_type_names())}); "
             "use compute='f32'")
-    return weight.layout, int8_layout(weight.layout)
+    return weight.layout, block
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,16 @@ class FormatKind:
         not yet)."""
         return None
 
+    def int8_block(self, desc):
+        """The block layout (``ggml_blocks.BlockLayout``) whose integers the int8 linear
+        multiplies, for a weight of ``desc``'s format (None: it does not read it)."""
+        return None
+
+    def format_name(self, desc) -> str:
+        """The name a user knows ``desc``'s format by, for messages."""
+        layout = getattr(desc, "layout", None)
+        return layout.value if layout is not None else type(desc).__name__
+
     def random_input(self, desc, name: str, shape: tuple[int, ...], rng) -> np.ndarray | None:
         """An input for ``dqgen verify`` that must hold valid values (an index table), or
         None where random bits of the array's dtype will do."""
