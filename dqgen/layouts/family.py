@@ -116,6 +116,9 @@ class PerGroupKind(FormatKind):
         """Run-time arguments beyond the shape a small problem sets (none here)."""
         return {}
 
+    def format_name(self, desc) -> str:
+        return f"per-group {desc.int_dtype.value} (group size {desc.group_size})"
+
     def linear_view(self, desc):
         # the family's dequantize with integer zero points (plain and packed); its
         # f32 kernel gives the value C(q - zp) * C(scale) before the output's rounding

@@ -263,7 +263,7 @@ def test_what_it_refuses_is_named():
     from dqgen.formats.weight import QuantizedWeight as QW
     family = QW.per_group(np.zeros((4, 64), np.int8), np.ones((4, 2), np.float32),
                           np.zeros((4, 2), np.int32), 32, "s8")
-    with pytest.raises(UnsupportedError, match="compute='int8' does not read"):
+    with pytest.raises(UnsupportedError, match="compute=.int8. does not read per-group s8"):
         linear(x, family, compute="int8")
 
 
