@@ -161,7 +161,7 @@ def _is_word(p: Plane) -> bool:
             and not p.spacing and p.bits * p.per_byte == 8)
 
 
-def _runs(name: str, f: Field, sub: int) -> tuple[tuple[Run, ...], tuple[Word, ...]]:
+def field_runs(name: str, f: Field, sub: int) -> tuple[tuple[Run, ...], tuple[Word, ...]]:
     """Cut the field at every border of a plane's byte runs and of the sub-blocks of
     ``sub`` elements (0: none), so each piece reads every plane at one shift from
     consecutive bytes."""
@@ -211,7 +211,7 @@ def _field_knobs(name: str, f: Field | None, with_offset: bool, sub: int) -> Fie
         raise ValueError(f"the planes of {name} leave elements unset")
     if f.codebook and f.offset:
         raise ValueError(f"{name}: an offset before a codebook lookup is not supported")
-    runs, words = _runs(name, f, sub)
+    runs, words = field_runs(name, f, sub)
     return FieldKnobs(name, f, f.offset if with_offset else 0, runs, words)
 
 
