@@ -25,7 +25,7 @@ SCHEDULE_KNOBS = frozenset({
     "register_q_kind", "group_lanes", "register_store_round", "table_max_bytes",
     "staged_load", "staged_load_f16c", "vector_bits", "vec_float", "vec_int", "vec_prefix",
     "vec_broadcast", "int_widen", "register_split", "half_path", "store_pairs",
-    "simd_headers", "tail_mask", "needs_f16", "needs_bf16"})
+    "simd_headers", "tail_mask", "needs_f16", "needs_bf16", "stores"})
 
 
 class CBackend(Backend):
