@@ -229,7 +229,7 @@ def check_compute(weight: QuantizedWeight | None, compute: str) -> None:
         raise InvalidProblemError(f"compute={compute!r} is not one of "
                                   f"{', '.join(map(repr, COMPUTES))}")
     if weight is not None and compute == "int8":
-        linear_int8.weight_layout(weight.descriptor)   # names a format it does not read
+        linear_int8.weight_view(weight.descriptor)   # names a format it does not read
 
 
 def compute_for(weight: QuantizedWeight, compute: str) -> str:

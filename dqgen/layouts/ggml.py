@@ -14,9 +14,10 @@ from ..ir import GGML_BLOCK_BYTES, DType, GgmlDequantizeDescriptor, ggml_type_na
 from ..spec import Param, pointer
 from . import ggml_knobs
 from .ggml_blocks import LAYOUTS
-from .ggml_integers import int8_layout
+from .ggml_integers import block_parts, int8_layout
+from .ggml_int8 import int8_ggml_knobs
 from .own_loop import float_helpers, own_loop_spec
-from .registry import FormatKind, LinearView, RowSlice, register
+from .registry import FormatKind, Int8View, LinearView, RowSlice, register
 
 
 def ggml_type_names() -> tuple[str, ...]:
@@ -71,11 +72,27 @@ class GgmlKind(FormatKind):
             decode=GgmlDequantizeDescriptor(0, qtype, DType.F32),
             sized=lambda n, k: GgmlDequantizeDescriptor(n * k // values, qtype, DType.F32))
 
-    def int8_block(self, desc):
-        return int8_layout(desc.layout)
+    def int8_view(self, desc):
+        block = int8_layout(desc.layout)
+        if block is None:
+            return None
+        sub = block.sub or block.values
+
+        def parts(arrays, n, k):
+            codes, scales, mins = block_parts(desc.layout, arrays["data"])
+            return (codes.reshape(n, k), scales.reshape(n, k // sub),
+                    None if mins is None else mins.reshape(n, k // sub))
+        return Int8View("c/int8_ggml.j2", int8_ggml_knobs(desc.layout, block), sub,
+                        block.m is not None, block.values, parts,
+                        f"GGML {ggml_type_name(desc.qtype)} blocks ({block.block_bytes} bytes, "
+                        f"{block.values} values)")
 
     def format_name(self, desc) -> str:
         return ggml_type_name(desc.qtype)
+
+    def int8_names(self) -> tuple[str, ...]:
+        names = (ggml_type_name(t) for t in LAYOUTS if int8_layout(t) is not None)
+        return (f"GGML blocks whose values are int8 integers times a scale ({', '.join(names)})",)
 
     def array_shape(self, desc, param):
         return {"data": (desc.blocks, desc.block_bytes),

@@ -100,6 +100,8 @@ class LinearDescriptor:
         if self.compute not in COMPUTES:
             raise InvalidProblemError(f"compute={self.compute!r} is not one of "
                                       f"{', '.join(map(repr, COMPUTES))}")
+        if self.compute == "int8":
+            linear_int8.check_k(self.weight, self.k)
         view = self.view
         if self.k % view.k_multiple:
             raise InvalidProblemError(
@@ -225,7 +227,7 @@ def _candidate(weight, x, bias: bool, transpose: bool, compute: str) -> LinearDe
     """One ``dqgen aot --op linear`` kernel; int8 for a weight it does not read is refused
     (and so skipped)."""
     if compute == "int8":
-        linear_int8.weight_layout(weight)
+        linear_int8.weight_view(weight)
     return LinearDescriptor(weight, 0, 0, 0, x, x, bias, transpose, compute)
 
 

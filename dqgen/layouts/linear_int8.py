@@ -4,10 +4,11 @@ AVX512-VNNI where the CPU has it, else AVX-512BW/AVX2 byte multiply-adds), each 
 products scaled and summed in f32 in a fixed order.
 
 As llama.cpp does for its types: x loses precision to its int8 codes (a relative error of
-about 1/254 of its block's largest value), the weight none. The weight's integers, scales
-and mins come from the format's block table (``ggml_integers`` reads the same in numpy);
-each row is decoded once into int8 codes and a scale (and min) a quad, then multiplied
-with every row of x. No thread count, ISA level or M changes a bit.
+about 1/254 of its block's largest value), the weight none. A format takes part through
+its kind's ``int8_view`` (GGML blocks, the per-group family): the C macros that decode a
+chunk of a row into int8 codes and a scale (and min) a run, and the same reading in numpy
+for the reference. Each chunk is decoded once, then multiplied with every row of x. No
+thread count, ISA level or M changes a bit.
 """
 
 from __future__ import annotations
@@ -18,15 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import reference
-from ..errors import UnsupportedError
-from ..ir import DType, Op, ggml_type_name
+from ..errors import InvalidProblemError, UnsupportedError
+from ..ir import DType, Op
 from ..spec import CONVERT, Param, pointer
-from . import ggml_knobs
-from .ggml_blocks import LAYOUTS
-from .ggml_integers import block_parts, int8_layout
-from .ggml_knobs import GgmlKnobs, Run
 from .own_loop import float_helpers, own_loop_spec
-from .registry import kind_of
+from .registry import kind_of, kinds
 
 FORMULA = ("y[m, n] = F(sum64(fma(f32(d_w * d_x), P, acc)[, fma(f32(m_w * d_x), S, acc)]) "
            "+ bias[n]): P, S exact integer sums of a quad, x int8 in blocks of 32")
@@ -37,9 +34,6 @@ QUAD = reference.QUAD
 X_BLOCK = reference.X_BLOCK
 # Rows of x a micro-kernel multiplies with one decoded row of W: the largest that fits.
 MICRO_ROWS = (4, 2, 1)
-# Codes a step in a run decoded with byte vectors: 32 where the run allows (16 where a
-# codebook is one 16-byte lookup).
-BYTE_VECTORS = (32, 16)
 # The decode asks for the bytes this far ahead: rows of W past the last-level cache are
 # read from memory faster than the hardware prefetcher alone brings them (Q8_0 [4096,
 # 14336] at M = 1: 3.0 -> 2.1 ms on one thread of an AMD EPYC).
@@ -47,16 +41,6 @@ PREFETCH_BYTES = 8192
 # Values of a row of W decoded at a time (a multiple of the lanes' 256 values and of every
 # block): its codes and a micro-kernel's rows of x stay in L1 however long K is.
 K_CHUNK = 2048
-
-
-@dataclass(frozen=True)
-class CodeRun:
-    """A run of the weight's integers (a ``Run`` of its q field, not cut at sub-blocks: the
-    codes take no scale): decoded ``width`` at a time in byte vectors, or (0) one at a
-    time."""
-
-    run: Run
-    width: int
 
 
 @dataclass(frozen=True)
@@ -89,29 +73,19 @@ AVX2_DOTS = (DotVariant("", "", False,
 
 @dataclass(frozen=True)
 class Int8Knobs:
-    """What ``linear_int8.c.j2`` prints: the block's decode (the GGML knobs: its d,
-    sub-block scales and mins, words) and its integers' runs, the field's sign bit, offset
-    and codebook, the micro-kernel rows, the SIMD kind and the conversions of x, bias, y."""
+    """What ``linear_int8.c.j2`` prints: the weight's decode (its view's template and
+    knobs, its input arrays, how far ahead it prefetches), the quads' sub-blocks, the
+    dot product's forms, registers and rows of x, and the conversions of x, bias and y."""
 
-    ggml: GgmlKnobs
-    type_name: str
-    code_runs: tuple[CodeRun, ...]
-    code_widths: tuple[int, ...]   # the byte vectors' widths the runs use
-    q_sign: int              # the integers' sign bit (0: unsigned)
-    vector_add: int          # byte vectors: C(q) = (raw ^ q_sign) + vector_add (mod 256)
-    q_offset: int            # one at a time: C(q) = post-processed value - q_offset
-    codebook: tuple[int, ...]  # the entries as bytes (mod 256)
-    scalar_codebook: bool    # a run decoded one value at a time reads the codebook
+    view: object             # registry.Int8View
+    decode: object           # its knobs, for its template
+    weight_inputs: tuple     # the weight's arrays (Params), in the kernel's order
+    sub: int
     has_min: bool
     lane_regs: int           # registers 16 f32 lanes take: 1 (AVX-512), 2 (AVX2), 0 (plain C)
     dot_variants: tuple[DotVariant, ...]
     runtime_vnni: bool       # pick the VNNI variant at run time
-    scales_apart: bool       # unpack sub-block scales in a call of its own (not inlined)
     prefetch_bytes: int      # how far ahead of the decode its bytes are asked for
-    vector_field_runs: tuple[Run, ...]   # runs of the scales and mins unpacked as vectors
-    field_vector_lengths: tuple[int, ...]
-    scale_vector: str        # a vector's scales from its f32 lanes fv (d * fv, ...)
-    min_vector: str          # and its mins (-(m * fv) or m * fv)
     micro_rows: tuple[int, ...]
     lanes: int
     k_step: int              # k is padded with zeros to whole steps of the lanes' quads
@@ -126,57 +100,39 @@ class Int8Knobs:
     y_store: str
 
 
-def _code_run(run: Run, codebook: bool) -> CodeRun:
-    plain = all(not s.word and not s.mul and s.unit == 1 for s in run.sources)
-    widths = [w for w in BYTE_VECTORS if plain and run.length % w == 0
-              and not (codebook and w > 16)]
-    return CodeRun(run, widths[0] if widths else 0)
-
-
-def _field_vectors(g: GgmlKnobs) -> dict:
-    """The runs of the sub-block scales and mins unpacked a whole run at once: 4, 8 or 16
-    elements whose every plane reads consecutive bytes at one shift, within a byte (a table
-    of scales is read one at a time), and the formulas of a vector, each operation rounded
-    as the one-at-a-time unpacking's (``ggml_sub_scale``)."""
-    def fits(run: Run) -> bool:
-        return run.length in (4, 8, 16) and all(
-            not s.word and not s.mul and s.unit == 1 and s.into + s.mask.bit_length() <= 8
-            for s in run.sources)
-    fields = [f for f in (g.scale if not g.scale_table else None, g.min) if f is not None]
-    runs = tuple(r for f in fields for r in f.runs if fits(r))
-    scale = (f"(d * ({g.scale_affine[0]!r}f + fv)) * {g.scale_affine[1]!r}f"
-             if g.scale_affine else "d * fv")
-    return {"vector_field_runs": runs,
-            "field_vector_lengths": tuple(sorted({r.length for r in runs})),
-            "scale_vector": scale, "min_vector": "-(m * fv)" if g.negate_min else "m * fv"}
-
-
 def _sub_index(quads: int, per_sub: int) -> tuple[int, ...]:
     """Each of a register's ``quads`` quads' sub-block, counted from the first's; () where
     one sub-block spans them all."""
     return tuple(j // per_sub for j in range(quads)) if per_sub < quads else ()
 
 
-def int8_type_names() -> tuple[str, ...]:
-    """The GGML types the int8 linear reads: values int8 integers times a sub-block scale."""
-    return tuple(ggml_type_name(t) for t in LAYOUTS if int8_layout(t) is not None)
+def readable_formats() -> tuple[str, ...]:
+    """What the int8 linear reads, for messages: each kind's own words."""
+    return tuple(name for kind in kinds() for name in kind.int8_names())
 
 
 def reads(weight) -> bool:
     """Whether the int8 linear reads weights of the format descriptor ``weight``."""
-    return kind_of(weight).int8_block(weight) is not None
+    return kind_of(weight).int8_view(weight) is not None
 
 
-def weight_layout(weight):
-    """The block layout of the format descriptor ``weight``, if the int8 linear reads it."""
+def weight_view(weight):
+    """The ``Int8View`` of the format descriptor ``weight``, if the int8 linear reads it."""
     kind = kind_of(weight)
-    block = kind.int8_block(weight)
-    if block is None:
+    view = kind.int8_view(weight)
+    if view is None:
         raise UnsupportedError(
-            f"compute='int8' does not read {kind.format_name(weight)} weights; it reads GGML "
-            f"blocks whose values are int8 integers times a scale ({', '.join(int8_type_names())}); "
-            "use compute='f32'")
-    return weight.layout, block
+            f"compute='int8' does not read {kind.format_name(weight)} weights; it reads "
+            f"{'; '.join(readable_formats())}; use compute='f32'")
+    return view
+
+
+def check_k(weight, k: int) -> None:
+    """K a whole number of the view's runs and of x's blocks."""
+    view = weight_view(weight)
+    if k % view.k_multiple:
+        raise InvalidProblemError(f"k={k} is not a multiple of {view.k_multiple}, which "
+                                  "compute='int8' needs for this weight")
 
 
 @dataclass(frozen=True)
@@ -204,54 +160,46 @@ def lower(desc, target: str, arch: str, storage: dict):
     if desc.transpose:
         raise UnsupportedError("compute='int8' makes y = x @ W.T only; x's gradient "
                                "(the transposed product) is compute='f32'")
-    layout, block = weight_layout(desc.weight)
-    g = ggml_knobs.knobs(layout, "c", DType.F32)
+    view = weight_view(desc.weight)
+    decode = kind_of(desc.weight).lower(desc.weight, target, arch, storage)
+    inputs = tuple(p for p in decode.params if p.role == "in")
     x = pointer("x", desc.x_dtype, "in", storage)
     bias = (pointer("bias", desc.x_dtype, "in", storage),) if desc.bias else ()
-    params = (pointer("data", DType.U8, "in", storage), x, *bias,
-              pointer("y", desc.y_dtype, "out", storage), Param("m", None, "scalar", "int64_t"),
-              Param("n", None, "scalar", "int64_t"), Param("k", None, "scalar", "int64_t"))
+    params = (*inputs, x, *bias, pointer("y", desc.y_dtype, "out", storage),
+              Param("m", None, "scalar", "int64_t"), Param("n", None, "scalar", "int64_t"),
+              Param("k", None, "scalar", "int64_t"))
     x_load = CONVERT.get(desc.x_dtype, ("", ""))[0]
     simd = _simd(arch)
-    runs = tuple(_code_run(r, bool(block.q.codebook))
-                 for r in ggml_knobs.field_runs("q", block.q, 0)[0])
-    per_sub = g.sub // QUAD
+    per_sub = view.sub // QUAD
     knobs = Int8Knobs(
-        ggml=g, type_name=ggml_type_name(layout), code_runs=runs, q_sign=block.q.sign,
-        vector_add=(-block.q.sign - block.q.offset) % 256, q_offset=block.q.offset,
-        codebook=tuple(v % 256 for v in block.q.codebook),
-        scalar_codebook=bool(block.q.codebook) and not all(r.width for r in runs),
-        code_widths=tuple(sorted({r.width for r in runs} - {0})),
-        has_min=block.m is not None, lane_regs=simd.lane_regs, dot_variants=simd.dots,
-        runtime_vnni=simd.runtime_vnni, scales_apart=block.scale is not None,
-        prefetch_bytes=PREFETCH_BYTES, **_field_vectors(g),
+        view=view, decode=view.knobs, weight_inputs=inputs, sub=view.sub,
+        has_min=view.has_min, lane_regs=simd.lane_regs, dot_variants=simd.dots,
+        runtime_vnni=simd.runtime_vnni, prefetch_bytes=PREFETCH_BYTES,
         micro_rows=simd.micro_rows, lanes=LANES, k_step=LANES * QUAD, k_chunk=K_CHUNK,
         quads_per_sub=per_sub,
         sub_index512=_sub_index(16, per_sub), sub_index256=_sub_index(8, per_sub),
         x_c_type=x.c_type, bias_c_type=bias[0].c_type if bias else "", x_load=x_load,
         bias_load=x_load if bias else "", y_store=CONVERT.get(desc.y_dtype, ("", ""))[1])
     helpers = float_helpers(desc, "load_f16_bits", *(h for h in (x_load,) if h))
+    ggml = getattr(view.knobs, "ggml", None)
     spec = own_loop_spec(desc, target, arch, storage, params, FORMULA,
                          float_helpers=helpers, template="linear_int8", layout_knobs=knobs,
-                         load_float="", block_bytes=block.block_bytes, ggml=g)
+                         load_float="", **({"ggml": ggml} if ggml is not None else {}))
     return dataclasses.replace(spec, op=Op.LINEAR, descriptor=(
         f"LinearDescriptor(weight={desc.weight.uri}, x_dtype={desc.x_dtype.value}, "
         f"y_dtype={desc.y_dtype.value}, bias={desc.bias}, compute=int8)"))
 
 
-def parts(desc, data) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+def parts(desc, arrays: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
     """The weight ``[n, k]`` as integers ``[n, k]``, scales and mins ``[n, k / sub]`` and
-    ``sub``, read from its blocks by ``ggml_integers``."""
-    layout, block = weight_layout(desc.weight)
-    codes, scales, mins = block_parts(layout, data)
-    sub = block.sub or block.values
-    n, k = desc.n, desc.k
-    return (codes.reshape(n, k), scales.reshape(n, k // sub),
-            None if mins is None else mins.reshape(n, k // sub), sub)
+    ``sub``, read in numpy by its view."""
+    view = weight_view(desc.weight)
+    codes, scales, mins = view.parts(arrays, desc.n, desc.k)
+    return codes, scales, mins, view.sub
 
 
 def oracle(desc, arrays: dict) -> np.ndarray:
-    codes, scales, mins, sub = parts(desc, arrays["data"])
+    codes, scales, mins, sub = parts(desc, arrays)
     bias = arrays.get("bias") if desc.bias else None
     return reference.linear_int8(arrays["x"], codes, scales, mins, sub, bias,
                                  desc.y_dtype.np_dtype)

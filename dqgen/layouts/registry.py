@@ -52,6 +52,23 @@ class LinearView:
     cuda_value: str = ""           # its per-element macro in cuda/values.j2 ("": C only)
 
 
+@dataclass(frozen=True)
+class Int8View:
+    """How the int8 linear (SPEC.md §9) reads a weight ``[N, K]`` of this format: as int8
+    integers with a scale (and a min) a run of ``sub`` values. ``template`` is the C macros
+    that decode a chunk of a row (``templates/c/int8_*.j2``) and ``knobs`` what they print;
+    ``parts(arrays, n, k)`` reads the same integers, scales and mins in numpy (the
+    reference's input); K must be a multiple of ``k_multiple``."""
+
+    template: str
+    knobs: object
+    sub: int
+    has_min: bool
+    k_multiple: int
+    parts: Callable[[dict, int, int], tuple]
+    name: str                      # the format, in the kernel's header comment
+
+
 class FormatKind:
     """One format's answers to the pipeline (subclasses override what applies)."""
 
@@ -114,10 +131,13 @@ class FormatKind:
         not yet)."""
         return None
 
-    def int8_block(self, desc):
-        """The block layout (``ggml_blocks.BlockLayout``) whose integers the int8 linear
-        multiplies, for a weight of ``desc``'s format (None: it does not read it)."""
+    def int8_view(self, desc) -> Int8View | None:
+        """How the int8 linear reads a weight of ``desc``'s format (None: it does not)."""
         return None
+
+    def int8_names(self) -> tuple[str, ...]:
+        """What of this kind the int8 linear reads, in a user's words (for messages)."""
+        return ()
 
     def format_name(self, desc) -> str:
         """The name a user knows ``desc``'s format by, for messages."""

@@ -196,6 +196,8 @@ TESTED_IN = {
                     "missing or misbehaving; its flags: core/test_render.py"),
     "build/nvrtc.py": ("cuda/test_cuda_infra.py", "the CUDA plumbing, NVRTC builds first"),
     "env.py": ("core/test_threads.py", "each DQGEN_* setting is tested where it acts"),
+    "layouts/ggml_int8.py": ("linear/test_linear_int8.py", "the int8 linear's GGML decode is "
+                             "checked bit for bit there, on every type it reads"),
     "formats/gguf_convert.py": ("formats/ggml/test_gguf_file.py", "GGUF files converted"),
     "formats/pack.py": ("formats/gptq_awq/test_formats_gptq_awq.py", "the GPTQ/AWQ writer of "
                         "the tests' checkpoints, read back bit for bit"),

@@ -64,7 +64,7 @@ def x_of(rng, m: int, k: int, dtype) -> np.ndarray:
 def expected(weight, x, bias, y_dtype):
     desc = LinearDescriptor(weight.descriptor, x.shape[0], *weight.shape, "f32", "f32",
                             compute="int8")
-    codes, scales, mins, sub = linear_int8.parts(desc, weight.arrays["data"])
+    codes, scales, mins, sub = linear_int8.parts(desc, weight.arrays)
     return reference.linear_int8(x, codes, scales, mins, sub, bias, y_dtype)
 
 
@@ -234,7 +234,7 @@ def test_reference_order_is_what_the_kernel_computes():
     x = x_of(rng, 4, 1024, np.float32)
     got = linear(x, weight, compute="int8")
     desc = LinearDescriptor(weight.descriptor, 4, 32, 1024, compute="int8")
-    codes, scales, mins, sub = linear_int8.parts(desc, weight.arrays["data"])
+    codes, scales, mins, sub = linear_int8.parts(desc, weight.arrays)
     sixteen = reference.linear_int8(x, codes, scales, mins, sub, None, np.float32, lanes=16)
     assert not np.array_equal(got, sixteen)
     assert_bits_equal(got, expected(weight, x, None, np.float32))

@@ -1,0 +1,90 @@
+"""How the int8 linear decodes a GGML row (``templates/c/int8_ggml.j2``): the block table's
+q field unpacked into int8 codes in byte vectors, its sub-block scales and mins into f32,
+from the same table the dequantize kernel reads (``ggml_integers`` reads it in numpy)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..ir import DType, Layout, ggml_type_name
+from . import ggml_knobs
+from .ggml_blocks import BlockLayout
+from .ggml_knobs import GgmlKnobs, Run
+
+# Codes a step in a run decoded with byte vectors: 32 where the run allows (16 where a
+# codebook is one 16-byte lookup).
+BYTE_VECTORS = (32, 16)
+
+
+@dataclass(frozen=True)
+class CodeRun:
+    """A run of the weight's integers (a ``Run`` of its q field, not cut at sub-blocks: the
+    codes take no scale): decoded ``width`` at a time in byte vectors, or (0) one at a
+    time."""
+
+    run: Run
+    width: int
+
+
+@dataclass(frozen=True)
+class GgmlInt8Knobs:
+    """What ``int8_ggml.j2`` prints: the GGML knobs (d, the sub-block scales and mins,
+    words), the integers' runs, their sign bit, offset and codebook, and the scale and min
+    runs unpacked as vectors."""
+
+    ggml: GgmlKnobs
+    type_name: str
+    block_bytes: int
+    code_runs: tuple[CodeRun, ...]
+    code_widths: tuple[int, ...]   # the byte vectors' widths the runs use
+    q_sign: int              # the integers' sign bit (0: unsigned)
+    vector_add: int          # byte vectors: C(q) = (raw ^ q_sign) + vector_add (mod 256)
+    q_offset: int            # one at a time: C(q) = post-processed value - q_offset
+    codebook: tuple[int, ...]  # the entries as bytes (mod 256)
+    scalar_codebook: bool    # a run decoded one value at a time reads the codebook
+    has_min: bool
+    scales_apart: bool       # unpack sub-block scales in a call of its own (not inlined)
+    vector_field_runs: tuple[Run, ...]   # runs of the scales and mins unpacked as vectors
+    field_vector_lengths: tuple[int, ...]
+    scale_vector: str        # a vector's scales from its f32 lanes fv (d * fv, ...)
+    min_vector: str          # and its mins (-(m * fv) or m * fv)
+
+
+def _code_run(run: Run, codebook: bool) -> CodeRun:
+    plain = all(not s.word and not s.mul and s.unit == 1 for s in run.sources)
+    widths = [w for w in BYTE_VECTORS if plain and run.length % w == 0
+              and not (codebook and w > 16)]
+    return CodeRun(run, widths[0] if widths else 0)
+
+
+def _field_vectors(g: GgmlKnobs) -> dict:
+    """The runs of the sub-block scales and mins unpacked a whole run at once: 4, 8 or 16
+    elements whose every plane reads consecutive bytes at one shift, within a byte (a table
+    of scales is read one at a time), and the formulas of a vector, each operation rounded
+    as the one-at-a-time unpacking's (``ggml_sub_scale``)."""
+    def fits(run: Run) -> bool:
+        return run.length in (4, 8, 16) and all(
+            not s.word and not s.mul and s.unit == 1 and s.into + s.mask.bit_length() <= 8
+            for s in run.sources)
+    fields = [f for f in (g.scale if not g.scale_table else None, g.min) if f is not None]
+    runs = tuple(r for f in fields for r in f.runs if fits(r))
+    scale = (f"(d * ({g.scale_affine[0]!r}f + fv)) * {g.scale_affine[1]!r}f"
+             if g.scale_affine else "d * fv")
+    return {"vector_field_runs": runs,
+            "field_vector_lengths": tuple(sorted({r.length for r in runs})),
+            "scale_vector": scale, "min_vector": "-(m * fv)" if g.negate_min else "m * fv"}
+
+
+def int8_ggml_knobs(layout: Layout, block: BlockLayout) -> GgmlInt8Knobs:
+    """The knobs of ``layout``'s int8 decode (``block`` its table entry)."""
+    g = ggml_knobs.knobs(layout, "c", DType.F32)
+    runs = tuple(_code_run(r, bool(block.q.codebook))
+                 for r in ggml_knobs.field_runs("q", block.q, 0)[0])
+    return GgmlInt8Knobs(
+        ggml=g, type_name=ggml_type_name(layout), block_bytes=block.block_bytes,
+        code_runs=runs, code_widths=tuple(sorted({r.width for r in runs} - {0})),
+        q_sign=block.q.sign, vector_add=(-block.q.sign - block.q.offset) % 256,
+        q_offset=block.q.offset, codebook=tuple(v % 256 for v in block.q.codebook),
+        scalar_codebook=bool(block.q.codebook) and not all(r.width for r in runs),
+        has_min=block.m is not None, scales_apart=block.scale is not None,
+        **_field_vectors(g))
