@@ -13,8 +13,10 @@ from ..ir import (DESCRIPTORS, DequantizePerGroupBackwardDescriptor, DequantizeP
                   DType, Op, PerGroupDescriptor, QuantizePerGroupBackwardDescriptor,
                   QuantizePerGroupDescriptor, check_int)
 from ..spec import Param
+from .family_int8 import FamilyInt8Knobs, family_int8_parts
+from .linear_int8 import K_CHUNK
 from .per_group import lower_per_group
-from .registry import FormatKind, LinearView, RowSlice, register
+from .registry import FormatKind, Int8View, LinearView, RowSlice, register
 
 # Command-line op names of the family and the descriptor each one builds.
 OPS = {
@@ -115,6 +117,25 @@ class PerGroupKind(FormatKind):
     def extra_sizes(self, desc) -> dict:
         """Run-time arguments beyond the shape a small problem sets (none here)."""
         return {}
+
+    def int8_view(self, desc):
+        # groups of a power of two from 16 values to a decoded chunk: whole quads, whole
+        # groups a chunk
+        g, i = desc.group_size, desc.int_dtype
+        if type(desc) is not DequantizePerGroupDescriptor or g < 16 or g & (g - 1) \
+                or K_CHUNK % g:
+            return None
+        knobs = FamilyInt8Knobs(packed=i.is_packed, signed_nibbles=i is DType.S4,
+                                zero_bias=128 if i is DType.U8 else 0,
+                                per_byte=2 if i.is_packed else 1)
+        return Int8View("c/int8_family.j2", knobs, g, True, max(g, 32),
+                        lambda arrays, n, k: family_int8_parts(desc, knobs, arrays, n, k),
+                        f"per-group {i.value} values (groups of {g} along k, an f32 scale and "
+                        "an int32 zero point each)")
+
+    def int8_names(self) -> tuple[str, ...]:
+        return ("the per-group family (s8, u8, u4, s4; GPTQ and AWQ repacked) with groups of "
+                "16 to 2048 values, a power of two",)
 
     def format_name(self, desc) -> str:
         return f"per-group {desc.int_dtype.value} (group size {desc.group_size})"

@@ -260,11 +260,10 @@ def test_what_it_refuses_is_named():
     with pytest.raises(UnsupportedError, match="transposed product.*compute='f32'"):
         FormatPlan.select(LinearDescriptor(weight.descriptor, 1, 4, 64, transpose=True,
                                            compute="int8"))
-    from dqgen.formats.weight import QuantizedWeight as QW
-    family = QW.per_group(np.zeros((4, 64), np.int8), np.ones((4, 2), np.float32),
-                          np.zeros((4, 2), np.int32), 32, "s8")
-    with pytest.raises(UnsupportedError, match="compute=.int8. does not read per-group s8"):
-        linear(x, family, compute="int8")
+    fp8 = QuantizedWeight.fp8(np.zeros((4, 64), np.uint8), np.ones((1, 1), np.float32),
+                              (128, 128), fp8="e4m3")
+    with pytest.raises(UnsupportedError, match="compute='int8' does not read .*fp8.* weights"):
+        linear(x, fp8, compute="int8")
 
 
 def test_cuda_is_refused_by_name():
@@ -284,6 +283,75 @@ def test_one_kernel_serves_every_shape_and_the_text_is_deterministic():
     assert len(texts) == 1
     text = texts.pop()
     assert "compute=int8" in text and "300" not in text and "4352" not in text
+
+
+# ------------------------------------------------------------------ the per-group family
+
+FAMILY = ("u4", "s4", "s8", "u8")
+
+
+def family_of(rng, storage: str, n: int, k: int, g: int) -> QuantizedWeight:
+    """The family's weight with zero points across and past its integers' range."""
+    packed = storage in ("u4", "s4")
+    lo, hi = {"s8": (-128, 128), "u8": (0, 256), "u4": (0, 16), "s4": (-8, 8)}[storage]
+    values = rng.integers(lo, hi, (n, k))
+    if packed:
+        v = values & 15
+        q = (v[:, 0::2] | (v[:, 1::2] << 4)).astype(np.uint8)
+    else:
+        q = values.astype(np.int8 if storage == "s8" else np.uint8)
+    scale = (rng.random((n, k // g)) * 0.02).astype(np.float32)
+    zp = rng.integers(-300, 300, (n, k // g)).astype(np.int32)
+    return QuantizedWeight.per_group(q, scale, zp, g, storage)
+
+
+@pytest.mark.parametrize("storage", FAMILY)
+def test_family_codes_recombine_to_the_dequantized_values(storage):
+    """(code - (zero_point - bias)) * scale, rounded once, is the family's dequantized value:
+    the codes are the stored integers in the kernel's order (u4/s4 low nibble first)."""
+    rng = np.random.default_rng(len(storage))
+    weight = family_of(rng, storage, 6, 256, 32)
+    desc = LinearDescriptor(weight.descriptor, 1, 6, 256, compute="int8")
+    codes, scales, mins, sub = linear_int8.parts(desc, weight.arrays)
+    zero = weight.arrays["zero_point"].astype(np.int64) - (128 if storage == "u8" else 0)
+    diff = codes.astype(np.int64) - np.repeat(zero, sub, axis=1)
+    w = (diff.astype(np.float32) * np.repeat(scales, sub, axis=1)).astype(np.float32)
+    assert_bits_equal(w, weight.dequantize("f32"))
+    assert_bits_equal(mins, -(scales * zero.astype(np.float32)))
+
+
+@pytest.mark.parametrize("g", [16, 32, 128])
+@pytest.mark.parametrize("storage", FAMILY)
+def test_family_bit_exact(storage, g):
+    rng = np.random.default_rng(g + len(storage))
+    weight = family_of(rng, storage, 21, 4096 + 2 * max(g, 32), g)   # past a decoded chunk
+    bias = rng.standard_normal(21).astype(ml_dtypes.bfloat16)
+    for m in (1, 3, 8):
+        x = x_of(rng, m, weight.shape[1], ml_dtypes.bfloat16)
+        b = bias if m == 3 else None
+        assert_bits_equal(linear(x, weight, b, compute="int8"),
+                          expected(weight, x, b, ml_dtypes.bfloat16))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_family_every_isa(isa):
+    rng = np.random.default_rng(8)
+    for storage in ("u4", "u8"):
+        weight = family_of(rng, storage, 11, 640, 64)
+        x = x_of(rng, 5, 640, np.float32)
+        desc = LinearDescriptor(weight.descriptor, 5, 11, 640, compute="int8")
+        plan = FormatPlan.select(desc, preference=PlanPreference(isa=isa))
+        y = np.empty((5, 11), np.float32)
+        plan.run({**weight.arrays, "x": x, "y": y})
+        assert_bits_equal(y, expected(weight, x, None, np.float32))
+
+
+def test_family_groups_and_k_it_refuses_are_named():
+    rng = np.random.default_rng(0)
+    with pytest.raises(UnsupportedError, match="per-group u4 .group size 24. weights.*power of two"):
+        linear(np.zeros((1, 96), np.float32), family_of(rng, "u4", 2, 96, 24), compute="int8")
+    with pytest.raises(InvalidProblemError, match="k=48 is not a multiple of 32"):
+        linear(np.zeros((1, 48), np.float32), family_of(rng, "s8", 2, 48, 16), compute="int8")
 
 
 # ----------------------------------------------------------------------------- PyTorch
