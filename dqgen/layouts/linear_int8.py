@@ -108,7 +108,7 @@ def _sub_index(quads: int, per_sub: int) -> tuple[int, ...]:
 
 def readable_formats() -> tuple[str, ...]:
     """What the int8 linear reads, for messages: each kind's own words."""
-    return tuple(name for kind in kinds() for name in kind.int8_names())
+    return tuple(dict.fromkeys(name for kind in kinds() for name in kind.int8_names()))
 
 
 def reads(weight) -> bool:
