@@ -10,7 +10,8 @@ in one run.
    (128 x 128 blocks): weight bytes a second of a reused linear plan (what ``linear``
    runs) against ``tools/stream_read.c``, a read-only stream over a buffer of the weight's
    size (a sum of 64-bit words, built with dqgen's compiler and flags, the same OpenMP
-   threads), on one thread and on all; the GGML types also with ``compute="int8"``.
+   threads), on one thread and on all; also with ``compute="int8"`` where it reads the
+   weight (all but FP8).
 2. llama.cpp's own CPU ``MUL_MAT`` (``tests/test-backend-ops perf``) for the GGML types at
    ``M = 1`` and 8, on the shapes its built-in perf cases have (W [4096, 14336] for every
    type, Q4_K also [4096, 4096] and [14336, 4096]), on the same thread counts: the program
@@ -377,7 +378,7 @@ def bench_m1(shapes, thread_counts, repeat: int, noise: Noise, stream: ReadStrea
                 call()
                 check_linear(bw, x, y, f"{fmt} {list(shape)} M=1 on {threads} threads")
                 calls = {"dqgen": call, "stream": stream.bind(buf, threads)}
-                if fmt in GGML_TYPES:
+                if linear_int8.reads(w.descriptor):
                     calls["int8"], y8 = linear_call(w, 1, threads, x, "int8")
                     calls["int8"]()
                     check_linear_int8(bw, x, y8, f"{fmt} {list(shape)} M=1 int8")
