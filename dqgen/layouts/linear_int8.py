@@ -57,18 +57,21 @@ class DotVariant:
 
 # AVX-512 levels: VNNI where the CPU has it (checked once a call), else AVX-512BW; both
 # give the same exact integers.
-AVX512_DOTS = (
-    DotVariant("_vnni", '__attribute__((target("avx512vnni"))) ', True,
-               "AVX512-VNNI: |C(q)| (unsigned) times x's codes\n * signed as C(q), four "
-               "products an int32 lane: exact."),
-    DotVariant("_bw", "", False,
-               "AVX-512BW: |C(q)| (unsigned) times x's codes\n * signed as C(q), "
-               "pairs then pairs of pairs (at most 2 * 128 * 127, no saturation): exact."))
-PLAIN_DOTS = (DotVariant("", "", False, "The products in int32, exact."),)
-AVX2_DOTS = (DotVariant("", "", False,
+VNNI_DOT = DotVariant("_vnni", '__attribute__((target("avx512vnni"))) ', True,
+                        "AVX512-VNNI: |C(q)| (unsigned) times x's codes\n * signed as C(q), "
+                        "four products an int32 lane: exact.")
+AVX512_DOT = DotVariant("_bw", "", False,
+                          "AVX-512BW: |C(q)| (unsigned) times x's codes\n * signed as C(q), "
+                          "pairs then pairs of pairs (at most 2 * 128 * 127, no saturation): "
+                          "exact.")
+# The ISA levels whose CPUs all have AVX512-VNNI (BF16 came after it: Cooper Lake, Zen 4,
+# Sapphire Rapids); plain avx512 (Skylake-X) multiplies bytes with AVX-512BW.
+VNNI_LEVELS = ("avx512_bf16", "avx512_fp16")
+PLAIN_DOT = DotVariant("", "", False, "The products in int32, exact.")
+AVX2_DOT = DotVariant("", "", False,
                         "AVX2: |C(q)| (unsigned) times x's codes signed as\n * C(q), pairs "
                         "then pairs of pairs (at most 2 * 128 * 127, no saturation): exact;\n"
-                        " * lanes 0-7 and 8-15 in two registers."),)
+                        " * lanes in registers of eight.")
 
 
 @dataclass(frozen=True)
@@ -83,8 +86,7 @@ class Int8Knobs:
     sub: int
     has_min: bool
     lane_regs: int           # registers 16 f32 lanes take: 1 (AVX-512), 2 (AVX2), 0 (plain C)
-    dot_variants: tuple[DotVariant, ...]
-    runtime_vnni: bool       # pick the VNNI variant at run time
+    dot: DotVariant          # the dot product's form on this ISA level
     prefetch_bytes: int      # how far ahead of the decode its bytes are asked for
     micro_rows: tuple[int, ...]
     lanes: int
@@ -138,19 +140,20 @@ def check_k(weight, k: int) -> None:
 @dataclass(frozen=True)
 class _Simd:
     lane_regs: int
-    dots: tuple[DotVariant, ...]
+    dot: DotVariant
     micro_rows: tuple[int, ...]
-    runtime_vnni: bool
 
 
 def _simd(arch: str) -> _Simd:
     """The dot product's registers, forms and rows of x at once on ISA level ``arch`` (AVX2
     keeps one row: eight 8-lane sums a row fill half its sixteen registers)."""
+    if arch in VNNI_LEVELS:
+        return _Simd(1, VNNI_DOT, MICRO_ROWS)
     if arch.startswith("avx512"):
-        return _Simd(1, AVX512_DOTS, MICRO_ROWS, True)
+        return _Simd(1, AVX512_DOT, MICRO_ROWS)
     if arch == "avx2":
-        return _Simd(2, AVX2_DOTS, (1,), False)
-    return _Simd(0, PLAIN_DOTS, (1,), False)
+        return _Simd(2, AVX2_DOT, (1,))
+    return _Simd(0, PLAIN_DOT, (1,))
 
 
 def lower(desc, target: str, arch: str, storage: dict):
@@ -173,8 +176,8 @@ def lower(desc, target: str, arch: str, storage: dict):
     per_sub = view.sub // QUAD
     knobs = Int8Knobs(
         view=view, decode=view.knobs, weight_inputs=inputs, sub=view.sub,
-        has_min=view.has_min, lane_regs=simd.lane_regs, dot_variants=simd.dots,
-        runtime_vnni=simd.runtime_vnni, prefetch_bytes=PREFETCH_BYTES,
+        has_min=view.has_min, lane_regs=simd.lane_regs, dot=simd.dot,
+        prefetch_bytes=PREFETCH_BYTES,
         micro_rows=simd.micro_rows, lanes=LANES, k_step=LANES * QUAD, k_chunk=K_CHUNK,
         quads_per_sub=per_sub,
         sub_index512=_sub_index(16, per_sub), sub_index256=_sub_index(8, per_sub),
