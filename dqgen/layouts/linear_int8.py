@@ -1,6 +1,6 @@
 """The int8 linear (``compute="int8"``, SPEC.md §9): x quantized to int8 in blocks of 32
 along K, the weight's own integers multiplied with it exactly (integer dot products:
-AVX512-VNNI where the CPU has it, else AVX-512BW/AVX2 byte multiply-adds), each quad of
+AVX512-VNNI on the levels whose CPUs have it, else AVX-512BW/AVX2 byte multiply-adds), each quad of
 products scaled and summed in f32 in a fixed order.
 
 As llama.cpp does for its types: x loses precision to its int8 codes (a relative error of
@@ -55,8 +55,7 @@ class DotVariant:
     comment: str
 
 
-# AVX-512 levels: VNNI where the CPU has it (checked once a call), else AVX-512BW; both
-# give the same exact integers.
+# The forms of the dot product; all give the same exact integers.
 VNNI_DOT = DotVariant("_vnni", '__attribute__((target("avx512vnni"))) ', True,
                         "AVX512-VNNI: |C(q)| (unsigned) times x's codes\n * signed as C(q), "
                         "four products an int32 lane: exact.")
