@@ -1,7 +1,7 @@
 """The int8 linear (``compute="int8"``, SPEC.md §9): x quantized to int8 in blocks of 32
 along K, the weight's own integers multiplied with it exactly (integer dot products:
-AVX512-VNNI on the levels whose CPUs have it, else AVX-512BW/AVX2 byte multiply-adds), each quad of
-products scaled and summed in f32 in a fixed order.
+AVX512-VNNI on the levels whose CPUs have it, else AVX-512BW/AVX2 byte multiply-adds),
+each quad of products scaled and summed in f32 in a fixed order.
 
 As llama.cpp does for its types: x loses precision to its int8 codes (a relative error of
 about 1/254 of its block's largest value), the weight none. A format takes part through
