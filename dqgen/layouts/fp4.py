@@ -290,7 +290,8 @@ class Fp4Kind(FormatKind):
         same = dict(experts=1, fp4=desc.fp4, checkpoint_format=desc.checkpoint_format,
                     float_dtype=DType.F32)
         return LinearView(slices=slices, sizes={"experts": (0, 1), "rows": (0, 1), "cols": (1, 1)},
-                          k_multiple=p.block, decode=Fp4DequantizeDescriptor(0, 0, **same),
+                          k_multiple=p.block, cuda_value="fp4",
+                          decode=Fp4DequantizeDescriptor(0, 0, **same),
                           sized=lambda n, k: Fp4DequantizeDescriptor(n, k, **same))
 
     def aot_candidates(self, op, value):

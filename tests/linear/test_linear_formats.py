@@ -260,7 +260,8 @@ def test_a_cuda_array_is_refused_by_name():
         readers.int8_weight(DeviceArray(), np.ones(2, np.float32))
 
 
-@pytest.mark.parametrize("name", ["bnb4_nf4", "bnb4_nf4_dq", "int8", "mlx_f16", "hqq4_f16"])
+@pytest.mark.parametrize("name", ["bnb4_nf4", "bnb4_nf4_dq", "int8", "mlx_f16", "hqq4_f16",
+                                  "nvfp4_modelopt", "nvfp4_ct", "mxfp4_ct"])
 def test_cuda_text_in_emulation(name, tmp_path):
     """The CUDA linear reads these weights through their kernels' own per-element CUDA
     code (cuda/values.j2) and equals the reference in host emulation."""
@@ -277,6 +278,25 @@ def test_cuda_text_in_emulation(name, tmp_path):
     y = np.zeros((2, n), np.float32)
     run_emulated(desc, [*weight.arrays.values(), x, y], [2, n, k], y.size, tmp_path)
     assert_bits_equal(y, expected(weight, x, None, np.float32))
+
+
+def test_nvrtc_compiles_the_fp4_cuda_linear():
+    """The FP4 formats' CUDA linear (their values from cuda/values.j2's fp4 macro, its
+    scale the FP4 kernel's own) compiles with NVRTC, both products."""
+    from dqgen.build import nvrtc
+    from dqgen.layouts.linear import LinearDescriptor
+    from dqgen.lower import lower
+    from dqgen.render import render
+    if not nvrtc.nvrtc_available():
+        pytest.skip("NVRTC is not installed")
+    for name in ("nvfp4_modelopt", "mxfp4_ct"):
+        weight, _ = WEIGHTS[name]()
+        for transpose in (False, True):
+            desc = LinearDescriptor(weight.descriptor, 0, 0, 0, "bf16", bias=not transpose,
+                                    transpose=transpose)
+            source = render(lower(desc, "cuda", "sm_90"))
+            assert source.entry.encode() in nvrtc.compile_cuda(source.text, name=desc.uri,
+                                                               arch="sm_90").ptx
 
 
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
