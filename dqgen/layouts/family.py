@@ -13,7 +13,7 @@ from ..ir import (DESCRIPTORS, DequantizePerGroupBackwardDescriptor, DequantizeP
                   DType, Op, PerGroupDescriptor, QuantizePerGroupBackwardDescriptor,
                   QuantizePerGroupDescriptor, check_int)
 from ..spec import Param
-from .family_int8 import FamilyInt8Knobs, family_int8_parts
+from .family_int8 import family_int8_parts, int8_knobs
 from .linear_int8 import K_CHUNK
 from .per_group import lower_per_group
 from .registry import FormatKind, Int8View, LinearView, RowSlice, register
@@ -63,6 +63,19 @@ def stored_values(desc, q: np.ndarray) -> np.ndarray:
     """The integer values of ``q`` as int64, unpacked where the storage is packed."""
     t = desc.int_dtype
     return unpack_nibbles(q, t is DType.S4) if t.is_packed else q.astype(np.int64)
+
+
+def int8_group_view(desc, knobs, scales: str):
+    """The int8 linear's view of a per-group weight ``desc`` read as ``knobs`` say, or None
+    where its groups are not a power of two from 16 values to a decoded chunk (whole quads,
+    whole groups a chunk)."""
+    g = desc.group_size
+    if g < 16 or g & (g - 1) or K_CHUNK % g:
+        return None
+    return Int8View("c/int8_family.j2", knobs, g, True, max(g, 32),
+                    lambda arrays, n, k: family_int8_parts(desc, knobs, arrays, n, k),
+                    f"{desc.int_dtype.value} values in groups of {g} along k, {scales} each",
+                    (knobs.scale_load,) if knobs.scale_load else ())
 
 
 class PerGroupKind(FormatKind):
@@ -119,19 +132,11 @@ class PerGroupKind(FormatKind):
         return {}
 
     def int8_view(self, desc):
-        # groups of a power of two from 16 values to a decoded chunk: whole quads, whole
-        # groups a chunk
-        g, i = desc.group_size, desc.int_dtype
-        if type(desc) is not DequantizePerGroupDescriptor or g < 16 or g & (g - 1) \
-                or K_CHUNK % g:
+        if type(desc) is not DequantizePerGroupDescriptor:
             return None
-        knobs = FamilyInt8Knobs(packed=i.is_packed, signed_nibbles=i is DType.S4,
-                                zero_bias=128 if i is DType.U8 else 0,
-                                per_byte=2 if i.is_packed else 1)
-        return Int8View("c/int8_family.j2", knobs, g, True, max(g, 32),
-                        lambda arrays, n, k: family_int8_parts(desc, knobs, arrays, n, k),
-                        f"per-group {i.value} values (groups of {g} along k, an f32 scale and "
-                        "an int32 zero point each)")
+        i = desc.int_dtype
+        return int8_group_view(desc, int8_knobs(i, -128 if i is DType.U8 else 0, False, ""),
+                               "an f32 scale and an int32 zero point")
 
     def int8_names(self) -> tuple[str, ...]:
         return ("the per-group family (s8, u8, u4, s4; GPTQ and AWQ repacked) with groups of "

@@ -9,7 +9,9 @@ import numpy as np
 
 from .. import reference
 from ..ir import DequantizeFloatZeroDescriptor, DType
-from .family import PerGroupKind, stored_values
+from ..spec import CONVERT
+from .family import PerGroupKind, int8_group_view, stored_values
+from .family_int8 import int8_knobs
 from .registry import FormatKind, LinearView, RowSlice, register
 
 
@@ -47,6 +49,21 @@ class FloatZeroKind(PerGroupKind):
             k_multiple=g * packed // int(np.gcd(g, packed)),
             decode=DequantizeFloatZeroDescriptor(0, 0, g, **same),
             sized=lambda n, k: DequantizeFloatZeroDescriptor(n, k, g, **same))
+
+    def int8_view(self, desc):
+        # codes q - mid: an integer mid, and q - mid within int8
+        i, f, mid = desc.int_dtype, desc.float_dtype, desc.mid
+        lo, hi = {DType.U4: (0, 15), DType.S4: (-8, 7), DType.U8: (0, 255),
+                  DType.S8: (-128, 127)}[i]
+        if f is DType.F64 or mid != int(mid) or lo - mid < -128 or hi - mid > 127:
+            return None
+        load = CONVERT.get(f, ("", ""))[0]
+        return int8_group_view(desc, int8_knobs(i, -int(mid), True, load),
+                               f"a {f.value} scale and zero point")
+
+    def int8_names(self) -> tuple[str, ...]:
+        return ("float zero points (torchao's, tinygemm's) with an integer mid, groups of 16 "
+                "to 2048 values, a power of two",)
 
     def oracle(self, desc, arrays: dict) -> np.ndarray:
         f = desc.float_dtype.np_dtype

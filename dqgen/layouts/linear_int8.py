@@ -182,7 +182,8 @@ def lower(desc, target: str, arch: str, storage: dict):
         sub_index512=_sub_index(16, per_sub), sub_index256=_sub_index(8, per_sub),
         x_c_type=x.c_type, bias_c_type=bias[0].c_type if bias else "", x_load=x_load,
         bias_load=x_load if bias else "", y_store=CONVERT.get(desc.y_dtype, ("", ""))[1])
-    helpers = float_helpers(desc, "load_f16_bits", *(h for h in (x_load,) if h))
+    helpers = float_helpers(desc, "load_f16_bits", *(h for h in (x_load,) if h),
+                            *view.helpers)
     ggml = getattr(view.knobs, "ggml", None)
     spec = own_loop_spec(desc, target, arch, storage, params, FORMULA,
                          float_helpers=helpers, template="linear_int8", layout_knobs=knobs,

@@ -67,6 +67,7 @@ class Int8View:
     k_multiple: int
     parts: Callable[[dict, int, int], tuple]
     name: str                      # the format, in the kernel's header comment
+    helpers: tuple[str, ...] = ()  # conversions its decode calls (convert.j2's)
 
 
 class FormatKind:

@@ -354,6 +354,63 @@ def test_family_groups_and_k_it_refuses_are_named():
         linear(np.zeros((1, 48), np.float32), family_of(rng, "s8", 2, 48, 16), compute="int8")
 
 
+# ------------------------------------------------------------------- float zero points
+
+def floatzp_of(rng, storage: str, n: int, k: int, g: int, float_name: str, q_min=None,
+               q_max=None) -> QuantizedWeight:
+    from dqgen.ir import DequantizeFloatZeroDescriptor
+    f = DTYPES[float_name]
+    lo, hi = {"u4": (0, 16), "s4": (-8, 8), "u8": (0, 256)}[storage]
+    values = rng.integers(lo, hi, (n, k))
+    if storage in ("u4", "s4"):
+        v = values & 15
+        q = (v[:, 0::2] | (v[:, 1::2] << 4)).astype(np.uint8)
+    else:
+        q = values.astype(np.uint8)
+    scale = (rng.random((n, k // g)) * 0.1).astype(f)
+    zero = rng.standard_normal((n, k // g)).astype(f)
+    desc = DequantizeFloatZeroDescriptor(0, 0, g, float_name, storage, q_min, q_max)
+    return QuantizedWeight(desc, {"q": q, "scale": scale, "zero_point": zero}, (n, k))
+
+
+@pytest.mark.parametrize("storage", ["u4", "s4", "u8"])
+def test_float_zero_points_codes_are_q_minus_mid(storage):
+    """codes + mid are the stored integers, the scales and mins the stored scale and zero
+    point widened: the parts of F(F(F(q - mid) * s) + z)."""
+    from dqgen.layouts.family import stored_values
+    rng = np.random.default_rng(3)
+    weight = floatzp_of(rng, storage, 5, 256, 64, "bf16")
+    desc = LinearDescriptor(weight.descriptor, 1, 5, 256, "bf16", compute="int8")
+    codes, scales, mins, sub = linear_int8.parts(desc, weight.arrays)
+    mid = weight.descriptor.mid
+    assert np.array_equal(codes.astype(np.int64) + int(mid),
+                          stored_values(weight.descriptor, weight.arrays["q"]))
+    assert_bits_equal(scales, weight.arrays["scale"].astype(np.float32))
+    assert_bits_equal(mins, weight.arrays["zero_point"].astype(np.float32))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_float_zero_points_bit_exact(isa):
+    rng = np.random.default_rng(6)
+    for storage, float_name, g in (("u4", "bf16", 128), ("s4", "f16", 32), ("u8", "bf16", 16)):
+        weight = floatzp_of(rng, storage, 13, 2048 + 512, g, float_name)
+        for m in (1, 6):
+            x = x_of(rng, m, weight.shape[1], DTYPES[float_name])
+            desc = LinearDescriptor(weight.descriptor, m, 13, weight.shape[1], float_name,
+                                    compute="int8")
+            plan = FormatPlan.select(desc, preference=PlanPreference(isa=isa))
+            y = np.empty((m, 13), DTYPES[float_name])
+            plan.run({**weight.arrays, "x": x, "y": y})
+            assert_bits_equal(y, expected(weight, x, None, DTYPES[float_name]))
+
+
+def test_float_zero_points_with_a_fractional_mid_are_refused():
+    rng = np.random.default_rng(0)
+    weight = floatzp_of(rng, "u4", 2, 64, 32, "bf16", q_min=0, q_max=14)   # mid 7.5
+    with pytest.raises(UnsupportedError, match="compute='int8' does not read"):
+        linear(np.zeros((1, 64), ml_dtypes.bfloat16), weight, compute="int8")
+
+
 # ----------------------------------------------------------------------------- PyTorch
 
 def test_quant_linear_forward_gradient_compile_and_opcheck():
