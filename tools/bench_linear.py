@@ -23,9 +23,9 @@ in one run.
 3. The fixed cost of a call on a [1, 128] Q8_0 weight: ``QuantLinear.forward``,
    ``linear(x, w, out=y)``, ``linear(x, w)`` and the reused plan's ``run``.
 4. An int4 group-128 [4096, 4096] weight at ``M`` = 1, 8, 64, 512, x in f32 and bf16:
-   ``linear`` against torch's ``_weight_int4pack_mm_for_cpu`` (torchao's int4 CPU path)
-   on the same weight, dqgen's dequantize then ``torch.matmul``, and ``torch.matmul`` on
-   the float weight.
+   ``linear`` (f32, and ``compute="int8"``) against torch's ``_weight_int4pack_mm_for_cpu``
+   (torchao's int4 CPU path) on the same weight, dqgen's dequantize then ``torch.matmul``,
+   and ``torch.matmul`` on the float weight.
 
 Times are medians of repetitions interleaved in a shuffled order (``bench_timing``), each
 the mean of a few back-to-back calls after an untimed one: the steady state of a layer
@@ -668,7 +668,10 @@ def bench_int4(shape, ms, threads: int, repeat: int, noise: Noise) -> tuple[list
             dq, y = linear_call(w, m, threads, x)
             dq()
             check_linear(bw, x, y, f"int4 {name} M={m}")
-            calls = {"dqgen": dq,
+            dq8, y8 = linear_call(w, m, threads, x, "int8")
+            dq8()
+            check_linear_int8(bw, x, y8, f"int4 {name} M={m} int8")
+            calls = {"dqgen": dq, "dqgen int8": dq8,
                      "dequantize+matmul": lambda: (deq.run(deq_args), torch.matmul(xt, w_buf_t.T)),
                      "matmul float W": lambda: torch.matmul(xt, w_float.T)}
             if name == "bf16" or m <= TINYGEMM_F32_MAX_M:
@@ -687,7 +690,7 @@ def bench_int4(shape, ms, threads: int, repeat: int, noise: Noise) -> tuple[list
             row = {"x_dtype": name, "m": m, "shape": [n, k], "threads": threads,
                    "dqgen_us": med["dqgen"] * 1e6,
                    "dqgen_gflops": 2 * m * n * k / med["dqgen"] / 1e9, "other_cpus": load}
-            for other in ("tinygemm", "dequantize+matmul", "matmul float W"):
+            for other in ("dqgen int8", "tinygemm", "dequantize+matmul", "matmul float W"):
                 if other in med:
                     row[f"{other}_us"] = med[other] * 1e6
                     row[f"{other}_over_dqgen"] = med[other] / med["dqgen"]
@@ -700,11 +703,11 @@ def int4_table(rows: list[dict]) -> str:
         if f"{name}_us" not in r:
             return "-"
         return f"{r[f'{name}_us']:.0f} ({r[f'{name}_over_dqgen']:.2f}x)"
-    lines = ["| x | M | dqgen us | dqgen GFLOP/s | tinygemm us (/ dqgen) | dequantize + matmul us "
-             "(/ dqgen) | matmul float W us (/ dqgen) | other CPUs |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| x | M | dqgen us | dqgen GFLOP/s | dqgen int8 us (/ dqgen) | tinygemm us (/ dqgen) "
+             "| dequantize + matmul us (/ dqgen) | matmul float W us (/ dqgen) | other CPUs |",
+             "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['x_dtype']} | {r['m']} | {r['dqgen_us']:.0f} | {r['dqgen_gflops']:.1f} | "
-              f"{cell(r, 'tinygemm')} | {cell(r, 'dequantize+matmul')} | "
+              f"{cell(r, 'dqgen int8')} | {cell(r, 'tinygemm')} | {cell(r, 'dequantize+matmul')} | "
               f"{cell(r, 'matmul float W')} | {_cpus(r['other_cpus'])} |" for r in rows]
     return "\n".join(lines)
 
