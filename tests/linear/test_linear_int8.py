@@ -291,18 +291,12 @@ FAMILY = ("u4", "s4", "s8", "u8")
 
 
 def family_of(rng, storage: str, n: int, k: int, g: int) -> QuantizedWeight:
-    """The family's weight with zero points across and past its integers' range."""
-    packed = storage in ("u4", "s4")
-    lo, hi = {"s8": (-128, 128), "u8": (0, 256), "u4": (0, 16), "s4": (-8, 8)}[storage]
-    values = rng.integers(lo, hi, (n, k))
-    if packed:
-        v = values & 15
-        q = (v[:, 0::2] | (v[:, 1::2] << 4)).astype(np.uint8)
-    else:
-        q = values.astype(np.int8 if storage == "s8" else np.uint8)
-    scale = (rng.random((n, k // g)) * 0.02).astype(np.float32)
+    """The family's weight (test_linear's) with zero points across and past its integers'
+    range."""
+    from test_linear import family_weight
+    w = family_weight(rng, storage, n, k, g)
     zp = rng.integers(-300, 300, (n, k // g)).astype(np.int32)
-    return QuantizedWeight.per_group(q, scale, zp, g, storage)
+    return QuantizedWeight.per_group(w.arrays["q"], w.arrays["scale"], zp, g, storage)
 
 
 @pytest.mark.parametrize("storage", FAMILY)
