@@ -20,7 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from ..errors import InvalidProblemError, UnsupportedError
-from ..ir import FLOAT_DTYPES, DType, FormatDescriptor, Layout
+from ..ir import DType, FormatDescriptor, Layout
 from ..spec import CONVERT, F16C_ISAS, Param, pointer
 from .own_loop import float_helpers, own_loop_spec
 from .registry import FormatKind, LinearView, RowSlice, register

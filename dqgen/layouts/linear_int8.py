@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import reference
 from ..errors import InvalidProblemError, UnsupportedError
-from ..ir import DType, Op
+from ..ir import Op
 from ..spec import CONVERT, Param, pointer
 from .own_loop import float_helpers, own_loop_spec
 from .registry import kind_of, kinds
