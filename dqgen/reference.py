@@ -122,14 +122,22 @@ def linear(x, w, bias, y_dtype, lanes: int = 16) -> np.ndarray:
     return _lanes_to_y(acc, bias, y_dtype)
 
 
-def _lanes_to_y(acc, bias, y_dtype) -> np.ndarray:
+def _tree(acc) -> np.ndarray:
     """Lane sums ``[..., lanes]`` added pairwise, halving (``j`` with ``j + lanes / 2`` ...
-    down to one), then the bias in f32, then one rounding to ``y_dtype``."""
+    down to one)."""
+    while acc.shape[-1] > 1:
+        half = acc.shape[-1] // 2
+        acc = acc[..., :half] + acc[..., half:]
+    return acc[..., 0]
+
+
+def _lanes_to_y(acc, bias, y_dtype, more=None) -> np.ndarray:
+    """The lane sums' ``_tree`` (plus ``more``'s, where given), then the bias in f32, then
+    one rounding to ``y_dtype``."""
     with np.errstate(all="ignore"):
-        while acc.shape[-1] > 1:
-            half = acc.shape[-1] // 2
-            acc = acc[..., :half] + acc[..., half:]
-        y = acc[..., 0]
+        y = _tree(acc)
+        if more is not None:
+            y = y + _tree(more)
         if bias is not None:
             y = y + np.asarray(bias).astype(np.float32)[None, :]
         return y.astype(y_dtype)
@@ -166,10 +174,12 @@ def linear_int8(x, codes, scales, mins, sub: int, bias, y_dtype,
     """The int8 linear (SPEC.md §9): ``x [M, K]`` quantized by ``quantize_x_int8``; the
     weight as integers ``codes [N, K]`` (int8) with a scale ``scales [N, K / sub]`` and,
     where not None, a min ``mins`` (same shape) for each run of ``sub`` values.
-    Quad ``t`` (values ``4t .. 4t + 3``) makes the exact integers ``P = sum codes * qx``
-    and ``S = sum qx``; lane ``t mod 64`` takes, in ascending ``t`` from +0,
-    ``fma(f32(d_w * d_x), P, acc)`` then (with mins) ``fma(f32(m_w * d_x), S, acc)``; the
-    lanes are added as in ``linear``, then the bias, then one rounding to ``y_dtype``."""
+    Quad ``t`` (values ``4t .. 4t + 3``) makes the exact integer ``P = sum codes * qx``;
+    lane ``t mod 64`` takes ``fma(f32(d_w * d_x), P, acc)`` in ascending ``t`` from +0.
+    With mins, segment ``g`` (``min(sub, 32)`` values) makes ``S = sum qx`` and lane
+    ``g mod L`` of L = 256 / segment lanes takes ``fma(f32(m_w * d_x), S, acc)``. Each set
+    of lanes is added pairwise, halving; the two sums are added, then the bias; one
+    rounding to ``y_dtype``."""
     qx, dx = quantize_x_int8(x)
     codes = np.asarray(codes, np.int8)
     m, k = qx.shape
@@ -179,25 +189,30 @@ def linear_int8(x, codes, scales, mins, sub: int, bias, y_dtype,
     p = np.zeros((m, n, qp), np.float32)
     p[..., :quads] = np.einsum("mtj,ntj->mnt", qx.reshape(m, quads, QUAD).astype(np.int64),
                                codes.reshape(n, quads, QUAD).astype(np.int64))
-    s = np.zeros((m, 1, qp), np.float32)
-    s[:, 0, :quads] = qx.reshape(m, quads, QUAD).astype(np.int64).sum(axis=-1)
     dxq = np.zeros((m, 1, qp), np.float32)
     dxq[:, 0, :quads] = np.repeat(dx, X_BLOCK // QUAD, axis=1)
-    per_quad = sub // QUAD
-
-    def widen(v):
-        out = np.zeros((1, n, qp), np.float32)
-        out[0, :, :quads] = np.repeat(np.asarray(v, np.float32), per_quad, axis=1)
-        return out
-
-    dw = widen(scales)
-    mw = widen(mins) if mins is not None else None
+    dw = np.zeros((1, n, qp), np.float32)
+    dw[0, :, :quads] = np.repeat(np.asarray(scales, np.float32), sub // QUAD, axis=1)
     acc = np.zeros((m, n, lanes), np.float32)
     with np.errstate(all="ignore"):
         for t in range(0, qp, lanes):
             at = slice(t, t + lanes)
             acc = fma_f32((dw[..., at] * dxq[..., at]).astype(np.float32), p[..., at], acc)
-            if mw is not None:
-                acc = fma_f32((mw[..., at] * dxq[..., at]).astype(np.float32),
-                              np.broadcast_to(s[..., at], acc.shape), acc)
-    return _lanes_to_y(acc, bias, y_dtype)
+    if mins is None:
+        return _lanes_to_y(acc, bias, y_dtype)
+    seg = min(sub, X_BLOCK)
+    segs, min_lanes = k // seg, lanes * QUAD // seg
+    sp = -(-segs // min_lanes) * min_lanes
+    s = np.zeros((m, 1, sp), np.float32)
+    s[:, 0, :segs] = qx.reshape(m, segs, seg).astype(np.int64).sum(axis=-1)
+    dxs = np.zeros((m, 1, sp), np.float32)
+    dxs[:, 0, :segs] = np.repeat(dx, X_BLOCK // seg, axis=1)
+    mw = np.zeros((1, n, sp), np.float32)
+    mw[0, :, :segs] = np.repeat(np.asarray(mins, np.float32), sub // seg, axis=1)
+    macc = np.zeros((m, n, min_lanes), np.float32)
+    with np.errstate(all="ignore"):
+        for g in range(0, sp, min_lanes):
+            at = slice(g, g + min_lanes)
+            macc = fma_f32((mw[..., at] * dxs[..., at]).astype(np.float32),
+                           np.broadcast_to(s[..., at], macc.shape), macc)
+    return _lanes_to_y(acc, bias, y_dtype, macc)

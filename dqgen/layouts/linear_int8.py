@@ -25,8 +25,9 @@ from ..spec import CONVERT, Param, pointer
 from .own_loop import float_helpers, own_loop_spec
 from .registry import kind_of, kinds
 
-FORMULA = ("y[m, n] = F(sum64(fma(f32(d_w * d_x), P, acc)[, fma(f32(m_w * d_x), S, acc)]) "
-           "+ bias[n]): P, S exact integer sums of a quad, x int8 in blocks of 32")
+FORMULA = ("y[m, n] = F(sum64(fma(f32(d_w * d_x), P, acc)) [+ sumL(fma(f32(m_w * d_x), S, "
+           "acc))] + bias[n]): P an exact integer sum of a quad, S of a segment, x int8 in "
+           "blocks of 32")
 # Lane sums: four AVX-512 registers a row of x, so that four chains of fused multiply-adds
 # run at once (one chain waits on the fma's latency).
 LANES = reference.INT8_LANES
@@ -91,6 +92,8 @@ class Int8Knobs:
     lanes: int
     k_step: int              # k is padded with zeros to whole steps of the lanes' quads
     k_chunk: int             # values of a row of W decoded at a time
+    seg: int                 # values a min term covers (one block of x, one sub-block)
+    min_lanes: int           # the min terms' lane sums: a step's segments
     quads_per_sub: int
     sub_index512: tuple[int, ...]  # an AVX-512 register's 16 quads: each one's sub-block
     sub_index256: tuple[int, ...]  # (from the first) where they span several; () if one
@@ -178,6 +181,7 @@ def lower(desc, target: str, arch: str, storage: dict):
         has_min=view.has_min, lane_regs=simd.lane_regs, dot=simd.dot,
         prefetch_bytes=PREFETCH_BYTES,
         micro_rows=simd.micro_rows, lanes=LANES, k_step=LANES * QUAD, k_chunk=K_CHUNK,
+        seg=min(view.sub, X_BLOCK), min_lanes=LANES * QUAD // min(view.sub, X_BLOCK),
         quads_per_sub=per_sub,
         sub_index512=_sub_index(16, per_sub), sub_index256=_sub_index(8, per_sub),
         x_c_type=x.c_type, bias_c_type=bias[0].c_type if bias else "", x_load=x_load,
