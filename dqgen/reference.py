@@ -181,38 +181,39 @@ def linear_int8(x, codes, scales, mins, sub: int, bias, y_dtype,
     of lanes is added pairwise, halving; the two sums are added, then the bias; one
     rounding to ``y_dtype``."""
     qx, dx = quantize_x_int8(x)
-    codes = np.asarray(codes, np.int8)
     m, k = qx.shape
     n = codes.shape[0]
     quads = k // QUAD
-    qp = -(-quads // lanes) * lanes
-    p = np.zeros((m, n, qp), np.float32)
-    p[..., :quads] = np.einsum("mtj,ntj->mnt", qx.reshape(m, quads, QUAD).astype(np.int64),
-                               codes.reshape(n, quads, QUAD).astype(np.int64))
-    dxq = np.zeros((m, 1, qp), np.float32)
-    dxq[:, 0, :quads] = np.repeat(dx, X_BLOCK // QUAD, axis=1)
-    dw = np.zeros((1, n, qp), np.float32)
-    dw[0, :, :quads] = np.repeat(np.asarray(scales, np.float32), sub // QUAD, axis=1)
-    acc = np.zeros((m, n, lanes), np.float32)
-    with np.errstate(all="ignore"):
-        for t in range(0, qp, lanes):
-            at = slice(t, t + lanes)
-            acc = fma_f32((dw[..., at] * dxq[..., at]).astype(np.float32), p[..., at], acc)
+    p = np.einsum("mtj,ntj->mnt", qx.reshape(m, quads, QUAD).astype(np.int64),
+                  np.asarray(codes, np.int8).reshape(n, quads, QUAD).astype(np.int64))
+    acc = _run_lane_sums(np.repeat(np.asarray(scales, np.float32), sub // QUAD, axis=1),
+                         np.repeat(dx, X_BLOCK // QUAD, axis=1), p, lanes)
     if mins is None:
         return _lanes_to_y(acc, bias, y_dtype)
     seg = min(sub, X_BLOCK)
-    segs, min_lanes = k // seg, lanes * QUAD // seg
-    sp = -(-segs // min_lanes) * min_lanes
-    s = np.zeros((m, 1, sp), np.float32)
-    s[:, 0, :segs] = qx.reshape(m, segs, seg).astype(np.int64).sum(axis=-1)
-    dxs = np.zeros((m, 1, sp), np.float32)
-    dxs[:, 0, :segs] = np.repeat(dx, X_BLOCK // seg, axis=1)
-    mw = np.zeros((1, n, sp), np.float32)
-    mw[0, :, :segs] = np.repeat(np.asarray(mins, np.float32), sub // seg, axis=1)
-    macc = np.zeros((m, n, min_lanes), np.float32)
-    with np.errstate(all="ignore"):
-        for g in range(0, sp, min_lanes):
-            at = slice(g, g + min_lanes)
-            macc = fma_f32((mw[..., at] * dxs[..., at]).astype(np.float32),
-                           np.broadcast_to(s[..., at], macc.shape), macc)
+    s = qx.reshape(m, k // seg, seg).astype(np.int64).sum(axis=-1)[:, None, :]
+    macc = _run_lane_sums(np.repeat(np.asarray(mins, np.float32), sub // seg, axis=1),
+                          np.repeat(dx, X_BLOCK // seg, axis=1), s, lanes * QUAD // seg)
     return _lanes_to_y(acc, bias, y_dtype, macc)
+
+
+def _run_lane_sums(w, xd, values, lanes: int) -> np.ndarray:
+    """``[M, N, lanes]``: lane ``r mod lanes`` takes, for runs ``r`` in ascending order
+    from +0 (padded with zeros to whole steps), ``fma(f32(w[n, r] * xd[m, r]), values[m,
+    n, r], acc)``; ``values`` exact integers (broadcast over N where its N is 1)."""
+    m, n, runs = xd.shape[0], w.shape[0], w.shape[1]
+    rp = -(-runs // lanes) * lanes
+
+    def padded(a):
+        out = np.zeros(a.shape[:-1] + (rp,), np.float32)
+        out[..., :runs] = a
+        return out
+
+    w, xd, values = padded(w)[None], padded(xd)[:, None], padded(values)
+    acc = np.zeros((m, n, lanes), np.float32)
+    with np.errstate(all="ignore"):
+        for r in range(0, rp, lanes):
+            at = slice(r, r + lanes)
+            acc = fma_f32((w[..., at] * xd[..., at]).astype(np.float32),
+                          np.broadcast_to(values[..., at], acc.shape), acc)
+    return acc
