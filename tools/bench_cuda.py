@@ -10,6 +10,7 @@ launch on torch's current stream (the default stream here), which the events tim
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import random
 import statistics
@@ -297,4 +298,120 @@ def format_lines(result: dict) -> list[str]:
     for c in result["cases"]:
         lines.append(f"{c['format']:32s} {c['gbps']['dqgen']:8.0f} {c['gbps']['d2d_copy']:9.0f}  "
                      f"{c['copy_fraction'] * 100:6.0f}%")
+    return lines
+
+
+# --------------------------------------------------------------------------- linear
+
+LINEAR_SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336))
+LINEAR_FORMATS = ("Q4_0", "Q8_0", "Q4_K", "Q6_K", "IQ4_XS", "u4 g128")
+LINEAR_MS = (1, 8, 64)
+LINEAR_WIDE = ((4096, 14336), ("Q4_0", "u4 g128"), (512,))  # the large-M cases: few, they are slow
+
+
+def _linear_weight(rng, fmt: str, n: int, k: int):
+    """A QuantizedWeight of ``fmt`` on random valid stored bits (bench_formats' GGML blocks,
+    random family codes), built on the CPU."""
+    import numpy as np
+
+    from dqgen.formats.weight import QuantizedWeight
+    if fmt == "u4 g128":
+        q = rng.integers(0, 256, (n, k // 2), dtype=np.uint8)
+        scale = rng.random((n, k // 128), dtype=np.float32) * 0.02 + 1e-3
+        zp = rng.integers(4, 12, (n, k // 128), dtype=np.int32)
+        return QuantizedWeight.per_group(q, scale, zp, 128, "u4")
+    from bench_formats import gguf_blocks
+    return QuantizedWeight.ggml(gguf_blocks(rng, fmt, (n, k)), fmt, (n, k))
+
+
+def _linear_case(torch, dev, timed, weight, on_dev: dict, m: int, repeat: int, gen) -> dict:
+    """dqgen's fused linear (f16 x, f16 y) at one M beside a copy of the weight's bytes,
+    torch.matmul on the f16 weight, and dqgen's dequantize + torch.matmul."""
+    import numpy as np
+
+    from dqgen.formats.plan import FormatPlan
+    from dqgen.ir import DType
+    from dqgen.layouts.linear import LinearDescriptor
+    n, k = weight.shape
+    x = torch.randn((m, k), device=dev, generator=gen).half()
+    y = torch.empty((m, n), device=dev, dtype=torch.float16)
+    plan = FormatPlan.select(LinearDescriptor(weight.descriptor, m, n, k, "f16", "f16"), device=str(dev))
+    arrays = dict(on_dev, x=x, y=y)
+    w16 = torch.empty((n, k), device=dev, dtype=torch.float16)
+    dequant = FormatPlan.select(dataclasses.replace(weight._sized, float_dtype=DType.F16), device=str(dev))
+    out = next(a for a in dequant.arguments if a.is_out)
+    dq_arrays = {out.name: w16.view(out.shape)}
+    for a in dequant.arguments:   # the family's f16 decode takes f16 scales
+        if not a.is_out:
+            want = torch.from_numpy(np.empty(0, a.dtype)).dtype
+            dq_arrays[a.name] = on_dev[a.name].to(want)
+    wbytes = sum(v.nbytes for v in on_dev.values())
+    src = torch.empty(wbytes, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    calls = {"dqgen": lambda: plan.run(arrays),
+             "read_copy": lambda: dst.copy_(src),
+             "torch_f16": lambda: torch.matmul(x, w16.t()),
+             "dequant_matmul": lambda: (dequant.run(dq_arrays), torch.matmul(x, w16.t()))}
+    for fn in calls.values():
+        fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    times = {name: [] for name in calls}
+    names = list(calls)
+    order = random.Random(m)
+    for _ in range(repeat):
+        order.shuffle(names)
+        for name in names:
+            times[name].append(timed(calls[name]))
+    med = {name: statistics.median(t) for name, t in times.items()}
+    return {"shape": [n, k], "m": m, "weight_bytes": wbytes, "median_s": med,
+            "weight_gbps": wbytes / med["dqgen"] / 1e9,
+            "copy_gbps": 2 * wbytes / med["read_copy"] / 1e9,
+            "ratios": {"torch_f16/dqgen": med["torch_f16"] / med["dqgen"],
+                       "dequant_matmul/dqgen": med["dequant_matmul"] / med["dqgen"]}}
+
+
+def run_linear(torch_device: str = "cuda", shapes=LINEAR_SHAPES, formats=LINEAR_FORMATS,
+               ms=LINEAR_MS, wide=LINEAR_WIDE, repeat: int = 5) -> dict | None:
+    """The fused linear on the device: weight bytes a second at M = 1 beside a copy of the
+    same bytes (the copy's read and written bytes a second), and against torch.matmul on
+    the f16 weight and dqgen dequantize + torch.matmul at M in ``ms`` (and ``wide``)."""
+    try:
+        import numpy as np
+        import torch
+    except ImportError:
+        print("bench: the linear on --device cuda needs torch; torch is not installed. Skipped.")
+        return None
+    dev = torch.device(torch_device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("bench: linear skipped: no usable CUDA device")
+        return None
+    timed = _timer(torch, dev)
+    gen = torch.Generator(device=dev).manual_seed(2)
+    rng = np.random.default_rng(2)
+    plan = [(shape, fmt, ms) for shape in shapes for fmt in formats]
+    plan += [(wide[0], fmt, wide[2]) for fmt in wide[1]]
+    cases = []
+    for (n, k), fmt, case_ms in plan:
+        weight = _linear_weight(rng, fmt, n, k)
+        on_dev = {a: torch.from_numpy(v).to(dev) for a, v in weight.arrays.items()}
+        for m in case_ms:
+            case = dict(_linear_case(torch, dev, timed, weight, on_dev, m, repeat, gen), format=fmt)
+            cases.append(case)
+            r = case["ratios"]
+            print(f"  linear {fmt} [{n}, {k}] M={m}: {case['weight_gbps']:.0f} GB/s of weight "
+                  f"(copy {case['copy_gbps']:.0f}), torch f16 matmul / dqgen {r['torch_f16/dqgen']:.2f}, "
+                  f"dequantize+matmul / dqgen {r['dequant_matmul/dqgen']:.2f}", flush=True)
+        del on_dev
+    return {"date": _now(), "repeat": repeat, "inner": INNER, "cases": cases}
+
+
+def linear_lines(result: dict) -> list[str]:
+    lines = [f"{'linear (f16 x, f16 y)':34s} {'M':>4s} {'W GB/s':>7s} {'copy':>6s}  of copy  "
+             "torch f16/dqgen  dequant+mm/dqgen"]
+    for c in result["cases"]:
+        r = c["ratios"]
+        lines.append(f"{c['format'] + ' [%d, %d]' % tuple(c['shape']):34s} {c['m']:4d} "
+                     f"{c['weight_gbps']:7.0f} {c['copy_gbps']:6.0f}  {c['weight_gbps'] / c['copy_gbps'] * 100:6.0f}%  "
+                     f"{r['torch_f16/dqgen']:15.2f}  {r['dequant_matmul/dqgen']:16.2f}")
     return lines

@@ -18,7 +18,10 @@
    and non-contiguous views, more than 2^31 elements where memory allows).
 3. ``tools/bench.py --device cuda``: every dequantize kernel's effective GB/s against a
    device-to-device copy of the same bytes (target >= 85%) and torch eager
-   ``(q - zp) * scale`` (target >= 3x).
+   ``(q - zp) * scale`` (target >= 3x); each checkpoint format's dequantize; the fused
+   linear (tools/bench_cuda.py ``run_linear``) at M = 1, 8, 64 (512 for two formats):
+   weight bytes a second beside a copy of them, torch.matmul on the f16 weight, and
+   dequantize + matmul.
 
 Writes ``device_check.json`` and ``device_check.txt`` (and the bench's JSON and the test
 logs) into OUTDIR. Without a usable GPU it runs the compile-only and emulation parts and
@@ -62,8 +65,8 @@ DEVICE_TESTS = ("tests/cuda/test_cuda_gpu.py", "tests/cuda/test_arrays_cuda.py",
                 "tests/torch/test_torch_ops.py::test_cuda_format_ops_match_cpu",
                 "tests/linear/test_linear.py::test_on_a_gpu",
                 "tests/linear/test_torch_linear.py::test_quant_linear_on_a_gpu")
-LIMITS_S = {"emulation": 120, "device": 150, "bench": 150}  # each step's own limit
-TOTAL_S = 400  # and all of them together (set-up included): under 7 minutes
+LIMITS_S = {"emulation": 120, "device": 150, "bench": 120}  # each step's own limit
+TOTAL_S = 450  # and all of them together (set-up included): under 8 minutes
 _START = time.monotonic()
 
 
@@ -249,7 +252,9 @@ import bench_cuda
 r = bench_cuda.run_device(shapes=((64, 1024),), floats=("f16", "bf16", "f32", "f64"), repeat=3,
                           torch_device="cpu", groups=(128,))
 f = bench_cuda.run_formats("cpu", shape=(256, 1024), repeat=1)
-print("DRYRUN " + json.dumps({"cases": (len(r["cases"]) if r else 0) + (len(f["cases"]) if f else 0)}))
+lin = bench_cuda.run_linear("cpu", shapes=((256, 512),), formats=("Q4_K", "u4 g128"), ms=(1, 3),
+                           wide=((256, 512), ("Q4_0",), (17,)), repeat=1)
+print("DRYRUN " + json.dumps({"cases": sum(len(v["cases"]) for v in (r, f, lin) if v)}))
 """
 # Every checkpoint format's kernel on the device, beside a copy of as many bytes.
 BENCH_FORMATS = r"""
@@ -261,6 +266,16 @@ if r is not None:
     open(sys.argv[1], "w").write(json.dumps(r, indent=1) + "\n")
 """
 
+# The fused linear on the device, beside a copy of the weight's bytes and torch.matmul.
+BENCH_LINEAR = r"""
+import json, sys
+sys.path[:0] = ["tools"]
+import bench_cuda
+r = bench_cuda.run_linear("cuda")
+if r is not None:
+    open(sys.argv[1], "w").write(json.dumps(r, indent=1) + "\n")
+"""
+
 
 def run_bench(python: Path, env: dict, outdir: Path, gpu: bool) -> dict:
     """tools/bench.py --device cuda on a GPU; else the bench's own code on the CPU, tiny."""
@@ -268,7 +283,8 @@ def run_bench(python: Path, env: dict, outdir: Path, gpu: bool) -> dict:
     if gpu:
         cmds = [[str(python), "tools/bench.py", "--device", "cuda", "--shapes", BENCH_SHAPES,
                  "--out", str(outdir / "bench-cuda")],
-                [str(python), "-c", BENCH_FORMATS, str(outdir / "bench-cuda-formats.json")]]
+                [str(python), "-c", BENCH_FORMATS, str(outdir / "bench-cuda-formats.json")],
+                [str(python), "-c", BENCH_LINEAR, str(outdir / "bench-cuda-linear.json")]]
     else:
         cmds = [[str(python), "-c", BENCH_DRY]]
     text, status = "", 0
@@ -290,11 +306,14 @@ def run_bench(python: Path, env: dict, outdir: Path, gpu: bool) -> dict:
         data = json.loads(saved.read_text())
         result.update(device=data.get("device"), targets=data.get("targets"), json=saved.name)
         sys.path[:0] = [str(ROOT / "tools"), str(ROOT)]  # bench_cuda imports dqgen
-        from bench_cuda import format_lines, report_lines
+        from bench_cuda import format_lines, linear_lines, report_lines
         result["table"] = report_lines(data)
         formats = outdir / "bench-cuda-formats.json"
         if formats.exists():
             result["table"] += format_lines(json.loads(formats.read_text()))
+        linear = outdir / "bench-cuda-linear.json"
+        if linear.exists():
+            result["table"] += linear_lines(json.loads(linear.read_text()))
     return result
 
 

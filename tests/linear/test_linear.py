@@ -374,27 +374,41 @@ def test_nvrtc_compiles_the_cuda_text():
                                                                arch="sm_90").ptx
 
 
-def test_on_a_gpu():
-    """The CUDA plan on a device equals the reference (where a GPU is)."""
+def _torch_of(torch, arr):
+    """A CPU torch tensor of ``arr``'s values (bf16 through its bits: numpy has no bf16)."""
+    if arr.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(arr.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(arr)
+
+
+@pytest.mark.parametrize("name", sorted(WEIGHTS))
+def test_on_a_gpu(name):
+    """The CUDA plan on a device equals the reference for every weight family, x dtype, M
+    and both products, with and without a bias (where a GPU is)."""
     from dqgen.runtime import cuda as cuda_runtime
     reason = cuda_runtime.cuda_unavailable_reason()
     if reason:
         pytest.skip(f"no CUDA device: {reason}")
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(16)
-    for name in ("q4_k", "s8", "fp8"):
-        weight = WEIGHTS[name](rng)
-        n, k = weight.shape
-        x = rng.standard_normal((5, k)).astype(np.float32)
-        desc = LinearDescriptor(weight.descriptor, 5, n, k)
+    weight = WEIGHTS[name](rng)
+    n, k = weight.shape
+    w = weight.dequantize("f32")
+    on_gpu = {a: torch.from_numpy(np.ascontiguousarray(v)).cuda() for a, v in weight.arrays.items()}
+    for x_name, m, transpose in ((x, m, t) for x in DTYPES for m in MS for t in (False, True)):
+        with_bias = not transpose and m % 2 == 1
+        x = rng.standard_normal((m, n if transpose else k)).astype(DTYPES[x_name])
+        bias = rng.standard_normal(n).astype(DTYPES[x_name]) if with_bias else None
+        desc = LinearDescriptor(weight.descriptor, m, n, k, x_name, "f32", with_bias, transpose)
         plan = FormatPlan.select(desc, device="cuda")
-        arrays = {a: torch.from_numpy(np.ascontiguousarray(v)).cuda()
-                  for a, v in weight.arrays.items()}
-        arrays["x"] = torch.from_numpy(x).cuda()
-        arrays["y"] = torch.empty((5, n), device="cuda")
+        arrays = dict(on_gpu, x=_torch_of(torch, x).cuda())
+        if with_bias:
+            arrays["bias"] = _torch_of(torch, bias).cuda()
+        arrays["y"] = torch.empty((m, k if transpose else n), device="cuda")
         plan.run(arrays)
         torch.cuda.synchronize()
-        assert_bits_equal(arrays["y"].cpu().numpy(), expected(weight, x, None, np.float32))
+        assert_bits_equal(arrays["y"].cpu().numpy(),
+                          reference.linear(x, w.T if transpose else w, bias, np.float32))
 
 
 def test_transposed_product_in_passes_over_x():
