@@ -55,6 +55,8 @@ LONG_M = 17
 CHUNK_COLUMNS = 256
 # And at most this many lane sums a thread (4 MiB): more rows of x take more passes.
 SUM_FLOATS = 1 << 20
+# The CUDA forward product: rows of x a half-warp applies each decoded value to (registers)
+CUDA_M_TILE = 8
 
 
 def _weight_from(value):
@@ -183,6 +185,7 @@ class LinearKnobs:
     cuda_value: str          # the format's per-element macro (cuda/values.j2)
     cuda_setup: str          # and its setup macro (once a thread)
     transpose: bool
+    m_tile: int              # CUDA: rows of x a half-warp takes (the forward product)
     chunk_columns: int       # the transposed product: columns of W a step
     sum_floats: int          # and its lane sums a thread, at most
     weight_entry: str
@@ -290,7 +293,7 @@ class LinearKind(FormatKind):
         knobs = LinearKnobs(
             weight=weight_spec, cuda_value=view.cuda_value,
             cuda_setup=f"{view.cuda_value}_setup" if view.cuda_value else "",
-            transpose=desc.transpose,
+            transpose=desc.transpose, m_tile=CUDA_M_TILE,
             chunk_columns=chunk * max(1, -(-CHUNK_COLUMNS // chunk)), sum_floats=SUM_FLOATS,
             weight_entry=weight_spec.entry, weight_args=args,
             weight_inputs=tuple(a for a in args if a.is_input),
@@ -326,7 +329,9 @@ class LinearKind(FormatKind):
         return kind_of(weight).array_shape(weight, param)
 
     def launch_elements(self, desc) -> int:
-        return desc.m * (desc.k if desc.transpose else desc.n)
+        if desc.transpose:
+            return desc.m * desc.k   # a thread an output
+        return -(-desc.m // CUDA_M_TILE) * desc.n * LANES   # a half-warp a row of W and a tile of x
 
     def small_problem(self, desc, remake):
         # a K tail past the lanes where the format allows one, rows past a decode tile,

@@ -1,11 +1,12 @@
 // Host emulation of the CUDA device dialect used by dqgen's kernels.
 //
-// Lets a .cu kernel text compile with g++ as C++17 and run on the CPU, one thread at a
-// time (see emu.py), so CUDA kernels can be checked bit for bit on machines without a
-// GPU. Every conversion here rounds exactly as the CUDA intrinsic of the same name:
+// Lets a .cu kernel text compile with g++ as C++17 and run on the CPU (see emu.py): the
+// blocks one after the other, a block's threads each on a host thread of its own, so
+// the warp shuffles meet as they do on a device and CUDA kernels can be checked bit for
+// bit on machines without a GPU. Every conversion here rounds exactly as the CUDA intrinsic of the same name:
 // round-to-nearest-even, subnormals kept, NaN and infinities preserved. Build with
 // -ffp-contract=off so that a*b+c is never fused (nvrtc runs with --fmad=false).
-// Not emulated: barriers (__syncthreads aborts), atomics, warp intrinsics.
+// Not emulated: block barriers (__syncthreads aborts), atomics, warp votes.
 #pragma once
 
 #include <cmath>
@@ -14,6 +15,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <pthread.h>
+#include <type_traits>
 #include <stdint.h>
 
 // ---- qualifiers -------------------------------------------------------------------
@@ -41,8 +44,111 @@ inline thread_local dim3 gridDim{1, 1, 1};
 constexpr int warpSize = 32;
 
 [[noreturn]] inline void __syncthreads() {
-  std::fprintf(stderr, "cuda_emu: __syncthreads is not supported (threads run one by one)\n");
+  std::fprintf(stderr, "cuda_emu: __syncthreads is not supported\n");
   std::abort();
+}
+
+// ---- warps: the lanes of a mask meet at each shuffle ----------------------------------
+// (pthreads, not <thread>: the emulation compiles once a kernel, and these headers are light)
+struct __emu_meeting {
+  unsigned mask = 0;   // 0: free
+  unsigned arrived = 0;
+  unsigned long long generation = 0;
+};
+struct __emu_warp {
+  pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+  pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+  __emu_meeting meetings[4];   // one a mask in use: half-warps meet apart
+  unsigned long long slot[32];
+};
+inline __emu_warp* __emu_all_warps = nullptr;               // every block's warps
+inline thread_local __emu_warp* __emu_block_warps = nullptr;  // the running block's
+
+// Returns once every one of ``count`` threads has called it with ``mask`` (as often).
+inline void __emu_meet(__emu_warp& w, unsigned mask, unsigned count) {
+  pthread_mutex_lock(&w.mu);
+  __emu_meeting* m = nullptr;
+  for (__emu_meeting& c : w.meetings)
+    if (c.mask == mask) { m = &c; break; }
+  for (__emu_meeting& c : w.meetings)
+    if (!m && c.mask == 0) { m = &c; c.mask = mask; }
+  if (!m) {
+    std::fprintf(stderr, "cuda_emu: more than 4 shuffle masks in one warp\n");
+    std::abort();
+  }
+  const unsigned long long gen = m->generation;
+  if (++m->arrived == count) {
+    m->arrived = 0;
+    ++m->generation;
+    pthread_cond_broadcast(&w.cv);
+  } else {
+    while (m->generation == gen)
+      pthread_cond_wait(&w.cv, &w.mu);
+  }
+  pthread_mutex_unlock(&w.mu);
+}
+
+// __shfl_down_sync: lane l gets lane l + delta's value within its segment of ``width``
+// lanes, its own where that runs past the segment.
+template <class T>
+inline T __shfl_down_sync(unsigned mask, T value, unsigned delta, int width = warpSize) {
+  static_assert(sizeof(T) <= 8, "a shuffle moves at most 8 bytes");
+  __emu_warp& w = __emu_block_warps[threadIdx.x / warpSize];
+  const unsigned lane = threadIdx.x % warpSize;
+  const unsigned count = unsigned(__builtin_popcount(mask));
+  unsigned long long bits = 0;
+  std::memcpy(&bits, &value, sizeof value);
+  w.slot[lane] = bits;
+  __emu_meet(w, mask, count);   // every lane has written
+  T out = value;
+  if ((lane % unsigned(width)) + delta < unsigned(width))
+    std::memcpy(&out, &w.slot[lane + delta], sizeof out);
+  __emu_meet(w, mask, count);   // every lane has read: the slots may be written again
+  return out;
+}
+
+// The grid: a host thread for each thread of a block, running every block in turn; a
+// block's warps meet in records of their own, so no thread waits for another block
+// (emu.py's entry points call it).
+template <class Kernel>
+struct __emu_grid {
+  Kernel* kernel;
+  unsigned grid, block, t;
+  static void* run(void* arg) {
+    const __emu_grid& g = *static_cast<__emu_grid*>(arg);
+    gridDim = dim3(g.grid, 1, 1);
+    blockDim = dim3(g.block, 1, 1);
+    threadIdx = uint3{g.t, 0, 0};
+    const unsigned warps = (g.block + warpSize - 1) / warpSize;
+    for (unsigned b = 0; b < g.grid; ++b) {
+      blockIdx = uint3{b, 0, 0};
+      __emu_block_warps = __emu_all_warps + size_t(b) * warps;
+      (*g.kernel)();
+    }
+    return nullptr;
+  }
+};
+
+template <class Kernel>
+inline void __emu_run_grid(unsigned grid, unsigned block, Kernel&& kernel) {
+  const unsigned warps = (block + warpSize - 1) / warpSize;
+  __emu_all_warps = new __emu_warp[size_t(grid) * warps];
+  using Grid = __emu_grid<typename std::remove_reference<Kernel>::type>;
+  Grid* each = new Grid[block];
+  pthread_t* threads = new pthread_t[block];
+  for (unsigned t = 0; t < block; ++t) {
+    each[t] = Grid{&kernel, grid, block, t};
+    if (pthread_create(&threads[t], nullptr, &Grid::run, &each[t]) != 0) {
+      std::fprintf(stderr, "cuda_emu: cannot start thread %u of a block\n", t);
+      std::abort();
+    }
+  }
+  for (unsigned t = 0; t < block; ++t)
+    pthread_join(threads[t], nullptr);
+  delete[] threads;
+  delete[] each;
+  delete[] __emu_all_warps;
+  __emu_all_warps = nullptr;
 }
 
 // ---- bit casts --------------------------------------------------------------------

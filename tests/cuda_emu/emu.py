@@ -1,9 +1,9 @@
 """Build a CUDA kernel text for the CPU with ``cuda_emu.h`` and load it with ctypes.
 
 Each kernel gets an ``extern "C" void emu_<name>(unsigned grid, unsigned block, ...)``
-entry that runs every (block, thread) pair one after the other, setting ``blockIdx`` /
-``threadIdx`` / ``blockDim`` / ``gridDim`` first, so the kernel's own bounds checks and
-indexing are exercised exactly as written. The parameters are given as C declarations
+entry that runs the blocks one after the other and a block's threads each on a host
+thread (``blockIdx`` / ``threadIdx`` / ``blockDim`` / ``gridDim`` set first), so the
+kernel's own bounds checks, indexing and warp shuffles are exercised exactly as written. The parameters are given as C declarations
 (the kernel's own), because the emulator must not guess the templates' signatures.
 """
 
@@ -21,7 +21,7 @@ HEADER = HERE / "cuda_emu.h"
 INCLUDE_DIR = HERE / "include"
 
 BASE_FLAGS = ("-O1", "-std=c++17", "-ffp-contract=off", "-fno-strict-aliasing",
-              "-shared", "-fPIC")
+              "-shared", "-fPIC", "-pthread")
 SANITIZE_FLAGS = {
     # ASan needs its runtime first in the process: see asan_runtime().
     "address": ("-fsanitize=address,undefined", "-fno-omit-frame-pointer",
@@ -64,9 +64,9 @@ def _ctype(type_text: str):
 
 
 def driver_source(kernels: Mapping[str, Sequence[str]], namespace: str | None = None) -> str:
-    """The C++ entry points that run each kernel over its whole grid, one thread at a time.
+    """The C++ entry points that run each kernel over its whole grid (``__emu_run_grid``).
 
-    The loop counters have odd names so they cannot shadow a kernel parameter. With
+    With
     ``namespace``, the kernels are called as ``namespace::name`` (see ``compile_units``).
     """
     prefix = f"{namespace}::" if namespace else ""
@@ -76,15 +76,7 @@ def driver_source(kernels: Mapping[str, Sequence[str]], namespace: str | None = 
         params = "".join(f", {d}" for d in decls)
         out.append(
             f'extern "C" void emu_{name}(unsigned int grid, unsigned int block{params}) {{\n'
-            f"  gridDim = dim3(grid, 1, 1);\n"
-            f"  blockDim = dim3(block, 1, 1);\n"
-            f"  for (unsigned int emu_b_ = 0; emu_b_ < grid; ++emu_b_) {{\n"
-            f"    blockIdx = uint3{{emu_b_, 0, 0}};\n"
-            f"    for (unsigned int emu_t_ = 0; emu_t_ < block; ++emu_t_) {{\n"
-            f"      threadIdx = uint3{{emu_t_, 0, 0}};\n"
-            f"      {prefix}{name}({', '.join(names)});\n"
-            f"    }}\n"
-            f"  }}\n"
+            f"  __emu_run_grid(grid, block, [&]() {{ {prefix}{name}({', '.join(names)}); }});\n"
             f"}}\n")
     return "\n".join(out)
 
