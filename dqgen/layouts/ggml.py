@@ -69,6 +69,9 @@ class GgmlKind(FormatKind):
         return LinearView(
             slices={"data": RowSlice(1, desc.block_bytes, values)},
             sizes={"blocks": (1, values, 1)}, k_multiple=values, cuda_value="ggml",
+            # a whole number of the linear's 16-lane steps a block (a float tensor's
+            # "block" is one value: nothing shared to read once)
+            cuda_block_values=values if values % 16 == 0 else 0,
             decode=GgmlDequantizeDescriptor(0, qtype, DType.F32),
             sized=lambda n, k: GgmlDequantizeDescriptor(n * k // values, qtype, DType.F32))
 

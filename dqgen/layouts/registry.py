@@ -50,6 +50,9 @@ class LinearView:
     sized: Callable[[int, int], object]  # (N, K) -> the descriptor of the whole weight
     chunk_multiple: int = 0
     cuda_value: str = ""           # its per-element macro in cuda/values.j2 ("": C only)
+    # values a block whose shared part the CUDA linear reads once a block (the macros
+    # <cuda_value>_block and <cuda_value>_in_block); 0: value by value
+    cuda_block_values: int = 0
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from dqgen import InvalidProblemError, reference, verify
 from dqgen.formats.plan import FormatPlan
 from dqgen.formats.weight import QuantizedWeight, linear
+from dqgen.ir import GGML_BLOCK_BYTES, GGML_BLOCK_VALUES, ggml_type_name, parse_ggml_type
+from dqgen.layouts.ggml_blocks import LAYOUTS
 from dqgen.jit import descriptor_record
 from dqgen.layouts.linear import LinearDescriptor
 from dqgen.plans import PlanPreference
@@ -355,6 +357,31 @@ def test_cuda_text_in_emulation(name, tmp_path):
         arrays = [*weight.arrays.values(), x, *([bias] if with_bias else []), y]
         run_emulated(desc, arrays, [m, n, k], y.size, tmp_path / f"{transpose}")
         assert_bits_equal(y, reference.linear(x, w.T if transpose else w, bias, np.float32))
+
+
+@pytest.mark.parametrize("qtype", sorted(ggml_type_name(t) for t in GGML_BLOCK_BYTES))
+def test_cuda_reads_every_ggml_type_in_emulation(qtype, tmp_path):
+    """The CUDA forward product of every GGML type (a block's d and m read once, then the
+    lane's values in it) equals the reference bit for bit in host emulation."""
+    from test_formats_cuda import needs_gxx, run_emulated
+    if needs_gxx.args[0]:
+        pytest.skip(needs_gxx.kwargs["reason"])
+    rng = np.random.default_rng(18)
+    layout = parse_ggml_type(qtype)
+    values = GGML_BLOCK_VALUES[layout]
+    n, k, m = 5, 2 * max(values, 16), 3
+    if qtype in gguf.GGMLQuantizationType.__members__:
+        weight = ggml_weight(rng, qtype, n, k)
+    else:   # a type newer than gguf-py: random blocks, d a small normal f16
+        blocks = rng.integers(0, 256, (n * k // values, GGML_BLOCK_BYTES[layout]), dtype=np.uint8)
+        d = LAYOUTS[layout].d
+        blocks[:, d.offset:d.offset + 2] = np.array([0.01], np.float16).view(np.uint8)
+        weight = QuantizedWeight.ggml(blocks.reshape(n, -1), qtype, (n, k))
+    x = rng.standard_normal((m, k)).astype(np.float16)
+    desc = LinearDescriptor(weight.descriptor, m, n, k, "f16", "f32")
+    y = np.zeros((m, n), np.float32)
+    run_emulated(desc, [*weight.arrays.values(), x, y], [m, n, k], y.size, tmp_path)
+    assert_bits_equal(y, reference.linear(x, weight.dequantize("f32"), None, np.float32))
 
 
 def test_nvrtc_compiles_the_cuda_text():
