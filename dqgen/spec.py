@@ -178,7 +178,9 @@ class KernelSpec:
     signed_nibbles: bool = False    # and they are s4: each sign-extended from 4 bits
     packed_store: bool = False      # the output is packed q: a byte is written in two halves
     cuda_float_headers: tuple[str, ...] = ()  # CUDA: the headers of the 16-bit float types used
-    int_to_compute: str = ""        # CUDA layouts: the rounding conversion of a 64-bit integer
+    int_to_compute: str = ""        # CUDA layouts: the rounding conversion of the difference
+    int_diff_type: str = "long long"  # CUDA layouts: q - zero_point's integer type (exact)
+    int_diff_bits: int = 64
     fma_scale_note: str = ""        # the fused path's scale bound beyond "positive finite"
     element: str = ""               # the element formula base.j2 spells (see element_formula)
     matrix_along_k: bool = False    # GPTQ: a word holds values of one column (rows packed);

@@ -16,7 +16,7 @@ from ..spec import Param
 from .family_int8 import family_int8_parts, int8_knobs
 from .linear_int8 import K_CHUNK
 from .per_group import lower_per_group
-from .registry import FormatKind, Int8View, LinearView, RowSlice, register
+from .registry import FormatKind, Int8View, LinearView, RowSlice, cuda_block_values, register
 
 # Command-line op names of the family and the descriptor each one builds.
 OPS = {
@@ -156,7 +156,7 @@ class PerGroupKind(FormatKind):
             slices={"q": RowSlice(1, 1, packed), "scale": RowSlice(1, 1, g),
                     "zero_point": RowSlice(1, 1, g)},
             sizes={"outer": (0, 1), "axis": (1, 1)}, cuda_value="per_group",
-            k_multiple=g * packed // np.gcd(g, packed),
+            cuda_block_values=cuda_block_values(g), k_multiple=g * packed // np.gcd(g, packed),
             decode=DequantizePerGroupDescriptor(0, 0, g, DType.F32, i),
             sized=lambda n, k: DequantizePerGroupDescriptor(n, k, g, DType.F32, i))
 

@@ -12,7 +12,7 @@ from ..ir import DequantizeFloatZeroDescriptor, DType
 from ..spec import CONVERT
 from .family import PerGroupKind, int8_group_view, stored_values
 from .family_int8 import int8_knobs
-from .registry import FormatKind, LinearView, RowSlice, register
+from .registry import FormatKind, LinearView, RowSlice, cuda_block_values, register
 
 
 class FloatZeroKind(PerGroupKind):
@@ -46,7 +46,7 @@ class FloatZeroKind(PerGroupKind):
             slices={"q": RowSlice(1, 1, packed), "scale": RowSlice(1, 1, g),
                     "zero_point": RowSlice(1, 1, g)},
             sizes={"outer": (0, 1), "axis": (1, 1)}, cuda_value="per_group",
-            k_multiple=g * packed // int(np.gcd(g, packed)),
+            cuda_block_values=cuda_block_values(g), k_multiple=g * packed // int(np.gcd(g, packed)),
             decode=DequantizeFloatZeroDescriptor(0, 0, g, **same),
             sized=lambda n, k: DequantizeFloatZeroDescriptor(n, k, g, **same))
 

@@ -17,7 +17,7 @@ from .ggml_blocks import LAYOUTS
 from .ggml_integers import block_parts, int8_layout
 from .ggml_int8 import int8_ggml_knobs
 from .own_loop import float_helpers, own_loop_spec
-from .registry import FormatKind, Int8View, LinearView, RowSlice, register
+from .registry import FormatKind, Int8View, LinearView, RowSlice, cuda_block_values, register
 
 
 def ggml_type_names() -> tuple[str, ...]:
@@ -61,7 +61,7 @@ class GgmlKind(FormatKind):
         return own_loop_spec(
             desc, target, arch, storage, params, LAYOUTS[desc.layout].formula,
             float_helpers=float_helpers(desc, "load_f16_bits", *g.float_helpers),
-            template="ggml", block_bytes=desc.block_bytes, bits=8, ggml=g,
+            template="ggml", block_bytes=desc.block_bytes, bits=8, ggml=g, narrow_int_diff=True,
             zero_kind="float" if g.m else "int", mid=0, load_float="load_f16")
 
     def linear_view(self, desc):
@@ -69,9 +69,7 @@ class GgmlKind(FormatKind):
         return LinearView(
             slices={"data": RowSlice(1, desc.block_bytes, values)},
             sizes={"blocks": (1, values, 1)}, k_multiple=values, cuda_value="ggml",
-            # a whole number of the linear's 16-lane steps a block (a float tensor's
-            # "block" is one value: nothing shared to read once)
-            cuda_block_values=values if values % 16 == 0 else 0,
+            cuda_block_values=cuda_block_values(values),   # a float tensor's: 0
             decode=GgmlDequantizeDescriptor(0, qtype, DType.F32),
             sized=lambda n, k: GgmlDequantizeDescriptor(n * k // values, qtype, DType.F32))
 

@@ -10,7 +10,7 @@ import numpy as np
 from .. import reference
 from ..ir import DType, HqqDequantizeDescriptor
 from .family import PerGroupKind
-from .registry import FormatKind, LinearView, RowSlice, register
+from .registry import FormatKind, LinearView, RowSlice, cuda_block_values, register
 
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
@@ -47,6 +47,7 @@ class HqqKind(PerGroupKind):
         return LinearView(
             slices={"q": RowSlice(), "scale": RowSlice(1, 1, g), "zero_point": RowSlice(1, 1, g)},
             sizes={"outer": (0, 1), "axis": (1, 1)}, k_multiple=g, cuda_value="per_group",
+            cuda_block_values=cuda_block_values(g),
             decode=HqqDequantizeDescriptor(0, 0, g, f, 8),
             sized=lambda n, k: HqqDequantizeDescriptor(n, k, g, f, 8))
 

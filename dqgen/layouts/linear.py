@@ -57,6 +57,8 @@ CHUNK_COLUMNS = 256
 SUM_FLOATS = 1 << 20
 # The CUDA forward product: rows of x a half-warp applies each decoded value to (registers)
 CUDA_M_TILE = 8
+# the tiles of x that get a loop of their own, without a test a row (decode steps: M = 1)
+CUDA_EXACT_TILES = (1, 2, 4, 8)
 # and 16-value steps a thread keeps its loads in flight for (a small block's are unrolled)
 CUDA_STEPS_IN_FLIGHT = 4
 
@@ -188,8 +190,10 @@ class LinearKnobs:
     cuda_setup: str          # and its setup macro (once a thread)
     transpose: bool
     m_tile: int              # CUDA: rows of x a half-warp takes (the forward product)
-    block_steps: int         # CUDA: 16-value steps a block of the format whose header its
-    block_header: str        # values share (0: none), the macros that read that header
+    exact_tiles: tuple[int, ...]  # and the row counts with a loop of their own (no row tests)
+    block_values: int        # CUDA: values a block (a group) of the format shares a header,
+    block_steps: int         # 16-value steps a block (0: none), the macros that read the
+    block_header: str        # header
     in_block: str            # and a value in the block
     block_unroll: int        # blocks a loop step: at least CUDA_STEPS_IN_FLIGHT steps' loads at once
     chunk_columns: int       # the transposed product: columns of W a step
@@ -299,8 +303,8 @@ class LinearKind(FormatKind):
         knobs = LinearKnobs(
             weight=weight_spec, cuda_value=view.cuda_value,
             cuda_setup=f"{view.cuda_value}_setup" if view.cuda_value else "",
-            transpose=desc.transpose, m_tile=CUDA_M_TILE,
-            block_steps=view.cuda_block_values // LANES,
+            transpose=desc.transpose, m_tile=CUDA_M_TILE, exact_tiles=CUDA_EXACT_TILES,
+            block_values=view.cuda_block_values, block_steps=view.cuda_block_values // LANES,
             block_header=f"{view.cuda_value}_block" if view.cuda_block_values else "",
             in_block=f"{view.cuda_value}_in_block" if view.cuda_block_values else "",
             block_unroll=max(1, CUDA_STEPS_IN_FLIGHT * LANES // max(view.cuda_block_values, 1)),

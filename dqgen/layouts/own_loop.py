@@ -53,9 +53,16 @@ def own_loop_spec(desc, target: str, arch: str, storage: dict, params, formula: 
     compute = DType.F64 if f is DType.F64 else DType.F32
     out = next(p for p in params if p.role == "out")
     fields["element"] = element_formula(Op.DEQUANTIZE, fields.get("zero_kind", "int"))
+    narrow = fields.pop("narrow_int_diff", False)
     if target == "cuda":
         fields["cuda_float_headers"] = cuda_float_headers(fields["float_helpers"])
-        fields["int_to_compute"] = "__ll2double_rn" if compute is DType.F64 else "__ll2float_rn"
+        # a layout whose integers and offsets are a few bits (|q - zp| < 2^24) subtracts
+        # and converts in 32 bits: the same value, a cheaper conversion on a GPU
+        wide = {DType.F64: "__ll2double_rn", DType.F32: "__ll2float_rn"}
+        thin = {DType.F64: "__int2double_rn", DType.F32: "__int2float_rn"}
+        fields["int_to_compute"] = (thin if narrow else wide)[compute]
+        fields["int_diff_type"] = "int32_t" if narrow else "long long"
+        fields["int_diff_bits"] = 32 if narrow else 64
     # f16 converts eight lanes an instruction with F16C where the ISA has it.
     fields["simd_convert"] = "f16c" if target == "c" and arch in F16C_ISAS else ""
     # The one staged array a layout converts in a batch: the scales of a matrix tile, or

@@ -55,6 +55,12 @@ class LinearView:
     cuda_block_values: int = 0
 
 
+def cuda_block_values(values: int) -> int:
+    """A ``LinearView.cuda_block_values``: a block (group) of ``values`` whose header the
+    CUDA linear reads once, where it is a whole number of the linear's 16-value steps."""
+    return values if values % 16 == 0 else 0
+
+
 @dataclass(frozen=True)
 class Int8View:
     """How the int8 linear (SPEC.md §9) reads a weight ``[N, K]`` of this format: as int8

@@ -18,7 +18,7 @@ DEFAULT_ARCH = "sm_90"
 SCHEDULE_KNOBS = frozenset({
     "threads_per_block", "vector_bytes", "vector_elems", "vector_streams",
     "vector_align_check", "grid_waves", "group_per_element", "cuda_float_headers",
-    "int_to_compute"})
+    "int_to_compute", "int_diff_type", "int_diff_bits"})
 
 
 # what a ``--target cuda:ARCH`` may name (lowering takes any sm_/compute_ number)

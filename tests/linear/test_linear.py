@@ -349,13 +349,17 @@ def test_cuda_text_in_emulation(name, tmp_path):
     weight = WEIGHTS[name](rng)
     n, k = weight.shape
     w = weight.dequantize("f32")
-    for m, transpose, with_bias in ((11, False, True), (2, True, False)):   # 11: two tiles of x
+    built = {}
+    # M = 11, 10, 12, 1: a tile of 8 and one of 3 (rows tested), 2, 4, 1 (a loop each)
+    for m, transpose, with_bias in ((11, False, True), (10, False, True), (12, False, True),
+                                    (1, False, True), (2, True, False)):
         x = rng.standard_normal((m, n if transpose else k)).astype(ml_dtypes.bfloat16)
         bias = rng.standard_normal(n).astype(ml_dtypes.bfloat16) if with_bias else None
         desc = LinearDescriptor(weight.descriptor, m, n, k, "bf16", "f32", with_bias, transpose)
         y = np.zeros((m, k if transpose else n), np.float32)
         arrays = [*weight.arrays.values(), x, *([bias] if with_bias else []), y]
-        run_emulated(desc, arrays, [m, n, k], y.size, tmp_path / f"{transpose}")
+        built[transpose] = run_emulated(desc, arrays, [m, n, k], y.size, tmp_path / f"{transpose}",
+                                        built.get(transpose))
         assert_bits_equal(y, reference.linear(x, w.T if transpose else w, bias, np.float32))
 
 
@@ -369,7 +373,7 @@ def test_cuda_reads_every_ggml_type_in_emulation(qtype, tmp_path):
     rng = np.random.default_rng(18)
     layout = parse_ggml_type(qtype)
     values = GGML_BLOCK_VALUES[layout]
-    n, k, m = 5, 2 * max(values, 16), 3
+    n, k = 5, 2 * max(values, 16)
     if qtype in gguf.GGMLQuantizationType.__members__:
         weight = ggml_weight(rng, qtype, n, k)
     else:   # a type newer than gguf-py: random blocks, d a small normal f16
@@ -377,11 +381,14 @@ def test_cuda_reads_every_ggml_type_in_emulation(qtype, tmp_path):
         d = LAYOUTS[layout].d
         blocks[:, d.offset:d.offset + 2] = np.array([0.01], np.float16).view(np.uint8)
         weight = QuantizedWeight.ggml(blocks.reshape(n, -1), qtype, (n, k))
-    x = rng.standard_normal((m, k)).astype(np.float16)
-    desc = LinearDescriptor(weight.descriptor, m, n, k, "f16", "f32")
-    y = np.zeros((m, n), np.float32)
-    run_emulated(desc, [*weight.arrays.values(), x, y], [m, n, k], y.size, tmp_path)
-    assert_bits_equal(y, reference.linear(x, weight.dequantize("f32"), None, np.float32))
+    built = None
+    for m in (3, 1):   # rows tested; a tile of 1
+        x = rng.standard_normal((m, k)).astype(np.float16)
+        desc = LinearDescriptor(weight.descriptor, m, n, k, "f16", "f32")
+        y = np.zeros((m, n), np.float32)
+        built = run_emulated(desc, [*weight.arrays.values(), x, y], [m, n, k], y.size, tmp_path,
+                             built)
+        assert_bits_equal(y, reference.linear(x, weight.dequantize("f32"), None, np.float32))
 
 
 def test_nvrtc_compiles_the_cuda_text():
