@@ -59,8 +59,9 @@ SUM_FLOATS = 1 << 20
 CUDA_M_TILE = 8
 # the tiles of x that get a loop of their own, without a test a row (decode steps: M = 1)
 CUDA_EXACT_TILES = (1, 2, 4, 8)
-# and 16-value steps a thread keeps its loads in flight for (a small block's are unrolled)
-CUDA_STEPS_IN_FLIGHT = 4
+# and 16-value steps a thread unrolls, its loads in flight at once (a small block's are
+# unrolled by blocks): the loads are a byte or two a thread, so latency bounds them
+CUDA_STEPS_IN_FLIGHT = 16
 
 
 def _weight_from(value):
@@ -196,6 +197,7 @@ class LinearKnobs:
     block_header: str        # header
     in_block: str            # and a value in the block
     block_unroll: int        # blocks a loop step: at least CUDA_STEPS_IN_FLIGHT steps' loads at once
+    step_unroll: int         # and steps, value by value
     chunk_columns: int       # the transposed product: columns of W a step
     sum_floats: int          # and its lane sums a thread, at most
     weight_entry: str
@@ -308,6 +310,7 @@ class LinearKind(FormatKind):
             block_header=f"{view.cuda_value}_block" if view.cuda_block_values else "",
             in_block=f"{view.cuda_value}_in_block" if view.cuda_block_values else "",
             block_unroll=max(1, CUDA_STEPS_IN_FLIGHT * LANES // max(view.cuda_block_values, 1)),
+            step_unroll=CUDA_STEPS_IN_FLIGHT,
             chunk_columns=chunk * max(1, -(-CHUNK_COLUMNS // chunk)), sum_floats=SUM_FLOATS,
             weight_entry=weight_spec.entry, weight_args=args,
             weight_inputs=tuple(a for a in args if a.is_input),
