@@ -26,6 +26,23 @@ class CodeRun:
     width: int
 
 
+# Bytes a prefetch brings: a block longer than a line (the K-quants' 84-292 bytes) asks
+# for each of its lines, or its later lines come at the memory's latency when decoded.
+CACHE_LINE = 64
+
+
+@dataclass(frozen=True)
+class FieldVector:
+    """``length`` bytes widened to int32 lanes. Four (``word_lanes``): lane i is the
+    little-endian word shifted right by ``shifts[i]`` and masked, a broadcast, a shift and
+    an and, where GCC widens a 4-byte vector with a scalar insert a lane; longer ones by
+    GCC's own conversion (one zero-extending load)."""
+
+    length: int
+    word_lanes: tuple[int, ...]
+    shifts: tuple[int, ...]
+
+
 @dataclass(frozen=True)
 class GgmlInt8Knobs:
     """What ``int8_ggml.j2`` prints: the GGML knobs (d, the sub-block scales and mins,
@@ -35,6 +52,7 @@ class GgmlInt8Knobs:
     ggml: GgmlKnobs
     type_name: str
     block_bytes: int
+    prefetch_lines: tuple[int, ...]   # a block's cache lines: offsets each asked for ahead
     code_runs: tuple[CodeRun, ...]
     code_widths: tuple[int, ...]   # the byte vectors' widths the runs use
     q_sign: int              # the integers' sign bit (0: unsigned)
@@ -45,7 +63,7 @@ class GgmlInt8Knobs:
     has_min: bool
     scales_apart: bool       # unpack sub-block scales in a call of its own (not inlined)
     vector_field_runs: tuple[Run, ...]   # runs of the scales and mins unpacked as vectors
-    field_vector_lengths: tuple[int, ...]
+    field_vectors: tuple[FieldVector, ...]   # the vector lengths those runs use
     scale_vector: str        # a vector's scales from its f32 lanes fv (d * fv, ...)
     min_vector: str          # and its mins (-(m * fv) or m * fv)
 
@@ -71,7 +89,9 @@ def _field_vectors(g: GgmlKnobs) -> dict:
     scale = (f"(d * ({g.scale_affine[0]!r}f + fv)) * {g.scale_affine[1]!r}f"
              if g.scale_affine else "d * fv")
     return {"vector_field_runs": runs,
-            "field_vector_lengths": tuple(sorted({r.length for r in runs})),
+            "field_vectors": tuple(FieldVector(n, (0, 0, 0, 0) if n == 4 else (),
+                                               (0, 8, 16, 24) if n == 4 else ())
+                                   for n in sorted({r.length for r in runs})),
             "scale_vector": scale, "min_vector": "-(m * fv)" if g.negate_min else "m * fv"}
 
 
@@ -82,6 +102,7 @@ def int8_ggml_knobs(layout: Layout, block: BlockLayout) -> GgmlInt8Knobs:
                  for r in ggml_knobs.field_runs("q", block.q, 0)[0])
     return GgmlInt8Knobs(
         ggml=g, type_name=ggml_type_name(layout), block_bytes=block.block_bytes,
+        prefetch_lines=tuple(range(0, block.block_bytes, CACHE_LINE)),
         code_runs=runs, code_widths=tuple(sorted({r.width for r in runs} - {0})),
         q_sign=block.q.sign, vector_add=(-block.q.sign - block.q.offset) % 256,
         q_offset=block.q.offset, codebook=tuple(v % 256 for v in block.q.codebook),
