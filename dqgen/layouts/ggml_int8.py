@@ -61,7 +61,8 @@ class GgmlInt8Knobs:
     codebook: tuple[int, ...]  # the entries as bytes (mod 256)
     scalar_codebook: bool    # a run decoded one value at a time reads the codebook
     has_min: bool
-    scales_apart: bool       # unpack sub-block scales in a call of its own (not inlined)
+    scales_apart: bool       # unpack sub-block scales in a call of its own (not inlined):
+                             # where some are unpacked one at a time, not as vectors
     vector_field_runs: tuple[Run, ...]   # runs of the scales and mins unpacked as vectors
     field_vectors: tuple[FieldVector, ...]   # the vector lengths those runs use
     scale_vector: str        # a vector's scales from its f32 lanes fv (d * fv, ...)
@@ -100,6 +101,9 @@ def int8_ggml_knobs(layout: Layout, block: BlockLayout) -> GgmlInt8Knobs:
     g = ggml_knobs.knobs(layout, "c", DType.F32)
     runs = tuple(_code_run(r, bool(block.q.codebook))
                  for r in ggml_knobs.field_runs("q", block.q, 0)[0])
+    vectors = _field_vectors(g)
+    scalar_fields = [r for f in (g.scale, g.min) if f is not None for r in f.runs
+                     if r not in vectors["vector_field_runs"]]
     return GgmlInt8Knobs(
         ggml=g, type_name=ggml_type_name(layout), block_bytes=block.block_bytes,
         prefetch_lines=tuple(range(0, block.block_bytes, CACHE_LINE)),
@@ -107,5 +111,6 @@ def int8_ggml_knobs(layout: Layout, block: BlockLayout) -> GgmlInt8Knobs:
         q_sign=block.q.sign, vector_add=(-block.q.sign - block.q.offset) % 256,
         q_offset=block.q.offset, codebook=tuple(v % 256 for v in block.q.codebook),
         scalar_codebook=bool(block.q.codebook) and not all(r.width for r in runs),
-        has_min=block.m is not None, scales_apart=block.scale is not None,
-        **_field_vectors(g))
+        has_min=block.m is not None,
+        scales_apart=block.scale is not None and (bool(scalar_fields) or bool(g.scale_table)),
+        **vectors)
