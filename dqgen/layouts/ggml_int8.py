@@ -33,13 +33,12 @@ CACHE_LINE = 64
 
 @dataclass(frozen=True)
 class FieldVector:
-    """``length`` bytes widened to int32 lanes. Four (``word_lanes``): lane i is the
+    """``length`` bytes widened to int32 lanes. Four (``shifts`` given): lane i is the
     little-endian word shifted right by ``shifts[i]`` and masked, a broadcast, a shift and
     an and, where GCC widens a 4-byte vector with a scalar insert a lane; longer ones by
     GCC's own conversion (one zero-extending load)."""
 
     length: int
-    word_lanes: tuple[int, ...]
     shifts: tuple[int, ...]
 
 
@@ -90,8 +89,7 @@ def _field_vectors(g: GgmlKnobs) -> dict:
     scale = (f"(d * ({g.scale_affine[0]!r}f + fv)) * {g.scale_affine[1]!r}f"
              if g.scale_affine else "d * fv")
     return {"vector_field_runs": runs,
-            "field_vectors": tuple(FieldVector(n, (0, 0, 0, 0) if n == 4 else (),
-                                               (0, 8, 16, 24) if n == 4 else ())
+            "field_vectors": tuple(FieldVector(n, (0, 8, 16, 24) if n == 4 else ())
                                    for n in sorted({r.length for r in runs})),
             "scale_vector": scale, "min_vector": "-(m * fv)" if g.negate_min else "m * fv"}
 

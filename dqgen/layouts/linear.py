@@ -192,9 +192,9 @@ class LinearKnobs:
     transpose: bool
     m_tile: int              # CUDA: rows of x a half-warp takes (the forward product)
     exact_tiles: tuple[int, ...]  # and the row counts with a loop of their own (no row tests)
-    block_values: int        # CUDA: values a block (a group) of the format shares a header,
-    block_steps: int         # 16-value steps a block (0: none), the macros that read the
-    block_header: str        # header
+    block_values: int        # CUDA: values a block (a group) whose header they share (0: none)
+    block_steps: int         # and its 16-value steps
+    block_header: str        # the macros that read a block's header
     in_block: str            # and a value in the block
     block_unroll: int        # blocks a loop step: at least CUDA_STEPS_IN_FLIGHT steps' loads at once
     step_unroll: int         # and steps, value by value

@@ -379,6 +379,25 @@ def test_emulation_driver_takes_declared_parameters():
 
 
 @needs_gxx
+def test_emulated_shuffles_meet_as_on_a_device(tmp_path):
+    """__shfl_down_sync in emulation: lane l gets lane l + delta's value within its
+    segment of `width` lanes and keeps its own past it; two half-warps shuffle apart."""
+    src = ('extern "C" __global__ void shfl(int* y) {'
+           " const int t = threadIdx.x;"
+           " const unsigned half = 0xffffu << (t & 16);"
+           " y[t] = __shfl_down_sync(0xffffffffu, t * 10, 3);"
+           " y[64 + t] = __shfl_down_sync(half, t * 10, 5, 16); }")
+    lib = emu.build_emulated(src, {"shfl": ["int* y"]}, tmp_path)
+    y = np.zeros(128, np.int32)
+    lib.emu_shfl(1, 64, y.ctypes.data)
+    lanes = np.arange(64)
+    full = np.where(lanes % 32 + 3 < 32, lanes + 3, lanes) * 10
+    halves = np.where(lanes % 16 + 5 < 16, lanes + 5, lanes) * 10
+    assert y[:64].tolist() == full.tolist()
+    assert y[64:].tolist() == halves.tolist()
+
+
+@needs_gxx
 def test_emulation_with_address_sanitizer_catches_out_of_bounds(tmp_path):
     """A kernel without a bounds check, run over too many threads, must be caught."""
     src = ('extern "C" __global__ void oob(float* y, long long n) '

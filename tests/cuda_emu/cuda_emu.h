@@ -1,10 +1,10 @@
 // Host emulation of the CUDA device dialect used by dqgen's kernels.
 //
 // Lets a .cu kernel text compile with g++ as C++17 and run on the CPU (see emu.py): the
-// blocks one after the other, a block's threads each on a host thread of its own, so
-// the warp shuffles meet as they do on a device and CUDA kernels can be checked bit for
-// bit on machines without a GPU. Every conversion here rounds exactly as the CUDA intrinsic of the same name:
-// round-to-nearest-even, subnormals kept, NaN and infinities preserved. Build with
+// blocks one after the other, a block's threads each on a host thread of its own, so the
+// warp shuffles meet as they do on a device and CUDA kernels can be checked bit for bit on
+// machines without a GPU. Every conversion here rounds exactly as the CUDA intrinsic of
+// the same name: round-to-nearest-even, subnormals kept, NaN and infinities preserved. Build with
 // -ffp-contract=off so that a*b+c is never fused (nvrtc runs with --fmad=false).
 // Not emulated: block barriers (__syncthreads aborts), atomics, warp votes.
 #pragma once
