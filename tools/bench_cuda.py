@@ -255,18 +255,27 @@ def _format_calls(torch, dev, rows: int, cols: int, gen, out):
         fq.nbytes + fs.nbytes + fz.nbytes
 
 
-def run_formats(torch_device: str = "cuda", shape=FORMAT_SHAPE, repeat: int = 10) -> dict | None:
-    """Each checkpoint format's kernel on the device: effective GB/s (its input bytes and
-    its f16 output once) beside a device-to-device copy that reads and writes as many."""
+def _torch_on(torch_device: str, what: str):
+    """(torch, its device), or None with a line saying why ``what`` cannot run there."""
     try:
         import torch
     except ImportError:
-        print("bench: the formats on --device cuda need torch; torch is not installed. Skipped.")
+        print(f"bench: {what} on --device cuda needs torch; torch is not installed. Skipped.")
         return None
     dev = torch.device(torch_device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        print("bench: formats skipped: no usable CUDA device")
+        print(f"bench: {what} skipped: no usable CUDA device")
         return None
+    return torch, dev
+
+
+def run_formats(torch_device: str = "cuda", shape=FORMAT_SHAPE, repeat: int = 10) -> dict | None:
+    """Each checkpoint format's kernel on the device: effective GB/s (its input bytes and
+    its f16 output once) beside a device-to-device copy that reads and writes as many."""
+    found = _torch_on(torch_device, "the formats")
+    if found is None:
+        return None
+    torch, dev = found
     timed = _timer(torch, dev)
     gen = torch.Generator(device=dev).manual_seed(1)
     rows, cols = shape
@@ -379,16 +388,11 @@ def run_linear(torch_device: str = "cuda", shapes=LINEAR_SHAPES, formats=LINEAR_
     """The fused linear on the device: weight bytes a second at M = 1 beside a copy of the
     same bytes (the copy's read and written bytes a second), and against torch.matmul on
     the f16 weight and dqgen dequantize + torch.matmul at M in ``ms`` (and ``wide``)."""
-    try:
-        import numpy as np
-        import torch
-    except ImportError:
-        print("bench: the linear on --device cuda needs torch; torch is not installed. Skipped.")
+    import numpy as np
+    found = _torch_on(torch_device, "the linear")
+    if found is None:
         return None
-    dev = torch.device(torch_device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        print("bench: linear skipped: no usable CUDA device")
-        return None
+    torch, dev = found
     timed = _timer(torch, dev)
     gen = torch.Generator(device=dev).manual_seed(2)
     rng = np.random.default_rng(2)
