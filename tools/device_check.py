@@ -57,6 +57,7 @@ EMULATION_TESTS = ("tests/cuda/test_cuda_kernels.py", "tests/cuda/test_cuda_infr
                    "tests/formats/test_fp8.py::test_nvrtc_compiles",
                    "tests/formats/test_fp8.py::test_cuda_text_in_emulation",
                    "tests/linear/test_linear.py::test_cuda_text_in_emulation",
+                   "tests/linear/test_linear.py::test_cuda_reads_every_ggml_type_in_emulation",
                    "tests/linear/test_linear.py::test_nvrtc_compiles_the_cuda_text")
 # The device tests: every kernel against its oracle (tests/cuda/test_cuda_gpu.py), and torch CUDA
 # tensors through the registered ops (dqgen.torch) against the same ops on the CPU.
