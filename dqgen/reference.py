@@ -146,17 +146,20 @@ def _lanes_to_y(acc, bias, y_dtype, more=None) -> np.ndarray:
 X_BLOCK = 32      # values of x sharing one int8 scale (SPEC.md §9)
 QUAD = 4          # values whose integer products one lane's term sums
 INT8_LANES = 64   # the int8 linear's lane sums
+SUPERBLOCK = 256        # a super-block weight's values, and x's block beside it
+SUPERBLOCK_LANES = 16   # the lane sums of the super-block order
 
 
-def quantize_x_int8(x) -> tuple[np.ndarray, np.ndarray]:
-    """x ``[M, K]`` (K a multiple of 32) to int8 in blocks of 32 along K (SPEC.md §9):
+def quantize_x_int8(x, block: int = X_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """x ``[M, K]`` (K a multiple of ``block``) to int8 in blocks of ``block`` (32, or 256
+    beside a super-block weight) along K (SPEC.md §9):
     ``d = amax / 127`` in f32, ``q = clamp(rint(f32(x * (1 / d))), -127, 127)`` with ties to
     even; ``1 / d`` is taken as 0 where ``d`` is below the smallest normal f32 (the block's
     codes are then 0), and a block holding Inf or NaN has ``d`` NaN and codes 0. Returns
-    the codes [M, K] int8 and each block's d [M, K / 32] f32."""
+    the codes [M, K] int8 and each block's d [M, K / block] f32."""
     x = np.asarray(x).astype(np.float32)
     m, k = x.shape
-    blocks = x.reshape(m, k // X_BLOCK, X_BLOCK)
+    blocks = x.reshape(m, k // block, block)
     with np.errstate(all="ignore"):
         amax = np.max(np.abs(blocks), axis=-1)
         finite = np.isfinite(amax)
@@ -194,6 +197,46 @@ def linear_int8(x, codes, scales, mins, sub: int, bias, y_dtype,
     s = qx.reshape(m, k // seg, seg).astype(np.int64).sum(axis=-1)[:, None, :]
     macc = _run_lane_sums(np.repeat(np.asarray(mins, np.float32), sub // seg, axis=1),
                           np.repeat(dx, X_BLOCK // seg, axis=1), s, lanes * QUAD // seg)
+    return _lanes_to_y(acc, bias, y_dtype, macc)
+
+
+def linear_int8_superblocks(x, codes, sub_scales, d, mins, dmin, bias,
+                            y_dtype) -> np.ndarray:
+    """The int8 linear's super-block order (SPEC.md §9): ``x [M, K]`` quantized in blocks of
+    256; the weight as integers ``codes [N, K]`` (int8), integer sub-block scales
+    ``sub_scales [N, K / sub]``, each block's ``d [N, K / 256]`` (f32) and, where not None,
+    integer mins ``mins [N, K / sub]`` with the block's min factor ``dmin [N, K / 256]``.
+    Block ``b`` makes 16 exact integers, lane ``l`` the sum of ``C(sc) * C(q) * q_x`` over
+    its quads ``t = l (mod 16)``, and lane ``l`` takes ``fma(f32(d * d_x), S, acc)`` in
+    ascending ``b`` from +0; with mins, sub-block ``j`` of block ``b`` makes
+    ``C(min) * sum q_x`` and lane ``j`` of its own takes ``fma(f32(dmin * d_x), S, acc)``.
+    Each set of lanes is added pairwise, halving; the two sums are added, then the bias;
+    one rounding to ``y_dtype``."""
+    qx, dx = quantize_x_int8(x, SUPERBLOCK)
+    m, k = qx.shape
+    n = codes.shape[0]
+    blocks = k // SUPERBLOCK
+    sub = k // np.asarray(sub_scales).shape[1]
+    ws = np.asarray(codes, np.int8).astype(np.int64) * np.repeat(
+        np.asarray(sub_scales, np.int64), sub, axis=1)
+    shape = (blocks, SUPERBLOCK // (QUAD * SUPERBLOCK_LANES), SUPERBLOCK_LANES, QUAD)
+    s = np.einsum("mbcle,nbcle->mnbl", qx.astype(np.int64).reshape(m, *shape),
+                  ws.reshape(n, *shape))
+    acc = np.zeros((m, n, SUPERBLOCK_LANES), np.float32)
+    with np.errstate(all="ignore"):
+        coef = (np.asarray(d, np.float32)[None] * dx[:, None]).astype(np.float32)
+        for b in range(blocks):
+            acc = fma_f32(coef[..., b, None], s[..., b, :], acc)
+    if mins is None:
+        return _lanes_to_y(acc, bias, y_dtype)
+    subs = SUPERBLOCK // sub
+    bs = qx.astype(np.int64).reshape(m, blocks, subs, sub).sum(axis=-1)
+    t = np.asarray(mins, np.int64).reshape(n, blocks, subs)[None] * bs[:, None]
+    macc = np.zeros((m, n, subs), np.float32)
+    with np.errstate(all="ignore"):
+        mcoef = (np.asarray(dmin, np.float32)[None] * dx[:, None]).astype(np.float32)
+        for b in range(blocks):
+            macc = fma_f32(mcoef[..., b, None], t[..., b, :], macc)
     return _lanes_to_y(acc, bias, y_dtype, macc)
 
 

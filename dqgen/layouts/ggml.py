@@ -14,7 +14,8 @@ from ..ir import GGML_BLOCK_BYTES, DType, GgmlDequantizeDescriptor, ggml_type_na
 from ..spec import Param, pointer
 from . import ggml_knobs
 from .ggml_blocks import LAYOUTS
-from .ggml_integers import block_parts, int8_layout
+from .ggml_integers import (block_parts, codes_unsigned, int8_layout, superblock_layout,
+                            superblock_parts)
 from .ggml_int8 import int8_ggml_knobs
 from .own_loop import float_helpers, own_loop_spec
 from .registry import FormatKind, Int8View, LinearView, RowSlice, cuda_block_values, register
@@ -78,15 +79,24 @@ class GgmlKind(FormatKind):
         if block is None:
             return None
         sub = block.sub or block.values
+        name = (f"GGML {ggml_type_name(desc.qtype)} blocks ({block.block_bytes} bytes, "
+                f"{block.values} values)")
+        if superblock_layout(desc.layout) is not None:
+            def superblock(arrays, n, k):
+                codes, sc, d, mins, dmin = superblock_parts(desc.layout, arrays["data"])
+                rows = (lambda a, per: None if a is None else a.reshape(n, k // per))
+                return (codes.reshape(n, k), rows(sc, sub), rows(d, block.values),
+                        rows(mins, sub), rows(dmin, block.values))
+            return Int8View("c/int8_ggml.j2", int8_ggml_knobs(desc.layout, block), sub,
+                            block.m is not None, block.values, superblock, name,
+                            superblock=True, unsigned_codes=codes_unsigned(block))
 
         def parts(arrays, n, k):
             codes, scales, mins = block_parts(desc.layout, arrays["data"])
             return (codes.reshape(n, k), scales.reshape(n, k // sub),
                     None if mins is None else mins.reshape(n, k // sub))
         return Int8View("c/int8_ggml.j2", int8_ggml_knobs(desc.layout, block), sub,
-                        block.m is not None, block.values, parts,
-                        f"GGML {ggml_type_name(desc.qtype)} blocks ({block.block_bytes} bytes, "
-                        f"{block.values} values)")
+                        block.m is not None, block.values, parts, name)
 
     def format_name(self, desc) -> str:
         return ggml_type_name(desc.qtype)

@@ -35,11 +35,25 @@ CACHE_LINE = 64
 class FieldVector:
     """``length`` bytes widened to int32 lanes. Four (``shifts`` given): lane i is the
     little-endian word shifted right by ``shifts[i]`` and masked, a broadcast, a shift and
-    an and, where GCC widens a 4-byte vector with a scalar insert a lane; longer ones by
-    GCC's own conversion (one zero-extending load)."""
+    an and, where GCC widens a 4-byte vector with a scalar insert a lane; eight and sixteen
+    by one zero-extending load (``widen``, where the compiler defines ``widen_isa``; GCC 12's
+    own conversion takes the bytes out one at a time)."""
 
     length: int
     shifts: tuple[int, ...]
+    widen_isa: str = ""
+    widen: str = ""
+
+
+# The zero-extending loads of 8 and 16 bytes to int32 lanes, and the ISA each needs.
+_WIDEN = {8: ("__AVX2__", "_mm256_cvtepu8_epi32(_mm_loadl_epi64("),
+          16: ("__AVX512F__", "_mm512_cvtepu8_epi32(_mm_loadu_si128(")}
+
+
+def _field_vector(length: int) -> FieldVector:
+    if length == 4:
+        return FieldVector(4, (0, 8, 16, 24))
+    return FieldVector(length, (), *_WIDEN[length])
 
 
 @dataclass(frozen=True)
@@ -89,8 +103,7 @@ def _field_vectors(g: GgmlKnobs) -> dict:
     scale = (f"(d * ({g.scale_affine[0]!r}f + fv)) * {g.scale_affine[1]!r}f"
              if g.scale_affine else "d * fv")
     return {"vector_field_runs": runs,
-            "field_vectors": tuple(FieldVector(n, (0, 8, 16, 24) if n == 4 else ())
-                                   for n in sorted({r.length for r in runs})),
+            "field_vectors": tuple(_field_vector(n) for n in sorted({r.length for r in runs})),
             "scale_vector": scale, "min_vector": "-(m * fv)" if g.negate_min else "m * fv"}
 
 

@@ -3,7 +3,10 @@
 ``(d_k * C(q)) + m_k``, each operation rounded in f32 (``m_k`` absent: ``d_k * C(q)``).
 
 The int8 linear (SPEC.md §9) multiplies these integers, not the floats; its reference
-reads them here. The tests check that recombining the parts gives gguf-py's own
+reads them here. A super-block type (256 values, integer sub-block scales: the K-quants,
+IQ4_XS, Q8_K, TQ1_0, TQ2_0) is read one step further, as llama.cpp multiplies it: the
+sub-block scales and mins stay integers and the block's d and dmin are the only floats
+(``superblock_parts``). The tests check that recombining the parts gives gguf-py's own
 dequantized values bit for bit, so this reading of the table is checked by the oracle.
 """
 
@@ -27,6 +30,39 @@ def int8_layout(layout: Layout) -> BlockLayout | None:
         return None
     lo, hi = _range(block.q)
     return block if -128 <= lo and hi <= 127 else None
+
+
+# Values of a super-block, and the lane sums its integer products make (SPEC.md §9).
+SUPERBLOCK = 256
+SUPERBLOCK_LANES = 16
+# The largest integer every f32 holds exactly: a lane's and a min's integer sum stay within.
+EXACT_F32 = 1 << 24
+
+
+def superblock_layout(layout: Layout) -> BlockLayout | None:
+    """``layout``'s block if the int8 linear multiplies it a super-block at a time: 256
+    values whose sub-block scales are integers times ``d`` (no table, bias or factor) and
+    whose mins, if any, integers times ``dmin``; every lane's integer sum (16 values of a
+    block) and every min's (a sub-block of x's codes) is exact in f32."""
+    block = int8_layout(layout)
+    if block is None or block.values != SUPERBLOCK or block.scale_table \
+            or (block.scale_bias, block.scale_factor) != (0.0, 1.0) \
+            or (block.m is not None and block.min is None):
+        return None
+    q = max(abs(v) for v in _range(block.q))
+    sc = max(abs(v) for v in _range(block.scale)) if block.scale is not None else 1
+    mn = max(abs(v) for v in _range(block.min)) if block.min is not None else 0
+    per_lane = SUPERBLOCK // SUPERBLOCK_LANES
+    if q * 127 * sc * per_lane >= EXACT_F32 or mn * 127 * (block.sub or SUPERBLOCK) >= EXACT_F32:
+        return None
+    return block
+
+
+def codes_unsigned(block: BlockLayout) -> bool:
+    """Whether every integer ``C(q)`` of ``block`` is 0 to 127 (a byte multiply-add takes it
+    as its unsigned operand; others move their sign onto x's codes)."""
+    lo, hi = _range(block.q)
+    return 0 <= lo and hi <= 127
 
 
 def _range(f: Field) -> tuple[int, int]:
@@ -114,6 +150,28 @@ def block_parts(layout: Layout, data) -> tuple[np.ndarray, np.ndarray, np.ndarra
             mins = -(m * field_values(block.min, blocks).astype(np.float32)) \
                 if block.min is not None else m
     return codes, scales.astype(np.float32), None if mins is None else mins.astype(np.float32)
+
+
+def superblock_parts(layout: Layout, data):
+    """``data`` ([blocks, block_bytes] uint8) of a ``superblock_layout``: the values'
+    integers [blocks, 256] (int8), the sub-block scales' integers ``C(sc)`` [blocks, subs]
+    (int32; ones where the type has none), ``d`` [blocks] (f32), and, where the type has
+    mins, their integers ``C(min)`` [blocks, subs] (int32) and the block's min factor
+    [blocks] (f32, ``-dmin``: a value is ``d * C(sc) * C(q) + (-dmin) * C(min)``); else
+    None, None."""
+    block = superblock_layout(layout)
+    if block is None:
+        raise ValueError(f"{layout.value} is not multiplied a super-block at a time")
+    blocks = np.asarray(data, np.uint8).reshape(-1, block.block_bytes)
+    codes = field_values(block.q, blocks).astype(np.int8)
+    subs = block.subs
+    sc = (field_values(block.scale, blocks) if block.scale is not None
+          else np.ones((blocks.shape[0], subs), np.int64)).astype(np.int32)
+    d = _scalar(block.d, blocks)[:, 0]
+    if block.m is None:
+        return codes, sc, d, None, None
+    return (codes, sc, d, field_values(block.min, blocks).astype(np.int32),
+            -_scalar(block.m, blocks)[:, 0])
 
 
 def recombine(layout: Layout, codes, scales, mins) -> np.ndarray:

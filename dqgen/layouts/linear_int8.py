@@ -102,6 +102,9 @@ class Int8Knobs:
     x_load: str
     bias_load: str
     y_store: str
+    # the super-block order (SPEC.md §9)
+    scaled: bool = True      # the weight has sub-block scales to multiply (not Q8_K, TQ*)
+    signed_dot: bool = False     # |C(q)| times x's codes signed as C(q) (else C(q) itself)
 
 
 def _sub_index(quads: int, per_sub: int) -> tuple[int, ...]:
@@ -176,37 +179,58 @@ def lower(desc, target: str, arch: str, storage: dict):
     x_load = CONVERT.get(desc.x_dtype, ("", ""))[0]
     simd = _simd(arch)
     per_sub = view.sub // QUAD
+    order = {"lanes": LANES, "k_step": LANES * QUAD, "seg": min(view.sub, X_BLOCK),
+             "min_lanes": LANES * QUAD // min(view.sub, X_BLOCK)}
+    if view.superblock:
+        order = _superblock_order(view)
     knobs = Int8Knobs(
         view=view, decode=view.knobs, weight_inputs=inputs, sub=view.sub,
         has_min=view.has_min, lane_regs=simd.lane_regs, dot=simd.dot,
-        prefetch_bytes=PREFETCH_BYTES,
-        micro_rows=simd.micro_rows, lanes=LANES, k_step=LANES * QUAD, k_chunk=K_CHUNK,
-        seg=min(view.sub, X_BLOCK), min_lanes=LANES * QUAD // min(view.sub, X_BLOCK),
+        prefetch_bytes=PREFETCH_BYTES, micro_rows=simd.micro_rows, k_chunk=K_CHUNK,
         quads_per_sub=per_sub,
         sub_index512=_sub_index(16, per_sub), sub_index256=_sub_index(8, per_sub),
         x_c_type=x.c_type, bias_c_type=bias[0].c_type if bias else "", x_load=x_load,
-        bias_load=x_load if bias else "", y_store=CONVERT.get(desc.y_dtype, ("", ""))[1])
+        bias_load=x_load if bias else "", y_store=CONVERT.get(desc.y_dtype, ("", ""))[1],
+        **order)
     helpers = float_helpers(desc, "load_f16_bits", *(h for h in (x_load,) if h),
                             *view.helpers)
     ggml = getattr(view.knobs, "ggml", None)
     spec = own_loop_spec(desc, target, arch, storage, params, FORMULA,
-                         float_helpers=helpers, template="linear_int8", layout_knobs=knobs,
+                         float_helpers=helpers, layout_knobs=knobs,
+                         template="linear_int8_superblock" if view.superblock else "linear_int8",
                          load_float="", **({"ggml": ggml} if ggml is not None else {}))
     return dataclasses.replace(spec, op=Op.LINEAR, descriptor=(
         f"LinearDescriptor(weight={desc.weight.uri}, x_dtype={desc.x_dtype.value}, "
         f"y_dtype={desc.y_dtype.value}, bias={desc.bias}, compute=int8)"))
 
 
+def _superblock_order(view) -> dict:
+    """The super-block order's knobs: sixteen lanes, a min lane a sub-block, x in blocks of
+    256, the sub-block scales, and whether the codes' signs move onto x's."""
+    return {"lanes": reference.SUPERBLOCK_LANES, "k_step": reference.SUPERBLOCK,
+            "min_lanes": reference.SUPERBLOCK // view.sub, "seg": view.sub,
+            "scaled": view.sub < reference.SUPERBLOCK, "signed_dot": not view.unsigned_codes}
+
+
 def parts(desc, arrays: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
     """The weight ``[n, k]`` as integers ``[n, k]``, scales and mins ``[n, k / sub]`` and
-    ``sub``, read in numpy by its view."""
+    ``sub``, read in numpy by its view (the quad order's parts)."""
     view = weight_view(desc.weight)
     codes, scales, mins = view.parts(arrays, desc.n, desc.k)
     return codes, scales, mins, view.sub
 
 
-def oracle(desc, arrays: dict) -> np.ndarray:
+def expected(desc, arrays: dict, x, bias, y_dtype) -> np.ndarray:
+    """y for ``x`` times the weight in ``arrays`` (``desc``'s), as the reference computes it:
+    ``reference.linear_int8``, or its super-block order for a super-block view."""
+    view = weight_view(desc.weight)
+    if view.superblock:
+        return reference.linear_int8_superblocks(x, *view.parts(arrays, desc.n, desc.k),
+                                                 bias, y_dtype)
     codes, scales, mins, sub = parts(desc, arrays)
-    bias = arrays.get("bias") if desc.bias else None
-    return reference.linear_int8(arrays["x"], codes, scales, mins, sub, bias,
-                                 desc.y_dtype.np_dtype)
+    return reference.linear_int8(x, codes, scales, mins, sub, bias, y_dtype)
+
+
+def oracle(desc, arrays: dict) -> np.ndarray:
+    return expected(desc, arrays, arrays["x"], arrays.get("bias") if desc.bias else None,
+                    desc.y_dtype.np_dtype)

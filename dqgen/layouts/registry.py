@@ -67,7 +67,9 @@ class Int8View:
     integers with a scale (and a min) a run of ``sub`` values. ``template`` is the C macros
     that decode a chunk of a row (``templates/c/int8_*.j2``) and ``knobs`` what they print;
     ``parts(arrays, n, k)`` reads the same integers, scales and mins in numpy (the
-    reference's input); K must be a multiple of ``k_multiple``."""
+    reference's input); K must be a multiple of ``k_multiple``. A ``superblock`` view (GGML
+    blocks of 256 with integer sub-block scales) is multiplied in §9's super-block order:
+    its ``parts`` are ``ggml_integers.superblock_parts``'s, reshaped to rows."""
 
     template: str
     knobs: object
@@ -77,6 +79,8 @@ class Int8View:
     parts: Callable[[dict, int, int], tuple]
     name: str                      # the format, in the kernel's header comment
     helpers: tuple[str, ...] = ()  # conversions its decode calls (convert.j2's)
+    superblock: bool = False
+    unsigned_codes: bool = False   # every integer is 0 to 127
 
 
 class FormatKind:
