@@ -1,5 +1,6 @@
-"""The int8 linear (``compute="int8"``, SPEC.md §9): x quantized to int8 in blocks of 32,
-the weight's own integers multiplied exactly, each quad's terms in a fixed f32 order.
+"""The int8 linear (``compute="int8"``, SPEC.md §9): x quantized to int8 in blocks of 32
+(256 beside a super-block weight), the weight's own integers multiplied exactly, each quad's
+(or each super-block's) terms in a fixed f32 order.
 Bit for bit ``reference.linear_int8`` for every GGML type it reads, every x dtype, M in
 {1, 2, 3, 8, 17, 64}, K tails, every ISA and thread count; the weight's integer parts
 recombine to the dequantized values exactly; the error against the exact product is
@@ -21,7 +22,8 @@ from dqgen.formats.weight import QuantizedWeight, linear
 from dqgen.ir import ggml_type_name
 from dqgen.layouts import linear_int8
 from dqgen.layouts.ggml_blocks import LAYOUTS
-from dqgen.layouts.ggml_integers import block_parts, int8_layout, recombine
+from dqgen.layouts.ggml_integers import (block_parts, int8_layout, recombine, superblock_layout,
+                                         superblock_parts)
 from dqgen.layouts.linear import LinearDescriptor
 from dqgen.plans import PlanPreference
 from formats_util import assert_bits_equal
@@ -32,6 +34,7 @@ MS = (1, 2, 3, 8, 17, 64)
 INT8_TYPES = tuple(ggml_type_name(t) for t in LAYOUTS if int8_layout(t) is not None)
 # The types llama.cpp's own comparison uses, and one of each other family.
 MAIN_TYPES = ("Q4_0", "Q8_0", "Q4_K", "Q6_K", "IQ4_XS")
+SUPERBLOCK_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "IQ4_XS", "TQ1_0", "TQ2_0")
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered")
 
 
@@ -64,8 +67,12 @@ def x_of(rng, m: int, k: int, dtype) -> np.ndarray:
 def expected(weight, x, bias, y_dtype):
     desc = LinearDescriptor(weight.descriptor, x.shape[0], *weight.shape, "f32", "f32",
                             compute="int8")
-    codes, scales, mins, sub = linear_int8.parts(desc, weight.arrays)
-    return reference.linear_int8(x, codes, scales, mins, sub, bias, y_dtype)
+    return linear_int8.expected(desc, weight.arrays, x, bias, y_dtype)
+
+
+def x_block(qtype: str) -> int:
+    """x's block beside ``qtype``: 256 for a super-block type, else 32."""
+    return 256 if qtype in SUPERBLOCK_TYPES else 32
 
 
 @pytest.mark.parametrize("qtype", INT8_TYPES)
@@ -80,6 +87,33 @@ def test_integer_parts_recombine_to_the_dequantized_values(qtype):
     assert codes.dtype == np.int8
     want = ggml.dequantize(data, qtype, "f32").reshape(codes.shape)
     assert_bits_equal(recombine(layout, codes, scales, mins), want)
+
+
+@pytest.mark.parametrize("qtype", SUPERBLOCK_TYPES)
+def test_superblock_parts_make_the_sub_block_scales_and_mins(qtype):
+    """The super-block order's integers: d * C(sc) and -dmin * C(min), each rounded once in
+    f32, are the quad order's sub-block scales and mins bit for bit (so recombined, gguf-py's
+    values), and the codes are the same."""
+    layout = ggml.parse_ggml_type(qtype)
+    rng = np.random.default_rng(len(qtype) + 7)
+    data = rng.integers(0, 256, (64, LAYOUTS[layout].block_bytes), dtype=np.uint8)
+    codes, sc, d, mins, dmin = superblock_parts(layout, data)
+    want_codes, scales, want_mins = block_parts(layout, data)
+    assert np.array_equal(codes, want_codes) and sc.dtype == np.int32
+    with np.errstate(all="ignore"):
+        assert_bits_equal((d[:, None] * sc.astype(np.float32)).astype(np.float32), scales)
+        if want_mins is None:
+            assert mins is None and dmin is None
+        else:
+            assert_bits_equal((dmin[:, None] * mins.astype(np.float32)).astype(np.float32),
+                              want_mins)
+
+
+def test_the_superblock_types():
+    """Blocks of 256 with integer sub-block scales take the super-block order; the others
+    (blocks of 32 to 128, NVFP4's table of scales) the quad order."""
+    assert {ggml_type_name(t) for t in LAYOUTS if superblock_layout(t) is not None} \
+        == set(SUPERBLOCK_TYPES)
 
 
 def test_the_types_it_reads():
@@ -207,14 +241,14 @@ def test_error_against_the_exact_product_within_the_bound():
     """|y - sum in f64 of x W| <= sum |W| * d_x / 2 (x's rounding: half a step of its block)
     + gamma(K / 256 + 6) * sum |x~ W| (the f32 sums), with x~ x as its codes give it back."""
     rng = np.random.default_rng(5)
-    for qtype in ("Q8_0", "Q4_K"):
+    for qtype in ("Q8_0", "Q4_K", "Q6_K"):
         weight = weight_of(rng, qtype, 48, 2048)
         x = x_of(rng, 3, 2048, np.float32)
         y = linear(x, weight, compute="int8").astype(np.float64)
         w = weight.dequantize("f32").astype(np.float64)
         exact = x.astype(np.float64) @ w.T
-        q, d = reference.quantize_x_int8(x)
-        step = np.repeat(d.astype(np.float64), 32, axis=1)
+        q, d = reference.quantize_x_int8(x, x_block(qtype))
+        step = np.repeat(d.astype(np.float64), x_block(qtype), axis=1)
         x_back = q * step
         steps = 2048 // 256 + 6
         gamma = steps * 2.0**-24 / (1 - steps * 2.0**-24)
