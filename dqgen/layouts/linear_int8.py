@@ -1,7 +1,10 @@
 """The int8 linear (``compute="int8"``, SPEC.md §9): x quantized to int8 in blocks of 32
 along K, the weight's own integers multiplied with it exactly (integer dot products:
 AVX512-VNNI on the levels whose CPUs have it, else AVX-512BW/AVX2 byte multiply-adds),
-each quad of products scaled and summed in f32 in a fixed order.
+each quad of products scaled and summed in f32 in a fixed order. GGML's super-block types
+(blocks of 256, integer sub-block scales) are multiplied as llama.cpp does: x in blocks of
+256, the sub-block scales applied to the integers, one f32 term a block a lane
+(``linear_int8_superblock.c.j2``).
 
 As llama.cpp does for its types: x loses precision to its int8 codes (a relative error of
 about 1/254 of its block's largest value), the weight none. A format takes part through
@@ -28,6 +31,9 @@ from .registry import kind_of, kinds
 FORMULA = ("y[m, n] = F(sum64(fma(f32(d_w * d_x), P, acc)) [+ sumL(fma(f32(m_w * d_x), S, "
            "acc))] + bias[n]): P an exact integer sum of a quad, S of a segment, x int8 in "
            "blocks of 32")
+SUPERBLOCK_FORMULA = ("y[m, n] = F(sum16(fma(f32(d * d_x), S, acc)) [+ sumJ(fma(f32(-dmin * d_x), "
+                      "M, acc))] + bias[n]): S an exact integer sum of C(sc) * C(q) * q_x, M of "
+                      "C(min) * q_x, x int8 in blocks of 256")
 # Lane sums: four AVX-512 registers a row of x, so that four chains of fused multiply-adds
 # run at once (one chain waits on the fma's latency).
 LANES = reference.INT8_LANES
@@ -195,7 +201,8 @@ def lower(desc, target: str, arch: str, storage: dict):
     helpers = float_helpers(desc, "load_f16_bits", *(h for h in (x_load,) if h),
                             *view.helpers)
     ggml = getattr(view.knobs, "ggml", None)
-    spec = own_loop_spec(desc, target, arch, storage, params, FORMULA,
+    spec = own_loop_spec(desc, target, arch, storage, params,
+                         SUPERBLOCK_FORMULA if view.superblock else FORMULA,
                          float_helpers=helpers, layout_knobs=knobs,
                          template="linear_int8_superblock" if view.superblock else "linear_int8",
                          load_float="", **({"ggml": ggml} if ggml is not None else {}))
