@@ -48,6 +48,9 @@ PREFETCH_BYTES = 8192
 # Values of a row of W decoded at a time (a multiple of the lanes' 256 values and of every
 # block): its codes and a micro-kernel's rows of x stay in L1 however long K is.
 K_CHUNK = 2048
+# The super-block order's chunk: a row of 4096 values in one decode and one dot call (its
+# x codes, a byte a value, and a micro-kernel's four rows still stay in L1).
+SUPERBLOCK_K_CHUNK = 4096
 
 
 @dataclass(frozen=True)
@@ -185,14 +188,14 @@ def lower(desc, target: str, arch: str, storage: dict):
     x_load = CONVERT.get(desc.x_dtype, ("", ""))[0]
     simd = _simd(arch)
     per_sub = view.sub // QUAD
-    order = {"lanes": LANES, "k_step": LANES * QUAD, "seg": min(view.sub, X_BLOCK),
+    order = {"lanes": LANES, "k_step": LANES * QUAD, "k_chunk": K_CHUNK, "seg": min(view.sub, X_BLOCK),
              "min_lanes": LANES * QUAD // min(view.sub, X_BLOCK)}
     if view.superblock:
         order = _superblock_order(view)
     knobs = Int8Knobs(
         view=view, decode=view.knobs, weight_inputs=inputs, sub=view.sub,
         has_min=view.has_min, lane_regs=simd.lane_regs, dot=simd.dot,
-        prefetch_bytes=PREFETCH_BYTES, micro_rows=simd.micro_rows, k_chunk=K_CHUNK,
+        prefetch_bytes=PREFETCH_BYTES, micro_rows=simd.micro_rows,
         quads_per_sub=per_sub,
         sub_index512=_sub_index(16, per_sub), sub_index256=_sub_index(8, per_sub),
         x_c_type=x.c_type, bias_c_type=bias[0].c_type if bias else "", x_load=x_load,
@@ -215,6 +218,7 @@ def _superblock_order(view) -> dict:
     """The super-block order's knobs: sixteen lanes, a min lane a sub-block, x in blocks of
     256, the sub-block scales, and whether the codes' signs move onto x's."""
     return {"lanes": reference.SUPERBLOCK_LANES, "k_step": reference.SUPERBLOCK,
+            "k_chunk": SUPERBLOCK_K_CHUNK,
             "min_lanes": reference.SUPERBLOCK // view.sub, "seg": view.sub,
             "scaled": view.sub < reference.SUPERBLOCK, "signed_dot": not view.unsigned_codes}
 
