@@ -146,8 +146,7 @@ def _lanes_to_y(acc, bias, y_dtype, more=None) -> np.ndarray:
 X_BLOCK = 32      # values of x sharing one int8 scale (SPEC.md §9)
 QUAD = 4          # values whose integer products one lane's term sums
 INT8_LANES = 64   # the int8 linear's lane sums
-SUPERBLOCK = 256        # a super-block weight's values, and x's block beside it
-SUPERBLOCK_LANES = 16   # the lane sums of the super-block order
+BLOCK_LANES = 16   # the lane sums of the block order
 
 
 def quantize_x_int8(x, block: int = X_BLOCK) -> tuple[np.ndarray, np.ndarray]:
@@ -200,36 +199,36 @@ def linear_int8(x, codes, scales, mins, sub: int, bias, y_dtype,
     return _lanes_to_y(acc, bias, y_dtype, macc)
 
 
-def linear_int8_superblocks(x, codes, sub_scales, d, mins, dmin, bias,
-                            y_dtype) -> np.ndarray:
-    """The int8 linear's super-block order (SPEC.md §9): ``x [M, K]`` quantized in blocks of
-    256; the weight as integers ``codes [N, K]`` (int8), integer sub-block scales
-    ``sub_scales [N, K / sub]``, each block's ``d [N, K / 256]`` (f32) and, where not None,
-    integer mins ``mins [N, K / sub]`` with the block's min factor ``dmin [N, K / 256]``.
+def linear_int8_blocks(x, codes, sub_scales, d, mins, dmin, bias, y_dtype) -> np.ndarray:
+    """The int8 linear's block order (SPEC.md §9): the weight in blocks of ``block = K /
+    d.shape[1]`` values (a multiple of 64), and ``x [M, K]`` quantized in blocks as long;
+    the weight as integers ``codes [N, K]`` (int8), integer sub-block scales ``sub_scales
+    [N, K / sub]``, each block's ``d [N, K / block]`` (f32) and, where not None, integer
+    mins ``mins [N, K / sub]`` with the block's min factor ``dmin [N, K / block]``.
     Block ``b`` makes 16 exact integers, lane ``l`` the sum of ``C(sc) * C(q) * q_x`` over
     its quads ``t = l (mod 16)``, and lane ``l`` takes ``fma(f32(d * d_x), S, acc)`` in
     ascending ``b`` from +0; with mins, sub-block ``j`` of block ``b`` makes
     ``C(min) * sum q_x`` and lane ``j`` of its own takes ``fma(f32(dmin * d_x), S, acc)``.
     Each set of lanes is added pairwise, halving; the two sums are added, then the bias;
     one rounding to ``y_dtype``."""
-    qx, dx = quantize_x_int8(x, SUPERBLOCK)
-    m, k = qx.shape
+    m, k = np.shape(x)
+    blocks = np.asarray(d).shape[1]
+    block, sub = k // blocks, k // np.asarray(sub_scales).shape[1]
+    qx, dx = quantize_x_int8(x, block)
     n = codes.shape[0]
-    blocks = k // SUPERBLOCK
-    sub = k // np.asarray(sub_scales).shape[1]
     ws = np.asarray(codes, np.int8).astype(np.int64) * np.repeat(
         np.asarray(sub_scales, np.int64), sub, axis=1)
-    shape = (blocks, SUPERBLOCK // (QUAD * SUPERBLOCK_LANES), SUPERBLOCK_LANES, QUAD)
+    shape = (blocks, block // (QUAD * BLOCK_LANES), BLOCK_LANES, QUAD)
     s = np.einsum("mbcle,nbcle->mnbl", qx.astype(np.int64).reshape(m, *shape),
                   ws.reshape(n, *shape))
-    acc = np.zeros((m, n, SUPERBLOCK_LANES), np.float32)
+    acc = np.zeros((m, n, BLOCK_LANES), np.float32)
     with np.errstate(all="ignore"):
         coef = (np.asarray(d, np.float32)[None] * dx[:, None]).astype(np.float32)
         for b in range(blocks):
             acc = fma_f32(coef[..., b, None], s[..., b, :], acc)
     if mins is None:
         return _lanes_to_y(acc, bias, y_dtype)
-    subs = SUPERBLOCK // sub
+    subs = block // sub
     bs = qx.astype(np.int64).reshape(m, blocks, subs, sub).sum(axis=-1)
     t = np.asarray(mins, np.int64).reshape(n, blocks, subs)[None] * bs[:, None]
     macc = np.zeros((m, n, subs), np.float32)

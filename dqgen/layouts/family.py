@@ -3,6 +3,7 @@ and packed u4/s4 storage (SPEC.md §1-4), with ``dqgen.reference`` as the oracle
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -13,7 +14,7 @@ from ..ir import (DESCRIPTORS, DequantizePerGroupBackwardDescriptor, DequantizeP
                   DType, Op, PerGroupDescriptor, QuantizePerGroupBackwardDescriptor,
                   QuantizePerGroupDescriptor, check_int)
 from ..spec import Param
-from .family_int8 import family_int8_parts, int8_knobs
+from .family_int8 import codes_unsigned, family_int8_block_parts, family_int8_parts, int8_knobs
 from .linear_int8 import K_CHUNK
 from .per_group import lower_per_group
 from .registry import FormatKind, Int8View, LinearView, RowSlice, cuda_block_values, register
@@ -65,17 +66,33 @@ def stored_values(desc, q: np.ndarray) -> np.ndarray:
     return unpack_nibbles(q, t is DType.S4) if t.is_packed else q.astype(np.int64)
 
 
+# Groups the int8 linear multiplies in the block order (SPEC.md §9): a group a block, from
+# a whole AVX-512 register of codes to a GGML super-block; shorter and longer ones take the
+# quad order.
+BLOCK_GROUPS = (64, 256)
+
+
 def int8_group_view(desc, knobs, scales: str):
     """The int8 linear's view of a per-group weight ``desc`` read as ``knobs`` say, or None
     where its groups are not a power of two from 16 values to a decoded chunk (whole quads,
-    whole groups a chunk)."""
+    whole groups a chunk); groups of 64 to 256 in the block order."""
     g = desc.group_size
     if g < 16 or g & (g - 1) or K_CHUNK % g:
         return None
-    return Int8View("c/int8_family.j2", knobs, g, True, max(g, 32),
+    if g < BLOCK_GROUPS[0] or g > BLOCK_GROUPS[1]:
+        return Int8View("c/int8_family.j2", knobs, g, True, max(g, 32),
+                        lambda arrays, n, k: family_int8_parts(desc, knobs, arrays, n, k),
+                        f"{desc.int_dtype.value} values in groups of {g} along k, {scales} each",
+                        (knobs.scale_load,) if knobs.scale_load else ())
+    knobs = dataclasses.replace(knobs, block=g)
+    return Int8View("c/int8_family.j2", knobs, g, True, g,
                     lambda arrays, n, k: family_int8_parts(desc, knobs, arrays, n, k),
                     f"{desc.int_dtype.value} values in groups of {g} along k, {scales} each",
-                    (knobs.scale_load,) if knobs.scale_load else ())
+                    (knobs.scale_load,) if knobs.scale_load else (), block=g,
+                    block_parts=lambda arrays, n, k: family_int8_block_parts(
+                        desc, knobs, arrays, n, k),
+                    unsigned_codes=codes_unsigned(desc.int_dtype, knobs.code_add),
+                    integer_mins=False)
 
 
 class PerGroupKind(FormatKind):

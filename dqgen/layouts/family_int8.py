@@ -24,6 +24,7 @@ class FamilyInt8Knobs:
     per_byte: int
     float_zero: bool         # the min is the zero point itself (float zero points)
     scale_load: str          # the scales' and zero points' widening ("" for f32)
+    block: int = 0           # the block order's block: a group (0: the quad order)
 
 
 def int8_knobs(int_dtype, code_add: int, float_zero: bool, scale_load: str) -> FamilyInt8Knobs:
@@ -32,6 +33,20 @@ def int8_knobs(int_dtype, code_add: int, float_zero: bool, scale_load: str) -> F
                            code_add=code_add, zero_bias=0 if float_zero else -code_add,
                            per_byte=2 if int_dtype.is_packed else 1, float_zero=float_zero,
                            scale_load=scale_load)
+
+
+def codes_unsigned(int_dtype, code_add: int) -> bool:
+    """Whether every code (a stored integer plus ``code_add``) is 0 to 127."""
+    lo, hi = {"U4": (0, 15), "S4": (-8, 7), "U8": (0, 255), "S8": (-128, 127)}[int_dtype.name]
+    return 0 <= lo + code_add and hi + code_add <= 127
+
+
+def family_int8_block_parts(desc, knobs: FamilyInt8Knobs, arrays: dict, n: int, k: int):
+    """The block order's parts (``reference.linear_int8_blocks``'s): a group is a block of
+    one sub-block, its scale the block's d, its min the block's min factor times 1."""
+    codes, scales, mins = family_int8_parts(desc, knobs, arrays, n, k)
+    ones = np.ones(scales.shape, np.int32)
+    return codes, ones, scales, ones, mins
 
 
 def family_int8_parts(desc, knobs: FamilyInt8Knobs, arrays: dict, n: int, k: int):

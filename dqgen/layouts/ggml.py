@@ -5,6 +5,8 @@ gguf-py's ``gguf.quants.dequantize`` is the oracle."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 
 import numpy as np
@@ -81,22 +83,22 @@ class GgmlKind(FormatKind):
         sub = block.sub or block.values
         name = (f"GGML {ggml_type_name(desc.qtype)} blocks ({block.block_bytes} bytes, "
                 f"{block.values} values)")
-        if superblock_layout(desc.layout) is not None:
-            def superblock(arrays, n, k):
-                codes, sc, d, mins, dmin = superblock_parts(desc.layout, arrays["data"])
-                rows = (lambda a, per: None if a is None else a.reshape(n, k // per))
-                return (codes.reshape(n, k), rows(sc, sub), rows(d, block.values),
-                        rows(mins, sub), rows(dmin, block.values))
-            return Int8View("c/int8_ggml.j2", int8_ggml_knobs(desc.layout, block), sub,
-                            block.m is not None, block.values, superblock, name,
-                            superblock=True, unsigned_codes=codes_unsigned(block))
-
         def parts(arrays, n, k):
             codes, scales, mins = block_parts(desc.layout, arrays["data"])
             return (codes.reshape(n, k), scales.reshape(n, k // sub),
                     None if mins is None else mins.reshape(n, k // sub))
-        return Int8View("c/int8_ggml.j2", int8_ggml_knobs(desc.layout, block), sub,
+        view = Int8View("c/int8_ggml.j2", int8_ggml_knobs(desc.layout, block), sub,
                         block.m is not None, block.values, parts, name)
+        if superblock_layout(desc.layout) is None:
+            return view
+
+        def superblock(arrays, n, k):
+            codes, sc, d, mins, dmin = superblock_parts(desc.layout, arrays["data"])
+            rows = (lambda a, per: None if a is None else a.reshape(n, k // per))
+            return (codes.reshape(n, k), rows(sc, sub), rows(d, block.values),
+                    rows(mins, sub), rows(dmin, block.values))
+        return dataclasses.replace(view, block=block.values, block_parts=superblock,
+                                   unsigned_codes=codes_unsigned(block))
 
     def format_name(self, desc) -> str:
         return ggml_type_name(desc.qtype)

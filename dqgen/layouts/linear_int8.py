@@ -4,7 +4,7 @@ AVX512-VNNI on the levels whose CPUs have it, else AVX-512BW/AVX2 byte multiply-
 each quad of products scaled and summed in f32 in a fixed order. GGML's super-block types
 (blocks of 256, integer sub-block scales) are multiplied as llama.cpp does: x in blocks of
 256, the sub-block scales applied to the integers, one f32 term a block a lane
-(``linear_int8_superblock.c.j2``).
+(``linear_int8_blocks.c.j2``).
 
 As llama.cpp does for its types: x loses precision to its int8 codes (a relative error of
 about 1/254 of its block's largest value), the weight none. A format takes part through
@@ -31,9 +31,9 @@ from .registry import kind_of, kinds
 FORMULA = ("y[m, n] = F(sum64(fma(f32(d_w * d_x), P, acc)) [+ sumL(fma(f32(m_w * d_x), S, "
            "acc))] + bias[n]): P an exact integer sum of a quad, S of a segment, x int8 in "
            "blocks of 32")
-SUPERBLOCK_FORMULA = ("y[m, n] = F(sum16(fma(f32(d * d_x), S, acc)) [+ sumJ(fma(f32(-dmin * d_x), "
-                      "M, acc))] + bias[n]): S an exact integer sum of C(sc) * C(q) * q_x, M of "
-                      "C(min) * q_x, x int8 in blocks of 256")
+BLOCK_FORMULA = ("y[m, n] = F(sum16(fma(f32(d * d_x), S, acc)) [+ sumJ(fma(f32(-dmin * d_x), "
+                 "M, acc))] + bias[n]): S an exact integer sum of C(sc) * C(q) * q_x, M of "
+                 "C(min) * q_x, x int8 in blocks of W's")
 # Lane sums: four AVX-512 registers a row of x, so that four chains of fused multiply-adds
 # run at once (one chain waits on the fma's latency).
 LANES = reference.INT8_LANES
@@ -48,9 +48,9 @@ PREFETCH_BYTES = 8192
 # Values of a row of W decoded at a time (a multiple of the lanes' 256 values and of every
 # block): its codes and a micro-kernel's rows of x stay in L1 however long K is.
 K_CHUNK = 2048
-# The super-block order's chunk: a row of 4096 values in one decode and one dot call (its
-# x codes, a byte a value, and a micro-kernel's four rows still stay in L1).
-SUPERBLOCK_K_CHUNK = 4096
+# The block order's chunk: a row of 4096 values in one decode and one dot call (its x
+# codes, a byte a value, and a micro-kernel's four rows still stay in L1).
+BLOCK_K_CHUNK = 4096
 
 
 @dataclass(frozen=True)
@@ -111,9 +111,12 @@ class Int8Knobs:
     x_load: str
     bias_load: str
     y_store: str
-    # the super-block order (SPEC.md §9)
+    # the block order (SPEC.md §9)
+    x_block: int = 32        # x's block: the weight's block
+    subs: int = 1            # sub-blocks a block
     scaled: bool = True      # the weight has sub-block scales to multiply (not Q8_K, TQ*)
     signed_dot: bool = False     # |C(q)| times x's codes signed as C(q) (else C(q) itself)
+    integer_mins: bool = True    # mins are integers times a block's factor (else one a block)
 
 
 def _sub_index(quads: int, per_sub: int) -> tuple[int, ...]:
@@ -190,8 +193,8 @@ def lower(desc, target: str, arch: str, storage: dict):
     per_sub = view.sub // QUAD
     order = {"lanes": LANES, "k_step": LANES * QUAD, "k_chunk": K_CHUNK, "seg": min(view.sub, X_BLOCK),
              "min_lanes": LANES * QUAD // min(view.sub, X_BLOCK)}
-    if view.superblock:
-        order = _superblock_order(view)
+    if view.block:
+        order = _block_order(view)
     knobs = Int8Knobs(
         view=view, decode=view.knobs, weight_inputs=inputs, sub=view.sub,
         has_min=view.has_min, lane_regs=simd.lane_regs, dot=simd.dot,
@@ -205,22 +208,23 @@ def lower(desc, target: str, arch: str, storage: dict):
                             *view.helpers)
     ggml = getattr(view.knobs, "ggml", None)
     spec = own_loop_spec(desc, target, arch, storage, params,
-                         SUPERBLOCK_FORMULA if view.superblock else FORMULA,
+                         BLOCK_FORMULA if view.block else FORMULA,
                          float_helpers=helpers, layout_knobs=knobs,
-                         template="linear_int8_superblock" if view.superblock else "linear_int8",
+                         template="linear_int8_blocks" if view.block else "linear_int8",
                          load_float="", **({"ggml": ggml} if ggml is not None else {}))
     return dataclasses.replace(spec, op=Op.LINEAR, descriptor=(
         f"LinearDescriptor(weight={desc.weight.uri}, x_dtype={desc.x_dtype.value}, "
         f"y_dtype={desc.y_dtype.value}, bias={desc.bias}, compute=int8)"))
 
 
-def _superblock_order(view) -> dict:
-    """The super-block order's knobs: sixteen lanes, a min lane a sub-block, x in blocks of
-    256, the sub-block scales, and whether the codes' signs move onto x's."""
-    return {"lanes": reference.SUPERBLOCK_LANES, "k_step": reference.SUPERBLOCK,
-            "k_chunk": SUPERBLOCK_K_CHUNK,
-            "min_lanes": reference.SUPERBLOCK // view.sub, "seg": view.sub,
-            "scaled": view.sub < reference.SUPERBLOCK, "signed_dot": not view.unsigned_codes}
+def _block_order(view) -> dict:
+    """The block order's knobs: sixteen lanes, x in blocks of the weight's, a min lane a
+    sub-block, the sub-block scales, and whether the codes' signs move onto x's."""
+    return {"lanes": reference.BLOCK_LANES, "k_step": view.block, "k_chunk": BLOCK_K_CHUNK,
+            "x_block": view.block, "subs": view.block // view.sub,
+            "min_lanes": view.block // view.sub, "seg": view.sub,
+            "scaled": view.sub < view.block, "signed_dot": not view.unsigned_codes,
+            "integer_mins": view.integer_mins}
 
 
 def parts(desc, arrays: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
@@ -233,11 +237,11 @@ def parts(desc, arrays: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray | None
 
 def expected(desc, arrays: dict, x, bias, y_dtype) -> np.ndarray:
     """y for ``x`` times the weight in ``arrays`` (``desc``'s), as the reference computes it:
-    ``reference.linear_int8``, or its super-block order for a super-block view."""
+    ``reference.linear_int8``, or ``linear_int8_blocks`` for a view with a block."""
     view = weight_view(desc.weight)
-    if view.superblock:
-        return reference.linear_int8_superblocks(x, *view.parts(arrays, desc.n, desc.k),
-                                                 bias, y_dtype)
+    if view.block:
+        return reference.linear_int8_blocks(x, *view.block_parts(arrays, desc.n, desc.k),
+                                            bias, y_dtype)
     codes, scales, mins, sub = parts(desc, arrays)
     return reference.linear_int8(x, codes, scales, mins, sub, bias, y_dtype)
 

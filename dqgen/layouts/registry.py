@@ -67,9 +67,11 @@ class Int8View:
     integers with a scale (and a min) a run of ``sub`` values. ``template`` is the C macros
     that decode a chunk of a row (``templates/c/int8_*.j2``) and ``knobs`` what they print;
     ``parts(arrays, n, k)`` reads the same integers, scales and mins in numpy (the
-    reference's input); K must be a multiple of ``k_multiple``. A ``superblock`` view (GGML
-    blocks of 256 with integer sub-block scales) is multiplied in §9's super-block order:
-    its ``parts`` are ``ggml_integers.superblock_parts``'s, reshaped to rows."""
+    reference's input); K must be a multiple of ``k_multiple``. A view with a ``block``
+    (GGML's super-blocks of 256, the family's groups of 64 to 256) is multiplied in §9's
+    block order: ``block_parts(arrays, n, k)`` reads the integers, the sub-block scales'
+    integers, each block's d, the mins' integers (``integer_mins``; else ones) and each
+    block's min factor, as ``reference.linear_int8_blocks`` takes them."""
 
     template: str
     knobs: object
@@ -79,8 +81,10 @@ class Int8View:
     parts: Callable[[dict, int, int], tuple]
     name: str                      # the format, in the kernel's header comment
     helpers: tuple[str, ...] = ()  # conversions its decode calls (convert.j2's)
-    superblock: bool = False
+    block: int = 0                 # the block order's block (0: the quad order)
+    block_parts: Callable[[dict, int, int], tuple] | None = None
     unsigned_codes: bool = False   # every integer is 0 to 127
+    integer_mins: bool = True      # the block order's mins are integers (else one a block)
 
 
 class FormatKind:
