@@ -146,7 +146,7 @@ def _lanes_to_y(acc, bias, y_dtype, more=None) -> np.ndarray:
 X_BLOCK = 32      # values of x sharing one int8 scale (SPEC.md §9)
 QUAD = 4          # values whose integer products one lane's term sums
 INT8_LANES = 64   # the int8 linear's lane sums
-BLOCK_LANES = 16   # the lane sums of the block order
+BLOCK_LANES = 8    # the lane sums of the block order
 
 
 def quantize_x_int8(x, block: int = X_BLOCK) -> tuple[np.ndarray, np.ndarray]:
@@ -205,8 +205,8 @@ def linear_int8_blocks(x, codes, sub_scales, d, mins, dmin, bias, y_dtype) -> np
     the weight as integers ``codes [N, K]`` (int8), integer sub-block scales ``sub_scales
     [N, K / sub]``, each block's ``d [N, K / block]`` (f32) and, where not None, integer
     mins ``mins [N, K / sub]`` with the block's min factor ``dmin [N, K / block]``.
-    Block ``b`` makes 16 exact integers, lane ``l`` the sum of ``C(sc) * C(q) * q_x`` over
-    its quads ``t = l (mod 16)``, and lane ``l`` takes ``fma(f32(d * d_x), S, acc)`` in
+    Block ``b`` makes 8 exact integers, lane ``l`` the sum of ``C(sc) * C(q) * q_x`` over
+    its quads ``t = l (mod 8)``, and lane ``l`` takes ``fma(f32(d * d_x), S, acc)`` in
     ascending ``b`` from +0; with mins, sub-block ``j`` of block ``b`` makes
     ``C(min) * sum q_x`` and lane ``j`` of its own takes ``fma(f32(dmin * d_x), S, acc)``.
     Each set of lanes is added pairwise, halving; the two sums are added, then the bias;

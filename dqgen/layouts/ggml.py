@@ -98,7 +98,8 @@ class GgmlKind(FormatKind):
             return (codes.reshape(n, k), rows(sc, sub), rows(d, block.values),
                     rows(mins, sub), rows(dmin, block.values))
         return dataclasses.replace(view, block=block.values, block_parts=superblock,
-                                   unsigned_codes=codes_unsigned(block))
+                                   unsigned_codes=codes_unsigned(block),
+                                   slot_runs=view.knobs.slot_runs)
 
     def format_name(self, desc) -> str:
         return ggml_type_name(desc.qtype)

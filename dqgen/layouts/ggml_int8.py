@@ -20,10 +20,45 @@ BYTE_VECTORS = (32, 16)
 class CodeRun:
     """A run of the weight's integers (a ``Run`` of its q field, not cut at sub-blocks: the
     codes take no scale): decoded ``width`` at a time in byte vectors, or (0) one at a
-    time."""
+    time, into the codes from ``dest`` on (-1: the run's own place)."""
 
     run: Run
     width: int
+    dest: int = -1
+
+    @property
+    def at(self) -> int:
+        return self.run.start if self.dest < 0 else self.dest
+
+
+# The block order's slots: runs of 32 values (eight quads), which it may store in any order
+# (a lane sums the quads equal to it mod 8, wherever a slot puts them).
+SLOT = 32
+PAIR = 64   # two runs of 32 whose every plane's bytes lie 32 apart: one 64-byte vector
+
+
+def _pairs(runs: tuple[CodeRun, ...]) -> tuple[tuple[CodeRun, ...], tuple[int, ...]] | None:
+    """The block order's code vectors where runs of 32 pair into 64-byte vectors (Q4_K's low
+    nibbles of bytes 0-63 are values 0-31 and 64-95): the vectors, each stored at its slots,
+    and the run each slot holds; None where no two runs pair (or a run is not 32 plain
+    values)."""
+    if any(cr.run.length != SLOT or cr.width != SLOT for cr in runs):
+        return None
+
+    def pair(a: Run, b: Run) -> bool:
+        return len(a.sources) == len(b.sources) and all(
+            (s.shift, s.mask, s.into) == (t.shift, t.mask, t.into) and t.offset == s.offset + SLOT
+            for s, t in zip(a.sources, b.sources))
+    left, vectors, slots = list(runs), [], []
+    while left:
+        a = left.pop(0)
+        b = next((cr for cr in left if pair(a.run, cr.run)), None)
+        vectors.append(CodeRun(a.run, PAIR if b else SLOT, SLOT * len(slots)))
+        slots.append(a.run.start // SLOT)
+        if b:
+            left.remove(b)
+            slots.append(b.run.start // SLOT)
+    return (tuple(vectors), tuple(slots)) if len(vectors) < len(runs) else None
 
 
 # Bytes a prefetch brings: a block longer than a line (the K-quants' 84-292 bytes) asks
@@ -68,6 +103,8 @@ class GgmlInt8Knobs:
     prefetch_lines: tuple[int, ...]   # a block's cache lines: offsets each asked for ahead
     code_runs: tuple[CodeRun, ...]
     code_widths: tuple[int, ...]   # the byte vectors' widths the runs use
+    block_runs: tuple[CodeRun, ...]  # the block order's: pairs of runs where they pair
+    slot_runs: tuple[int, ...]     # the block order's run of 32 values in each slot
     q_sign: int              # the integers' sign bit (0: unsigned)
     vector_add: int          # byte vectors: C(q) = (raw ^ q_sign) + vector_add (mod 256)
     q_offset: int            # one at a time: C(q) = post-processed value - q_offset
@@ -113,12 +150,16 @@ def int8_ggml_knobs(layout: Layout, block: BlockLayout) -> GgmlInt8Knobs:
     runs = tuple(_code_run(r, bool(block.q.codebook))
                  for r in ggml_knobs.field_runs("q", block.q, 0)[0])
     vectors = _field_vectors(g)
+    paired = _pairs(runs) if block.values % SLOT == 0 else None
     scalar_fields = [r for f in (g.scale, g.min) if f is not None for r in f.runs
                      if r not in vectors["vector_field_runs"]]
     return GgmlInt8Knobs(
         ggml=g, type_name=ggml_type_name(layout), block_bytes=block.block_bytes,
         prefetch_lines=tuple(range(0, block.block_bytes, CACHE_LINE)),
-        code_runs=runs, code_widths=tuple(sorted({r.width for r in runs} - {0})),
+        code_runs=runs, block_runs=paired[0] if paired else runs,
+        slot_runs=paired[1] if paired else tuple(range(block.values // SLOT)),
+        code_widths=tuple(sorted({r.width for r in (*runs, *(paired[0] if paired else ()))}
+                                 - {0})),
         q_sign=block.q.sign, vector_add=(-block.q.sign - block.q.offset) % 256,
         q_offset=block.q.offset, codebook=tuple(v % 256 for v in block.q.codebook),
         scalar_codebook=bool(block.q.codebook) and not all(r.width for r in runs),

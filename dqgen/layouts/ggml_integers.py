@@ -34,7 +34,7 @@ def int8_layout(layout: Layout) -> BlockLayout | None:
 
 # Values of a super-block, and the lane sums its integer products make (SPEC.md §9).
 SUPERBLOCK = 256
-SUPERBLOCK_LANES = 16
+SUPERBLOCK_LANES = 8
 # The largest integer every f32 holds exactly: a lane's and a min's integer sum stay within.
 EXACT_F32 = 1 << 24
 

@@ -117,6 +117,11 @@ class Int8Knobs:
     scaled: bool = True      # the weight has sub-block scales to multiply (not Q8_K, TQ*)
     signed_dot: bool = False     # |C(q)| times x's codes signed as C(q) (else C(q) itself)
     integer_mins: bool = True    # mins are integers times a block's factor (else one a block)
+    slot_runs: tuple[int, ...] = ()   # the run of 32 values each slot holds
+    permuted: bool = False       # slots not in the runs' order: x's codes follow W's
+    slot_subs512: tuple[tuple[int, ...], ...] = ()   # AVX-512 register r: its lanes' sub-blocks
+    slot_subs256: tuple[int, ...] = ()   # AVX2 register (slot) s: its first lane's sub-block
+    quad_subs: tuple[int, ...] = ()      # plain C: each stored quad's sub-block
 
 
 def _sub_index(quads: int, per_sub: int) -> tuple[int, ...]:
@@ -218,9 +223,17 @@ def lower(desc, target: str, arch: str, storage: dict):
 
 
 def _block_order(view) -> dict:
-    """The block order's knobs: sixteen lanes, x in blocks of the weight's, a min lane a
-    sub-block, the sub-block scales, and whether the codes' signs move onto x's."""
-    return {"lanes": reference.BLOCK_LANES, "k_step": view.block, "k_chunk": BLOCK_K_CHUNK,
+    """The block order's knobs: eight lanes, x in blocks of the weight's, a min lane a
+    sub-block, the sub-block scales, whether the codes' signs move onto x's, and the order of
+    a block's runs of 32 (the decode's, which x's codes take too) with each stored quad's
+    sub-block."""
+    slots = view.slot_runs or tuple(range(view.block // 32))
+    quad_subs = tuple((32 * slots[t // 8] + 4 * (t % 8)) // view.sub
+                      for t in range(view.block // 4))
+    return {"slot_runs": slots, "permuted": slots != tuple(sorted(slots)),
+            "slot_subs512": tuple(quad_subs[16 * r:16 * r + 16]
+                                  for r in range(view.block // 64)),
+            "slot_subs256": quad_subs[::8], "quad_subs": quad_subs,"lanes": reference.BLOCK_LANES, "k_step": view.block, "k_chunk": BLOCK_K_CHUNK,
             "x_block": view.block, "subs": view.block // view.sub,
             "min_lanes": view.block // view.sub, "seg": view.sub,
             "scaled": view.sub < view.block, "signed_dot": not view.unsigned_codes,

@@ -85,6 +85,7 @@ class Int8View:
     block_parts: Callable[[dict, int, int], tuple] | None = None
     unsigned_codes: bool = False   # every integer is 0 to 127
     integer_mins: bool = True      # the block order's mins are integers (else one a block)
+    slot_runs: tuple[int, ...] = ()  # the block order's stored order of runs of 32 (() natural)
 
 
 class FormatKind:
