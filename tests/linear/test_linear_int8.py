@@ -348,7 +348,16 @@ def test_family_codes_recombine_to_the_dequantized_values(storage):
     assert_bits_equal(mins, -(scales * zero.astype(np.float32)))
 
 
-@pytest.mark.parametrize("g", [16, 32, 128])
+def test_family_groups_of_64_to_256_take_the_block_order():
+    """A group of 64 to 256 values is a block of the block order (x in blocks as long); the
+    others keep the quad order (x in blocks of 32)."""
+    rng = np.random.default_rng(0)
+    for g, block in ((16, 0), (32, 0), (64, 64), (128, 128), (256, 256), (512, 0)):
+        weight = family_of(rng, "u4", 2, 1024, g)
+        assert linear_int8.weight_view(weight.descriptor).block == block
+
+
+@pytest.mark.parametrize("g", [16, 32, 128, 256])
 @pytest.mark.parametrize("storage", FAMILY)
 def test_family_bit_exact(storage, g):
     rng = np.random.default_rng(g + len(storage))
