@@ -114,6 +114,7 @@ class GgmlInt8Knobs:
     scales_apart: bool       # unpack sub-block scales in a call of its own (not inlined):
                              # where some are unpacked one at a time, not as vectors
     vector_field_runs: tuple[Run, ...]   # runs of the scales and mins unpacked as vectors
+    word_shifts: dict        # (run, source) of those read from a word: each lane's shift
     field_vectors: tuple[FieldVector, ...]   # the vector lengths those runs use
     scale_vector: str        # a vector's scales from its f32 lanes fv (d * fv, ...)
     min_vector: str          # and its mins (-(m * fv) or m * fv)
@@ -128,18 +129,24 @@ def _code_run(run: Run, codebook: bool) -> CodeRun:
 
 def _field_vectors(g: GgmlKnobs) -> dict:
     """The runs of the sub-block scales and mins unpacked a whole run at once: 4, 8 or 16
-    elements whose every plane reads consecutive bytes at one shift, within a byte (a table
-    of scales is read one at a time), and the formulas of a vector, each operation rounded
-    as the one-at-a-time unpacking's (``ggml_sub_scale``)."""
+    elements whose every plane reads consecutive bytes at one shift, within a byte, or bits
+    of a word of at most 32 (IQ4_XS's packed scales: each lane its own shift, ``word_shifts``
+    by run and source); a table of scales is read one at a time. And the formulas of a
+    vector, each operation rounded as the one-at-a-time unpacking's (``ggml_sub_scale``)."""
+    words = {w.name: w.nbytes for f in (g.scale, g.min) if f is not None for w in f.words}
+
     def fits(run: Run) -> bool:
         return run.length in (4, 8, 16) and all(
-            not s.word and not s.mul and s.unit == 1 and s.into + s.mask.bit_length() <= 8
+            (words[s.word] <= 4 and s.shift + run.length * s.bits <= 32) if s.word else
+            (not s.mul and s.unit == 1 and s.into + s.mask.bit_length() <= 8)
             for s in run.sources)
     fields = [f for f in (g.scale if not g.scale_table else None, g.min) if f is not None]
     runs = tuple(r for f in fields for r in f.runs if fits(r))
+    word_shifts = {(r, j): tuple(s.shift + i * s.bits for i in range(r.length))
+                   for r in runs for j, s in enumerate(r.sources) if s.word}
     scale = (f"(d * ({g.scale_affine[0]!r}f + fv)) * {g.scale_affine[1]!r}f"
              if g.scale_affine else "d * fv")
-    return {"vector_field_runs": runs,
+    return {"vector_field_runs": runs, "word_shifts": word_shifts,
             "field_vectors": tuple(_field_vector(n) for n in sorted({r.length for r in runs})),
             "scale_vector": scale, "min_vector": "-(m * fv)" if g.negate_min else "m * fv"}
 
