@@ -37,6 +37,8 @@ def _weight_format(fmt: str):
 _LINEAR_DTYPES = {torch.float32: DType.F32, torch.float16: DType.F16,
                   torch.bfloat16: DType.BF16}
 _LINEAR_PLANS: dict = {}
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16,
+                 torch.bfloat16: ml_dtypes.bfloat16}
 
 
 def host_view(t: torch.Tensor):
@@ -140,8 +142,8 @@ def _run_linear_cuda(x, xs, weight, names, fmt, n, k, bias, y_dtype, transpose, 
 
 class QuantLinear(torch.nn.Module):
     """``y = x @ W.T + bias`` with ``W [out_features, in_features]`` a ``QuantizedWeight``;
-    ``compute="int8"`` (GGML weights, CPU) quantizes x to int8 a block of 32 and multiplies
-    integers (SPEC.md §9)."""
+    ``compute="int8"`` (CPU) quantizes x to int8 a block and multiplies integers (SPEC.md
+    §9)."""
 
     def __init__(self, weight: QuantizedWeight, bias=None, compute: str = "f32") -> None:
         super().__init__()
@@ -173,6 +175,44 @@ class QuantLinear(torch.nn.Module):
         buffers = self._buffers   # read directly: nn.Module's attribute lookup is slow
         return [buffers[f"weight_{name}"] for name in self._names]
 
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_host_weight", None)   # views of the buffers: remade after a load
+        return state
+
+    def _run_cpu(self, x, bias):
+        """``run_linear``'s work where x is a contiguous 2-D CPU tensor and there is no
+        column order, in fewer steps (a decode step calls this hundreds of times a token):
+        the weight's numpy views are kept while its buffers are the same tensors at the same
+        addresses, and y is numpy's. None where x is anything else."""
+        buffers = self.__dict__["_buffers"]
+        np_dtype = _NUMPY_DTYPES.get(x.dtype)
+        if not (np_dtype is not None and x.is_cpu and x.dim() == 2
+                and x.shape[1] == self.in_features and x.is_contiguous()
+                and buffers["column_order"] is None):
+            return None
+        tensors = [buffers[f"weight_{name}"] for name in self._names]
+        held = self.__dict__.get("_host_weight")
+        if held is None or len(held[0]) != len(tensors) or any(
+                t is not h or t.data_ptr() != p for t, (h, p) in zip(tensors, held[0])):
+            if not all(t.is_cpu for t in tensors):
+                return None
+            held = ((tuple((t, t.data_ptr()) for t in tensors)),
+                    {name: host_view(t.detach()) for name, t in zip(self._names, tensors)})
+            self.__dict__["_host_weight"] = held
+        m, n = x.shape[0], self.out_features
+        plan = _linear_plan(self.format, n, self.in_features, m, x.dtype, x.dtype,
+                            bias is not None, False, "cpu", self.compute)
+        arrays = dict(held[1])
+        arrays["x"] = host_view(x)
+        if bias is not None:
+            arrays["bias"] = host_view(bias.detach().contiguous())
+        y = np.empty((m, n), np_dtype)
+        arrays["y"] = y
+        plan.run(arrays)
+        return torch.from_numpy(y) if x.dtype is not torch.bfloat16 else \
+            torch.from_numpy(y.view(np.int16)).view(torch.bfloat16)
+
     def forward(self, x):
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:
@@ -182,6 +222,9 @@ class QuantLinear(torch.nn.Module):
                          and (x.requires_grad or (bias is not None and bias.requires_grad)))):
             # nothing to trace or differentiate: the op's kernel itself, without the
             # dispatcher's round trip (a decode step calls this hundreds of times a token)
+            y = self._run_cpu(x, bias)
+            if y is not None:
+                return y
             return run_linear(x, self.weight_tensors, self.format, self.out_features,
                                self.in_features, bias, None, False,
                                self._buffers["column_order"], self.compute)

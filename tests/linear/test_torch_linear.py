@@ -56,6 +56,38 @@ def test_forward_and_x_gradient_are_the_references(dtype):
     assert torch.equal(layer.bias.grad, dy.reshape(6, 40).sum(0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_decode_step_path_follows_the_buffers(dtype):
+    """Without autograd a 2-D contiguous CPU x takes the path that keeps the weight's numpy
+    views: its bits are the op's (bias or not), and a load_state_dict (in place), a buffer
+    replaced, a pickle and a copy all give the new weights' products."""
+    import copy
+    import pickle
+    rng = np.random.default_rng(3)
+    first, second = q8_weight(rng, 24, 64), q8_weight(rng, 24, 64)
+    bias = torch.randn(24).to(dtype)
+
+    def op(layer, x):   # the registered op: the path every traced or differentiated call takes
+        return torch.ops.dqgen.linear(x, layer.weight_tensors, layer.format, 24, 64,
+                                      layer.bias, None, None, "f32")
+    def copied(w):   # a layer's buffers share the weight's memory: each layer its own
+        return QuantizedWeight.ggml(w.arrays["data"].copy(), "Q8_0", (24, 64))
+    with torch.no_grad():
+        for b in (None, bias):
+            layer = dqt.QuantLinear(copied(first), b)
+            x = torch.randn(3, 64).to(dtype)
+            assert torch.equal(layer(x), op(layer, x))
+            assert torch.equal(layer(x[:1]), op(layer, x[:1]))
+            layer.load_state_dict(dqt.QuantLinear(copied(second), b).state_dict())
+            assert torch.equal(layer(x), op(dqt.QuantLinear(copied(second), b), x))
+            layer.weight_data = torch.from_numpy(first.arrays["data"].copy())
+            assert torch.equal(layer(x), op(dqt.QuantLinear(copied(first), b), x))
+            assert not torch.equal(layer(x), op(dqt.QuantLinear(copied(second), b), x))
+            for other in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
+                assert torch.equal(other(x), layer(x))
+            assert torch.equal(layer(x.t().contiguous().t()), op(layer, x))   # not contiguous
+
+
 def test_quant_linear_on_a_gpu():
     """QuantLinear moved to a CUDA device runs there, bit for bit its CPU result."""
     if not torch.cuda.is_available():
