@@ -150,8 +150,8 @@ BLOCK_LANES = 8    # the lane sums of the block order
 
 
 def quantize_x_int8(x, block: int = X_BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """x ``[M, K]`` (K a multiple of ``block``) to int8 in blocks of ``block`` (32, or 256
-    beside a super-block weight) along K (SPEC.md §9):
+    """x ``[M, K]`` (K a multiple of ``block``) to int8 in blocks of ``block`` (32, or the
+    weight's block in the block order) along K (SPEC.md §9):
     ``d = amax / 127`` in f32, ``q = clamp(rint(f32(x * (1 / d))), -127, 127)`` with ties to
     even; ``1 / d`` is taken as 0 where ``d`` is below the smallest normal f32 (the block's
     codes are then 0), and a block holding Inf or NaN has ``d`` NaN and codes 0. Returns

@@ -6,7 +6,6 @@ gguf-py's ``gguf.quants.dequantize`` is the oracle."""
 from __future__ import annotations
 
 import dataclasses
-
 import itertools
 
 import numpy as np

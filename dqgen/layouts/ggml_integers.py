@@ -42,7 +42,7 @@ EXACT_F32 = 1 << 24
 def superblock_layout(layout: Layout) -> BlockLayout | None:
     """``layout``'s block if the int8 linear multiplies it a super-block at a time: 256
     values whose sub-block scales are integers times ``d`` (no table, bias or factor) and
-    whose mins, if any, integers times ``dmin``; every lane's integer sum (16 values of a
+    whose mins, if any, integers times ``dmin``; every lane's integer sum (32 values of a
     block) and every min's (a sub-block of x's codes) is exact in f32."""
     block = int8_layout(layout)
     if block is None or block.values != SUPERBLOCK or block.scale_table \

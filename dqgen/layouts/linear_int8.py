@@ -2,9 +2,10 @@
 along K, the weight's own integers multiplied with it exactly (integer dot products:
 AVX512-VNNI on the levels whose CPUs have it, else AVX-512BW/AVX2 byte multiply-adds),
 each quad of products scaled and summed in f32 in a fixed order. GGML's super-block types
-(blocks of 256, integer sub-block scales) are multiplied as llama.cpp does: x in blocks of
-256, the sub-block scales applied to the integers, one f32 term a block a lane
-(``linear_int8_blocks.c.j2``).
+(blocks of 256, integer sub-block scales) are multiplied as llama.cpp does, and the
+family's groups of 64 to 256 the same way: x in blocks of the weight's, the sub-block
+scales applied to the integers, one f32 term a block a lane (the block order,
+``linear_int8_blocks.c.j2``).
 
 As llama.cpp does for its types: x loses precision to its int8 codes (a relative error of
 about 1/254 of its block's largest value), the weight none. A format takes part through
@@ -31,9 +32,9 @@ from .registry import kind_of, kinds
 FORMULA = ("y[m, n] = F(sum64(fma(f32(d_w * d_x), P, acc)) [+ sumL(fma(f32(m_w * d_x), S, "
            "acc))] + bias[n]): P an exact integer sum of a quad, S of a segment, x int8 in "
            "blocks of 32")
-BLOCK_FORMULA = ("y[m, n] = F(sum16(fma(f32(d * d_x), S, acc)) [+ sumJ(fma(f32(-dmin * d_x), "
+BLOCK_FORMULA = ("y[m, n] = F(sum8(fma(f32(d * d_x), S, acc)) [+ sumJ(fma(f32(m_b * d_x), "
                  "M, acc))] + bias[n]): S an exact integer sum of C(sc) * C(q) * q_x, M of "
-                 "C(min) * q_x, x int8 in blocks of W's")
+                 "C(min) * q_x, m_b the block's min factor, x int8 in blocks of W's")
 # Lane sums: four AVX-512 registers a row of x, so that four chains of fused multiply-adds
 # run at once (one chain waits on the fma's latency).
 LANES = reference.INT8_LANES
@@ -196,8 +197,8 @@ def lower(desc, target: str, arch: str, storage: dict):
     x_load = CONVERT.get(desc.x_dtype, ("", ""))[0]
     simd = _simd(arch)
     per_sub = view.sub // QUAD
-    order = {"lanes": LANES, "k_step": LANES * QUAD, "k_chunk": K_CHUNK, "seg": min(view.sub, X_BLOCK),
-             "min_lanes": LANES * QUAD // min(view.sub, X_BLOCK)}
+    order = {"lanes": LANES, "k_step": LANES * QUAD, "k_chunk": K_CHUNK,
+             "seg": min(view.sub, X_BLOCK), "min_lanes": LANES * QUAD // min(view.sub, X_BLOCK)}
     if view.block:
         order = _block_order(view)
     knobs = Int8Knobs(
@@ -233,7 +234,8 @@ def _block_order(view) -> dict:
     return {"slot_runs": slots, "permuted": slots != tuple(sorted(slots)),
             "slot_subs512": tuple(quad_subs[16 * r:16 * r + 16]
                                   for r in range(view.block // 64)),
-            "slot_subs256": quad_subs[::8], "quad_subs": quad_subs,"lanes": reference.BLOCK_LANES, "k_step": view.block, "k_chunk": BLOCK_K_CHUNK,
+            "slot_subs256": quad_subs[::8], "quad_subs": quad_subs,
+            "lanes": reference.BLOCK_LANES, "k_step": view.block, "k_chunk": BLOCK_K_CHUNK,
             "x_block": view.block, "subs": view.block // view.sub,
             "min_lanes": view.block // view.sub, "seg": view.sub,
             "scaled": view.sub < view.block, "signed_dot": not view.unsigned_codes,
