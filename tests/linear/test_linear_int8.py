@@ -28,6 +28,7 @@ from dqgen.layouts.linear import LinearDescriptor
 from dqgen.plans import PlanPreference
 from formats_util import assert_bits_equal
 from strategies import ISAS
+from test_linear import family_weight
 
 DTYPES = {"f32": np.float32, "f16": np.float16, "bf16": ml_dtypes.bfloat16}
 MS = (1, 2, 3, 8, 17, 64)
@@ -225,6 +226,33 @@ def test_shapes_and_special_values(m, n, blocks_, special, whole_block):
         assert np.isnan(got[i]).all()
 
 
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(0, 9), n=st.integers(1, 20), blocks_=st.integers(1, 5),
+       qtype=st.sampled_from(["Q4_K", "Q6_K", "IQ4_XS", "u4 g128"]),
+       special=st.sampled_from([0.0, np.inf, -np.inf, np.nan, 1e-45, 1e-38, 3e38]),
+       whole_block=st.booleans())
+def test_block_order_shapes_and_special_values(m, n, blocks_, qtype, special, whole_block):
+    """The block order on any M (0 too), N and K: an Inf or NaN in x makes its row NaN, a
+    block of tiny values counts as zeros, huge ones stay finite, as in the quad order."""
+    rng = np.random.default_rng(m * 1000 + n * 10 + blocks_)
+    block = 128 if qtype == "u4 g128" else 256
+    k = block * blocks_
+    weight = (family_of(rng, "u4", n, k, 128) if qtype == "u4 g128"
+              else weight_of(rng, qtype, n, k))
+    assert linear_int8.weight_view(weight.descriptor).block == block
+    x = x_of(rng, m, k, np.float32)
+    if x.size:
+        i, j = rng.integers(0, m), rng.integers(0, blocks_) * block
+        if whole_block:
+            x[i, j:j + block] = special
+        else:
+            x[i, j + rng.integers(0, block)] = special
+    got = linear(x, weight, compute="int8")
+    assert_bits_equal(got, expected(weight, x, None, np.float32))
+    if x.size and not np.isfinite(special):
+        assert np.isnan(got[i]).all()
+
+
 def test_x_quantization_rules():
     """d = amax / 127, codes rint(x / d) with ties to even, clamped; tiny blocks are zero."""
     x = np.zeros((3, 32), np.float32)
@@ -327,7 +355,6 @@ FAMILY = ("u4", "s4", "s8", "u8")
 def family_of(rng, storage: str, n: int, k: int, g: int) -> QuantizedWeight:
     """The family's weight (test_linear's) with zero points across and past its integers'
     range."""
-    from test_linear import family_weight
     w = family_weight(rng, storage, n, k, g)
     zp = rng.integers(-300, 300, (n, k // g)).astype(np.int32)
     return QuantizedWeight.per_group(w.arrays["q"], w.arrays["scale"], zp, g, storage)
