@@ -180,6 +180,12 @@ class QuantLinear(torch.nn.Module):
         state.pop("_host_weight", None)   # views of the buffers: remade after a load
         return state
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .cuda(), .half() replace the buffers: the views of the old ones must not
+        # keep them alive
+        self.__dict__.pop("_host_weight", None)
+        return super()._apply(fn, *args, **kwargs)
+
     def _run_cpu(self, x, bias):
         """``run_linear``'s work where x is a contiguous 2-D CPU tensor and there is no
         column order, in fewer steps (a decode step calls this hundreds of times a token):

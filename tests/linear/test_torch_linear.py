@@ -86,6 +86,13 @@ def test_decode_step_path_follows_the_buffers(dtype):
             for other in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
                 assert torch.equal(other(x), layer(x))
             assert torch.equal(layer(x.t().contiguous().t()), op(layer, x))   # not contiguous
+            # what .to() and .cuda() do: the old buffers are not kept alive by their views
+            import weakref
+            old = weakref.ref(layer.weight_data)
+            layer._apply(lambda t: t.clone())
+            gc.collect()
+            assert old() is None
+            assert torch.equal(layer(x), op(layer, x))
 
 
 def test_quant_linear_on_a_gpu():
