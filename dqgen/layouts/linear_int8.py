@@ -121,6 +121,8 @@ class Int8Knobs:
     slot_runs: tuple[int, ...] = ()   # the run of 32 values each slot holds
     permuted: bool = False       # slots not in the runs' order: x's codes follow W's
     slot_subs512: tuple[tuple[int, ...], ...] = ()   # AVX-512 register r: its lanes' sub-blocks
+    scales_fill_register: bool = False   # a block's 16 sub-block scales are one AVX-512 load
+                                         # (else 8: half of one)
     slot_subs256: tuple[int, ...] = ()   # AVX2 register (slot) s: its first lane's sub-block
     quad_subs: tuple[int, ...] = ()      # plain C: each stored quad's sub-block
 
@@ -237,6 +239,7 @@ def _block_order(view) -> dict:
             "slot_subs256": quad_subs[::8], "quad_subs": quad_subs,
             "lanes": reference.BLOCK_LANES, "k_step": view.block, "k_chunk": BLOCK_K_CHUNK,
             "x_block": view.block, "subs": view.block // view.sub,
+            "scales_fill_register": view.block // view.sub == 16,
             "min_lanes": view.block // view.sub, "seg": view.sub,
             "scaled": view.sub < view.block, "signed_dot": not view.unsigned_codes,
             "integer_mins": view.integer_mins}
