@@ -12,7 +12,9 @@ read in place (only tables and scalars are converted):
   decoded once to f32 here, with the same two f32 roundings as the kernel.
 - ``int8_weight``: LLM.int8 (``weight`` int8 ``[N, K]``, ``SCB`` f32 ``[N]``).
 - ``nvfp4_weight`` (ModelOpt), ``ct_nvfp4_weight`` and ``ct_mxfp4_weight``
-  (compressed-tensors ``nvfp4-pack-quantized`` / ``mxfp4-pack-quantized``).
+  (compressed-tensors ``nvfp4-pack-quantized`` / ``mxfp4-pack-quantized``),
+  ``gptoss_mxfp4_weight`` (gpt-oss's experts, read as stored: ``x @ W_e`` of
+  transformers' transposed expert is ``linear(x, W)``).
 - ``mlx_weight``: MLX affine; each step rounds to the scales' dtype, so the values are
   that dtype's (the linear decodes a row in it and widens it exactly).
 - ``hqq_weight`` (``hqq.dequantize``'s arguments, ``axis=1``): the planes of HQQ's
@@ -146,6 +148,27 @@ def ct_mxfp4_weight(weight_packed, weight_scale) -> QuantizedWeight:
     (the library rounds it to bf16)."""
     return _fp4_weight("mxfp4", "compressed-tensors", (weight_packed, weight_scale, None),
                        ("weight_packed", "weight_scale", ""))
+
+
+def gptoss_mxfp4_weight(blocks, scales) -> QuantizedWeight:
+    """gpt-oss MXFP4 experts (``fp4.dequantize_mxfp4``'s arguments) as a weight ``[N, K]``
+    (blocks ``[N, G, 16]`` and scales ``[N, G]``, one expert) or ``[E * N, K]`` (blocks
+    ``[E, N, G, 16]``: the experts' rows one after another, every expert's outputs from one
+    call). ``ldexp(e2m1, s - 127)`` in f32. transformers multiplies ``x @ W_e`` with each
+    expert transposed to ``[K, N]``; ``linear(x, W)`` is that product."""
+    w = _byte_codes(blocks, "blocks", "uint8 (two e2m1 codes a byte)")
+    s = _byte_codes(scales, "scales", "uint8 (E8M0 codes)")
+    if w.ndim not in (3, 4) or w.shape[-1] != 16:
+        raise InvalidProblemError(f"blocks has shape {w.shape}; gpt-oss MXFP4 blocks are "
+                                  "[N, G, 16] for one expert or [experts, N, G, 16]")
+    if s.shape != w.shape[:-1]:
+        raise InvalidProblemError(f"scales has shape {s.shape}, expected {w.shape[:-1]}: one "
+                                  f"a block of blocks {w.shape}")
+    n, groups = math.prod(w.shape[:-2]), w.shape[-2]
+    decode = Fp4DequantizeDescriptor(0, 0, 1, "mxfp4", "gpt-oss", DType.F32, stored_rows=True)
+    arrays = {"w": np.ascontiguousarray(w).reshape(n, groups * 16),
+              "scales": np.ascontiguousarray(s).reshape(n, groups)}
+    return QuantizedWeight(decode, arrays, (n, groups * 32))
 
 
 def _fp4_weight(fp4: str, checkpoint_format: str, arrays: tuple, names: tuple) -> QuantizedWeight:

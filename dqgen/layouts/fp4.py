@@ -13,9 +13,10 @@ layout. compressed-tensors' scale ``2.0 ** (s - 127)`` is +inf for code 255 (so 
 value gives NaN); transformers' ``torch.ldexp(value, s - 127)`` scales exactly (a zero
 stays zero, 0.5 becomes 2^127): its tables hold twice each value and half each scale,
 both exact, so one f32 product is that ldexp. gpt-oss experts ``[E, N, K / 32, 16]``
-come out ``[E, K, N]``, as the library transposes them. The tables are computed here
-from the codes' bit fields and printed into the kernel. The fused linear reads the
-row-major formats (ModelOpt, compressed-tensors), not gpt-oss's transposed experts.
+come out ``[E, K, N]``, as the library transposes them; ``stored_rows`` writes them as
+stored instead, ``[E * N, K]``, the row view the fused linear decodes (an expert's
+``x @ W_e`` is ``x @ rows.T``). The tables are computed here from the codes' bit fields
+and printed into the kernel.
 """
 
 from __future__ import annotations
@@ -157,6 +158,7 @@ class Fp4DequantizeDescriptor(FormatDescriptor):
     fp4: str = "mxfp4"
     checkpoint_format: str = "gpt-oss"
     float_dtype: DType = DType.BF16
+    stored_rows: bool = False      # a transposed format's experts as stored, [E * N, K]
 
     def validate(self) -> None:
         rows, cols = self._set_int("rows"), self._set_int("cols")
@@ -172,6 +174,10 @@ class Fp4DequantizeDescriptor(FormatDescriptor):
         if cols % self.group_size:
             raise InvalidProblemError(f"cols={cols} is not a multiple of {self.group_size}, the "
                                       f"values a {self.fp4} scale covers")
+        if self.stored_rows is not False and (self.stored_rows is not True
+                                              or not formats[self.checkpoint_format].transposed):
+            raise InvalidProblemError(f"stored_rows={self.stored_rows!r}: only a format that "
+                                      "writes its experts transposed has stored rows")
         if experts != 1 and not self.producer.transposed:
             raise InvalidProblemError(f"experts={experts}: {self.checkpoint_format} {self.fp4} "
                                       "weights are one matrix (fold experts into rows)")
@@ -181,7 +187,10 @@ class Fp4DequantizeDescriptor(FormatDescriptor):
 
     @property
     def producer(self) -> Fp4Producer:
-        return PRODUCERS[self.fp4][self.checkpoint_format]
+        p = PRODUCERS[self.fp4][self.checkpoint_format]
+        if self.stored_rows:
+            return dataclasses.replace(p, short=f"{p.short}rows", transposed=False)
+        return p
 
     @property
     def group_size(self) -> int:  # the sku's: values a scale covers along a row
@@ -200,8 +209,9 @@ class Fp4DequantizeDescriptor(FormatDescriptor):
 
 def _header_descriptor(desc: Fp4DequantizeDescriptor) -> str:
     """The header comment's descriptor: the kernel's fields, no run-time size."""
+    rows = ", stored_rows=True" if desc.stored_rows else ""
     return (f"{type(desc).__name__}(fp4={desc.fp4}, checkpoint_format="
-            f"{desc.checkpoint_format}, float_dtype={desc.float_dtype.value})")
+            f"{desc.checkpoint_format}, float_dtype={desc.float_dtype.value}{rows})")
 
 
 def _laid_out(desc, y: np.ndarray) -> np.ndarray:
@@ -278,17 +288,15 @@ class Fp4Kind(FormatKind):
         return _laid_out(desc, y)
 
     def linear_view(self, desc):
-        # Row-major formats: a row of W [N, K] is K / 2 code bytes and K / block scales,
-        # the per-tensor scale shared. gpt-oss writes each expert transposed ([K, N]),
-        # which a QuantizedWeight's [N, K] dequantize does not read: not here.
-        p = desc.producer
-        if p.transposed:
-            return None
+        # A row of W [N, K] is K / 2 code bytes and K / block scales, the per-tensor scale
+        # shared. gpt-oss's experts are read as stored (an expert's rows are its N
+        # outputs), not transposed as its dequantize writes them.
+        p = PRODUCERS[desc.fp4][desc.checkpoint_format]
         slices = {"w": RowSlice(1, 1, 2), "scales": RowSlice(1, 1, p.block)}
         if p.global_scale:
             slices["global_scale"] = RowSlice(0, 0)
         same = dict(experts=1, fp4=desc.fp4, checkpoint_format=desc.checkpoint_format,
-                    float_dtype=DType.F32)
+                    float_dtype=DType.F32, stored_rows=p.transposed)
         return LinearView(slices=slices, sizes={"experts": (0, 1), "rows": (0, 1), "cols": (1, 1)},
                           k_multiple=p.block, cuda_value="fp4",
                           decode=Fp4DequantizeDescriptor(0, 0, **same),

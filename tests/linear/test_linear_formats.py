@@ -1,9 +1,10 @@
 """The fused linear on bitsandbytes NF4/FP4 (plain and double-quantized absmax) and
-LLM.int8, ModelOpt and compressed-tensors FP4, and MLX (f32, f16, bf16), read by
+LLM.int8, ModelOpt and compressed-tensors FP4, gpt-oss's MXFP4 experts, and MLX (f32, f16, bf16), read by
 ``dqgen.formats.weight_readers``: ``linear`` is bit for bit ``reference.linear`` of the
 weight's f32 values, and those values are bit for bit the library's own dequantize in f32
 (bitsandbytes' pure-torch kernels, ModelOpt's dequantize rewritten in
-tests/oracles/modelopt.py, compressed-tensors' unpack and dequantize on f32; MLX: the
+tests/oracles/modelopt.py, compressed-tensors' unpack and dequantize on f32, transformers'
+``convert_moe_packed_tensors`` in f32; MLX: the
 numpy oracle, its 16-bit values widened). Every weight has rows of their own scales, so a wrong row offset in a
 format's linear view shows; the double-quantized weight has two nested blocks a row."""
 
@@ -120,6 +121,19 @@ def ct_mxfp4(n=3, k=64):
     return readers.ct_mxfp4_weight(w, s), _ct_library(w, scale, n, k, 32)
 
 
+def gptoss_mxfp4(experts=2, n=3, k=64):
+    """gpt-oss experts (E8M0 scales by ldexp, each row's its own) read as stored; the
+    library's experts come out [E, K, N] and are transposed back to rows here."""
+    pytest.importorskip("transformers")
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    w, s = fp4_arrays(np.random.default_rng(7), experts * n, k, 32, False)
+    blocks, scales = w.reshape(experts, n, k // 32, 16), s.reshape(experts, n, k // 32)
+    want = convert_moe_packed_tensors(torch.from_numpy(blocks), torch.from_numpy(scales),
+                                      dtype=torch.float32).numpy()
+    return (readers.gptoss_mxfp4_weight(blocks, scales),
+            np.ascontiguousarray(want.transpose(0, 2, 1)).reshape(experts * n, k))
+
+
 def mlx(float_name, n=4, k=96, group_size=32, bits=3):
     """MLX affine, scales and biases of ``float_name`` (f16/bf16: the values are that
     dtype's, decoded in it and widened); 3-bit values straddle words; each row's scales
@@ -144,6 +158,7 @@ WEIGHTS = {
     "nvfp4_modelopt": nvfp4_modelopt,
     "nvfp4_ct": ct_nvfp4,
     "mxfp4_ct": ct_mxfp4,
+    "mxfp4_gptoss": gptoss_mxfp4,
     "mlx_f32": lambda: mlx("f32"),
     "mlx_f16": lambda: mlx("f16", k=128, group_size=64, bits=4),
     "mlx_bf16": lambda: mlx("bf16"),
@@ -245,10 +260,36 @@ def test_what_a_row_cannot_be_is_refused_in_the_users_terms():
                                                   r"them in scales' dtype \(float16\)"):
         readers.mlx_weight(np.zeros((2, 12), np.uint32), np.ones((2, 3), np.float16),
                            np.ones((2, 3), np.float32), 32, 3)
-    # gpt-oss experts come out [K, N]: no row view of the weight's [N, K] dequantize
-    gpt_oss = Fp4DequantizeDescriptor(0, 0, 1, "mxfp4", "gpt-oss", DType.F32)
-    with pytest.raises(UnsupportedError, match="does not read"):
-        QuantizedWeight(gpt_oss, {}, (2, 32))
+    with pytest.raises(InvalidProblemError, match=r"blocks has shape \(3, 32\); gpt-oss "
+                                                  r"MXFP4 blocks are \[N, G, 16\]"):
+        readers.gptoss_mxfp4_weight(np.zeros((3, 32), np.uint8), np.zeros(3, np.uint8))
+    with pytest.raises(InvalidProblemError, match=r"scales has shape \(2, 3, 1\), expected "
+                                                  r"\(2, 3, 2\)"):
+        readers.gptoss_mxfp4_weight(np.zeros((2, 3, 2, 16), np.uint8),
+                                    np.zeros((2, 3, 1), np.uint8))
+    with pytest.raises(InvalidProblemError, match="only a format that writes its experts "
+                                                  "transposed has stored rows"):
+        Fp4DequantizeDescriptor(0, 0, 1, "mxfp4", "compressed-tensors", DType.F32,
+                                stored_rows=True)
+
+
+def test_gptoss_experts_are_rows_of_one_weight():
+    """Every expert's outputs from one call over [E * N, K] are each expert's own, and the
+    transposed gpt-oss descriptor reads as the same rows (its linear view is the stored
+    one), so x @ W_e of transformers' [K, N] expert is linear(x, W_e)."""
+    weight, want = gptoss_mxfp4(experts=3, n=4, k=96)
+    x = np.random.default_rng(8).standard_normal((2, 96)).astype(np.float32)
+    y = linear(x, weight)
+    for e in range(3):
+        one = readers.gptoss_mxfp4_weight(
+            weight.arrays["w"].reshape(3, 4, 3, 16)[e], weight.arrays["scales"].reshape(3, 4, 3)[e])
+        assert_bits_equal(linear(x, one), y[:, 4 * e:4 * e + 4])
+    transposed = Fp4DequantizeDescriptor(0, 0, 1, "mxfp4", "gpt-oss", DType.F32)
+    same = QuantizedWeight(transposed, weight.arrays, weight.shape)
+    assert same.descriptor == weight.descriptor
+    assert_bits_equal(same.dequantize("f32"), want)
+    exact = x.astype(np.float64) @ want.astype(np.float64).T
+    assert np.all(np.abs(y - exact) <= 1e-5 * (np.abs(x) @ np.abs(want).T))
 
 
 def test_a_cuda_array_is_refused_by_name():
@@ -261,7 +302,7 @@ def test_a_cuda_array_is_refused_by_name():
 
 
 @pytest.mark.parametrize("name", ["bnb4_nf4", "bnb4_nf4_dq", "int8", "mlx_f16", "hqq4_f16",
-                                  "nvfp4_modelopt", "nvfp4_ct", "mxfp4_ct"])
+                                  "nvfp4_modelopt", "nvfp4_ct", "mxfp4_ct", "mxfp4_gptoss"])
 def test_cuda_text_in_emulation(name, tmp_path):
     """The CUDA linear reads these weights through their kernels' own per-element CUDA
     code (cuda/values.j2) and equals the reference in host emulation."""
@@ -289,7 +330,7 @@ def test_nvrtc_compiles_the_fp4_cuda_linear():
     from dqgen.render import render
     if not nvrtc.nvrtc_available():
         pytest.skip("NVRTC is not installed")
-    for name in ("nvfp4_modelopt", "mxfp4_ct"):
+    for name in ("nvfp4_modelopt", "mxfp4_ct", "mxfp4_gptoss"):
         weight, _ = WEIGHTS[name]()
         for transpose in (False, True):
             desc = LinearDescriptor(weight.descriptor, 0, 0, 0, "bf16", bias=not transpose,
