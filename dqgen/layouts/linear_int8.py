@@ -52,6 +52,11 @@ K_CHUNK = 2048
 # The block order's chunk: a row of 4096 values in one decode and one dot call (its x
 # codes, a byte a value, and a micro-kernel's four rows still stay in L1).
 BLOCK_K_CHUNK = 4096
+# Past TILE_FROM_M rows of x, W_TILE rows of W are decoded together and each group of x's
+# rows multiplied with all of them, so x's codes (M * K bytes: past L2 at M = 512) are read
+# once a tile of W, not once a row.
+W_TILE = 8
+TILE_FROM_M = 16
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,8 @@ class Int8Knobs:
     lanes: int
     k_step: int              # k is padded with zeros to whole steps of the lanes' quads
     k_chunk: int             # values of a row of W decoded at a time
+    w_tile: int              # rows of W decoded together past tile_from_m rows of x
+    tile_from_m: int
     seg: int                 # values a min term covers (one block of x, one sub-block)
     min_lanes: int           # the min terms' lane sums: a step's segments
     quads_per_sub: int
@@ -207,7 +214,7 @@ def lower(desc, target: str, arch: str, storage: dict):
         view=view, decode=view.knobs, weight_inputs=inputs, sub=view.sub,
         has_min=view.has_min, lane_regs=simd.lane_regs, dot=simd.dot,
         prefetch_bytes=PREFETCH_BYTES, micro_rows=simd.micro_rows,
-        quads_per_sub=per_sub,
+        w_tile=W_TILE, tile_from_m=TILE_FROM_M, quads_per_sub=per_sub,
         sub_index512=_sub_index(16, per_sub), sub_index256=_sub_index(8, per_sub),
         x_c_type=x.c_type, bias_c_type=bias[0].c_type if bias else "", x_load=x_load,
         bias_load=x_load if bias else "", y_store=CONVERT.get(desc.y_dtype, ("", ""))[1],

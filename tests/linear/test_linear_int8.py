@@ -175,15 +175,16 @@ def test_every_isa_gives_the_same_bits(isa, qtype):
 @pytest.mark.parametrize("isa", ISAS)
 def test_rows_longer_than_a_decoded_chunk(isa):
     """K past the kernel's chunk of decoded values (4096), with a tail in the last chunk:
-    the lane sums carry over the chunks in the same order."""
+    the lane sums carry over the chunks in the same order, also where more than 16 rows of
+    x have W decoded a tile of 8 rows at a time (11 rows: a whole tile and a part)."""
     rng = np.random.default_rng(13)
     for qtype, k in (("Q4_0", 2 * 4096 + 416), ("Q4_K", 4096 + 768)):
-        weight = weight_of(rng, qtype, 7, k)
-        for m in (1, 5):
+        weight = weight_of(rng, qtype, 11, k)
+        for m in (1, 5, 19):
             x = x_of(rng, m, k, np.float32)
-            desc = LinearDescriptor(weight.descriptor, m, 7, k, compute="int8")
+            desc = LinearDescriptor(weight.descriptor, m, 11, k, compute="int8")
             plan = FormatPlan.select(desc, preference=PlanPreference(isa=isa))
-            y = np.empty((m, 7), np.float32)
+            y = np.empty((m, 11), np.float32)
             plan.run({**weight.arrays, "x": x, "y": y})
             assert_bits_equal(y, expected(weight, x, None, np.float32))
 
@@ -205,7 +206,7 @@ def test_threads_and_runs_give_the_same_bits():
 
 
 @settings(max_examples=30, deadline=None)
-@given(m=st.integers(0, 9), n=st.integers(1, 30), blocks_=st.integers(1, 9),
+@given(m=st.integers(0, 20), n=st.integers(1, 30), blocks_=st.integers(1, 9),
        special=st.sampled_from([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-45, 1e-38, 3e38]),
        whole_block=st.booleans())
 def test_shapes_and_special_values(m, n, blocks_, special, whole_block):
@@ -227,7 +228,7 @@ def test_shapes_and_special_values(m, n, blocks_, special, whole_block):
 
 
 @settings(max_examples=25, deadline=None)
-@given(m=st.integers(0, 9), n=st.integers(1, 20), blocks_=st.integers(1, 5),
+@given(m=st.integers(0, 20), n=st.integers(1, 20), blocks_=st.integers(1, 5),
        qtype=st.sampled_from(["Q4_K", "Q6_K", "IQ4_XS", "u4 g128"]),
        special=st.sampled_from([0.0, np.inf, -np.inf, np.nan, 1e-45, 1e-38, 3e38]),
        whole_block=st.booleans())
