@@ -57,6 +57,9 @@ BLOCK_K_CHUNK = 4096
 # once a tile of W, not once a row.
 W_TILE = 8
 TILE_FROM_M = 16
+# The block order's GEMM (AVX512-VNNI, past TILE_FROM_M rows of x): values of W's tile
+# decoded at a time, so that they and two groups of sixteen rows of x's codes stay in L1.
+GEMM_K_CHUNK = 1024
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,8 @@ class Int8Knobs:
     scaled: bool = True      # the weight has sub-block scales to multiply (not Q8_K, TQ*)
     signed_dot: bool = False     # |C(q)| times x's codes signed as C(q) (else C(q) itself)
     integer_mins: bool = True    # mins are integers times a block's factor (else one a block)
+    gemm: bool = False       # past tile_from_m rows of x, the GEMM (AVX512-VNNI)
+    gemm_k_chunk: int = GEMM_K_CHUNK
     slot_runs: tuple[int, ...] = ()   # the run of 32 values each slot holds
     permuted: bool = False       # slots not in the runs' order: x's codes follow W's
     slot_subs512: tuple[tuple[int, ...], ...] = ()   # AVX-512 register r: its lanes' sub-blocks
@@ -209,7 +214,7 @@ def lower(desc, target: str, arch: str, storage: dict):
     order = {"lanes": LANES, "k_step": LANES * QUAD, "k_chunk": K_CHUNK,
              "seg": min(view.sub, X_BLOCK), "min_lanes": LANES * QUAD // min(view.sub, X_BLOCK)}
     if view.block:
-        order = _block_order(view)
+        order = {**_block_order(view), "gemm": simd.dot is VNNI_DOT}
     knobs = Int8Knobs(
         view=view, decode=view.knobs, weight_inputs=inputs, sub=view.sub,
         has_min=view.has_min, lane_regs=simd.lane_regs, dot=simd.dot,
