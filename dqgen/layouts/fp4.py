@@ -34,7 +34,7 @@ from ..ir import DType, FormatDescriptor, Layout
 from ..spec import Param, pointer
 from .fp8 import c_float, fp8_bits
 from .own_loop import float_helpers, own_loop_spec
-from .registry import FormatKind, LinearView, RowSlice, register
+from .registry import FormatKind, Int8View, LinearView, RowSlice, register
 
 FORMULA = "W[r, j] = F(e2m1(w[r, j]) * S[r, j / block]), S = C(scale) [* or / global], C = f32"
 # Rows of one expert a C work unit writes as one tile of the transposed output.
@@ -207,6 +207,43 @@ class Fp4DequantizeDescriptor(FormatDescriptor):
                         p.transposed, TRANSPOSE_TILE, lanes)
 
 
+@dataclass(frozen=True)
+class Fp4Int8Knobs:
+    """What ``int8_fp4.j2`` prints: each e2m1 code's integer C(q) = 2 * e2m1 (a byte, mod
+    256) and each E8M0 code's d_w = 2^(s - 128) (f32 bit patterns; code 255 +inf where the
+    format's scale is, compressed-tensors')."""
+
+    codes: tuple[int, ...]
+    half_scales: tuple[int, ...]
+    inf_255: bool
+
+    @property
+    def c_half_scales(self) -> tuple[str, ...]:
+        return tuple(c_float(b) for b in self.half_scales)
+
+
+def int8_knobs(producer: Fp4Producer) -> Fp4Int8Knobs:
+    """An MXFP4 producer's int8 decode: C(q) * d_w is e2m1 * 2^(s - 127) exactly (ldexp's
+    2^127 for gpt-oss's code 255, compressed-tensors' +inf)."""
+    doubled = np.array(e2m1_bits(True, 2), np.uint32).view(np.float32)
+    codes = tuple(int(v) % 256 for v in doubled.astype(np.int64))
+    half = list(e8m0_bits(128))
+    if not producer.ldexp:
+        half[255] = 0x7F800000
+    return Fp4Int8Knobs(codes, tuple(half), not producer.ldexp)
+
+
+def int8_parts(knobs: Fp4Int8Knobs, arrays: dict, n: int, k: int):
+    """The codes ``[n, k]`` (int8) and each block's d_w ``[n, k / 32]`` as the kernel
+    decodes them (no mins)."""
+    w = np.asarray(arrays["w"]).reshape(n, k // 2)
+    table = np.array(knobs.codes, np.uint8).view(np.int8)
+    codes = np.empty((n, k), np.int8)
+    codes[:, 0::2], codes[:, 1::2] = table[w & 15], table[w >> 4]
+    half = np.array(knobs.half_scales, np.uint32).view(np.float32)
+    return codes, half[np.asarray(arrays["scales"]).reshape(n, k // 32)], None
+
+
 def _header_descriptor(desc: Fp4DequantizeDescriptor) -> str:
     """The header comment's descriptor: the kernel's fields, no run-time size."""
     rows = ", stored_rows=True" if desc.stored_rows else ""
@@ -301,6 +338,25 @@ class Fp4Kind(FormatKind):
                           k_multiple=p.block, cuda_value="fp4",
                           decode=Fp4DequantizeDescriptor(0, 0, **same),
                           sized=lambda n, k: Fp4DequantizeDescriptor(n, k, **same))
+
+    def int8_view(self, desc):
+        # MXFP4: twice each e2m1 value is an integer (0, 1, 2, 3, 4, 6, 8, 12 and their
+        # negatives), and half each E8M0 scale a power of two, so their product is exact.
+        # NVFP4's half scale is not exact where its scale is subnormal: not read.
+        p = PRODUCERS[desc.fp4][desc.checkpoint_format]
+        if p.scale != "e8m0":
+            return None
+        knobs = int8_knobs(p)
+        return Int8View("c/int8_fp4.j2", knobs, p.block, False, p.block,
+                        lambda arrays, n, k: int8_parts(knobs, arrays, n, k),
+                        f"{desc.checkpoint_format} MXFP4: e2m1 values with an E8M0 scale a "
+                        f"block of {p.block} along k")
+
+    def int8_names(self) -> tuple[str, ...]:
+        return ("MXFP4 rows (gpt-oss's experts, compressed-tensors mxfp4-pack-quantized)",)
+
+    def format_name(self, desc) -> str:
+        return f"{desc.checkpoint_format} {desc.fp4}"
 
     def aot_candidates(self, op, value):
         for fmt, f in itertools.product(value("checkpoint_format"), value("float")):

@@ -507,6 +507,66 @@ def test_float_zero_points_with_a_fractional_mid_are_refused():
 
 # ----------------------------------------------------------------------------- PyTorch
 
+# --- MXFP4 rows (gpt-oss's experts, compressed-tensors) ------------------------------
+
+def mxfp4_of(rng, fmt: str, n: int, k: int, special: bool = False) -> QuantizedWeight:
+    """Random e2m1 codes with scales near 1 (``special``: every scale code, 0 and 255
+    too, in one row)."""
+    from dqgen.formats import weight_readers as readers
+    w = rng.integers(0, 256, (n, k // 2), dtype=np.uint8)
+    s = rng.integers(118, 136, (n, k // 32)).astype(np.uint8)
+    if special:
+        s[0] = np.arange(k // 32) * 255 // max(k // 32 - 1, 1)
+    if fmt == "gpt-oss":
+        return readers.gptoss_mxfp4_weight(w.reshape(n, k // 32, 16), s)
+    return readers.ct_mxfp4_weight(w, s)
+
+
+@pytest.mark.parametrize("fmt", ["gpt-oss", "compressed-tensors"])
+def test_mxfp4_codes_recombine_to_the_dequantized_values(fmt):
+    """C(q) = 2 * e2m1 and d_w = 2^(s - 128) (compressed-tensors' code 255: +inf) give the
+    FP4 kernel's f32 values bit for bit, every code and every scale code."""
+    rng = np.random.default_rng(30)
+    weight = mxfp4_of(rng, fmt, 8, 256 * 32, special=True)
+    codes, scales, mins = linear_int8.weight_view(weight.descriptor).parts(
+        weight.arrays, *weight.shape)
+    assert mins is None and set(np.unique(codes)) <= {0, 1, 2, 3, 4, 6, 8, 12, -1, -2, -3,
+                                                      -4, -6, -8, -12}
+    with np.errstate(all="ignore"):
+        recombined = np.repeat(scales, 32, axis=1) * codes.astype(np.float32)
+    want = weight.dequantize("f32")
+    assert_bits_equal(np.where(want == 0, 0, recombined).astype(np.float32),
+                      np.where(want == 0, 0, want).astype(np.float32))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ["gpt-oss", "compressed-tensors"])
+def test_mxfp4_bit_exact(fmt, isa):
+    """Every ISA and M, K whole blocks of 32 but not of the decode's 32-byte steps or of
+    the lanes' 256, a bias; a row of every scale code (0: subnormal, 255) too."""
+    rng = np.random.default_rng(31)
+    for k, special in ((288, False), (1024 + 96, True)):
+        weight = mxfp4_of(rng, fmt, 13, k, special)
+        bias = rng.standard_normal(13).astype(np.float32)
+        for m in (1, 3, 17):
+            x = x_of(rng, m, k, np.float32)
+            desc = LinearDescriptor(weight.descriptor, m, 13, k, bias=True, compute="int8")
+            plan = FormatPlan.select(desc, preference=PlanPreference(isa=isa))
+            y = np.empty((m, 13), np.float32)
+            plan.run({**weight.arrays, "x": x, "bias": bias, "y": y})
+            assert_bits_equal(y, expected(weight, x, bias, np.float32))
+
+
+def test_nvfp4_is_refused_by_name():
+    """NVFP4's half scale is not exact where the scale is subnormal: f32 only."""
+    from dqgen.formats import weight_readers as readers
+    weight = readers.nvfp4_weight(np.zeros((2, 16), np.uint8), np.zeros((2, 2), np.uint8),
+                                  np.float32(1.0))
+    with pytest.raises(UnsupportedError, match="compute='int8' does not read modelopt nvfp4 "
+                                               "weights; .*MXFP4 rows"):
+        linear(np.zeros((1, 32), np.float32), weight, compute="int8")
+
+
 def test_quant_linear_forward_gradient_compile_and_opcheck():
     """QuantLinear(compute="int8") gives the reference's bits; x's gradient is dy @ W in
     f32 (SPEC.md §8's transposed product: the int8 rounding of x is not differentiated);
