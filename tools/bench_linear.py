@@ -76,7 +76,8 @@ GGML_TYPES = ("Q4_0", "Q8_0", "Q4_K", "Q6_K", "IQ4_XS")
 QUANTIZABLE = ("Q4_0", "Q8_0")  # the types gguf-py's quantizer writes
 FAMILY = {"u4 g128": "u4", "s8 g128": "s8"}
 FP8 = "FP8 e4m3 128x128"
-FORMATS = GGML_TYPES + tuple(FAMILY) + (FP8,)
+MXFP4 = "MXFP4 gpt-oss"   # gpt-oss's experts as stored: codes [N, K / 2], E8M0 scales [N, K / 32]
+FORMATS = GGML_TYPES + tuple(FAMILY) + (FP8, MXFP4)
 GROUP = 128
 FP8_BLOCK = (128, 128)
 CHECK_ROWS = 128  # rows at each end of W checked against reference.linear
@@ -85,10 +86,13 @@ BURST = 3         # timed back-to-back calls a sample
 # test-backend-ops' built-in MUL_MAT perf cases (make_test_cases_perf): every type at
 # m = 4096, k = 14336 (W [4096, 14336]) with n = 1, 2, 3, 4, 5, 8, 512; Q4_K also at
 # m = 4096, 6144, 6272, 14336 with k = 4096 and n <= 8. Only these shapes compare.
+# (gpt-oss's MXFP4 rows against GGML's MXFP4 blocks: the same values and bytes, laid out
+# apart or in blocks)
 LLAMA_NAMES = {"Q4_0": "q4_0", "Q8_0": "q8_0", "Q4_K": "q4_K", "Q6_K": "q6_K",
-               "IQ4_XS": "iq4_xs"}
+               "IQ4_XS": "iq4_xs", MXFP4: "mxfp4"}
 LLAMA_CASES = tuple((t, (4096, 14336)) for t in GGML_TYPES) + (("Q4_K", (4096, 4096)),
-                                                               ("Q4_K", (14336, 4096)))
+                                                               ("Q4_K", (14336, 4096)),
+                                                               (MXFP4, (4096, 14336)))
 LLAMA_MS = (1, 8)
 QUICK_LLAMA_CASES = (("Q4_0", (4096, 14336)),)
 QUICK_LLAMA_MS = (1,)
@@ -252,6 +256,15 @@ def fp8_weight(rng, n: int, k: int) -> BenchWeight:
     return BenchWeight(FP8, "random codes", rows(0, n), rows)
 
 
+def mxfp4_weight(rng, n: int, k: int) -> BenchWeight:
+    """Random e2m1 codes with E8M0 scales near 1, as gpt-oss stores an expert."""
+    from dqgen.formats.weight_readers import gptoss_mxfp4_weight
+    blocks = rng.integers(0, 256, (n, k // 32, 16), dtype=np.uint8)
+    scales = rng.integers(118, 127, (n, k // 32)).astype(np.uint8)
+    return BenchWeight(MXFP4, "random codes", gptoss_mxfp4_weight(blocks, scales),
+                       lambda a, b: gptoss_mxfp4_weight(blocks[a:b], scales[a:b]))
+
+
 def build_weight(fmt: str, shape, seed: int) -> BenchWeight:
     rng = np.random.default_rng(seed)
     n, k = shape
@@ -259,6 +272,8 @@ def build_weight(fmt: str, shape, seed: int) -> BenchWeight:
         return ggml_weight(rng, fmt, n, k)
     if fmt in FAMILY:
         return family_weight(rng, fmt, n, k)
+    if fmt == MXFP4:
+        return mxfp4_weight(rng, n, k)
     return fp8_weight(rng, n, k)
 
 
