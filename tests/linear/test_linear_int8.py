@@ -192,7 +192,7 @@ def test_rows_longer_than_a_decoded_chunk(isa):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "IQ4_XS", "Q2_K", "TQ2_0", "u4 g128"])
 def test_many_rows_of_x_give_the_same_bits(qtype, isa):
-    """Past 12 rows of x on AVX512-VNNI x's rows are multiplied sixteen to a vector (the
+    """Past 12 rows of x on AVX-512 x's rows are multiplied sixteen to a vector (the
     GEMM), and elsewhere past 16 rows W is decoded a tile of 8 rows at a time: one, two and
     three groups of sixteen with a part, K past the GEMM's chunk of 1024 values with a tail, N not whole
     tiles, two threads, a bias, f32 out (bf16 out once: its rounding hides most f32
