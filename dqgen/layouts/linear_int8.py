@@ -57,7 +57,7 @@ BLOCK_K_CHUNK = 4096
 # once a tile of W, not once a row.
 W_TILE = 8
 TILE_FROM_M = 16
-# The block order's GEMM (AVX-512) past GEMM_FROM_M rows of x (u4 group 128 and Q4_K
+# The block order's GEMM (AVX-512, AVX2) past GEMM_FROM_M rows of x (u4 group 128 and Q4_K
 # [4096, 4096] on an AMD EPYC: even with the rows' micro-kernel at 12 rows, 1.3-1.4x ahead
 # at 16); values of W's tile decoded at a time, so that they and two groups of sixteen rows
 # of x's codes stay in L1.
@@ -131,7 +131,9 @@ class Int8Knobs:
     scaled: bool = True      # the weight has sub-block scales to multiply (not Q8_K, TQ*)
     signed_dot: bool = False     # |C(q)| times x's codes signed as C(q) (else C(q) itself)
     integer_mins: bool = True    # mins are integers times a block's factor (else one a block)
-    gemm: bool = False       # past gemm_from_m rows of x, the GEMM (AVX-512)
+    gemm: bool = False       # past gemm_from_m rows of x, the GEMM (AVX-512, AVX2)
+    gemm_m: int = 16         # rows of x a vector of the GEMM
+    gemm_mvs: tuple[int, ...] = (2, 1)   # the GEMM's vectors of x at once, most first
     gemm_from_m: int = GEMM_FROM_M
     gemm_k_chunk: int = GEMM_K_CHUNK
     slot_runs: tuple[int, ...] = ()   # the run of 32 values each slot holds
@@ -218,7 +220,10 @@ def lower(desc, target: str, arch: str, storage: dict):
     order = {"lanes": LANES, "k_step": LANES * QUAD, "k_chunk": K_CHUNK,
              "seg": min(view.sub, X_BLOCK), "min_lanes": LANES * QUAD // min(view.sub, X_BLOCK)}
     if view.block:
-        order = {**_block_order(view), "gemm": simd.lane_regs == 1}
+        order = {**_block_order(view), "gemm": simd.lane_regs > 0,
+                 # AVX2's sixteen registers hold one vector's eight lanes sums, not two
+                 "gemm_m": 16 if simd.lane_regs == 1 else 8,
+                 "gemm_mvs": (2, 1) if simd.lane_regs == 1 else (1,)}
     knobs = Int8Knobs(
         view=view, decode=view.knobs, weight_inputs=inputs, sub=view.sub,
         has_min=view.has_min, lane_regs=simd.lane_regs, dot=simd.dot,

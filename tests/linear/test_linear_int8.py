@@ -192,11 +192,11 @@ def test_rows_longer_than_a_decoded_chunk(isa):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "IQ4_XS", "Q2_K", "TQ2_0", "u4 g128"])
 def test_many_rows_of_x_give_the_same_bits(qtype, isa):
-    """Past 12 rows of x on AVX-512 x's rows are multiplied sixteen to a vector (the
-    GEMM), and elsewhere past 16 rows W is decoded a tile of 8 rows at a time: one, two and
-    three groups of sixteen with a part, K past the GEMM's chunk of 1024 values with a tail, N not whole
-    tiles, two threads, a bias, f32 out (bf16 out once: its rounding hides most f32
-    differences); every row equals the reference. Covers unsigned
+    """Past 12 rows of x on AVX-512 and AVX2 x's rows are multiplied 16 or 8 to a vector
+    (the GEMM), and in plain C past 16 rows W is decoded a tile of 8 rows at a time: 13 to
+    50 rows (whole groups and a part, one to four groups), K past the GEMM's chunk of 1024
+    values with a tail, N not whole tiles, two threads, a bias, f32 out (bf16 out once: its
+    rounding hides most f32 differences); every row equals the reference. Covers unsigned
     and signed codes, scaled sub-blocks, 8 and 16 integer min lanes and float mins."""
     rng = np.random.default_rng(17)
     block = 128 if qtype == "u4 g128" else 256
