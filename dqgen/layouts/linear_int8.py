@@ -134,6 +134,12 @@ class Int8Knobs:
     gemm: bool = False       # past gemm_from_m rows of x, the GEMM (AVX-512, AVX2)
     gemm_m: int = 16         # rows of x a vector of the GEMM
     gemm_mvs: tuple[int, ...] = (2, 1)   # the GEMM's vectors of x at once, most first
+    gemm_prefix: str = "_mm512"          # the GEMM's intrinsics, by vector width
+    gemm_bits: int = 512
+    gemm_float_type: str = "__m512"
+    gemm_int_type: str = "__m512i"
+    gemm_sign_mask: bool = True          # a code's sign moves onto x by a byte mask (AVX-512)
+    gemm_products: str = ""              # the GEMM's products, in its comment
     gemm_from_m: int = GEMM_FROM_M
     gemm_k_chunk: int = GEMM_K_CHUNK
     slot_runs: tuple[int, ...] = ()   # the run of 32 values each slot holds
@@ -220,10 +226,7 @@ def lower(desc, target: str, arch: str, storage: dict):
     order = {"lanes": LANES, "k_step": LANES * QUAD, "k_chunk": K_CHUNK,
              "seg": min(view.sub, X_BLOCK), "min_lanes": LANES * QUAD // min(view.sub, X_BLOCK)}
     if view.block:
-        order = {**_block_order(view), "gemm": simd.lane_regs > 0,
-                 # AVX2's sixteen registers hold one vector's eight lanes sums, not two
-                 "gemm_m": 16 if simd.lane_regs == 1 else 8,
-                 "gemm_mvs": (2, 1) if simd.lane_regs == 1 else (1,)}
+        order = {**_block_order(view), **_gemm(simd)}
     knobs = Int8Knobs(
         view=view, decode=view.knobs, weight_inputs=inputs, sub=view.sub,
         has_min=view.has_min, lane_regs=simd.lane_regs, dot=simd.dot,
@@ -244,6 +247,23 @@ def lower(desc, target: str, arch: str, storage: dict):
     return dataclasses.replace(spec, op=Op.LINEAR, descriptor=(
         f"LinearDescriptor(weight={desc.weight.uri}, x_dtype={desc.x_dtype.value}, "
         f"y_dtype={desc.y_dtype.value}, bias={desc.bias}, compute=int8)"))
+
+
+def _gemm(simd: _Simd) -> dict:
+    """The block order's GEMM knobs on an ISA level: AVX-512 puts 16 rows of x in a vector
+    and two vectors at once; AVX2 8 rows and one (its sixteen registers hold one vector's
+    eight lane sums, not two); plain C has none."""
+    if simd.lane_regs == 0:
+        return {"gemm": False}
+    wide = simd.lane_regs == 1
+    bits = 512 if wide else 256
+    return {"gemm": True, "gemm_m": 16 if wide else 8, "gemm_mvs": (2, 1) if wide else (1,),
+            "gemm_prefix": f"_mm{bits}", "gemm_bits": bits,
+            "gemm_float_type": f"__m{bits}", "gemm_int_type": f"__m{bits}i",
+            "gemm_sign_mask": wide,
+            "gemm_products": ("AVX-512 VNNI" if simd.dot.vnni else
+                              "AVX-512BW's byte and word products" if wide else
+                              "AVX2's byte and word products")}
 
 
 def _block_order(view) -> dict:
