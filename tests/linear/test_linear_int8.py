@@ -557,6 +557,25 @@ def test_mxfp4_bit_exact(fmt, isa):
             assert_bits_equal(y, expected(weight, x, bias, np.float32))
 
 
+def test_mxfp4_rows_aot_and_verify(tmp_path):
+    """dqgen aot --op linear --weight mxfp4|nvfp4 --compute int8 bundles MXFP4's forward
+    kernels (gpt-oss's rows and compressed-tensors') and skips NVFP4's; verify checks them
+    against the reference."""
+    from dqgen import aot, bundle, cli, verify
+    uris = [r.uri for r in aot.expand({"op": "linear", "weight": "mxfp4,nvfp4",
+                                       "float": "bf16", "compute": "int8"})]
+    assert sorted(uris) == ["linear_dequant_mxfp4_ct_f32_xbf16_ybf16_bias_i8",
+                            "linear_dequant_mxfp4_ct_f32_xbf16_ybf16_i8",
+                            "linear_dequant_mxfp4_gptossrows_f32_xbf16_ybf16_bias_i8",
+                            "linear_dequant_mxfp4_gptossrows_f32_xbf16_ybf16_i8"]
+    out = tmp_path / "bundle"
+    assert cli.main(["aot", "--op", "linear", "--weight", "mxfp4", "--float", "f32",
+                     "--compute", "int8", "-o", str(out), "-q"]) == 0
+    outcomes = verify.verify_bundle(bundle.Bundle.open(out))
+    assert len(outcomes) == 4 and all(o.status == verify.OK for o in outcomes), \
+        [str(o) for o in outcomes]
+
+
 def test_nvfp4_is_refused_by_name():
     """NVFP4's half scale is not exact where the scale is subnormal: f32 only."""
     from dqgen.formats import weight_readers as readers
