@@ -98,7 +98,9 @@ class GgmlKind(FormatKind):
                     rows(mins, sub), rows(dmin, block.values))
         return dataclasses.replace(view, block=block.values, block_parts=superblock,
                                    unsigned_codes=codes_unsigned(block),
-                                   slot_runs=view.knobs.slot_runs)
+                                   slot_runs=view.knobs.slot_runs,
+                                   code_pieces={w: p for w, p in view.knobs.code_pieces.items()
+                                                if p})
 
     def format_name(self, desc) -> str:
         return ggml_type_name(desc.qtype)

@@ -61,6 +61,69 @@ def _pairs(runs: tuple[CodeRun, ...]) -> tuple[tuple[CodeRun, ...], tuple[int, .
     return (tuple(vectors), tuple(slots)) if len(vectors) < len(runs) else None
 
 
+@dataclass(frozen=True)
+class PartPlane:
+    """One plane of a ``CodePart``: the bytes at ``offset`` as 16-bit words shifted left by
+    ``left`` or right by ``right`` (byte vectors have no shift instruction), then ``mask``
+    keeps the bits each byte's own shift placed (none a neighbour's shift carried in)."""
+
+    offset: int
+    left: int
+    right: int
+    mask: int
+
+
+@dataclass(frozen=True)
+class CodePart:
+    """``width`` of a block's stored codes as one byte vector read straight from the block:
+    bytes ``skip`` on of run ``run`` (whose byte i reads its planes at ``offset + i``), each
+    plane a word shift and a mask."""
+
+    run: Run
+    skip: int
+    width: int
+    planes: tuple[PartPlane, ...]
+
+
+def _plane(src, skip: int) -> PartPlane | None:
+    """``((byte >> shift) & mask) << into`` as a word shift and a mask, or None where a word
+    shift would carry a neighbour's bits into the mask."""
+    placed = src.mask << src.into
+    if placed > 255:
+        return None
+    left, right = max(src.into - src.shift, 0), max(src.shift - src.into, 0)
+    if placed & ((1 << left) - 1) or placed >> (8 - right):
+        return None
+    return PartPlane(src.offset + skip, left, right, placed)
+
+
+# The dot's code vectors: 64 bytes (AVX-512) and 32 (AVX2).
+PIECE_WIDTHS = (64, 32)
+
+
+def _code_pieces(runs: tuple[CodeRun, ...], values: int,
+                 width: int) -> tuple[tuple[CodePart, ...], ...]:
+    """Each ``width`` bytes of a block's ``values`` stored codes as the byte vectors that read them
+    from the block, so that the dot takes them from the weight, not from a decoded copy: one
+    vector where one run holds the piece, two halves where two do; () where a piece is
+    neither (runs decoded one value at a time, or 16 bytes at a time through a codebook)."""
+    def part(start: int, size: int) -> CodePart | None:
+        for cr in runs:
+            if cr.width and cr.at <= start and start + size <= cr.at + max(
+                    cr.run.length, cr.width):
+                planes = tuple(_plane(src, start - cr.at) for src in cr.run.sources)
+                return None if None in planes else CodePart(cr.run, start - cr.at, size, planes)
+        return None
+    pieces = []
+    for start in range(0, values, width):
+        whole = part(start, width)
+        halves = [part(start + h, width // 2) for h in (0, width // 2)] if width > SLOT else []
+        if whole is None and (not halves or None in halves):
+            return ()
+        pieces.append((whole,) if whole else tuple(halves))
+    return tuple(pieces)
+
+
 # Bytes a prefetch brings: a block longer than a line (the K-quants' 84-292 bytes) asks
 # for each of its lines, or its later lines come at the memory's latency when decoded.
 CACHE_LINE = 64
@@ -118,6 +181,7 @@ class GgmlInt8Knobs:
     field_vectors: tuple[FieldVector, ...]   # the vector lengths those runs use
     scale_vector: str        # a vector's scales from its f32 lanes fv (d * fv, ...)
     min_vector: str          # and its mins (-(m * fv) or m * fv)
+    code_pieces: dict        # by vector width: the block order's codes read from the block
 
 
 def _code_run(run: Run, codebook: bool) -> CodeRun:
@@ -158,18 +222,21 @@ def int8_ggml_knobs(layout: Layout, block: BlockLayout) -> GgmlInt8Knobs:
                  for r in ggml_knobs.field_runs("q", block.q, 0)[0])
     vectors = _field_vectors(g)
     paired = _pairs(runs) if block.values % SLOT == 0 else None
+    block_runs = paired[0] if paired else runs
+    pieces = {w: () if block.q.codebook else _code_pieces(block_runs, block.values, w) for w in PIECE_WIDTHS}
     scalar_fields = [r for f in (g.scale, g.min) if f is not None for r in f.runs
                      if r not in vectors["vector_field_runs"]]
     return GgmlInt8Knobs(
         ggml=g, type_name=ggml_type_name(layout), block_bytes=block.block_bytes,
         prefetch_lines=tuple(range(0, block.block_bytes, CACHE_LINE)),
-        code_runs=runs, block_runs=paired[0] if paired else runs,
+        code_runs=runs, block_runs=block_runs,
         slot_runs=paired[1] if paired else tuple(range(block.values // SLOT)),
-        code_widths=tuple(sorted({r.width for r in (*runs, *(paired[0] if paired else ()))}
+        code_widths=tuple(sorted(({r.width for r in (*runs, *block_runs)}
+                                  | {p.width for v in pieces.values() for ps in v for p in ps})
                                  - {0})),
         q_sign=block.q.sign, vector_add=(-block.q.sign - block.q.offset) % 256,
         q_offset=block.q.offset, codebook=tuple(v % 256 for v in block.q.codebook),
         scalar_codebook=bool(block.q.codebook) and not all(r.width for r in runs),
         has_min=block.m is not None,
         scales_apart=block.scale is not None and (bool(scalar_fields) or bool(g.scale_table)),
-        **vectors)
+        code_pieces=pieces, **vectors)

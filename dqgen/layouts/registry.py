@@ -86,6 +86,9 @@ class Int8View:
     unsigned_codes: bool = False   # every integer is 0 to 127
     integer_mins: bool = True      # the block order's mins are integers (else one a block)
     slot_runs: tuple[int, ...] = ()  # the block order's stored order of runs of 32 (() natural)
+    # the block order's codes read straight from the weight, by vector width (bytes): each
+    # piece's byte vectors (the decode's knobs); a width absent: decoded into a copy first
+    code_pieces: dict = dataclasses.field(default_factory=dict)
 
 
 class FormatKind:
