@@ -124,6 +124,77 @@ def _code_pieces(runs: tuple[CodeRun, ...], values: int,
     return tuple(pieces)
 
 
+# Bytes one load of the block's sub-block scales and mins reads (a 128-bit register).
+GATHER_BYTES = 16
+
+
+@dataclass(frozen=True)
+class GatherGroup:
+    """The lanes of a ``FieldGather`` whose plane ``slot`` takes one word shift (left or
+    right): the gathered bytes shifted, then ``masks`` (a lane's placed bits, 0 in the other
+    lanes)."""
+
+    slot: int
+    left: int
+    right: int
+    masks: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class FieldGather:
+    """A block's sub-block scales' integers (lanes from 0) and mins' (lanes from ``scales``)
+    as one 16-byte vector: the 16 bytes from ``base`` loaded once, each plane's bytes
+    gathered to their lanes by a byte shuffle (``indices``, a plane each), then shifted and
+    masked a group of lanes at a time and or-ed. Where a field's elements take several planes
+    and several runs (Q4_K's 6-bit scales and mins), one shuffle a plane does what a vector
+    a run did."""
+
+    base: int
+    indices: tuple[tuple[int, ...], ...]
+    groups: tuple[GatherGroup, ...]
+    scales: int
+    mins: int
+
+
+def _field_gather(g: GgmlKnobs, block_bytes: int) -> FieldGather | None:
+    """The gather of ``g``'s sub-block scales and mins where it applies: unsigned integers
+    (an offset subtracted after), each a byte's bits (no words, tables or trits), all in one
+    16-byte window of the block and 16 lanes, and more than one run (else one widening load
+    a run is already as few instructions)."""
+    fields = [f for f in (g.scale if not g.scale_table else None, g.min) if f is not None]
+    runs = [r for f in fields for r in f.runs]
+    if (not fields or len(runs) < 2 or any(f.field.sign for f in fields)
+            or sum(r.length for r in runs) > GATHER_BYTES):
+        return None
+    lanes: list[tuple[int, int, PartPlane]] = []   # (lane, slot, plane), the byte at offset
+    first = 0
+    for f in fields:
+        for run in f.runs:
+            for slot, src in enumerate(run.sources):
+                if src.word or src.mul or src.unit != 1:
+                    return None
+                for i in range(run.length):
+                    plane = _plane(src, i)
+                    if plane is None:
+                        return None
+                    lanes.append((first + run.start + i, slot, plane))
+        first += sum(r.length for r in f.runs)
+    offsets = [pl.offset for _, _, pl in lanes]
+    base = max(0, min(min(offsets), block_bytes - GATHER_BYTES))
+    if max(offsets) >= base + GATHER_BYTES or base + GATHER_BYTES > block_bytes:
+        return None
+    slots = 1 + max(slot for _, slot, _ in lanes)
+    indices = [[0] * GATHER_BYTES for _ in range(slots)]
+    groups: dict[tuple[int, int, int], list[int]] = {}
+    for lane, slot, pl in lanes:
+        indices[slot][lane] = pl.offset - base
+        groups.setdefault((slot, pl.left, pl.right), [0] * GATHER_BYTES)[lane] = pl.mask
+    scales = sum(r.length for r in fields[0].runs) if g.scale and not g.scale_table else 0
+    return FieldGather(base, tuple(tuple(i) for i in indices),
+                       tuple(GatherGroup(*key, tuple(m)) for key, m in groups.items()),
+                       scales, first - scales)
+
+
 # Bytes a prefetch brings: a block longer than a line (the K-quants' 84-292 bytes) asks
 # for each of its lines, or its later lines come at the memory's latency when decoded.
 CACHE_LINE = 64
@@ -182,6 +253,7 @@ class GgmlInt8Knobs:
     scale_vector: str        # a vector's scales from its f32 lanes fv (d * fv, ...)
     min_vector: str          # and its mins (-(m * fv) or m * fv)
     code_pieces: dict        # by vector width: the block order's codes read from the block
+    field_gather: FieldGather | None   # the block order's scales and mins in one shuffle
 
 
 def _code_run(run: Run, codebook: bool) -> CodeRun:
@@ -191,7 +263,7 @@ def _code_run(run: Run, codebook: bool) -> CodeRun:
     return CodeRun(run, widths[0] if widths else 0)
 
 
-def _field_vectors(g: GgmlKnobs) -> dict:
+def _field_vectors(g: GgmlKnobs, gather: FieldGather | None) -> dict:
     """The runs of the sub-block scales and mins unpacked a whole run at once: 4, 8 or 16
     elements whose every plane reads consecutive bytes at one shift, within a byte, or bits
     of a word of at most 32 (IQ4_XS's packed scales: each lane its own shift, ``word_shifts``
@@ -211,7 +283,8 @@ def _field_vectors(g: GgmlKnobs) -> dict:
     scale = (f"(d * ({g.scale_affine[0]!r}f + fv)) * {g.scale_affine[1]!r}f"
              if g.scale_affine else "d * fv")
     return {"vector_field_runs": runs, "word_shifts": word_shifts,
-            "field_vectors": tuple(_field_vector(n) for n in sorted({r.length for r in runs})),
+            "field_vectors": tuple(_field_vector(n) for n in sorted(
+                {r.length for r in runs} | ({gather.scales, gather.mins} - {0} if gather else set()))),
             "scale_vector": scale, "min_vector": "-(m * fv)" if g.negate_min else "m * fv"}
 
 
@@ -220,7 +293,8 @@ def int8_ggml_knobs(layout: Layout, block: BlockLayout) -> GgmlInt8Knobs:
     g = ggml_knobs.knobs(layout, "c", DType.F32)
     runs = tuple(_code_run(r, bool(block.q.codebook))
                  for r in ggml_knobs.field_runs("q", block.q, 0)[0])
-    vectors = _field_vectors(g)
+    gather = _field_gather(g, block.block_bytes)
+    vectors = _field_vectors(g, gather)
     paired = _pairs(runs) if block.values % SLOT == 0 else None
     block_runs = paired[0] if paired else runs
     pieces = {w: () if block.q.codebook else _code_pieces(block_runs, block.values, w) for w in PIECE_WIDTHS}
@@ -232,11 +306,12 @@ def int8_ggml_knobs(layout: Layout, block: BlockLayout) -> GgmlInt8Knobs:
         code_runs=runs, block_runs=block_runs,
         slot_runs=paired[1] if paired else tuple(range(block.values // SLOT)),
         code_widths=tuple(sorted(({r.width for r in (*runs, *block_runs)}
-                                  | {p.width for v in pieces.values() for ps in v for p in ps})
+                                  | {p.width for v in pieces.values() for ps in v for p in ps}
+                                  | ({GATHER_BYTES} if gather else set()))
                                  - {0})),
         q_sign=block.q.sign, vector_add=(-block.q.sign - block.q.offset) % 256,
         q_offset=block.q.offset, codebook=tuple(v % 256 for v in block.q.codebook),
         scalar_codebook=bool(block.q.codebook) and not all(r.width for r in runs),
         has_min=block.m is not None,
         scales_apart=block.scale is not None and (bool(scalar_fields) or bool(g.scale_table)),
-        code_pieces=pieces, **vectors)
+        code_pieces=pieces, field_gather=gather, **vectors)
