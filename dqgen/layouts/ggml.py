@@ -86,8 +86,9 @@ class GgmlKind(FormatKind):
             codes, scales, mins = block_parts(desc.layout, arrays["data"])
             return (codes.reshape(n, k), scales.reshape(n, k // sub),
                     None if mins is None else mins.reshape(n, k // sub))
-        view = Int8View("c/int8_ggml.j2", int8_ggml_knobs(desc.layout, block), sub,
-                        block.m is not None, block.values, parts, name)
+        knobs = int8_ggml_knobs(desc.layout, block)
+        view = Int8View("c/int8_ggml.j2", knobs, sub, block.m is not None, block.values, parts,
+                        name, code_pieces={w: p for w, p in knobs.lane_pieces.items() if p})
         if superblock_layout(desc.layout) is None:
             return view
 

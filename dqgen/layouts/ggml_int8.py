@@ -124,6 +124,86 @@ def _code_pieces(runs: tuple[CodeRun, ...], values: int,
     return tuple(pieces)
 
 
+# The quad order's blocks a register's codes come from whole: 32 values (16 a 128-bit lane).
+LANE_BYTES = 16
+QUAD_BLOCK = 32
+
+
+@dataclass(frozen=True)
+class LaneWindow:
+    """16 bytes from byte ``offset`` of a register's block ``block``, loaded into its 128-bit
+    lanes ``lanes`` (``dwords``: those lanes' 32-bit elements as a bit mask)."""
+
+    block: int
+    offset: int
+    lanes: tuple[int, ...]
+    dwords: int
+
+
+@dataclass(frozen=True)
+class LaneShift:
+    """The lanes whose bytes shift right by ``right`` (a 16-bit word shift the masks make a
+    byte shift), as masks of their 16-bit and 32-bit elements."""
+
+    right: int
+    words: int
+    dwords: int
+
+
+@dataclass(frozen=True)
+class LanePiece:
+    """A register of the quad order's codes read straight from the weight: ``blocks`` whole
+    blocks of 32 values, 16 codes a 128-bit lane, each lane a plane's 16 bytes of its block
+    (``windows``), shifted (``shifts``), masked (``masks``, a byte each lane), then the sign
+    and offset where they change a byte (``post``) or the codebook."""
+
+    blocks: int
+    windows: tuple[LaneWindow, ...]
+    lane_sources: tuple[tuple[int, int], ...]   # each lane's (block, offset)
+    shifts: tuple[LaneShift, ...]
+    masks: tuple[int, ...]
+    mask_dwords: tuple[int, ...]   # the masks as the register's 32-bit elements, () if none
+    post: bool
+
+
+def _lane_piece(runs: tuple[CodeRun, ...], values: int, width: int, q_sign: int,
+                vector_add: int) -> LanePiece | None:
+    """The register of ``width`` bytes of a quad-order chunk as a ``LanePiece``, where every
+    16 values of a block of 32 are one plane's consecutive bytes (Q4_0, Q8_0, IQ4_NL,
+    MXFP4); None where not (bits from a word, several planes, other blocks)."""
+    if values != QUAD_BLOCK or width % values:
+        return None
+    lanes = []
+    for lane in range(width // LANE_BYTES):
+        within = lane * LANE_BYTES % values
+        run = next((cr for cr in runs if cr.width and cr.at <= within
+                    and within + LANE_BYTES <= cr.at + cr.run.length), None)
+        if run is None or len(run.run.sources) != 1:
+            return None
+        plane = _plane(run.run.sources[0], within - run.at)
+        if plane is None or plane.left:
+            return None
+        lanes.append((lane * LANE_BYTES // values, plane))
+
+    def bits(chosen, per: int) -> int:
+        return sum(((1 << per) - 1) << (per * lane) for lane in chosen)
+    windows: dict[tuple[int, int], list[int]] = {}
+    shifts: dict[int, list[int]] = {}
+    for lane, (block, plane) in enumerate(lanes):
+        windows.setdefault((block, plane.offset), []).append(lane)
+        if plane.right:
+            shifts.setdefault(plane.right, []).append(lane)
+    identity = all((((v ^ q_sign) + vector_add) & 255) == v for v in range(256))
+    return LanePiece(width // values,
+                     tuple(LaneWindow(b, o, tuple(ls), bits(ls, 4)) for (b, o), ls in windows.items()),
+                     tuple((block, plane.offset) for block, plane in lanes),
+                     tuple(LaneShift(r, bits(ls, 8), bits(ls, 4)) for r, ls in shifts.items()),
+                     tuple(plane.mask for _, plane in lanes),
+                     () if all(plane.mask == 255 for _, plane in lanes) else
+                     tuple(plane.mask * 0x01010101 for _, plane in lanes for _ in range(4)),
+                     not identity)
+
+
 # Bytes one load of the block's sub-block scales and mins reads (a 128-bit register).
 GATHER_BYTES = 16
 
@@ -253,6 +333,7 @@ class GgmlInt8Knobs:
     scale_vector: str        # a vector's scales from its f32 lanes fv (d * fv, ...)
     min_vector: str          # and its mins (-(m * fv) or m * fv)
     code_pieces: dict        # by vector width: the block order's codes read from the block
+    lane_pieces: dict        # by vector width: the quad order's register read from the blocks
     field_gather: FieldGather | None   # the block order's scales and mins in one shuffle
 
 
@@ -314,4 +395,8 @@ def int8_ggml_knobs(layout: Layout, block: BlockLayout) -> GgmlInt8Knobs:
         scalar_codebook=bool(block.q.codebook) and not all(r.width for r in runs),
         has_min=block.m is not None,
         scales_apart=block.scale is not None and (bool(scalar_fields) or bool(g.scale_table)),
-        code_pieces=pieces, field_gather=gather, **vectors)
+        code_pieces=pieces, field_gather=gather,
+        lane_pieces={w: _lane_piece(runs, block.values, w, block.q.sign,
+                                    (-block.q.sign - block.q.offset) % 256)
+                     for w in PIECE_WIDTHS},
+        **vectors)

@@ -155,8 +155,9 @@ class Int8Knobs:
                                          # (else 8: half of one)
     slot_subs256: tuple[int, ...] = ()   # AVX2 register (slot) s: its first lane's sub-block
     quad_subs: tuple[int, ...] = ()      # plain C: each stored quad's sub-block
-    fused_pieces: tuple = ()     # the dot's code vectors read from W's blocks (the view's
-                                 # pieces at the ISA's width; () where decoded into a copy)
+    fused_pieces: tuple = ()     # the block order's code vectors read from W's blocks (the
+                                 # view's pieces at the ISA's width; () where decoded first)
+    lane_piece: object = None    # the quad order's register of codes read from W's blocks
     dot_forms: tuple[bool, ...] = (False,)   # the dots compiled: codes from a decoded copy
                                              # (False), from W's blocks (True)
     from_w_max_m: int = 0        # rows of x up to which the dot reads W's blocks
@@ -236,11 +237,13 @@ def lower(desc, target: str, arch: str, storage: dict):
     per_sub = view.sub // QUAD
     order = {"lanes": LANES, "k_step": LANES * QUAD, "k_chunk": K_CHUNK,
              "seg": min(view.sub, X_BLOCK), "min_lanes": LANES * QUAD // min(view.sub, X_BLOCK)}
+    pieces = view.code_pieces.get(PIECE_BYTES.get(simd.lane_regs))
+    from_w = {"dot_forms": (False, True) if pieces else (False,),
+              "from_w_max_m": simd.micro_rows[0] if pieces else 0}
     if view.block:
-        pieces = view.code_pieces.get(PIECE_BYTES.get(simd.lane_regs), ())
-        order = {**_block_order(view), **_gemm(simd), "fused_pieces": pieces,
-                 "dot_forms": (False, True) if pieces else (False,),
-                 "from_w_max_m": simd.micro_rows[0] if pieces else 0}
+        order = {**_block_order(view), **_gemm(simd), **from_w, "fused_pieces": pieces or ()}
+    else:
+        order = {**order, **from_w, "lane_piece": pieces}
     knobs = Int8Knobs(
         view=view, decode=view.knobs, weight_inputs=inputs, sub=view.sub,
         has_min=view.has_min, lane_regs=simd.lane_regs, dot=simd.dot,

@@ -86,8 +86,9 @@ class Int8View:
     unsigned_codes: bool = False   # every integer is 0 to 127
     integer_mins: bool = True      # the block order's mins are integers (else one a block)
     slot_runs: tuple[int, ...] = ()  # the block order's stored order of runs of 32 (() natural)
-    # the block order's codes read straight from the weight, by vector width (bytes): each
-    # piece's byte vectors (the decode's knobs); a width absent: decoded into a copy first
+    # the codes the dot reads straight from the weight, by register width (bytes), as the
+    # decode's template reads them: the block order's pieces of a block (each one or two byte
+    # vectors), the quad order's register of whole blocks; a width absent: decoded first
     code_pieces: dict = dataclasses.field(default_factory=dict)
 
 

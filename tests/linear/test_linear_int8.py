@@ -172,29 +172,34 @@ def test_every_isa_gives_the_same_bits(isa, qtype):
         assert_bits_equal(y, expected(weight, x, None, np.float32))
 
 
-# The types whose codes the block order's dot reads from W's blocks (AVX-512 and AVX2).
-FROM_W_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "TQ2_0")
+# The types whose codes the dot reads from W's blocks on AVX-512 and AVX2: the block
+# order's (a piece of a super-block) and the quad order's (a register of whole blocks).
+FROM_W_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "TQ2_0",
+                "Q4_0", "Q4_1", "Q8_0", "IQ4_NL", "MXFP4")
 
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("qtype", FROM_W_TYPES)
 def test_codes_read_from_the_blocks_give_the_same_bits(qtype, isa):
-    """Up to four rows of x the dot reads W's codes straight from its blocks (a vector of 64
-    or 32 bytes of a block, two halves where two runs hold it); past them from a decoded
-    copy. Both give the reference's bits on every ISA, one row to four, with K past a
-    decoded chunk (its second chunk's blocks) and a bias."""
+    """Up to the micro-kernel's rows of x (four on AVX-512, one on AVX2) the dot reads W's
+    codes straight from its blocks (the block order: 64 or 32 bytes of a block, two halves
+    where two runs hold them; the quad order: a 128-bit lane of a block's plane at a time);
+    past them from a decoded copy, as in a chunk K's padding ends (W has no bytes there).
+    All give the reference's bits on every ISA, one row to five, with K past a decoded
+    chunk, a padded last chunk where the blocks allow it, and a bias."""
     rng = np.random.default_rng(sum(map(ord, qtype)) + 7)
-    k = 4096 + 512
-    weight = weight_of(rng, qtype, 9, k)
-    bias = rng.standard_normal(9).astype(np.float32)
-    for m in (1, 2, 3, 4, 5):
-        x = x_of(rng, m, k, np.float32)
-        desc = LinearDescriptor(weight.descriptor, m, 9, k, bias=True, compute="int8")
-        plan = FormatPlan.select(desc, preference=PlanPreference(isa=isa))
-        assert ("dotw" in plan.source()) == (isa != "generic")   # the test reaches the form
-        y = np.empty((m, 9), np.float32)
-        plan.run({**weight.arrays, "x": x, "bias": bias, "y": y})
-        assert_bits_equal(y, expected(weight, x, bias, np.float32))
+    values = ggml.block_values(qtype)
+    for k in (4096 + 512, 4096 + 416) if values == 32 else (4096 + 512,):
+        weight = weight_of(rng, qtype, 9, k)
+        bias = rng.standard_normal(9).astype(np.float32)
+        for m in (1, 2, 3, 4, 5):
+            x = x_of(rng, m, k, np.float32)
+            desc = LinearDescriptor(weight.descriptor, m, 9, k, bias=True, compute="int8")
+            plan = FormatPlan.select(desc, preference=PlanPreference(isa=isa))
+            assert ("dotw" in plan.source()) == (isa != "generic")   # the test reaches it
+            y = np.empty((m, 9), np.float32)
+            plan.run({**weight.arrays, "x": x, "bias": bias, "y": y})
+            assert_bits_equal(y, expected(weight, x, bias, np.float32))
 
 
 @pytest.mark.parametrize("isa", ISAS)
