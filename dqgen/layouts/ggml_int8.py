@@ -166,16 +166,13 @@ class LanePiece:
     post: bool
 
 
-def _lane_piece(runs: tuple[CodeRun, ...], values: int, width: int, q_sign: int,
-                vector_add: int) -> LanePiece | None:
-    """The register of ``width`` bytes of a quad-order chunk as a ``LanePiece``, where every
-    16 values of a block of 32 are one plane's consecutive bytes (Q4_0, Q8_0, IQ4_NL,
-    MXFP4); None where not (bits from a word, several planes, other blocks)."""
-    if values != QUAD_BLOCK or width % values:
-        return None
+def _lanes_piece(runs: tuple[CodeRun, ...], starts: list[tuple[int, int]], blocks: int,
+                 q_sign: int, vector_add: int) -> LanePiece | None:
+    """The register whose 128-bit lanes hold the codes from value ``within`` of block
+    ``block`` (``starts``, a lane each) as a ``LanePiece``, where each lane's 16 values are one
+    plane's consecutive bytes; None where not (bits from a word, several planes)."""
     lanes = []
-    for lane in range(width // LANE_BYTES):
-        within = lane * LANE_BYTES % values
+    for block, within in starts:
         run = next((cr for cr in runs if cr.width and cr.at <= within
                     and within + LANE_BYTES <= cr.at + cr.run.length), None)
         if run is None or len(run.run.sources) != 1:
@@ -183,7 +180,7 @@ def _lane_piece(runs: tuple[CodeRun, ...], values: int, width: int, q_sign: int,
         plane = _plane(run.run.sources[0], within - run.at)
         if plane is None or plane.left:
             return None
-        lanes.append((lane * LANE_BYTES // values, plane))
+        lanes.append((block, plane))
 
     def bits(chosen, per: int) -> int:
         return sum(((1 << per) - 1) << (per * lane) for lane in chosen)
@@ -194,7 +191,7 @@ def _lane_piece(runs: tuple[CodeRun, ...], values: int, width: int, q_sign: int,
         if plane.right:
             shifts.setdefault(plane.right, []).append(lane)
     identity = all((((v ^ q_sign) + vector_add) & 255) == v for v in range(256))
-    return LanePiece(width // values,
+    return LanePiece(blocks,
                      tuple(LaneWindow(b, o, tuple(ls), bits(ls, 4)) for (b, o), ls in windows.items()),
                      tuple((block, plane.offset) for block, plane in lanes),
                      tuple(LaneShift(r, bits(ls, 8), bits(ls, 4)) for r, ls in shifts.items()),
@@ -202,6 +199,27 @@ def _lane_piece(runs: tuple[CodeRun, ...], values: int, width: int, q_sign: int,
                      () if all(plane.mask == 255 for _, plane in lanes) else
                      tuple(plane.mask * 0x01010101 for _, plane in lanes for _ in range(4)),
                      not identity)
+
+
+def _lane_piece(runs: tuple[CodeRun, ...], values: int, width: int, q_sign: int,
+                vector_add: int) -> LanePiece | None:
+    """The quad order's register of ``width`` bytes (whole blocks of 32: Q4_0, Q8_0, IQ4_NL,
+    MXFP4) as a ``LanePiece``; None for other blocks or where a lane is not one plane."""
+    if values != QUAD_BLOCK or width % values:
+        return None
+    starts = [(lane * LANE_BYTES // values, lane * LANE_BYTES % values)
+              for lane in range(width // LANE_BYTES)]
+    return _lanes_piece(runs, starts, width // values, q_sign, vector_add)
+
+
+def _block_lane_pieces(runs: tuple[CodeRun, ...], values: int, width: int, q_sign: int,
+                       vector_add: int) -> tuple[LanePiece, ...]:
+    """The block order's codes (stored in the runs' own order) as a ``LanePiece`` a register
+    of ``width`` bytes, for a codebook's runs of 16 (IQ4_XS): () where a lane is not one
+    plane's bytes."""
+    pieces = tuple(_lanes_piece(runs, [(0, start + lane) for lane in range(0, width, LANE_BYTES)],
+                                1, q_sign, vector_add) for start in range(0, values, width))
+    return () if None in pieces else pieces
 
 
 # Bytes one load of the block's sub-block scales and mins reads (a 128-bit register).
@@ -334,6 +352,8 @@ class GgmlInt8Knobs:
     min_vector: str          # and its mins (-(m * fv) or m * fv)
     code_pieces: dict        # by vector width: the block order's codes read from the block
     lane_pieces: dict        # by vector width: the quad order's register read from the blocks
+    block_lane_pieces: dict  # by vector width: the block order's registers, where a codebook's
+                             # runs have no code_pieces
     field_gather: FieldGather | None   # the block order's scales and mins in one shuffle
 
 
@@ -399,4 +419,8 @@ def int8_ggml_knobs(layout: Layout, block: BlockLayout) -> GgmlInt8Knobs:
         lane_pieces={w: _lane_piece(runs, block.values, w, block.q.sign,
                                     (-block.q.sign - block.q.offset) % 256)
                      for w in PIECE_WIDTHS},
+        block_lane_pieces={w: _block_lane_pieces(block_runs, block.values, w, block.q.sign,
+                                                 (-block.q.sign - block.q.offset) % 256)
+                           if block.q.codebook and block.values % w == 0 else ()
+                           for w in PIECE_WIDTHS},
         **vectors)

@@ -157,7 +157,10 @@ class Int8Knobs:
     quad_subs: tuple[int, ...] = ()      # plain C: each stored quad's sub-block
     fused_pieces: tuple = ()     # the block order's code vectors read from W's blocks (the
                                  # view's pieces at the ISA's width; () where decoded first)
+    fused_lanes: tuple = ()      # or its registers read a 128-bit lane at a time
     lane_piece: object = None    # the quad order's register of codes read from W's blocks
+    reads_w: bool = False        # the dot may read W's codes from its blocks (then the
+                                 # decode skips the codes where asked)
     dot_forms: tuple[bool, ...] = (False,)   # the dots compiled: codes from a decoded copy
                                              # (False), from W's blocks (True)
     from_w_max_m: int = 0        # rows of x up to which the dot reads W's blocks
@@ -237,13 +240,16 @@ def lower(desc, target: str, arch: str, storage: dict):
     per_sub = view.sub // QUAD
     order = {"lanes": LANES, "k_step": LANES * QUAD, "k_chunk": K_CHUNK,
              "seg": min(view.sub, X_BLOCK), "min_lanes": LANES * QUAD // min(view.sub, X_BLOCK)}
-    pieces = view.code_pieces.get(PIECE_BYTES.get(simd.lane_regs))
-    from_w = {"dot_forms": (False, True) if pieces else (False,),
-              "from_w_max_m": simd.micro_rows[0] if pieces else 0}
+    width = PIECE_BYTES.get(simd.lane_regs)
+    pieces, lanes = view.code_pieces.get(width, ()), view.lane_pieces.get(width)
+    reads_w = bool(pieces or lanes)
+    from_w = {"reads_w": reads_w, "dot_forms": (False, True) if reads_w else (False,),
+              "from_w_max_m": simd.micro_rows[0] if reads_w else 0}
     if view.block:
-        order = {**_block_order(view), **_gemm(simd), **from_w, "fused_pieces": pieces or ()}
+        order = {**_block_order(view), **_gemm(simd), **from_w, "fused_pieces": pieces,
+                 "fused_lanes": () if pieces else lanes or ()}
     else:
-        order = {**order, **from_w, "lane_piece": pieces}
+        order = {**order, **from_w, "lane_piece": lanes}
     knobs = Int8Knobs(
         view=view, decode=view.knobs, weight_inputs=inputs, sub=view.sub,
         has_min=view.has_min, lane_regs=simd.lane_regs, dot=simd.dot,

@@ -87,9 +87,12 @@ class Int8View:
     integer_mins: bool = True      # the block order's mins are integers (else one a block)
     slot_runs: tuple[int, ...] = ()  # the block order's stored order of runs of 32 (() natural)
     # the codes the dot reads straight from the weight, by register width (bytes), as the
-    # decode's template reads them: the block order's pieces of a block (each one or two byte
-    # vectors), the quad order's register of whole blocks; a width absent: decoded first
+    # decode's template reads them (a width in neither: decoded into a copy first): the block
+    # order's registers of a block as one or two byte vectors each ...
     code_pieces: dict = dataclasses.field(default_factory=dict)
+    # ... or as 128-bit lanes of a plane each (a codebook's runs of 16); the quad order's
+    # register of whole blocks (one for all)
+    lane_pieces: dict = dataclasses.field(default_factory=dict)
 
 
 class FormatKind:

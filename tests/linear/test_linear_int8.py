@@ -174,7 +174,7 @@ def test_every_isa_gives_the_same_bits(isa, qtype):
 
 # The types whose codes the dot reads from W's blocks on AVX-512 and AVX2: the block
 # order's (a piece of a super-block) and the quad order's (a register of whole blocks).
-FROM_W_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "TQ2_0",
+FROM_W_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "TQ2_0", "IQ4_XS",
                 "Q4_0", "Q4_1", "Q8_0", "IQ4_NL", "MXFP4")
 
 
