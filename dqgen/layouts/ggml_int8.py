@@ -203,13 +203,17 @@ def _lanes_piece(runs: tuple[CodeRun, ...], starts: list[tuple[int, int]], block
 
 def _lane_piece(runs: tuple[CodeRun, ...], values: int, width: int, q_sign: int,
                 vector_add: int) -> LanePiece | None:
-    """The quad order's register of ``width`` bytes (whole blocks of 32: Q4_0, Q8_0, IQ4_NL,
-    MXFP4) as a ``LanePiece``; None for other blocks or where a lane is not one plane."""
+    """The quad order's register of ``width`` bytes (whole blocks of 32: Q4_0, IQ4_NL, MXFP4)
+    as a ``LanePiece``; None for other blocks, where a lane is not one plane, or where the
+    codes are the blocks' bytes unchanged."""
     if values != QUAD_BLOCK or width % values:
         return None
     starts = [(lane * LANE_BYTES // values, lane * LANE_BYTES % values)
               for lane in range(width // LANE_BYTES)]
-    return _lanes_piece(runs, starts, width // values, q_sign, vector_add)
+    piece = _lanes_piece(runs, starts, width // values, q_sign, vector_add)
+    if piece is not None and not (piece.shifts or piece.mask_dwords or piece.post):
+        return None   # the blocks' own bytes (Q8_0): a decoded copy is a copy, read as fast
+    return piece
 
 
 def _block_lane_pieces(runs: tuple[CodeRun, ...], values: int, width: int, q_sign: int,

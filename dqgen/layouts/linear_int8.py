@@ -63,12 +63,14 @@ TILE_FROM_M = 16
 # of x's codes stay in L1.
 GEMM_FROM_M = 12
 GEMM_K_CHUNK = 1024
-# Up to a micro-kernel's rows of x, the block order's dot reads W's codes straight from its
-# blocks where the view says how, a vector of this many bytes on each ISA's registers
+# Up to FROM_W_MAX_M rows of x (one micro-kernel call), the dot reads W's codes straight
+# from its blocks where the view says how, a register of this many bytes on each ISA level
 # (AVX-512, AVX2): a decoded copy costs a store and a load of every code (M = 1, [4096,
-# 4096], one thread of an AMD EPYC: Q4_K 346 -> 318 us, Q5_K 550 -> 395 us). Past them the
-# copy is decoded once and read by each micro-kernel (Q6_K at M = 8: 1.2x faster so).
+# 4096], one thread of an AMD EPYC: Q4_K 342 -> 288 us, Q4_0 619 -> 538 us). Past them the
+# copy is decoded once for every micro-kernel call (at M = 3, two calls: Q6_K 744 us from
+# the copy, 892 us from the blocks; at M = 4 they are even).
 PIECE_BYTES = {1: 64, 2: 32}
+FROM_W_MAX_M = 2
 
 
 @dataclass(frozen=True)
@@ -244,7 +246,7 @@ def lower(desc, target: str, arch: str, storage: dict):
     pieces, lanes = view.code_pieces.get(width, ()), view.lane_pieces.get(width)
     reads_w = bool(pieces or lanes)
     from_w = {"reads_w": reads_w, "dot_forms": (False, True) if reads_w else (False,),
-              "from_w_max_m": simd.micro_rows[0] if reads_w else 0}
+              "from_w_max_m": min(FROM_W_MAX_M, simd.micro_rows[0]) if reads_w else 0}
     if view.block:
         order = {**_block_order(view), **_gemm(simd), **from_w, "fused_pieces": pieces,
                  "fused_lanes": () if pieces else lanes or ()}
