@@ -307,13 +307,16 @@ class FieldVector:
     """``length`` bytes widened to int32 lanes. Four (``shifts`` given): lane i is the
     little-endian word shifted right by ``shifts[i]`` and masked, a broadcast, a shift and
     an and, where GCC widens a 4-byte vector with a scalar insert a lane; eight and sixteen
-    by one zero-extending load (``widen``, where the compiler defines ``widen_isa``; GCC 12's
-    own conversion takes the bytes out one at a time)."""
+    by one zero-extending load (``widen``, where the compiler defines ``widen_isa``), or two
+    of half as many (``half`` under ``halves_isa``: sixteen on AVX2); GCC 12's own conversion
+    takes the bytes out one at a time."""
 
     length: int
     shifts: tuple[int, ...]
     widen_isa: str = ""
     widen: str = ""
+    halves_isa: str = ""     # where only the half's load is there (AVX2 for 16): two of them
+    half: str = ""
 
 
 # The zero-extending loads of 8 and 16 bytes to int32 lanes, and the ISA each needs.
@@ -324,7 +327,7 @@ _WIDEN = {8: ("__AVX2__", "_mm256_cvtepu8_epi32(_mm_loadl_epi64("),
 def _field_vector(length: int) -> FieldVector:
     if length == 4:
         return FieldVector(4, (0, 8, 16, 24))
-    return FieldVector(length, (), *_WIDEN[length])
+    return FieldVector(length, (), *_WIDEN[length], *_WIDEN.get(length // 2, ("", "")))
 
 
 @dataclass(frozen=True)
