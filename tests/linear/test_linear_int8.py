@@ -202,6 +202,32 @@ def test_codes_read_from_the_blocks_give_the_same_bits(qtype, isa):
             assert_bits_equal(y, expected(weight, x, bias, np.float32))
 
 
+def test_a_word_shift_is_the_byte_shift_it_stands_for():
+    """The dot shifts byte vectors as 16-bit words (there is no byte shift), then masks: for
+    every plane it accepts, every pair of neighbouring bytes gives each byte's own
+    ((byte >> shift) & mask) << into; the planes it refuses are the ones a neighbour's bits
+    would reach."""
+    from dqgen.layouts.ggml_knobs import Source
+    from dqgen.layouts.ggml_reads import _plane
+    words = np.arange(1 << 16, dtype=np.uint32)
+    accepted = 0
+    for bits in range(1, 9):   # masks as wide as the layouts write them, or wider
+        for shift in range(0, 8):
+            for into in range(0, 9 - bits):
+                src = Source(0, shift, (1 << bits) - 1, into)
+                plane = _plane(src, 0)
+                left, right, placed = max(into - shift, 0), max(shift - into, 0), src.mask << into
+                shifted = (words << left) >> right
+                exact = all(np.array_equal((shifted >> half) & placed,
+                                           (((words >> half) & 255) >> shift & src.mask) << into)
+                            for half in (0, 8))   # the word's low byte and its high one
+                assert (plane is not None) == exact, src
+                if plane is not None:
+                    assert (plane.left, plane.right, plane.mask) == (left, right, placed)
+                accepted += plane is not None
+    assert accepted > 30   # the planes the K-quants take are among them
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_rows_longer_than_a_decoded_chunk(isa):
     """K past the kernel's chunk of decoded values (4096), with a tail in the last chunk:
