@@ -599,12 +599,13 @@ def test_mxfp4_codes_recombine_to_the_dequantized_values(fmt):
 @pytest.mark.parametrize("fmt", ["gpt-oss", "compressed-tensors"])
 def test_mxfp4_bit_exact(fmt, isa):
     """Every ISA and M, K whole blocks of 32 but not of the decode's 32-byte steps or of
-    the lanes' 256, a bias; a row of every scale code (0: subnormal, 255) too."""
+    the lanes' 256, a bias; a row of every scale code (0: subnormal, 255) too; K past a
+    decoded chunk."""
     rng = np.random.default_rng(31)
-    for k, special in ((288, False), (1024 + 96, True)):
+    for k, special in ((288, False), (1024 + 96, True), (2048 + 512, True)):
         weight = mxfp4_of(rng, fmt, 13, k, special)
         bias = rng.standard_normal(13).astype(np.float32)
-        for m in (1, 3, 17):
+        for m in (1, 2, 3, 17):
             x = x_of(rng, m, k, np.float32)
             desc = LinearDescriptor(weight.descriptor, m, 13, k, bias=True, compute="int8")
             plan = FormatPlan.select(desc, preference=PlanPreference(isa=isa))
