@@ -181,9 +181,10 @@ FROM_W_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K", "TQ2_0", "IQ4_XS
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("qtype", FROM_W_TYPES)
 def test_codes_read_from_the_blocks_give_the_same_bits(qtype, isa):
-    """Up to two rows of x (one micro-kernel call: one row on AVX2) the dot reads W's codes
-    straight from its blocks (the block order: 64 or 32 bytes of a block, two halves
-    where two runs hold them; the quad order: a 128-bit lane of a block's plane at a time);
+    """Up to two rows of x (one micro-kernel call; the quad order's one row on AVX2) the
+    dot reads W's codes straight from its blocks (the block order: 64 or 32 bytes of a
+    block, two halves where two runs hold them; the quad order: a 128-bit lane of a block's
+    plane at a time);
     past them from a decoded copy, as in a chunk K's padding ends (W has no bytes there).
     All give the reference's bits on every ISA, one row to five, with K past a decoded
     chunk, a padded last chunk where the blocks allow it, and a bias."""
@@ -248,9 +249,9 @@ def test_rows_longer_than_a_decoded_chunk(isa):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K", "IQ4_XS", "Q2_K", "TQ2_0", "u4 g128"])
 def test_many_rows_of_x_give_the_same_bits(qtype, isa):
-    """Past 12 rows of x on AVX-512 and AVX2 x's rows are multiplied 16 or 8 to a vector
-    (the GEMM), and in plain C past 16 rows W is decoded a tile of 8 rows at a time: 13 to
-    50 rows (whole groups and a part, one to four groups), K past the GEMM's chunk of 1024
+    """Past 12 rows of x on AVX-512 (24 on AVX2) x's rows are multiplied 16 or 8 to a
+    vector (the GEMM), and below that past 16 rows (in plain C always) W is decoded a tile
+    of 8 rows at a time: 13 to 50 rows (whole groups and a part), K past the GEMM's chunk of 1024
     values with a tail, N not whole tiles, two threads, a bias, f32 out (bf16 out once: its
     rounding hides most f32 differences); every row equals the reference. Covers unsigned
     and signed codes, scaled sub-blocks, 8 and 16 integer min lanes and float mins."""
