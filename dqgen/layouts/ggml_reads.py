@@ -4,17 +4,13 @@ a register of codes as byte vectors of the block's planes, shifted and masked, a
 block's sub-block scales and mins gathered by one byte shuffle a plane. A decoded copy
 costs a store and a load of every code, which bound the dot at M = 1. Every piece reads
 only plain runs (``CodeRun.width`` set: consecutive bytes at one shift), so the codes are
-the decode's own."""
+the decode's own. ``runs`` are ``ggml_int8.CodeRun``s: a run, its vector width, its place."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from .ggml_knobs import GgmlKnobs, Run
-
-if TYPE_CHECKING:
-    from .ggml_int8 import CodeRun
 
 # A register of 64 bytes may be read as two halves of 32, each from a run of its own.
 HALF = 32
@@ -60,7 +56,7 @@ def _plane(src, skip: int) -> PartPlane | None:
 PIECE_WIDTHS = (64, 32)
 
 
-def code_pieces(runs: tuple[CodeRun, ...], values: int,
+def code_pieces(runs: tuple, values: int,
                  width: int) -> tuple[tuple[CodePart, ...], ...]:
     """Each ``width`` bytes of a block's ``values`` stored codes as the byte vectors that read them
     from the block, so that the dot takes them from the weight, not from a decoded copy: one
@@ -125,7 +121,7 @@ class LanePiece:
     post: bool
 
 
-def _lanes_piece(runs: tuple[CodeRun, ...], starts: list[tuple[int, int]], blocks: int,
+def _lanes_piece(runs: tuple, starts: list[tuple[int, int]], blocks: int,
                  q_sign: int, vector_add: int) -> LanePiece | None:
     """The register whose 128-bit lanes hold the codes from value ``within`` of block
     ``block`` (``starts``, a lane each) as a ``LanePiece``, where each lane's 16 values are one
@@ -161,7 +157,7 @@ def _lanes_piece(runs: tuple[CodeRun, ...], starts: list[tuple[int, int]], block
                      not identity)
 
 
-def lane_piece(runs: tuple[CodeRun, ...], values: int, width: int, q_sign: int,
+def lane_piece(runs: tuple, values: int, width: int, q_sign: int,
                 vector_add: int) -> LanePiece | None:
     """The quad order's register of ``width`` bytes (whole blocks of 32: Q4_0, IQ4_NL, MXFP4)
     as a ``LanePiece``; None for other blocks, where a lane is not one plane, or where the
@@ -176,7 +172,7 @@ def lane_piece(runs: tuple[CodeRun, ...], values: int, width: int, q_sign: int,
     return piece
 
 
-def block_lane_pieces(runs: tuple[CodeRun, ...], values: int, width: int, q_sign: int,
+def block_lane_pieces(runs: tuple, values: int, width: int, q_sign: int,
                        vector_add: int) -> tuple[LanePiece, ...]:
     """The block order's codes (stored in the runs' own order) as a ``LanePiece`` a register
     of ``width`` bytes, for a codebook's runs of 16 (IQ4_XS): () where a lane is not one
