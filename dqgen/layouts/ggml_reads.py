@@ -56,12 +56,11 @@ def _plane(src, skip: int) -> PartPlane | None:
 PIECE_WIDTHS = (64, 32)
 
 
-def code_pieces(runs: tuple, values: int,
-                 width: int) -> tuple[tuple[CodePart, ...], ...]:
-    """Each ``width`` bytes of a block's ``values`` stored codes as the byte vectors that read them
-    from the block, so that the dot takes them from the weight, not from a decoded copy: one
-    vector where one run holds the piece, two halves where two do; () where a piece is
-    neither (runs decoded one value at a time, or 16 bytes at a time through a codebook)."""
+def code_pieces(runs: tuple, values: int, width: int) -> tuple[tuple[CodePart, ...], ...]:
+    """Each ``width`` bytes of a block's ``values`` stored codes as the byte vectors that
+    read them from the block, so that the dot takes them from the weight, not from a decoded
+    copy: one vector where one run holds the piece, two halves where two do; () where a piece
+    is neither (runs decoded one value at a time, or 16 bytes at a time through a codebook)."""
     def part(start: int, size: int) -> CodePart | None:
         for cr in runs:
             if cr.width and cr.at <= start and start + size <= cr.at + max(
