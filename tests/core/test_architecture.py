@@ -198,6 +198,9 @@ TESTED_IN = {
     "env.py": ("core/test_threads.py", "each DQGEN_* setting is tested where it acts"),
     "layouts/ggml_int8.py": ("linear/test_linear_int8.py", "the int8 linear's GGML decode is "
                              "checked bit for bit there, on every type it reads"),
+    "layouts/ggml_reads.py": ("linear/test_linear_int8.py", "the codes and scales the int8 "
+                              "dot reads from a GGML block are tested bit for bit there, and its "
+                              "word shifts exhaustively"),
     "layouts/family_int8.py": ("linear/test_linear_int8.py", "the int8 linear's decode of the "
                                "family is checked bit for bit there, every storage"),
     "formats/gguf_convert.py": ("formats/ggml/test_gguf_file.py", "GGUF files converted"),
