@@ -192,7 +192,7 @@ def int8_ggml_knobs(layout: Layout, block: BlockLayout) -> GgmlInt8Knobs:
         scales_apart=block.scale is not None and (bool(scalar_fields) or bool(g.scale_table)),
         code_pieces=pieces, field_gather=gather,
         lane_pieces={w: lane_piece(runs, block.values, w, block.q.sign,
-                                    (-block.q.sign - block.q.offset) % 256)
+                                   (-block.q.sign - block.q.offset) % 256, bool(block.q.codebook))
                      for w in PIECE_WIDTHS},
         block_lane_pieces={w: block_lane_pieces(block_runs, block.values, w, block.q.sign,
                                                  (-block.q.sign - block.q.offset) % 256)

@@ -78,6 +78,10 @@ def code_pieces(runs: tuple, values: int, width: int) -> tuple[tuple[CodePart, .
     return tuple(pieces)
 
 
+# Raw codes below this multiply unsigned with x's int8 codes in byte pairs (maddubs) without
+# saturating: 2 * 15 * 127 < 32767.
+RAW_LIMIT = 16
+
 # The quad order's blocks a register's codes come from whole: 32 values (16 a 128-bit lane).
 LANE_BYTES = 16
 QUAD_BLOCK = 32
@@ -118,10 +122,14 @@ class LanePiece:
     masks: tuple[int, ...]
     mask_dwords: tuple[int, ...]   # the masks as the register's 32-bit elements, () if none
     post: bool
+    # C(q) = raw + raw_offset for every raw value the masks leave, all below 16 (Q4_0: -8;
+    # Q4_1: 0): the dot multiplies the raw bytes as unsigned and adds raw_offset times the
+    # quad's x codes' sum (exact, as the signed product; maddubs cannot saturate); None if not
+    raw_offset: int | None = None
 
 
 def _lanes_piece(runs: tuple, starts: list[tuple[int, int]], blocks: int,
-                 q_sign: int, vector_add: int) -> LanePiece | None:
+                 q_sign: int, vector_add: int, codebook: bool) -> LanePiece | None:
     """The register whose 128-bit lanes hold the codes from value ``within`` of block
     ``block`` (``starts``, a lane each) as a ``LanePiece``, where each lane's 16 values are one
     plane's consecutive bytes; None where not (bits from a word, several planes)."""
@@ -145,6 +153,10 @@ def _lanes_piece(runs: tuple, starts: list[tuple[int, int]], blocks: int,
         if plane.right:
             shifts.setdefault(plane.right, []).append(lane)
     identity = all((((v ^ q_sign) + vector_add) & 255) == v for v in range(256))
+    top = max(plane.mask for _, plane in lanes)
+    offset = ((q_sign + vector_add + 128) & 255) - 128   # C(0), as an int8
+    affine = not codebook and top < RAW_LIMIT and all(
+        (((v ^ q_sign) + vector_add + 128) & 255) - 128 == v + offset for v in range(top + 1))
     return LanePiece(blocks,
                      tuple(LaneWindow(b, o, tuple(ls), bits(ls, 4))
                            for (b, o), ls in windows.items()),
@@ -153,11 +165,11 @@ def _lanes_piece(runs: tuple, starts: list[tuple[int, int]], blocks: int,
                      tuple(plane.mask for _, plane in lanes),
                      () if all(plane.mask == 255 for _, plane in lanes) else
                      tuple(plane.mask * 0x01010101 for _, plane in lanes for _ in range(4)),
-                     not identity)
+                     not identity and not affine, offset if affine else None)
 
 
-def lane_piece(runs: tuple, values: int, width: int, q_sign: int,
-                vector_add: int) -> LanePiece | None:
+def lane_piece(runs: tuple, values: int, width: int, q_sign: int, vector_add: int,
+               codebook: bool) -> LanePiece | None:
     """The quad order's register of ``width`` bytes (whole blocks of 32: Q4_0, IQ4_NL, MXFP4)
     as a ``LanePiece``; None for other blocks, where a lane is not one plane, or where the
     codes are the blocks' bytes unchanged."""
@@ -165,7 +177,7 @@ def lane_piece(runs: tuple, values: int, width: int, q_sign: int,
         return None
     starts = [(lane * LANE_BYTES // values, lane * LANE_BYTES % values)
               for lane in range(width // LANE_BYTES)]
-    piece = _lanes_piece(runs, starts, width // values, q_sign, vector_add)
+    piece = _lanes_piece(runs, starts, width // values, q_sign, vector_add, codebook)
     if piece is not None and not (piece.shifts or piece.mask_dwords or piece.post):
         return None   # the blocks' own bytes (Q8_0): a decoded copy is a copy, read as fast
     return piece
@@ -177,7 +189,8 @@ def block_lane_pieces(runs: tuple, values: int, width: int, q_sign: int,
     of ``width`` bytes, for a codebook's runs of 16 (IQ4_XS): () where a lane is not one
     plane's bytes."""
     pieces = tuple(_lanes_piece(runs, [(0, start + lane) for lane in range(0, width, LANE_BYTES)],
-                                1, q_sign, vector_add) for start in range(0, values, width))
+                                1, q_sign, vector_add, True)
+                   for start in range(0, values, width))
     return () if None in pieces else pieces
 
 

@@ -165,6 +165,8 @@ class Int8Knobs:
                                  # view's pieces at the ISA's width; () where decoded first)
     fused_lanes: tuple = ()      # or its registers read a 128-bit lane at a time
     lane_piece: object = None    # the quad order's register of codes read from W's blocks
+    raw_codes: bool = False      # it multiplies the raw codes unsigned (C(q) = raw + offset)
+    raw_offset: int = 0          # and adds offset times x's quad sums (0: none)
     reads_w: bool = False        # the dot may read W's codes from its blocks (then the
                                  # decode skips the codes where asked)
     dot_forms: tuple[bool, ...] = (False,)   # the dots compiled: codes from a decoded copy
@@ -261,7 +263,9 @@ def lower(desc, target: str, arch: str, storage: dict):
         order = {**_block_order(view), **_gemm(simd), **from_w, "fused_pieces": pieces,
                  "fused_lanes": () if pieces else lanes or ()}
     else:
-        order = {**order, **from_w, "lane_piece": lanes}
+        raw = lanes.raw_offset if lanes is not None else None
+        order = {**order, **from_w, "lane_piece": lanes, "raw_codes": raw is not None,
+                 "raw_offset": raw or 0}
     knobs = Int8Knobs(
         view=view, decode=view.knobs, weight_inputs=inputs, sub=view.sub,
         has_min=view.has_min, lane_regs=simd.lane_regs, dot=simd.dot,
