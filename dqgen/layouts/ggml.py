@@ -88,7 +88,7 @@ class GgmlKind(FormatKind):
                     None if mins is None else mins.reshape(n, k // sub))
         knobs = int8_ggml_knobs(desc.layout, block)
         view = Int8View("c/int8_ggml.j2", knobs, sub, block.m is not None, block.values, parts,
-                        name, lane_pieces={w: p for w, p in knobs.lane_pieces.items() if p})
+                        name, lane_pieces=knobs.lane_pieces)
         if superblock_layout(desc.layout) is None:
             return view
 
@@ -100,9 +100,8 @@ class GgmlKind(FormatKind):
         return dataclasses.replace(view, block=block.values, block_parts=superblock,
                                    unsigned_codes=codes_unsigned(block),
                                    slot_runs=view.knobs.slot_runs,
-                                   code_pieces={w: p for w, p in knobs.code_pieces.items() if p},
-                                   lane_pieces={w: p for w, p in knobs.block_lane_pieces.items()
-                                                if p})
+                                   code_pieces=knobs.code_pieces,
+                                   lane_pieces=knobs.block_lane_pieces)
 
     def format_name(self, desc) -> str:
         return ggml_type_name(desc.qtype)

@@ -123,10 +123,12 @@ class GgmlInt8Knobs:
     field_vectors: tuple[FieldVector, ...]   # the vector lengths those runs use
     scale_vector: str        # a vector's scales from its f32 lanes fv (d * fv, ...)
     min_vector: str          # and its mins (-(m * fv) or m * fv)
-    code_pieces: dict        # by vector width: the block order's codes read from the block
-    lane_pieces: dict        # by vector width: the quad order's register read from the blocks
-    block_lane_pieces: dict  # by vector width: the block order's registers, where a codebook's
-                             # runs have no code_pieces
+    # by register width (only the widths read so): the block order's codes read from the
+    # block, the quad order's register read from the blocks, and the block order's registers
+    # read a lane at a time where a codebook's runs have no code_pieces
+    code_pieces: dict
+    lane_pieces: dict
+    block_lane_pieces: dict
     field_gather: FieldGather | None   # the block order's scales and mins in one shuffle
 
 
@@ -172,8 +174,13 @@ def int8_ggml_knobs(layout: Layout, block: BlockLayout) -> GgmlInt8Knobs:
     vectors = _field_vectors(g, gather)
     paired = _pairs(runs) if block.values % SLOT == 0 else None
     block_runs = paired[0] if paired else runs
-    pieces = {w: () if block.q.codebook else code_pieces(block_runs, block.values, w)
-              for w in PIECE_WIDTHS}
+    vector_add = (-block.q.sign - block.q.offset) % 256
+
+    def by_width(read) -> dict:
+        """The widths whose registers ``read(width)`` can read from the block, and how."""
+        return {w: p for w in PIECE_WIDTHS if (p := read(w))}
+    pieces = by_width(lambda w: () if block.q.codebook
+                      else code_pieces(block_runs, block.values, w))
     scalar_fields = [r for f in (g.scale, g.min) if f is not None for r in f.runs
                      if r not in vectors["vector_field_runs"]]
     return GgmlInt8Knobs(
@@ -185,17 +192,15 @@ def int8_ggml_knobs(layout: Layout, block: BlockLayout) -> GgmlInt8Knobs:
                                   | {p.width for v in pieces.values() for ps in v for p in ps}
                                   | ({GATHER_BYTES} if gather else set()))
                                  - {0})),
-        q_sign=block.q.sign, vector_add=(-block.q.sign - block.q.offset) % 256,
+        q_sign=block.q.sign, vector_add=vector_add,
         q_offset=block.q.offset, codebook=tuple(v % 256 for v in block.q.codebook),
         scalar_codebook=bool(block.q.codebook) and not all(r.width for r in runs),
         has_min=block.m is not None,
         scales_apart=block.scale is not None and (bool(scalar_fields) or bool(g.scale_table)),
         code_pieces=pieces, field_gather=gather,
-        lane_pieces={w: lane_piece(runs, block.values, w, block.q.sign,
-                                   (-block.q.sign - block.q.offset) % 256, bool(block.q.codebook))
-                     for w in PIECE_WIDTHS},
-        block_lane_pieces={w: block_lane_pieces(block_runs, block.values, w, block.q.sign,
-                                                 (-block.q.sign - block.q.offset) % 256)
-                           if block.q.codebook and block.values % w == 0 else ()
-                           for w in PIECE_WIDTHS},
+        lane_pieces=by_width(lambda w: lane_piece(runs, block.values, w, block.q.sign,
+                                                  vector_add, bool(block.q.codebook))),
+        block_lane_pieces=by_width(lambda w: block_lane_pieces(
+            block_runs, block.values, w, block.q.sign, vector_add)
+            if block.q.codebook and block.values % w == 0 else ()),
         **vectors)
